@@ -1,0 +1,1 @@
+"""The conversation layer: USSD menus and SMS commands, reaching the rest only through ports."""
