@@ -22,11 +22,11 @@ class StsError(Exception):
     """Root of every error the STS engine raises."""
 
 
-class UnsupportedAlgorithm(StsError):  # noqa: N818 - domain name, as in STYLE.md's error trees
+class UnsupportedAlgorithm(StsError):
     """An encryption or key-derivation algorithm this engine does not implement was asked for."""
 
 
-class InvalidField(StsError):  # noqa: N818
+class InvalidField(StsError):
     """A token field or meter identifier is malformed or out of range.
 
     Attributes:
@@ -48,7 +48,7 @@ class AmountNotEncodable(InvalidField):
     """The amount is larger than the amount field can carry (or negative where not allowed)."""
 
 
-class TidRangeExhausted(StsError):  # noqa: N818
+class TidRangeExhausted(StsError):
     """The issue time is past the end of the key's base-date TID range (2**24 - 1 minutes).
 
     The meter needs a key change with the TID-rollover flag (RO = 1) to a later base date's key.
@@ -59,5 +59,5 @@ class TokenFormatError(StsError):
     """The text is not a 20-digit token, or its value does not fit in 66 bits."""
 
 
-class CrcMismatch(StsError):  # noqa: N818
+class CrcMismatch(StsError):
     """The decrypted block's CRC does not match: the wrong key, or a mistyped digit."""

@@ -1,0 +1,211 @@
+"""The payment port: request a collection, parse a callback, query the status (the proof).
+
+A callback is a claim, never proof: none of the providers signs them. The saga treats a
+``PaymentNotice`` only as a reason to call ``query_status``, and a purchase becomes paid only when
+the provider's own status answer says success with the amount, currency and payer we expect.
+
+```
+PaymentError                 gateway.errors.GatewayError; provider, reference, retryable
+  PaymentDeclined            the provider or customer declined (insufficient funds, wrong PIN …)
+  PaymentCancelled           the customer cancelled the prompt
+  PaymentTimedOut            the customer never answered the prompt
+  AmountMismatch             paid a different amount or currency than expected
+  ForgedCallback             a callback that the provider's own records contradict, or malformed
+  ProviderUnavailable        network error, timeout, 5xx, throttling: retryable=True
+```
+Adapters translate every driver/HTTP error into this tree; nothing else escapes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import NewType, Protocol
+
+from gateway.errors import GatewayError
+from gateway.money import Money
+from gateway.phone import Msisdn
+
+ProviderReference = NewType("ProviderReference", str)
+"""The provider's handle for one collection: Daraja ``CheckoutRequestID`` (STK) or ``TransID``
+(C2B), MoMo ``X-Reference-Id``, Airtel ``transaction.id``."""
+
+
+class PaymentState(StrEnum):
+    """Where a collection stands according to the provider."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # declined: insufficient funds, wrong PIN, limits …
+    CANCELLED = "cancelled"  # the customer cancelled the prompt
+    TIMED_OUT = "timed_out"  # the customer never answered; the provider gave up
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the provider will not change its answer any more."""
+        return self is not PaymentState.PENDING
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CollectionRequest:
+    """Ask ``payer`` to pay ``amount`` for ``purchase_id``.
+
+    ``purchase_id`` is our idempotency handle: adapters derive anything the provider needs to make
+    a retried request harmless from it (MoMo's ``X-Reference-Id`` is a UUIDv5 of it).
+    """
+
+    purchase_id: str
+    payer: Msisdn
+    amount: Money
+    account_reference: str  # shown to the customer; the meter number (Daraja: at most 12 chars)
+    description: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CollectionStarted:
+    """The provider accepted the request and will prompt the customer."""
+
+    provider: str
+    reference: ProviderReference
+    customer_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PaymentNotice:
+    """What a callback claims. Never proof: confirm with ``query_status`` before vending.
+
+    ``account_reference`` is set for customer-initiated payments (Daraja C2B ``BillRefNumber``:
+    the meter number the customer typed); ``raw`` is the body exactly as received.
+    """
+
+    provider: str
+    reference: ProviderReference
+    claimed_state: PaymentState
+    amount: Money | None = None
+    payer: Msisdn | None = None
+    receipt: str | None = None  # the provider's transaction/receipt number, shown to customers
+    account_reference: str | None = None
+    is_customer_initiated: bool = False  # C2B paybill: no purchase exists yet
+    raw: bytes = field(default=b"", repr=False)
+
+    @property
+    def payload_hash(self) -> str:
+        """SHA-256 of the raw body: the same reference with another payload is a security event."""
+        return hashlib.sha256(self.raw).hexdigest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PaymentStatus:
+    """The provider's own answer about a collection: the only proof a purchase may be paid on."""
+
+    provider: str
+    reference: ProviderReference
+    state: PaymentState
+    amount: Money | None = None
+    payer: Msisdn | None = None
+    receipt: str | None = None
+    reason: str | None = None  # the provider's words for a failure, for operators
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallbackAck:
+    """The HTTP answer a provider expects for a callback, whatever we made of it."""
+
+    status: int = 200
+    content_type: str = "application/json"
+    body: bytes = b""
+
+
+class PaymentProvider(Protocol):
+    """One mobile-money operator's collections API (an adapter per provider)."""
+
+    name: str
+
+    async def request_collection(self, request: CollectionRequest) -> CollectionStarted:
+        """Ask the provider to prompt the payer. Safe to retry with the same request.
+
+        Raises:
+            PaymentError: ``ProviderUnavailable`` (retryable) or a final refusal.
+        """
+        ...
+
+    def parse_callback(self, body: bytes, headers: Mapping[str, str]) -> PaymentNotice:
+        """Read a callback body into a claim. Pure: no I/O.
+
+        Raises:
+            ForgedCallback: the body is not a well-formed callback of this provider.
+        """
+        ...
+
+    async def query_status(self, reference: ProviderReference) -> PaymentStatus:
+        """Ask the provider what happened to ``reference``: the proof. Safe to retry.
+
+        Raises:
+            ProviderUnavailable: the provider could not answer now (retryable).
+        """
+        ...
+
+    def acknowledgement(self) -> CallbackAck:
+        """The answer the provider expects for any callback, accepted or not."""
+        ...
+
+
+class PaymentError(GatewayError):
+    """A collection failed or could not be confirmed.
+
+    Attributes:
+        provider: the adapter's name (``daraja``, ``momo``, ``airtel``).
+        reference: the provider reference concerned, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        reference: str | None = None,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message, retryable=retryable)
+        self.provider = provider
+        self.reference = reference
+
+    def __str__(self) -> str:
+        where = f"{self.provider}:{self.reference}" if self.reference else self.provider
+        return f"[{where}] {self.args[0]}"
+
+
+class PaymentDeclined(PaymentError):
+    """The provider or the customer's account declined the payment."""
+
+
+class PaymentCancelled(PaymentError):
+    """The customer cancelled the payment prompt."""
+
+
+class PaymentTimedOut(PaymentError):
+    """The customer did not answer the prompt in time."""
+
+
+class AmountMismatch(PaymentError):
+    """The amount or currency paid is not the one expected."""
+
+
+class ForgedCallback(PaymentError):
+    """A callback that is malformed or that the provider's own records contradict."""
+
+
+class ProviderUnavailable(PaymentError):
+    """The provider could not be reached or answered with an error; try again later."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        reference: str | None = None,
+        retryable: bool = True,
+    ) -> None:
+        super().__init__(message, provider=provider, reference=reference, retryable=retryable)
