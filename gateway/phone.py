@@ -61,5 +61,5 @@ def national_significant(msisdn: Msisdn) -> str:
 
 
 def masked(msisdn: Msisdn) -> str:
-    """The number for logs and screens: country code and last 3 digits (``+254*******678``)."""
+    """The number for logs and screens: country code and last 3 digits (``+254******678``)."""
     return msisdn[:4] + "*" * max(0, len(msisdn) - 7) + msisdn[-3:]
