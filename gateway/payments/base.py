@@ -152,6 +152,32 @@ class PaymentProvider(Protocol):
         ...
 
 
+class PaymentEvents(Protocol):
+    """What the callback routes hand their claims to; implemented by the purchase saga."""
+
+    async def on_payment_notice(self, notice: PaymentNotice) -> None:
+        """Record a claim and confirm it with the provider before anything is vended.
+
+        Never raises for a bad, forged, unknown or duplicated notice: those are logged as security
+        events and change nothing. Raises only when the notice could not be recorded at all
+        (``LedgerError``), so the route can answer 5xx and the provider retries.
+        """
+        ...
+
+    async def validate_customer_payment(
+        self,
+        provider: str,
+        account_reference: str,
+        amount: Money,
+        payer: Msisdn | None,
+    ) -> str | None:
+        """Pre-check a customer-initiated payment (Daraja C2B validation) before money moves.
+
+        Returns ``None`` to accept, or the reason to refuse (unknown meter, amount out of range).
+        """
+        ...
+
+
 class PaymentError(GatewayError):
     """A collection failed or could not be confirmed.
 
