@@ -1,0 +1,291 @@
+"""One frozen ``Config``, built in one place from a TOML file and ``GATEWAY_*`` variables.
+
+No other module reads ``os.environ``. Precedence: built-in defaults < the TOML file (``--config``)
+< environment variables < command-line flags. Every bad setting fails at start-up with a
+``ConfigError`` that names the setting (``GATEWAY_MASTER_KEY: not 32 bytes of base64``).
+
+With nothing set, ``gateway serve`` runs on the embedded defaults: a SQLite file under
+``./var``, the local token engine with a generated test vending key, and every provider simulated
+on loopback. ``mode = "production"`` refuses simulators and requires a master key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Final
+
+from gateway.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A secret string whose ``repr``/``str`` never show it; ``.reveal()`` does, on purpose."""
+
+    _value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        """The secret itself: call only where it is handed to the party that needs it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    def __str__(self) -> str:
+        return "********"
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+class Mode(StrEnum):
+    """Demo runs on simulators; production refuses them."""
+
+    DEMO = "demo"
+    PRODUCTION = "production"
+
+
+SIMULATED: Final = "sim"
+PAYMENT_PROVIDERS: Final = frozenset({SIMULATED, "daraja", "momo", "airtel"})
+SMS_PROVIDERS: Final = frozenset({SIMULATED, "africastalking"})
+SESSION_STORES: Final = frozenset({"memory", "sqlite", "redis"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderSettings:
+    """Credentials and base URL of one external provider (empty when simulated)."""
+
+    base_url: str = ""
+    username: str = ""  # AT username; Daraja shortcode; MoMo API user; Airtel client id
+    key: Secret = field(default_factory=lambda: Secret(""))  # AT api key; consumer key; API key
+    secret: Secret = field(default_factory=lambda: Secret(""))  # consumer secret; passkey …
+    extra: Mapping[str, str] = field(default_factory=dict)  # provider specifics (shortcode …)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Every setting of a gateway instance. Build with ``Config.load``; never mutate."""
+
+    mode: Mode = Mode.DEMO
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("var")
+    database_url: str = ""  # "" → sqlite:///<data_dir>/gateway.db
+    master_key: Secret | None = None  # 32 bytes, base64: seals vending keys (AES-GCM)
+    admin_token: Secret | None = None  # bearer token for /admin; generated in demo mode
+    callback_secret: Secret | None = None  # path segment of /payments/<provider>/<secret>/…
+    callback_allow_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    public_url: str = ""  # how providers reach us (callback URLs); "" → http://host:port
+    service_code: str = "*384*123#"
+    shortcode: str = "20880"  # SMS shortcode customers text
+    country: str = "KE"  # default region for phone numbers
+    currency: str = "KES"
+    payments: str = SIMULATED  # sim | daraja | momo | airtel
+    sms: str = SIMULATED  # sim | africastalking
+    session_store: str = "sqlite"  # memory | sqlite | redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    resume_window_s: int = 120
+    payment_deadline_s: int = 180  # after this the sweeper queries the provider
+    payment_expiry_s: int = 3600  # after this an unconfirmed purchase expires
+    sweep_interval_s: float = 5.0
+    log_json: bool | None = None  # None → JSON unless stdout is a terminal
+    log_level: str = "info"
+    africastalking: ProviderSettings = field(default_factory=ProviderSettings)
+    daraja: ProviderSettings = field(default_factory=ProviderSettings)
+    momo: ProviderSettings = field(default_factory=ProviderSettings)
+    airtel: ProviderSettings = field(default_factory=ProviderSettings)
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in the data directory."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'gateway.db'}"
+
+    @property
+    def effective_public_url(self) -> str:
+        """The base URL providers call back on."""
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def uses_simulators(self) -> bool:
+        """Whether any provider is simulated."""
+        return SIMULATED in {self.payments, self.sms}
+
+    def master_key_bytes(self) -> bytes | None:
+        """The 32-byte master key, decoded (validated at load)."""
+        return None if self.master_key is None else _decode_master_key(self.master_key)
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        env: Mapping[str, str],
+        file: Path | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Config:
+        """Defaults < TOML ``file`` < ``GATEWAY_*`` in ``env`` < ``overrides`` (CLI flags).
+
+        Raises:
+            ConfigError: a setting is unknown or malformed; the message names it.
+        """
+        values: dict[str, Any] = {}
+        if file is not None:
+            try:
+                values.update(_flatten(tomllib.loads(file.read_text(encoding="utf-8"))))
+            except OSError as exc:
+                raise ConfigError("--config", f"cannot read {file}: {exc.strerror}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError("--config", f"{file} is not valid TOML: {exc}") from exc
+        for name, raw in env.items():
+            if name.startswith("GATEWAY_"):
+                values[name.removeprefix("GATEWAY_").lower()] = raw
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return _build(values)
+
+
+_FIELDS: Final = {f.name: f for f in dataclasses.fields(Config)}
+_PROVIDERS: Final = ("africastalking", "daraja", "momo", "airtel")
+_PROVIDER_FIELDS: Final = ("base_url", "username", "key", "secret")
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}".lower()
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}_"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _setting(name: str) -> str:
+    return f"GATEWAY_{name.upper()}"
+
+
+def _as_bool(name: str, value: Any) -> bool:  # noqa: ANN401 - TOML or env text
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(_setting(name), f"expected true or false, got {value!r}")
+
+
+def _as_int(name: str, value: Any, *, low: int, high: int) -> int:  # noqa: ANN401
+    try:
+        number = int(str(value).strip())
+    except ValueError as exc:
+        raise ConfigError(_setting(name), f"expected a whole number, got {value!r}") from exc
+    if not low <= number <= high:
+        raise ConfigError(_setting(name), f"must be between {low} and {high}, got {number}")
+    return number
+
+
+def _decode_master_key(secret: Secret) -> bytes:
+    try:
+        raw = base64.b64decode(secret.reveal(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigError("GATEWAY_MASTER_KEY", "not 32 bytes of base64") from exc
+    if len(raw) != 32:
+        raise ConfigError("GATEWAY_MASTER_KEY", f"not 32 bytes of base64 (decodes to {len(raw)})")
+    return raw
+
+
+def _one_of(name: str, value: Any, allowed: frozenset[str]) -> str:  # noqa: ANN401
+    text = str(value).strip().lower()
+    if text not in allowed:
+        raise ConfigError(_setting(name), f"expected one of {sorted(allowed)}, got {value!r}")
+    return text
+
+
+def _build(values: dict[str, Any]) -> Config:  # noqa: C901, PLR0912 - one branch per setting kind
+    kwargs: dict[str, Any] = {}
+    providers: dict[str, dict[str, Any]] = {p: {} for p in _PROVIDERS}
+    for name, value in values.items():
+        provider = next((p for p in _PROVIDERS if name.startswith(f"{p}_")), None)
+        if provider is not None:
+            key = name.removeprefix(f"{provider}_")
+            if key in {"key", "secret"}:
+                providers[provider][key] = Secret(str(value))
+            elif key in _PROVIDER_FIELDS:
+                providers[provider][key] = str(value)
+            else:
+                providers[provider].setdefault("extra", {})[key] = str(value)
+            continue
+        if name not in _FIELDS or name.startswith("_"):
+            raise ConfigError(_setting(name), "unknown setting")
+        if name in {"master_key", "admin_token", "callback_secret"}:
+            kwargs[name] = Secret(str(value)) if str(value) else None
+        elif name == "mode":
+            kwargs[name] = Mode(_one_of(name, value, frozenset(m.value for m in Mode)))
+        elif name == "port":
+            kwargs[name] = _as_int(name, value, low=0, high=65535)
+        elif name in {"resume_window_s", "payment_deadline_s", "payment_expiry_s"}:
+            kwargs[name] = _as_int(name, value, low=1, high=7 * 86400)
+        elif name == "sweep_interval_s":
+            try:
+                kwargs[name] = float(value)
+            except ValueError as exc:
+                raise ConfigError(_setting(name), f"expected seconds, got {value!r}") from exc
+        elif name == "log_json":
+            kwargs[name] = _as_bool(name, value)
+        elif name == "data_dir":
+            kwargs[name] = Path(str(value))
+        elif name == "payments":
+            kwargs[name] = _one_of(name, value, PAYMENT_PROVIDERS)
+        elif name == "sms":
+            kwargs[name] = _one_of(name, value, SMS_PROVIDERS)
+        elif name == "session_store":
+            kwargs[name] = _one_of(name, value, SESSION_STORES)
+        elif name == "callback_allow_from":
+            items = value if isinstance(value, list) else str(value).split(",")
+            try:
+                kwargs[name] = tuple(
+                    ipaddress.ip_network(str(item).strip()) for item in items if str(item).strip()
+                )
+            except ValueError as exc:
+                raise ConfigError(_setting(name), f"not a list of networks: {exc}") from exc
+        else:
+            kwargs[name] = str(value)
+    for provider, settings in providers.items():
+        if settings:
+            kwargs[provider] = ProviderSettings(**settings)
+    config = Config(**kwargs)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:  # noqa: C901 - one rule per line, read top to bottom
+    """Cross-setting rules, checked once at load."""
+    if config.master_key is not None:
+        _decode_master_key(config.master_key)
+    if config.mode is Mode.PRODUCTION:
+        if config.payments == SIMULATED:
+            raise ConfigError("GATEWAY_PAYMENTS", "production mode refuses the simulator")
+        if config.sms == SIMULATED:
+            raise ConfigError("GATEWAY_SMS", "production mode refuses the simulator")
+        if config.master_key is None:
+            raise ConfigError("GATEWAY_MASTER_KEY", "production mode requires a master key")
+        if config.admin_token is None:
+            raise ConfigError("GATEWAY_ADMIN_TOKEN", "production mode requires an admin token")
+        if config.callback_secret is None or len(config.callback_secret.reveal()) < 16:
+            raise ConfigError(
+                "GATEWAY_CALLBACK_SECRET", "production mode requires at least 16 characters"
+            )
+    if config.payments != SIMULATED:
+        settings: ProviderSettings = getattr(config, config.payments)
+        if not settings.base_url:
+            raise ConfigError(_setting(f"{config.payments}_base_url"), "required")
+    if config.sms != SIMULATED and not config.africastalking.key:
+        raise ConfigError("GATEWAY_AFRICASTALKING_KEY", "required to send SMS")
+    if not config.currency.isalpha() or len(config.currency) != 3:
+        raise ConfigError("GATEWAY_CURRENCY", f"not an ISO 4217 code: {config.currency!r}")

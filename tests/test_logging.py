@@ -1,0 +1,54 @@
+import io
+import json
+
+import structlog
+
+from gateway.config import Config, Secret
+from gateway.logging import configure_logging, mask_token, redact
+
+TOKEN = "70630503470028726114"
+
+
+def _render(**fields: object) -> str:
+    stream = io.StringIO()
+    configure_logging(json=True, stream=stream)
+    try:
+        structlog.get_logger().info("event_happened", **fields)
+    finally:
+        structlog.reset_defaults()
+    return stream.getvalue()
+
+
+def test_token_is_cut_to_last_four_digits() -> None:
+    """A token logged under ``token`` shows only its last four digits."""
+    line = json.loads(_render(token=TOKEN))
+    assert line["token"] == "****-****-****-****-6114"
+
+
+def test_tokens_inside_text_are_masked_too() -> None:
+    """A token embedded in free text (grouped or not) is masked wherever it appears."""
+    out = _render(sms="Token 7063 0503 4700 2872 6114 units 10.0", raw=TOKEN.encode())
+    assert TOKEN not in out
+    assert "7063 0503" not in out
+    assert "6114" in out
+
+
+def test_secret_keys_are_hidden() -> None:
+    """Values under secret-looking keys never reach the output, nested or not."""
+    out = _render(api_key="atsk_live", body={"Password": "pw", "passkey": "pk"}, vending_key="ab")
+    for secret in ("atsk_live", '"pw"', '"pk"', '"ab"'):
+        assert secret not in out
+
+
+def test_config_logged_whole_stays_safe() -> None:
+    """Logging the whole Config object leaks none of its secrets."""
+    config = Config.load(env={"GATEWAY_AFRICASTALKING_KEY": "atsk_live_123"})
+    out = _render(config=config, secret_obj=Secret("hunter2"))
+    assert "atsk_live_123" not in out
+    assert "hunter2" not in out
+
+
+def test_redact_processor_usable_with_capture_logs() -> None:
+    """The processor can be used directly on an event dict."""
+    event = redact(None, "info", {"event": "x", "token": TOKEN, "admin_token": "t"})
+    assert event == {"event": "x", "token": mask_token(TOKEN), "admin_token": "********"}
