@@ -1,0 +1,64 @@
+"""Prometheus metrics of one gateway instance, on a registry of its own (not the global one).
+
+What each metric means and what to do when it alarms is in ``docs/operations.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_SLOW_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+@dataclass
+class Metrics:
+    """The gateway's metrics; ``registry`` is what ``/metrics`` renders."""
+
+    registry: CollectorRegistry = field(
+        default_factory=lambda: CollectorRegistry(auto_describe=True)
+    )
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.purchases = Gauge(
+            "gateway_purchases", "Purchases by state (from the ledger)", ["state"], registry=r
+        )
+        self.payment_confirmation_seconds = Histogram(
+            "gateway_payment_confirmation_seconds",
+            "From payment request to the provider's confirmation",
+            buckets=_SLOW_BUCKETS,
+            registry=r,
+        )
+        self.vend_seconds = Histogram(
+            "gateway_vend_seconds",
+            "Durable vend step: TID, token, vend row, outbox message",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.outbox_backlog = Gauge(
+            "gateway_outbox_backlog", "SMS messages not yet accepted by the provider", registry=r
+        )
+        self.outbox_oldest_age_seconds = Gauge(
+            "gateway_outbox_oldest_age_seconds", "Age of the oldest unsent SMS message", registry=r
+        )
+        self.ussd_hop_seconds = Histogram(
+            "gateway_ussd_hop_seconds",
+            "Time to answer one USSD request (Africa's Talking waits at most a few seconds)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "gateway_http_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.security_events = Counter(
+            "gateway_security_events",
+            "Forged, mismatched or unexpected callbacks and requests",
+            ["kind"],
+            registry=r,
+        )

@@ -1,0 +1,50 @@
+"""Request middleware: log context per request, and the outermost error edge.
+
+Every request gets a ``request_id`` bound in the structlog context (taken from ``X-Request-Id``
+when a proxy set one). An unexpected exception is logged with its context and answered with a
+plain 500 that reveals nothing; USSD routes answer their own errors in the USSD dialect before
+they get here.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.web.keys import METRICS
+
+log = structlog.get_logger()
+
+
+@web.middleware
+async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind ``request_id`` and the route; count the request; turn crashes into a logged 500."""
+    structlog.contextvars.clear_contextvars()
+    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    route = request.match_info.route.resource
+    route_name = route.canonical if route is not None else "unmatched"
+    structlog.contextvars.bind_contextvars(request_id=request_id, route=route_name)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except Exception:
+        log.exception("request_failed", method=request.method, path=request.path)
+        return web.Response(status=500, text="internal error\n")
+    finally:
+        metrics = request.app.get(METRICS)
+        if metrics is not None:
+            metrics.http_requests.labels(route=route_name, status=str(status)).inc()
+        log.debug(
+            "request_served", status=status, ms=round((time.perf_counter() - started) * 1e3, 2)
+        )
+    response.headers["X-Request-Id"] = request_id
+    return response
