@@ -20,11 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, Final, Protocol
+from typing import ClassVar, Final
 
 from gateway.sts.amount import decode_currency, decode_units, encode_currency, encode_units
 from gateway.sts.bits import Field, Layout, pack, unpack
 from gateway.sts.carrier import extract_class, from_digits, insert_class, to_digits
+from gateway.sts.cipher import BlockCipher
 from gateway.sts.crc import crc_field
 from gateway.sts.errors import (
     CrcMismatch,
@@ -32,18 +33,6 @@ from gateway.sts.errors import (
     InvalidKey,
     UnsupportedToken,
 )
-
-
-class BlockCipher(Protocol):
-    """A 64-bit block cipher keyed with a decoder key (EA07 or EA11)."""
-
-    def encrypt(self, block: int) -> int:
-        """Encrypt one 64-bit block."""
-        ...
-
-    def decrypt(self, block: int) -> int:
-        """Decrypt one 64-bit block."""
-        ...
 
 
 class TokenClass(IntEnum):
