@@ -18,11 +18,16 @@ Adapters translate every driver/HTTP error into this tree; nothing else escapes 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Mapping
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NewType, Protocol
+
+import aiohttp
 
 from gateway.errors import GatewayError
 from gateway.money import Money
@@ -235,3 +240,116 @@ class ProviderUnavailable(PaymentError):
         retryable: bool = True,
     ) -> None:
         super().__init__(message, provider=provider, reference=reference, retryable=retryable)
+
+
+class CustomerPaymentRefusal(StrEnum):
+    """Why a customer-initiated payment is refused before money moves (Daraja C2B validation).
+
+    ``PaymentEvents.validate_customer_payment`` may return one of these (a ``str``) so the adapter
+    can answer the provider's own reject code; any other text is answered as "other".
+    """
+
+    UNKNOWN_ACCOUNT = "unknown_account"  # no such meter
+    AMOUNT_OUT_OF_RANGE = "amount_out_of_range"
+    INVALID_PAYER = "invalid_payer"
+    OTHER = "other"
+
+
+class TokenCache:
+    """One OAuth bearer token, fetched on first use and refreshed shortly before it expires.
+
+    Concurrent callers share one fetch. ``fetch`` returns the token and its lifetime in seconds;
+    the token is refreshed ``min(margin_s, lifetime / 2)`` seconds before the lifetime ends, by
+    ``clock`` (monotonic seconds, injectable for tests).
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], Awaitable[tuple[str, float]]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        margin_s: float = 60.0,
+    ) -> None:
+        self._fetch = fetch
+        self._clock = clock
+        self._margin_s = margin_s
+        self._token: str | None = None
+        self._refresh_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> str:
+        """A token valid now; fetches one when none is cached or it is about to expire.
+
+        Raises:
+            PaymentError: whatever ``fetch`` raises (adapters raise their own error tree).
+        """
+        async with self._lock:
+            if self._token is None or self._clock() >= self._refresh_at:
+                token, lifetime_s = await self._fetch()
+                self._token = token
+                self._refresh_at = self._clock() + lifetime_s - min(self._margin_s, lifetime_s / 2)
+            return self._token
+
+    def invalidate(self) -> None:
+        """Forget the cached token (the provider said it is no longer valid)."""
+        self._token = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderReply:
+    """A provider's HTTP answer, read in full: status code, headers and body bytes."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def json_object(self) -> dict[str, object] | None:
+        """The body as a JSON object, or ``None`` when it is empty or not a JSON object."""
+        try:
+            value = json.loads(self.body) if self.body else None
+        except (ValueError, RecursionError):
+            return None
+        return value if isinstance(value, dict) else None
+
+
+async def call_provider(  # noqa: PLR0913 - one HTTP call, spelled out
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    provider: str,
+    timeout_s: float,
+    idempotent: bool,
+    headers: Mapping[str, str] | None = None,
+    json_body: object = None,
+    data: bytes | None = None,
+    reference: str | None = None,
+) -> ProviderReply:
+    """Send one request to a provider under ``asyncio.timeout`` and read the whole answer.
+
+    Transport failures become ``ProviderUnavailable``. A connection that never opened is always
+    retryable. A timeout or a broken connection after the request was sent is retryable only when
+    the call is ``idempotent`` (a retry cannot charge twice); otherwise the outcome is unknown and
+    the error says so with ``retryable=False``. HTTP error statuses are returned, not raised: the
+    adapter knows what the provider means by them.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with session.request(
+                method, url, headers=headers, json=json_body, data=data
+            ) as response:
+                body = await response.read()
+                return ProviderReply(response.status, body, dict(response.headers))
+    except aiohttp.ClientConnectorError as exc:
+        raise ProviderUnavailable(
+            f"cannot connect to {provider}: {exc.os_error}", provider=provider, reference=reference
+        ) from exc
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        what = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc!r}"
+        if idempotent:
+            message = f"{method} {url} {what}"
+        else:
+            message = f"{method} {url} {what} after sending: outcome unknown, not retrying"
+        raise ProviderUnavailable(
+            message, provider=provider, reference=reference, retryable=idempotent
+        ) from exc

@@ -1,0 +1,675 @@
+"""Safaricom M-Pesa Daraja: STK push (M-Pesa Express), C2B paybill, STK query, Transaction Status.
+
+Wire formats are Daraja 3.0's (``PROTOCOLS.md`` §2). Daraja's words stay in this module:
+``CheckoutRequestID`` (an STK push, our ``ProviderReference`` for it), ``TransID`` (a C2B payment's
+M-Pesa receipt, the reference of a customer-initiated payment), ``BillRefNumber`` (the account
+number the customer typed on the SIM menu: the meter number).
+
+Confirmation (``query_status``):
+
+- an STK push is confirmed with STK Query. Its answer carries a ``ResultCode`` but neither amount
+  nor receipt; Daraja does not let the payer change the amount of a push, so a success means the
+  amount requested was paid. ``PaymentStatus.amount`` is that requested amount when this process
+  sent the push, ``None`` otherwise (the saga compares with the purchase's own amount).
+- a C2B payment (reference = ``TransID``) is confirmed with Transaction Status, whose result comes
+  back **asynchronously** to ``status_result_url``. ``query_status`` sends the query and waits (up
+  to ``status_result_wait_s``) for the callback route to hand the result to
+  ``deliver_status_result``; a result that does not come in time is ``ProviderUnavailable``
+  (retryable), so the sweeper simply asks again. With several gateway instances the result may
+  reach another instance: the waiting one times out and the next sweep asks again.
+
+Retrying an STK push: Daraja has no idempotency key, so a push whose outcome is unknown (timeout
+after sending) is reported ``retryable=False``: a blind retry could prompt, and charge, twice.
+A push this process already started for the same purchase is answered from memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Final
+
+import aiohttp
+import structlog
+
+from gateway.money import Money
+from gateway.payments.base import (
+    CallbackAck,
+    CollectionRequest,
+    CollectionStarted,
+    CustomerPaymentRefusal,
+    ForgedCallback,
+    PaymentDeclined,
+    PaymentError,
+    PaymentNotice,
+    PaymentState,
+    PaymentStatus,
+    ProviderReference,
+    ProviderReply,
+    ProviderUnavailable,
+    TokenCache,
+    call_provider,
+)
+from gateway.phone import InvalidPhoneNumber, Msisdn, international_digits, parse_msisdn
+
+log = structlog.get_logger()
+
+EAT: Final = timezone(timedelta(hours=3), "EAT")
+"""Daraja timestamps are Kenyan time (UTC+3)."""
+
+MAX_ACCOUNT_REFERENCE: Final = 12  # longer → ResultCode 1025 (the prompt exceeds 182 characters)
+MAX_TRANSACTION_DESC: Final = 13
+MIN_AMOUNT_KES: Final = 1
+MAX_AMOUNT_KES: Final = 250_000
+
+STK_PREFIX: Final = "ws_CO_"
+"""Every ``CheckoutRequestID`` starts so; anything else we are asked about is a C2B ``TransID``."""
+
+# STK ResultCode → our state (PROTOCOLS.md §2.2, the official table). Unlisted non-zero → FAILED.
+_RESULT_STATES: Final[Mapping[int, PaymentState]] = {
+    0: PaymentState.SUCCEEDED,
+    1032: PaymentState.CANCELLED,  # cancelled by user
+    1037: PaymentState.TIMED_OUT,  # DS timeout, user cannot be reached
+    1019: PaymentState.TIMED_OUT,  # transaction expired
+}
+
+# Error codes (HTTP error bodies) worth retrying later: throttling, quota, internal errors.
+_RETRYABLE_ERRORS: Final = frozenset({"500.003.02", "500.003.03", "500.003.1001", "503.001.01"})
+_INVALID_TOKEN: Final = "404.001.03"  # noqa: S105 - an error code, not a secret
+
+# C2B validation reject codes (PROTOCOLS.md §2.4).
+_REJECT_CODES: Final[Mapping[str, str]] = {
+    CustomerPaymentRefusal.INVALID_PAYER: "C2B00011",
+    CustomerPaymentRefusal.UNKNOWN_ACCOUNT: "C2B00012",
+    CustomerPaymentRefusal.AMOUNT_OUT_OF_RANGE: "C2B00013",
+}
+_REJECT_OTHER: Final = "C2B00016"
+
+# Transaction Status result codes that mean our initiator setup is wrong, not that the payment is.
+_INITIATOR_ERRORS: Final = frozenset({2001, 8006})
+
+_RECEIPT: Final = re.compile(r"[A-Z0-9]{8,12}")
+
+
+def stk_password(shortcode: str, passkey: str, timestamp: str) -> str:
+    """``base64(shortcode + passkey + timestamp)``: Daraja's ``Password`` for STK push and query."""
+    return base64.b64encode(f"{shortcode}{passkey}{timestamp}".encode()).decode("ascii")
+
+
+def stk_timestamp(moment: datetime) -> str:
+    """``YYYYMMDDHHmmss`` in Kenyan time, as ``Timestamp`` must be."""
+    return moment.astimezone(EAT).strftime("%Y%m%d%H%M%S")
+
+
+def fit_account_reference(text: str) -> str:
+    """The account reference Daraja will show: alphanumerics only, the last 12 kept.
+
+    Meter numbers are 11 or 13 digits; keeping the tail keeps the digits people compare.
+    """
+    cleaned = "".join(ch for ch in text if ch.isascii() and ch.isalnum())
+    return cleaned[-MAX_ACCOUNT_REFERENCE:] or "PAYMENT"
+
+
+def _forged(message: str, reference: str | None = None) -> ForgedCallback:
+    return ForgedCallback(message, provider="daraja", reference=reference)
+
+
+def _json_object(body: bytes) -> dict[str, object]:
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise _forged(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise _forged(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _text(obj: Mapping[str, object], key: str, *, required: bool = True) -> str:
+    value = obj.get(key)
+    if isinstance(value, str) and (value or not required):
+        return value
+    if value is None and not required:
+        return ""
+    raise _forged(f"{key} must be a non-empty string, got {type(value).__name__}")
+
+
+def _integer(value: object, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _forged(f"{key} must be a JSON integer, got {type(value).__name__}")
+
+
+def _kes(value: object, key: str) -> Money:
+    """A positive KES amount from a JSON number or a numeric string."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _forged(f"{key} must be a number, got {type(value).__name__}")
+    try:
+        amount = Money.of(Decimal(str(value)), "KES")
+    except (ValueError, ArithmeticError) as exc:
+        raise _forged(f"{key} is not a KES amount: {value!r}") from exc
+    if amount.amount_minor <= 0:
+        raise _forged(f"{key} must be positive, got {value!r}")
+    return amount
+
+
+def _payer(text: str) -> Msisdn | None:
+    """The payer when Daraja shows it in clear; C2B masks (``25470****149``) or hashes it."""
+    if not text.isdigit():
+        return None
+    try:
+        return parse_msisdn(text, "KE")
+    except InvalidPhoneNumber:
+        return None
+
+
+def _json_ack(payload: Mapping[str, object]) -> CallbackAck:
+    return CallbackAck(body=json.dumps(payload, separators=(",", ":")).encode())
+
+
+class DarajaProvider:
+    """The ``PaymentProvider`` for M-Pesa Daraja (STK push; C2B paybill; reconciliation).
+
+    Args:
+        session: the HTTP client; the caller owns its lifetime.
+        base_url: ``https://api.safaricom.co.ke``, the sandbox, or a simulator.
+        consumer_key, consumer_secret: the Daraja app's OAuth credentials.
+        shortcode: the paybill (``BusinessShortCode`` and, for paybills, ``PartyB``).
+        passkey: the Lipa na M-Pesa Online passkey (for ``Password``).
+        callback_url: where STK callbacks go (``…/payments/daraja/<secret>/stk``).
+        transaction_type: ``CustomerPayBillOnline`` or ``CustomerBuyGoodsOnline``.
+        party_b: the till number for buy-goods; defaults to ``shortcode``.
+        initiator, security_credential: the API operator and its RSA-encrypted password, for
+            Transaction Status (C2B confirmation). Without them C2B payments cannot be confirmed.
+        status_result_url, status_timeout_url: where Transaction Status results and queue
+            timeouts go (``…/payments/daraja/<secret>/status/result`` and ``…/status/timeout``).
+        status_result_wait_s: how long ``query_status`` waits for an asynchronous result.
+        timeout_s: the deadline of every HTTP call.
+        clock: monotonic seconds, for token expiry. now: the wall clock, for ``Timestamp``.
+    """
+
+    def __init__(  # noqa: PLR0913 - Daraja needs this many settings; all keyword-only
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        consumer_key: str,
+        consumer_secret: str,
+        shortcode: str,
+        passkey: str,
+        callback_url: str,
+        transaction_type: str = "CustomerPayBillOnline",
+        party_b: str | None = None,
+        initiator: str | None = None,
+        security_credential: str | None = None,
+        status_result_url: str | None = None,
+        status_timeout_url: str | None = None,
+        status_result_wait_s: float = 30.0,
+        timeout_s: float = 10.0,
+        name: str = "daraja",
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.name = name
+        self._session = session
+        self._base_url = base_url.rstrip("/")
+        self._basic = base64.b64encode(f"{consumer_key}:{consumer_secret}".encode()).decode()
+        self._shortcode = shortcode
+        self._passkey = passkey
+        self._callback_url = callback_url
+        self._transaction_type = transaction_type
+        self._party_b = party_b or shortcode
+        self._initiator = initiator
+        self._security_credential = security_credential
+        self._status_result_url = status_result_url
+        self._status_timeout_url = status_timeout_url
+        self._status_result_wait_s = status_result_wait_s
+        self._timeout_s = timeout_s
+        self._now = now or (lambda: datetime.now(EAT))
+        self._tokens = TokenCache(self._fetch_token, clock=clock)
+        self._started: dict[str, CollectionStarted] = {}  # purchase id → push already accepted
+        self._requested: dict[str, Money] = {}  # CheckoutRequestID → amount we asked for
+        self._status_waiters: dict[str, asyncio.Future[PaymentStatus]] = {}
+        self._early_results: dict[str, PaymentStatus] = {}
+
+    # -- OAuth -------------------------------------------------------------------------------
+
+    async def _fetch_token(self) -> tuple[str, float]:
+        reply = await call_provider(
+            self._session,
+            "GET",
+            f"{self._base_url}/oauth/v1/generate?grant_type=client_credentials",
+            provider=self.name,
+            timeout_s=self._timeout_s,
+            idempotent=True,
+            headers={"Authorization": f"Basic {self._basic}"},
+        )
+        body = reply.json_object() or {}
+        token = body.get("access_token")
+        if reply.status != 200 or not isinstance(token, str) or not token:
+            raise self._error(reply, None, what="OAuth")
+        try:
+            lifetime_s = float(str(body.get("expires_in", "3599")))
+        except ValueError:
+            lifetime_s = 3599.0
+        return token, lifetime_s
+
+    async def _call(
+        self, path: str, payload: Mapping[str, object], *, idempotent: bool, reference: str | None
+    ) -> ProviderReply:
+        """POST JSON with the bearer token; on ``404.001.03`` refresh the token, try once more."""
+        reply: ProviderReply | None = None
+        for _ in range(2):
+            token = await self._tokens.get()
+            reply = await call_provider(
+                self._session,
+                "POST",
+                f"{self._base_url}{path}",
+                provider=self.name,
+                timeout_s=self._timeout_s,
+                idempotent=idempotent,
+                headers={"Authorization": f"Bearer {token}"},
+                json_body=payload,
+                reference=reference,
+            )
+            if (reply.json_object() or {}).get("errorCode") != _INVALID_TOKEN:
+                return reply
+            self._tokens.invalidate()
+        assert reply is not None  # noqa: S101 - the loop ran at least once
+        return reply
+
+    def _error(self, reply: ProviderReply, reference: str | None, *, what: str) -> PaymentError:
+        """Daraja's error body (``errorCode``/``errorMessage``) as our error tree."""
+        body = reply.json_object() or {}
+        code = str(body.get("errorCode", ""))
+        message = str(body.get("errorMessage", reply.body[:200].decode(errors="replace")))
+        text = f"{what}: HTTP {reply.status} {code} {message}".strip()
+        retryable = (
+            code in _RETRYABLE_ERRORS
+            # a push is already open on the payer's phone: try again in a minute or so
+            or "lock subscriber" in message.lower()
+            # 500.001.1001 is also "wrong credentials" / "merchant does not exist": final
+            or (reply.status >= 500 and not code.startswith("500.001"))
+            or reply.status == 429
+        )
+        if retryable:
+            return ProviderUnavailable(text, provider=self.name, reference=reference)
+        return PaymentDeclined(text, provider=self.name, reference=reference)
+
+    def _password(self) -> tuple[str, str]:
+        timestamp = stk_timestamp(self._now())
+        return stk_password(self._shortcode, self._passkey, timestamp), timestamp
+
+    # -- STK push ------------------------------------------------------------------------------
+
+    async def request_collection(self, request: CollectionRequest) -> CollectionStarted:
+        """Send an STK push asking ``request.payer`` to pay ``request.amount`` (whole KES).
+
+        A push already accepted for the same purchase (in this process) is not sent again.
+
+        Raises:
+            PaymentDeclined: Daraja refused the request (bad field, credentials), or the amount is
+                not whole KES between 1 and 250,000.
+            ProviderUnavailable: Daraja is busy or unreachable (retryable), or the push timed out
+                after it was sent (``retryable=False``: it may have reached the phone).
+        """
+        if request.purchase_id in self._started:
+            return self._started[request.purchase_id]
+        amount = request.amount
+        if amount.currency != "KES" or amount.amount_minor % 100:
+            raise PaymentDeclined(
+                f"M-Pesa takes whole KES, got {amount}", provider=self.name, reference=None
+            )
+        shillings = amount.amount_minor // 100
+        if not MIN_AMOUNT_KES <= shillings <= MAX_AMOUNT_KES:
+            raise PaymentDeclined(
+                f"M-Pesa takes KES 1 to 250,000 per payment, got {amount}", provider=self.name
+            )
+        password, timestamp = self._password()
+        phone = international_digits(request.payer)
+        payload = {
+            "BusinessShortCode": self._shortcode,
+            "Password": password,
+            "Timestamp": timestamp,
+            "TransactionType": self._transaction_type,
+            "Amount": shillings,
+            "PartyA": phone,
+            "PartyB": self._party_b,
+            "PhoneNumber": phone,
+            "CallBackURL": self._callback_url,
+            "AccountReference": fit_account_reference(request.account_reference),
+            "TransactionDesc": request.description[:MAX_TRANSACTION_DESC] or "Payment",
+        }
+        reply = await self._call(
+            "/mpesa/stkpush/v1/processrequest", payload, idempotent=False, reference=None
+        )
+        body = reply.json_object() or {}
+        checkout = body.get("CheckoutRequestID")
+        if reply.status != 200 or str(body.get("ResponseCode")) != "0" or not checkout:
+            raise self._error(reply, None, what="STK push refused")
+        reference = ProviderReference(str(checkout))
+        started = CollectionStarted(
+            provider=self.name,
+            reference=reference,
+            customer_message=str(body.get("CustomerMessage", "")) or None,
+        )
+        self._started[request.purchase_id] = started
+        self._requested[reference] = amount
+        log.info("stk_push_sent", provider=self.name, reference=reference, amount=str(amount))
+        return started
+
+    # -- confirmation --------------------------------------------------------------------------
+
+    async def query_status(self, reference: ProviderReference) -> PaymentStatus:
+        """Ask Daraja about an STK push (STK Query) or a C2B receipt (Transaction Status).
+
+        Returns ``PENDING`` while the customer has not answered the prompt.
+
+        Raises:
+            ProviderUnavailable: Daraja did not answer usefully now (retryable), or Transaction
+                Status is not configured (``retryable=False``).
+            ForgedCallback: Daraja does not know ``reference``.
+        """
+        if reference.startswith(STK_PREFIX):
+            return await self._stk_query(reference)
+        return await self._transaction_status(reference)
+
+    async def _stk_query(self, reference: ProviderReference) -> PaymentStatus:
+        password, timestamp = self._password()
+        payload = {
+            "BusinessShortCode": self._shortcode,
+            "Password": password,
+            "Timestamp": timestamp,
+            "CheckoutRequestID": reference,
+        }
+        reply = await self._call(
+            "/mpesa/stkpushquery/v1/query", payload, idempotent=True, reference=reference
+        )
+        body = reply.json_object() or {}
+        message = str(body.get("errorMessage", ""))
+        if "being processed" in message.lower():
+            return PaymentStatus(
+                provider=self.name, reference=reference, state=PaymentState.PENDING
+            )
+        result = body.get("ResultCode")
+        if reply.status != 200 or result is None:
+            error = self._error(reply, reference, what="STK query")
+            if isinstance(error, PaymentDeclined):
+                raise _forged(f"Daraja does not know this push: {error.args[0]}", reference)
+            raise error
+        try:
+            code = int(str(result))
+        except ValueError as exc:
+            raise ProviderUnavailable(
+                f"STK query answered ResultCode {result!r}", provider=self.name, reference=reference
+            ) from exc
+        state = _RESULT_STATES.get(code, PaymentState.FAILED)
+        return PaymentStatus(
+            provider=self.name,
+            reference=reference,
+            state=state,
+            amount=self._requested.get(reference) if state is PaymentState.SUCCEEDED else None,
+            reason=None if code == 0 else f"{code} {body.get('ResultDesc', '')}".strip(),
+        )
+
+    async def _transaction_status(self, reference: ProviderReference) -> PaymentStatus:
+        if not (
+            self._initiator
+            and self._security_credential
+            and self._status_result_url
+            and self._status_timeout_url
+        ):
+            raise ProviderUnavailable(
+                "Transaction Status is not configured (initiator, security credential, URLs)",
+                provider=self.name,
+                reference=reference,
+                retryable=False,
+            )
+        payload = {
+            "Initiator": self._initiator,
+            "SecurityCredential": self._security_credential,
+            "CommandID": "TransactionStatusQuery",
+            "TransactionID": reference,
+            "OriginalConversationID": "",
+            "PartyA": self._shortcode,
+            "IdentifierType": "4",
+            "ResultURL": self._status_result_url,
+            "QueueTimeOutURL": self._status_timeout_url,
+            "Remarks": "reconciliation",
+            "Occasion": "",
+        }
+        waiter: asyncio.Future[PaymentStatus] = asyncio.get_running_loop().create_future()
+        self._status_waiters[reference] = waiter
+        try:
+            reply = await self._call(
+                "/mpesa/transactionstatus/v1/query", payload, idempotent=True, reference=reference
+            )
+            body = reply.json_object() or {}
+            if reply.status != 200 or str(body.get("ResponseCode")) != "0":
+                error = self._error(reply, reference, what="Transaction Status")
+                if isinstance(error, ProviderUnavailable):
+                    raise error
+                raise ProviderUnavailable(
+                    error.args[0], provider=self.name, reference=reference, retryable=False
+                ) from error
+            if reference in self._early_results:
+                return self._early_results.pop(reference)
+            try:
+                async with asyncio.timeout(self._status_result_wait_s):
+                    return await waiter
+            except TimeoutError as exc:
+                raise ProviderUnavailable(
+                    "Transaction Status result did not arrive in time",
+                    provider=self.name,
+                    reference=reference,
+                ) from exc
+        finally:
+            if self._status_waiters.get(reference) is waiter:
+                del self._status_waiters[reference]
+
+    def deliver_status_result(self, body: bytes) -> bool:
+        """Hand a Transaction Status ``Result`` (posted to ``status_result_url``) to its query.
+
+        Returns whether a ``query_status`` call was waiting for it. A result nobody waits for is
+        kept briefly, in case it overtook the query's own acknowledgement.
+
+        Raises:
+            ForgedCallback: the body is not a Transaction Status result.
+            ProviderUnavailable: the result says our initiator setup is wrong.
+        """
+        reference, outcome = self._parse_status_result(body)
+        waiter = self._status_waiters.get(reference)
+        if waiter is None or waiter.done():
+            if len(self._early_results) > 1000:  # bound the memory of strays
+                self._early_results.clear()
+            if isinstance(outcome, PaymentStatus):
+                self._early_results[reference] = outcome
+            return False
+        if isinstance(outcome, PaymentStatus):
+            waiter.set_result(outcome)
+        else:
+            waiter.set_exception(outcome)
+        return True
+
+    def _parse_status_result(self, body: bytes) -> tuple[str, PaymentStatus | PaymentError]:
+        try:
+            result = _json_object(body).get("Result")
+            if not isinstance(result, dict):
+                raise _forged("no Result object")
+            reference = _text(result, "TransactionID", required=False)
+            code = _integer(result.get("ResultCode"), "ResultCode")
+            params = result.get("ResultParameters")
+            items = params.get("ResultParameter") if isinstance(params, dict) else None
+            values: dict[str, object] = {}
+            for item in items if isinstance(items, list) else []:
+                if isinstance(item, dict) and isinstance(item.get("Key"), str):
+                    values[str(item["Key"])] = item.get("Value")
+            reference = reference or str(values.get("ReceiptNo", ""))
+            if not reference:
+                raise _forged("Transaction Status result names no transaction")
+            desc = str(result.get("ResultDesc", ""))
+            if code in _INITIATOR_ERRORS:
+                return reference, ProviderUnavailable(
+                    f"Transaction Status refused our initiator: {code} {desc}",
+                    provider=self.name,
+                    reference=reference,
+                    retryable=False,
+                )
+            if code != 0:
+                return reference, PaymentStatus(
+                    provider=self.name,
+                    reference=ProviderReference(reference),
+                    state=PaymentState.FAILED,
+                    reason=f"{code} {desc}".strip(),
+                )
+            completed = str(values.get("TransactionStatus", "")) == "Completed"
+            debit = str(values.get("DebitPartyName", ""))
+            return reference, PaymentStatus(
+                provider=self.name,
+                reference=ProviderReference(reference),
+                state=PaymentState.SUCCEEDED if completed else PaymentState.FAILED,
+                amount=_kes(values.get("Amount"), "Amount"),
+                payer=_payer(debit.split(" - ", 1)[0].strip()),
+                receipt=str(values.get("ReceiptNo", reference)),
+                reason=None if completed else str(values.get("TransactionStatus", "")),
+            )
+        except ForgedCallback:
+            raise
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            raise _forged(f"malformed Transaction Status result: {exc}") from exc
+
+    # -- callbacks -----------------------------------------------------------------------------
+
+    def parse_callback(self, body: bytes, headers: Mapping[str, str]) -> PaymentNotice:  # noqa: ARG002 - Daraja signs nothing
+        """Read an STK callback or a C2B confirmation into a claim. Pure.
+
+        Raises:
+            ForgedCallback: the body is neither, or breaks their documented shape.
+        """
+        try:
+            obj = _json_object(body)
+            if "Body" in obj:
+                return self._parse_stk(obj, body)
+            if "TransID" in obj:
+                return self._parse_c2b(obj, body, claimed=PaymentState.SUCCEEDED)
+            raise _forged("neither an STK callback nor a C2B confirmation")
+        except ForgedCallback:
+            raise
+        except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+            raise _forged(f"malformed callback: {exc!r}") from exc
+
+    def parse_c2b_validation(self, body: bytes) -> PaymentNotice:
+        """Read a C2B validation request (money has not moved yet: ``claimed_state`` PENDING).
+
+        Raises:
+            ForgedCallback: the body is not a C2B request of our shortcode.
+        """
+        try:
+            obj = _json_object(body)
+            return self._parse_c2b(obj, body, claimed=PaymentState.PENDING)
+        except ForgedCallback:
+            raise
+        except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+            raise _forged(f"malformed C2B validation: {exc!r}") from exc
+
+    def _parse_stk(self, obj: Mapping[str, object], raw: bytes) -> PaymentNotice:
+        outer = obj.get("Body")
+        stk = outer.get("stkCallback") if isinstance(outer, dict) else None
+        if not isinstance(stk, dict):
+            raise _forged("Body.stkCallback is missing")
+        reference = _text(stk, "CheckoutRequestID")
+        _text(stk, "MerchantRequestID")
+        code = _integer(stk.get("ResultCode"), "ResultCode")
+        _text(stk, "ResultDesc", required=False)
+        state = _RESULT_STATES.get(code, PaymentState.FAILED)
+        if state is not PaymentState.SUCCEEDED:
+            return PaymentNotice(
+                provider=self.name,
+                reference=ProviderReference(reference),
+                claimed_state=state,
+                raw=raw,
+            )
+        meta = stk.get("CallbackMetadata")
+        items = meta.get("Item") if isinstance(meta, dict) else None
+        if not isinstance(items, list):
+            raise _forged("a successful STK callback must carry CallbackMetadata.Item", reference)
+        values: dict[str, object] = {}
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("Name"), str):
+                raise _forged("CallbackMetadata.Item entries are Name/Value pairs", reference)
+            values[str(item["Name"])] = item.get("Value")
+        receipt = values.get("MpesaReceiptNumber")
+        if not isinstance(receipt, str) or not _RECEIPT.fullmatch(receipt):
+            raise _forged(f"MpesaReceiptNumber is not a receipt: {receipt!r}", reference)
+        _integer(values.get("TransactionDate"), "TransactionDate")
+        phone = _integer(values.get("PhoneNumber"), "PhoneNumber")
+        payer = _payer(str(phone))
+        if payer is None:
+            raise _forged(f"PhoneNumber is not a mobile number: {phone}", reference)
+        return PaymentNotice(
+            provider=self.name,
+            reference=ProviderReference(reference),
+            claimed_state=state,
+            amount=_kes(values.get("Amount"), "Amount"),
+            payer=payer,
+            receipt=receipt,
+            raw=raw,
+        )
+
+    def _parse_c2b(
+        self, obj: Mapping[str, object], raw: bytes, *, claimed: PaymentState
+    ) -> PaymentNotice:
+        trans_id = _text(obj, "TransID")
+        if not _RECEIPT.fullmatch(trans_id):
+            raise _forged(f"TransID is not a receipt: {trans_id!r}")
+        shortcode = _text(obj, "BusinessShortCode")
+        if shortcode != self._shortcode:
+            raise _forged(f"paid to shortcode {shortcode}, ours is {self._shortcode}", trans_id)
+        account = _text(obj, "BillRefNumber", required=False).strip()
+        amount = _kes(_text(obj, "TransAmount"), "TransAmount")
+        _text(obj, "TransTime")
+        payer = _payer(_text(obj, "MSISDN", required=False))
+        return PaymentNotice(
+            provider=self.name,
+            reference=ProviderReference(trans_id),
+            claimed_state=claimed,
+            amount=amount,
+            payer=payer,
+            receipt=trans_id,
+            account_reference=account,
+            is_customer_initiated=True,
+            raw=raw,
+        )
+
+    def acknowledgement(self) -> CallbackAck:
+        """``{"ResultCode":0,"ResultDesc":"Accepted"}``: Daraja only needs a quick 200."""
+        return _json_ack({"ResultCode": 0, "ResultDesc": "Accepted"})
+
+    def c2b_validation_answer(self, refusal: str | None) -> CallbackAck:
+        """Daraja's C2B validation answer: accept (``None``) or reject with its ``C2B000xx`` code.
+
+        ``refusal`` is what ``PaymentEvents.validate_customer_payment`` returned; a
+        ``CustomerPaymentRefusal`` maps to its own code, any other text to ``C2B00016`` (other).
+        """
+        if refusal is None:
+            return _json_ack({"ResultCode": "0", "ResultDesc": "Accepted"})
+        code = _REJECT_CODES.get(refusal, _REJECT_OTHER)
+        return _json_ack({"ResultCode": code, "ResultDesc": "Rejected"})
+
+    def c2b_confirmation_answer(self) -> CallbackAck:
+        """``{"ResultCode":0,"ResultDesc":"Success"}``, what Daraja expects for a confirmation."""
+        return _json_ack({"ResultCode": 0, "ResultDesc": "Success"})
+
+
+__all__ = [
+    "EAT",
+    "DarajaProvider",
+    "fit_account_reference",
+    "stk_password",
+    "stk_timestamp",
+]

@@ -1,0 +1,57 @@
+"""Test doubles for the payment tests: a callback receiver standing in for our web app, a clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+
+@dataclass
+class Received:
+    """One request the receiver got."""
+
+    method: str
+    path: str
+    body: bytes
+
+
+@dataclass
+class CallbackReceiver:
+    """An HTTP endpoint that records every callback; per-path hooks decide the answer."""
+
+    received: list[Received] = field(default_factory=list)
+    hooks: dict[str, Callable[[bytes], tuple[int, bytes]]] = field(default_factory=dict)
+    base_url: str = ""
+
+    def bodies(self, path: str) -> list[bytes]:
+        """The bodies received on ``path``, in order."""
+        return [r.body for r in self.received if r.path == path]
+
+    def url(self, path: str) -> str:
+        """The absolute URL of ``path`` on this receiver."""
+        return f"{self.base_url}{path}"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """Record the request and answer with the path's hook, or a Daraja-style 200."""
+        body = await request.read()
+        self.received.append(Received(request.method, request.path, body))
+        hook = self.hooks.get(request.path)
+        status, answer = hook(body) if hook else (200, b'{"ResultCode":0}')
+        return web.Response(status=status, body=answer, content_type="application/json")
+
+
+@dataclass
+class FakeClock:
+    """Monotonic seconds that move only when a test says so."""
+
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        """The current time."""
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward."""
+        self.now += seconds
