@@ -1,0 +1,746 @@
+"""The ledger port: the ``Ledger`` protocol, its records and its error tree.
+
+The ledger is the durable, idempotent log every purchase lives in. Each method is one transaction
+and safe to retry; constraints do the guarding (UNIQUE idempotency key per purchase, UNIQUE
+(provider, reference) per payment, UNIQUE purchase per vend, UNIQUE (meter, TID) per vend, one
+token message per purchase, append-only events). Backends (SQLite now, PostgreSQL next) share the
+schema and pass the same contract tests (``tests/ledger/test_contract.py``).
+
+The ledger enforces *which* purchase transitions are legal (``TRANSITIONS``) and applies them
+atomically with their event row; *when* to move a purchase is the saga's business
+(``gateway/vending.py``), the only caller of the transition methods.
+
+```
+LedgerError                  gateway.errors.GatewayError
+  DuplicateError             a UNIQUE constraint refused a row (constraint, key)
+    IdempotencyConflict      an idempotency key reused for a different request
+  NotFound                   no such purchase / meter / tariff (what, key)
+  IllegalTransition          purchase_id, current, requested: the state machine forbids it
+  TidConflict                the meter's last TID moved since it was read: read again (retryable)
+  SavedMetersFull            a phone already has the maximum number of saved meters
+  VendingKeyUnreadable       the master key does not open a sealed vending key
+  LedgerUnavailable          locked, disk full, I/O error: nothing was written (retryable)
+  MigrationError             the schema could not be brought up to date
+```
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any, Final, NewType, Protocol
+
+from gateway.errors import GatewayError
+from gateway.money import Money
+from gateway.phone import Msisdn
+from gateway.sms.base import DeliveryReport, DeliveryState
+from gateway.tariff import Tariff
+
+PurchaseId = NewType("PurchaseId", str)
+"""Our handle for one purchase: ``P`` and 12 base-32 characters, short enough for an SMS."""
+
+MeterNumber = NewType("MeterNumber", str)
+"""A meter's decoder reference number (DRN), 11 or 13 digits as printed on the meter."""
+
+MAX_SAVED_METERS: Final = 5
+_ID_ALPHABET: Final = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+
+
+def new_purchase_id() -> PurchaseId:
+    """A fresh, unguessable purchase id (60 random bits, no look-alike characters)."""
+    return PurchaseId("P" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(12)))
+
+
+class PurchaseState(StrEnum):
+    """Where a purchase stands. Failed purchases keep their state: nothing is rolled away."""
+
+    CREATED = "created"
+    AWAITING_PAYMENT = "awaiting_payment"
+    PAID = "paid"
+    VENDED = "vended"
+    DELIVERED = "delivered"
+    PAYMENT_FAILED = "payment_failed"
+    EXPIRED = "expired"
+    VEND_FAILED = "vend_failed"  # needs an operator (unknown key, meter blocked …)
+    REFUND_PENDING = "refund_pending"  # money arrived that must not be vended (wrong amount …)
+
+
+_S = PurchaseState
+
+#: The legal moves, target → the states it may be reached from. A late success after a failure
+#: or expiry still reaches PAID: money is never lost.
+TRANSITIONS: Final[Mapping[PurchaseState, frozenset[PurchaseState]]] = MappingProxyType(
+    {
+        _S.AWAITING_PAYMENT: frozenset({_S.CREATED}),
+        _S.PAID: frozenset({_S.CREATED, _S.AWAITING_PAYMENT, _S.PAYMENT_FAILED, _S.EXPIRED}),
+        _S.VENDED: frozenset({_S.PAID, _S.VEND_FAILED}),
+        _S.DELIVERED: frozenset({_S.VENDED}),
+        _S.PAYMENT_FAILED: frozenset({_S.CREATED, _S.AWAITING_PAYMENT}),
+        _S.EXPIRED: frozenset({_S.CREATED, _S.AWAITING_PAYMENT}),
+        _S.VEND_FAILED: frozenset({_S.PAID}),
+        _S.REFUND_PENDING: frozenset(
+            {
+                _S.CREATED,
+                _S.AWAITING_PAYMENT,
+                _S.PAYMENT_FAILED,
+                _S.EXPIRED,
+                _S.PAID,
+                _S.VEND_FAILED,
+            }
+        ),
+    }
+)
+
+
+def is_legal(current: PurchaseState, requested: PurchaseState) -> bool:
+    """Whether a purchase in ``current`` may move to ``requested``."""
+    return current in TRANSITIONS.get(requested, frozenset())
+
+
+class MeterStatus(StrEnum):
+    """Whether a meter may be sold to."""
+
+    ACTIVE = "active"
+    BLOCKED = "blocked"
+
+
+class OutboxState(StrEnum):
+    """Where an outgoing SMS stands."""
+
+    PENDING = "pending"  # due at ``next_try_at``
+    SENDING = "sending"  # claimed by a worker until ``next_try_at`` (the lease)
+    SENT = "sent"  # the provider took it
+    DELIVERED = "delivered"
+    FAILED = "failed"  # refused for good: needs an operator
+    HELD = "held"  # no recipient known (C2B without a phone): needs an operator
+
+
+class MessageKind(StrEnum):
+    """Why a message is in the outbox."""
+
+    TOKEN = "token"  # noqa: S105 - a message kind, not a secret; exactly one per vend
+    REPRINT = "reprint"  # the same token again, on request
+
+
+# ---------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeterRecord:
+    """A meter as the utility registered it, with what the token engine needs.
+
+    Attributes:
+        drn: decoder reference number. ``sgc``: supply group code. ``krn``: key revision number.
+        ``ea``: encryption algorithm (7 = STA, 11 = MISTY1). ``dkga``: decoder key generation
+        algorithm. ``ken``: key expiry number. ``last_tid``: the last token identifier issued,
+        minutes since ``base_date`` (None before the first token).
+    """
+
+    drn: MeterNumber
+    customer_name: str
+    area: str = ""
+    iin: str = "600727"
+    sgc: int
+    tariff_index: int
+    krn: int
+    key_type: int = 2
+    ea: int = 7
+    dkga: int = 4
+    base_date: int = 2014
+    ken: int = 255
+    last_tid: int | None = None
+    tariff_id: str
+    status: MeterStatus = MeterStatus.ACTIVE
+
+
+def mask_name(name: str) -> str:
+    """A customer name for screens: first letter of each word, the rest starred (``J*** K****``)."""
+    return " ".join(word[0] + "*" * (len(word) - 1) for word in name.split())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeterInfo:
+    """What a channel may show about a meter: the name is masked."""
+
+    drn: MeterNumber
+    masked_name: str
+    area: str
+    status: MeterStatus
+    tariff_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PurchaseDraft:
+    """A purchase to open. ``idempotency_key`` is minted once per logical request by the channel."""
+
+    purchase_id: PurchaseId
+    channel: str
+    phone: Msisdn | None
+    meter: MeterNumber
+    amount: Money
+    units: int
+    tariff_id: str
+    idempotency_key: str
+    provider: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Purchase:
+    """One customer purchase and where it stands."""
+
+    purchase_id: PurchaseId
+    channel: str
+    phone: Msisdn | None
+    meter: MeterNumber
+    amount: Money
+    units: int  # tenths of a kWh, as quoted when the purchase was opened
+    tariff_id: str
+    state: PurchaseState
+    idempotency_key: str
+    provider: str
+    provider_reference: str | None
+    check_attempts: int
+    next_check_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class PaymentRecordState(StrEnum):
+    """What we know of one collection."""
+
+    PENDING = "pending"  # requested, or claimed by a callback, not yet proven
+    SUCCEEDED = "succeeded"  # proven by the provider's status answer
+    FAILED = "failed"
+    MISMATCHED = "mismatched"  # proven paid, but not the amount/currency/payer expected
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PaymentRecord:
+    """One collection attempt with a provider."""
+
+    provider: str
+    reference: str
+    purchase_id: PurchaseId | None
+    amount: Money | None
+    state: PaymentRecordState
+    payer: Msisdn | None
+    receipt: str | None
+    payload_hash: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfirmedPayment:
+    """A payment the provider's own status answer proved, with the exact amount and payer."""
+
+    provider: str
+    reference: str
+    amount: Money
+    payer: Msisdn | None
+    receipt: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoticeRecord:
+    """A callback's claim as received (the raw body is kept with its SHA-256)."""
+
+    provider: str
+    reference: str
+    claimed_state: str
+    amount: Money | None
+    payer: Msisdn | None
+    receipt: str | None
+    raw: bytes = field(repr=False)
+    payload_hash: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoticeOutcome:
+    """What recording a notice found: the purchase it belongs to, and whether it was seen before.
+
+    ``payload_conflict`` is True when the same reference arrived earlier with another body: a
+    security event.
+    """
+
+    purchase_id: PurchaseId | None
+    is_duplicate: bool
+    payload_conflict: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VendDraft:
+    """A token made for a paid purchase, to be stored with its message in one transaction.
+
+    ``expected_last_tid`` is the meter's ``last_tid`` the TID was computed from: the write is
+    refused with ``TidConflict`` if it has moved, so a TID is never reused.
+    """
+
+    purchase_id: PurchaseId
+    meter: MeterNumber
+    tid: int
+    expected_last_tid: int | None
+    token: str = field(repr=False)
+    units: int
+    receipt: str | None
+    recipient: Msisdn | None
+    message: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Vend:
+    """A token issued for a purchase. ``token`` is the full 20 digits: never log it."""
+
+    purchase_id: PurchaseId
+    meter: MeterNumber
+    tid: int
+    token: str = field(repr=False)
+    units: int
+    receipt: str | None
+    created_at: datetime
+
+    @property
+    def masked_token(self) -> str:
+        """The token for logs and screens: only the last four digits."""
+        return "****-****-****-****-" + self.token[-4:]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VendOutcome:
+    """The vend stored, and whether it was there already (a replay enqueues nothing)."""
+
+    vend: Vend
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxMessage:
+    """One SMS to send. ``body`` may hold a token: never log it."""
+
+    message_id: int
+    purchase_id: PurchaseId | None
+    kind: MessageKind
+    recipient: Msisdn | None
+    body: str = field(repr=False)
+    state: OutboxState
+    attempts: int
+    next_try_at: datetime
+    provider_message_id: str | None
+    cost: str | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """One append-only audit row: who did what to which purchase, when."""
+
+    event_id: int
+    purchase_id: PurchaseId | None
+    kind: str
+    actor: str
+    data: Mapping[str, Any]
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SavedMeter:
+    """A meter a phone keeps for quick purchases."""
+
+    phone: Msisdn
+    meter: MeterNumber
+    nickname: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportRow:
+    """One line of the daily reconciliation: purchases of one provider in one state."""
+
+    day: date
+    provider: str
+    state: PurchaseState
+    currency: str
+    count: int
+    amount_minor: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SealedVendingKey:
+    """A vending key encrypted at rest (AES-GCM); see ``gateway.ledger.keys``."""
+
+    sgc: int
+    krn: int
+    key_type: int
+    ea: int
+    dkga: int
+    base_date: int
+    nonce: bytes
+    ciphertext: bytes = field(repr=False)
+    tag: bytes
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+class LedgerError(GatewayError):
+    """The ledger refused or could not perform an operation."""
+
+
+class DuplicateError(LedgerError):
+    """A UNIQUE constraint refused a row.
+
+    Attributes:
+        constraint: which uniqueness rule (``payments.provider_reference`` …).
+        key: the duplicated value, as text.
+    """
+
+    def __init__(self, message: str, *, constraint: str, key: str) -> None:
+        super().__init__(message)
+        self.constraint = constraint
+        self.key = key
+
+
+class IdempotencyConflict(DuplicateError):
+    """An idempotency key was reused for a request with different details."""
+
+
+class NotFound(LedgerError):
+    """No such record. ``what`` names the kind (``purchase``, ``meter``, ``tariff``)."""
+
+    def __init__(self, what: str, key: str) -> None:
+        super().__init__(f"no {what} {key!r}")
+        self.what = what
+        self.key = key
+
+
+class IllegalTransition(LedgerError):
+    """The purchase state machine forbids this move."""
+
+    def __init__(self, purchase_id: str, current: PurchaseState, requested: PurchaseState) -> None:
+        super().__init__(f"purchase {purchase_id} cannot go from {current} to {requested}")
+        self.purchase_id = purchase_id
+        self.current = current
+        self.requested = requested
+
+
+class TidConflict(LedgerError):
+    """The meter's last TID changed since it was read; read it again and make a new token."""
+
+    def __init__(self, meter: str, expected: int | None, actual: int | None) -> None:
+        super().__init__(
+            f"meter {meter}: last TID is {actual}, the vend was computed from {expected}",
+            retryable=True,
+        )
+        self.meter = meter
+        self.expected = expected
+        self.actual = actual
+
+
+class SavedMetersFull(LedgerError):
+    """The phone already keeps ``MAX_SAVED_METERS`` meters."""
+
+
+class VendingKeyUnreadable(LedgerError):
+    """The master key does not open a sealed vending key (wrong key, or tampered row)."""
+
+    def __init__(self, sgc: int, krn: int) -> None:
+        super().__init__(
+            f"master key does not open vending key sgc={sgc} krn={krn}: wrong GATEWAY_MASTER_KEY?"
+        )
+        self.sgc = sgc
+        self.krn = krn
+
+
+class LedgerUnavailable(LedgerError):
+    """The database could not take the write now (locked, disk full, I/O); nothing was written."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
+class MigrationError(LedgerError):
+    """The schema could not be brought up to date."""
+
+
+# ------------------------------------------------------------------------------------------- port
+
+
+class Ledger(Protocol):
+    """The durable transaction log. Every method is one transaction and safe to retry.
+
+    Raises (every method): ``LedgerUnavailable`` when the database cannot take the operation now
+    (nothing was written); other ``LedgerError``s as stated.
+    """
+
+    async def close(self) -> None:
+        """Finish queued writes and close the connections."""
+        ...
+
+    # -- reference data -------------------------------------------------------------------------
+
+    async def put_tariff(self, tariff: Tariff) -> None:
+        """Insert or replace a tariff."""
+        ...
+
+    async def get_tariff(self, tariff_id: str) -> Tariff:
+        """The tariff. Raises ``NotFound``."""
+        ...
+
+    async def put_meter(self, meter: MeterRecord) -> None:
+        """Insert or update a meter's registration; its ``last_tid`` is kept when it exists."""
+        ...
+
+    async def get_meter(self, drn: str) -> MeterRecord:
+        """The meter with everything the token engine needs. Raises ``NotFound``."""
+        ...
+
+    async def lookup_meter(self, drn: str) -> MeterInfo | None:
+        """What a channel may show about a meter (masked name), or None if unknown."""
+        ...
+
+    async def put_vending_key(self, key: SealedVendingKey) -> None:
+        """Store a sealed vending key; replaces the one with the same (sgc, krn)."""
+        ...
+
+    async def vending_keys(self) -> list[SealedVendingKey]:
+        """Every sealed vending key."""
+        ...
+
+    # -- purchases ------------------------------------------------------------------------------
+
+    async def open_purchase(self, draft: PurchaseDraft, *, actor: str) -> Purchase:
+        """Open a purchase in CREATED; the same idempotency key returns the same purchase.
+
+        Raises:
+            IdempotencyConflict: the key was used for another phone, meter or amount.
+            NotFound: the meter or tariff does not exist.
+        """
+        ...
+
+    async def get_purchase(self, purchase_id: str) -> Purchase:
+        """The purchase. Raises ``NotFound``."""
+        ...
+
+    async def find_purchases(
+        self,
+        *,
+        phone: str | None = None,
+        meter: str | None = None,
+        states: Sequence[PurchaseState] | None = None,
+        limit: int = 20,
+    ) -> list[Purchase]:
+        """Purchases matching every given filter, newest first."""
+        ...
+
+    async def transition(
+        self,
+        purchase_id: str,
+        to: PurchaseState,
+        *,
+        kind: str,
+        actor: str,
+        data: Mapping[str, Any] | None = None,
+    ) -> Purchase:
+        """Move a purchase to ``to`` and append the event ``kind``, in one transaction.
+
+        Already in ``to``: returns it unchanged and appends nothing (a retry is harmless).
+
+        Raises:
+            IllegalTransition: ``TRANSITIONS`` forbids the move from the current state.
+            NotFound: no such purchase.
+        """
+        ...
+
+    async def attach_payment(
+        self, purchase_id: str, *, provider: str, reference: str, actor: str
+    ) -> Purchase:
+        """Record that the provider accepted the collection. Idempotent.
+
+        Writes the pending payment row, the reference on the purchase, and CREATED →
+        AWAITING_PAYMENT.
+
+        Raises:
+            DuplicateError: the reference already belongs to another purchase.
+        """
+        ...
+
+    async def record_notice(self, notice: NoticeRecord, *, actor: str) -> NoticeOutcome:
+        """Keep a callback's claim (raw body and its hash) and say which purchase it concerns.
+
+        A reference never seen creates a pending payment row with no purchase. Appends a
+        ``payment_notice`` event (or ``notice_payload_conflict`` when the body differs from the
+        first one seen for that reference).
+        """
+        ...
+
+    async def mark_paid(
+        self, purchase_id: str, payment: ConfirmedPayment, *, actor: str
+    ) -> Purchase:
+        """A proven payment: payment row SUCCEEDED and the purchase PAID, one transaction.
+
+        Already PAID, VENDED or DELIVERED: unchanged, nothing appended.
+
+        Raises:
+            IllegalTransition: the purchase is in a state that cannot become paid.
+        """
+        ...
+
+    async def mark_payment_mismatch(
+        self, purchase_id: str, payment: ConfirmedPayment, *, expected: Money, actor: str
+    ) -> Purchase:
+        """A proven payment of the wrong amount, currency or payer. Never vends.
+
+        The payment row becomes MISMATCHED, the purchase REFUND_PENDING, and a security event
+        ``amount_mismatch`` is appended.
+        """
+        ...
+
+    async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
+        """When the sweeper should next ask the provider about this purchase."""
+        ...
+
+    async def due_for_check(self, now: datetime, *, limit: int = 100) -> list[Purchase]:
+        """CREATED or AWAITING_PAYMENT purchases whose next status check is due."""
+        ...
+
+    async def paid_not_vended(self, *, limit: int = 100) -> list[Purchase]:
+        """PAID purchases without a vend, oldest first (the sweeper finishes them)."""
+        ...
+
+    # -- vends ----------------------------------------------------------------------------------
+
+    async def record_vend(self, draft: VendDraft, *, actor: str) -> VendOutcome:
+        """Store a vend in one transaction.
+
+        The meter's TID advances (compare-and-set on ``expected_last_tid``), the vend row is
+        inserted, PAID → VENDED, the token message goes to the outbox, ``token_vended`` is appended.
+
+        A purchase that has its vend already: returns it with ``replayed=True``, writes nothing.
+
+        Raises:
+            TidConflict: the meter's last TID moved: read it again, make a new token, retry.
+            IllegalTransition: the purchase is not PAID (or VEND_FAILED).
+        """
+        ...
+
+    async def get_vend(self, purchase_id: str) -> Vend | None:
+        """The purchase's vend, if it has one."""
+        ...
+
+    async def last_vend(self, phone: str, meter: str | None = None) -> Vend | None:
+        """The newest vend bought from ``phone`` (for ``meter`` if given)."""
+        ...
+
+    # -- outbox ---------------------------------------------------------------------------------
+
+    async def enqueue_message(
+        self,
+        purchase_id: str | None,
+        *,
+        kind: MessageKind,
+        recipient: str | None,
+        body: str,
+        actor: str,
+    ) -> OutboxMessage:
+        """Queue an SMS now (reprints); token messages are queued by ``record_vend``."""
+        ...
+
+    async def claim_outbox(
+        self, now: datetime, *, lease_until: datetime, limit: int = 50
+    ) -> list[OutboxMessage]:
+        """Claim due messages until ``lease_until``.
+
+        Due PENDING messages, and SENDING ones whose lease expired: a crashed worker's claims
+        come back when the lease ends.
+        """
+        ...
+
+    async def outbox_sent(
+        self,
+        message_id: int,
+        *,
+        provider_message_id: str,
+        cost: str | None,
+        state: DeliveryState,
+    ) -> None:
+        """The provider took the message."""
+        ...
+
+    async def outbox_retry(self, message_id: int, *, next_try_at: datetime, error: str) -> None:
+        """Sending failed for now; try again at ``next_try_at``."""
+        ...
+
+    async def outbox_failed(self, message_id: int, *, error: str) -> None:
+        """Sending failed for good; an operator must look."""
+        ...
+
+    async def apply_delivery_report(self, report: DeliveryReport) -> OutboxMessage | None:
+        """Record a delivery report; a delivered token message moves its purchase to DELIVERED.
+
+        Unknown message ids return None. A final state is never overwritten.
+        """
+        ...
+
+    async def outbox_for(self, purchase_id: str) -> list[OutboxMessage]:
+        """The purchase's messages, oldest first."""
+        ...
+
+    # -- events ---------------------------------------------------------------------------------
+
+    async def append_event(
+        self,
+        purchase_id: str | None,
+        kind: str,
+        *,
+        actor: str,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append an audit event (security events may have no purchase)."""
+        ...
+
+    async def timeline(self, purchase_id: str) -> list[Event]:
+        """The purchase's events, oldest first."""
+        ...
+
+    async def events(self, *, kind: str | None = None, limit: int = 100) -> list[Event]:
+        """Recent events, newest first, optionally of one kind (security review)."""
+        ...
+
+    # -- channels -------------------------------------------------------------------------------
+
+    async def save_meter(self, phone: str, meter: str, *, nickname: str = "") -> SavedMeter:
+        """Keep a meter for a phone (renames it if kept already).
+
+        Raises:
+            SavedMetersFull: the phone keeps ``MAX_SAVED_METERS`` meters already.
+            NotFound: no such meter.
+        """
+        ...
+
+    async def saved_meters(self, phone: str) -> list[SavedMeter]:
+        """The phone's saved meters, oldest first."""
+        ...
+
+    async def remove_saved_meter(self, phone: str, meter: str) -> bool:
+        """Forget a saved meter; False if it was not saved."""
+        ...
+
+    async def get_language(self, phone: str) -> str | None:
+        """The phone's chosen language code, if any."""
+        ...
+
+    async def set_language(self, phone: str, language: str) -> None:
+        """Remember the phone's language code."""
+        ...
+
+    # -- reports --------------------------------------------------------------------------------
+
+    async def daily_report(self, day: date) -> list[ReportRow]:
+        """Counts and sums of the purchases created on ``day`` (UTC), by provider and state."""
+        ...

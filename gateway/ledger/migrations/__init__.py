@@ -1,0 +1,1 @@
+"""Numbered schema migrations, one directory per backend, applied in order at open."""

@@ -1,0 +1,1578 @@
+"""The SQLite ledger: one writer that group-commits, readers on their own connection.
+
+Writes
+    One ``sqlite3`` connection, owned by one thread (a single-worker executor) and fed by one
+    asyncio task that drains a queue of write operations. Each drained batch runs in one
+    transaction (``BEGIN IMMEDIATE`` … ``COMMIT``); each operation inside it runs in its own
+    ``SAVEPOINT``, so one failing operation is rolled back alone and does not poison the batch.
+    Futures are resolved only after the ``COMMIT`` returned: nothing is acknowledged before it is
+    durable. A batch is whatever queued up while the previous one was committing: no timer, so a
+    lone write is not delayed and a burst shares one fsync.
+
+    aiosqlite runs each statement as its own hop to the connection's thread and has no public way
+    to run a batch of operations in that thread, so the writer owns its thread directly (the same
+    one-thread-per-connection model). Readers use aiosqlite.
+
+Durability
+    WAL with ``synchronous=FULL``: every COMMIT fsyncs the WAL, so an acknowledged vend survives a
+    power cut, not only a process crash (``NORMAL`` in WAL mode may lose the last commits on power
+    loss). Group commit pays that fsync once per batch instead of once per write.
+
+Errors
+    ``sqlite3`` errors are translated here and nowhere else: ``IntegrityError`` →
+    ``DuplicateError`` (or ``LedgerError``); "database is locked", "database or disk is full" and
+    I/O errors → ``LedgerUnavailable`` (retryable; nothing of the operation was written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import json
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, TypeVar, cast
+
+import aiosqlite
+import structlog
+
+from gateway.ledger.base import (
+    MAX_SAVED_METERS,
+    ConfirmedPayment,
+    DuplicateError,
+    Event,
+    IdempotencyConflict,
+    IllegalTransition,
+    LedgerError,
+    LedgerUnavailable,
+    MessageKind,
+    MeterInfo,
+    MeterNumber,
+    MeterRecord,
+    MeterStatus,
+    MigrationError,
+    NotFound,
+    NoticeOutcome,
+    NoticeRecord,
+    OutboxMessage,
+    OutboxState,
+    PaymentRecordState,
+    Purchase,
+    PurchaseDraft,
+    PurchaseId,
+    PurchaseState,
+    ReportRow,
+    SavedMeter,
+    SavedMetersFull,
+    SealedVendingKey,
+    TidConflict,
+    Vend,
+    VendDraft,
+    VendOutcome,
+    is_legal,
+    mask_name,
+)
+from gateway.money import Money
+from gateway.phone import Msisdn
+from gateway.sms.base import DeliveryReport, DeliveryState
+from gateway.tariff import Tariff
+
+T = TypeVar("T")
+Clock = Callable[[], datetime]
+WriteOp = Callable[[sqlite3.Connection], T]
+
+log = structlog.get_logger()
+
+#: Operations per transaction at most; a batch is whatever queued up meanwhile.
+DEFAULT_MAX_BATCH: Final = 512
+BUSY_TIMEOUT_MS: Final = 5000
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_UNAVAILABLE_CODES: Final = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_NOMEM,
+    }
+)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _dt(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def translate_error(exc: BaseException) -> BaseException:  # noqa: PLR0911 - one answer per kind
+    """Our error for a ``sqlite3`` error; anything else is returned unchanged."""
+    if not isinstance(exc, sqlite3.Error):
+        return exc
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    text = str(exc)
+    if isinstance(exc, sqlite3.IntegrityError):
+        if text.startswith("UNIQUE constraint failed:"):
+            constraint = text.removeprefix("UNIQUE constraint failed:").strip()
+            return DuplicateError(f"duplicate {constraint}", constraint=constraint, key="")
+        return LedgerError(f"constraint refused the write: {text}")
+    if primary in _UNAVAILABLE_CODES or "locked" in text or "disk is full" in text:
+        if primary == sqlite3.SQLITE_FULL or "full" in text:
+            return LedgerUnavailable(
+                f"ledger database is full ({text}): nothing was written; free space or raise the"
+                " page limit, then the sweeper finishes the work"
+            )
+        if primary in {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED} or "locked" in text:
+            return LedgerUnavailable(
+                f"ledger database is locked by another process ({text}): nothing was written;"
+                " retry later"
+            )
+        return LedgerUnavailable(f"ledger database cannot be written ({text}): nothing was written")
+    return LedgerError(f"ledger database error: {text}")
+
+
+# ------------------------------------------------------------------------------------ the writer
+
+
+@dataclass(slots=True)
+class _Job:
+    op: Callable[[sqlite3.Connection], object]
+    future: asyncio.Future[object]
+
+
+class _Writer:
+    """One connection, one thread, one task draining the queue into group commits."""
+
+    def __init__(self, path: Path, *, max_batch: int, busy_timeout_ms: int) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._max_batch = max_batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._conn: sqlite3.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.operations = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._conn = await loop.run_in_executor(self._executor, self._connect)
+        except sqlite3.Error as exc:
+            self._executor.shutdown(wait=False)
+            raise translate_error(exc) from exc
+        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._path, isolation_level=None, timeout=self._busy_timeout_ms / 1000
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    async def run_in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the writer's connection outside any batch (migrations, pragmas)."""
+        conn = self._conn
+        if conn is None:
+            raise LedgerError("ledger writer is not started")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, conn)
+
+    async def submit(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Queue ``op``; returns its result once the batch holding it is committed."""
+        if self._task is None or self._task.done():
+            raise LedgerError("ledger writer is closed")
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Job(op, future))
+        return cast("T", await future)
+
+    async def _run(self) -> None:  # noqa: C901 - the drain loop reads best in one piece
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    job = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                batch.append(job)
+            try:
+                outcomes = await loop.run_in_executor(
+                    self._executor, self._run_batch, [job.op for job in batch]
+                )
+            except BaseException as exc:  # the thread itself failed: fail the batch, keep going
+                outcomes = [(False, LedgerError(f"ledger writer failed: {exc!r}"))] * len(batch)
+                if not isinstance(exc, Exception):
+                    raise
+            self.batches += 1
+            self.operations += len(batch)
+            for job, (ok, value) in zip(batch, outcomes, strict=True):
+                if job.future.done():
+                    continue
+                if ok:
+                    job.future.set_result(value)
+                else:
+                    job.future.set_exception(cast("BaseException", value))
+
+    def _run_batch(
+        self, ops: Sequence[Callable[[sqlite3.Connection], object]]
+    ) -> list[tuple[bool, object]]:
+        conn = self._conn
+        assert conn is not None  # noqa: S101 - started before any submit
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            return [(False, translate_error(exc))] * len(ops)
+        results: list[tuple[bool, object]] = []
+        for index, op in enumerate(ops):
+            try:
+                conn.execute("SAVEPOINT op")
+                value = op(conn)
+            except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller
+                error = translate_error(exc)
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                    except sqlite3.Error as rollback_exc:
+                        return self._abandon(conn, len(ops), translate_error(rollback_exc))
+                    results.append((False, error))
+                    continue
+                # SQLite rolled the whole transaction back (disk full, I/O): nothing stands.
+                lost: BaseException = LedgerUnavailable(
+                    f"batch rolled back by the database ({error}): nothing was written"
+                )
+                failed: list[tuple[bool, object]] = [(False, lost)] * len(ops)
+                failed[index] = (False, error)
+                return failed
+            else:
+                conn.execute("RELEASE op")
+                results.append((True, value))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            return self._abandon(conn, len(ops), translate_error(exc))
+        return results
+
+    @staticmethod
+    def _abandon(
+        conn: sqlite3.Connection, count: int, error: BaseException
+    ) -> list[tuple[bool, object]]:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        return [(False, error)] * count
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._queue.put_nowait(None)
+            await self._task
+        conn = self._conn
+        self._conn = None
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+        self._executor.shutdown(wait=True)
+
+
+# ----------------------------------------------------------------------------------- migrations
+
+
+def migration_scripts() -> list[tuple[int, str, str]]:
+    """The packaged SQLite migrations as (version, file name, SQL), in order."""
+    folder = importlib.resources.files("gateway.ledger.migrations.sqlite")
+    found: list[tuple[int, str, str]] = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    return found
+
+
+def _apply_migrations(conn: sqlite3.Connection) -> list[str]:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations"
+        " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    applied: list[str] = []
+    for version, name, sql in migration_scripts():
+        if version in done:
+            continue
+        script = (
+            "BEGIN IMMEDIATE;\n"
+            f"{sql}\n"
+            f"INSERT INTO schema_migrations (version, name, applied_at)"
+            f" VALUES ({version}, '{name}', '{_ts(_utc_now())}');\n"
+            "COMMIT;"
+        )
+        try:
+            conn.executescript(script)
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = translate_error(exc)
+            if isinstance(error, LedgerUnavailable):
+                raise error from exc
+            raise MigrationError(f"migration {name} failed: {exc}") from exc
+        applied.append(name)
+    return applied
+
+
+# ------------------------------------------------------------------------------------ row mappers
+
+
+def _purchase(row: sqlite3.Row) -> Purchase:
+    return Purchase(
+        purchase_id=PurchaseId(row["purchase_id"]),
+        channel=row["channel"],
+        phone=Msisdn(row["phone"]) if row["phone"] is not None else None,
+        meter=MeterNumber(row["meter"]),
+        amount=Money(row["amount_minor"], row["currency"]),
+        units=row["units"],
+        tariff_id=row["tariff_id"],
+        state=PurchaseState(row["state"]),
+        idempotency_key=row["idempotency_key"],
+        provider=row["provider"],
+        provider_reference=row["provider_reference"],
+        check_attempts=row["check_attempts"],
+        next_check_at=_dt(row["next_check_at"]) if row["next_check_at"] else None,
+        created_at=_dt(row["created_at"]),
+        updated_at=_dt(row["updated_at"]),
+    )
+
+
+def _meter(row: sqlite3.Row) -> MeterRecord:
+    return MeterRecord(
+        drn=MeterNumber(row["drn"]),
+        customer_name=row["customer_name"],
+        area=row["area"],
+        iin=row["iin"],
+        sgc=row["sgc"],
+        tariff_index=row["tariff_index"],
+        krn=row["krn"],
+        key_type=row["key_type"],
+        ea=row["ea"],
+        dkga=row["dkga"],
+        base_date=row["base_date"],
+        ken=row["ken"],
+        last_tid=row["last_tid"],
+        tariff_id=row["tariff_id"],
+        status=MeterStatus(row["status"]),
+    )
+
+
+def _tariff(row: sqlite3.Row) -> Tariff:
+    return Tariff(
+        tariff_id=row["tariff_id"],
+        name=row["name"],
+        currency=row["currency"],
+        price_per_kwh_minor=row["price_per_kwh_minor"],
+        vat_basis_points=row["vat_basis_points"],
+        fixed_charge_minor=row["fixed_charge_minor"],
+        min_purchase_minor=row["min_purchase_minor"],
+        max_purchase_minor=row["max_purchase_minor"],
+    )
+
+
+def _vend(row: sqlite3.Row) -> Vend:
+    return Vend(
+        purchase_id=PurchaseId(row["purchase_id"]),
+        meter=MeterNumber(row["meter"]),
+        tid=row["tid"],
+        token=row["token"],
+        units=row["units"],
+        receipt=row["receipt"],
+        created_at=_dt(row["created_at"]),
+    )
+
+
+def _outbox(row: sqlite3.Row) -> OutboxMessage:
+    return OutboxMessage(
+        message_id=row["message_id"],
+        purchase_id=PurchaseId(row["purchase_id"]) if row["purchase_id"] else None,
+        kind=MessageKind(row["kind"]),
+        recipient=Msisdn(row["recipient"]) if row["recipient"] else None,
+        body=row["body"],
+        state=OutboxState(row["state"]),
+        attempts=row["attempts"],
+        next_try_at=_dt(row["next_try_at"]),
+        provider_message_id=row["provider_message_id"],
+        cost=row["cost"],
+        last_error=row["last_error"],
+        created_at=_dt(row["created_at"]),
+        updated_at=_dt(row["updated_at"]),
+    )
+
+
+def _event(row: sqlite3.Row) -> Event:
+    return Event(
+        event_id=row["event_id"],
+        purchase_id=PurchaseId(row["purchase_id"]) if row["purchase_id"] else None,
+        kind=row["kind"],
+        actor=row["actor"],
+        data=json.loads(row["data"]),
+        at=_dt(row["at"]),
+    )
+
+
+def _sealed(row: sqlite3.Row) -> SealedVendingKey:
+    return SealedVendingKey(
+        sgc=row["sgc"],
+        krn=row["krn"],
+        key_type=row["key_type"],
+        ea=row["ea"],
+        dkga=row["dkga"],
+        base_date=row["base_date"],
+        nonce=bytes(row["nonce"]),
+        ciphertext=bytes(row["ciphertext"]),
+        tag=bytes(row["tag"]),
+    )
+
+
+def _json(data: Mapping[str, Any] | None) -> str:
+    return json.dumps(dict(data or {}), sort_keys=True, separators=(",", ":"), default=str)
+
+
+_FINAL_OUTBOX: Final = (OutboxState.DELIVERED.value, OutboxState.FAILED.value)
+_PAID_OR_LATER: Final = frozenset(
+    {PurchaseState.PAID, PurchaseState.VENDED, PurchaseState.DELIVERED}
+)
+
+
+# ------------------------------------------------------------------------------------ the ledger
+
+
+class SqliteLedger:
+    """The ``Ledger`` on one SQLite file. Build it with ``open_sqlite_ledger`` (or ``open_ledger``).
+
+    Args:
+        path: the database file (created if missing).
+        clock: the time source for every timestamp (UTC, aware).
+        max_batch: the most write operations committed together (1 = one commit per write).
+        busy_timeout_ms: how long a write waits for another process's lock before it fails
+            with ``LedgerUnavailable``.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Clock = _utc_now,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+    ) -> None:
+        self.path = path
+        self._clock = clock
+        self._busy_timeout_ms = busy_timeout_ms
+        self._writer = _Writer(path, max_batch=max_batch, busy_timeout_ms=busy_timeout_ms)
+        self._reader: aiosqlite.Connection | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, *, migrate: bool = True) -> None:
+        """Open the connections and (by default) apply pending migrations."""
+        await self._writer.start()
+        try:
+            if migrate:
+                applied = await self._writer.run_in_thread(_apply_migrations)
+                if applied:
+                    log.info("ledger_migrated", path=str(self.path), applied=applied)
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            self._reader.row_factory = sqlite3.Row
+            await self._reader.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            await self._reader.execute("PRAGMA query_only = ON")
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Finish queued writes, then close the connections."""
+        await self._writer.close()
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+
+    @property
+    def write_stats(self) -> tuple[int, int]:
+        """(batches committed, operations written) since start: the group-commit factor."""
+        return self._writer.batches, self._writer.operations
+
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._writer.submit(op)
+
+    async def _read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        reader = self._reader
+        if reader is None:
+            raise LedgerError("ledger is closed")
+        try:
+            rows = await reader.execute_fetchall(sql, params)
+        except sqlite3.Error as exc:
+            raise translate_error(exc) from exc
+        return cast("list[sqlite3.Row]", list(rows))
+
+    async def _read_one(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Row | None:
+        rows = await self._read(sql, params)
+        return rows[0] if rows else None
+
+    # -- shared write helpers (run in the writer thread) -----------------------------------------
+
+    def _event(
+        self,
+        conn: sqlite3.Connection,
+        purchase_id: str | None,
+        kind: str,
+        actor: str,
+        data: Mapping[str, Any] | None,
+    ) -> None:
+        conn.execute(
+            "INSERT INTO events (purchase_id, kind, actor, data, at) VALUES (?, ?, ?, ?, ?)",
+            (purchase_id, kind, actor, _json(data), _ts(self._clock())),
+        )
+
+    @staticmethod
+    def _purchase_row(conn: sqlite3.Connection, purchase_id: str) -> sqlite3.Row:
+        row = conn.execute(
+            "SELECT * FROM purchases WHERE purchase_id = ?", (purchase_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound("purchase", purchase_id)
+        return cast("sqlite3.Row", row)
+
+    def _move(
+        self,
+        conn: sqlite3.Connection,
+        row: sqlite3.Row,
+        to: PurchaseState,
+        kind: str,
+        actor: str,
+        data: Mapping[str, Any] | None,
+    ) -> None:
+        current = PurchaseState(row["state"])
+        if not is_legal(current, to):
+            raise IllegalTransition(row["purchase_id"], current, to)
+        conn.execute(
+            "UPDATE purchases SET state = ?, updated_at = ? WHERE purchase_id = ? AND state = ?",
+            (to.value, _ts(self._clock()), row["purchase_id"], current.value),
+        )
+        self._event(
+            conn, row["purchase_id"], kind, actor, {**(data or {}), "from": current, "to": to}
+        )
+
+    # -- reference data -------------------------------------------------------------------------
+
+    async def put_tariff(self, tariff: Tariff) -> None:
+        """Insert or replace a tariff."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO tariffs (tariff_id, name, currency, price_per_kwh_minor,"
+                " vat_basis_points, fixed_charge_minor, min_purchase_minor, max_purchase_minor)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tariff_id) DO UPDATE SET"
+                " name = excluded.name, currency = excluded.currency,"
+                " price_per_kwh_minor = excluded.price_per_kwh_minor,"
+                " vat_basis_points = excluded.vat_basis_points,"
+                " fixed_charge_minor = excluded.fixed_charge_minor,"
+                " min_purchase_minor = excluded.min_purchase_minor,"
+                " max_purchase_minor = excluded.max_purchase_minor",
+                (
+                    tariff.tariff_id,
+                    tariff.name,
+                    tariff.currency,
+                    tariff.price_per_kwh_minor,
+                    tariff.vat_basis_points,
+                    tariff.fixed_charge_minor,
+                    tariff.min_purchase_minor,
+                    tariff.max_purchase_minor,
+                ),
+            )
+
+        await self._write(op)
+
+    async def get_tariff(self, tariff_id: str) -> Tariff:
+        """The tariff. Raises ``NotFound``."""
+        row = await self._read_one("SELECT * FROM tariffs WHERE tariff_id = ?", (tariff_id,))
+        if row is None:
+            raise NotFound("tariff", tariff_id)
+        return _tariff(row)
+
+    async def put_meter(self, meter: MeterRecord) -> None:
+        """Insert or update a meter's registration; its ``last_tid`` is kept when it exists."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO meters (drn, customer_name, area, iin, sgc, tariff_index, krn,"
+                " key_type, ea, dkga, base_date, ken, last_tid, tariff_id, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (drn) DO UPDATE SET customer_name = excluded.customer_name,"
+                " area = excluded.area, iin = excluded.iin, sgc = excluded.sgc,"
+                " tariff_index = excluded.tariff_index, krn = excluded.krn,"
+                " key_type = excluded.key_type, ea = excluded.ea, dkga = excluded.dkga,"
+                " base_date = excluded.base_date, ken = excluded.ken,"
+                " tariff_id = excluded.tariff_id, status = excluded.status",
+                (
+                    meter.drn,
+                    meter.customer_name,
+                    meter.area,
+                    meter.iin,
+                    meter.sgc,
+                    meter.tariff_index,
+                    meter.krn,
+                    meter.key_type,
+                    meter.ea,
+                    meter.dkga,
+                    meter.base_date,
+                    meter.ken,
+                    meter.last_tid,
+                    meter.tariff_id,
+                    meter.status.value,
+                ),
+            )
+
+        await self._write(op)
+
+    async def get_meter(self, drn: str) -> MeterRecord:
+        """The meter with everything the token engine needs. Raises ``NotFound``."""
+        row = await self._read_one("SELECT * FROM meters WHERE drn = ?", (drn,))
+        if row is None:
+            raise NotFound("meter", drn)
+        return _meter(row)
+
+    async def lookup_meter(self, drn: str) -> MeterInfo | None:
+        """What a channel may show about a meter (masked name), or None if unknown."""
+        row = await self._read_one("SELECT * FROM meters WHERE drn = ?", (drn,))
+        if row is None:
+            return None
+        return MeterInfo(
+            drn=MeterNumber(row["drn"]),
+            masked_name=mask_name(row["customer_name"]),
+            area=row["area"],
+            status=MeterStatus(row["status"]),
+            tariff_id=row["tariff_id"],
+        )
+
+    async def put_vending_key(self, key: SealedVendingKey) -> None:
+        """Store a sealed vending key; replaces the one with the same (sgc, krn)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO vending_keys (sgc, krn, key_type, ea, dkga, base_date, nonce,"
+                " ciphertext, tag, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (sgc, krn) DO UPDATE SET key_type = excluded.key_type,"
+                " ea = excluded.ea, dkga = excluded.dkga, base_date = excluded.base_date,"
+                " nonce = excluded.nonce, ciphertext = excluded.ciphertext, tag = excluded.tag,"
+                " created_at = excluded.created_at",
+                (
+                    key.sgc,
+                    key.krn,
+                    key.key_type,
+                    key.ea,
+                    key.dkga,
+                    key.base_date,
+                    key.nonce,
+                    key.ciphertext,
+                    key.tag,
+                    _ts(self._clock()),
+                ),
+            )
+            self._event(
+                conn, None, "vending_key_stored", "operator", {"sgc": key.sgc, "krn": key.krn}
+            )
+
+        await self._write(op)
+
+    async def vending_keys(self) -> list[SealedVendingKey]:
+        """Every sealed vending key."""
+        rows = await self._read("SELECT * FROM vending_keys ORDER BY sgc, krn")
+        return [_sealed(row) for row in rows]
+
+    # -- purchases ------------------------------------------------------------------------------
+
+    async def open_purchase(self, draft: PurchaseDraft, *, actor: str) -> Purchase:
+        """Open a purchase in CREATED; the same idempotency key returns the same purchase."""
+
+        def op(conn: sqlite3.Connection) -> Purchase:
+            row = conn.execute(
+                "SELECT * FROM purchases WHERE idempotency_key = ?", (draft.idempotency_key,)
+            ).fetchone()
+            if row is not None:
+                existing = _purchase(row)
+                if (
+                    existing.phone != draft.phone
+                    or existing.meter != draft.meter
+                    or existing.amount != draft.amount
+                    or existing.channel != draft.channel
+                ):
+                    raise IdempotencyConflict(
+                        f"idempotency key {draft.idempotency_key!r} belongs to purchase"
+                        f" {existing.purchase_id} ({existing.amount} for meter {existing.meter})",
+                        constraint="purchases.idempotency_key",
+                        key=draft.idempotency_key,
+                    )
+                return existing
+            if (
+                conn.execute("SELECT 1 FROM meters WHERE drn = ?", (draft.meter,)).fetchone()
+                is None
+            ):
+                raise NotFound("meter", draft.meter)
+            now = _ts(self._clock())
+            conn.execute(
+                "INSERT INTO purchases (purchase_id, channel, phone, meter, amount_minor, currency,"
+                " units, tariff_id, state, idempotency_key, provider, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    draft.purchase_id,
+                    draft.channel,
+                    draft.phone,
+                    draft.meter,
+                    draft.amount.amount_minor,
+                    draft.amount.currency,
+                    draft.units,
+                    draft.tariff_id,
+                    PurchaseState.CREATED.value,
+                    draft.idempotency_key,
+                    draft.provider,
+                    now,
+                    now,
+                ),
+            )
+            self._event(
+                conn,
+                draft.purchase_id,
+                "purchase_created",
+                actor,
+                {
+                    "channel": draft.channel,
+                    "meter": draft.meter,
+                    "amount_minor": draft.amount.amount_minor,
+                    "currency": draft.amount.currency,
+                    "units": draft.units,
+                    "provider": draft.provider,
+                },
+            )
+            return _purchase(self._purchase_row(conn, draft.purchase_id))
+
+        return await self._write(op)
+
+    async def get_purchase(self, purchase_id: str) -> Purchase:
+        """The purchase. Raises ``NotFound``."""
+        row = await self._read_one("SELECT * FROM purchases WHERE purchase_id = ?", (purchase_id,))
+        if row is None:
+            raise NotFound("purchase", purchase_id)
+        return _purchase(row)
+
+    async def find_purchases(
+        self,
+        *,
+        phone: str | None = None,
+        meter: str | None = None,
+        states: Sequence[PurchaseState] | None = None,
+        limit: int = 20,
+    ) -> list[Purchase]:
+        """Purchases matching every given filter, newest first."""
+        clauses: list[str] = []
+        params: list[object] = []
+        if phone is not None:
+            clauses.append("phone = ?")
+            params.append(phone)
+        if meter is not None:
+            clauses.append("meter = ?")
+            params.append(meter)
+        if states:
+            clauses.append(f"state IN ({', '.join('?' for _ in states)})")
+            params.extend(state.value for state in states)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self._read(
+            f"SELECT * FROM purchases {where} ORDER BY created_at DESC, purchase_id LIMIT ?",  # noqa: S608 - clauses are ours
+            [*params, limit],
+        )
+        return [_purchase(row) for row in rows]
+
+    async def transition(
+        self,
+        purchase_id: str,
+        to: PurchaseState,
+        *,
+        kind: str,
+        actor: str,
+        data: Mapping[str, Any] | None = None,
+    ) -> Purchase:
+        """Move a purchase to ``to`` with its event; a no-op if it is there already."""
+
+        def op(conn: sqlite3.Connection) -> Purchase:
+            row = self._purchase_row(conn, purchase_id)
+            if row["state"] != to.value:
+                self._move(conn, row, to, kind, actor, data)
+                row = self._purchase_row(conn, purchase_id)
+            return _purchase(row)
+
+        return await self._write(op)
+
+    async def attach_payment(
+        self, purchase_id: str, *, provider: str, reference: str, actor: str
+    ) -> Purchase:
+        """The provider accepted the collection: payment row, reference, AWAITING_PAYMENT."""
+
+        def op(conn: sqlite3.Connection) -> Purchase:
+            row = self._purchase_row(conn, purchase_id)
+            payment = conn.execute(
+                "SELECT purchase_id FROM payments WHERE provider = ? AND reference = ?",
+                (provider, reference),
+            ).fetchone()
+            now = _ts(self._clock())
+            if payment is None:
+                conn.execute(
+                    "INSERT INTO payments (purchase_id, provider, reference, amount_minor,"
+                    " currency, state, payer, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        purchase_id,
+                        provider,
+                        reference,
+                        row["amount_minor"],
+                        row["currency"],
+                        PaymentRecordState.PENDING.value,
+                        row["phone"],
+                        now,
+                        now,
+                    ),
+                )
+            elif payment["purchase_id"] is None:
+                conn.execute(
+                    "UPDATE payments SET purchase_id = ?, updated_at = ?"
+                    " WHERE provider = ? AND reference = ?",
+                    (purchase_id, now, provider, reference),
+                )
+            elif payment["purchase_id"] != purchase_id:
+                raise DuplicateError(
+                    f"{provider} reference {reference} belongs to purchase"
+                    f" {payment['purchase_id']}, not {purchase_id}",
+                    constraint="payments.provider_reference",
+                    key=f"{provider}:{reference}",
+                )
+            if row["provider_reference"] is None:
+                conn.execute(
+                    "UPDATE purchases SET provider_reference = ?, provider = ?, updated_at = ?"
+                    " WHERE purchase_id = ?",
+                    (reference, provider, now, purchase_id),
+                )
+            if row["state"] == PurchaseState.CREATED.value:
+                self._move(
+                    conn,
+                    row,
+                    PurchaseState.AWAITING_PAYMENT,
+                    "payment_requested",
+                    actor,
+                    {"provider": provider, "reference": reference},
+                )
+            return _purchase(self._purchase_row(conn, purchase_id))
+
+        return await self._write(op)
+
+    async def record_notice(self, notice: NoticeRecord, *, actor: str) -> NoticeOutcome:
+        """Keep a callback's claim and say which purchase it concerns."""
+
+        def op(conn: sqlite3.Connection) -> NoticeOutcome:
+            row = conn.execute(
+                "SELECT purchase_id, payload_hash FROM payments"
+                " WHERE provider = ? AND reference = ?",
+                (notice.provider, notice.reference),
+            ).fetchone()
+            now = _ts(self._clock())
+            duplicate = False
+            conflict = False
+            purchase_id: str | None = None
+            if row is None:
+                conn.execute(
+                    "INSERT INTO payments (provider, reference, amount_minor, currency, state,"
+                    " payer, receipt, payload, payload_hash, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        notice.provider,
+                        notice.reference,
+                        notice.amount.amount_minor if notice.amount else None,
+                        notice.amount.currency if notice.amount else None,
+                        PaymentRecordState.PENDING.value,
+                        notice.payer,
+                        notice.receipt,
+                        notice.raw,
+                        notice.payload_hash,
+                        now,
+                        now,
+                    ),
+                )
+            else:
+                purchase_id = row["purchase_id"]
+                if row["payload_hash"] is None:
+                    conn.execute(
+                        "UPDATE payments SET payload = ?, payload_hash = ?, updated_at = ?"
+                        " WHERE provider = ? AND reference = ?",
+                        (notice.raw, notice.payload_hash, now, notice.provider, notice.reference),
+                    )
+                else:
+                    duplicate = True
+                    conflict = row["payload_hash"] != notice.payload_hash
+            self._event(
+                conn,
+                purchase_id,
+                "notice_payload_conflict" if conflict else "payment_notice",
+                actor,
+                {
+                    "provider": notice.provider,
+                    "reference": notice.reference,
+                    "claimed_state": notice.claimed_state,
+                    "duplicate": duplicate,
+                    "payload_hash": notice.payload_hash,
+                },
+            )
+            return NoticeOutcome(
+                purchase_id=PurchaseId(purchase_id) if purchase_id else None,
+                is_duplicate=duplicate,
+                payload_conflict=conflict,
+            )
+
+        return await self._write(op)
+
+    def _settle_payment_row(
+        self,
+        conn: sqlite3.Connection,
+        purchase_id: str,
+        payment: ConfirmedPayment,
+        state: PaymentRecordState,
+    ) -> None:
+        now = _ts(self._clock())
+        row = conn.execute(
+            "SELECT purchase_id FROM payments WHERE provider = ? AND reference = ?",
+            (payment.provider, payment.reference),
+        ).fetchone()
+        values = (
+            payment.amount.amount_minor,
+            payment.amount.currency,
+            state.value,
+            payment.payer,
+            payment.receipt,
+            now,
+        )
+        if row is None:
+            conn.execute(
+                "INSERT INTO payments (amount_minor, currency, state, payer, receipt, updated_at,"
+                " purchase_id, provider, reference, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*values, purchase_id, payment.provider, payment.reference, now),
+            )
+            return
+        if row["purchase_id"] not in {None, purchase_id}:
+            raise DuplicateError(
+                f"{payment.provider} reference {payment.reference} belongs to purchase"
+                f" {row['purchase_id']}, not {purchase_id}",
+                constraint="payments.provider_reference",
+                key=f"{payment.provider}:{payment.reference}",
+            )
+        conn.execute(
+            "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
+            " receipt = ?, updated_at = ?, purchase_id = ? WHERE provider = ? AND reference = ?",
+            (*values, purchase_id, payment.provider, payment.reference),
+        )
+
+    async def mark_paid(
+        self, purchase_id: str, payment: ConfirmedPayment, *, actor: str
+    ) -> Purchase:
+        """A proven payment: payment row SUCCEEDED and the purchase PAID, one transaction."""
+
+        def op(conn: sqlite3.Connection) -> Purchase:
+            row = self._purchase_row(conn, purchase_id)
+            current = PurchaseState(row["state"])
+            if current in _PAID_OR_LATER:
+                return _purchase(row)
+            if not is_legal(current, PurchaseState.PAID):
+                raise IllegalTransition(purchase_id, current, PurchaseState.PAID)
+            self._settle_payment_row(conn, purchase_id, payment, PaymentRecordState.SUCCEEDED)
+            if row["provider_reference"] is None:
+                conn.execute(
+                    "UPDATE purchases SET provider_reference = ? WHERE purchase_id = ?",
+                    (payment.reference, purchase_id),
+                )
+            self._move(
+                conn,
+                row,
+                PurchaseState.PAID,
+                "payment_confirmed",
+                actor,
+                {
+                    "provider": payment.provider,
+                    "reference": payment.reference,
+                    "receipt": payment.receipt,
+                    "amount_minor": payment.amount.amount_minor,
+                    "currency": payment.amount.currency,
+                    "late": current in {PurchaseState.EXPIRED, PurchaseState.PAYMENT_FAILED},
+                },
+            )
+            return _purchase(self._purchase_row(conn, purchase_id))
+
+        return await self._write(op)
+
+    async def mark_payment_mismatch(
+        self, purchase_id: str, payment: ConfirmedPayment, *, expected: Money, actor: str
+    ) -> Purchase:
+        """A proven payment of the wrong amount/currency/payer: REFUND_PENDING; never vends."""
+
+        def op(conn: sqlite3.Connection) -> Purchase:
+            row = self._purchase_row(conn, purchase_id)
+            self._settle_payment_row(conn, purchase_id, payment, PaymentRecordState.MISMATCHED)
+            data = {
+                "provider": payment.provider,
+                "reference": payment.reference,
+                "paid_minor": payment.amount.amount_minor,
+                "paid_currency": payment.amount.currency,
+                "expected_minor": expected.amount_minor,
+                "expected_currency": expected.currency,
+                "payer": payment.payer,
+            }
+            self._event(conn, purchase_id, "amount_mismatch", actor, data)
+            current = PurchaseState(row["state"])
+            if current is not PurchaseState.REFUND_PENDING and is_legal(
+                current, PurchaseState.REFUND_PENDING
+            ):
+                self._move(conn, row, PurchaseState.REFUND_PENDING, "refund_needed", actor, data)
+            return _purchase(self._purchase_row(conn, purchase_id))
+
+        return await self._write(op)
+
+    async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
+        """When the sweeper should next ask the provider about this purchase."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE purchases SET next_check_at = ?, check_attempts = ? WHERE purchase_id = ?",
+                (_ts(at), attempts, purchase_id),
+            )
+
+        await self._write(op)
+
+    async def due_for_check(self, now: datetime, *, limit: int = 100) -> list[Purchase]:
+        """CREATED or AWAITING_PAYMENT purchases whose next status check is due."""
+        rows = await self._read(
+            "SELECT * FROM purchases WHERE state IN (?, ?) AND next_check_at IS NOT NULL"
+            " AND next_check_at <= ? ORDER BY next_check_at LIMIT ?",
+            (PurchaseState.CREATED.value, PurchaseState.AWAITING_PAYMENT.value, _ts(now), limit),
+        )
+        return [_purchase(row) for row in rows]
+
+    async def paid_not_vended(self, *, limit: int = 100) -> list[Purchase]:
+        """PAID purchases without a vend, oldest first."""
+        rows = await self._read(
+            "SELECT p.* FROM purchases p LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
+            " WHERE p.state = ? AND v.vend_id IS NULL ORDER BY p.updated_at LIMIT ?",
+            (PurchaseState.PAID.value, limit),
+        )
+        return [_purchase(row) for row in rows]
+
+    # -- vends ----------------------------------------------------------------------------------
+
+    async def record_vend(self, draft: VendDraft, *, actor: str) -> VendOutcome:
+        """Store a vend with its TID, state, message and event in one transaction."""
+
+        def op(conn: sqlite3.Connection) -> VendOutcome:
+            existing = conn.execute(
+                "SELECT * FROM vends WHERE purchase_id = ?", (draft.purchase_id,)
+            ).fetchone()
+            if existing is not None:
+                return VendOutcome(vend=_vend(existing), replayed=True)
+            row = self._purchase_row(conn, draft.purchase_id)
+            current = PurchaseState(row["state"])
+            if not is_legal(current, PurchaseState.VENDED):
+                raise IllegalTransition(draft.purchase_id, current, PurchaseState.VENDED)
+            meter = conn.execute(
+                "SELECT last_tid FROM meters WHERE drn = ?", (draft.meter,)
+            ).fetchone()
+            if meter is None:
+                raise NotFound("meter", draft.meter)
+            last_tid = meter["last_tid"]
+            if last_tid != draft.expected_last_tid or (
+                last_tid is not None and draft.tid <= last_tid
+            ):
+                raise TidConflict(draft.meter, draft.expected_last_tid, last_tid)
+            now = _ts(self._clock())
+            conn.execute("UPDATE meters SET last_tid = ? WHERE drn = ?", (draft.tid, draft.meter))
+            conn.execute(
+                "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    draft.purchase_id,
+                    draft.meter,
+                    draft.tid,
+                    draft.token,
+                    draft.units,
+                    draft.receipt,
+                    now,
+                ),
+            )
+            self._move(
+                conn,
+                row,
+                PurchaseState.VENDED,
+                "token_vended",
+                actor,
+                {
+                    "meter": draft.meter,
+                    "tid": draft.tid,
+                    "units": draft.units,
+                    "token_last4": draft.token[-4:],
+                },
+            )
+            conn.execute(
+                "INSERT INTO outbox (purchase_id, kind, recipient, body, state, next_try_at,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    draft.purchase_id,
+                    MessageKind.TOKEN.value,
+                    draft.recipient,
+                    draft.message,
+                    (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
+                    now,
+                    now,
+                    now,
+                ),
+            )
+            vend = conn.execute(
+                "SELECT * FROM vends WHERE purchase_id = ?", (draft.purchase_id,)
+            ).fetchone()
+            return VendOutcome(vend=_vend(vend), replayed=False)
+
+        return await self._write(op)
+
+    async def get_vend(self, purchase_id: str) -> Vend | None:
+        """The purchase's vend, if it has one."""
+        row = await self._read_one("SELECT * FROM vends WHERE purchase_id = ?", (purchase_id,))
+        return _vend(row) if row is not None else None
+
+    async def last_vend(self, phone: str, meter: str | None = None) -> Vend | None:
+        """The newest vend bought from ``phone`` (for ``meter`` if given)."""
+        sql = (
+            "SELECT v.* FROM vends v JOIN purchases p ON p.purchase_id = v.purchase_id"
+            " WHERE p.phone = ?"
+        )
+        params: list[object] = [phone]
+        if meter is not None:
+            sql += " AND v.meter = ?"
+            params.append(meter)
+        row = await self._read_one(
+            sql + " ORDER BY v.created_at DESC, v.vend_id DESC LIMIT 1", params
+        )
+        return _vend(row) if row is not None else None
+
+    # -- outbox ---------------------------------------------------------------------------------
+
+    async def enqueue_message(
+        self,
+        purchase_id: str | None,
+        *,
+        kind: MessageKind,
+        recipient: str | None,
+        body: str,
+        actor: str,
+    ) -> OutboxMessage:
+        """Queue an SMS now (reprints); token messages are queued by ``record_vend``."""
+
+        def op(conn: sqlite3.Connection) -> OutboxMessage:
+            now = _ts(self._clock())
+            cursor = conn.execute(
+                "INSERT INTO outbox (purchase_id, kind, recipient, body, state, next_try_at,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    purchase_id,
+                    kind.value,
+                    recipient,
+                    body,
+                    (OutboxState.PENDING if recipient else OutboxState.HELD).value,
+                    now,
+                    now,
+                    now,
+                ),
+            )
+            self._event(conn, purchase_id, f"{kind.value}_queued", actor, {"recipient": recipient})
+            row = conn.execute(
+                "SELECT * FROM outbox WHERE message_id = ?", (cursor.lastrowid,)
+            ).fetchone()
+            return _outbox(row)
+
+        return await self._write(op)
+
+    async def claim_outbox(
+        self, now: datetime, *, lease_until: datetime, limit: int = 50
+    ) -> list[OutboxMessage]:
+        """Claim due messages until ``lease_until`` (expired leases come back)."""
+
+        def op(conn: sqlite3.Connection) -> list[OutboxMessage]:
+            rows = conn.execute(
+                "SELECT message_id FROM outbox WHERE state IN (?, ?) AND next_try_at <= ?"
+                " ORDER BY next_try_at, message_id LIMIT ?",
+                (OutboxState.PENDING.value, OutboxState.SENDING.value, _ts(now), limit),
+            ).fetchall()
+            claimed: list[OutboxMessage] = []
+            for row in rows:
+                conn.execute(
+                    "UPDATE outbox SET state = ?, next_try_at = ?, attempts = attempts + 1,"
+                    " updated_at = ? WHERE message_id = ?",
+                    (OutboxState.SENDING.value, _ts(lease_until), _ts(now), row["message_id"]),
+                )
+                claimed.append(
+                    _outbox(
+                        conn.execute(
+                            "SELECT * FROM outbox WHERE message_id = ?", (row["message_id"],)
+                        ).fetchone()
+                    )
+                )
+            return claimed
+
+        return await self._write(op)
+
+    async def outbox_sent(
+        self,
+        message_id: int,
+        *,
+        provider_message_id: str,
+        cost: str | None,
+        state: DeliveryState,
+    ) -> None:
+        """The provider took the message."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            new_state = (
+                OutboxState.DELIVERED if state is DeliveryState.DELIVERED else OutboxState.SENT
+            )
+            conn.execute(
+                "UPDATE outbox SET state = ?, provider_message_id = ?, cost = ?, last_error = NULL,"
+                " updated_at = ? WHERE message_id = ? AND state NOT IN (?, ?)",
+                (
+                    new_state.value,
+                    provider_message_id,
+                    cost,
+                    _ts(self._clock()),
+                    message_id,
+                    *_FINAL_OUTBOX,
+                ),
+            )
+            row = conn.execute(
+                "SELECT purchase_id FROM outbox WHERE message_id = ?", (message_id,)
+            ).fetchone()
+            self._event(
+                conn,
+                row["purchase_id"] if row else None,
+                "sms_sent",
+                "outbox",
+                {
+                    "message_id": message_id,
+                    "provider_message_id": provider_message_id,
+                    "cost": cost,
+                },
+            )
+
+        await self._write(op)
+
+    async def outbox_retry(self, message_id: int, *, next_try_at: datetime, error: str) -> None:
+        """Sending failed for now; try again at ``next_try_at``."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE outbox SET state = ?, next_try_at = ?, last_error = ?, updated_at = ?"
+                " WHERE message_id = ? AND state NOT IN (?, ?)",
+                (
+                    OutboxState.PENDING.value,
+                    _ts(next_try_at),
+                    error,
+                    _ts(self._clock()),
+                    message_id,
+                    *_FINAL_OUTBOX,
+                ),
+            )
+
+        await self._write(op)
+
+    async def outbox_failed(self, message_id: int, *, error: str) -> None:
+        """Sending failed for good; an operator must look."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE outbox SET state = ?, last_error = ?, updated_at = ? WHERE message_id = ?",
+                (OutboxState.FAILED.value, error, _ts(self._clock()), message_id),
+            )
+            row = conn.execute(
+                "SELECT purchase_id FROM outbox WHERE message_id = ?", (message_id,)
+            ).fetchone()
+            self._event(
+                conn,
+                row["purchase_id"] if row else None,
+                "sms_failed",
+                "outbox",
+                {"message_id": message_id, "error": error},
+            )
+
+        await self._write(op)
+
+    async def apply_delivery_report(self, report: DeliveryReport) -> OutboxMessage | None:
+        """Record a delivery report; a delivered token message makes its purchase DELIVERED."""
+
+        def op(conn: sqlite3.Connection) -> OutboxMessage | None:
+            row = conn.execute(
+                "SELECT * FROM outbox WHERE provider_message_id = ?", (report.provider_message_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            message = _outbox(row)
+            if message.state.value in _FINAL_OUTBOX:
+                return message
+            if report.state is DeliveryState.DELIVERED:
+                new_state = OutboxState.DELIVERED
+            elif report.state.is_final:
+                new_state = OutboxState.FAILED
+            else:
+                new_state = OutboxState.SENT
+            conn.execute(
+                "UPDATE outbox SET state = ?, last_error = ?, updated_at = ? WHERE message_id = ?",
+                (new_state.value, report.failure_reason, _ts(self._clock()), message.message_id),
+            )
+            self._event(
+                conn,
+                message.purchase_id,
+                f"sms_{report.state.value}",
+                "delivery_report",
+                {"message_id": message.message_id, "reason": report.failure_reason},
+            )
+            if (
+                new_state is OutboxState.DELIVERED
+                and message.purchase_id is not None
+                and message.kind is MessageKind.TOKEN
+            ):
+                purchase = self._purchase_row(conn, message.purchase_id)
+                if purchase["state"] == PurchaseState.VENDED.value:
+                    self._move(
+                        conn,
+                        purchase,
+                        PurchaseState.DELIVERED,
+                        "token_delivered",
+                        "delivery_report",
+                        {"message_id": message.message_id},
+                    )
+            return _outbox(
+                conn.execute(
+                    "SELECT * FROM outbox WHERE message_id = ?", (message.message_id,)
+                ).fetchone()
+            )
+
+        return await self._write(op)
+
+    async def outbox_for(self, purchase_id: str) -> list[OutboxMessage]:
+        """The purchase's messages, oldest first."""
+        rows = await self._read(
+            "SELECT * FROM outbox WHERE purchase_id = ? ORDER BY message_id", (purchase_id,)
+        )
+        return [_outbox(row) for row in rows]
+
+    # -- events ---------------------------------------------------------------------------------
+
+    async def append_event(
+        self,
+        purchase_id: str | None,
+        kind: str,
+        *,
+        actor: str,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append an audit event (security events may have no purchase)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            self._event(conn, purchase_id, kind, actor, data)
+
+        await self._write(op)
+
+    async def timeline(self, purchase_id: str) -> list[Event]:
+        """The purchase's events, oldest first."""
+        rows = await self._read(
+            "SELECT * FROM events WHERE purchase_id = ? ORDER BY event_id", (purchase_id,)
+        )
+        return [_event(row) for row in rows]
+
+    async def events(self, *, kind: str | None = None, limit: int = 100) -> list[Event]:
+        """Recent events, newest first, optionally of one kind."""
+        if kind is None:
+            rows = await self._read("SELECT * FROM events ORDER BY event_id DESC LIMIT ?", (limit,))
+        else:
+            rows = await self._read(
+                "SELECT * FROM events WHERE kind = ? ORDER BY event_id DESC LIMIT ?", (kind, limit)
+            )
+        return [_event(row) for row in rows]
+
+    # -- channels -------------------------------------------------------------------------------
+
+    async def save_meter(self, phone: str, meter: str, *, nickname: str = "") -> SavedMeter:
+        """Keep a meter for a phone (renames it if kept already)."""
+
+        def op(conn: sqlite3.Connection) -> SavedMeter:
+            if conn.execute("SELECT 1 FROM meters WHERE drn = ?", (meter,)).fetchone() is None:
+                raise NotFound("meter", meter)
+            kept = conn.execute(
+                "SELECT 1 FROM saved_meters WHERE phone = ? AND meter = ?", (phone, meter)
+            ).fetchone()
+            now = _ts(self._clock())
+            if kept is not None:
+                conn.execute(
+                    "UPDATE saved_meters SET nickname = ? WHERE phone = ? AND meter = ?",
+                    (nickname, phone, meter),
+                )
+            else:
+                (count,) = conn.execute(
+                    "SELECT count(*) FROM saved_meters WHERE phone = ?", (phone,)
+                ).fetchone()
+                if count >= MAX_SAVED_METERS:
+                    raise SavedMetersFull(f"{phone} already keeps {MAX_SAVED_METERS} meters")
+                conn.execute(
+                    "INSERT INTO saved_meters (phone, meter, nickname, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (phone, meter, nickname, now),
+                )
+            row = conn.execute(
+                "SELECT * FROM saved_meters WHERE phone = ? AND meter = ?", (phone, meter)
+            ).fetchone()
+            return SavedMeter(
+                phone=Msisdn(row["phone"]),
+                meter=MeterNumber(row["meter"]),
+                nickname=row["nickname"],
+                created_at=_dt(row["created_at"]),
+            )
+
+        return await self._write(op)
+
+    async def saved_meters(self, phone: str) -> list[SavedMeter]:
+        """The phone's saved meters, oldest first."""
+        rows = await self._read(
+            "SELECT * FROM saved_meters WHERE phone = ? ORDER BY created_at, meter", (phone,)
+        )
+        return [
+            SavedMeter(
+                phone=Msisdn(row["phone"]),
+                meter=MeterNumber(row["meter"]),
+                nickname=row["nickname"],
+                created_at=_dt(row["created_at"]),
+            )
+            for row in rows
+        ]
+
+    async def remove_saved_meter(self, phone: str, meter: str) -> bool:
+        """Forget a saved meter; False if it was not saved."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "DELETE FROM saved_meters WHERE phone = ? AND meter = ?", (phone, meter)
+            )
+            return cursor.rowcount > 0
+
+        return await self._write(op)
+
+    async def get_language(self, phone: str) -> str | None:
+        """The phone's chosen language code, if any."""
+        row = await self._read_one(
+            "SELECT language FROM customer_preferences WHERE phone = ?", (phone,)
+        )
+        return cast("str", row["language"]) if row is not None else None
+
+    async def set_language(self, phone: str, language: str) -> None:
+        """Remember the phone's language code."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO customer_preferences (phone, language, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (phone) DO UPDATE SET language = excluded.language,"
+                " updated_at = excluded.updated_at",
+                (phone, language, _ts(self._clock())),
+            )
+
+        await self._write(op)
+
+    # -- reports --------------------------------------------------------------------------------
+
+    async def daily_report(self, day: date) -> list[ReportRow]:
+        """Counts and sums of the purchases created on ``day`` (UTC), by provider and state."""
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        rows = await self._read(
+            "SELECT provider, state, currency, count(*) AS n, sum(amount_minor) AS total"
+            " FROM purchases WHERE created_at >= ? AND created_at < ?"
+            " GROUP BY provider, state, currency ORDER BY provider, state, currency",
+            (_ts(start), _ts(start + timedelta(days=1))),
+        )
+        return [
+            ReportRow(
+                day=day,
+                provider=row["provider"],
+                state=PurchaseState(row["state"]),
+                currency=row["currency"],
+                count=row["n"],
+                amount_minor=row["total"],
+            )
+            for row in rows
+        ]
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a ``sqlite:///relative/path`` or ``sqlite:////absolute/path`` URL.
+
+    Raises:
+        LedgerError: not a SQLite file URL (``:memory:`` is refused: the writer and the readers
+            need to share one file).
+    """
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        raise LedgerError(f"not a SQLite URL (expected sqlite:///path): {url!r}")
+    rest = url.removeprefix(prefix)
+    if not rest or rest == ":memory:":
+        raise LedgerError(f"the ledger needs a database file, got {url!r}")
+    return Path(rest)
+
+
+@contextlib.asynccontextmanager
+async def open_sqlite_ledger(
+    path: Path,
+    *,
+    clock: Clock = _utc_now,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+    migrate: bool = True,
+) -> AsyncIterator[SqliteLedger]:
+    """Open (creating and migrating) the ledger at ``path``; closes it on exit.
+
+    Raises:
+        LedgerUnavailable: the file cannot be opened or written.
+        MigrationError: a migration failed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ledger = SqliteLedger(path, clock=clock, max_batch=max_batch, busy_timeout_ms=busy_timeout_ms)
+    await ledger.start(migrate=migrate)
+    try:
+        yield ledger
+    finally:
+        await ledger.close()
