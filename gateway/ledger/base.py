@@ -144,8 +144,8 @@ class MeterRecord:
     customer_name: str
     area: str = ""
     iin: str = "600727"
-    sgc: int
-    tariff_index: int
+    sgc: str
+    tariff_index: str
     krn: int
     key_type: int = 2
     ea: int = 7
@@ -374,7 +374,7 @@ class ReportRow:
 class SealedVendingKey:
     """A vending key encrypted at rest (AES-GCM); see ``gateway.ledger.keys``."""
 
-    sgc: int
+    sgc: str
     krn: int
     key_type: int
     ea: int
@@ -449,7 +449,7 @@ class SavedMetersFull(LedgerError):
 class VendingKeyUnreadable(LedgerError):
     """The master key does not open a sealed vending key (wrong key, or tampered row)."""
 
-    def __init__(self, sgc: int, krn: int) -> None:
+    def __init__(self, sgc: str, krn: int) -> None:
         super().__init__(
             f"master key does not open vending key sgc={sgc} krn={krn}: wrong GATEWAY_MASTER_KEY?"
         )

@@ -26,12 +26,15 @@ class VendingKeyMaterial:
     """A vending key in the clear, with its attributes. ``key`` never appears in ``repr``.
 
     Attributes:
-        sgc: supply group code. krn: key revision number. key_type: STS key type (2 = unique
-        domestic key). ea: encryption algorithm (7, 11). dkga: decoder key generation algorithm.
+        sgc: supply group code (6 digits).
+        krn: key revision number.
+        key_type: STS key type (2 = unique domestic key).
+        ea: encryption algorithm (7, 11).
+        dkga: decoder key generation algorithm.
         base_date: the TID base date year (1993, 2014, 2035).
     """
 
-    sgc: int
+    sgc: str
     krn: int
     key_type: int = 2
     ea: int = 7
@@ -40,7 +43,7 @@ class VendingKeyMaterial:
     key: bytes = field(repr=False)
 
 
-def _aad(sgc: int, krn: int, key_type: int, ea: int, dkga: int, base_date: int) -> bytes:
+def _aad(sgc: str, krn: int, key_type: int, ea: int, dkga: int, base_date: int) -> bytes:
     return (
         f"sts-gateway vending key v1;sgc={sgc};krn={krn};key_type={key_type};ea={ea};"
         f"dkga={dkga};base_date={base_date}"

@@ -47,8 +47,8 @@ def meter_record(drn: str, **changes: object) -> MeterRecord:
         "drn": MeterNumber(drn),
         "customer_name": "Wanjiru Kamau",
         "area": "Kibera",
-        "sgc": 123457,
-        "tariff_index": 1,
+        "sgc": "123457",
+        "tariff_index": "01",
         "krn": 1,
         "tariff_id": TARIFF.tariff_id,
     }

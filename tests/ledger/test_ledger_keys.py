@@ -21,7 +21,9 @@ KEY = bytes.fromhex("abababababababab")
 
 def material() -> VendingKeyMaterial:
     """A DKGA02 test key."""
-    return VendingKeyMaterial(sgc=123457, krn=1, key_type=2, ea=7, dkga=2, base_date=1993, key=KEY)
+    return VendingKeyMaterial(
+        sgc="123457", krn=1, key_type=2, ea=7, dkga=2, base_date=1993, key=KEY
+    )
 
 
 def test_sealed_key_opens_with_the_master_key() -> None:

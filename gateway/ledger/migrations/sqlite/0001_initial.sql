@@ -18,8 +18,8 @@ CREATE TABLE meters (
     customer_name  TEXT NOT NULL,
     area           TEXT NOT NULL DEFAULT '',
     iin            TEXT NOT NULL DEFAULT '600727',
-    sgc            INTEGER NOT NULL,
-    tariff_index   INTEGER NOT NULL,
+    sgc            TEXT NOT NULL,     -- supply group code, 6 digits (leading zeros kept)
+    tariff_index   TEXT NOT NULL,     -- 2 digits
     krn            INTEGER NOT NULL,
     key_type       INTEGER NOT NULL DEFAULT 2,
     ea             INTEGER NOT NULL DEFAULT 7,
@@ -32,7 +32,7 @@ CREATE TABLE meters (
 );
 
 CREATE TABLE vending_keys (
-    sgc         INTEGER NOT NULL,
+    sgc         TEXT NOT NULL,
     krn         INTEGER NOT NULL,
     key_type    INTEGER NOT NULL,
     ea          INTEGER NOT NULL,
