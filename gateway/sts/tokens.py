@@ -732,6 +732,9 @@ def decode_block(token_class: int, block: int) -> TokenFields:
 class TokenImage:
     """A token at every stage: its contents, its clear data block and its 66-bit value.
 
+    ``fields`` are the contents as given to :func:`build_token` (amounts as asked, before
+    rounding) or as read by :func:`decode_token` (amounts as carried).
+
     ``repr`` shows the contents and block but only the last four digits of the token.
     """
 

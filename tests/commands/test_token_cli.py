@@ -1,0 +1,236 @@
+"""``gateway token …``: the batch contract of VECTORS.md and the engineer commands."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.cli import main
+from gateway.commands.token import run_batch
+
+VECTOR_FILE = Path(__file__).parents[1] / "sts" / "vectors" / "public.jsonl"
+VECTORS = [json.loads(line) for line in VECTOR_FILE.read_text().splitlines() if line.strip()]
+VK = "abababababababab949494949494949401234567"
+METER = ["--vending-key", VK, "--drn", "00000000000", "--sgc", "201457", "--ti", "01", "--krn", "1"]
+
+
+def _batch(lines: list[str], *options: str, tmp_path: Path) -> tuple[int, list[dict[str, Any]]]:
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "batch", str(source), *options],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def _same_fields(actual: dict[str, Any], expected: dict[str, Any]) -> bool:
+    if actual.keys() != expected.keys():
+        return False
+    return all(
+        int(actual[k], 16) == int(want, 16) if isinstance(want, str) else actual[k] == want
+        for k, want in expected.items()
+    )
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Every public vector through ``gateway token batch`` once (one process)."""
+    code, out = _batch(
+        [json.dumps(v) for v in VECTORS], tmp_path=tmp_path_factory.mktemp("generate")
+    )
+    assert code == 0
+    return {line["id"]: line for line in out}
+
+
+@pytest.fixture(scope="module")
+def decoded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Every public vector with a token through ``gateway token batch --decode`` once."""
+    lines = [json.dumps(v) for v in VECTORS if "token" in v]
+    code, out = _batch(lines, "--decode", tmp_path=tmp_path_factory.mktemp("decode"))
+    assert code == 0
+    return {line["id"]: line for line in out}
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=[v["id"] for v in VECTORS])
+def test_batch_generates_each_vector(
+    vector: dict[str, Any], generated: dict[str, dict[str, Any]]
+) -> None:
+    """Generating gives the vector's decoder key, data block and token, echoing its id."""
+    out = generated[vector["id"]]
+    if vector.get("fields", {}).get("class") == 1:
+        assert out["decoder_key"] is None
+    else:
+        assert out["decoder_key"] == vector["decoder_key"].lower()
+    assert out.get("token") == vector.get("token")
+    assert out.get("data_block") == vector.get("data_block")
+
+
+TOKENS = [v for v in VECTORS if "token" in v]
+
+
+@pytest.mark.parametrize("vector", TOKENS, ids=[v["id"] for v in TOKENS])
+def test_batch_decodes_each_vector(
+    vector: dict[str, Any], decoded: dict[str, dict[str, Any]]
+) -> None:
+    """Decoding gives the vector's data block and fields."""
+    out = decoded[vector["id"]]
+    assert out["data_block"] == vector["data_block"]
+    assert _same_fields(out["fields"], vector["fields"])
+
+
+def _one(line: str, *, decode: bool = False) -> tuple[int, dict[str, Any]]:
+    out = io.StringIO()
+    failures = run_batch([line], out, decode=decode)
+    return failures, json.loads(out.getvalue())
+
+
+V006 = next(v for v in VECTORS if v["id"] == "v006")
+V464 = next(v for v in VECTORS if v["id"] == "v464")
+
+
+def _variant(base: dict[str, Any], **changes: Any) -> str:
+    line = json.loads(json.dumps(base))
+    for path, value in changes.items():
+        target = line
+        *parents, leaf = path.split("__")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return json.dumps(line)
+
+
+@pytest.mark.parametrize(
+    ("line", "decode", "message"),
+    [
+        ('{"id": "x", "fields": ', False, "not valid JSON"),
+        (_variant(V006, meter__ea=9, ea=9), False, "EA09"),
+        (_variant(V006, meter__dkga=1), False, "DKGA01"),
+        (_variant(V006, meter__dkga=3), False, "DKGA03"),
+        (_variant(V464, meter__vending_key="abababababababaa"), False, "parity"),
+        (_variant(V006, fields__amount=18201625), False, "largest encodable"),
+        (_variant(V006, fields__tid=2**24), False, "24 bits"),
+        (_variant(V006, token="7063050347002872611"), True, "20 digits"),
+        (_variant(V006, token="73786976294838206464"), True, "2**66"),
+        (_variant(V006, token="70630503470028726115"), True, "CRC"),
+    ],
+    ids=[
+        "invalid-json",
+        "ea09",
+        "dkga01",
+        "dkga03",
+        "dkga02-parity",
+        "amount",
+        "tid",
+        "short-token",
+        "token-too-large",
+        "crc",
+    ],
+)
+def test_batch_line_errors_are_named(line: str, decode: bool, message: str) -> None:
+    """Each kind of bad line gets its own error sentence and counts as a failure."""
+    failures, out = _one(line, decode=decode)
+    assert failures == 1
+    assert message.lower() in out["error"].lower()
+    assert out["error"].endswith(".")
+
+
+def test_batch_goes_on_after_a_bad_line_and_fails_overall(tmp_path: Path) -> None:
+    """A bad line gives an error object, later lines are still processed, exit status is 1."""
+    code, out = _batch(["not json", json.dumps(V006)], tmp_path=tmp_path)
+    assert code == 1
+    assert "error" in out[0]
+    assert out[1]["token"] == V006["token"]
+
+
+def test_batch_reads_standard_input(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a file, batch reads JSON lines from stdin."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(V006) + "\n"))
+    assert main(["token", "batch"]) == 0
+    assert json.loads(capsys.readouterr().out)["token"] == V006["token"]
+
+
+# --- engineer commands ------------------------------------------------------------------------
+
+
+def test_credit_command_issues_the_worked_example_token_content(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`credit --kwh 0.1` at 2014-03-01 13:00 gives a token that decodes to TID 85740, 1 unit."""
+    assert (
+        main(["token", "credit", *METER, "--kwh", "0.1", "--at", "2014-03-01T13:00", "--json"]) == 0
+    )
+    issued = json.loads(capsys.readouterr().out)
+    assert (issued["tid"], issued["units"]) == (85740, 1)
+    assert main(["token", "decode", issued["token"], *METER, "--json"]) == 0
+    fields = json.loads(capsys.readouterr().out)["fields"]
+    assert (fields["tid"], fields["amount"]) == (85740, 1)
+
+
+def test_credit_rounds_kwh_up(capsys: pytest.CaptureFixture[str]) -> None:
+    """2000.01 kWh is 20000.1 base units: 20001 asked, 20004 carried (rounded up)."""
+    assert main(["token", "credit", *METER, "--kwh", "2000.01", "--tid", "100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["units"] == 20004
+
+
+def test_decoder_key_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`decoder-key` prints the DKGA04 key of SPEC.md §6.3."""
+    assert main(["token", "decoder-key", *METER]) == 0
+    assert capsys.readouterr().out.strip() == "87f3ecbb2e46b48f"
+
+
+def test_key_change_command_reproduces_ctsa05(capsys: pytest.CaptureFixture[str]) -> None:
+    """TI 01 -> 02 gives the two CTSA05 step 1 tokens of SPEC.md §9."""
+    assert main(["token", "key-change", *METER, "--new-ti", "02", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == ["06510894141453018386", "22979178279997208272"]
+
+
+def test_key_change_rollover_sets_ro(capsys: pytest.CaptureFixture[str]) -> None:
+    """Moving to base date 2035, KRN 6, SGC 203557 (two tokens) gives SPEC.md §9's RO=1 pair."""
+    argv = ["token", "key-change", *METER, "--new-ti", "02", "--new-krn", "6"]
+    argv += ["--new-sgc", "203557", "--new-base-date", "2035", "--no-three-kct", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == ["65413070543688156280", "27469374567476953413"]
+
+
+def test_test_command_builds_the_published_test_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    """Test 1 and 'all tests' (subclass 0) are the published class 1 tokens."""
+    assert main(["token", "test", "--test", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token"] == "00000000000150997584"
+    assert main(["token", "test", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token"] == "56493153725450313471"
+
+
+def test_decode_class_1_needs_no_key(capsys: pytest.CaptureFixture[str]) -> None:
+    """A test token decodes without any key option, as readable text."""
+    assert main(["token", "decode", "5649 3153 7254 5031 3471"]) == 0
+    assert "control: fffffffff" in capsys.readouterr().out
+
+
+def test_exhausted_base_date_fails_with_the_rollover_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A credit on a 1993 key in 2025 exits 1 and says a rollover key change is needed."""
+    argv = [
+        "token",
+        "credit",
+        *METER,
+        "--kwh",
+        "1",
+        "--base-date",
+        "1993",
+        "--at",
+        "2025-01-01T00:00",
+    ]
+    assert main(argv) == 1
+    assert "rollover" in capsys.readouterr().err
