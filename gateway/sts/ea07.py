@@ -4,40 +4,50 @@ STA is a 16-round substitution-permutation cipher on a 64-bit block with a 64-bi
 round substitutes the 16 nibbles with one of two 4-bit S-boxes (S1 where bit ``4i+3`` of the
 round key is 0, S2 where it is 1), then moves every bit ``j`` to ``P[j]``. The first round key
 is the one's complement of the decoder key rotated right by 12 bits; each later round key is the
-previous one rotated left by 1.
+previous one rotated left by 1. Decryption runs the inverse layers in reverse order.
 
-Speed (``bench/tokens.py``): a bit-by-bit STA costs ~1,000 Python operations per block. Here
-each round is six lookups. The block is kept in a *slot layout*: the 16 nibbles are grouped in
-threes, and each group of 12 data bits sits in a 15-bit slot whose top 3 bits hold the S-box
-choice of its three nibbles for the current round::
+Speed (``bench/tokens.py``): a bit-by-bit STA costs ~1,500 Python operations per block; here a
+round is one ``to_bytes``, one ``struct`` unpack and six list lookups. The block is kept in a
+96-bit *slot layout*: the 16 nibbles are grouped in threes, each group's 12 data bits in a 16-bit
+slot whose bits 12..14 carry the S-box choice of its three nibbles for the current round::
 
-    slot c (c = 0..4): bits 15c .. 15c+11 = nibbles 3c..3c+2,  bits 15c+12..15c+14 = their choices
-    slot 5:            bits 75 .. 78      = nibble 15,         bit 79             = its choice
+    slot c (c = 0..4): bits 16c .. 16c+11 = nibbles 3c..3c+2,  bits 16c+12..16c+14 = their choices
+    slot 5:            bits 80 .. 83      = nibble 15,         bit 84             = its choice
 
-A round ORs the round's choice bits into the block, then looks each slot up in a table built
-once per table set (``_Family``) that holds, for every (12 data bits, 3 choice bits), the
-substituted and permuted contribution of those nibbles, already spread into the slot layout.
-The choice bits of all 16 rounds are a fixed bit-selection of the key: ``_Family`` keeps, per
-key byte, the 16x80-bit image of that byte, so a key's schedule is 8 lookups (``sta_encrypt``)
-and :class:`StaCipher` keeps the 16 per-round words (the per-meter cache).
+A round ORs that round's choice bits into the block, splits it into its six slots and ORs six
+table entries. The tables (``_Family``, built once per table set on first use) hold, for every
+(data bits, choice bits) of a slot, the substituted and permuted contribution of those nibbles,
+already spread into the slot layout (or, for the last layer, into a plain 64-bit block).
+
+The choice bits of all 16 rounds are a fixed selection of the key's bits, so the whole schedule
+is the OR of eight lookups, one per key byte (``_Family.*_key_bytes``). :func:`sta_encrypt`
+computes it on every call; :class:`StaCipher` keeps it split into 16 round words: that is the
+per-meter cache.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import cache
-from typing import Final
+from typing import TYPE_CHECKING, Final, cast
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["StaCipher", "StaTables", "sta_decrypt", "sta_encrypt"]
 
 _MASK64: Final = (1 << 64) - 1
 _ROUNDS: Final = 16
-_SLOT: Final = 15  # 12 data bits + 3 S-box choice bits
-_SLOT_MASK: Final = (1 << _SLOT) - 1
-_WORD: Final = 5 * _SLOT + 5  # 80 bits per round in the schedule word
+_SLOTS: Final = 6
+_SLOT: Final = 16  # bits per slot: 12 data bits, 3 choice bits, 1 unused
+_WORD: Final = _SLOTS * _SLOT  # 96 bits: the block, or one round's choice bits, in slot layout
 _WORD_MASK: Final = (1 << _WORD) - 1
 _KEY_ROTATION: Final = 12  # SPEC §5.1 step 1: ROR64(NOT K, 12)
+# The six 16-bit slots of a block's 12 little-endian bytes.
+_split_slots: Final = cast(
+    "Callable[[bytes], tuple[int, int, int, int, int, int]]", struct.Struct("<6H").unpack
+)
 
 
 class StaTables(StrEnum):
@@ -105,19 +115,19 @@ def _slot_position(bit: int) -> int:
 
 def _choice_position(nibble: int) -> int:
     """Where the S-box choice bit of nibble ``nibble`` sits in the slot layout."""
-    if nibble == 15:  # slot 5 holds nibble 15 alone: data in bits 75..78, choice in bit 79
-        return 79
+    if nibble == 15:  # slot 5 holds nibble 15 alone: data in bits 80..83, choice in bit 84
+        return 84
     return (nibble // 3) * _SLOT + 12 + nibble % 3
 
 
 def _to_slots(block: int) -> int:
     return (
         (block & 0xFFF)
-        | (block << 3 & 0xFFF << 15)
-        | (block << 6 & 0xFFF << 30)
-        | (block << 9 & 0xFFF << 45)
-        | (block << 12 & 0xFFF << 60)
-        | (block << 15 & 0xF << 75)
+        | (block << 4 & 0xFFF << 16)
+        | (block << 8 & 0xFFF << 32)
+        | (block << 12 & 0xFFF << 48)
+        | (block << 16 & 0xFFF << 64)
+        | (block << 20 & 0xF << 80)
     )
 
 
@@ -126,13 +136,13 @@ def _layer(
 ) -> tuple[list[int], ...]:
     """Lookup tables for one substitution-then-permutation layer, one table per slot.
 
-    With ``slots_in`` a table's index is the slot's 15 bits (data, then choice bits) and the
-    choice bit picks S1 (0) or S2 (1); without it the index is the 12 data bits of a plain block
-    and S1 is used. The value is the layer's output for those nibbles (the others zero), in the
+    With ``slots_in`` a table's index is the slot's data bits plus its choice bits (a choice bit
+    of 1 picks S2 for that nibble); without it the index is the slot's 12 bits of a plain block
+    and S1 is used throughout. The entry is the layer's output for those nibbles alone, in the
     slot layout if ``slots_out`` or as a plain 64-bit block otherwise.
     """
     place = _slot_position if slots_out else (lambda bit: bit)
-    # contribution[nibble][choice][value]: substituted nibble value moved through P.
+    # contribution[nibble][choice][value]: the substituted value's bits moved through P.
     contribution = [
         [
             [
@@ -144,43 +154,26 @@ def _layer(
         for nibble in range(16)
     ]
     tables: list[list[int]] = []
-    for slot in range(6):
+    for slot in range(_SLOTS):
         nibbles = range(3 * slot, min(3 * slot + 3, 16))
-        choices = range(2) if slots_in else range(1)
+        patterns = (1 << len(nibbles)) if slots_in else 1
         table: list[int] = []
-        patterns = [
-            tuple((pattern >> k) & 1 for k in range(len(nibbles)))
-            for pattern in range(len(choices) ** len(nibbles))
-        ]
-        for pattern in patterns:
-            data_table = [0]
+        for pattern in range(patterns):  # choice bits above the data bits in the index
+            entries = [0]
             for k, nibble in enumerate(nibbles):
-                data_table = [c | v for v in contribution[nibble][pattern[k]] for c in data_table]
-            table.extend(data_table)
+                choice = pattern >> k & 1
+                entries = [low | high for high in contribution[nibble][choice] for low in entries]
+            table.extend(entries)
         tables.append(table)
     return tuple(tables)
 
 
-@dataclass(frozen=True, slots=True)
-class _Family:
-    """All lookup tables of one table set, built once on first use (``_family``)."""
-
-    encrypt_rounds: tuple[list[int], ...]
-    decrypt_first: tuple[list[int], ...]  # P^-1 alone, plain block in, slots out
-    decrypt_rounds: tuple[list[int], ...]  # S^-1 then P^-1, slots in and out
-    decrypt_last: tuple[list[int], ...]  # S^-1 alone, slots in, plain block out
-    # key_byte_schedule[byte position][byte value]: the choice bits that key byte contributes
-    # to every round, round r in bits 80r.. of the word (slot layout, same positions as data).
-    encrypt_key_bytes: tuple[tuple[int, ...], ...]
-    decrypt_key_bytes: tuple[tuple[int, ...], ...]
-
-
 def _key_bytes_schedule(rounds: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """Per key byte, the image of its bits in the rounds' choice words.
+    """Per key byte position and value, that byte's share of every round's choice bits.
 
-    ``rounds[w]`` is the STA round whose choice bits go to schedule word ``w``. The choice bit of
-    nibble ``i`` in round ``r`` is bit ``4i+3`` of ``ROL64(k0, r)``, that is bit
-    ``(4i+3-r) mod 64`` of ``k0`` (SPEC §5.1).
+    ``rounds[w]`` is the STA round whose choice bits go to word ``w`` (bits ``96w..96w+95``).
+    The choice bit of nibble ``i`` in round ``r`` is bit ``4i+3`` of ``ROL64(k0, r)``, that is
+    bit ``(4i+3-r) mod 64`` of the first round key ``k0`` (SPEC §5.1).
     """
     per_bit = [0] * 64
     for word, round_number in enumerate(rounds):
@@ -197,34 +190,56 @@ def _key_bytes_schedule(rounds: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     return tuple(schedule)
 
 
-@cache
+@dataclass(frozen=True, slots=True)
+class _Family:
+    """All lookup tables of one table set (about 15 MB; built by ``_family`` on first use)."""
+
+    encrypt_rounds: tuple[list[int], ...]  # S then P, slots in and out: rounds 0..14
+    encrypt_last: tuple[list[int], ...]  # S then P, slots in, plain block out: round 15
+    decrypt_first: tuple[list[int], ...]  # P^-1 alone, plain block in, slots out
+    decrypt_rounds: tuple[list[int], ...]  # S^-1 then P^-1, slots in and out
+    decrypt_last: tuple[list[int], ...]  # S^-1 alone, slots in, plain block out
+    encrypt_key_bytes: tuple[tuple[int, ...], ...]  # word w = round w
+    decrypt_key_bytes: tuple[tuple[int, ...], ...]  # word w = round 15 - w
+
+
+_FAMILIES: Final[dict[StaTables, _Family]] = {}
+
+
 def _family(tables: StaTables) -> _Family:
-    ts = _TABLE_SETS[tables]
+    """The lookup tables of ``tables``, built on first use (about 0.1 s) and then kept."""
+    family = _FAMILIES.get(tables)
+    if family is None:
+        family = _FAMILIES[StaTables(tables)] = _build_family(_TABLE_SETS[StaTables(tables)])
+    return family
+
+
+def _build_family(ts: _TableSet) -> _Family:
     s1_inv, s2_inv, p_inv = _inverse(ts.s1), _inverse(ts.s2), _inverse(ts.p)
     return _Family(
         encrypt_rounds=_layer(ts.s1, ts.s2, ts.p, slots_in=True, slots_out=True),
+        encrypt_last=_layer(ts.s1, ts.s2, ts.p, slots_in=True, slots_out=False),
         decrypt_first=_layer(
             _IDENTITY_NIBBLE, _IDENTITY_NIBBLE, p_inv, slots_in=False, slots_out=True
         ),
         decrypt_rounds=_layer(s1_inv, s2_inv, p_inv, slots_in=True, slots_out=True),
         decrypt_last=_layer(s1_inv, s2_inv, _IDENTITY_BITS, slots_in=True, slots_out=False),
         encrypt_key_bytes=_key_bytes_schedule(tuple(range(_ROUNDS))),
-        # Decryption runs the rounds backwards: word w holds round 15 - w.
         decrypt_key_bytes=_key_bytes_schedule(tuple(range(_ROUNDS - 1, -1, -1))),
     )
 
 
-def _first_round_key(key: bytes) -> int:
+def _schedule(key: bytes, key_bytes: tuple[tuple[int, ...], ...]) -> int:
+    """All 16 rounds' choice words for ``key``, word ``w`` in bits ``96w..96w+95``.
+
+    Raises:
+        ValueError: the key is not 8 bytes.
+    """
     if len(key) != 8:
         msg = f"an EA07 (STA) decoder key is 8 bytes, got {len(key)}"
         raise ValueError(msg)
     k = ~int.from_bytes(key, "big") & _MASK64
-    return (k >> _KEY_ROTATION | k << (64 - _KEY_ROTATION)) & _MASK64
-
-
-def _schedule(k0: int, key_bytes: tuple[tuple[int, ...], ...]) -> int:
-    """The 16 rounds' choice words of round key ``k0``, word ``w`` in bits ``80w..80w+79``."""
-    b = k0.to_bytes(8, "little")
+    b = ((k >> _KEY_ROTATION | k << (64 - _KEY_ROTATION)) & _MASK64).to_bytes(8, "little")
     return (
         key_bytes[0][b[0]]
         | key_bytes[1][b[1]]
@@ -237,68 +252,8 @@ def _schedule(k0: int, key_bytes: tuple[tuple[int, ...], ...]) -> int:
     )
 
 
-def _encrypt(block: int, words: int, family: _Family) -> int:
-    t0, t1, t2, t3, t4, t5 = family.encrypt_rounds
-    x = _to_slots(block)
-    for _ in range(_ROUNDS):
-        x |= words & _WORD_MASK
-        words >>= _WORD
-        x = (
-            t0[x & _SLOT_MASK]
-            | t1[x >> 15 & _SLOT_MASK]
-            | t2[x >> 30 & _SLOT_MASK]
-            | t3[x >> 45 & _SLOT_MASK]
-            | t4[x >> 60 & _SLOT_MASK]
-            | t5[x >> 75]
-        )
-    return (
-        (x & 0xFFF)
-        | (x >> 3 & 0xFFF << 12)
-        | (x >> 6 & 0xFFF << 24)
-        | (x >> 9 & 0xFFF << 36)
-        | (x >> 12 & 0xFFF << 48)
-        | (x >> 15 & 0xF << 60)
-    )
-
-
-def _decrypt(block: int, words: int, family: _Family) -> int:
-    f0, f1, f2, f3, f4, f5 = family.decrypt_first
-    x = (
-        f0[block & 0xFFF]
-        | f1[block >> 12 & 0xFFF]
-        | f2[block >> 24 & 0xFFF]
-        | f3[block >> 36 & 0xFFF]
-        | f4[block >> 48 & 0xFFF]
-        | f5[block >> 60]
-    )
-    t0, t1, t2, t3, t4, t5 = family.decrypt_rounds
-    for _ in range(_ROUNDS - 1):
-        x |= words & _WORD_MASK
-        words >>= _WORD
-        x = (
-            t0[x & _SLOT_MASK]
-            | t1[x >> 15 & _SLOT_MASK]
-            | t2[x >> 30 & _SLOT_MASK]
-            | t3[x >> 45 & _SLOT_MASK]
-            | t4[x >> 60 & _SLOT_MASK]
-            | t5[x >> 75]
-        )
-    x |= words
-    l0, l1, l2, l3, l4, l5 = family.decrypt_last
-    return (
-        l0[x & _SLOT_MASK]
-        | l1[x >> 15 & _SLOT_MASK]
-        | l2[x >> 30 & _SLOT_MASK]
-        | l3[x >> 45 & _SLOT_MASK]
-        | l4[x >> 60 & _SLOT_MASK]
-        | l5[x >> 75]
-    )
-
-
-def _check_block(block: int) -> None:
-    if not 0 <= block <= _MASK64:
-        msg = f"an STA block is a 64-bit unsigned integer, got {block:#x}"
-        raise ValueError(msg)
+def _block_error(block: int) -> ValueError:
+    return ValueError(f"an STA block is a 64-bit unsigned integer, got {block:#x}")
 
 
 class StaCipher:
@@ -313,26 +268,60 @@ class StaCipher:
         ValueError: the key is not 8 bytes (``make_cipher`` turns this into ``InvalidKey``).
     """
 
-    __slots__ = ("_decrypt_words", "_encrypt_words", "_family")
+    __slots__ = ("_decrypt_words", "_encrypt_last", "_encrypt_words", "_family", "_tables")
 
     def __init__(self, key: bytes, tables: StaTables = StaTables.REAL) -> None:
-        self._family = _family(StaTables(tables))
-        k0 = _first_round_key(key)
-        self._encrypt_words = _schedule(k0, self._family.encrypt_key_bytes)
-        self._decrypt_words = _schedule(k0, self._family.decrypt_key_bytes)
+        family = _family(tables)
+        self._family = family
+        self._tables = StaTables(tables)
+        words = _schedule(key, family.encrypt_key_bytes)
+        self._encrypt_words = tuple(words >> _WORD * r & _WORD_MASK for r in range(_ROUNDS - 1))
+        self._encrypt_last = words >> _WORD * (_ROUNDS - 1)
+        words = _schedule(key, family.decrypt_key_bytes)
+        self._decrypt_words = tuple(words >> _WORD * r & _WORD_MASK for r in range(_ROUNDS))
 
     def __repr__(self) -> str:
-        return "StaCipher(key=<redacted>)"
+        return f"StaCipher(key=<redacted>, tables={self._tables.name})"
 
     def encrypt(self, block: int) -> int:
         """Encrypt one 64-bit block (an int in ``0 .. 2**64-1``); raises ValueError otherwise."""
-        _check_block(block)
-        return _encrypt(block, self._encrypt_words, self._family)
+        if not 0 <= block <= _MASK64:
+            raise _block_error(block)
+        split = _split_slots
+        t0, t1, t2, t3, t4, t5 = self._family.encrypt_rounds
+        x = _to_slots(block)
+        for k in self._encrypt_words:
+            a, b, c, d, e, f = split((x | k).to_bytes(12, "little"))
+            x = t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f]
+        t0, t1, t2, t3, t4, t5 = self._family.encrypt_last
+        a, b, c, d, e, f = split((x | self._encrypt_last).to_bytes(12, "little"))
+        return t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f]
 
     def decrypt(self, block: int) -> int:
         """Decrypt one 64-bit block: the exact inverse of :meth:`encrypt`."""
-        _check_block(block)
+        if not 0 <= block <= _MASK64:
+            raise _block_error(block)
         return _decrypt(block, self._decrypt_words, self._family)
+
+
+def _decrypt(block: int, words: tuple[int, ...], family: _Family) -> int:
+    split = _split_slots
+    t0, t1, t2, t3, t4, t5 = family.decrypt_first
+    x = (
+        t0[block & 0xFFF]
+        | t1[block >> 12 & 0xFFF]
+        | t2[block >> 24 & 0xFFF]
+        | t3[block >> 36 & 0xFFF]
+        | t4[block >> 48 & 0xFFF]
+        | t5[block >> 60]
+    )
+    t0, t1, t2, t3, t4, t5 = family.decrypt_rounds
+    for k in words[:-1]:
+        a, b, c, d, e, f = split((x | k).to_bytes(12, "little"))
+        x = t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f]
+    t0, t1, t2, t3, t4, t5 = family.decrypt_last
+    a, b, c, d, e, f = split((x | words[-1]).to_bytes(12, "little"))
+    return t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f]
 
 
 def sta_encrypt(block: int, key: bytes, tables: StaTables = StaTables.REAL) -> int:
@@ -341,13 +330,32 @@ def sta_encrypt(block: int, key: bytes, tables: StaTables = StaTables.REAL) -> i
     Raises:
         ValueError: the key is not 8 bytes or the block is not a 64-bit unsigned integer.
     """
-    _check_block(block)
-    family = _family(StaTables(tables))
-    return _encrypt(block, _schedule(_first_round_key(key), family.encrypt_key_bytes), family)
+    if not 0 <= block <= _MASK64:
+        raise _block_error(block)
+    family = _family(tables)
+    words = _schedule(key, family.encrypt_key_bytes)
+    split = _split_slots
+    t0, t1, t2, t3, t4, t5 = family.encrypt_rounds
+    x = _to_slots(block)
+    for _ in range(_ROUNDS - 1):
+        a, b, c, d, e, f = split(
+            (x | words & 0xFFFF_FFFF_FFFF_FFFF_FFFF_FFFF).to_bytes(12, "little")
+        )
+        words >>= 96  # _WORD
+        x = t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f]
+    t0, t1, t2, t3, t4, t5 = family.encrypt_last
+    a, b, c, d, e, f = split((x | words).to_bytes(12, "little"))
+    return t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f]
 
 
 def sta_decrypt(block: int, key: bytes, tables: StaTables = StaTables.REAL) -> int:
-    """Decrypt one 64-bit block with an 8-byte decoder key: the inverse of :func:`sta_encrypt`."""
-    _check_block(block)
-    family = _family(StaTables(tables))
-    return _decrypt(block, _schedule(_first_round_key(key), family.decrypt_key_bytes), family)
+    """Decrypt one 64-bit block with an 8-byte decoder key: the inverse of :func:`sta_encrypt`.
+
+    Raises:
+        ValueError: the key is not 8 bytes or the block is not a 64-bit unsigned integer.
+    """
+    if not 0 <= block <= _MASK64:
+        raise _block_error(block)
+    family = _family(tables)
+    words = _schedule(key, family.decrypt_key_bytes)
+    return _decrypt(block, tuple(words >> _WORD * r & _WORD_MASK for r in range(_ROUNDS)), family)

@@ -11,7 +11,12 @@ so both are tabulated once over all 65,536 16-bit inputs (``_FI_IN``, ``_FI_OUT`
 
 from __future__ import annotations
 
-from typing import Final
+import struct
+from operator import itemgetter
+from typing import TYPE_CHECKING, Final, cast
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["Misty1Cipher"]
 
@@ -127,6 +132,27 @@ _FI_IN: Final = [_fi_in(x) for x in range(1 << 16)]
 _FI_OUT: Final = [_fi_out(y) for y in range(1 << 16)]
 
 
+_unpack_key: Final = cast("Callable[[bytes], tuple[int, ...]]", struct.Struct(">8H").unpack)
+
+# RFC 2994 §2.2 key schedule: EK[0..7] are the key's 16-bit words and EK[8+i] = FI(EK[i],
+# EK[(i+1) % 8]). The RFC's EK[16+i] and EK[24+i] are the low 9 and high 7 bits of EK[8+i]; FI
+# here takes the 16-bit EK[8+i] whole, so they are not kept separately.
+# FO(k) uses (KO1, KI1, KO2, KI2, KO3, KI3, KO4), k = 0..7:
+_FO_KEYS: Final = tuple(
+    itemgetter(
+        k, (k + 5) % 8 + 8, (k + 2) % 8, (k + 1) % 8 + 8, (k + 7) % 8, (k + 3) % 8 + 8, (k + 4) % 8
+    )
+    for k in range(8)
+)
+# FL(k) uses (AND key, OR key), k = 0..9; even and odd k take them from different places:
+_FL_KEYS: Final = tuple(
+    itemgetter(k // 2, (k // 2 + 6) % 8 + 8)
+    if k % 2 == 0
+    else itemgetter(((k - 1) // 2 + 2) % 8 + 8, ((k - 1) // 2 + 4) % 8)
+    for k in range(10)
+)
+
+
 class Misty1Cipher:
     """MISTY1 with one 128-bit key; the expanded key (RFC 2994 §2.2) is computed once.
 
@@ -143,30 +169,11 @@ class Misty1Cipher:
         if len(key) != 16:
             msg = f"a MISTY1 (EA11) key is 16 bytes, got {len(key)}"
             raise ValueError(msg)
-        ek = [key[2 * i] << 8 | key[2 * i + 1] for i in range(8)]
-        ek += [_fi_reference(ek[i], ek[(i + 1) % 8]) for i in range(8)]
-        # EK[16+i] / EK[24+i] of the RFC are the low 9 / high 7 bits of EK[8+i]; FI takes the
-        # 16-bit EK[8+i] whole, so they are not kept separately.
-        # FO(k): (KO1, KI1, KO2, KI2, KO3, KI3, KO4) of RFC 2994's FO, for k = 0..7.
-        self._fo = tuple(
-            (
-                ek[k],
-                ek[(k + 5) % 8 + 8],
-                ek[(k + 2) % 8],
-                ek[(k + 1) % 8 + 8],
-                ek[(k + 7) % 8],
-                ek[(k + 3) % 8 + 8],
-                ek[(k + 4) % 8],
-            )
-            for k in range(8)
-        )
-        # FL(k): (AND key, OR key) for k = 0..9 (RFC 2994 FL, even and odd k).
-        self._fl = tuple(
-            (ek[k // 2], ek[(k // 2 + 6) % 8 + 8])
-            if k % 2 == 0
-            else (ek[((k - 1) // 2 + 2) % 8 + 8], ek[((k - 1) // 2 + 4) % 8])
-            for k in range(10)
-        )
+        fi_in, fi_out = _FI_IN, _FI_OUT
+        ek = _unpack_key(key)
+        ek += tuple(fi_out[fi_in[a] ^ b] for a, b in zip(ek, ek[1:] + ek[:1], strict=True))
+        self._fo: tuple[tuple[int, ...], ...] = tuple([pick(ek) for pick in _FO_KEYS])
+        self._fl: tuple[tuple[int, ...], ...] = tuple([pick(ek) for pick in _FL_KEYS])
 
     def __repr__(self) -> str:
         return "Misty1Cipher(key=<redacted>)"
