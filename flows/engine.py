@@ -426,6 +426,10 @@ class UssdEngine:
 
     async def _apply(self, session: Session, ctx: Context, answer: str) -> Finish | None:
         frame = session.stack[-1]
+        if not frame.choices and not frame.free_text:
+            # Never shown yet (answers pre-filled in the dial string): lay it out to learn
+            # its choices.
+            await self._render(session, ctx)
         frame.notice = None
         if answer == HOME:
             session.stack[:] = [Frame(HOME_SCREEN)]

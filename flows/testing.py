@@ -7,6 +7,7 @@ that a payment prompt was requested only after the reply.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -61,6 +62,8 @@ class FakeCustomerServices:
     languages: dict[Msisdn, Language] = field(default_factory=dict)
     purchases: dict[str, PurchaseRequest] = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)  # idempotency keys of requested prompts
+    prompts_started: list[str] = field(default_factory=list)
+    prompt_gate: asyncio.Event | None = None  # when set, prompts wait for it (ordering tests)
     sms: list[tuple[Msisdn, str]] = field(default_factory=list)
     resent: list[tuple[Msisdn, MeterNumber]] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
@@ -126,6 +129,9 @@ class FakeCustomerServices:
         key = request.idempotency_key
 
         async def request_prompt() -> None:
+            self.prompts_started.append(key)
+            if self.prompt_gate is not None:
+                await self.prompt_gate.wait()
             if key not in self.prompts:
                 self.prompts.append(key)
 
