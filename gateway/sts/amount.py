@@ -82,6 +82,8 @@ def encode_units(units: int) -> int:
         raise AmountNotEncodable(
             "amount", units, f"the largest encodable units amount is {UNITS_MAX} base units"
         )
+    if units <= MANTISSA_MAX:  # e = 0, m = t: most credits, kept fast for bulk vending
+        return units
     exponent, mantissa = _choose(units, UNITS_OFFSETS, round_up=True)
     return pack(UNITS_AMOUNT, {"exponent": exponent, "mantissa": mantissa})
 

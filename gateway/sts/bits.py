@@ -55,6 +55,7 @@ class Layout:
     fields: tuple[Field, ...]
     width: int
     _slots: tuple[_Slot, ...] = field(repr=False, compare=False)
+    _packing: tuple[tuple[str, int, int], ...] = field(repr=False, compare=False)
 
     def __init__(self, name: str, *fields: Field) -> None:
         names = [f.name for f in fields]
@@ -70,6 +71,8 @@ class Layout:
         object.__setattr__(self, "fields", tuple(fields))
         object.__setattr__(self, "width", width)
         object.__setattr__(self, "_slots", tuple(slots))
+        packing = tuple((s.name, s.shift, s.mask) for s in slots if not s.name.startswith("_"))
+        object.__setattr__(self, "_packing", packing)
 
     def names(self) -> tuple[str, ...]:
         """The names of the non-padding fields, most significant first."""
@@ -91,15 +94,11 @@ def pack(layout: Layout, values: Mapping[str, int]) -> int:
         KeyError: a field has no value.
     """
     word = 0
-    for slot in layout._slots:  # noqa: SLF001 - the layout's own precomputed table
-        if slot.name.startswith("_"):
-            continue
-        value = values[slot.name]
-        if value < 0 or value > slot.mask:
-            raise InvalidField(
-                slot.name, value, f"must fit in {slot.mask.bit_length()} bits (0..{slot.mask})"
-            )
-        word |= value << slot.shift
+    for name, shift, mask in layout._packing:  # noqa: SLF001 - the layout's own table
+        value = values[name]
+        if not 0 <= value <= mask:
+            raise InvalidField(name, value, f"must fit in {mask.bit_length()} bits (0..{mask})")
+        word |= value << shift
     return word
 
 
@@ -112,7 +111,6 @@ def unpack(layout: Layout, word: int) -> dict[str, int]:
     if word < 0 or word >> layout.width:
         raise InvalidField(layout.name, word, f"must fit in {layout.width} bits")
     return {
-        slot.name: (word >> slot.shift) & slot.mask
-        for slot in layout._slots  # noqa: SLF001 - the layout's own precomputed table
-        if not slot.name.startswith("_")
+        name: (word >> shift) & mask
+        for name, shift, mask in layout._packing  # noqa: SLF001 - the layout's own table
     }

@@ -12,10 +12,11 @@ stay unique and increasing per meter across processes.
 
 from __future__ import annotations
 
-import secrets
+import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from gateway.sts.amount import encode_units
@@ -37,8 +38,8 @@ from gateway.sts.tokens import (
     TokenFields,
     TokenImage,
     UnitsCredit,
-    build_token,
     decode_token,
+    token_digits,
 )
 
 DEFAULT_CACHE_SIZE = 4096
@@ -216,7 +217,7 @@ def meter_test_token(control: int, *, manufacturer_code: int = 0, subclass: int 
     ``subclass`` 0 for 2-digit manufacturer codes, 1 for 4-digit.
     """
     fields = MeterTest(subclass=subclass, control=control, manufacturer_code=manufacturer_code)
-    return Token(build_token(fields, None).digits)
+    return Token(token_digits(fields, None))
 
 
 @dataclass(slots=True)
@@ -233,7 +234,7 @@ class LocalTokenEngine:
         cache_size: meters whose derived decoder key and cipher are kept (LRU); 0 disables the
             cache (every token derives its key again, as a benchmark baseline).
         sta_tables: STA tables for EA07 (``SAMPLE`` only for the IEC example).
-        rnd: source of the 4-bit RND field (default: the ``secrets`` module).
+        rnd: source of the 4-bit RND field (default: a ``random.Random`` seeded by the OS).
 
     Raises:
         InvalidKey: two keys for the same (SGC, KRN).
@@ -258,7 +259,8 @@ class LocalTokenEngine:
         self._cache: OrderedDict[MeterProfile, _MeterKeys] = OrderedDict()
         self._cache_size = cache_size
         self._sta_tables = sta_tables
-        self._rnd = rnd if rnd is not None else (lambda: secrets.randbelow(16))
+        # RND only makes tokens for equal contents differ; it is not a secret (SPEC.md §2).
+        self._rnd = rnd if rnd is not None else partial(random.Random().getrandbits, 4)
 
     def __repr__(self) -> str:
         return f"LocalTokenEngine(keys={sorted(self._keys)}, cached={len(self._cache)})"
@@ -326,7 +328,7 @@ class LocalTokenEngine:
     # --- tokens -------------------------------------------------------------------------------
 
     def _issue(self, meter: MeterProfile, fields: TokenFields) -> Token:
-        return Token(build_token(fields, self._meter_keys(meter).cipher).digits)
+        return Token(token_digits(fields, self._meter_keys(meter).cipher))
 
     @staticmethod
     def _check_expiry(meter: MeterProfile, tid: int) -> None:
@@ -417,7 +419,7 @@ class LocalTokenEngine:
             three_kct=three_kct,
         )
         cipher = self._meter_keys(old).cipher
-        return [Token(build_token(f, cipher).digits) for f in fields]
+        return [Token(token_digits(f, cipher)) for f in fields]
 
     async def key_change_tokens(self, old: MeterProfile, new: MeterProfile) -> list[Token]:
         """See :meth:`TokenEngine.key_change_tokens`."""

@@ -774,14 +774,25 @@ def build_token(fields: TokenFields, cipher: BlockCipher | None) -> TokenImage:
         InvalidKey: a class 0 or 2 token was asked for without a cipher.
     """
     block = encode_block(fields)
-    token_class = fields.TOKEN_CLASS
-    if needs_key(token_class):
-        if cipher is None:
-            raise InvalidKey("decoder_key", None, "class 0 and 2 tokens need a decoder key")
-        sent = cipher.encrypt(block)
-    else:
-        sent = block
-    return TokenImage(fields, block, insert_class(sent, token_class))
+    return TokenImage(fields, block, _seal(block, fields.TOKEN_CLASS, cipher))
+
+
+def token_digits(fields: TokenFields, cipher: BlockCipher | None) -> str:
+    """The 20 digits of the token for ``fields``: :func:`build_token` for bulk vending.
+
+    Raises:
+        InvalidField: a field is out of range.
+        InvalidKey: a class 0 or 2 token was asked for without a cipher.
+    """
+    return f"{_seal(encode_block(fields), fields.TOKEN_CLASS, cipher):020d}"
+
+
+def _seal(block: int, token_class: int, cipher: BlockCipher | None) -> int:
+    if token_class == TokenClass.METER_TEST:
+        return insert_class(block, token_class)
+    if cipher is None:
+        raise InvalidKey("decoder_key", None, "class 0 and 2 tokens need a decoder key")
+    return insert_class(cipher.encrypt(block), token_class)
 
 
 def decode_token(digits: str, cipher: BlockCipher | None) -> TokenImage:
