@@ -122,7 +122,7 @@ class TamperCleared:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TestRequested:
+class DisplayRequested:
     """A class 1 test/display was asked for (bit ``n-1`` of ``control`` = test ``n``)."""
 
     control: int
@@ -150,7 +150,7 @@ Change = (
     | CreditCleared
     | SettingChanged
     | TamperCleared
-    | TestRequested
+    | DisplayRequested
     | KeySectionStored
     | KeyChanged
 )
@@ -285,7 +285,9 @@ class MeterEmulator:
     def _apply(self, fields: TokenFields) -> MeterResponse:
         if isinstance(fields, MeterTest):
             return _accept(
-                TestRequested(control=fields.control, manufacturer_code=fields.manufacturer_code),
+                DisplayRequested(
+                    control=fields.control, manufacturer_code=fields.manufacturer_code
+                ),
                 "test/display requested",
             )
         if isinstance(fields, KeySection1 | KeySection2 | KeySectionExtra):

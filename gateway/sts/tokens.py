@@ -62,7 +62,7 @@ class CreditSubclass(IntEnum):
         return self >= CreditSubclass.ELECTRICITY_CURRENCY
 
 
-class TestSubclass(IntEnum):
+class MeterTestSubclass(IntEnum):
     """Class 1 subclasses: width of the manufacturer code."""
 
     SHORT_MANUFACTURER_CODE = 0  # 2-digit code, 11-digit DRN meters
@@ -272,7 +272,7 @@ class MeterTest:
     """
 
     TOKEN_CLASS: ClassVar[int] = TokenClass.METER_TEST
-    subclass: int = TestSubclass.SHORT_MANUFACTURER_CODE
+    subclass: int = MeterTestSubclass.SHORT_MANUFACTURER_CODE
     control: int
     manufacturer_code: int = 0
 
@@ -289,7 +289,7 @@ class MeterTest:
 
     def to_json(self) -> dict[str, object]:
         """The ``fields`` object of VECTORS.md (``control`` in hex)."""
-        width = 9 if self.subclass == TestSubclass.SHORT_MANUFACTURER_CODE else 7
+        width = 9 if self.subclass == MeterTestSubclass.SHORT_MANUFACTURER_CODE else 7
         return {
             "class": 1,
             "subclass": self.subclass,
