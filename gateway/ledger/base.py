@@ -579,6 +579,10 @@ class Ledger(Protocol):
         """
         ...
 
+    async def get_payment(self, provider: str, reference: str) -> PaymentRecord | None:
+        """The payment row for (provider, reference), if any."""
+        ...
+
     async def mark_paid(
         self, purchase_id: str, payment: ConfirmedPayment, *, actor: str
     ) -> Purchase:

@@ -62,6 +62,7 @@ from gateway.ledger.base import (
     NoticeRecord,
     OutboxMessage,
     OutboxState,
+    PaymentRecord,
     PaymentRecordState,
     Purchase,
     PurchaseDraft,
@@ -957,6 +958,28 @@ class SqliteLedger:
             )
 
         return await self._write(op)
+
+    async def get_payment(self, provider: str, reference: str) -> PaymentRecord | None:
+        """The payment row for (provider, reference), if any."""
+        row = await self._read_one(
+            "SELECT * FROM payments WHERE provider = ? AND reference = ?", (provider, reference)
+        )
+        if row is None:
+            return None
+        return PaymentRecord(
+            provider=row["provider"],
+            reference=row["reference"],
+            purchase_id=PurchaseId(row["purchase_id"]) if row["purchase_id"] else None,
+            amount=Money(row["amount_minor"], row["currency"])
+            if row["amount_minor"] is not None and row["currency"]
+            else None,
+            state=PaymentRecordState(row["state"]),
+            payer=Msisdn(row["payer"]) if row["payer"] else None,
+            receipt=row["receipt"],
+            payload_hash=row["payload_hash"],
+            created_at=_dt(row["created_at"]),
+            updated_at=_dt(row["updated_at"]),
+        )
 
     def _settle_payment_row(
         self,

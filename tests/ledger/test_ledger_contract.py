@@ -7,7 +7,7 @@ import hashlib
 from datetime import timedelta
 
 import pytest
-from conftest import FakeClock, meter_record
+from ledger_support import FakeClock, meter_record
 
 from gateway.ledger import (
     MAX_SAVED_METERS,
@@ -199,6 +199,10 @@ async def test_mark_paid_is_idempotent_and_accepts_a_late_success(ledger: Ledger
     paid = await ledger.mark_paid(purchase.purchase_id, payment(), actor="sweeper")
     again = await ledger.mark_paid(purchase.purchase_id, payment(), actor="sweeper")
     assert paid.state is again.state is PurchaseState.PAID
+    stored = await ledger.get_payment("fakepay", "REF1")
+    assert stored is not None
+    assert (stored.purchase_id, stored.receipt) == (purchase.purchase_id, "RCPTREF1")
+    assert await ledger.get_payment("fakepay", "nope") is None
     confirmations = [
         e for e in await ledger.timeline(purchase.purchase_id) if e.kind == "payment_confirmed"
     ]

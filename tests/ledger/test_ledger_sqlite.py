@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import TARIFF, FakeClock, meter_record
+from ledger_support import TARIFF, FakeClock, meter_record
 
 from gateway.ledger import (
     ConfirmedPayment,

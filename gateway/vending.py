@@ -1,0 +1,802 @@
+"""The purchase saga: the only code that moves a purchase between states.
+
+```
+created ─request_payment─▶ awaiting_payment ─confirm (paid, right amount)─▶ paid ─vend─▶ vended
+   │                           │       └─ status: failed ─▶ payment_failed ─┐                  │
+   └──── deadline ─────────────┴──────▶ expired ──── late success ──────────┴─▶ paid       DLR ▼
+paid ─ engine refuses ─▶ vend_failed (operator)   wrong amount ─▶ refund_pending       delivered
+```
+
+A callback is a claim: ``on_payment_notice`` records it and asks the provider (``query_status``)
+before anything is vended. Each step is one ledger transaction with its event row, and every
+step is safe to retry: a replayed vend returns the stored token and queues nothing. TIDs come
+from the meter row inside the vend transaction (compare-and-set), serialised per meter in this
+process, so two purchases for one meter in one minute get distinct, increasing TIDs.
+
+```
+VendingError                 gateway.errors.GatewayError
+  UnknownMeter               no such meter (``meter``)
+  MeterBlocked               the utility blocked the meter
+  NotPaid                    vend asked for a purchase that is not paid
+  VendFailed                 the token engine refused: the purchase is VEND_FAILED (operator)
+  NothingToReprint           the purchase has no token yet
+```
+Tariff errors (``gateway.tariff``) pass through from ``quote`` and ``start_purchase``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+import structlog
+
+from gateway.errors import GatewayError
+from gateway.ledger import (
+    ConfirmedPayment,
+    IllegalTransition,
+    Ledger,
+    LedgerError,
+    MessageKind,
+    MeterRecord,
+    MeterStatus,
+    NotFound,
+    NoticeRecord,
+    OutboxMessage,
+    Purchase,
+    PurchaseDraft,
+    PurchaseState,
+    TidConflict,
+    Vend,
+    VendDraft,
+    new_purchase_id,
+    open_vending_key,
+)
+from gateway.money import Money
+from gateway.payments import (
+    CollectionRequest,
+    PaymentError,
+    PaymentNotice,
+    PaymentProvider,
+    PaymentState,
+    PaymentStatus,
+    ProviderReference,
+)
+from gateway.phone import Msisdn
+from gateway.sts import (
+    LocalTokenEngine,
+    MeterProfile,
+    StsError,
+    TokenEngine,
+    VendingKey,
+    next_tid,
+)
+from gateway.tariff import Quote, TariffError, quote
+
+__all__ = [
+    "MeterBlocked",
+    "NotPaid",
+    "NothingToReprint",
+    "SagaPolicy",
+    "UnknownMeter",
+    "VendFailed",
+    "Vending",
+    "VendingError",
+    "load_token_engine",
+    "token_message",
+]
+
+log = structlog.get_logger()
+
+_FAILED_CLAIMS: Final = frozenset(
+    {PaymentState.FAILED, PaymentState.CANCELLED, PaymentState.TIMED_OUT}
+)
+_SETTLED: Final = frozenset({PurchaseState.VENDED, PurchaseState.DELIVERED})
+_GSM7_SINGLE: Final = 160
+_GSM7_DOUBLE: Final = 306
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+class VendingError(GatewayError):
+    """The saga refused a request; the message is for operators."""
+
+
+class UnknownMeter(VendingError):
+    """No meter with that number is registered."""
+
+    def __init__(self, meter: str) -> None:
+        super().__init__(f"no meter {meter!r} is registered")
+        self.meter = meter
+
+
+class MeterBlocked(VendingError):
+    """The utility has blocked sales to this meter."""
+
+    def __init__(self, meter: str) -> None:
+        super().__init__(f"meter {meter} is blocked")
+        self.meter = meter
+
+
+class NotPaid(VendingError):
+    """A vend was asked for a purchase that is not paid."""
+
+    def __init__(self, purchase_id: str, state: PurchaseState) -> None:
+        super().__init__(f"purchase {purchase_id} is {state}, not paid: no token")
+        self.purchase_id = purchase_id
+        self.state = state
+
+
+class VendFailed(VendingError):
+    """The token could not be made; the purchase is VEND_FAILED and needs an operator."""
+
+    def __init__(self, purchase_id: str, reason: str) -> None:
+        super().__init__(f"purchase {purchase_id}: vend failed: {reason}")
+        self.purchase_id = purchase_id
+        self.reason = reason
+
+
+class NothingToReprint(VendingError):
+    """The purchase has no token to send again."""
+
+
+# ------------------------------------------------------------------------------------ the message
+
+_TEMPLATES: Final[Mapping[str, str]] = {
+    "en": "Electricity token {token}. {kwh} kWh for {amount}. Meter {meter}. Receipt {receipt}.",
+    "sw": "Tokeni ya umeme {token}. kWh {kwh} kwa {amount}. Mita {meter}. Risiti {receipt}.",
+    "fr": "Code electricite {token}. {kwh} kWh pour {amount}. Compteur {meter}. Recu {receipt}.",
+}
+_SHORT_TEMPLATES: Final[Mapping[str, str]] = {
+    "en": "Token {token} {kwh}kWh {amount} Mtr {meter} Rcpt {receipt}",
+    "sw": "Tokeni {token} {kwh}kWh {amount} Mita {meter} Risiti {receipt}",
+    "fr": "Code {token} {kwh}kWh {amount} Cpt {meter} Recu {receipt}",
+}
+
+
+def _group(token: str) -> str:
+    return "-".join(token[i : i + 4] for i in range(0, len(token), 4))
+
+
+def token_message(
+    *,
+    token: str,
+    units: int,
+    amount: Money,
+    meter: str,
+    receipt: str,
+    language: str = "en",
+) -> str:
+    """The SMS that carries a token: token in groups of 4, kWh, amount, meter, receipt number.
+
+    Fits one GSM-7 segment (160 characters) when it can, falling back to a terse template, and
+    never needs more than two segments (306). Unknown languages fall back to English. The
+    channels' message catalogues may replace the templates; this is the one builder to reuse.
+
+    Args:
+        token: the 20 digits.
+        units: tenths of a kWh.
+        amount: what the customer paid.
+        meter: the meter number.
+        receipt: the provider's receipt number (our purchase id when the provider gave none).
+        language: ``en``, ``sw`` or ``fr``.
+
+    Raises:
+        ValueError: even the terse text exceeds two segments (absurdly long meter or receipt).
+    """
+    values = {
+        "token": _group(token),
+        "kwh": f"{units // 10}.{units % 10}",
+        "amount": str(amount),
+        "meter": meter,
+        "receipt": receipt,
+    }
+    lang = language if language in _TEMPLATES else "en"
+    text = _TEMPLATES[lang].format(**values)
+    if len(text) > _GSM7_SINGLE:
+        text = _SHORT_TEMPLATES[lang].format(**values)
+    if len(text) > _GSM7_DOUBLE:
+        raise ValueError(f"token message of {len(text)} characters exceeds two SMS segments")
+    return text
+
+
+# -------------------------------------------------------------------------------------- the saga
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SagaPolicy:
+    """Timings of the saga. Seconds throughout.
+
+    Attributes:
+        first_check_after_s: after a collection starts, when the sweeper first asks the provider
+            (a callback usually arrives sooner).
+        check_backoff_s, check_backoff_max_s: the next checks back off exponentially to the cap.
+        payment_deadline_s: after this long since creation an unpaid purchase expires (a later
+            confirmed success still vends).
+        vend_attempts: how often a vend is retried when another writer moved the meter's TID.
+    """
+
+    first_check_after_s: float = 20.0
+    check_backoff_s: float = 15.0
+    check_backoff_max_s: float = 300.0
+    payment_deadline_s: float = 900.0
+    vend_attempts: int = 8
+
+
+class Vending:
+    """The purchase saga (satisfies ``gateway.payments.PaymentEvents``).
+
+    Args:
+        ledger: where every step is recorded.
+        engine: makes tokens (``LocalTokenEngine`` or a remote HSM engine).
+        providers: payment adapters by name; a purchase names its provider.
+        default_provider: the provider used when ``start_purchase`` names none.
+        clock: the time source (UTC, aware); TIDs and deadlines come from it.
+        policy: timings.
+        languages: looks up a phone's language for the SMS (default: the ledger's preference).
+    """
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        engine: TokenEngine,
+        providers: Mapping[str, PaymentProvider],
+        default_provider: str,
+        clock: Callable[[], datetime] = _utc_now,
+        policy: SagaPolicy | None = None,
+    ) -> None:
+        if default_provider not in providers:
+            raise ValueError(f"default provider {default_provider!r} is not among the providers")
+        self._ledger = ledger
+        self._engine = engine
+        self._providers = dict(providers)
+        self._default_provider = default_provider
+        self._clock = clock
+        self._policy = policy or SagaPolicy()
+        self._meter_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger the saga writes to (the operator surface reads it)."""
+        return self._ledger
+
+    # -- quoting and starting -------------------------------------------------------------------
+
+    async def _sellable_meter(self, meter: str) -> MeterRecord:
+        try:
+            record = await self._ledger.get_meter(meter)
+        except NotFound as exc:
+            raise UnknownMeter(meter) from exc
+        if record.status is MeterStatus.BLOCKED:
+            raise MeterBlocked(meter)
+        return record
+
+    async def quote(self, meter: str, amount: Money) -> Quote:
+        """What ``amount`` buys for ``meter`` under its tariff (units in tenths of a kWh).
+
+        Raises:
+            UnknownMeter, MeterBlocked: the meter cannot be sold to.
+            TariffError: the amount is outside the tariff's range or currency.
+        """
+        record = await self._sellable_meter(meter)
+        return quote(await self._ledger.get_tariff(record.tariff_id), amount)
+
+    async def start_purchase(
+        self,
+        *,
+        channel: str,
+        phone: Msisdn | None,
+        meter: str,
+        amount: Money,
+        idempotency_key: str,
+        provider: str | None = None,
+    ) -> Purchase:
+        """Open a purchase (CREATED). The same ``idempotency_key`` returns the same purchase.
+
+        Raises:
+            UnknownMeter, MeterBlocked, TariffError: it cannot be sold.
+            IdempotencyConflict: the key was used for a different request.
+        """
+        provider_name = provider or self._default_provider
+        if provider_name not in self._providers:
+            raise ValueError(f"unknown payment provider {provider_name!r}")
+        record = await self._sellable_meter(meter)
+        priced = quote(await self._ledger.get_tariff(record.tariff_id), amount)
+        purchase = await self._ledger.open_purchase(
+            PurchaseDraft(
+                purchase_id=new_purchase_id(),
+                channel=channel,
+                phone=phone,
+                meter=record.drn,
+                amount=amount,
+                units=priced.units,
+                tariff_id=record.tariff_id,
+                idempotency_key=idempotency_key,
+                provider=provider_name,
+            ),
+            actor=channel,
+        )
+        with structlog.contextvars.bound_contextvars(purchase_id=purchase.purchase_id):
+            log.info(
+                "purchase_started",
+                channel=channel,
+                meter=meter,
+                amount=str(amount),
+                units=priced.units,
+            )
+        return purchase
+
+    # -- payment --------------------------------------------------------------------------------
+
+    def _backoff(self, attempts: int) -> timedelta:
+        policy = self._policy
+        seconds = min(policy.check_backoff_max_s, policy.check_backoff_s * 2 ** max(0, attempts))
+        return timedelta(seconds=seconds)
+
+    async def request_payment(self, purchase_id: str) -> Purchase:
+        """Ask the purchase's provider to collect the money (the STK/MoMo prompt).
+
+        Idempotent: a purchase that has its provider reference, or is past CREATED, is returned
+        unchanged. A retryable provider failure leaves the purchase CREATED with a check
+        scheduled, for the sweeper; a final refusal makes it PAYMENT_FAILED.
+        """
+        with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
+            purchase = await self._ledger.get_purchase(purchase_id)
+            if (
+                purchase.state is not PurchaseState.CREATED
+                or purchase.provider_reference is not None
+                or purchase.phone is None
+            ):
+                return purchase
+            provider = self._providers[purchase.provider]
+            request = CollectionRequest(
+                purchase_id=purchase.purchase_id,
+                payer=purchase.phone,
+                amount=purchase.amount,
+                account_reference=purchase.meter,
+                description=f"Electricity {purchase.meter}",
+            )
+            try:
+                started = await provider.request_collection(request)
+            except PaymentError as exc:
+                if exc.retryable:
+                    attempts = purchase.check_attempts + 1
+                    await self._ledger.schedule_check(
+                        purchase_id, at=self._clock() + self._backoff(attempts), attempts=attempts
+                    )
+                    log.warning("payment_request_deferred", provider=provider.name, error=str(exc))
+                    return await self._ledger.get_purchase(purchase_id)
+                log.info("payment_request_refused", provider=provider.name, error=str(exc))
+                return await self._ledger.transition(
+                    purchase_id,
+                    PurchaseState.PAYMENT_FAILED,
+                    kind="payment_request_refused",
+                    actor="saga",
+                    data={"provider": provider.name, "error": str(exc)},
+                )
+            purchase = await self._ledger.attach_payment(
+                purchase_id, provider=started.provider, reference=started.reference, actor="saga"
+            )
+            await self._ledger.schedule_check(
+                purchase_id,
+                at=self._clock() + timedelta(seconds=self._policy.first_check_after_s),
+                attempts=0,
+            )
+            log.info("payment_requested", provider=started.provider, reference=started.reference)
+            return purchase
+
+    async def on_payment_notice(self, notice: PaymentNotice) -> None:
+        """Record a callback's claim, then confirm it with the provider before any vend.
+
+        Never raises for a bad, forged, unknown or duplicated notice (those are events and log
+        lines); raises ``LedgerError`` only when the notice could not be recorded, so the route
+        answers 5xx and the provider retries.
+        """
+        outcome = await self._ledger.record_notice(
+            NoticeRecord(
+                provider=notice.provider,
+                reference=notice.reference,
+                claimed_state=notice.claimed_state.value,
+                amount=notice.amount,
+                payer=notice.payer,
+                receipt=notice.receipt,
+                raw=notice.raw,
+                payload_hash=notice.payload_hash,
+            ),
+            actor=f"callback:{notice.provider}",
+        )
+        if outcome.payload_conflict:
+            log.warning(
+                "payment_notice_payload_conflict",
+                provider=notice.provider,
+                reference=notice.reference,
+            )
+        purchase_id: str | None = outcome.purchase_id
+        if purchase_id is None and notice.is_customer_initiated:
+            purchase_id = await self._open_customer_payment(notice)
+        if purchase_id is None:
+            await self._ledger.append_event(
+                None,
+                "unknown_payment_reference",
+                actor=f"callback:{notice.provider}",
+                data={"provider": notice.provider, "reference": notice.reference},
+            )
+            log.warning(
+                "payment_notice_unknown", provider=notice.provider, reference=notice.reference
+            )
+            return
+        if not notice.claimed_state.is_final:
+            return
+        with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
+            try:
+                await self.confirm(purchase_id)
+            except (GatewayError, StsError) as exc:
+                # Recorded; the sweeper finishes it. A notice is never refused for this.
+                log.warning("payment_notice_confirmation_deferred", error=str(exc))
+
+    async def _open_customer_payment(self, notice: PaymentNotice) -> str | None:
+        """A customer-initiated payment (C2B paybill): open its purchase from the notice."""
+        meter = notice.account_reference or ""
+        if notice.amount is None:
+            return None
+        try:
+            purchase = await self.start_purchase(
+                channel="c2b",
+                phone=notice.payer,
+                meter=meter,
+                amount=notice.amount,
+                idempotency_key=f"{notice.provider}:{notice.reference}",
+                provider=notice.provider if notice.provider in self._providers else None,
+            )
+        except (VendingError, TariffError) as exc:
+            await self._ledger.append_event(
+                None,
+                "customer_payment_unvendable",
+                actor=f"callback:{notice.provider}",
+                data={
+                    "provider": notice.provider,
+                    "reference": notice.reference,
+                    "meter": meter,
+                    "amount": str(notice.amount),
+                    "reason": str(exc),
+                },
+            )
+            log.warning("customer_payment_unvendable", reference=notice.reference, reason=str(exc))
+            return None
+        await self._ledger.attach_payment(
+            purchase.purchase_id,
+            provider=notice.provider,
+            reference=notice.reference,
+            actor="saga",
+        )
+        return purchase.purchase_id
+
+    async def validate_customer_payment(
+        self,
+        provider: str,
+        account_reference: str,
+        amount: Money,
+        payer: Msisdn | None,
+    ) -> str | None:
+        """Pre-check a customer-initiated payment: None to accept, else the reason to refuse."""
+        del provider, payer  # any provider and payer may pay for a sellable meter
+        try:
+            await self.quote(account_reference.strip(), amount)
+        except (VendingError, TariffError) as exc:
+            return str(exc)
+        return None
+
+    def _matches(self, purchase: Purchase, status: PaymentStatus) -> tuple[bool, Money]:
+        """Whether the provider's answer is exactly what we asked for, and the amount paid.
+
+        A missing amount in a status answer is accepted only for a collection *we* requested
+        (the prompt's amount is ours and the payer cannot change it); a customer-initiated
+        payment must state its amount.
+        """
+        paid = status.amount
+        if paid is None:
+            if purchase.channel == "c2b":
+                return False, Money(0, purchase.amount.currency)
+            paid = purchase.amount
+        payer_ok = status.payer is None or purchase.phone is None or status.payer == purchase.phone
+        return paid == purchase.amount and payer_ok, paid
+
+    async def confirm(self, purchase_id: str) -> Purchase:
+        """Ask the provider what became of the purchase's payment, and act on its answer.
+
+        Paid with the exact amount, currency and payer: PAID, then vended. Paid otherwise:
+        REFUND_PENDING and a security event (never vends). Failed: PAYMENT_FAILED. Pending:
+        unchanged. A success arriving after expiry still vends: money is never lost.
+
+        Raises:
+            PaymentError: the provider could not answer (``ProviderUnavailable``, retryable).
+            VendFailed: paid, but the token could not be made.
+        """
+        with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
+            purchase = await self._ledger.get_purchase(purchase_id)
+            if purchase.state in _SETTLED:
+                return purchase
+            if purchase.state is PurchaseState.PAID:
+                await self.vend(purchase_id)
+                return await self._ledger.get_purchase(purchase_id)
+            if purchase.provider_reference is None or purchase.state in {
+                PurchaseState.REFUND_PENDING,
+                PurchaseState.VEND_FAILED,
+            }:
+                return purchase
+            provider = self._providers[purchase.provider]
+            status = await provider.query_status(ProviderReference(purchase.provider_reference))
+            if status.state is PaymentState.SUCCEEDED:
+                return await self._on_success(purchase, status)
+            if status.state in _FAILED_CLAIMS and purchase.state in {
+                PurchaseState.CREATED,
+                PurchaseState.AWAITING_PAYMENT,
+            }:
+                log.info("payment_failed", state=status.state.value, reason=status.reason)
+                return await self._ledger.transition(
+                    purchase_id,
+                    PurchaseState.PAYMENT_FAILED,
+                    kind="payment_failed",
+                    actor=f"provider:{provider.name}",
+                    data={"state": status.state.value, "reason": status.reason},
+                )
+            return purchase
+
+    async def _on_success(self, purchase: Purchase, status: PaymentStatus) -> Purchase:
+        matches, paid = self._matches(purchase, status)
+        confirmed = ConfirmedPayment(
+            provider=status.provider,
+            reference=status.reference,
+            amount=paid,
+            payer=status.payer,
+            receipt=status.receipt,
+        )
+        if not matches:
+            log.warning(
+                "payment_amount_mismatch",
+                paid=str(paid),
+                expected=str(purchase.amount),
+                reference=status.reference,
+            )
+            return await self._ledger.mark_payment_mismatch(
+                purchase.purchase_id, confirmed, expected=purchase.amount, actor="saga"
+            )
+        paid_purchase = await self._ledger.mark_paid(purchase.purchase_id, confirmed, actor="saga")
+        log.info("payment_confirmed", reference=status.reference, receipt=status.receipt)
+        if paid_purchase.state is PurchaseState.PAID:
+            await self.vend(purchase.purchase_id)
+        return await self._ledger.get_purchase(purchase.purchase_id)
+
+    async def check_payment(self, purchase_id: str) -> Purchase:
+        """The sweeper's step for a purchase awaiting payment past its check time.
+
+        Retries a collection that never started; otherwise asks the provider. Still unpaid past
+        the payment deadline: EXPIRED. Otherwise the next check is scheduled with backoff.
+        Provider errors are absorbed here (they only reschedule).
+        """
+        with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
+            purchase = await self._ledger.get_purchase(purchase_id)
+            if purchase.state not in {PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT}:
+                return purchase
+            if purchase.provider_reference is None:
+                purchase = await self.request_payment(purchase_id)
+            else:
+                try:
+                    purchase = await self.confirm(purchase_id)
+                except PaymentError as exc:
+                    log.warning("payment_check_failed", error=str(exc), retryable=exc.retryable)
+            if purchase.state not in {PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT}:
+                return purchase
+            now = self._clock()
+            deadline = purchase.created_at + timedelta(seconds=self._policy.payment_deadline_s)
+            if now >= deadline:
+                log.info("purchase_expired")
+                return await self._ledger.transition(
+                    purchase_id,
+                    PurchaseState.EXPIRED,
+                    kind="purchase_expired",
+                    actor="sweeper",
+                    data={"deadline": deadline.isoformat()},
+                )
+            attempts = purchase.check_attempts + 1
+            await self._ledger.schedule_check(
+                purchase_id, at=min(deadline, now + self._backoff(attempts)), attempts=attempts
+            )
+            return await self._ledger.get_purchase(purchase_id)
+
+    # -- vending --------------------------------------------------------------------------------
+
+    def _meter_lock(self, meter: str) -> asyncio.Lock:
+        lock = self._meter_locks.get(meter)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._meter_locks[meter] = lock
+        return lock
+
+    async def vend(self, purchase_id: str) -> Vend:
+        """Make and store the purchase's token, once: TID, token, vend, SMS and events together.
+
+        A purchase that has its vend returns it (nothing new is queued). Safe to call any number
+        of times, concurrently.
+
+        Raises:
+            NotPaid: the purchase is not paid.
+            VendFailed: the engine refused (unknown key, TID range ended, bad meter data): the
+                purchase is now VEND_FAILED.
+        """
+        with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
+            existing = await self._ledger.get_vend(purchase_id)
+            if existing is not None:
+                return existing
+            purchase = await self._ledger.get_purchase(purchase_id)
+            async with self._meter_lock(purchase.meter):
+                for _ in range(self._policy.vend_attempts):
+                    try:
+                        return await self._vend_once(purchase_id)
+                    except TidConflict as exc:
+                        log.info("vend_tid_conflict", meter=exc.meter, retrying=True)
+                raise LedgerError(
+                    f"purchase {purchase_id}: the meter's TID kept moving during"
+                    f" {self._policy.vend_attempts} attempts",
+                    retryable=True,
+                )
+
+    async def _vend_once(self, purchase_id: str) -> Vend:
+        existing = await self._ledger.get_vend(purchase_id)
+        if existing is not None:
+            return existing
+        purchase = await self._ledger.get_purchase(purchase_id)
+        if purchase.state not in {PurchaseState.PAID, PurchaseState.VEND_FAILED}:
+            raise NotPaid(purchase_id, purchase.state)
+        meter = await self._ledger.get_meter(purchase.meter)
+        if meter.status is MeterStatus.BLOCKED:
+            raise await self._vend_failed(purchase, f"meter {meter.drn} is blocked")
+        try:
+            profile = MeterProfile(
+                drn=meter.drn,
+                iin=meter.iin,
+                sgc=meter.sgc,
+                tariff_index=meter.tariff_index,
+                krn=meter.krn,
+                key_type=meter.key_type,
+                base_date=meter.base_date,
+                ea=meter.ea,
+                dkga=meter.dkga,
+                ken=meter.ken,
+            )
+            tid = next_tid(self._clock(), meter.base_date, meter.last_tid)
+            token = await self._engine.credit_token(profile, purchase.units, tid)
+        except StsError as exc:
+            raise await self._vend_failed(purchase, f"{type(exc).__name__}: {exc}") from exc
+        receipt = await self._receipt(purchase)
+        language = await self._language(purchase.phone)
+        outcome = await self._ledger.record_vend(
+            VendDraft(
+                purchase_id=purchase.purchase_id,
+                meter=purchase.meter,
+                tid=tid,
+                expected_last_tid=meter.last_tid,
+                token=token.digits,
+                units=purchase.units,
+                receipt=receipt,
+                recipient=purchase.phone,
+                message=token_message(
+                    token=token.digits,
+                    units=purchase.units,
+                    amount=purchase.amount,
+                    meter=purchase.meter,
+                    receipt=receipt,
+                    language=language,
+                ),
+            ),
+            actor="saga",
+        )
+        if not outcome.replayed:
+            log.info(
+                "token_vended",
+                meter=purchase.meter,
+                tid=tid,
+                units=purchase.units,
+                token=outcome.vend.masked_token,
+            )
+        return outcome.vend
+
+    async def _vend_failed(self, purchase: Purchase, reason: str) -> VendFailed:
+        """Record that the token could not be made (VEND_FAILED); the error to raise."""
+        if purchase.state is PurchaseState.PAID:
+            await self._ledger.transition(
+                purchase.purchase_id,
+                PurchaseState.VEND_FAILED,
+                kind="vend_failed",
+                actor="saga",
+                data={"reason": reason},
+            )
+        log.error("vend_failed", meter=purchase.meter, reason=reason)
+        return VendFailed(purchase.purchase_id, reason)
+
+    async def _receipt(self, purchase: Purchase) -> str:
+        if purchase.provider_reference is not None:
+            payment = await self._ledger.get_payment(purchase.provider, purchase.provider_reference)
+            if payment is not None and payment.receipt:
+                return payment.receipt
+        return purchase.purchase_id
+
+    async def _language(self, phone: Msisdn | None) -> str:
+        if phone is None:
+            return "en"
+        return await self._ledger.get_language(phone) or "en"
+
+    # -- operator and channel surface -----------------------------------------------------------
+
+    async def reprint(self, purchase_id: str, *, actor: str = "operator") -> OutboxMessage:
+        """Send the purchase's token again: the same token, never a new one.
+
+        Raises:
+            NothingToReprint: the purchase has no token (not paid, or not vended yet).
+            NotFound: no such purchase.
+        """
+        with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
+            purchase = await self._ledger.get_purchase(purchase_id)
+            vend = await self._ledger.get_vend(purchase_id)
+            if vend is None:
+                raise NothingToReprint(f"purchase {purchase_id} is {purchase.state}: no token yet")
+            text = token_message(
+                token=vend.token,
+                units=vend.units,
+                amount=purchase.amount,
+                meter=vend.meter,
+                receipt=vend.receipt or purchase.purchase_id,
+                language=await self._language(purchase.phone),
+            )
+            message = await self._ledger.enqueue_message(
+                purchase_id,
+                kind=MessageKind.REPRINT,
+                recipient=purchase.phone,
+                body=text,
+                actor=actor,
+            )
+            log.info("token_reprinted", token=vend.masked_token, actor=actor)
+            return message
+
+    async def last_token(self, phone: Msisdn, meter: str | None = None) -> Vend | None:
+        """The newest token bought from ``phone`` (for ``meter`` if given), or None."""
+        return await self._ledger.last_vend(phone, meter)
+
+    async def finish_paid(self, *, limit: int = 100) -> int:
+        """Vend every paid-but-not-vended purchase (recovery); returns how many were vended."""
+        done = 0
+        for purchase in await self._ledger.paid_not_vended(limit=limit):
+            try:
+                await self.vend(purchase.purchase_id)
+            except (VendingError, LedgerError, IllegalTransition) as exc:
+                log.warning(
+                    "recovery_vend_failed", purchase_id=purchase.purchase_id, error=str(exc)
+                )
+            else:
+                done += 1
+        return done
+
+
+async def load_token_engine(ledger: Ledger, master_key: bytes) -> LocalTokenEngine:
+    """The embedded engine holding every vending key in the ledger, unsealed with ``master_key``.
+
+    Raises:
+        VendingKeyUnreadable: the master key does not open one of the keys (names it).
+    """
+    keys = [open_vending_key(sealed, master_key) for sealed in await ledger.vending_keys()]
+    return LocalTokenEngine(
+        VendingKey(sgc=k.sgc, krn=k.krn, dkga=k.dkga, base_date=k.base_date, key=k.key)
+        for k in keys
+    )
