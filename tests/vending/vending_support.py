@@ -21,12 +21,14 @@ from gateway.payments import (
     ProviderUnavailable,
 )
 from gateway.phone import Msisdn
+from gateway.sms import SentMessage
 from gateway.sts import LocalTokenEngine, MeterProfile, VendingKey
 from gateway.sts.pan import luhn_check_digit
 from gateway.tariff import Tariff
 from gateway.vending import SagaPolicy, Vending
 
 PHONE = Msisdn("+254712345678")
+AMOUNT_FOR_TESTS = Money(11600, "KES")  # KES 116 at KES 25/kWh + 16 % VAT: 40 units
 VENDING_KEY = VendingKey(
     sgc="123457", krn=1, dkga=4, base_date=2014, key=bytes.fromhex("0abc" * 10)
 )
@@ -210,3 +212,20 @@ def build_vending(ledger: Ledger, provider: FakeProvider, clock: FakeClock) -> V
         clock=clock,
         policy=SagaPolicy(payment_deadline_s=600),
     )
+
+
+class FakeSender:
+    """An in-memory SMS sender: the test queues the outcome of each next send."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Msisdn, str]] = []
+        self.failures: list[Exception] = []
+        self._counter = 0
+
+    async def send(self, to: Msisdn, text: str) -> SentMessage:
+        """Raise the next queued failure, else accept the message."""
+        if self.failures:
+            raise self.failures.pop(0)
+        self._counter += 1
+        self.sent.append((to, text))
+        return SentMessage(provider_message_id=f"ATXid_{self._counter}", cost="KES 0.8000")

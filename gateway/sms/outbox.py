@@ -1,0 +1,176 @@
+"""The outbox worker: sends queued SMS through the ``SmsSender``, retries, records delivery.
+
+Messages are written to the outbox in the same transaction as the vend that produced them, so a
+token is never lost between the ledger and the network. The worker claims due messages with a
+lease (a crashed worker's claims come back when the lease ends: a message may be sent twice
+after a crash, never zero times; a resend carries the same token), sends them, and records the
+provider's message id and cost. A retryable failure (``SmsError.retryable``) is tried again
+after a capped, jittered exponential backoff; a refusal (``SmsRejected``) or too many attempts
+marks the message FAILED for an operator. Delivery reports update the message and, for a token
+message, move the purchase to DELIVERED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from gateway.ledger import Ledger, OutboxMessage
+from gateway.sms.base import DeliveryReport, SmsError, SmsSender
+
+log = structlog.get_logger()
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxPolicy:
+    """How the worker retries. Seconds throughout.
+
+    Attributes:
+        base_delay_s: the first retry's delay before jitter; doubles with each attempt.
+        max_delay_s: the cap on the delay.
+        max_attempts: after this many attempts a retryable failure becomes FAILED.
+        lease_s: how long a claim lasts (longer than a send's timeout).
+        send_timeout_s: the bound on one send.
+        batch: messages claimed per run.
+        concurrency: sends in flight at once.
+    """
+
+    base_delay_s: float = 5.0
+    max_delay_s: float = 900.0
+    max_attempts: int = 12
+    lease_s: float = 120.0
+    send_timeout_s: float = 30.0
+    batch: int = 50
+    concurrency: int = 8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxRun:
+    """What one run did."""
+
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+
+
+class OutboxWorker:
+    """Sends due outbox messages.
+
+    Args:
+        ledger: holds the outbox.
+        sender: the SMS adapter.
+        clock: the time source (UTC, aware).
+        jitter: returns a float in [0, 1): the randomness seam (tests pass a constant).
+        policy: retry timings.
+    """
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        sender: SmsSender,
+        clock: Callable[[], datetime] = _utc_now,
+        jitter: Callable[[], float] = random.random,
+        policy: OutboxPolicy | None = None,
+    ) -> None:
+        self._ledger = ledger
+        self._sender = sender
+        self._clock = clock
+        self._jitter = jitter
+        self._policy = policy or OutboxPolicy()
+
+    def backoff(self, attempts: int) -> timedelta:
+        """The delay before retry number ``attempts`` (1-based): capped exponential, jittered.
+
+        "Equal jitter": half the capped delay plus a random part of the other half, so retries
+        of many messages spread out but none comes back immediately.
+        """
+        policy = self._policy
+        capped = min(policy.max_delay_s, policy.base_delay_s * 2 ** max(0, attempts - 1))
+        return timedelta(seconds=capped / 2 + capped / 2 * self._jitter())
+
+    async def run_once(self) -> OutboxRun:
+        """Claim the due messages and send them; returns the counts. Never raises for a send."""
+        now = self._clock()
+        policy = self._policy
+        messages = await self._ledger.claim_outbox(
+            now, lease_until=now + timedelta(seconds=policy.lease_s), limit=policy.batch
+        )
+        if not messages:
+            return OutboxRun()
+        gate = asyncio.Semaphore(policy.concurrency)
+
+        async def bounded(message: OutboxMessage) -> str:
+            async with gate:
+                return await self._send(message)
+
+        outcomes = await asyncio.gather(*(bounded(m) for m in messages))
+        return OutboxRun(
+            sent=outcomes.count("sent"),
+            retried=outcomes.count("retried"),
+            failed=outcomes.count("failed"),
+        )
+
+    async def _send(self, message: OutboxMessage) -> str:
+        bound = structlog.contextvars.bound_contextvars(
+            purchase_id=message.purchase_id, message_id=message.message_id
+        )
+        with bound:
+            if message.recipient is None:  # HELD messages are never claimed; be safe anyway
+                await self._ledger.outbox_failed(message.message_id, error="no recipient")
+                return "failed"
+            try:
+                async with asyncio.timeout(self._policy.send_timeout_s):
+                    sent = await self._sender.send(message.recipient, message.body)
+            except SmsError as exc:
+                return await self._after_failure(message, str(exc), retryable=exc.retryable)
+            except TimeoutError:
+                return await self._after_failure(message, "send timed out", retryable=True)
+            except Exception as exc:  # the outbox loop is an outermost edge: log, retry later
+                log.exception("sms_send_crashed", kind=message.kind.value)
+                return await self._after_failure(message, repr(exc), retryable=True)
+            await self._ledger.outbox_sent(
+                message.message_id,
+                provider_message_id=sent.provider_message_id,
+                cost=sent.cost,
+                state=sent.state,
+            )
+            log.info(
+                "sms_sent",
+                kind=message.kind.value,
+                provider_message_id=sent.provider_message_id,
+                cost=sent.cost,
+                attempts=message.attempts,
+            )
+            return "sent"
+
+    async def _after_failure(self, message: OutboxMessage, error: str, *, retryable: bool) -> str:
+        if retryable and message.attempts < self._policy.max_attempts:
+            next_try_at = self._clock() + self.backoff(message.attempts)
+            await self._ledger.outbox_retry(
+                message.message_id, next_try_at=next_try_at, error=error
+            )
+            log.warning("sms_retry_scheduled", error=error, attempts=message.attempts)
+            return "retried"
+        await self._ledger.outbox_failed(message.message_id, error=error)
+        log.error("sms_failed", error=error, attempts=message.attempts, retryable=retryable)
+        return "failed"
+
+    async def apply_delivery_report(self, report: DeliveryReport) -> OutboxMessage | None:
+        """Record a delivery report (a delivered token message delivers its purchase).
+
+        Returns the message, or None when the id is unknown (logged; not an error).
+        """
+        message = await self._ledger.apply_delivery_report(report)
+        if message is None:
+            log.warning("delivery_report_unknown", provider_message_id=report.provider_message_id)
+        return message
