@@ -9,7 +9,7 @@ A :class:`Layout` lists its fields most-significant first, in the order IEC 6205
         Field("rnd", 4),
         Field("tid", 24),
         Field("amount", 16),
-        Field("crc", 16),
+        Field("_crc", 16),
     )
 
 :func:`pack` refuses a value that does not fit its field (``InvalidField`` naming the field), so
@@ -47,7 +47,8 @@ class _Slot:
 class Layout:
     """An ordered set of fields, most significant first, covering ``width`` bits in total.
 
-    Fields whose name starts with ``_`` are padding: :func:`pack` writes zeros there and
+    Fields whose name starts with ``_`` are not carried by the caller: padding, or a value the
+    caller computes afterwards (the token CRC). :func:`pack` writes zeros there and
     :func:`unpack` leaves them out of its result.
     """
 

@@ -12,6 +12,7 @@ Check value (STSA wiki, "Key Expiry Number"): class 0, subclass 0, RND 0b0101, T
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Final
 
 # x^16 + x^15 + x^2 + 1, bit-reversed for LSB-first processing.
@@ -42,16 +43,68 @@ def crc16(data: bytes, crc: int = INITIAL) -> int:
     return crc
 
 
+def _swap(crc: int) -> int:
+    return (crc & 0xFF) << 8 | crc >> 8
+
+
+def reference_crc_field(head: int, *, currency: bool = False) -> int:
+    """:func:`crc_field` computed the plain way: CRC-16 over the 7 (or 8) bytes, byte-swapped."""
+    data = head.to_bytes(7, "big") + (bytes([CURRENCY_SUFFIX]) if currency else b"")
+    return _swap(crc16(data))
+
+
+# crc_field is affine in the head's bits (CRC without final XOR, fixed length), and so is the
+# byte swap: crc_field(h) = crc_field(0) ^ sum of T_k[chunk_k(h)] over five 10-bit chunks. The
+# tables are derived from reference_crc_field one bit at a time, so they cannot disagree with it.
+_CHUNK_BITS: Final = 10
+_CHUNK_MASK: Final = (1 << _CHUNK_BITS) - 1
+_HEAD_BITS: Final = 50
+
+
+@dataclass(frozen=True, slots=True)
+class _Tables:
+    base: int
+    t0: tuple[int, ...]
+    t1: tuple[int, ...]
+    t2: tuple[int, ...]
+    t3: tuple[int, ...]
+    t4: tuple[int, ...]
+
+
+def _chunk_tables(*, currency: bool) -> _Tables:
+    base = reference_crc_field(0, currency=currency)
+    tables = []
+    for shift in range(_HEAD_BITS - _CHUNK_BITS, -1, -_CHUNK_BITS):
+        bit_images = [
+            reference_crc_field(1 << (shift + i), currency=currency) ^ base
+            for i in range(_CHUNK_BITS)
+        ]
+        table = [0] * (1 << _CHUNK_BITS)
+        for value in range(1, 1 << _CHUNK_BITS):
+            lowest = (value & -value).bit_length() - 1
+            table[value] = table[value & (value - 1)] ^ bit_images[lowest]
+        tables.append(tuple(table))
+    return _Tables(base, *tables)
+
+
+_PLAIN: Final = _chunk_tables(currency=False)
+_CURRENCY: Final = _chunk_tables(currency=True)
+
+
 def crc_field(head: int, *, currency: bool = False) -> int:
     """The 16-bit CRC field for the 50-bit token head ``class << 48 | subclass << 44 | payload``.
 
     ``currency`` selects CRC_C (currency transfer tokens, class 0 subclasses 4-7). The result is
-    already byte-swapped, ready for bits 15..0 of the data block.
+    already byte-swapped, ready for bits 15..0 of the data block. Equal to
+    :func:`reference_crc_field`, computed with five table lookups for speed.
     """
-    table = _TABLE
-    crc = INITIAL
-    for shift in (48, 40, 32, 24, 16, 8, 0):
-        crc = (crc >> 8) ^ table[(crc ^ (head >> shift)) & 0xFF]
-    if currency:
-        crc = (crc >> 8) ^ table[(crc ^ CURRENCY_SUFFIX) & 0xFF]
-    return (crc & 0xFF) << 8 | crc >> 8
+    t = _CURRENCY if currency else _PLAIN
+    mask = _CHUNK_MASK
+    return (
+        t.base
+        ^ t.t0[head >> 40 & mask]
+        ^ t.t1[head >> 30 & mask]
+        ^ t.t2[head >> 20 & mask]
+        ^ t.t3[head >> 10 & mask]
+        ^ t.t4[head & mask]
+    )

@@ -2,9 +2,9 @@
 
 Every token is ``class(2) | subclass(4) | payload(44) | CRC(16)``. The 64-bit data block
 (subclass, payload, CRC) is encrypted with the decoder key for classes 0 and 2; class 1 goes in
-clear. The payload layouts below are the standard's tables written as data, most significant
+clear. The block layouts below are the standard's tables written as data, most significant
 field first, and one :func:`~gateway.sts.bits.pack`/:func:`~gateway.sts.bits.unpack` pair reads
-them all.
+them all. The CRC slot is named ``_crc``: it is computed (:mod:`gateway.sts.crc`), never given.
 
 Token contents are frozen dataclasses, one per shape (:data:`TokenFields`). Their ``to_json``
 and :func:`fields_from_json` use the ``fields`` shapes of ``VECTORS.md``.
@@ -24,7 +24,7 @@ from typing import ClassVar, Final
 
 from gateway.sts.amount import decode_currency, decode_units, encode_currency, encode_units
 from gateway.sts.bits import Field, Layout, pack, unpack
-from gateway.sts.carrier import extract_class, from_digits, insert_class, to_digits
+from gateway.sts.carrier import extract_class, from_digits, insert_class
 from gateway.sts.cipher import BlockCipher
 from gateway.sts.crc import crc_field
 from gateway.sts.errors import (
@@ -101,7 +101,7 @@ RND_TID_VALUE: Final = Layout(
     Field("rnd", 4),
     Field("tid", 24),
     Field("value", 16),
-    Field("crc", 16),
+    Field("_crc", 16),
 )
 #: Class 0 subclasses 4-7: the RND nibble holds the sign and high exponent bits.
 CURRENCY_BLOCK: Final = Layout(
@@ -112,7 +112,7 @@ CURRENCY_BLOCK: Final = Layout(
     Field("tid", 24),
     Field("exponent_low", 2),  # e1 e0
     Field("mantissa", 14),
-    Field("crc", 16),
+    Field("_crc", 16),
 )
 #: Class 1 subclass 0: 36-bit control field, 2-digit (8-bit) manufacturer code.
 TEST_SHORT_BLOCK: Final = Layout(
@@ -120,7 +120,7 @@ TEST_SHORT_BLOCK: Final = Layout(
     Field("subclass", 4),
     Field("control", 36),
     Field("manufacturer_code", 8),
-    Field("crc", 16),
+    Field("_crc", 16),
 )
 #: Class 1 subclass 1: 28-bit control field, 4-digit (16-bit) manufacturer code.
 TEST_LONG_BLOCK: Final = Layout(
@@ -128,7 +128,7 @@ TEST_LONG_BLOCK: Final = Layout(
     Field("subclass", 4),
     Field("control", 28),
     Field("manufacturer_code", 16),
-    Field("crc", 16),
+    Field("_crc", 16),
 )
 #: Class 2 subclass 3: Set1stSectionDecoderKey.
 KEY_SECTION_1_BLOCK: Final = Layout(
@@ -140,7 +140,7 @@ KEY_SECTION_1_BLOCK: Final = Layout(
     Field("three_kct", 1),
     Field("kt", 2),
     Field("nkho", 32),
-    Field("crc", 16),
+    Field("_crc", 16),
 )
 #: Class 2 subclass 4: Set2ndSectionDecoderKey.
 KEY_SECTION_2_BLOCK: Final = Layout(
@@ -149,11 +149,11 @@ KEY_SECTION_2_BLOCK: Final = Layout(
     Field("kenlo", 4),
     Field("ti", 8),
     Field("nklo", 32),
-    Field("crc", 16),
+    Field("_crc", 16),
 )
 #: Class 2 subclasses 8 and 9: a 44-bit payload whose meaning depends on the algorithm.
 KEY_SECTION_EXTRA_BLOCK: Final = Layout(
-    "3rd/4th key section block", Field("subclass", 4), Field("payload", 44), Field("crc", 16)
+    "3rd/4th key section block", Field("subclass", 4), Field("payload", 44), Field("_crc", 16)
 )
 #: Payload of subclass 8 under EA07 (the "3-KCT" SGC section): SGC in binary, then zeros.
 STA_SGC_SECTION: Final = Layout("EA07 3rd key section", Field("sgc", 24), Field("_zero", 20))
@@ -561,6 +561,7 @@ class _Shape:
     layout: Layout
     from_values: Callable[[int, dict[str, int]], TokenFields]
     from_json: Callable[[int, Mapping[str, object]], TokenFields]
+    currency: bool = False  # CRC_C
 
 
 def _currency_from_values(subclass: int, v: dict[str, int]) -> TokenFields:
@@ -584,6 +585,7 @@ for _sub in range(4, 8):
         CURRENCY_BLOCK,
         _currency_from_values,
         lambda s, d: CurrencyCredit(subclass=s, tid=_int(d, "tid"), amount=_int(d, "amount")),
+        currency=True,
     )
 for _sub, _layout in ((0, TEST_SHORT_BLOCK), (1, TEST_LONG_BLOCK)):
     _SHAPES[1, _sub] = _Shape(
@@ -663,6 +665,10 @@ for _sub in (8, 9):
     )
 
 
+def _is_currency(token_class: int, subclass: int) -> bool:
+    return token_class == TokenClass.TRANSFER_CREDIT and 4 <= subclass <= 7
+
+
 def is_supported(token_class: int, subclass: int) -> bool:
     """Whether this engine builds and decodes tokens of ``token_class``/``subclass``."""
     return (token_class, subclass) in _SHAPES
@@ -685,10 +691,6 @@ def fields_from_json(data: Mapping[str, object]) -> TokenFields:
     return shape.from_json(subclass, data)
 
 
-def _is_currency(token_class: int, subclass: int) -> bool:
-    return token_class == TokenClass.TRANSFER_CREDIT and 4 <= subclass <= 7
-
-
 def encode_block(fields: TokenFields) -> int:
     """The clear 64-bit data block of ``fields``, CRC included.
 
@@ -697,11 +699,8 @@ def encode_block(fields: TokenFields) -> int:
     """
     token_class = fields.TOKEN_CLASS
     shape = _SHAPES[token_class, fields.subclass]
-    values = fields.block_values()
-    values["crc"] = 0
-    block = pack(shape.layout, values)
-    head = token_class << 48 | block >> 16
-    return block | crc_field(head, currency=_is_currency(token_class, fields.subclass))
+    block = pack(shape.layout, fields.block_values())
+    return block | crc_field(token_class << 48 | block >> 16, currency=shape.currency)
 
 
 def decode_block(token_class: int, block: int) -> TokenFields:
@@ -712,14 +711,15 @@ def decode_block(token_class: int, block: int) -> TokenFields:
         UnsupportedToken: the CRC matches but the class/subclass is reserved or proprietary.
     """
     subclass = block >> 60
-    head = token_class << 48 | block >> 16
-    expected = crc_field(head, currency=_is_currency(token_class, subclass))
+    shape = _SHAPES.get((token_class, subclass))
+    # CRC_C for currency subclasses, also when the subclass is unknown to us (5-7 are currency).
+    currency = shape.currency if shape is not None else _is_currency(token_class, subclass)
+    expected = crc_field(token_class << 48 | block >> 16, currency=currency)
     if block & 0xFFFF != expected:
         raise CrcMismatch(
             f"the token's CRC is {block & 0xFFFF:04x}, its content gives {expected:04x}:"
             " it was made with another decoder key, or a digit is mistyped"
         )
-    shape = _SHAPES.get((token_class, subclass))
     if shape is None:
         raise UnsupportedToken(token_class, subclass)
     return shape.from_values(subclass, unpack(shape.layout, block))
@@ -745,7 +745,7 @@ class TokenImage:
     @property
     def digits(self) -> str:
         """The token's 20 digits."""
-        return to_digits(self.value)
+        return f"{self.value:020d}"  # value < 2**66 by construction: always 20 digits
 
     @property
     def token_class(self) -> int:
