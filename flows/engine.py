@@ -554,8 +554,8 @@ def _newest_input(hop: UssdHop, last_text: str | None) -> str:
     if not hop.cumulative:
         return hop.text
     previous = last_text or ""
-    if not previous:
-        return hop.text
+    if not previous:  # after a plain dial: an empty first answer leaves a leading "*"
+        return hop.text.removeprefix("*")
     if hop.text.startswith(previous + "*"):
         return hop.text[len(previous) + 1 :]
     return hop.text.rsplit("*", 1)[-1]

@@ -129,6 +129,7 @@ class FakeCustomerServices:
         key = request.idempotency_key
 
         async def request_prompt() -> None:
+            self.calls.append("request_prompt")
             self.prompts_started.append(key)
             if self.prompt_gate is not None:
                 await self.prompt_gate.wait()
