@@ -478,9 +478,11 @@ class DarajaProvider:
         Returns whether a ``query_status`` call was waiting for it. A result nobody waits for is
         kept briefly, in case it overtook the query's own acknowledgement.
 
+        A result saying our initiator setup is wrong reaches the waiting query as a
+        non-retryable ``ProviderUnavailable``.
+
         Raises:
             ForgedCallback: the body is not a Transaction Status result.
-            ProviderUnavailable: the result says our initiator setup is wrong.
         """
         reference, outcome = self._parse_status_result(body)
         waiter = self._status_waiters.get(reference)
