@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.cli import main
 from gateway.commands.token import run_batch
@@ -234,3 +236,39 @@ def test_exhausted_base_date_fails_with_the_rollover_message(
     ]
     assert main(argv) == 1
     assert "rollover" in capsys.readouterr().err
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=12,
+)
+KEYS = st.sampled_from(["id", "meter", "decoder_key", "ea", "sta_tables", "fields", "token"])
+FIELD_KEYS = st.sampled_from(
+    ["class", "subclass", "rnd", "tid", "amount", "register", "value", "control", "nkho", "payload"]
+)
+
+
+def _mutated_vector(vector: dict[str, Any], data: st.DataObject) -> dict[str, Any]:
+    line = json.loads(json.dumps(vector))
+    key = data.draw(KEYS)
+    if key == "fields" and isinstance(line.get("fields"), dict) and data.draw(st.booleans()):
+        line["fields"][data.draw(FIELD_KEYS)] = data.draw(JSON_VALUES)
+    elif key == "meter" and isinstance(line.get("meter"), dict):
+        line["meter"][data.draw(st.sampled_from(sorted(line["meter"])))] = data.draw(JSON_VALUES)
+    else:
+        line[key] = data.draw(JSON_VALUES)
+    return line
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(vector=st.sampled_from(VECTORS), data=st.data(), decode=st.booleans())
+def test_batch_never_crashes_on_a_malformed_line(
+    vector: dict[str, Any], data: st.DataObject, decode: bool
+) -> None:
+    """Whatever a line holds, batch answers it with a result or an error object, never a crash."""
+    line = json.dumps(_mutated_vector(vector, data))
+    out = io.StringIO()
+    run_batch([line], out, decode=decode)
+    answer = json.loads(out.getvalue())
+    assert "error" in answer or ("token" in answer or "fields" in answer)

@@ -23,7 +23,7 @@ from gateway.sts.carrier import (
     mask_digits,
     to_digits,
 )
-from gateway.sts.crc import crc16, crc_field
+from gateway.sts.crc import crc16, crc_field, reference_crc_field
 from gateway.sts.errors import AmountNotEncodable, InvalidField, TidRangeExhausted, TokenFormatError
 from gateway.sts.tid import TID_MAX, is_reserved, next_tid, range_end, tid_for
 
@@ -70,6 +70,17 @@ def test_currency_crc_appends_one_byte() -> None:
     head = 0x4065F0D4DFF6
     crc = crc16(head.to_bytes(7, "big") + b"\x01")
     assert crc_field(head, currency=True) == (crc & 0xFF) << 8 | crc >> 8
+
+
+@given(st.integers(0, 2**50 - 1), st.booleans())
+@example(0, currency=False)
+@example(2**50 - 1, currency=True)
+def test_table_crc_equals_the_reference_crc(head: int, currency: bool) -> None:
+    """The table-driven CRC field equals CRC-16 over the 7 (or 8) bytes, byte-swapped."""
+    data = head.to_bytes(7, "big") + (b"\x01" if currency else b"")
+    crc = crc16(data)
+    assert crc_field(head, currency=currency) == (crc & 0xFF) << 8 | crc >> 8
+    assert crc_field(head, currency=currency) == reference_crc_field(head, currency=currency)
 
 
 # --- amounts ----------------------------------------------------------------------------------
