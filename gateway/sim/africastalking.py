@@ -375,11 +375,11 @@ class AtSimulator:
         if not body.startswith(("CON ", "END ")):
             await self.end_session(session, "Failed", "Response should start with a CON or an END")
             return UssdScreen(text="Connection problem or invalid MMI code.", ended=True)
+        if not is_gsm7(body):
+            session.violations.append(f"hop {session.hops}: characters outside GSM-7")
         if len(body) > self.max_chars:
             session.violations.append(f"hop {session.hops}: {len(body)} characters")
             body = body[: self.max_chars]
-        if not is_gsm7(body):
-            session.violations.append(f"hop {session.hops}: characters outside GSM-7")
         session.last_response = body
         screen = UssdScreen(text=body[4:], ended=body.startswith("END "))
         if screen.ended:

@@ -1,0 +1,79 @@
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flows.ports import SessionStore
+from flows.sessions import MemorySessionStore, SqliteSessionStore
+
+
+class Clock:
+    """Fake seconds."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        """The current fake time."""
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A fake clock shared by the store under test."""
+    return Clock()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[SessionStore]:
+    """Each SessionStore implementation (the same contract for all)."""
+    if request.param == "memory":
+        yield MemorySessionStore(clock)
+        return
+    sqlite = SqliteSessionStore.open(tmp_path / "sessions.db", clock=clock)
+    yield sqlite
+    sqlite.close()
+
+
+async def test_put_then_get_returns_the_value(store: SessionStore) -> None:
+    """A stored value reads back until replaced."""
+    await store.put("k", "v1", 10)
+    assert await store.get("k") == "v1"
+    await store.put("k", "v2", 10)
+    assert await store.get("k") == "v2"
+
+
+async def test_expired_values_read_as_absent(store: SessionStore, clock: Clock) -> None:
+    """After its ttl a value is gone."""
+    await store.put("k", "v", 10)
+    clock.now += 10.5
+    assert await store.get("k") is None
+
+
+async def test_add_stores_only_when_absent_or_expired(store: SessionStore, clock: Clock) -> None:
+    """Add is set-if-absent: refused while the key lives, allowed once it expired."""
+    assert await store.add("k", "first", 10)
+    assert not await store.add("k", "second", 10)
+    assert await store.get("k") == "first"
+    clock.now += 11
+    assert await store.add("k", "third", 10)
+    assert await store.get("k") == "third"
+
+
+async def test_delete_removes_and_tolerates_absence(store: SessionStore) -> None:
+    """Delete removes a key; deleting a missing key is fine."""
+    await store.put("k", "v", 10)
+    await store.delete("k")
+    await store.delete("k")
+    assert await store.get("k") is None
+
+
+async def test_two_sqlite_connections_share_state(tmp_path: Path, clock: Clock) -> None:
+    """Two worker processes' stores on one file see each other's sessions."""
+    first = SqliteSessionStore.open(tmp_path / "s.db", clock=clock)
+    second = SqliteSessionStore.open(tmp_path / "s.db", clock=clock)
+    await first.put("k", "v", 10)
+    assert await second.get("k") == "v"
+    assert not await second.add("k", "w", 10)
+    first.close()
+    second.close()
