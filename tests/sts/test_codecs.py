@@ -72,9 +72,9 @@ def test_currency_crc_appends_one_byte() -> None:
     assert crc_field(head, currency=True) == (crc & 0xFF) << 8 | crc >> 8
 
 
-@given(st.integers(0, 2**50 - 1), st.booleans())
-@example(0, currency=False)
-@example(2**50 - 1, currency=True)
+@given(head=st.integers(0, 2**50 - 1), currency=st.booleans())
+@example(head=0, currency=False)
+@example(head=2**50 - 1, currency=True)
 def test_table_crc_equals_the_reference_crc(head: int, currency: bool) -> None:
     """The table-driven CRC field equals CRC-16 over the 7 (or 8) bytes, byte-swapped."""
     data = head.to_bytes(7, "big") + (b"\x01" if currency else b"")
