@@ -129,6 +129,10 @@ def _key_options(parser: argparse.ArgumentParser, *, required: bool = True) -> N
     group = parser.add_argument_group("meter key (either --decoder-key, or the attributes)")
     group.add_argument("--decoder-key", help="the decoder key, hex")
     group.add_argument("--vending-key", help="the vending key, hex (8 bytes DKGA02, 20 DKGA04)")
+    group.add_argument(
+        "--vending-key-file",
+        help="read the vending key (hex) from this file, keeping it out of the process list",
+    )
     group.add_argument("--dkga", type=int, default=4)
     group.add_argument("--iin", default="600727")
     group.add_argument("--drn", help="meter number, 11 digits (13 with IIN 0000)")
@@ -189,7 +193,20 @@ def _derive(args: argparse.Namespace, vending_key: str, attributes: KeyAttribute
     )
 
 
+def _read_key_file(args: argparse.Namespace) -> None:
+    if args.vending_key_file is None:
+        return
+    try:
+        with open(args.vending_key_file, encoding="ascii") as handle:  # noqa: PTH123
+            args.vending_key = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidKey(
+            "vending_key", "<redacted>", f"cannot read {args.vending_key_file}: {exc}"
+        ) from None
+
+
 def _meter_key(args: argparse.Namespace) -> _MeterKey | None:
+    _read_key_file(args)
     tables = StaTables.SAMPLE if args.sample_tables else StaTables.REAL
     if args.decoder_key is not None:
         key = _hex("decoder_key", args.decoder_key)
@@ -371,6 +388,7 @@ def _key_change(args: argparse.Namespace) -> int:
 
 
 def _key_change_body(args: argparse.Namespace) -> None:
+    _read_key_file(args)
     if args.vending_key is None:
         raise InvalidKey("vending_key", None, "a key change needs --vending-key")
     meter = _meter_key(args)

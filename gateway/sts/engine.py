@@ -7,7 +7,9 @@ each meter's decoder key (DKGA02/DKGA04) and encrypts in-process. A remote, HSM-
 plugs in behind the same protocol.
 
 The engine never chooses TIDs: the ledger does, with :func:`~gateway.sts.tid.next_tid`, so TIDs
-stay unique and increasing per meter across processes.
+stay unique and increasing per meter across processes. TIDs are minutes counted in UTC
+(:data:`~gateway.sts.tid.TID_ZONE`): the sources leave the zone unspecified and vendors use local
+time, so every issuer for a meter must agree on one zone.
 """
 
 from __future__ import annotations
@@ -235,6 +237,9 @@ class LocalTokenEngine:
             cache (every token derives its key again, as a benchmark baseline).
         sta_tables: STA tables for EA07 (``SAMPLE`` only for the IEC example).
         rnd: source of the 4-bit RND field (default: a ``random.Random`` seeded by the OS).
+
+    Calls are CPU-only (tens of microseconds) and do not block the event loop. Not thread-safe:
+    use one instance from one event loop (or one per thread).
 
     Raises:
         InvalidKey: two keys for the same (SGC, KRN).

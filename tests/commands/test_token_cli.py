@@ -272,3 +272,14 @@ def test_batch_never_crashes_on_a_malformed_line(
     run_batch([line], out, decode=decode)
     answer = json.loads(out.getvalue())
     assert "error" in answer or ("token" in answer or "fields" in answer)
+
+
+def test_vending_key_can_come_from_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--vending-key-file reads the hex key from a file instead of the command line."""
+    key_file = tmp_path / "vk.hex"
+    key_file.write_text(VK + "\n")
+    argv = ["token", "decoder-key", "--vending-key-file", str(key_file), *METER[2:]]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == "87f3ecbb2e46b48f"
