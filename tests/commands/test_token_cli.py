@@ -250,7 +250,7 @@ FIELD_KEYS = st.sampled_from(
 
 
 def _mutated_vector(vector: dict[str, Any], data: st.DataObject) -> dict[str, Any]:
-    line = json.loads(json.dumps(vector))
+    line: dict[str, Any] = json.loads(json.dumps(vector))
     key = data.draw(KEYS)
     if key == "fields" and isinstance(line.get("fields"), dict) and data.draw(st.booleans()):
         line["fields"][data.draw(FIELD_KEYS)] = data.draw(JSON_VALUES)
