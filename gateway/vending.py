@@ -27,6 +27,7 @@ Tariff errors (``gateway.tariff``) pass through from ``quote`` and ``start_purch
 from __future__ import annotations
 
 import asyncio
+import random
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -229,7 +230,7 @@ class SagaPolicy:
     check_backoff_s: float = 15.0
     check_backoff_max_s: float = 300.0
     payment_deadline_s: float = 900.0
-    vend_attempts: int = 8
+    vend_attempts: int = 32
 
 
 class Vending:
@@ -642,11 +643,14 @@ class Vending:
                 return existing
             purchase = await self._ledger.get_purchase(purchase_id)
             async with self._meter_lock(purchase.meter):
-                for _ in range(self._policy.vend_attempts):
+                for attempt in range(self._policy.vend_attempts):
                     try:
                         return await self._vend_once(purchase_id)
                     except TidConflict as exc:
-                        log.info("vend_tid_conflict", meter=exc.meter, retrying=True)
+                        # Another writer (another process) took the meter's next TID: read again.
+                        # A short jittered pause breaks the symmetry between two retrying writers.
+                        log.info("vend_tid_conflict", meter=exc.meter, attempt=attempt)
+                        await asyncio.sleep(random.random() * 0.002 * (attempt + 1))
                 raise LedgerError(
                     f"purchase {purchase_id}: the meter's TID kept moving during"
                     f" {self._policy.vend_attempts} attempts",
