@@ -6,6 +6,7 @@ systemd-analyze) a test also runs it, and is skipped with a reason otherwise.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import dataclasses
@@ -42,16 +43,19 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 UNIT = DEPLOY / "systemd" / "sts-gateway.service"
 CONTAINERFILE = DEPLOY / "Containerfile"
 
-# The inbound routes of the gateway (DESIGN.md "Running it" and the web package's conventions),
-# with each route's caller allowlist in the proxy (None: open to anyone). <secret> stands for the
-# callback secret, <page> for an admin page.
+# The inbound routes of the gateway (DESIGN.md "Running it" and gateway/web/), with each route's
+# caller allowlist in the proxy (None: open to anyone). <secret> stands for the callback secret,
+# <page> for an admin page. test_every_route_declared_in_gateway_web_is_listed keeps it complete.
 ROUTES: dict[str, str | None] = {
     "/ussd/africastalking": "PROXY_AT_SOURCES",
+    "/ussd/africastalking/events": "PROXY_AT_SOURCES",
     "/sms/africastalking/inbound": "PROXY_AT_SOURCES",
     "/sms/africastalking/delivery": "PROXY_AT_SOURCES",
     "/payments/daraja/<secret>/stk": "PROXY_DARAJA_SOURCES",
     "/payments/daraja/<secret>/c2b/validation": "PROXY_DARAJA_SOURCES",
     "/payments/daraja/<secret>/c2b/confirmation": "PROXY_DARAJA_SOURCES",
+    "/payments/daraja/<secret>/status/result": "PROXY_DARAJA_SOURCES",
+    "/payments/daraja/<secret>/status/timeout": "PROXY_DARAJA_SOURCES",
     "/payments/momo/<secret>/callback": "PROXY_MOMO_SOURCES",
     "/payments/airtel/<secret>/callback": "PROXY_AIRTEL_SOURCES",
     "/healthz": None,
@@ -411,6 +415,41 @@ def _caddy_handles() -> list[tuple[list[str], list[str]]]:
 
 def _path_matches(pattern: str, path: str) -> bool:
     return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), path) is not None
+
+
+def _web_route_literals() -> tuple[set[str], set[str]]:
+    """Route paths written in gateway/web/*.py: (absolute paths, ``f"{base}/…"`` suffixes)."""
+    absolute: set[str] = set()
+    suffixes: set[str] = set()
+    for path in sorted((ROOT / "gateway" / "web").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if re.fullmatch(
+                    r"/(ussd|sms|admin|healthz|readyz|metrics)[a-z0-9_/{}.-]*", node.value
+                ):
+                    absolute.add(node.value)
+            elif isinstance(node, ast.JoinedStr) and len(node.values) == 2:
+                head, tail = node.values
+                if (
+                    isinstance(head, ast.FormattedValue)
+                    and isinstance(tail, ast.Constant)
+                    and re.fullmatch(r"(/[a-z0-9_-]+)+", str(tail.value))
+                ):
+                    suffixes.add(str(tail.value))
+    return absolute, suffixes
+
+
+def test_every_route_declared_in_gateway_web_is_listed() -> None:
+    """Each route path gateway/web declares is in the route list the proxy is checked against."""
+    absolute, suffixes = _web_route_literals()
+    assert "/healthz" in absolute  # the scan does find routes
+    templates = [re.escape(r).replace("<secret>", "[^/]+").replace("<page>", ".*") for r in ROUTES]
+    for route in absolute:
+        concrete = re.sub(r"\{(\w+)\}", r"\1", route)
+        assert any(re.fullmatch(t, concrete) for t in templates), route
+    callbacks = [r for r in ROUTES if r.startswith("/payments/")]
+    for suffix in suffixes:
+        assert any(r.endswith(suffix) for r in callbacks), suffix
 
 
 def test_every_proxy_path_is_a_gateway_route() -> None:
