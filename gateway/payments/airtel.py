@@ -37,6 +37,7 @@ from gateway.payments.base import (
     ProviderUnavailable,
     TokenCache,
     call_provider,
+    remember,
 )
 from gateway.phone import national_significant
 
@@ -228,7 +229,7 @@ class AirtelProvider:
             raise self._error(reply, reference, what="payment request refused")
         else:
             log.info("airtel_request_sent", provider=self.name, reference=reference)
-        self._requested[reference] = amount
+        remember(self._requested, reference, amount)
         return CollectionStarted(provider=self.name, reference=reference)
 
     async def query_status(self, reference: ProviderReference) -> PaymentStatus:

@@ -25,13 +25,16 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import NewType, Protocol
+from typing import NewType, Protocol, TypeVar
 
 import aiohttp
 
 from gateway.errors import GatewayError
 from gateway.money import Money
 from gateway.phone import Msisdn
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 ProviderReference = NewType("ProviderReference", str)
 """The provider's handle for one collection: Daraja ``CheckoutRequestID`` (STK) or ``TransID``
@@ -253,6 +256,18 @@ class CustomerPaymentRefusal(StrEnum):
     AMOUNT_OUT_OF_RANGE = "amount_out_of_range"
     INVALID_PAYER = "invalid_payer"
     OTHER = "other"
+
+
+def remember(memory: dict[_K, _V], key: _K, value: _V, *, limit: int = 10_000) -> None:
+    """Store ``key → value`` in an adapter's bounded memory; the oldest go beyond ``limit``.
+
+    Adapters remember what they asked for (amounts, started pushes) to answer retries and fill
+    gaps in providers' answers; a long-running process must not grow without bound.
+    """
+    memory.pop(key, None)
+    memory[key] = value
+    while len(memory) > limit:
+        del memory[next(iter(memory))]
 
 
 class TokenCache:

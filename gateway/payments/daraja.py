@@ -55,6 +55,7 @@ from gateway.payments.base import (
     ProviderUnavailable,
     TokenCache,
     call_provider,
+    remember,
 )
 from gateway.phone import InvalidPhoneNumber, Msisdn, international_digits, parse_msisdn
 
@@ -358,8 +359,8 @@ class DarajaProvider:
             reference=reference,
             customer_message=str(body.get("CustomerMessage", "")) or None,
         )
-        self._started[request.purchase_id] = started
-        self._requested[reference] = amount
+        remember(self._started, request.purchase_id, started)
+        remember(self._requested, reference, amount)
         log.info("stk_push_sent", provider=self.name, reference=reference, amount=str(amount))
         return started
 

@@ -1,0 +1,73 @@
+import asyncio
+
+import pytest
+from payfakes import FakeClock
+
+from gateway.payments.base import PaymentError, TokenCache, remember
+
+
+def test_memory_forgets_the_oldest_beyond_its_limit() -> None:
+    """Past the limit the oldest entries go; storing a key again makes it the newest."""
+    memory: dict[str, int] = {}
+    for index, key in enumerate(["a", "b", "c"]):
+        remember(memory, key, index, limit=3)
+    remember(memory, "a", 9, limit=3)
+    remember(memory, "d", 4, limit=3)
+    assert memory == {"c": 2, "a": 9, "d": 4}
+
+
+async def test_concurrent_callers_share_one_token_fetch() -> None:
+    """Ten callers waiting for a token at once cause a single fetch."""
+    fetches = 0
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def fetch() -> tuple[str, float]:
+        nonlocal fetches
+        fetches += 1
+        entered.set()
+        await gate.wait()
+        return f"token-{fetches}", 3600.0
+
+    cache = TokenCache(fetch, clock=FakeClock())
+    waiting = [asyncio.create_task(cache.get()) for _ in range(10)]
+    await entered.wait()  # the first caller is fetching; the other nine queue behind it
+    gate.set()
+    assert set(await asyncio.gather(*waiting)) == {"token-1"}
+    assert fetches == 1
+
+
+async def test_token_refreshes_before_expiry_and_after_invalidation() -> None:
+    """A token is refetched a margin before its lifetime ends, and at once when invalidated."""
+    clock = FakeClock()
+    issued: list[str] = []
+
+    async def fetch() -> tuple[str, float]:
+        issued.append(f"t{len(issued)}")
+        return issued[-1], 600.0
+
+    cache = TokenCache(fetch, clock=clock, margin_s=60.0)
+    assert await cache.get() == "t0"
+    clock.advance(539)
+    assert await cache.get() == "t0"
+    clock.advance(1)
+    assert await cache.get() == "t1"
+    cache.invalidate()
+    assert await cache.get() == "t2"
+
+
+async def test_failed_fetch_leaves_no_token_behind() -> None:
+    """When fetching fails, the error reaches the caller and the next call tries again."""
+    attempts = 0
+
+    async def fetch() -> tuple[str, float]:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise PaymentError("down", provider="x", retryable=True)
+        return "ok", 60.0
+
+    cache = TokenCache(fetch, clock=FakeClock())
+    with pytest.raises(PaymentError):
+        await cache.get()
+    assert await cache.get() == "ok"
