@@ -388,3 +388,27 @@ def test_class_bits_survive_transposition_in_the_meter(engine: LocalTokenEngine)
     """The meter reads class 2 from a management token (the transposed bits are restored)."""
     token = engine.management_token_sync(METER, 5, _tid(), 0)
     assert extract_class(int(token.digits))[0] == 2
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    tids=st.lists(st.integers(1000, 1060), min_size=1, max_size=40),
+    depth=st.integers(1, 6),
+)
+def test_tid_store_invariants(tids: list[int], depth: int) -> None:
+    """Whatever the order of credit tokens, each TID is credited at most once (newest always)."""
+    engine = LocalTokenEngine([VK_2014], rnd=lambda: 0)
+    meter = MeterEmulator.for_profile(METER, VK_2014, tid_store_depth=depth)
+    accepted: list[int] = []
+    for tid in tids:
+        answer = meter.enter(engine.credit_token_sync(METER, 1, tid).digits)
+        note(f"{tid}: {answer.verdict}")
+        if accepted and tid > max(accepted):
+            assert answer.verdict is Verdict.ACCEPTED
+        if tid in accepted:
+            assert answer.verdict in {Verdict.USED, Verdict.OLD}
+        if answer.accepted:
+            accepted.append(tid)
+        assert len(meter.tids) <= depth
+    assert len(set(accepted)) == len(accepted)
+    assert meter.credit[0] == len(accepted)
