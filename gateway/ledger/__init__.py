@@ -1,4 +1,4 @@
-"""The transaction ledger: the ``Ledger`` port, its SQLite backend and sealed vending keys."""
+"""The transaction ledger: the ``Ledger`` port, its SQLite and PostgreSQL backends, sealed keys."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ from gateway.ledger.base import (
     new_purchase_id,
 )
 from gateway.ledger.keys import VendingKeyMaterial, open_vending_key, seal_vending_key
+from gateway.ledger.postgres import PostgresLedger, is_postgres_url, open_postgres_ledger
 from gateway.ledger.sqlite import SqliteLedger, open_sqlite_ledger, sqlite_path
 
 
@@ -59,14 +60,18 @@ def _utc_now() -> datetime:
 async def open_ledger(
     url: str, *, clock: Callable[[], datetime] = _utc_now
 ) -> AsyncIterator[Ledger]:
-    """Open the ledger named by ``url`` (``sqlite:///var/gateway.db``), migrated; closed on exit.
+    """Open the ledger named by ``url``, migrated; closed on exit.
+
+    ``sqlite:///var/gateway.db`` (one instance) or ``postgresql://host:5432/db`` (several).
 
     Raises:
-        LedgerError: the URL names no supported backend (PostgreSQL arrives with issue 7).
+        LedgerError: the URL names no supported backend.
         LedgerUnavailable, MigrationError: the database cannot be opened or brought up to date.
     """
-    if url.startswith(("postgres://", "postgresql://")):
-        raise LedgerError("the PostgreSQL ledger is not built yet (issue 7); use sqlite:///path")
+    if is_postgres_url(url):
+        async with open_postgres_ledger(url, clock=clock) as ledger:
+            yield ledger
+        return
     async with open_sqlite_ledger(sqlite_path(url), clock=clock) as ledger:
         yield ledger
 
@@ -95,6 +100,7 @@ __all__ = [
     "OutboxState",
     "PaymentRecord",
     "PaymentRecordState",
+    "PostgresLedger",
     "Purchase",
     "PurchaseDraft",
     "PurchaseId",
@@ -114,6 +120,7 @@ __all__ = [
     "mask_name",
     "new_purchase_id",
     "open_ledger",
+    "open_postgres_ledger",
     "open_sqlite_ledger",
     "open_vending_key",
     "seal_vending_key",

@@ -2,15 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from ledger_support import TARIFF, FakeClock, meter_record
 
-from gateway.ledger import Ledger, open_sqlite_ledger
+from gateway.ledger import Ledger, LedgerUnavailable, open_postgres_ledger, open_sqlite_ledger
+from gateway.ledger.postgres import create_schema, drop_schema
 
-BACKENDS = ["sqlite"]  # issue 7 adds "postgres" here, with the same tests
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+POSTGRES_URL = "postgresql://127.0.0.1:5432/test"
+POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+
+
+@contextlib.asynccontextmanager
+async def postgres_test_ledger(clock: FakeClock) -> AsyncIterator[Ledger]:
+    """A PostgreSQL ledger in a fresh schema of its own, dropped afterwards.
+
+    No server: the test is skipped with how to start one, except under CI (``CI`` set), which
+    never skips.
+    """
+    schema = f"t_{uuid.uuid4().hex}"
+    try:
+        await create_schema(POSTGRES_URL, schema)
+    except LedgerUnavailable as exc:
+        message = (
+            f"PostgreSQL at {POSTGRES_URL} does not answer ({exc}); start it: {POSTGRES_START}"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        async with open_postgres_ledger(
+            POSTGRES_URL, clock=clock, schema=schema, max_size=4
+        ) as opened:
+            yield opened
+    finally:
+        await drop_schema(POSTGRES_URL, schema)
 
 
 @pytest.fixture
@@ -24,8 +56,12 @@ async def ledger(
     request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
 ) -> AsyncIterator[Ledger]:
     """A fresh, migrated ledger with the domestic tariff and meters 01234567890 … 01234567892."""
-    assert request.param == "sqlite"
-    async with open_sqlite_ledger(tmp_path / "ledger.db", clock=clock) as opened:
+    opening = (
+        postgres_test_ledger(clock)
+        if request.param == "postgres"
+        else open_sqlite_ledger(tmp_path / "ledger.db", clock=clock)
+    )
+    async with opening as opened:
         await opened.put_tariff(TARIFF)
         for drn in ("01234567890", "01234567891", "01234567892"):
             await opened.put_meter(meter_record(drn))
