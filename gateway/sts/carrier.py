@@ -31,8 +31,12 @@ def insert_class(block: int, token_class: int) -> int:
         raise InvalidField("data_block", block, "must be a 64-bit value")
     if not 0 <= token_class <= 3:
         raise InvalidField("class", token_class, "the token class is 2 bits (0..3)")
-    displaced = (block & _PAIR_MASK) >> _LOW
-    return displaced << 64 | (block & ~_PAIR_MASK) | token_class << _LOW
+    return transpose(block, token_class)
+
+
+def transpose(block: int, token_class: int) -> int:
+    """:func:`insert_class` for values already known to be in range (the vending hot path)."""
+    return (block & _PAIR_MASK) << (64 - _LOW) | (block & ~_PAIR_MASK) | token_class << _LOW
 
 
 def extract_class(token: int) -> tuple[int, int]:

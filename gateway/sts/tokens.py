@@ -24,7 +24,7 @@ from typing import ClassVar, Final
 
 from gateway.sts.amount import decode_currency, decode_units, encode_currency, encode_units
 from gateway.sts.bits import Field, Layout, pack, unpack
-from gateway.sts.carrier import extract_class, from_digits, insert_class
+from gateway.sts.carrier import extract_class, from_digits, transpose
 from gateway.sts.cipher import BlockCipher
 from gateway.sts.crc import crc_field
 from gateway.sts.errors import (
@@ -212,7 +212,8 @@ class UnitsCredit:
     amount: int
 
     def __post_init__(self) -> None:
-        _subclass_in("units credit", self.subclass, range(4))
+        if not 0 <= self.subclass <= 3:  # inline: built once per vend
+            _subclass_in("units credit", self.subclass, range(4))
 
     def block_values(self) -> dict[str, int]:
         """The data-block field values (CRC excluded)."""
@@ -788,11 +789,12 @@ def token_digits(fields: TokenFields, cipher: BlockCipher | None) -> str:
 
 
 def _seal(block: int, token_class: int, cipher: BlockCipher | None) -> int:
-    if token_class == TokenClass.METER_TEST:
-        return insert_class(block, token_class)
+    # block is 64 bits (packed) and token_class 0..2 (a TokenFields class), so transpose is safe.
+    if token_class == 1:  # class 1 (METER_TEST) is sent in clear
+        return transpose(block, token_class)
     if cipher is None:
         raise InvalidKey("decoder_key", None, "class 0 and 2 tokens need a decoder key")
-    return insert_class(cipher.encrypt(block), token_class)
+    return transpose(cipher.encrypt(block), token_class)
 
 
 def decode_token(digits: str, cipher: BlockCipher | None) -> TokenImage:
