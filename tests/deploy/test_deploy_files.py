@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import importlib.util
 import ipaddress
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tomllib
 from collections.abc import Iterator
@@ -41,6 +43,8 @@ CADDYFILE = DEPLOY / "caddy" / "Caddyfile"
 COMPOSE = DEPLOY / "compose.yaml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 UNIT = DEPLOY / "systemd" / "sts-gateway.service"
+BACKUP_UNIT = DEPLOY / "systemd" / "sts-gateway-backup.service"
+BACKUP_TIMER = DEPLOY / "systemd" / "sts-gateway-backup.timer"
 CONTAINERFILE = DEPLOY / "Containerfile"
 
 # The inbound routes of the gateway (DESIGN.md "Running it" and gateway/web/), with each route's
@@ -638,10 +642,10 @@ async def test_caddy_enforces_allowlists_and_sets_forwarding_headers(tmp_path: P
 # ------------------------------------------------------------------------------------- systemd
 
 
-def _unit() -> dict[str, list[str]]:
+def _unit(path: Path = UNIT) -> dict[str, list[str]]:
     values: dict[str, list[str]] = {}
     section = ""
-    for raw in UNIT.read_text(encoding="utf-8").splitlines():
+    for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.strip()
         if not line or line.startswith(("#", ";")):
             continue
@@ -693,6 +697,49 @@ def test_systemd_unit_exposure_is_low(tmp_path: Path) -> None:
     if level is None:
         pytest.skip(f"systemd-analyze cannot rate units offline here: {result.stderr.strip()}")
     assert float(level.group(1)) <= 2.0, result.stdout
+
+
+def test_backup_unit_copies_a_live_wal_database_with_its_uncheckpointed_commits(
+    tmp_path: Path,
+) -> None:
+    """The backup unit's command copies commits still in the -wal file and checks the copy."""
+    if shutil.which("sqlite3") is None:
+        pytest.skip("the sqlite3 command-line shell is not installed")
+    unit = _unit(BACKUP_UNIT)
+    environment = dict(item.split("=", 1) for item in unit["Service.Environment"])
+    assert set(environment) == {"DB", "BACKUPS"}
+    assert (
+        environment["DB"] == f"/var/lib/private/{_unit()['Service.StateDirectory'][0]}/gateway.db"
+    )
+    assert unit["Service.ExecStartPost"][0].startswith(f"/usr/bin/find {environment['BACKUPS']} ")
+    assert "OnCalendar=hourly" in BACKUP_TIMER.read_text(encoding="utf-8")
+    command = re.fullmatch(r"/bin/sh -euc '(.*)'", unit["Service.ExecStart"][0])
+    assert command is not None
+    script = command.group(1).replace("$$", "$").replace("%%", "%")  # systemd's escapes
+    database = tmp_path / "live" / "gateway.db"
+    database.parent.mkdir()
+    writer = sqlite3.connect(database, isolation_level=None)
+    try:
+        writer.execute("PRAGMA journal_mode = WAL")
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute("CREATE TABLE purchases (id INTEGER PRIMARY KEY)")
+        writer.executemany("INSERT INTO purchases VALUES (?)", [(i,) for i in range(250)])
+        assert (tmp_path / "live" / "gateway.db-wal").stat().st_size > 0
+        subprocess.run(
+            ["/bin/sh", "-euc", script],
+            env={
+                "PATH": os.environ.get("PATH", ""),
+                "DB": str(database),
+                "BACKUPS": str(tmp_path / "backups"),
+            },
+            check=True,
+            capture_output=True,
+        )
+    finally:
+        writer.close()
+    (copy,) = (tmp_path / "backups").glob("gateway-*.db")
+    with contextlib.closing(sqlite3.connect(copy)) as restored:
+        assert restored.execute("SELECT count(*) FROM purchases").fetchone() == (250,)
 
 
 # ----------------------------------------------------------------------------------- container
