@@ -1,0 +1,712 @@
+"""The operator's pages at ``/admin``: search, a purchase's timeline, reprint, stuck purchases.
+
+Server-rendered HTML (aiohttp-jinja2, autoescape on, no JavaScript), behind the admin token:
+
+* ``Authorization: Bearer <token>`` for scripts; or
+* the login form at ``/admin/login``, which sets the ``gw_admin`` cookie (HttpOnly,
+  SameSite=Strict, Path=/admin, Secure over HTTPS). The cookie holds ``<issued>.<mac>`` where
+  ``mac`` is HMAC-SHA256 keyed by the admin token over the issue time: never the token itself. A
+  session lasts ``session_ttl_s``; changing the admin token ends every session.
+
+Every comparison is constant-time (``hmac.compare_digest``). A request without valid credentials
+gets 401 with ``WWW-Authenticate: Bearer``; a browser asking for a page is sent to the login form
+instead. Every POST made with the cookie carries a CSRF token (an HMAC of the session cookie) in
+the form; a POST without it, or with a wrong one, is refused with 403. Bearer requests need none:
+a browser never attaches that header on its own, so another site cannot forge it.
+
+Full tokens appear in one place only: the page that confirms a reprint (the operator may read
+the token to the customer on the phone). Every other page shows the last four digits; no log line
+carries a token; every admin response is ``Cache-Control: no-store`` under a strict
+Content-Security-Policy.
+
+Mount it from the composition root::
+
+    setup_admin(app, ledger=ledger, vending=vending, admin_token=config.admin_token)
+    app.add_routes(admin_routes())
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Final, Protocol
+from urllib.parse import quote, urlsplit
+
+import aiohttp_jinja2
+import jinja2
+import structlog
+from aiohttp import web
+
+from gateway.config import Secret
+from gateway.ledger import (
+    Event,
+    Ledger,
+    NotFound,
+    OutboxMessage,
+    OutboxState,
+    Purchase,
+    PurchaseState,
+)
+from gateway.money import Money
+from gateway.phone import InvalidPhoneNumber, Msisdn, masked, parse_msisdn
+from gateway.vending import NothingToReprint
+
+__all__ = [
+    "ADMIN",
+    "ADMIN_JINJA",
+    "COOKIE_NAME",
+    "AdminSite",
+    "Reprinter",
+    "StuckKind",
+    "StuckPolicy",
+    "admin_routes",
+    "setup_admin",
+]
+
+log = structlog.get_logger()
+
+COOKIE_NAME: Final = "gw_admin"
+_CSRF_FIELD: Final = "csrf"
+_ACTOR: Final = "admin-web"
+_PURCHASE_ID: Final = re.compile(r"^P[A-Z2-9]{12}$")
+_DIGIT_RUN: Final = re.compile(r"\d{20}")
+#: How many purchases a stuck category reads at most; a full page says "at least".
+_STUCK_SCAN_LIMIT: Final = 1000
+_SEARCH_LIMIT: Final = 50
+_CLOCK_SKEW_S: Final = 60
+_SECURITY_HEADERS: Final[Mapping[str, str]] = {
+    "Cache-Control": "no-store",
+    "Pragma": "no-cache",
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self';"
+        " frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Reprinter(Protocol):
+    """What the admin pages need of the saga (``gateway.vending.Vending`` satisfies it)."""
+
+    async def reprint(self, purchase_id: str, *, actor: str = "operator") -> OutboxMessage:
+        """Queue the purchase's token again: the same token, never a new one.
+
+        Raises:
+            NothingToReprint: the purchase has no token yet.
+            NotFound: no such purchase.
+        """
+        ...
+
+
+class StuckKind(StrEnum):
+    """Why a purchase needs a look."""
+
+    AWAITING_PAYMENT = "awaiting_payment"
+    PAID_NOT_VENDED = "paid_not_vended"
+    VENDED_NOT_DELIVERED = "vended_not_delivered"
+    NEEDS_OPERATOR = "needs_operator"
+
+
+_STUCK_STATES: Final[Mapping[StuckKind, tuple[PurchaseState, ...]]] = {
+    StuckKind.AWAITING_PAYMENT: (PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT),
+    StuckKind.PAID_NOT_VENDED: (PurchaseState.PAID,),
+    StuckKind.VENDED_NOT_DELIVERED: (PurchaseState.VENDED,),
+    StuckKind.NEEDS_OPERATOR: (PurchaseState.VEND_FAILED, PurchaseState.REFUND_PENDING),
+}
+_STUCK_TITLES: Final[Mapping[StuckKind, str]] = {
+    StuckKind.AWAITING_PAYMENT: "Awaiting payment too long",
+    StuckKind.PAID_NOT_VENDED: "Paid, not vended",
+    StuckKind.VENDED_NOT_DELIVERED: "Vended, not delivered",
+    StuckKind.NEEDS_OPERATOR: "Vend failed or refund pending",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StuckPolicy:
+    """How long a purchase may sit in a state before the stuck list shows it. Seconds.
+
+    Attributes:
+        awaiting_payment_s: created or awaiting payment for longer than this (since creation).
+        paid_not_vended_s: paid, no token, for longer than this (the sweeper should have vended).
+        vended_not_delivered_s: token sent, no delivery report, for longer than this.
+        needs_operator_s: vend failed or refund pending for longer than this (0: at once).
+    """
+
+    awaiting_payment_s: float = 900.0
+    paid_not_vended_s: float = 60.0
+    vended_not_delivered_s: float = 600.0
+    needs_operator_s: float = 0.0
+
+    def threshold(self, kind: StuckKind) -> timedelta:
+        """The age past which a purchase of ``kind`` counts as stuck."""
+        seconds = {
+            StuckKind.AWAITING_PAYMENT: self.awaiting_payment_s,
+            StuckKind.PAID_NOT_VENDED: self.paid_not_vended_s,
+            StuckKind.VENDED_NOT_DELIVERED: self.vended_not_delivered_s,
+            StuckKind.NEEDS_OPERATOR: self.needs_operator_s,
+        }[kind]
+        return timedelta(seconds=seconds)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminSite:
+    """Everything the admin handlers use, stored in the app under ``ADMIN`` by ``setup_admin``."""
+
+    ledger: Ledger
+    vending: Reprinter
+    admin_token: Secret = field(repr=False)
+    clock: Callable[[], datetime]
+    stuck: StuckPolicy
+    region: str
+    session_ttl_s: float
+
+    def mac(self, purpose: str, message: str) -> str:
+        """HMAC-SHA256, keyed by the admin token, over ``purpose|message`` (hex)."""
+        return hmac.new(
+            self.admin_token.reveal().encode(), f"{purpose}|{message}".encode(), hashlib.sha256
+        ).hexdigest()
+
+    def new_session(self, now_s: int) -> str:
+        """A fresh session cookie value issued at ``now_s`` (Unix seconds)."""
+        return f"{now_s}.{self.mac('session', str(now_s))}"
+
+    def session_is_valid(self, cookie: str, now_s: int) -> bool:
+        """Whether ``cookie`` was issued by ``new_session`` with this token and has not expired."""
+        issued_text, _, mac = cookie.partition(".")
+        if not issued_text.isdigit() or len(issued_text) > 12:
+            return False
+        issued = int(issued_text)
+        if not (now_s - self.session_ttl_s <= issued <= now_s + _CLOCK_SKEW_S):
+            return False
+        return hmac.compare_digest(mac.encode(), self.mac("session", issued_text).encode())
+
+    def token_matches(self, presented: str) -> bool:
+        """Whether ``presented`` is the admin token (constant time)."""
+        return hmac.compare_digest(presented.encode(), self.admin_token.reveal().encode())
+
+    def csrf_for(self, session: str) -> str:
+        """The CSRF token bound to one session cookie."""
+        return self.mac("csrf", session)
+
+
+ADMIN: Final = web.AppKey("admin", AdminSite)
+ADMIN_JINJA: Final = web.AppKey("admin_jinja2", jinja2.Environment)
+
+
+def setup_admin(
+    app: web.Application,
+    *,
+    ledger: Ledger,
+    vending: Reprinter,
+    admin_token: Secret,
+    clock: Callable[[], datetime] = _utc_now,
+    stuck: StuckPolicy | None = None,
+    region: str = "KE",
+    session_ttl_s: float = 12 * 3600,
+) -> None:
+    """Prepare ``app`` for the admin pages: their collaborators and the Jinja2 environment.
+
+    Add the routes with ``app.add_routes(admin_routes())``.
+
+    Args:
+        app: the application the routes will be added to.
+        ledger: where purchases, events, vends and messages are read.
+        vending: the saga (reprints go through it, never around it).
+        admin_token: the operator's secret; at least 16 characters.
+        clock: UTC time source (ages of stuck purchases, session expiry).
+        stuck: when a purchase counts as stuck.
+        region: default region for phone numbers typed without a country code.
+        session_ttl_s: how long a login lasts.
+
+    Raises:
+        ValueError: the admin token is shorter than 16 characters.
+    """
+    if len(admin_token.reveal()) < 16:
+        raise ValueError("the admin token must be at least 16 characters")
+    app[ADMIN] = AdminSite(
+        ledger=ledger,
+        vending=vending,
+        admin_token=admin_token,
+        clock=clock,
+        stuck=stuck or StuckPolicy(),
+        region=region,
+        session_ttl_s=session_ttl_s,
+    )
+    aiohttp_jinja2.setup(
+        app,
+        app_key=ADMIN_JINJA,
+        loader=jinja2.PackageLoader("gateway.web", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        default_helpers=False,
+        filters=_FILTERS,
+    )
+
+
+def admin_routes() -> list[web.RouteDef]:
+    """The admin routes, all under ``/admin`` (see the module docstring for their guard)."""
+    return [
+        web.get("/admin", _index, name="admin_index"),
+        web.get("/admin/", _index),
+        web.get("/admin/login", _login_form, name="admin_login"),
+        web.post("/admin/login", _login),
+        web.post("/admin/logout", _logout),
+        web.get("/admin/stuck/{kind}", _stuck_list, name="admin_stuck"),
+        web.get("/admin/purchases/{purchase_id}", _purchase, name="admin_purchase"),
+        web.post("/admin/purchases/{purchase_id}/reprint", _reprint),
+        web.get("/admin/static/admin.css", _stylesheet),
+    ]
+
+
+# ------------------------------------------------------------------------------- presentation
+
+
+def _when(moment: datetime | None) -> str:
+    if moment is None:
+        return "—"
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _kwh(units: int) -> str:
+    return f"{units // 10}.{units % 10}"
+
+
+def _money(amount: Money | None) -> str:
+    return "—" if amount is None else str(amount)
+
+
+def _age(now: datetime, then: datetime) -> str:
+    seconds = max(0, int((now - then).total_seconds()))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+def _mask_value(key: str, value: Any) -> str:  # noqa: ANN401 - event data is free-form JSON
+    """Event data for the screen: anything that looks like a full token is cut to 4 digits."""
+    text = value if isinstance(value, str) else str(value)
+    if "token" in key.lower() and not key.lower().endswith("last4") and len(text) > 4:
+        return "****" + text[-4:]
+    return _DIGIT_RUN.sub(lambda m: "****" + m.group(0)[-4:], text)
+
+
+def _event_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
+    return [
+        {
+            "at": event.at,
+            "kind": event.kind,
+            "actor": event.actor,
+            "data": [(key, _mask_value(key, value)) for key, value in sorted(event.data.items())],
+        }
+        for event in events
+    ]
+
+
+_FILTERS: Final[Mapping[str, Callable[..., str]]] = {"when": _when, "kwh": _kwh, "money": _money}
+
+
+def _group_token(token: str) -> str:
+    return "-".join(token[i : i + 4] for i in range(0, len(token), 4))
+
+
+def _render(
+    request: web.Request,
+    template: str,
+    context: Mapping[str, Any],
+    *,
+    status: int = 200,
+    csrf: str | None = None,
+    via: str = "",
+) -> web.Response:
+    site = request.app[ADMIN]
+    full = {"csrf": csrf, "via": via, "now": site.clock(), **context}
+    response = aiohttp_jinja2.render_template(
+        template, request, full, app_key=ADMIN_JINJA, status=status
+    )
+    response.headers.update(_SECURITY_HEADERS)
+    return response
+
+
+# ------------------------------------------------------------------------------------- the guard
+
+
+def _see_other(location: str) -> web.Response:
+    """A 303 to ``location`` (a path of ours) with the admin security headers."""
+    return web.Response(status=303, headers={**_SECURITY_HEADERS, "Location": location})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Operator:
+    """An authenticated request: how it proved itself, and the CSRF token of its session."""
+
+    via: str  # "bearer" or "cookie"
+    csrf: str | None
+
+
+_Page = Callable[[web.Request, _Operator], Awaitable[web.StreamResponse]]
+
+
+def _now_s(site: AdminSite) -> int:
+    return int(site.clock().timestamp())
+
+
+def _authenticate(request: web.Request) -> _Operator | bool | None:
+    """The operator, None when no credentials came, False when wrong ones came."""
+    site = request.app[ADMIN]
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() == "bearer" and site.token_matches(presented.strip()):
+            return _Operator(via="bearer", csrf=None)
+        return False
+    cookie = request.cookies.get(COOKIE_NAME)
+    if cookie is None:
+        return None
+    if site.session_is_valid(cookie, _now_s(site)):
+        return _Operator(via="cookie", csrf=site.csrf_for(cookie))
+    return False
+
+
+def _wants_html(request: web.Request) -> bool:
+    return request.method == "GET" and "text/html" in request.headers.get("Accept", "")
+
+
+def _unauthorized(request: web.Request, *, wrong: bool) -> web.Response:
+    if wrong:
+        log.warning("admin_auth_failed", path=request.path, remote=request.remote)
+    if _wants_html(request):
+        response = _see_other(f"/admin/login?next={quote(request.path_qs, safe='')}")
+        if wrong:
+            response.del_cookie(COOKIE_NAME, path="/admin")
+        return response
+    return web.Response(
+        status=401,
+        text="admin token required\n",
+        headers={**_SECURITY_HEADERS, "WWW-Authenticate": 'Bearer realm="gateway admin"'},
+    )
+
+
+def _guarded(page: _Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap an admin page: credentials first, then the CSRF token on every cookie POST."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        operator = _authenticate(request)
+        if not isinstance(operator, _Operator):
+            return _unauthorized(request, wrong=operator is False)
+        if request.method == "POST" and operator.via == "cookie":
+            form = await request.post()
+            sent = form.get(_CSRF_FIELD)
+            if not (
+                isinstance(sent, str)
+                and operator.csrf is not None
+                and hmac.compare_digest(sent.encode(), operator.csrf.encode())
+            ):
+                log.warning("admin_csrf_refused", path=request.path, remote=request.remote)
+                return web.Response(
+                    status=403,
+                    text="missing or wrong CSRF token: reload the page and try again\n",
+                    headers=dict(_SECURITY_HEADERS),
+                )
+        return await page(request, operator)
+
+    handler.__doc__ = page.__doc__
+    return handler
+
+
+def _safe_next(target: str | None) -> str:
+    """Where to go after login: only a path under /admin (never another site)."""
+    if not target:
+        return "/admin"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not parts.path.startswith("/admin") or "\\" in target:
+        return "/admin"
+    return target
+
+
+async def _login_form(request: web.Request) -> web.Response:
+    """The login form (GET /admin/login)."""
+    return _render(
+        request,
+        "admin/login.html",
+        {"next": _safe_next(request.query.get("next")), "error": None},
+    )
+
+
+async def _login(request: web.Request) -> web.StreamResponse:
+    """Check the token typed in the form; on success set the session cookie and go on."""
+    site = request.app[ADMIN]
+    form = await request.post()
+    presented = form.get("token")
+    target = _safe_next(str(form.get("next") or ""))
+    if not (isinstance(presented, str) and site.token_matches(presented.strip())):
+        log.warning("admin_login_failed", remote=request.remote)
+        return _render(
+            request,
+            "admin/login.html",
+            {"next": target, "error": "That is not the admin token."},
+            status=401,
+        )
+    response = _see_other(target)
+    response.set_cookie(
+        COOKIE_NAME,
+        site.new_session(_now_s(site)),
+        max_age=int(site.session_ttl_s),
+        path="/admin",
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure or request.headers.get("X-Forwarded-Proto") == "https",
+    )
+    log.info("admin_logged_in", remote=request.remote)
+    return response
+
+
+async def _logout_page(_request: web.Request, _operator: _Operator) -> web.StreamResponse:
+    """End the cookie session."""
+    response = _see_other("/admin/login")
+    response.del_cookie(COOKIE_NAME, path="/admin")
+    return response
+
+
+_logout = _guarded(_logout_page)
+
+
+async def _stylesheet(request: web.Request) -> web.Response:
+    """The admin pages' stylesheet (public: it holds nothing secret)."""
+    env = request.app[ADMIN_JINJA]
+    css = env.get_template("admin/admin.css.jinja2").render()
+    return web.Response(
+        text=css,
+        content_type="text/css",
+        headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+# ----------------------------------------------------------------------------------- the queries
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Match:
+    """A search result: the purchase and what in the query matched it."""
+
+    purchase: Purchase
+    matched_by: str
+
+
+async def _search(site: AdminSite, query: str) -> tuple[list[_Match], list[str]]:
+    """Purchases matching ``query`` as a purchase id, a meter number or a phone number.
+
+    Returns the matches (newest first, each once) and how the query was understood.
+    """
+    text = query.strip()
+    understood: list[str] = []
+    found: dict[str, _Match] = {}
+    candidate = text.upper()
+    if _PURCHASE_ID.match(candidate):
+        understood.append(f"purchase {candidate}")
+        try:
+            purchase = await site.ledger.get_purchase(candidate)
+        except NotFound:
+            pass
+        else:
+            found[purchase.purchase_id] = _Match(purchase=purchase, matched_by="purchase id")
+    compact = re.sub(r"[\s-]", "", text)
+    if compact.isdigit():
+        understood.append(f"meter {compact}")
+        for purchase in await site.ledger.find_purchases(meter=compact, limit=_SEARCH_LIMIT):
+            found.setdefault(purchase.purchase_id, _Match(purchase=purchase, matched_by="meter"))
+    try:
+        phone: Msisdn | None = parse_msisdn(text, site.region)
+    except InvalidPhoneNumber:
+        phone = None
+    if phone is not None:
+        understood.append(f"phone {phone}")
+        for purchase in await site.ledger.find_purchases(phone=phone, limit=_SEARCH_LIMIT):
+            found.setdefault(purchase.purchase_id, _Match(purchase=purchase, matched_by="phone"))
+    matches = sorted(found.values(), key=lambda m: m.purchase.created_at, reverse=True)
+    return matches, understood
+
+
+def _age_basis(kind: StuckKind, purchase: Purchase) -> datetime:
+    """When a purchase entered the state its stuck kind watches."""
+    return purchase.created_at if kind is StuckKind.AWAITING_PAYMENT else purchase.updated_at
+
+
+async def _stuck(site: AdminSite, kind: StuckKind) -> tuple[list[Purchase], bool]:
+    """The purchases stuck in ``kind``, oldest first, and whether the scan hit its limit."""
+    cutoff = site.clock() - site.stuck.threshold(kind)
+    rows = await site.ledger.find_purchases(states=_STUCK_STATES[kind], limit=_STUCK_SCAN_LIMIT)
+    stuck = [p for p in rows if _age_basis(kind, p) <= cutoff]
+    stuck.sort(key=lambda p: _age_basis(kind, p))
+    return stuck, len(rows) >= _STUCK_SCAN_LIMIT
+
+
+# -------------------------------------------------------------------------------------- the pages
+
+
+async def _index_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
+    """Search (by phone in any format, meter or purchase id) and the stuck purchases' counts."""
+    site = request.app[ADMIN]
+    query = request.query.get("q", "").strip()[:64]
+    matches: list[_Match] = []
+    understood: list[str] = []
+    if query:
+        matches, understood = await _search(site, query)
+        if len(matches) == 1 and matches[0].matched_by == "purchase id":
+            target = f"/admin/purchases/{matches[0].purchase.purchase_id}"
+            return _see_other(target)
+    counts = []
+    for kind in StuckKind:
+        stuck, capped = await _stuck(site, kind)
+        counts.append(
+            {
+                "kind": kind.value,
+                "title": _STUCK_TITLES[kind],
+                "count": len(stuck),
+                "capped": capped,
+            }
+        )
+    return _render(
+        request,
+        "admin/index.html",
+        {
+            "query": query,
+            "understood": understood,
+            "rows": [{"purchase": m.purchase, "note": m.matched_by} for m in matches],
+            "stuck": counts,
+        },
+        csrf=operator.csrf,
+        via=operator.via,
+    )
+
+
+async def _stuck_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
+    """The purchases stuck in one category, oldest first, with their age."""
+    site = request.app[ADMIN]
+    try:
+        kind = StuckKind(request.match_info["kind"])
+    except ValueError:
+        raise web.HTTPNotFound(text="no such list\n") from None
+    stuck, capped = await _stuck(site, kind)
+    now = site.clock()
+    rows = [{"purchase": p, "note": _age(now, _age_basis(kind, p))} for p in stuck]
+    return _render(
+        request,
+        "admin/stuck.html",
+        {
+            "kind": kind.value,
+            "title": _STUCK_TITLES[kind],
+            "threshold": _age(now, now - site.stuck.threshold(kind)),
+            "rows": rows,
+            "capped": capped,
+            "scan_limit": _STUCK_SCAN_LIMIT,
+        },
+        csrf=operator.csrf,
+        via=operator.via,
+    )
+
+
+async def _purchase_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
+    """One purchase: its details, payment, token (masked), messages and timeline of events."""
+    site = request.app[ADMIN]
+    purchase_id = request.match_info["purchase_id"].upper()
+    try:
+        purchase = await site.ledger.get_purchase(purchase_id)
+    except NotFound:
+        return _render(
+            request,
+            "admin/not_found.html",
+            {"what": f"purchase {purchase_id}"},
+            status=404,
+            csrf=operator.csrf,
+            via=operator.via,
+        )
+    payment = None
+    if purchase.provider_reference is not None:
+        payment = await site.ledger.get_payment(purchase.provider, purchase.provider_reference)
+    vend = await site.ledger.get_vend(purchase.purchase_id)
+    messages = await site.ledger.outbox_for(purchase.purchase_id)
+    events = await site.ledger.timeline(purchase.purchase_id)
+    return _render(
+        request,
+        "admin/purchase.html",
+        {
+            "purchase": purchase,
+            "phone_masked": masked(purchase.phone) if purchase.phone else None,
+            "payment": payment,
+            "vend": vend,
+            "messages": messages,
+            "events": _event_rows(events),
+        },
+        csrf=operator.csrf,
+        via=operator.via,
+    )
+
+
+async def _reprint_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
+    """Send the purchase's token again through the saga; show it once, to the operator."""
+    site = request.app[ADMIN]
+    purchase_id = request.match_info["purchase_id"].upper()
+    try:
+        purchase = await site.ledger.get_purchase(purchase_id)
+        message = await site.vending.reprint(purchase_id, actor=_ACTOR)
+    except NotFound:
+        return _render(
+            request,
+            "admin/not_found.html",
+            {"what": f"purchase {purchase_id}"},
+            status=404,
+            csrf=operator.csrf,
+            via=operator.via,
+        )
+    except NothingToReprint as exc:
+        return _render(
+            request,
+            "admin/refused.html",
+            {"purchase_id": purchase_id, "reason": str(exc)},
+            status=409,
+            csrf=operator.csrf,
+            via=operator.via,
+        )
+    vend = await site.ledger.get_vend(purchase_id)
+    if vend is None:  # pragma: no cover - reprint succeeded, so the vend exists
+        raise web.HTTPInternalServerError(text="vend vanished\n")
+    log.info(
+        "admin_reprint_queued",
+        purchase_id=purchase_id,
+        message_id=message.message_id,
+        token=vend.masked_token,
+    )
+    return _render(
+        request,
+        "admin/reprinted.html",
+        {
+            "purchase": purchase,
+            "vend": vend,
+            "token_grouped": _group_token(vend.token),
+            "message": message,
+            "held": message.state is OutboxState.HELD,
+        },
+        csrf=operator.csrf,
+        via=operator.via,
+    )
+
+
+_index = _guarded(_index_page)
+_stuck_list = _guarded(_stuck_page)
+_purchase = _guarded(_purchase_page)
+_reprint = _guarded(_reprint_page)
