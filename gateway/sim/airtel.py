@@ -7,7 +7,9 @@
   and the callback ``{"transaction": {id, message, status_code, airtel_money_id}}`` is POSTed to
   ``callback_url`` (configured per app, as in Airtel's portal);
 - ``GET /standard/v1/payments/{id}``: ``TS``/``TF``/``TIP`` with the response code;
-- ``GET /_sim/ledger`` and ``GET /_sim/callbacks``.
+- ``GET /_sim/ledger`` and ``GET /_sim/callbacks``; the demo's controls: ``GET|POST /_sim/faults``,
+  ``POST /_sim/callbacks/release``, ``POST /_sim/payers`` (``{"msisdn", "action"}``),
+  ``POST /_sim/payers/answer``, ``POST /_sim/payments/expire``, ``POST /_sim/release`` (hung calls).
 
 The result and response codes are practitioner-sourced [P] (see the adapter). Airtel's callback
 carries no amount, so there is no amount tampering here; ``faults.forge_success`` instead makes
@@ -29,7 +31,15 @@ import structlog
 from aiohttp import web
 
 from gateway.money import currency_exponent
-from gateway.sim.courier import CallbackFaults, Charge, Courier, MoneyRecord, TaskKeeper
+from gateway.sim.courier import (
+    CallbackFaults,
+    Charge,
+    Courier,
+    MoneyRecord,
+    TaskKeeper,
+    add_control_routes,
+    read_json_object,
+)
 
 log = structlog.get_logger()
 
@@ -151,7 +161,11 @@ class AirtelSimulator:
         app.router.add_post("/merchant/v1/payments/", self._pay)
         app.router.add_get("/standard/v1/payments/{id}", self._query)
         app.router.add_get("/_sim/ledger", self._ledger)
-        app.router.add_get("/_sim/callbacks", self._callbacks)
+        app.router.add_post("/_sim/payers", self._set_payer)
+        app.router.add_post("/_sim/payers/answer", self._answer_payers)
+        app.router.add_post("/_sim/payments/expire", self._expire)
+        app.router.add_post("/_sim/release", self._release)
+        add_control_routes(app, self.faults, self.courier)
         app.cleanup_ctx.append(self._lifetime)
         return app
 
@@ -398,13 +412,25 @@ class AirtelSimulator:
     async def _ledger(self, _request: web.Request) -> web.Response:
         return _json(self.money.to_json())
 
-    async def _callbacks(self, _request: web.Request) -> web.Response:
-        return _json(
-            [
-                {"method": d.method, "url": d.url, "status": d.status, "body": d.body.decode()}
-                for d in self.courier.deliveries
-            ]
-        )
+    async def _set_payer(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        try:
+            self.set_payer(str(body["msisdn"]), AirtelAction(str(body["action"])))
+        except (KeyError, ValueError) as exc:
+            raise web.HTTPBadRequest(text=f"msisdn and action ({list(AirtelAction)})\n") from exc
+        return _json({"msisdn": body["msisdn"], "action": body["action"]})
+
+    async def _answer_payers(self, _request: web.Request) -> web.Response:
+        await self.answer_payers()
+        return _json({"ok": True})
+
+    async def _expire(self, _request: web.Request) -> web.Response:
+        await self.expire_payments()
+        return _json({"ok": True})
+
+    async def _release(self, _request: web.Request) -> web.Response:
+        self.release()
+        return _json({"ok": True})
 
 
 __all__ = ["AirtelAction", "AirtelFaults", "AirtelSimulator"]

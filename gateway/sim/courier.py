@@ -10,12 +10,14 @@ test (``release``, ``settle``) or, in the demo, by each simulator's own optional
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from dataclasses import asdict, dataclass, field
+import json
+from collections.abc import Coroutine, Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp import web
 
 log = structlog.get_logger()
 
@@ -186,3 +188,107 @@ class MoneyRecord:
     def to_json(self) -> list[dict[str, Any]]:
         """Every charge as JSON objects."""
         return [charge.to_json() for charge in self.charges]
+
+
+def faults_to_json(faults: object) -> dict[str, Any]:
+    """A faults dataclass (nested ``CallbackFaults`` included) as a JSON object."""
+    value: dict[str, Any] = asdict(faults)  # type: ignore[call-overload]
+    return value
+
+
+def update_faults(faults: object, changes: Mapping[str, object]) -> None:
+    """Set fault knobs from JSON (``POST /_sim/faults``): known names, values of their type.
+
+    Nested objects (``{"callbacks": {"hold": true}}``) update the nested knobs; ``null`` is
+    allowed for knobs that may be ``None`` (``tamper_amount_kes``).
+
+    Raises:
+        ValueError: an unknown knob, or a value of the wrong type; nothing is changed then.
+    """
+    pending: list[tuple[object, str, object]] = []
+    _plan(faults, changes, pending)
+    for target, name, value in pending:
+        setattr(target, name, value)
+
+
+_TYPES: dict[str, type] = {"int": int, "str": str, "bool": bool, "float": float}
+
+
+def _accepts(annotation: str, value: object) -> bool:
+    names = [part.strip() for part in annotation.split("|")]
+    if value is None:
+        return "None" in names
+    kinds = [_TYPES[name] for name in names if name in _TYPES]
+    return type(value) in kinds or (float in kinds and type(value) is int)
+
+
+def _plan(
+    target: object, changes: Mapping[str, object], pending: list[tuple[object, str, object]]
+) -> None:
+    known = {f.name: f for f in fields(target)}  # type: ignore[arg-type]
+    for name, value in changes.items():
+        if name not in known:
+            raise ValueError(f"unknown fault knob {name!r}; known: {sorted(known)}")
+        current = getattr(target, name)
+        if is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{name} takes an object")
+            _plan(current, value, pending)
+        elif _accepts(str(known[name].type), value):
+            pending.append((target, name, value))
+        else:
+            raise ValueError(f"{name} takes {known[name].type}, got {value!r}")
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object (an empty body is ``{}``).
+
+    Raises:
+        web.HTTPBadRequest: the body is not a JSON object.
+    """
+    raw = await request.read()
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=f"not JSON: {exc}\n") from exc
+    if not isinstance(value, dict):
+        raise web.HTTPBadRequest(text="expected a JSON object\n")
+    return value
+
+
+def add_control_routes(app: web.Application, faults: object, courier: Courier) -> None:
+    """The knobs every simulator shares, for the demo and manual testing.
+
+    ``GET /_sim/faults`` shows the knobs; ``POST /_sim/faults`` changes some (``update_faults``);
+    ``POST /_sim/callbacks/release`` delivers held callbacks (``{"reverse": true}`` reorders);
+    ``GET /_sim/callbacks`` lists every delivery and our answer.
+    """
+
+    async def show(_request: web.Request) -> web.Response:
+        return web.json_response(faults_to_json(faults))
+
+    async def change(request: web.Request) -> web.Response:
+        try:
+            update_faults(faults, await read_json_object(request))
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=f"{exc}\n") from exc
+        return web.json_response(faults_to_json(faults))
+
+    async def release(request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        held = courier.held
+        await courier.release(reverse=body.get("reverse") is True)
+        return web.json_response({"released": held})
+
+    async def deliveries(_request: web.Request) -> web.Response:
+        return web.json_response(
+            [
+                {"method": d.method, "url": d.url, "status": d.status, "body": d.body.decode()}
+                for d in courier.deliveries
+            ]
+        )
+
+    app.router.add_get("/_sim/faults", show)
+    app.router.add_post("/_sim/faults", change)
+    app.router.add_post("/_sim/callbacks/release", release)
+    app.router.add_get("/_sim/callbacks", deliveries)

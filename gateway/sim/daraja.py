@@ -18,7 +18,10 @@ It speaks Daraja 3.0's wire formats (``PROTOCOLS.md`` §2, §6.3) on loopback so
 - ``POST /mpesa/transactionstatus/v1/query``: acknowledgement, then the ``Result`` posted to
   ``ResultURL``. A receipt it never issued answers ``ResultCode`` 2032 (our choice [I]: the real
   code for an unknown receipt is not documented in the pages we read);
-- ``GET /_sim/ledger`` (money actually taken) and ``GET /_sim/callbacks`` (deliveries).
+- ``GET /_sim/ledger`` (money actually taken), ``GET /_sim/callbacks`` (deliveries), and the
+  demo's controls: ``GET|POST /_sim/faults``, ``POST /_sim/callbacks/release``,
+  ``POST /_sim/customers`` (``{"msisdn", "action"}``), ``POST /_sim/prompts/answer|expire``,
+  ``POST /_sim/queries/release``, ``POST /_sim/c2b/pay`` (``{"msisdn", "bill_ref", "amount"}``).
 
 Fault knobs (``DarajaSimulator.faults``): hold / drop / duplicate / reorder callbacks, hold
 prompts, tamper the callback amount, 5xx or hanging queries, refused pushes. Nothing sleeps in
@@ -44,7 +47,15 @@ from typing import Any, Final, Literal
 import structlog
 from aiohttp import web
 
-from gateway.sim.courier import CallbackFaults, Charge, Courier, MoneyRecord, TaskKeeper
+from gateway.sim.courier import (
+    CallbackFaults,
+    Charge,
+    Courier,
+    MoneyRecord,
+    TaskKeeper,
+    add_control_routes,
+    read_json_object,
+)
 
 log = structlog.get_logger()
 
@@ -200,7 +211,12 @@ class DarajaSimulator:
         app.router.add_post("/mpesa/c2b/v1/simulate", self._c2b_simulate)
         app.router.add_post("/mpesa/transactionstatus/v1/query", self._transaction_status)
         app.router.add_get("/_sim/ledger", self._ledger)
-        app.router.add_get("/_sim/callbacks", self._callbacks)
+        app.router.add_post("/_sim/customers", self._set_customer)
+        app.router.add_post("/_sim/prompts/answer", self._answer_prompts)
+        app.router.add_post("/_sim/prompts/expire", self._expire_prompts)
+        app.router.add_post("/_sim/queries/release", self._release_queries)
+        app.router.add_post("/_sim/c2b/pay", self._sim_menu_payment)
+        add_control_routes(app, self.faults, self.courier)
         app.cleanup_ctx.append(self._lifetime)
         return app
 
@@ -662,12 +678,39 @@ class DarajaSimulator:
     async def _ledger(self, _request: web.Request) -> web.Response:
         return _json(self.money.to_json())
 
-    async def _callbacks(self, _request: web.Request) -> web.Response:
+    async def _set_customer(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        try:
+            self.set_customer(str(body["msisdn"]), CustomerAction(str(body["action"])))
+        except (KeyError, ValueError) as exc:
+            raise web.HTTPBadRequest(text=f"msisdn and action ({list(CustomerAction)})\n") from exc
+        return _json({"msisdn": body["msisdn"], "action": body["action"]})
+
+    async def _answer_prompts(self, _request: web.Request) -> web.Response:
+        await self.answer_prompts()
+        return _json({"ok": True})
+
+    async def _expire_prompts(self, _request: web.Request) -> web.Response:
+        await self.expire_prompts()
+        return _json({"ok": True})
+
+    async def _release_queries(self, _request: web.Request) -> web.Response:
+        self.release_queries()
+        return _json({"ok": True})
+
+    async def _sim_menu_payment(self, request: web.Request) -> web.Response:
+        """The SIM menu: ``{"msisdn", "bill_ref", "amount"}`` → what happened."""
+        body = await read_json_object(request)
+        amount = body.get("amount")
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+            raise web.HTTPBadRequest(text="amount: whole KES\n")
+        outcome = await self.pay_bill(str(body.get("msisdn")), str(body.get("bill_ref")), amount)
         return _json(
-            [
-                {"method": d.method, "url": d.url, "status": d.status, "body": d.body.decode()}
-                for d in self.courier.deliveries
-            ]
+            {
+                "accepted": outcome.accepted,
+                "trans_id": outcome.trans_id,
+                "result_code": outcome.result_code,
+            }
         )
 
 

@@ -9,7 +9,9 @@
   apostrophes, an ``X-Callback-Url`` whose host is the API user's ``providerCallbackHost``;
   answers **202 with an empty body**; then the payer acts and the callback goes out (``PUT``);
 - ``GET /collection/v1_0/requesttopay/{id}``: 200 with ``status`` and ``reason``, 404 if unknown;
-- ``GET /_sim/ledger`` and ``GET /_sim/callbacks``.
+- ``GET /_sim/ledger`` and ``GET /_sim/callbacks``; the demo's controls: ``GET|POST /_sim/faults``,
+  ``POST /_sim/callbacks/release``, ``POST /_sim/payers`` (``{"msisdn", "action"}``),
+  ``POST /_sim/payers/answer``, ``POST /_sim/requests/expire``, ``POST /_sim/release`` (hung calls).
 
 The sandbox's documented test numbers decide outcomes (``SANDBOX_NUMBERS``); any other number
 pays at once, unless ``set_payer`` says otherwise. Fault knobs are on ``MomoSimulator.faults``.
@@ -33,7 +35,15 @@ import structlog
 from aiohttp import web
 
 from gateway.money import Money
-from gateway.sim.courier import CallbackFaults, Charge, Courier, MoneyRecord, TaskKeeper
+from gateway.sim.courier import (
+    CallbackFaults,
+    Charge,
+    Courier,
+    MoneyRecord,
+    TaskKeeper,
+    add_control_routes,
+    read_json_object,
+)
 
 log = structlog.get_logger()
 
@@ -163,7 +173,11 @@ class MomoSimulator:
         app.router.add_post("/collection/v1_0/requesttopay", self._request_to_pay)
         app.router.add_get("/collection/v1_0/requesttopay/{reference}", self._status)
         app.router.add_get("/_sim/ledger", self._ledger)
-        app.router.add_get("/_sim/callbacks", self._callbacks)
+        app.router.add_post("/_sim/payers", self._set_payer)
+        app.router.add_post("/_sim/payers/answer", self._answer_payers)
+        app.router.add_post("/_sim/requests/expire", self._expire)
+        app.router.add_post("/_sim/release", self._release)
+        add_control_routes(app, self.faults, self.courier)
         app.cleanup_ctx.append(self._lifetime)
         return app
 
@@ -446,13 +460,25 @@ class MomoSimulator:
     async def _ledger(self, _request: web.Request) -> web.Response:
         return _json(self.money.to_json())
 
-    async def _callbacks(self, _request: web.Request) -> web.Response:
-        return _json(
-            [
-                {"method": d.method, "url": d.url, "status": d.status, "body": d.body.decode()}
-                for d in self.courier.deliveries
-            ]
-        )
+    async def _set_payer(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        try:
+            self.set_payer(str(body["msisdn"]), PayerAction(str(body["action"])))
+        except (KeyError, ValueError) as exc:
+            raise web.HTTPBadRequest(text=f"msisdn and action ({list(PayerAction)})\n") from exc
+        return _json({"msisdn": body["msisdn"], "action": body["action"]})
+
+    async def _answer_payers(self, _request: web.Request) -> web.Response:
+        await self.answer_payers()
+        return _json({"ok": True})
+
+    async def _expire(self, _request: web.Request) -> web.Response:
+        await self.expire_requests()
+        return _json({"ok": True})
+
+    async def _release(self, _request: web.Request) -> web.Response:
+        self.release()
+        return _json({"ok": True})
 
 
 __all__ = ["SANDBOX_NUMBERS", "MomoFaults", "MomoSimulator", "PayerAction"]

@@ -327,3 +327,57 @@ async def test_ledger_and_callbacks_endpoints(env: Env) -> None:
     )
     assert delivery["status"] == 200
     assert delivery["url"] == f"{env.inbox.url}/stk"
+
+
+async def test_demo_controls_hold_release_and_reorder_over_http(env: Env) -> None:
+    """Knobs set through /_sim/faults hold callbacks; /_sim/callbacks/release delivers them."""
+    async with env.http.post(
+        f"{env.base}/_sim/faults", json={"callbacks": {"hold": True}}
+    ) as response:
+        assert (await response.json())["callbacks"]["hold"] is True
+    await env.post("/mpesa/stkpush/v1/processrequest", env.push())
+    await env.post(
+        "/mpesa/stkpush/v1/processrequest",
+        env.push(PartyA="254711000001", PhoneNumber="254711000001"),
+    )
+    await env.sim.settle()
+    assert "/stk" not in env.inbox.bodies
+    async with env.http.post(
+        f"{env.base}/_sim/callbacks/release", json={"reverse": True}
+    ) as response:
+        assert await response.json() == {"released": 2}
+    phones = [
+        next(
+            i["Value"]
+            for i in b["Body"]["stkCallback"]["CallbackMetadata"]["Item"]
+            if i["Name"] == "PhoneNumber"
+        )
+        for b in env.inbox.bodies["/stk"]
+    ]
+    assert phones == [254711000001, 254708374149]
+
+
+async def test_demo_controls_refuse_unknown_knobs(env: Env) -> None:
+    """An unknown knob is a 400 that names it."""
+    async with env.http.post(f"{env.base}/_sim/faults", json={"lose_everything": True}) as r:
+        assert r.status == 400
+        assert "lose_everything" in await r.text()
+
+
+async def test_demo_controls_customer_and_sim_menu(env: Env) -> None:
+    """/_sim/customers sets behaviour; /_sim/c2b/pay pays from the SIM menu, telling the outcome."""
+    async with env.http.post(
+        f"{env.base}/_sim/customers", json={"msisdn": "254708374149", "action": "cancel"}
+    ) as response:
+        assert response.status == 200
+    await env.post("/mpesa/stkpush/v1/processrequest", env.push())
+    await env.sim.settle()
+    assert env.inbox.bodies["/stk"][0]["Body"]["stkCallback"]["ResultCode"] == 1032
+    env.sim.register_urls(validation_url="", confirmation_url=f"{env.inbox.url}/confirmation")
+    async with env.http.post(
+        f"{env.base}/_sim/c2b/pay",
+        json={"msisdn": "254708374149", "bill_ref": "37012345678", "amount": 20},
+    ) as response:
+        outcome = await response.json()
+    assert outcome["accepted"] is True
+    assert [c.receipt for c in env.sim.ledger()] == [outcome["trans_id"]]
