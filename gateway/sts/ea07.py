@@ -6,48 +6,40 @@ round key is 0, S2 where it is 1), then moves every bit ``j`` to ``P[j]``. The f
 is the one's complement of the decoder key rotated right by 12 bits; each later round key is the
 previous one rotated left by 1. Decryption runs the inverse layers in reverse order.
 
-Speed (``bench/tokens.py``): a bit-by-bit STA costs ~1,500 Python operations per block; here a
-round is one ``to_bytes``, one ``struct`` unpack and six list lookups. The block is kept in a
-96-bit *slot layout*: the 16 nibbles are grouped in threes, each group's 12 data bits in a 16-bit
-slot whose bits 12..14 carry the S-box choice of its three nibbles for the current round::
+Speed (``bench/tokens.py``): a bit-by-bit STA costs ~1,500 Python operations per block. Here a
+round is one ``to_bytes`` and eight list lookups: for each byte position ``b`` of the block and
+each *choice pattern* (which S-box each of the byte's two nibbles uses), a 256-entry table holds
+the substituted and permuted contribution of that byte (``_rows``); a round ORs the eight
+entries (a permutation sends distinct input bits to distinct output bits).
 
-    slot c (c = 0..4): bits 16c .. 16c+11 = nibbles 3c..3c+2,  bits 16c+12..16c+14 = their choices
-    slot 5:            bits 80 .. 83      = nibble 15,         bit 84             = its choice
+Which table a round uses at byte ``b`` depends only on the key: the choice bits of round ``r``
+are bits ``8b+3`` and ``8b+7`` of ``k_r = ROL64(k0, r)``. Writing ``r = 4q + s`` (``s < 4``),
+both bits lie in byte ``b`` of ``k_4q`` (bits ``3-s`` and ``7-s``), so one byte of ``k_0``,
+``k_4``, ``k_8`` or ``k_12`` fixes the tables of four rounds at once (``_Family.*_groups``), and
+``k_8``, ``k_12`` are ``k_0``, ``k_4`` rotated by one byte. A key's 16x8 tables are therefore
+32 lookups, done in C by ``map`` (``_quads``). :func:`sta_encrypt` picks them on every call;
+:class:`StaCipher` keeps them: that is the per-meter cache.
 
-A round ORs that round's choice bits into the block, splits it into its six slots and ORs six
-table entries. The tables (``_Family``, built once per table set on first use) hold, for every
-(data bits, choice bits) of a slot, the substituted and permuted contribution of those nibbles,
-already spread into the slot layout (or, for the last layer, into a plain 64-bit block).
-
-The choice bits of all 16 rounds are a fixed selection of the key's bits, so the whole schedule
-is the OR of eight lookups, one per key byte (``_Family.*_key_bytes``). :func:`sta_encrypt`
-computes it on every call; :class:`StaCipher` keeps it split into 16 round words: that is the
-per-meter cache.
+The tables of one table set take about 0.6 MB, built once on first use. Bigger tables (12-bit
+slots, six lookups a round) were tried: at 15 MB they miss the CPU cache, and a block of random
+data then took three times as long as the same block repeated.
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Final, cast
+from operator import getitem
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Iterable, Iterator
 
 __all__ = ["StaCipher", "StaTables", "sta_decrypt", "sta_encrypt"]
 
 _MASK64: Final = (1 << 64) - 1
 _ROUNDS: Final = 16
-_SLOTS: Final = 6
-_SLOT: Final = 16  # bits per slot: 12 data bits, 3 choice bits, 1 unused
-_WORD: Final = _SLOTS * _SLOT  # 96 bits: the block, or one round's choice bits, in slot layout
-_WORD_MASK: Final = (1 << _WORD) - 1
 _KEY_ROTATION: Final = 12  # SPEC §5.1 step 1: ROR64(NOT K, 12)
-# The six 16-bit slots of a block's 12 little-endian bytes.
-_split_slots: Final = cast(
-    "Callable[[bytes], tuple[int, int, int, int, int, int]]", struct.Struct("<6H").unpack
-)
 
 
 class StaTables(StrEnum):
@@ -99,6 +91,10 @@ _TABLE_SETS: Final[dict[StaTables, _TableSet]] = {
 
 _IDENTITY_NIBBLE: Final = tuple(range(16))
 _IDENTITY_BITS: Final = tuple(range(64))
+# _CHOICE[s][v]: the choice pattern of round 4q+s at a byte position where byte v of k_4q sits
+# (bit 0: low nibble, from bit 3-s of v; bit 1: high nibble, from bit 7-s of v).
+_CHOICE: Final = tuple(bytes((v >> (3 - s) & 1) | (v >> (7 - s) & 1) << 1 for v in range(256))
+                       for s in range(4))  # fmt: skip
 
 
 def _inverse(table: tuple[int, ...]) -> tuple[int, ...]:
@@ -108,106 +104,76 @@ def _inverse(table: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(inverse)
 
 
-def _slot_position(bit: int) -> int:
-    """Where bit ``bit`` of a plain 64-bit block sits in the slot layout."""
-    return (bit // 12) * _SLOT + bit % 12
+Table = list[int]  # 256 entries: the layer's output for one byte value
+_Rows = tuple[tuple[Table, ...], ...]  # [byte position][choice pattern]
+_Groups = tuple[tuple[tuple[Table, Table, Table, Table], ...], ...]  # [byte position][key byte]
+_Rounds = tuple[tuple[Table, ...], ...]  # [layer][byte position]
+_Quad = tuple[tuple[Table, Table, Table, Table], ...]  # [byte position][round within the group]
 
 
-def _choice_position(nibble: int) -> int:
-    """Where the S-box choice bit of nibble ``nibble`` sits in the slot layout."""
-    if nibble == 15:  # slot 5 holds nibble 15 alone: data in bits 80..83, choice in bit 84
-        return 84
-    return (nibble // 3) * _SLOT + 12 + nibble % 3
+def _rows(s1: tuple[int, ...], s2: tuple[int, ...], p: tuple[int, ...]) -> _Rows:
+    """Lookup tables for one substitution-then-permutation layer, per byte and choice pattern.
 
-
-def _to_slots(block: int) -> int:
-    return (
-        (block & 0xFFF)
-        | (block << 4 & 0xFFF << 16)
-        | (block << 8 & 0xFFF << 32)
-        | (block << 12 & 0xFFF << 48)
-        | (block << 16 & 0xFFF << 64)
-        | (block << 20 & 0xF << 80)
-    )
-
-
-def _layer(
-    s1: tuple[int, ...], s2: tuple[int, ...], p: tuple[int, ...], *, slots_in: bool, slots_out: bool
-) -> tuple[list[int], ...]:
-    """Lookup tables for one substitution-then-permutation layer, one table per slot.
-
-    With ``slots_in`` a table's index is the slot's data bits plus its choice bits (a choice bit
-    of 1 picks S2 for that nibble); without it the index is the slot's 12 bits of a plain block
-    and S1 is used throughout. The entry is the layer's output for those nibbles alone, in the
-    slot layout if ``slots_out`` or as a plain 64-bit block otherwise.
+    ``rows[b][c][v]`` is the layer's output when byte ``b`` of the input block is ``v`` and all
+    other bytes are 0, with choice pattern ``c`` for the byte's two nibbles (bit 0: low nibble,
+    bit 1: high nibble; a choice of 1 picks S2). The layer's output for a whole block is the OR
+    of its bytes' entries.
     """
-    place = _slot_position if slots_out else (lambda bit: bit)
     # contribution[nibble][choice][value]: the substituted value's bits moved through P.
     contribution = [
         [
             [
-                sum(1 << place(p[4 * nibble + b]) for b in range(4) if sbox[value] >> b & 1)
+                sum(1 << p[4 * nibble + b] for b in range(4) if sbox[value] >> b & 1)
                 for value in range(16)
             ]
             for sbox in (s1, s2)
         ]
         for nibble in range(16)
     ]
-    tables: list[list[int]] = []
-    for slot in range(_SLOTS):
-        nibbles = range(3 * slot, min(3 * slot + 3, 16))
-        patterns = (1 << len(nibbles)) if slots_in else 1
-        table: list[int] = []
-        for pattern in range(patterns):  # choice bits above the data bits in the index
-            entries = [0]
-            for k, nibble in enumerate(nibbles):
-                choice = pattern >> k & 1
-                entries = [low | high for high in contribution[nibble][choice] for low in entries]
-            table.extend(entries)
-        tables.append(table)
-    return tuple(tables)
+    return tuple(
+        tuple(
+            [
+                high | low
+                for high in contribution[2 * byte + 1][pattern >> 1]
+                for low in contribution[2 * byte][pattern & 1]
+            ]
+            for pattern in range(4)
+        )
+        for byte in range(8)
+    )
 
 
-def _key_bytes_schedule(rounds: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """Per key byte position and value, that byte's share of every round's choice bits.
-
-    ``rounds[w]`` is the STA round whose choice bits go to word ``w`` (bits ``96w..96w+95``).
-    The choice bit of nibble ``i`` in round ``r`` is bit ``4i+3`` of ``ROL64(k0, r)``, that is
-    bit ``(4i+3-r) mod 64`` of the first round key ``k0`` (SPEC §5.1).
-    """
-    per_bit = [0] * 64
-    for word, round_number in enumerate(rounds):
-        for nibble in range(16):
-            key_bit = (4 * nibble + 3 - round_number) % 64
-            per_bit[key_bit] |= 1 << (word * _WORD + _choice_position(nibble))
-    schedule = []
-    for position in range(8):
-        images = [0] * 256
-        for value in range(1, 256):
-            low = value & -value
-            images[value] = images[value ^ low] | per_bit[8 * position + low.bit_length() - 1]
-        schedule.append(tuple(images))
-    return tuple(schedule)
+def _groups(rows: _Rows) -> _Groups:
+    """``groups[b][v]``: rounds 4q..4q+3's tables at byte ``b`` when byte ``b`` of k_4q is ``v``."""
+    return tuple(
+        tuple(
+            (
+                byte_rows[_CHOICE[0][v]],
+                byte_rows[_CHOICE[1][v]],
+                byte_rows[_CHOICE[2][v]],
+                byte_rows[_CHOICE[3][v]],
+            )
+            for v in range(256)
+        )
+        for byte_rows in rows
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class _Family:
-    """All lookup tables of one table set (about 15 MB; built by ``_family`` on first use)."""
+    """All lookup tables of one table set (about 0.6 MB; built by ``_family`` on first use)."""
 
-    encrypt_rounds: tuple[list[int], ...]  # S then P, slots in and out: rounds 0..14
-    encrypt_last: tuple[list[int], ...]  # S then P, slots in, plain block out: round 15
-    decrypt_first: tuple[list[int], ...]  # P^-1 alone, plain block in, slots out
-    decrypt_rounds: tuple[list[int], ...]  # S^-1 then P^-1, slots in and out
-    decrypt_last: tuple[list[int], ...]  # S^-1 alone, slots in, plain block out
-    encrypt_key_bytes: tuple[tuple[int, ...], ...]  # word w = round w
-    decrypt_key_bytes: tuple[tuple[int, ...], ...]  # word w = round 15 - w
+    encrypt: _Groups  # S then P
+    decrypt_first: tuple[Table, ...]  # P^-1 alone: [byte position]
+    decrypt: _Groups  # S^-1 then P^-1
+    decrypt_last: tuple[tuple[Table, ...], ...]  # S^-1 alone: [byte position][choice pattern]
 
 
 _FAMILIES: Final[dict[StaTables, _Family]] = {}
 
 
 def _family(tables: StaTables) -> _Family:
-    """The lookup tables of ``tables``, built on first use (about 0.1 s) and then kept."""
+    """The lookup tables of ``tables``, built on first use (about 0.05 s) and then kept."""
     family = _FAMILIES.get(tables)
     if family is None:
         family = _FAMILIES[StaTables(tables)] = _build_family(_TABLE_SETS[StaTables(tables)])
@@ -217,20 +183,15 @@ def _family(tables: StaTables) -> _Family:
 def _build_family(ts: _TableSet) -> _Family:
     s1_inv, s2_inv, p_inv = _inverse(ts.s1), _inverse(ts.s2), _inverse(ts.p)
     return _Family(
-        encrypt_rounds=_layer(ts.s1, ts.s2, ts.p, slots_in=True, slots_out=True),
-        encrypt_last=_layer(ts.s1, ts.s2, ts.p, slots_in=True, slots_out=False),
-        decrypt_first=_layer(
-            _IDENTITY_NIBBLE, _IDENTITY_NIBBLE, p_inv, slots_in=False, slots_out=True
-        ),
-        decrypt_rounds=_layer(s1_inv, s2_inv, p_inv, slots_in=True, slots_out=True),
-        decrypt_last=_layer(s1_inv, s2_inv, _IDENTITY_BITS, slots_in=True, slots_out=False),
-        encrypt_key_bytes=_key_bytes_schedule(tuple(range(_ROUNDS))),
-        decrypt_key_bytes=_key_bytes_schedule(tuple(range(_ROUNDS - 1, -1, -1))),
+        encrypt=_groups(_rows(ts.s1, ts.s2, ts.p)),
+        decrypt_first=tuple(rows[0] for rows in _rows(_IDENTITY_NIBBLE, _IDENTITY_NIBBLE, p_inv)),
+        decrypt=_groups(_rows(s1_inv, s2_inv, p_inv)),
+        decrypt_last=_rows(s1_inv, s2_inv, _IDENTITY_BITS),
     )
 
 
-def _schedule(key: bytes, key_bytes: tuple[tuple[int, ...], ...]) -> int:
-    """All 16 rounds' choice words for ``key``, word ``w`` in bits ``96w..96w+95``.
+def _key_bytes(key: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """The little-endian bytes of round keys k_0, k_4, k_8 and k_12 (SPEC §5.1 key schedule).
 
     Raises:
         ValueError: the key is not 8 bytes.
@@ -239,17 +200,64 @@ def _schedule(key: bytes, key_bytes: tuple[tuple[int, ...], ...]) -> int:
         msg = f"an EA07 (STA) decoder key is 8 bytes, got {len(key)}"
         raise ValueError(msg)
     k = ~int.from_bytes(key, "big") & _MASK64
-    b = ((k >> _KEY_ROTATION | k << (64 - _KEY_ROTATION)) & _MASK64).to_bytes(8, "little")
-    return (
-        key_bytes[0][b[0]]
-        | key_bytes[1][b[1]]
-        | key_bytes[2][b[2]]
-        | key_bytes[3][b[3]]
-        | key_bytes[4][b[4]]
-        | key_bytes[5][b[5]]
-        | key_bytes[6][b[6]]
-        | key_bytes[7][b[7]]
-    )
+    k0 = (k >> _KEY_ROTATION | k << (64 - _KEY_ROTATION)) & _MASK64  # ROR64(NOT K, 12)
+    b0 = k0.to_bytes(8, "little")
+    b4 = ((k0 << 4 | k0 >> 60) & _MASK64).to_bytes(8, "little")
+    # ROL64 by 8 more bits moves every byte up one place.
+    return b0, b4, b0[7:] + b0[:7], b4[7:] + b4[:7]
+
+
+def _pick_rounds(groups: _Groups, key_bytes: tuple[bytes, ...]) -> _Rounds:
+    """The 16 rounds' tables, round-major: each group of four rounds from one round key's bytes."""
+    rounds: list[tuple[Table, ...]] = []
+    for key_byte_string in key_bytes:
+        rounds += zip(*map(getitem, groups, key_byte_string), strict=True)
+    return tuple(rounds)
+
+
+def _quads(groups: _Groups, key_bytes: tuple[bytes, ...]) -> list[Iterator[tuple[Table, ...]]]:
+    """Per group of four rounds, the tables of each byte position (lazily, as ``map`` objects)."""
+    return [map(getitem, groups, key_byte_string) for key_byte_string in key_bytes]
+
+
+def _encrypt_quads(block: int, quads: Iterable[Iterable[tuple[Table, ...]]]) -> int:
+    """Run the 16 rounds; each item of ``quads`` holds 8 byte positions' tables for 4 rounds."""
+    x = block
+    for (
+        (a0, a1, a2, a3),
+        (b0, b1, b2, b3),
+        (c0, c1, c2, c3),
+        (d0, d1, d2, d3),
+        (e0, e1, e2, e3),
+        (f0, f1, f2, f3),
+        (g0, g1, g2, g3),
+        (h0, h1, h2, h3),
+    ) in quads:
+        p0, p1, p2, p3, p4, p5, p6, p7 = x.to_bytes(8, "little")
+        x = a0[p0] | b0[p1] | c0[p2] | d0[p3] | e0[p4] | f0[p5] | g0[p6] | h0[p7]
+        p0, p1, p2, p3, p4, p5, p6, p7 = x.to_bytes(8, "little")
+        x = a1[p0] | b1[p1] | c1[p2] | d1[p3] | e1[p4] | f1[p5] | g1[p6] | h1[p7]
+        p0, p1, p2, p3, p4, p5, p6, p7 = x.to_bytes(8, "little")
+        x = a2[p0] | b2[p1] | c2[p2] | d2[p3] | e2[p4] | f2[p5] | g2[p6] | h2[p7]
+        p0, p1, p2, p3, p4, p5, p6, p7 = x.to_bytes(8, "little")
+        x = a3[p0] | b3[p1] | c3[p2] | d3[p3] | e3[p4] | f3[p5] | g3[p6] | h3[p7]
+    return x
+
+
+def _run(block: int, rounds: _Rounds) -> int:
+    x = block
+    for t0, t1, t2, t3, t4, t5, t6, t7 in rounds:
+        a, b, c, d, e, f, g, h = x.to_bytes(8, "little")
+        x = t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f] | t6[g] | t7[h]
+    return x
+
+
+def _decrypt_rounds(family: _Family, key: bytes) -> _Rounds:
+    """Decryption's layers: P^-1; then S^-1 and P^-1 for rounds 15..1; then S^-1 of round 0."""
+    key_bytes = _key_bytes(key)
+    forward = _pick_rounds(family.decrypt, key_bytes)
+    last = tuple(map(getitem, family.decrypt_last, key_bytes[0].translate(_CHOICE[0])))
+    return (family.decrypt_first, *forward[:0:-1], last)
 
 
 def _block_error(block: int) -> ValueError:
@@ -257,7 +265,7 @@ def _block_error(block: int) -> ValueError:
 
 
 class StaCipher:
-    """STA with one decoder key, its round schedule computed once (the per-meter cache).
+    """STA with one decoder key, each round's tables picked once (the per-meter cache).
 
     Args:
         key: the 8-byte decoder key, most significant byte first (all 64 bits are used; DES
@@ -268,60 +276,35 @@ class StaCipher:
         ValueError: the key is not 8 bytes (``make_cipher`` turns this into ``InvalidKey``).
     """
 
-    __slots__ = ("_decrypt_words", "_encrypt_last", "_encrypt_words", "_family", "_tables")
+    __slots__ = ("_decrypt_rounds", "_encrypt_quads", "_family", "_key", "_tables")
 
     def __init__(self, key: bytes, tables: StaTables = StaTables.REAL) -> None:
         family = _family(tables)
+        self._encrypt_quads = tuple(
+            [tuple(quad) for quad in _quads(family.encrypt, _key_bytes(key))]
+        )
         self._family = family
-        self._tables = StaTables(tables)
-        words = _schedule(key, family.encrypt_key_bytes)
-        self._encrypt_words = tuple(words >> _WORD * r & _WORD_MASK for r in range(_ROUNDS - 1))
-        self._encrypt_last = words >> _WORD * (_ROUNDS - 1)
-        words = _schedule(key, family.decrypt_key_bytes)
-        self._decrypt_words = tuple(words >> _WORD * r & _WORD_MASK for r in range(_ROUNDS))
+        self._tables = tables
+        self._key = key  # for the decryption tables, picked on first use (vending never decrypts)
+        self._decrypt_rounds: _Rounds | None = None
 
     def __repr__(self) -> str:
-        return f"StaCipher(key=<redacted>, tables={self._tables.name})"
+        return f"StaCipher(key=<redacted>, tables={StaTables(self._tables).name})"
 
     def encrypt(self, block: int) -> int:
         """Encrypt one 64-bit block (an int in ``0 .. 2**64-1``); raises ValueError otherwise."""
         if not 0 <= block <= _MASK64:
             raise _block_error(block)
-        split = _split_slots
-        t0, t1, t2, t3, t4, t5 = self._family.encrypt_rounds
-        x = _to_slots(block)
-        for k in self._encrypt_words:
-            a, b, c, d, e, f = split((x | k).to_bytes(12, "little"))
-            x = t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f]
-        t0, t1, t2, t3, t4, t5 = self._family.encrypt_last
-        a, b, c, d, e, f = split((x | self._encrypt_last).to_bytes(12, "little"))
-        return t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f]
+        return _encrypt_quads(block, self._encrypt_quads)
 
     def decrypt(self, block: int) -> int:
         """Decrypt one 64-bit block: the exact inverse of :meth:`encrypt`."""
         if not 0 <= block <= _MASK64:
             raise _block_error(block)
-        return _decrypt(block, self._decrypt_words, self._family)
-
-
-def _decrypt(block: int, words: tuple[int, ...], family: _Family) -> int:
-    split = _split_slots
-    t0, t1, t2, t3, t4, t5 = family.decrypt_first
-    x = (
-        t0[block & 0xFFF]
-        | t1[block >> 12 & 0xFFF]
-        | t2[block >> 24 & 0xFFF]
-        | t3[block >> 36 & 0xFFF]
-        | t4[block >> 48 & 0xFFF]
-        | t5[block >> 60]
-    )
-    t0, t1, t2, t3, t4, t5 = family.decrypt_rounds
-    for k in words[:-1]:
-        a, b, c, d, e, f = split((x | k).to_bytes(12, "little"))
-        x = t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f]
-    t0, t1, t2, t3, t4, t5 = family.decrypt_last
-    a, b, c, d, e, f = split((x | words[-1]).to_bytes(12, "little"))
-    return t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f]
+        rounds = self._decrypt_rounds
+        if rounds is None:
+            rounds = self._decrypt_rounds = _decrypt_rounds(self._family, self._key)
+        return _run(block, rounds)
 
 
 def sta_encrypt(block: int, key: bytes, tables: StaTables = StaTables.REAL) -> int:
@@ -332,20 +315,7 @@ def sta_encrypt(block: int, key: bytes, tables: StaTables = StaTables.REAL) -> i
     """
     if not 0 <= block <= _MASK64:
         raise _block_error(block)
-    family = _family(tables)
-    words = _schedule(key, family.encrypt_key_bytes)
-    split = _split_slots
-    t0, t1, t2, t3, t4, t5 = family.encrypt_rounds
-    x = _to_slots(block)
-    for _ in range(_ROUNDS - 1):
-        a, b, c, d, e, f = split(
-            (x | words & 0xFFFF_FFFF_FFFF_FFFF_FFFF_FFFF).to_bytes(12, "little")
-        )
-        words >>= 96  # _WORD
-        x = t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f]
-    t0, t1, t2, t3, t4, t5 = family.encrypt_last
-    a, b, c, d, e, f = split((x | words).to_bytes(12, "little"))
-    return t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f]
+    return _encrypt_quads(block, _quads(_family(tables).encrypt, _key_bytes(key)))
 
 
 def sta_decrypt(block: int, key: bytes, tables: StaTables = StaTables.REAL) -> int:
@@ -356,6 +326,4 @@ def sta_decrypt(block: int, key: bytes, tables: StaTables = StaTables.REAL) -> i
     """
     if not 0 <= block <= _MASK64:
         raise _block_error(block)
-    family = _family(tables)
-    words = _schedule(key, family.decrypt_key_bytes)
-    return _decrypt(block, tuple(words >> _WORD * r & _WORD_MASK for r in range(_ROUNDS)), family)
+    return _run(block, _decrypt_rounds(_family(tables), key))
