@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from typing import Final, Protocol
+from functools import lru_cache
+from typing import Final, Protocol, cast
 
 import structlog
 from aiohttp import web
-from multidict import MultiDict, MultiDictProxy
 
 from flows.engine import UssdEngine, UssdHop, UssdReply
 from flows.ports import FollowUp
-from gateway.phone import InvalidPhoneNumber, parse_msisdn
+from gateway.phone import InvalidPhoneNumber, Msisdn, parse_msisdn
 
 log = structlog.get_logger()
 
@@ -132,7 +132,7 @@ class AfricasTalkingUssd:
         if not session_id:
             raise BadUssdRequest("empty", field="sessionId")
         try:
-            phone = parse_msisdn(_field(form, "phoneNumber"), self._region)
+            phone = _phone(_field(form, "phoneNumber"), self._region)
         except InvalidPhoneNumber as exc:
             raise BadUssdRequest("not a phone number", field="phoneNumber") from exc
         return UssdHop(
@@ -149,12 +149,20 @@ class AfricasTalkingUssd:
         return web.Response(text=reply.render_at(), content_type="text/plain")
 
 
-async def _read_form(request: web.Request) -> MultiDictProxy[str]:
+async def _read_form(request: web.Request) -> Mapping[str, str]:
     try:
         form = await request.post()
     except ValueError as exc:  # undecodable body
         raise BadUssdRequest("unreadable body", field="body") from exc
-    return MultiDictProxy(MultiDict((k, v) for k, v in form.items() if isinstance(v, str)))
+    if all(isinstance(value, str) for value in form.values()):
+        return cast("Mapping[str, str]", form)
+    return {k: v for k, v in form.items() if isinstance(v, str)}  # multipart file parts dropped
+
+
+@lru_cache(maxsize=65_536)
+def _phone(text: str, region: str) -> Msisdn:
+    """``parse_msisdn`` remembered: libphonenumber costs tens of microseconds per call."""
+    return parse_msisdn(text, region)
 
 
 def ussd_routes(
