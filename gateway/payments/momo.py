@@ -277,7 +277,7 @@ class MomoProvider:
         amount: Money | None = None
         try:
             amount = Money.of(str(body.get("amount")), str(body.get("currency")))
-        except ValueError:
+        except (ValueError, ArithmeticError):  # decimal.Overflow for absurd exponents
             amount = None
         return PaymentStatus(
             provider=self.name,
@@ -315,7 +315,7 @@ class MomoProvider:
             raise self._forged("amount and currency must be strings", reference)
         try:
             amount = Money.of(amount_text, currency)
-        except ValueError as exc:
+        except (ValueError, ArithmeticError) as exc:  # decimal.Overflow for absurd exponents
             raise self._forged(f"not an amount: {amount_text!r} {currency!r}", reference) from exc
         if amount.amount_minor <= 0:
             raise self._forged("amount must be positive", reference)

@@ -328,7 +328,7 @@ class MomoSimulator:
             return _error(400, "INVALID_CURRENCY", "Currency not supported.")
         try:
             amount = Money.of(str(body.get("amount")), self.currency)
-        except ValueError:
+        except (ValueError, ArithmeticError):
             return _error(400, "INVALID_AMOUNT", "Amount is not valid.")
         if amount.amount_minor <= 0:
             return _error(400, "INVALID_AMOUNT", "Amount is not valid.")

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from payfakes import CallbackReceiver, FakeClock
 
@@ -174,6 +174,7 @@ def test_arbitrary_bytes_raise_only_forged_callback(body: bytes) -> None:
 
 
 @settings(max_examples=200)
+@example({"externalId": "p", "status": "FAILED", "amount": "1e999999999", "currency": "EUR"})
 @given(
     st.dictionaries(
         st.sampled_from(["externalId", "status", "amount", "currency", "payer", "reason"]),
