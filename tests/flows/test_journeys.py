@@ -4,7 +4,7 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
-from conftest import METER, METER_13, PHONE, UNKNOWN_METER, UssdWorld
+from journey_world import METER, METER_13, PHONE, UNKNOWN_METER, UssdWorld
 
 from flows.messages import text
 from flows.ports import Language, SavedMeter
