@@ -8,6 +8,7 @@ same amount, so the expiry being tested is still Redis's own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import uuid
@@ -85,20 +86,18 @@ def redis_time_machine(
     return advance
 
 
-@pytest.fixture(
-    params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)],
-)
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    """Each SessionStore implementation, fresh."""
+@contextlib.asynccontextmanager
+async def open_backend(kind: str, tmp_path: Path) -> AsyncIterator[Backend]:
+    """A fresh store of ``kind`` (memory, sqlite, redis) with its time machine; cleaned up."""
     clock = Clock()
 
     async def move_clock(seconds: float) -> None:
         clock.now += seconds
 
-    if request.param == "memory":
+    if kind == "memory":
         yield Backend(MemorySessionStore(clock), move_clock, None)
         return
-    if request.param == "sqlite":
+    if kind == "sqlite":
         opened: list[SqliteSessionStore] = []
 
         def open_sqlite() -> SessionStore:
@@ -106,9 +105,11 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             opened.append(store)
             return store
 
-        yield Backend(open_sqlite(), move_clock, open_sqlite)
-        for store in opened:
-            store.close()
+        try:
+            yield Backend(open_sqlite(), move_clock, open_sqlite)
+        finally:
+            for sqlite_store in opened:
+                sqlite_store.close()
         return
     client = await redis_client_or_skip()
     prefix = f"test:{uuid.uuid4().hex}:"
@@ -122,11 +123,25 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     try:
         yield Backend(open_redis(), redis_time_machine(client, prefix), open_redis)
     finally:
-        for store in stores:
-            await store.aclose()
+        for redis_store in stores:
+            await redis_store.aclose()
         async for name in client.scan_iter(match=prefix + "*"):
             await client.delete(name)
         await client.aclose()
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each SessionStore implementation, fresh."""
+    async with open_backend(request.param, tmp_path) as opened:
+        yield opened
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+async def shared(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each implementation meant to be shared by several processes (memory is not)."""
+    async with open_backend(request.param, tmp_path) as opened:
+        yield opened
 
 
 # ------------------------------------------------------------------------------------ contract
@@ -141,7 +156,7 @@ async def test_put_then_get_returns_the_latest_value(backend: Backend) -> None:
 
 
 async def test_a_key_never_written_reads_as_absent(backend: Backend) -> None:
-    """get of an unknown key is None."""
+    """Reading a key never written gives None."""
     assert await backend.store.get("never") is None
 
 
@@ -173,7 +188,7 @@ async def test_put_restarts_the_expiry(backend: Backend) -> None:
 
 
 async def test_add_stores_only_when_absent_or_expired(backend: Backend) -> None:
-    """add is set-if-absent: refused while the key lives, allowed once it has expired."""
+    """Adding is set-if-absent: refused while the key lives, allowed once it has expired."""
     assert await backend.store.add("k", "first", 10)
     assert not await backend.store.add("k", "second", 10)
     assert await backend.store.get("k") == "first"
@@ -190,7 +205,7 @@ async def test_concurrent_adds_store_exactly_one(backend: Backend) -> None:
 
 
 async def test_delete_removes_one_key_and_tolerates_absence(backend: Backend) -> None:
-    """delete removes its key only; deleting a missing key is fine."""
+    """Deleting removes that key only; deleting a missing key is fine."""
     await backend.store.put("a", "1", 10)
     await backend.store.put("b", "2", 10)
     await backend.store.delete("a")
@@ -206,14 +221,13 @@ async def test_values_round_trip_unchanged(backend: Backend) -> None:
     assert await backend.store.get("json") == value
 
 
-async def test_a_second_instance_shares_the_sessions(backend: Backend) -> None:
+async def test_a_second_instance_shares_the_sessions(shared: Backend) -> None:
     """Two instances on one shared store see each other's writes; adds across them race fairly."""
-    if backend.peer is None:
-        pytest.skip("the memory store lives in one process by design")
-    other = backend.peer()
-    await backend.store.put("k", "v", 10)
+    assert shared.peer is not None
+    other = shared.peer()
+    await shared.store.put("k", "v", 10)
     assert await other.get("k") == "v"
-    stores = (backend.store, other)
+    stores = (shared.store, other)
     results = await asyncio.gather(*(stores[i % 2].add("race", str(i), 10) for i in range(40)))
     assert results.count(True) == 1
 
