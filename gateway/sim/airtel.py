@@ -118,6 +118,8 @@ class AirtelSimulator:
         country, currency: the wallet's ``X-Country``/``X-Currency``.
         callback_url: where callbacks go (``None``: no callbacks, as before portal setup).
         token_ttl_s: access token lifetime. answer_delay_s: real seconds a payer takes (demo).
+        prompt_timeout_s: real seconds before an ignored push fails (``None``: only when
+            ``expire_payments()`` is called).
         clock: monotonic seconds for token expiry. seed: reproducible ids.
     """
 
@@ -131,6 +133,7 @@ class AirtelSimulator:
         callback_url: str | None = None,
         token_ttl_s: float = 180.0,
         answer_delay_s: float = 0.0,
+        prompt_timeout_s: float | None = 60.0,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
     ) -> None:
@@ -141,6 +144,7 @@ class AirtelSimulator:
         self.callback_url = callback_url
         self.token_ttl_s = token_ttl_s
         self.answer_delay_s = answer_delay_s
+        self.prompt_timeout_s = prompt_timeout_s
         self.faults = AirtelFaults()
         self.money = MoneyRecord()
         self.token_grants = 0
@@ -342,6 +346,11 @@ class AirtelSimulator:
         action = self._payers.get(payment.msisdn, AirtelAction.APPROVE)
         if action is not AirtelAction.IGNORE:
             self._finish(payment, action)
+        elif self.prompt_timeout_s is not None:
+            loop = asyncio.get_running_loop()
+            self._timers.append(
+                loop.call_later(self.prompt_timeout_s, self._finish, payment, AirtelAction.IGNORE)
+            )
 
     def _finish(self, payment: _Payment, action: AirtelAction) -> None:
         if payment.status != "TIP":

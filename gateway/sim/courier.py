@@ -105,7 +105,7 @@ class Courier:
         self._tasks = tasks
         self._provider = provider
         self._timeout_s = timeout_s
-        self._held: list[tuple[str, str, bytes]] = []
+        self._held: list[tuple[str, str, bytes, int]] = []
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
@@ -124,30 +124,37 @@ class Courier:
         """How many callbacks are waiting for ``release``."""
         return len(self._held)
 
-    def send(self, method: str, url: str, body: bytes) -> None:
-        """Queue one callback: held, dropped, or sent ``faults.copies`` times in the background."""
+    def send(self, method: str, url: str, body: bytes, *, retries: int = 0) -> None:
+        """Queue one callback: held, dropped, or sent ``faults.copies`` times in the background.
+
+        ``retries``: how many more attempts a delivery gets when our side does not answer 200
+        (Daraja retries C2B confirmations), one after the other.
+        """
         if self.faults.drop_next > 0:
             self.faults.drop_next -= 1
             log.info("sim_callback_dropped", provider=self._provider, url=url)
             return
         for _ in range(max(1, self.faults.copies)):
             if self.faults.hold:
-                self._held.append((method, url, body))
+                self._held.append((method, url, body, retries))
             else:
-                self._tasks.spawn(self._deliver(method, url, body))
+                self._tasks.spawn(self._deliver(method, url, body, retries))
 
     async def release(self, *, reverse: bool = False) -> None:
         """Send every held callback, oldest first (or newest first: ``reverse``), and wait."""
         held, self._held = self._held, []
-        for method, url, body in reversed(held) if reverse else held:
-            await self._deliver(method, url, body)
+        for method, url, body, retries in reversed(held) if reverse else held:
+            await self._deliver(method, url, body, retries)
 
     async def post_now(self, url: str, body: bytes, *, timeout_s: float) -> Delivery:
         """POST ``body`` and wait for the answer (Daraja C2B validation needs it synchronously)."""
         return await self._attempt("POST", url, body, timeout_s)
 
-    async def _deliver(self, method: str, url: str, body: bytes) -> None:
-        await self._attempt(method, url, body, self._timeout_s)
+    async def _deliver(self, method: str, url: str, body: bytes, retries: int) -> None:
+        for _ in range(1 + max(0, retries)):
+            delivery = await self._attempt(method, url, body, self._timeout_s)
+            if delivery.status == 200:
+                return
 
     async def _attempt(self, method: str, url: str, body: bytes, timeout_s: float) -> Delivery:
         if self._session is None:

@@ -147,6 +147,7 @@ class DarajaSimulator:
         c2b_msisdn: how C2B payloads show the payer: ``masked`` (Daraja's default), ``hashed``
             (SHA-256 hex) or ``plain``.
         external_validation: whether C2B payments are validated at the registered URL.
+        confirmation_retries: further attempts at a C2B confirmation our side did not answer 200.
         clock: monotonic seconds for token expiry. now: the wall clock for timestamps.
         seed: seeds receipt numbers and ids, so runs are reproducible.
     """
@@ -166,6 +167,7 @@ class DarajaSimulator:
         validation_timeout_s: float = 8.0,
         c2b_msisdn: Literal["masked", "hashed", "plain"] = "masked",
         external_validation: bool = True,
+        confirmation_retries: int = 2,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] | None = None,
         seed: int | None = None,
@@ -182,6 +184,7 @@ class DarajaSimulator:
         self.validation_timeout_s = validation_timeout_s
         self.c2b_msisdn = c2b_msisdn
         self.external_validation = external_validation
+        self.confirmation_retries = confirmation_retries
         self.faults = DarajaFaults()
         self.money = MoneyRecord()
         self.token_grants = 0
@@ -366,6 +369,14 @@ class DarajaSimulator:
         self.push_requests.append(body)
         if len(push.account) > 12:  # Daraja's AccountReference limit
             self._finish(push, None, result=(1025, "An error occurred while sending push request"))
+        elif (
+            body["TransactionType"] == "CustomerPayBillOnline" and body["PartyB"] != self.shortcode
+        ):
+            self._finish(
+                push,
+                None,
+                result=(2028, "The request is not permitted according to product assignment"),
+            )
         elif not self.faults.hold_prompts:
             if self.answer_delay_s > 0:
                 loop = asyncio.get_running_loop()
@@ -589,7 +600,7 @@ class DarajaSimulator:
         balance = sum(c.amount_minor for c in self.money.charges) // 100
         payload["OrgAccountBalance"] = f"{balance}.00"
         raw = json.dumps(payload, separators=(",", ":")).encode()
-        self.courier.send("POST", urls["ConfirmationURL"], raw)
+        self.courier.send("POST", urls["ConfirmationURL"], raw, retries=self.confirmation_retries)
         return C2BOutcome(accepted=True, trans_id=trans_id, result_code="0")
 
     @staticmethod

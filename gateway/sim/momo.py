@@ -121,6 +121,8 @@ class MomoSimulator:
         target_environment, currency: the environment and the only currency it takes.
         token_ttl_s: access token lifetime. callback_method: ``PUT`` (usual) or ``POST``.
         answer_delay_s: real seconds a payer takes (demo); 0 answers at once.
+        approval_timeout_s: real seconds before an unanswered TIMEOUT request fails
+            (MoMo: about 5 minutes); ``None``: only when ``expire_requests()`` is called.
         clock: monotonic seconds for token expiry. seed: reproducible ids.
     """
 
@@ -136,6 +138,7 @@ class MomoSimulator:
         token_ttl_s: float = 3600.0,
         callback_method: Literal["PUT", "POST"] = "PUT",
         answer_delay_s: float = 0.0,
+        approval_timeout_s: float | None = 300.0,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
     ) -> None:
@@ -147,6 +150,7 @@ class MomoSimulator:
         self.token_ttl_s = token_ttl_s
         self.callback_method = callback_method
         self.answer_delay_s = answer_delay_s
+        self.approval_timeout_s = approval_timeout_s
         self.faults = MomoFaults()
         self.money = MoneyRecord()
         self.token_grants = 0
@@ -393,6 +397,11 @@ class MomoSimulator:
             return
         payer = str(record.body["payer"]["partyId"])
         action = self._payers.get(payer, PayerAction.APPROVE)
+        if action is PayerAction.TIMEOUT and self.approval_timeout_s is not None:
+            loop = asyncio.get_running_loop()
+            self._timers.append(
+                loop.call_later(self.approval_timeout_s, self._finish, record, PayerAction.TIMEOUT)
+            )
         if action in {PayerAction.TIMEOUT, PayerAction.PENDING}:
             return
         self._finish(record, action)

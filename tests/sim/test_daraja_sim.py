@@ -381,3 +381,27 @@ async def test_demo_controls_customer_and_sim_menu(env: Env) -> None:
         outcome = await response.json()
     assert outcome["accepted"] is True
     assert [c.receipt for c in env.sim.ledger()] == [outcome["trans_id"]]
+
+
+async def test_confirmation_is_retried_until_answered_200(env: Env) -> None:
+    """A C2B confirmation our side answers 500 is sent again, up to two more times."""
+    answers = iter([500, 200])
+
+    async def flaky() -> web.Response:
+        return web.json_response({}, status=next(answers))
+
+    env.inbox.answers["/confirmation"] = flaky
+    env.sim.register_urls(validation_url="", confirmation_url=f"{env.inbox.url}/confirmation")
+    await env.sim.pay_bill("254708374149", "37012345678", 150)
+    await env.sim.settle()
+    assert [d.status for d in env.sim.courier.deliveries] == [500, 200]
+    assert len(env.sim.ledger()) == 1
+
+
+async def test_paybill_push_to_another_party_b_fails_with_2028(env: Env) -> None:
+    """A paybill push whose PartyB is not the shortcode fails with 2028 and takes no money."""
+    status, _ = await env.post("/mpesa/stkpush/v1/processrequest", env.push(PartyB="123456"))
+    await env.sim.settle()
+    assert status == 200
+    assert env.inbox.bodies["/stk"][0]["Body"]["stkCallback"]["ResultCode"] == 2028
+    assert env.sim.ledger() == []

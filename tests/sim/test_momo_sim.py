@@ -1,3 +1,4 @@
+import asyncio
 import base64
 import json
 import uuid
@@ -192,3 +193,31 @@ async def test_failed_request_has_a_reason_and_takes_no_money(env: Env) -> None:
     assert (body["status"], body["reason"]) == ("FAILED", "INTERNAL_PROCESSING_ERROR")
     async with env.http.get(f"{env.base}/_sim/ledger") as response:
         assert await response.json() == []
+
+
+async def test_unanswered_request_fails_when_approval_times_out(
+    aiohttp_server: ServerFactory,
+) -> None:
+    """The TIMEOUT number's request fails COULD_NOT_PERFORM_TRANSACTION on a real timer."""
+    sim = MomoSimulator(seed=2, approval_timeout_s=0.05)
+    server = await aiohttp_server(sim.app)
+    arrived = asyncio.Event()
+    callbacks: list[tuple[str, dict[str, Any]]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        callbacks.append((request.method, json.loads(await request.read())))
+        arrived.set()
+        return web.Response()
+
+    inbox = web.Application()
+    inbox.router.add_route("*", "/cb", receive)
+    callback_url = str((await aiohttp_server(inbox)).make_url("/cb"))
+    async with aiohttp.ClientSession() as http:
+        env = Env(sim, http, str(server.make_url("")).rstrip("/"), callbacks, callback_url)
+        payer = {"partyIdType": "MSISDN", "partyId": "46733123452"}
+        async with await env.request_to_pay(str(uuid.uuid4()), callback=callback_url, payer=payer):
+            pass
+        async with asyncio.timeout(5):
+            await arrived.wait()
+    [(_, body)] = callbacks
+    assert (body["status"], body["reason"]) == ("FAILED", "COULD_NOT_PERFORM_TRANSACTION")
