@@ -354,6 +354,9 @@ class UssdEngine:
             if session.ended or (hop.cumulative and hop.text == session.last_text):
                 return UssdReply(text=session.last_reply, ends=session.ended)
             inputs = [_newest_input(hop, session.last_text)]
+            if any(frame.screen not in self._screens for frame in session.stack):
+                # Saved by a release with other screens: start over rather than fail.
+                session.stack[:] = [Frame(HOME_SCREEN)]
         session.hops += 1
         ctx = Context(
             services=self._services,
@@ -421,7 +424,11 @@ class UssdEngine:
                 previous = Session.loads(previous_raw)
                 recent = self._clock() - previous.updated_at <= self._resume_window_s
                 if recent and not previous.ended and len(previous.stack) > 1:
-                    session.stack.append(Frame(RESUME_SCREEN, {"from": previous_id}))
+                    top = previous.stack[-1]
+                    # Dropped on the resume prompt itself: offer what that prompt offered.
+                    origin = top.args.get("from", previous_id)
+                    origin = origin if top.screen == RESUME_SCREEN else previous_id
+                    session.stack.append(Frame(RESUME_SCREEN, {"from": origin}))
         return session, inputs
 
     async def _apply(self, session: Session, ctx: Context, answer: str) -> Finish | None:

@@ -336,3 +336,16 @@ async def test_prefilled_dial_string_jumps_to_the_screen(world: UssdWorld) -> No
     phone = world.phone()
     await phone.dial("4")
     phone.sees("Enter the meter number:")
+
+
+async def test_dropping_on_the_resume_prompt_still_resumes_the_original(world: UssdWorld) -> None:
+    """A customer who loses the line on 'Continue?' is offered the original session again."""
+    phone = world.phone()
+    await phone.dial("1", METER)
+    lost = phone.screen
+    await phone.dial()
+    phone.sees("Continue where you left off?")
+    await phone.dial()
+    phone.sees("Continue where you left off?")
+    await phone.answer("1")
+    assert phone.screen == lost
