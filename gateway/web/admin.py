@@ -74,6 +74,7 @@ COOKIE_NAME: Final = "gw_admin"
 _CSRF_FIELD: Final = "csrf"
 _ACTOR: Final = "admin-web"
 _PURCHASE_ID: Final = re.compile(r"^P[A-Z2-9]{12}$")
+_DRN_LENGTHS: Final = frozenset({11, 13})  # with a 6-digit IIN, with the legacy 4-digit IIN
 _DIGIT_RUN: Final = re.compile(r"\d{20}")
 #: How many purchases a stuck category reads at most; a full page says "at least".
 _STUCK_SCAN_LIMIT: Final = 1000
@@ -278,6 +279,10 @@ def _when(moment: datetime | None) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _when_short(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+
+
 def _kwh(units: int) -> str:
     return f"{units // 10}.{units % 10}"
 
@@ -317,7 +322,12 @@ def _event_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
     ]
 
 
-_FILTERS: Final[Mapping[str, Callable[..., str]]] = {"when": _when, "kwh": _kwh, "money": _money}
+_FILTERS: Final[Mapping[str, Callable[..., str]]] = {
+    "when": _when,
+    "when_short": _when_short,
+    "kwh": _kwh,
+    "money": _money,
+}
 
 
 def _group_token(token: str) -> str:
@@ -525,7 +535,7 @@ async def _search(site: AdminSite, query: str) -> tuple[list[_Match], list[str]]
         else:
             found[purchase.purchase_id] = _Match(purchase=purchase, matched_by="purchase id")
     compact = re.sub(r"[\s-]", "", text)
-    if compact.isdigit():
+    if compact.isdigit() and len(compact) in _DRN_LENGTHS:
         understood.append(f"meter {compact}")
         for purchase in await site.ledger.find_purchases(meter=compact, limit=_SEARCH_LIMIT):
             found.setdefault(purchase.purchase_id, _Match(purchase=purchase, matched_by="meter"))
