@@ -34,6 +34,7 @@ from multidict import CIMultiDict
 
 from gateway.config import PAYMENT_PROVIDERS, SIMULATED, Config, ProviderSettings, Secret
 from gateway.metrics import Metrics
+from gateway.web.middleware import context_middleware
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -544,27 +545,49 @@ async def _caddy_started(process: asyncio.subprocess.Process) -> None:
     pytest.fail("caddy exited before serving its configuration")
 
 
-async def test_caddy_enforces_allowlists_and_sets_forwarding_headers(tmp_path: Path) -> None:
-    """Real Caddy: foreign callers get 403, unknown paths 404, and headers cannot be forged."""
-    caddy = shutil.which("caddy")
-    if caddy is None:
-        pytest.skip("caddy is not installed")
+SECRET = "s3cr3t-path-token"
+# (method, path) → what the proxy must answer a caller on 127.0.0.1 when loopback is allowed for
+# MoMo and Africa's Talking only, and the operator network is elsewhere.
+PROBES: dict[tuple[str, str], int] = {
+    ("POST", f"/payments/daraja/{SECRET}/stk"): 403,
+    ("PUT", f"/payments/momo/{SECRET}/callback"): 200,
+    ("POST", f"/payments/airtel/{SECRET}/callback"): 403,
+    ("POST", "/ussd/africastalking"): 200,
+    ("GET", "/admin"): 403,
+    ("GET", "/metrics"): 403,
+    ("GET", "/healthz"): 200,
+    ("GET", "/payments/sim/x/callback"): 404,
+    ("GET", "/etc/passwd"): 404,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CaddyRun:
+    """What one run of the real Caddyfile in front of a recording upstream showed."""
+
+    statuses: dict[str, int]  # path → status the client got
+    echoed: dict[str, str]  # path → X-Request-Id of the response
+    forwarded: list[tuple[str, CIMultiDict[str]]]  # what reached the upstream (health checks aside)
+    access_log: str
+
+
+async def _exercise_caddy(caddy: str, workdir: Path) -> CaddyRun:
     seen: list[tuple[str, CIMultiDict[str]]] = []
 
-    async def echo(request: web.Request) -> web.Response:
+    async def record(request: web.Request) -> web.Response:
         seen.append((request.path, request.headers.copy()))
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", echo)
+    app = web.Application(middlewares=[context_middleware])  # the gateway's own middleware
+    app.router.add_route("*", "/{tail:.*}", record)
     upstream = TestServer(app, host="127.0.0.1")
     await upstream.start_server()
     port = _free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "XDG_DATA_HOME": str(tmp_path / "data"),
-        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "HOME": str(workdir),
+        "XDG_DATA_HOME": str(workdir / "data"),
+        "XDG_CONFIG_HOME": str(workdir / "config"),
         "PROXY_DOMAIN": f"http://127.0.0.1:{port}",
         "PROXY_UPSTREAMS": f"127.0.0.1:{upstream.port}",
         "PROXY_MOMO_SOURCES": "127.0.0.1/32",
@@ -579,64 +602,82 @@ async def test_caddy_enforces_allowlists_and_sets_forwarding_headers(tmp_path: P
         check=True,
     )
     config: dict[str, Any] = json.loads(adapted.stdout)
-    config["admin"] = {"disabled": True}
-    (tmp_path / "caddy.json").write_text(json.dumps(config))
+    config["admin"] = {"disabled": True}  # no fixed admin port in a test
+    (workdir / "caddy.json").write_text(json.dumps(config))
     process = await asyncio.create_subprocess_exec(
         caddy,
         "run",
         "--config",
-        str(tmp_path / "caddy.json"),
+        str(workdir / "caddy.json"),
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    statuses: dict[str, int] = {}
+    echoed: dict[str, str] = {}
     try:
         await _caddy_started(process)
         forged = {"X-Request-Id": "client-chosen", "X-Forwarded-For": "203.0.113.9"}
-        base = f"http://127.0.0.1:{port}"
-        secret = "s3cr3t-path-token"
-        async with aiohttp.ClientSession() as http:
-            statuses = {}
-            for method, path in [
-                ("POST", f"/payments/daraja/{secret}/stk"),
-                ("PUT", f"/payments/momo/{secret}/callback"),
-                ("POST", f"/payments/airtel/{secret}/callback"),
-                ("POST", "/ussd/africastalking"),
-                ("GET", "/admin"),
-                ("GET", "/metrics"),
-                ("GET", "/healthz"),
-                ("GET", "/payments/sim/x/callback"),
-                ("GET", "/etc/passwd"),
-            ]:
-                async with http.request(method, base + path, headers=forged) as response:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            for method, path in PROBES:
+                async with http.request(method, path, headers=forged) as response:
                     statuses[path] = response.status
+                    echoed[path] = response.headers.get("X-Request-Id", "")
     finally:
         process.terminate()
         stdout, _ = await process.communicate()
         await upstream.close()
-    assert statuses == {
-        f"/payments/daraja/{secret}/stk": 403,
-        f"/payments/momo/{secret}/callback": 200,
-        f"/payments/airtel/{secret}/callback": 403,
-        "/ussd/africastalking": 200,
-        "/admin": 403,
-        "/metrics": 403,
-        "/healthz": 200,
-        "/payments/sim/x/callback": 404,
-        "/etc/passwd": 404,
-    }
     forwarded = [(path, headers) for path, headers in seen if path != "/readyz"]
-    assert [path for path, _ in forwarded] == [
-        f"/payments/momo/{secret}/callback",
-        "/ussd/africastalking",
-        "/healthz",
-    ]
-    for _path, headers in forwarded:
-        assert headers["X-Forwarded-For"] == "127.0.0.1"
+    return CaddyRun(statuses, echoed, forwarded, stdout.decode())
+
+
+@pytest.fixture(scope="module")
+def caddy_run(tmp_path_factory: pytest.TempPathFactory) -> CaddyRun:
+    """The Caddyfile run once by the real Caddy (skips the proxy tests when it is missing)."""
+    caddy = shutil.which("caddy")
+    if caddy is None:
+        pytest.skip("caddy is not installed")
+    return asyncio.run(_exercise_caddy(caddy, tmp_path_factory.mktemp("caddy")))
+
+
+def test_proxy_refuses_callers_outside_each_routes_allowlist(caddy_run: CaddyRun) -> None:
+    """A caller outside a route's allowlist gets 403 and the gateway never sees the request."""
+    refused = {path for (_, path), status in PROBES.items() if status == 403}
+    assert {p: caddy_run.statuses[p] for p in refused} == dict.fromkeys(refused, 403)
+    assert refused.isdisjoint(path for path, _ in caddy_run.forwarded)
+
+
+def test_proxy_forwards_callers_inside_the_allowlist(caddy_run: CaddyRun) -> None:
+    """Allowed callers reach the gateway, each request exactly once."""
+    allowed = [path for (_, path), status in PROBES.items() if status == 200]
+    assert [caddy_run.statuses[p] for p in allowed] == [200] * len(allowed)
+    assert [path for path, _ in caddy_run.forwarded] == allowed
+
+
+def test_proxy_answers_404_outside_the_gateway_routes(caddy_run: CaddyRun) -> None:
+    """Paths that are no gateway route (a simulator's callback included) end at the proxy."""
+    unknown = {path for (_, path), status in PROBES.items() if status == 404}
+    assert {p: caddy_run.statuses[p] for p in unknown} == dict.fromkeys(unknown, 404)
+
+
+def test_proxy_replaces_forged_forwarding_headers(caddy_run: CaddyRun) -> None:
+    """The gateway sees the TCP peer in X-Forwarded-For and a fresh UUID, not the client's."""
+    assert caddy_run.forwarded
+    for _path, headers in caddy_run.forwarded:
+        assert headers.getall("X-Forwarded-For") == ["127.0.0.1"]
         assert UUID_RE.fullmatch(headers["X-Request-Id"]), headers["X-Request-Id"]
-    access_log = stdout.decode()
-    assert "/payments/momo/<secret>/callback" in access_log
-    assert secret not in access_log
+
+
+def test_gateway_answers_with_the_proxys_request_id(caddy_run: CaddyRun) -> None:
+    """The response carries the id the proxy gave the request (what the gateway logged)."""
+    for path, headers in caddy_run.forwarded:
+        assert caddy_run.echoed[path] == headers["X-Request-Id"], path
+
+
+def test_proxy_access_log_hides_the_callback_secret(caddy_run: CaddyRun) -> None:
+    """The proxy's access log shows callback paths with <secret>, never the secret itself."""
+    assert "/payments/momo/<secret>/callback" in caddy_run.access_log
+    assert SECRET not in caddy_run.access_log
 
 
 # ------------------------------------------------------------------------------------- systemd
