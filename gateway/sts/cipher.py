@@ -39,6 +39,7 @@ class EncryptionAlgorithm(IntEnum):
 
 
 _KEY_LENGTHS = {EncryptionAlgorithm.EA07: 8, EncryptionAlgorithm.EA11: 16}
+_INT_TYPES = (int, EncryptionAlgorithm)  # not bool, not float: 7.0 is not an EA code
 
 
 def encryption_algorithm(ea: int) -> EncryptionAlgorithm:
@@ -86,6 +87,11 @@ def make_cipher(
         UnsupportedAlgorithm: ``ea`` is 9 (DEA) or unknown.
         InvalidKey: the key length does not match the algorithm.
     """
+    if type(decoder_key) is bytes:  # the common case, checked cheaply: a cipher per token
+        if ea == 7 and type(ea) in _INT_TYPES and len(decoder_key) == 8:
+            return StaCipher(decoder_key, sta_tables)
+        if ea == 11 and type(ea) in _INT_TYPES and len(decoder_key) == 16:
+            return Misty1Cipher(decoder_key)
     algorithm = encryption_algorithm(ea)
     expected = _KEY_LENGTHS[algorithm]
     if not isinstance(decoder_key, bytes | bytearray) or len(decoder_key) != expected:

@@ -175,7 +175,7 @@ class Misty1Cipher:
             raise ValueError(msg)
         fi_in, fi_out = _FI_IN, _FI_OUT
         ek = _unpack_key(key)
-        ek += tuple(fi_out[fi_in[a] ^ b] for a, b in zip(ek, ek[1:] + ek[:1], strict=True))
+        ek += tuple([fi_out[fi_in[a] ^ b] for a, b in zip(ek, ek[1:] + ek[:1], strict=True)])
         self._fo: tuple[tuple[int, ...], ...] = tuple([pick(ek) for pick in _FO_KEYS])
         self._fl: tuple[tuple[int, ...], ...] = tuple([pick(ek) for pick in _FL_KEYS])
 

@@ -125,7 +125,7 @@ def test_make_cipher_refuses_ea09() -> None:
         make_cipher(9, bytes(8))
 
 
-@pytest.mark.parametrize("ea", [0, 1, 8, 10, 12, 255, -7, True, "7", None])
+@pytest.mark.parametrize("ea", [0, 1, 8, 10, 12, 255, -7, True, "7", None, 7.0, 11.0])
 def test_make_cipher_refuses_unknown_codes(ea: object) -> None:
     """Codes other than 7 and 11 (and non-integers, booleans included) are UnsupportedAlgorithm."""
     with pytest.raises(UnsupportedAlgorithm):
