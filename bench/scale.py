@@ -1,0 +1,526 @@
+"""Vends/s with one and two gateway instances on PostgreSQL and one on SQLite, audited.
+
+Each scenario: a fresh database (a schema of its own on PostgreSQL, a temporary file for SQLite)
+gets a tariff, ``--meters`` meters and ``--purchases`` purchases awaiting payment (opened and
+requested through the real saga). Then ``--instances`` instance processes start, each running the
+real saga (``gateway.vending.Vending``) with its own ledger pool and a tiny aiohttp app on loopback
+whose ``POST /notices`` hands a payment callback to ``Vending.on_payment_notice``. The payment
+provider is stateless: the reference carries the amount, so every instance's status query confirms
+the same payment. A client sends every purchase's confirmation ``--deliveries`` times, each copy to
+a random instance, all at once (``--concurrency`` requests in flight), so two instances routinely
+receive the same callback at the same moment.
+
+Vends/s is purchases divided by the time from the first delivery sent to the last answered (every
+purchase vended by then). Afterwards the driver runs one recovery sweep (``finish_paid``: what a
+lost race left PAID, the sweeper finishes) and audits in SQL: exactly one vend per purchase, every
+purchase VENDED, (meter, TID) unique and strictly increasing in vend order, exactly one token
+message per vend, one ``token_vended`` event per vend. A failed audit exits non-zero.
+
+SQLite runs one instance only: its ledger has one writer per file by design (several instances
+need PostgreSQL). Prints readable lines, then one JSON line.
+
+Run: ``python bench/scale.py [--purchases 2000] [--quick]``. The same file is the instance
+process (``python bench/scale.py instance --database-url URL [--schema S]``), which the
+multi-instance test (``tests/e2e/test_multi_instance.py``) also starts; it stands in for
+``gateway serve`` until the composition root serves PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg  # type: ignore[import-untyped]
+from aiohttp import web
+
+from gateway.ledger import (
+    Ledger,
+    LedgerError,
+    MeterNumber,
+    MeterRecord,
+    open_postgres_ledger,
+    open_sqlite_ledger,
+)
+from gateway.ledger.postgres import create_schema, drop_schema, is_postgres_url
+from gateway.logging import configure_logging
+from gateway.money import Money
+from gateway.payments import (
+    CallbackAck,
+    CollectionRequest,
+    CollectionStarted,
+    PaymentNotice,
+    PaymentState,
+    PaymentStatus,
+    ProviderReference,
+)
+from gateway.phone import Msisdn
+from gateway.sts import LocalTokenEngine, VendingKey
+from gateway.sts.pan import luhn_check_digit
+from gateway.tariff import Tariff
+from gateway.vending import SagaPolicy, Vending
+
+PG_URL = "postgresql://127.0.0.1:5432/test"
+PHONE = Msisdn("+254712345678")
+PROVIDER = "fakepay"
+VENDING_KEY = VendingKey(
+    sgc="123457", krn=1, dkga=4, base_date=2014, key=bytes.fromhex("0abc" * 10)
+)
+TARIFF = Tariff(
+    tariff_id="domestic",
+    name="Domestic",
+    currency="KES",
+    price_per_kwh_minor=2500,
+    vat_basis_points=1600,
+    min_purchase_minor=1000,
+    max_purchase_minor=3_500_000,
+)
+AMOUNTS = (Money(11600, "KES"), Money(23200, "KES"), Money(5800, "KES"))
+
+
+def make_drn(number: int) -> MeterNumber:
+    """A valid 11-digit DRN (Luhn check digit) from a serial number."""
+    body = f"{number:010d}"
+    return MeterNumber(body + luhn_check_digit(body))
+
+
+def meter_record(drn: MeterNumber) -> MeterRecord:
+    """A meter on the domestic tariff keyed by ``VENDING_KEY``."""
+    return MeterRecord(
+        drn=drn,
+        customer_name="Wanjiru Kamau",
+        area="Kibera",
+        sgc=VENDING_KEY.sgc,
+        tariff_index="01",
+        krn=VENDING_KEY.krn,
+        dkga=VENDING_KEY.dkga,
+        base_date=VENDING_KEY.base_date,
+        tariff_id=TARIFF.tariff_id,
+    )
+
+
+class StatelessProvider:
+    """Every collection succeeds for the amount requested, which the reference carries.
+
+    Any instance answers ``query_status`` the same way without shared state.
+    """
+
+    name = PROVIDER
+
+    async def request_collection(self, request: CollectionRequest) -> CollectionStarted:
+        """Accept; the reference is ``REF-<purchase>-<amount minor>-<currency>``."""
+        reference = (
+            f"REF-{request.purchase_id}-{request.amount.amount_minor}-{request.amount.currency}"
+        )
+        return CollectionStarted(provider=self.name, reference=ProviderReference(reference))
+
+    def parse_callback(self, body: bytes, headers: Mapping[str, str]) -> PaymentNotice:
+        """The instance's ``/notices`` body: ``{"reference": …}``, a success claim."""
+        del headers
+        reference = ProviderReference(str(json.loads(body)["reference"]))
+        return PaymentNotice(
+            provider=self.name, reference=reference, claimed_state=PaymentState.SUCCEEDED, raw=body
+        )
+
+    async def query_status(self, reference: ProviderReference) -> PaymentStatus:
+        """Succeeded, for the amount in the reference, paid by ``PHONE``."""
+        _, purchase_id, minor, currency = reference.split("-")
+        return PaymentStatus(
+            provider=self.name,
+            reference=reference,
+            state=PaymentState.SUCCEEDED,
+            amount=Money(int(minor), currency),
+            payer=PHONE,
+            receipt="R" + purchase_id[1:9],
+        )
+
+    def acknowledgement(self) -> CallbackAck:
+        """An empty 200."""
+        return CallbackAck()
+
+
+def build_vending(ledger: Ledger) -> Vending:
+    """The real saga with the local token engine and the stateless provider."""
+    return Vending(
+        ledger=ledger,
+        engine=LocalTokenEngine([VENDING_KEY]),
+        providers={PROVIDER: StatelessProvider()},
+        default_provider=PROVIDER,
+        policy=SagaPolicy(first_check_after_s=3600),
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_any_ledger(
+    url: str, schema: str | None, *, pool_size: int = 10
+) -> AsyncIterator[Ledger]:
+    """The ledger at ``url``: PostgreSQL (in ``schema``) or a ``sqlite:///`` file."""
+    if is_postgres_url(url):
+        async with open_postgres_ledger(url, schema=schema, max_size=pool_size) as ledger:
+            yield ledger
+    else:
+        async with open_sqlite_ledger(Path(url.removeprefix("sqlite:///"))) as ledger:
+            yield ledger
+
+
+# --- the instance process ----------------------------------------------------------------------
+
+
+async def serve_instance(url: str, schema: str | None, host: str, port: int, pool: int) -> None:
+    """Serve ``POST /notices`` on ``host:port`` until SIGTERM; prints ``READY <port>`` first."""
+    configure_logging(json=True, level="error", stream=sys.stderr)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    async with open_any_ledger(url, schema, pool_size=pool) as ledger:
+        vending = build_vending(ledger)
+        provider = StatelessProvider()
+
+        async def notices(request: web.Request) -> web.Response:
+            notice = provider.parse_callback(await request.read(), request.headers)
+            try:
+                await vending.on_payment_notice(notice)
+            except LedgerError as exc:  # not recorded: the provider must send it again
+                return web.json_response({"error": str(exc)}, status=503)
+            return web.json_response({"ok": True})
+
+        app = web.Application()
+        app.router.add_post("/notices", notices)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1]
+        print(f"READY {bound}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+
+@dataclass
+class Instance:
+    """A running instance process and its port."""
+
+    process: asyncio.subprocess.Process
+    port: int
+
+
+@contextlib.asynccontextmanager
+async def start_instances(
+    count: int, url: str, schema: str | None, *, pool: int = 8
+) -> AsyncIterator[list[Instance]]:
+    """``count`` instance processes serving on loopback; stopped (SIGTERM) on exit."""
+    started: list[Instance] = []
+    try:
+        for _ in range(count):
+            args = [sys.executable, __file__, "instance", "--database-url", url]
+            args += ["--pool", str(pool)]
+            if schema:
+                args += ["--schema", schema]
+            process = await asyncio.create_subprocess_exec(
+                *args, stdout=asyncio.subprocess.PIPE, stderr=None
+            )
+            assert process.stdout is not None  # noqa: S101 - asked for above
+            line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
+            if not line.startswith(b"READY "):
+                process.kill()
+                raise RuntimeError(f"instance did not start: {line!r}")
+            started.append(Instance(process, int(line.split()[1])))
+        yield started
+    finally:
+        for instance in started:
+            if instance.process.returncode is None:
+                instance.process.send_signal(signal.SIGTERM)
+        for instance in started:
+            try:
+                await asyncio.wait_for(instance.process.wait(), timeout=15)
+            except TimeoutError:
+                instance.process.kill()
+                await instance.process.wait()
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+async def prepare(
+    ledger: Ledger, *, purchases: int, meters: int, run: str
+) -> list[tuple[str, str]]:
+    """Tariff, meters and purchases awaiting payment; (purchase id, provider reference) each."""
+    await ledger.put_tariff(TARIFF)
+    drns = [make_drn(7000 + i) for i in range(meters)]
+    for drn in drns:
+        await ledger.put_meter(meter_record(drn))
+    vending = build_vending(ledger)
+    opened: list[tuple[str, str]] = []
+
+    async def one(index: int) -> None:
+        purchase = await vending.start_purchase(
+            channel="ussd",
+            phone=PHONE,
+            meter=drns[index % meters],
+            amount=AMOUNTS[index % len(AMOUNTS)],
+            idempotency_key=f"{run}-{index}",
+        )
+        purchase = await vending.request_payment(purchase.purchase_id)
+        assert purchase.provider_reference is not None  # noqa: S101 - the provider always answers
+        opened.append((purchase.purchase_id, purchase.provider_reference))
+
+    for start in range(0, purchases, 50):
+        await asyncio.gather(*(one(i) for i in range(start, min(purchases, start + 50))))
+    return opened
+
+
+@dataclass
+class Delivery:
+    """What sending every confirmation took."""
+
+    seconds: float
+    latencies_s: list[float]
+    per_instance: list[int]
+    resent_after_503: int
+
+
+async def deliver(
+    references: list[str],
+    ports: list[int],
+    *,
+    copies: int,
+    concurrency: int,
+    rng: random.Random,
+) -> Delivery:
+    """Send each reference's confirmation ``copies`` times to random instances, all at once."""
+    sends = [(reference, rng.randrange(len(ports))) for reference in references] * copies
+    rng.shuffle(sends)
+    latencies: list[float] = []
+    per_instance = [0] * len(ports)
+    resent = 0
+    gate = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def send(reference: str, target: int) -> None:
+            nonlocal resent
+            body = json.dumps({"reference": reference}).encode()
+            per_instance[target] += 1
+            async with gate:
+                for attempt in range(10):
+                    began = time.perf_counter()
+                    async with session.post(
+                        f"http://127.0.0.1:{ports[target]}/notices", data=body
+                    ) as response:
+                        await response.read()
+                        status = response.status
+                    latencies.append(time.perf_counter() - began)
+                    if status == 200:
+                        return
+                    if status != 503 or attempt == 9:
+                        raise RuntimeError(f"instance answered {status} for {reference}")
+                    resent += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(send(reference, target) for reference, target in sends))
+        seconds = time.perf_counter() - began
+    return Delivery(seconds, latencies, per_instance, resent)
+
+
+@dataclass
+class Audit:
+    """What the database says after the run."""
+
+    vends: int
+    vended_purchases: int
+    not_vended: int
+    token_messages: int
+    purchases_without_one_message: int
+    token_vended_events: int
+    tid_violations: int
+
+    def problems(self, purchases: int) -> list[str]:
+        """Every exactly-once promise broken, in words (empty when all hold)."""
+        found = []
+        if self.vends != purchases or self.vended_purchases != purchases:
+            found.append(f"{self.vends} vends for {purchases} purchases")
+        if self.not_vended:
+            found.append(f"{self.not_vended} purchases not VENDED")
+        if self.token_messages != self.vends or self.purchases_without_one_message:
+            found.append(
+                f"{self.token_messages} token messages for {self.vends} vends"
+                f" ({self.purchases_without_one_message} purchases without exactly one)"
+            )
+        if self.token_vended_events != self.vends:
+            found.append(f"{self.token_vended_events} token_vended events")
+        if self.tid_violations:
+            found.append(f"{self.tid_violations} TIDs not strictly increasing per meter")
+        return found
+
+
+AUDIT_QUERIES = {
+    "vends": "SELECT count(*) FROM vends",
+    "vended_purchases": "SELECT count(DISTINCT purchase_id) FROM vends",
+    "not_vended": "SELECT count(*) FROM purchases WHERE state <> 'vended'",
+    "token_messages": "SELECT count(*) FROM outbox WHERE kind = 'token'",
+    "purchases_without_one_message": (
+        "SELECT count(*) FROM vends v WHERE (SELECT count(*) FROM outbox o"
+        " WHERE o.purchase_id = v.purchase_id AND o.kind = 'token') <> 1"
+    ),
+    "token_vended_events": "SELECT count(*) FROM events WHERE kind = 'token_vended'",
+    "tid_violations": (
+        "SELECT count(*) FROM (SELECT tid, lag(tid) OVER (PARTITION BY meter ORDER BY vend_id)"
+        " AS before FROM vends) t WHERE before IS NOT NULL AND tid <= before"
+    ),
+}
+
+
+async def audit(url: str, schema: str | None) -> Audit:
+    """Count, in SQL, what exactly-once requires."""
+    counts: dict[str, int] = {}
+    if is_postgres_url(url):
+        settings = {"search_path": schema} if schema else {}
+        conn = await asyncpg.connect(url, server_settings=settings)
+        try:
+            for name, sql in AUDIT_QUERIES.items():
+                counts[name] = int(await conn.fetchval(sql))
+        finally:
+            await conn.close()
+    else:
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
+            for name, sql in AUDIT_QUERIES.items():
+                counts[name] = int(conn.execute(sql).fetchone()[0])
+    return Audit(**counts)
+
+
+async def scenario(
+    label: str, url: str, *, instances: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One measured run on a fresh database; its figures."""
+    schema = f"bench_{uuid.uuid4().hex[:12]}" if is_postgres_url(url) else None
+    if schema:
+        await create_schema(url, schema)
+    try:
+        async with open_any_ledger(url, schema) as ledger:
+            opened = await prepare(
+                ledger, purchases=args.purchases, meters=args.meters, run=uuid.uuid4().hex[:8]
+            )
+        async with start_instances(instances, url, schema, pool=args.pool) as running:
+            delivery = await deliver(
+                [reference for _, reference in opened],
+                [instance.port for instance in running],
+                copies=args.deliveries,
+                concurrency=args.concurrency,
+                rng=random.Random(args.seed),
+            )
+        async with open_any_ledger(url, schema) as ledger:
+            swept = await build_vending(ledger).finish_paid(limit=args.purchases)
+        found = await audit(url, schema)
+    finally:
+        if schema:
+            await drop_schema(url, schema)
+    latencies = sorted(delivery.latencies_s)
+    return {
+        "scenario": label,
+        "instances": instances,
+        "purchases": args.purchases,
+        "deliveries": len(latencies),
+        "seconds": round(delivery.seconds, 3),
+        "vends_per_s": round(args.purchases / delivery.seconds, 1),
+        "deliveries_per_s": round(len(latencies) / delivery.seconds, 1),
+        "p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
+        "per_instance": delivery.per_instance,
+        "resent_after_503": delivery.resent_after_503,
+        "finished_by_sweep": swept,
+        "audit": found.__dict__,
+        "problems": found.problems(args.purchases),
+    }
+
+
+async def main(args: argparse.Namespace) -> int:
+    """Run the scenarios; print the figures and the JSON line. Non-zero if an audit failed."""
+    configure_logging(json=True, level="error", stream=sys.stderr)
+    print(
+        f"cpus={os.cpu_count()} purchases={args.purchases} meters={args.meters}"
+        f" deliveries={args.deliveries}x concurrency={args.concurrency}"
+    )
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = [("postgres", args.database_url, 1), ("postgres", args.database_url, 2)]
+        if not args.skip_sqlite:
+            plan.append(("sqlite", f"sqlite:///{Path(tmp) / 'ledger.db'}", 1))
+        for label, url, instances in plan:
+            result = await scenario(label, url, instances=instances, args=args)
+            results.append(result)
+            verdict = "exactly-once OK" if not result["problems"] else "; ".join(result["problems"])
+            print(
+                f"{label:8} x{instances}: {result['vends_per_s']:8.1f} vends/s"
+                f"  {result['deliveries_per_s']:8.1f} deliveries/s"
+                f"  p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms"
+                f"  swept {result['finished_by_sweep']}  {verdict}"
+            )
+    by_key = {(r["scenario"], r["instances"]): r["vends_per_s"] for r in results}
+    summary: dict[str, Any] = {
+        "bench": "scale",
+        "purchases": args.purchases,
+        "deliveries_per_purchase": args.deliveries,
+        "postgres_1_vends_per_s": by_key[("postgres", 1)],
+        "postgres_2_vends_per_s": by_key[("postgres", 2)],
+        "postgres_2_over_1": round(by_key[("postgres", 2)] / by_key[("postgres", 1)], 2),
+        "sqlite_1_vends_per_s": by_key.get(("sqlite", 1)),
+        "exactly_once": all(not r["problems"] for r in results),
+        "runs": results,
+    }
+    print(json.dumps(summary, separators=(",", ":")))
+    return 0 if summary["exactly_once"] else 1
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line (``instance`` starts one instance process)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command")
+    instance = sub.add_parser("instance", help="serve POST /notices (started by the driver)")
+    instance.add_argument("--database-url", required=True)
+    instance.add_argument("--schema")
+    instance.add_argument("--host", default="127.0.0.1")
+    instance.add_argument("--port", type=int, default=0)
+    instance.add_argument("--pool", type=int, default=8)
+    parser.add_argument("--database-url", default=PG_URL)
+    parser.add_argument("--purchases", type=int, default=2000)
+    parser.add_argument("--meters", type=int, default=50)
+    parser.add_argument("--deliveries", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--pool", type=int, default=8, help="ledger connections per instance")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--skip-sqlite", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="300 purchases")
+    args = parser.parse_args(argv)
+    if getattr(args, "quick", False):
+        args.purchases = 300
+    return args
+
+
+if __name__ == "__main__":
+    parsed = parse_args(sys.argv[1:])
+    if parsed.command == "instance":
+        asyncio.run(
+            serve_instance(
+                parsed.database_url, parsed.schema, parsed.host, parsed.port, parsed.pool
+            )
+        )
+        sys.exit(0)
+    sys.exit(asyncio.run(main(parsed)))
