@@ -142,18 +142,32 @@ _unpack_key: Final = cast("Callable[[bytes], tuple[int, ...]]", struct.Struct(">
 # EK[(i+1) % 8]). The RFC's EK[16+i] and EK[24+i] are the low 9 and high 7 bits of EK[8+i]; FI
 # here takes the 16-bit EK[8+i] whole, so they are not kept separately.
 # FO(k) uses (KO1, KI1, KO2, KI2, KO3, KI3, KO4), k = 0..7:
-_FO_KEYS: Final = tuple(
-    itemgetter(
-        k, (k + 5) % 8 + 8, (k + 2) % 8, (k + 1) % 8 + 8, (k + 7) % 8, (k + 3) % 8 + 8, (k + 4) % 8
-    )
-    for k in range(8)
+_FO_KEYS: Final = itemgetter(
+    *[
+        index
+        for k in range(8)
+        for index in (
+            k,
+            (k + 5) % 8 + 8,
+            (k + 2) % 8,
+            (k + 1) % 8 + 8,
+            (k + 7) % 8,
+            (k + 3) % 8 + 8,
+            (k + 4) % 8,
+        )
+    ]
 )
 # FL(k) uses (AND key, OR key), k = 0..9; even and odd k take them from different places:
-_FL_KEYS: Final = tuple(
-    itemgetter(k // 2, (k // 2 + 6) % 8 + 8)
-    if k % 2 == 0
-    else itemgetter(((k - 1) // 2 + 2) % 8 + 8, ((k - 1) // 2 + 4) % 8)
-    for k in range(10)
+_FL_KEYS: Final = itemgetter(
+    *[
+        index
+        for k in range(10)
+        for index in (
+            (k // 2, (k // 2 + 6) % 8 + 8)
+            if k % 2 == 0
+            else (((k - 1) // 2 + 2) % 8 + 8, ((k - 1) // 2 + 4) % 8)
+        )
+    ]
 )
 
 
@@ -176,8 +190,11 @@ class Misty1Cipher:
         fi_in, fi_out = _FI_IN, _FI_OUT
         ek = _unpack_key(key)
         ek += tuple([fi_out[fi_in[a] ^ b] for a, b in zip(ek, ek[1:] + ek[:1], strict=True)])
-        self._fo: tuple[tuple[int, ...], ...] = tuple([pick(ek) for pick in _FO_KEYS])
-        self._fl: tuple[tuple[int, ...], ...] = tuple([pick(ek) for pick in _FL_KEYS])
+        # One flat pick each, then cut into 7-tuples (FO) and pairs (FL), all in C.
+        fo_keys = iter(_FO_KEYS(ek))
+        self._fo: tuple[tuple[int, ...], ...] = tuple(zip(*[fo_keys] * 7, strict=True))
+        fl_keys = iter(_FL_KEYS(ek))
+        self._fl: tuple[tuple[int, ...], ...] = tuple(zip(fl_keys, fl_keys, strict=True))
 
     def __repr__(self) -> str:
         return "Misty1Cipher(key=<redacted>)"
