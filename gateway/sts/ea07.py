@@ -15,14 +15,14 @@ entries (a permutation sends distinct input bits to distinct output bits).
 Which table a round uses at byte ``b`` depends only on the key: the choice bits of round ``r``
 are bits ``8b+3`` and ``8b+7`` of ``k_r = ROL64(k0, r)``. Writing ``r = 4q + s`` (``s < 4``),
 both bits lie in byte ``b`` of ``k_4q`` (bits ``3-s`` and ``7-s``), so one byte of ``k_0``,
-``k_4``, ``k_8`` or ``k_12`` fixes the tables of four rounds at once (``_Family.*_groups``), and
+``k_4``, ``k_8`` or ``k_12`` fixes the tables of four rounds at once (``_groups``), and
 ``k_8``, ``k_12`` are ``k_0``, ``k_4`` rotated by one byte. A key's 16x8 tables are therefore
 32 lookups, done in C by ``map`` (``_quads``). :func:`sta_encrypt` picks them on every call;
 :class:`StaCipher` keeps them: that is the per-meter cache.
 
-The tables of one table set take about 0.6 MB, built once on first use. Bigger tables (12-bit
-slots, six lookups a round) were tried: at 15 MB they miss the CPU cache, and a block of random
-data then took three times as long as the same block repeated.
+The tables of one table set take about 1.4 MB, built in a few milliseconds on first use.
+Bigger tables (12-bit slots, six lookups a round) were tried: at 15 MB they miss the CPU cache,
+and a block of random data then took three times as long as the same block repeated.
 """
 
 from __future__ import annotations
@@ -93,8 +93,9 @@ _IDENTITY_NIBBLE: Final = tuple(range(16))
 _IDENTITY_BITS: Final = tuple(range(64))
 # _CHOICE[s][v]: the choice pattern of round 4q+s at a byte position where byte v of k_4q sits
 # (bit 0: low nibble, from bit 3-s of v; bit 1: high nibble, from bit 7-s of v).
-_CHOICE: Final = tuple(bytes((v >> (3 - s) & 1) | (v >> (7 - s) & 1) << 1 for v in range(256))
-                       for s in range(4))  # fmt: skip
+_CHOICE: Final = tuple(
+    bytes((v >> (3 - s) & 1) | (v >> (7 - s) & 1) << 1 for v in range(256)) for s in range(4)
+)
 
 
 def _inverse(table: tuple[int, ...]) -> tuple[int, ...]:
@@ -104,11 +105,10 @@ def _inverse(table: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(inverse)
 
 
-Table = list[int]  # 256 entries: the layer's output for one byte value
-_Rows = tuple[tuple[Table, ...], ...]  # [byte position][choice pattern]
-_Groups = tuple[tuple[tuple[Table, Table, Table, Table], ...], ...]  # [byte position][key byte]
-_Rounds = tuple[tuple[Table, ...], ...]  # [layer][byte position]
-_Quad = tuple[tuple[Table, Table, Table, Table], ...]  # [byte position][round within the group]
+_Table = list[int]  # 256 entries: the layer's output for one byte value
+_Rows = tuple[tuple[_Table, ...], ...]  # [byte position][choice pattern]
+_Groups = tuple[tuple[tuple[_Table, _Table, _Table, _Table], ...], ...]  # [byte position][key byte]
+_Rounds = tuple[tuple[_Table, ...], ...]  # [layer][byte position]
 
 
 def _rows(s1: tuple[int, ...], s2: tuple[int, ...], p: tuple[int, ...]) -> _Rows:
@@ -161,19 +161,19 @@ def _groups(rows: _Rows) -> _Groups:
 
 @dataclass(frozen=True, slots=True)
 class _Family:
-    """All lookup tables of one table set (about 0.6 MB; built by ``_family`` on first use)."""
+    """All lookup tables of one table set (about 1.4 MB; built by ``_family`` on first use)."""
 
     encrypt: _Groups  # S then P
-    decrypt_first: tuple[Table, ...]  # P^-1 alone: [byte position]
+    decrypt_first: tuple[_Table, ...]  # P^-1 alone: [byte position]
     decrypt: _Groups  # S^-1 then P^-1
-    decrypt_last: tuple[tuple[Table, ...], ...]  # S^-1 alone: [byte position][choice pattern]
+    decrypt_last: tuple[tuple[_Table, ...], ...]  # S^-1 alone: [byte position][choice pattern]
 
 
 _FAMILIES: Final[dict[StaTables, _Family]] = {}
 
 
 def _family(tables: StaTables) -> _Family:
-    """The lookup tables of ``tables``, built on first use (about 0.05 s) and then kept."""
+    """The lookup tables of ``tables``, built on first use (a few milliseconds) and then kept."""
     family = _FAMILIES.get(tables)
     if family is None:
         family = _FAMILIES[StaTables(tables)] = _build_family(_TABLE_SETS[StaTables(tables)])
@@ -209,18 +209,18 @@ def _key_bytes(key: bytes) -> tuple[bytes, bytes, bytes, bytes]:
 
 def _pick_rounds(groups: _Groups, key_bytes: tuple[bytes, ...]) -> _Rounds:
     """The 16 rounds' tables, round-major: each group of four rounds from one round key's bytes."""
-    rounds: list[tuple[Table, ...]] = []
+    rounds: list[tuple[_Table, ...]] = []
     for key_byte_string in key_bytes:
         rounds += zip(*map(getitem, groups, key_byte_string), strict=True)
     return tuple(rounds)
 
 
-def _quads(groups: _Groups, key_bytes: tuple[bytes, ...]) -> list[Iterator[tuple[Table, ...]]]:
+def _quads(groups: _Groups, key_bytes: tuple[bytes, ...]) -> list[Iterator[tuple[_Table, ...]]]:
     """Per group of four rounds, the tables of each byte position (lazily, as ``map`` objects)."""
     return [map(getitem, groups, key_byte_string) for key_byte_string in key_bytes]
 
 
-def _encrypt_quads(block: int, quads: Iterable[Iterable[tuple[Table, ...]]]) -> int:
+def _encrypt_quads(block: int, quads: Iterable[Iterable[tuple[_Table, ...]]]) -> int:
     """Run the 16 rounds; each item of ``quads`` holds 8 byte positions' tables for 4 rounds."""
     x = block
     for (
@@ -285,7 +285,8 @@ class StaCipher:
         )
         self._family = family
         self._tables = tables
-        self._key = key  # for the decryption tables, picked on first use (vending never decrypts)
+        self._key = bytes(key)  # for the decryption tables, picked on first use (vending
+        # never decrypts)
         self._decrypt_rounds: _Rounds | None = None
 
     def __repr__(self) -> str:
