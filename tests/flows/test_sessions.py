@@ -1,3 +1,5 @@
+import asyncio
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,3 +79,29 @@ async def test_two_sqlite_connections_share_state(tmp_path: Path, clock: Clock) 
     assert not await second.add("k", "w", 10)
     first.close()
     second.close()
+
+
+async def test_a_locked_database_is_waited_for_without_blocking_the_loop(tmp_path: Path) -> None:
+    """Waiting on another process's write lock never blocks the event loop."""
+    path = tmp_path / "locked.db"
+    store = SqliteSessionStore.open(path, busy_timeout_ms=50)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    with pytest.raises(sqlite3.OperationalError):
+        await store.put("k", "v", 10)
+    task.cancel()
+    assert ticks > 10
+    blocker.execute("COMMIT")
+    blocker.close()
+    await store.put("k", "v", 10)
+    assert await store.get("k") == "v"
+    store.close()
