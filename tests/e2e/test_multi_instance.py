@@ -1,0 +1,109 @@
+"""Two gateway processes on one PostgreSQL keep exactly-once vending under duplicated callbacks.
+
+The instance processes are ``bench/scale.py instance``: each runs the real saga
+(``gateway.vending.Vending``) on its own ledger pool and takes payment callbacks on ``POST
+/notices`` (loopback), with a stateless payment provider whose status query confirms the amount
+carried in the reference. They stand in for ``gateway serve`` until the composition root serves
+PostgreSQL; the promises checked here are the ledger's and the saga's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import random
+import sys
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+
+from gateway.ledger import LedgerUnavailable, open_postgres_ledger
+from gateway.ledger.postgres import create_schema, drop_schema
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+URL = "postgresql://127.0.0.1:5432/test"
+START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+HARNESS = Path(__file__).resolve().parents[2] / "bench" / "scale.py"
+PURCHASES = 500
+METERS = 20  # 25 purchases per meter, all in the same minute: TIDs contend across instances
+COPIES = 3
+
+
+def load_harness() -> ModuleType:
+    """``bench/scale.py`` as a module (the instance process, purchase set-up, delivery)."""
+    spec = importlib.util.spec_from_file_location("scale_harness", HARNESS)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    """A fresh schema, dropped afterwards; skipped (failed under CI) without a server."""
+    name = f"t_{uuid.uuid4().hex}"
+    try:
+        await create_schema(URL, name)
+    except LedgerUnavailable as exc:
+        message = f"PostgreSQL at {URL} does not answer ({exc}); start it: {START}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    yield name
+    await drop_schema(URL, name)
+
+
+async def test_two_instances_vend_each_purchase_exactly_once(schema: str) -> None:
+    """500 purchases, each confirmed 3 times to random instances at once: 500 vends, one SMS each.
+
+    TIDs are unique and strictly increasing per meter in the order the vends were stored.
+    """
+    harness = load_harness()
+    async with open_postgres_ledger(URL, schema=schema) as ledger:
+        opened = await harness.prepare(
+            ledger, purchases=PURCHASES, meters=METERS, run=uuid.uuid4().hex[:8]
+        )
+    assert len(opened) == PURCHASES
+    async with harness.start_instances(2, URL, schema, pool=6) as instances:
+        delivery = await harness.deliver(
+            [reference for _, reference in opened],
+            [instance.port for instance in instances],
+            copies=COPIES,
+            concurrency=48,
+            rng=random.Random(20261124),
+        )
+    assert sum(delivery.per_instance) == PURCHASES * COPIES
+    assert min(delivery.per_instance) > PURCHASES  # both instances took a real share
+
+    conn = await asyncpg.connect(URL, server_settings={"search_path": schema})
+    try:
+        vends = await conn.fetch("SELECT purchase_id, meter, tid FROM vends ORDER BY vend_id")
+        messages = await conn.fetch("SELECT purchase_id FROM outbox WHERE kind = 'token'")
+        states = Counter(r["state"] for r in await conn.fetch("SELECT state FROM purchases"))
+        vended_events = await conn.fetchval(
+            "SELECT count(*) FROM events WHERE kind = 'token_vended'"
+        )
+    finally:
+        await conn.close()
+
+    purchase_ids = {purchase_id for purchase_id, _ in opened}
+    assert len(vends) == PURCHASES
+    assert {r["purchase_id"] for r in vends} == purchase_ids
+    assert states == {"vended": PURCHASES}
+    assert vended_events == PURCHASES
+    assert Counter(r["purchase_id"] for r in messages) == dict.fromkeys(purchase_ids, 1)
+    tids: defaultdict[str, list[int]] = defaultdict(list)
+    for row in vends:
+        tids[row["meter"]].append(row["tid"])
+    assert len(tids) == METERS
+    for meter, issued in tids.items():
+        assert all(a < b for a, b in itertools.pairwise(issued)), meter
