@@ -119,21 +119,24 @@ def _fi_reference(fi_in: int, fi_key: int) -> int:
     return d7 << 9 | d9
 
 
-def _fi_in(x: int) -> int:
-    """FI's first, key-independent half-round: ``d7 << 9 | d9`` before the key XOR."""
-    d9 = _S9[x >> 7] ^ (x & 0x7F)
-    d7 = (_S7[x & 0x7F] ^ d9) & 0x7F
-    return d7 << 9 | d9
+def _fi_tables() -> tuple[array[int], array[int]]:
+    """FI's two half-rounds tabulated over all 16-bit inputs.
+
+    First half (key-independent), on ``x = d9 << 7 | d7``: ``d9' = S9[d9] ^ d7`` and
+    ``d7' = (S7[d7] ^ d9') & 0x7F``, giving ``d7' << 9 | d9'``. Both halves of that are XORs of
+    a function of ``d9`` and a function of ``d7``, so the table is ``high[d9] ^ low[d7]``.
+    Second half, on ``y = d7 << 9 | d9`` (after the key XOR): ``d7 << 9 | (S9[d9] ^ d7)``,
+    again ``top[d7] ^ S9[d9]``.
+    """
+    high = [(s9 & 0x7F) << 9 | s9 for s9 in _S9]
+    low = [(s7 ^ d7) << 9 | d7 for d7, s7 in enumerate(_S7)]
+    top = [d7 << 9 | d7 for d7 in range(128)]
+    first = array("H", [h ^ lo for h in high for lo in low])
+    second = array("H", [t ^ s9 for t in top for s9 in _S9])
+    return first, second
 
 
-def _fi_out(y: int) -> int:
-    """FI's second half-round, on ``y = _fi_in(x) ^ key``."""
-    d7 = y >> 9
-    return d7 << 9 | (_S9[y & 0x1FF] ^ d7)
-
-
-_FI_IN: Final = array("H", [_fi_in(x) for x in range(1 << 16)])
-_FI_OUT: Final = array("H", [_fi_out(y) for y in range(1 << 16)])
+_FI_IN, _FI_OUT = _fi_tables()
 
 
 _unpack_key: Final = cast("Callable[[bytes], tuple[int, ...]]", struct.Struct(">8H").unpack)
