@@ -75,7 +75,8 @@ _CSRF_FIELD: Final = "csrf"
 _ACTOR: Final = "admin-web"
 _PURCHASE_ID: Final = re.compile(r"^P[A-Z2-9]{12}$")
 _DRN_LENGTHS: Final = frozenset({11, 13})  # with a 6-digit IIN, with the legacy 4-digit IIN
-_DIGIT_RUN: Final = re.compile(r"\d{20}")
+#: A 20-digit token, bare or in groups of four (``1234-5678-…``, ``1234 5678 …``).
+_TOKEN_LIKE: Final = re.compile(r"(?<!\d)\d{4}(?:[ -]?\d{4}){4}(?!\d)")
 #: How many purchases a stuck category reads at most; a full page says "at least".
 _STUCK_SCAN_LIMIT: Final = 1000
 _SEARCH_LIMIT: Final = 50
@@ -307,7 +308,7 @@ def _mask_value(key: str, value: Any) -> str:  # noqa: ANN401 - event data is fr
     text = value if isinstance(value, str) else str(value)
     if "token" in key.lower() and not key.lower().endswith("last4") and len(text) > 4:
         return "****" + text[-4:]
-    return _DIGIT_RUN.sub(lambda m: "****" + m.group(0)[-4:], text)
+    return _TOKEN_LIKE.sub(lambda m: "****" + m.group(0)[-4:], text)
 
 
 def _event_rows(events: Sequence[Event]) -> list[dict[str, Any]]:

@@ -408,3 +408,19 @@ def test_the_command_reports_rows_on_stderr_and_fails(tmp_path: Path, database: 
     assert result.returncode == 1
     assert f"{source}: line 3, column tariff_index ('1'):" in result.stderr
     assert "1 meter(s) imported (1 new, 0 updated); 1 row(s) refused" in result.stdout
+
+
+def test_list_shows_registered_meters_or_says_it_cannot(
+    database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``meters list`` lists the imported meters, or fails clearly on a ledger that cannot list."""
+    run_import(EXAMPLE, database, capsys)
+    expected = [line.split(",")[0] for line in EXAMPLE.read_text().splitlines()[1:]]
+    code = main(["meters", "list", "--database-url", database, "--json"])
+    captured = capsys.readouterr()
+    if code == 1:
+        assert "cannot list meters" in captured.err
+        return
+    assert code == 0
+    listed = [m["drn"] for m in json.loads(captured.out)["meters"]]
+    assert sorted(listed) == sorted(expected)

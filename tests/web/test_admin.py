@@ -558,3 +558,22 @@ def test_setup_refuses_a_short_admin_token(shop: Shop) -> None:
         setup_admin(
             web.Application(), ledger=shop.ledger, vending=shop.vending, admin_token=Secret("x")
         )
+
+
+async def test_token_digits_in_event_data_are_masked(client: Client, shop: Shop) -> None:
+    """A token written into an event's data, bare or grouped, shows only its last four digits."""
+    purchase = await buy(shop, "note")
+    await shop.ledger.append_event(
+        purchase.purchase_id,
+        "operator_note",
+        actor="support",
+        data={"note": "read 1234-5678-9012-3456-7890 to caller", "token": "11112222333344445555"},
+    )
+    html = await (
+        await client.get(f"/admin/purchases/{purchase.purchase_id}", headers=BEARER)
+    ).text()
+    assert "operator_note" in html
+    assert "1234-5678-9012-3456-7890" not in html
+    assert "****7890" in html
+    assert "11112222333344445555" not in html
+    assert "****5555" in html
