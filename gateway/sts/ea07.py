@@ -265,7 +265,12 @@ def _block_error(block: int) -> ValueError:
 
 
 class StaCipher:
-    """STA with one decoder key, each round's tables picked once (the per-meter cache).
+    """STA with one decoder key, its round tables picked once (the per-meter cache).
+
+    The tables are picked in groups of four rounds when the cipher is made (a few µs, about the
+    cost of one :func:`sta_encrypt`'s set-up). On its second encryption the cipher also lays
+    them out round by round, which makes each later block about 4% faster; a cipher made for
+    one token never pays for that.
 
     Args:
         key: the 8-byte decoder key, most significant byte first (all 64 bits are used; DES
@@ -276,17 +281,27 @@ class StaCipher:
         ValueError: the key is not 8 bytes (``make_cipher`` turns this into ``InvalidKey``).
     """
 
-    __slots__ = ("_decrypt_rounds", "_encrypt_quads", "_family", "_key", "_tables")
+    __slots__ = (
+        "_decrypt_rounds",
+        "_encrypt_quads",
+        "_encrypt_rounds",
+        "_family",
+        "_key",
+        "_tables",
+        "_used",
+    )
 
     def __init__(self, key: bytes, tables: StaTables = StaTables.REAL) -> None:
         family = _family(tables)
         self._encrypt_quads = tuple(
             [tuple(quad) for quad in _quads(family.encrypt, _key_bytes(key))]
         )
+        self._encrypt_rounds: _Rounds | None = None
+        self._used = False
         self._family = family
         self._tables = tables
-        self._key = bytes(key)  # for the decryption tables, picked on first use (vending
-        # never decrypts)
+        # Kept for the decryption tables, picked on first use (vending never decrypts).
+        self._key = bytes(key)
         self._decrypt_rounds: _Rounds | None = None
 
     def __repr__(self) -> str:
@@ -294,8 +309,27 @@ class StaCipher:
 
     def encrypt(self, block: int) -> int:
         """Encrypt one 64-bit block (an int in ``0 .. 2**64-1``); raises ValueError otherwise."""
+        rounds = self._encrypt_rounds
+        if rounds is None:
+            return self._encrypt_early(block)
+        x = block
+        try:  # to_bytes refuses a negative or too wide block: that is the range check
+            for t0, t1, t2, t3, t4, t5, t6, t7 in rounds:
+                a, b, c, d, e, f, g, h = x.to_bytes(8, "little")
+                x = t0[a] | t1[b] | t2[c] | t3[d] | t4[e] | t5[f] | t6[g] | t7[h]
+        except OverflowError:
+            raise _block_error(block) from None
+        return x
+
+    def _encrypt_early(self, block: int) -> int:
         if not 0 <= block <= _MASK64:
             raise _block_error(block)
+        if self._used:  # reused: lay the tables out round by round from now on
+            self._encrypt_rounds = tuple(
+                [layer for quad in self._encrypt_quads for layer in zip(*quad, strict=True)]
+            )
+            return self.encrypt(block)
+        self._used = True
         return _encrypt_quads(block, self._encrypt_quads)
 
     def decrypt(self, block: int) -> int:

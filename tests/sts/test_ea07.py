@@ -246,14 +246,18 @@ def test_key_of_wrong_length_is_refused(length: int) -> None:
 
 @pytest.mark.parametrize("block", [-1, 1 << 64])
 def test_block_outside_64_bits_is_refused(block: int) -> None:
-    """A block below 0 or above 2**64-1 raises ValueError for both directions."""
+    """A block below 0 or above 2**64-1 raises ValueError, fresh cipher or reused, both ways."""
     cipher = StaCipher(bytes(8))
-    with pytest.raises(ValueError, match="64-bit"):
-        cipher.encrypt(block)
+    for _use in ("first", "second", "later"):
+        with pytest.raises(ValueError, match="64-bit"):
+            cipher.encrypt(block)
+        cipher.encrypt(0)  # a valid block moves the cipher to its next stage
     with pytest.raises(ValueError, match="64-bit"):
         cipher.decrypt(block)
     with pytest.raises(ValueError, match="64-bit"):
         sta_encrypt(block, bytes(8))
+    with pytest.raises(ValueError, match="64-bit"):
+        sta_decrypt(block, bytes(8))
 
 
 def test_repr_hides_the_key() -> None:
