@@ -14,8 +14,6 @@ from gateway.sts.errors import InvalidField
 
 __all__ = ["build_pan", "is_decimal", "luhn_check_digit", "validate_drn", "validate_iin"]
 
-_PAN_LENGTH = 18
-
 
 def is_decimal(text: object, length: int) -> bool:
     """Whether ``text`` is a str of exactly ``length`` ASCII digits (no signs, no spaces)."""
@@ -85,8 +83,5 @@ def build_pan(iin: str, drn: str) -> str:
         InvalidField: ``iin`` or ``drn`` is invalid (see :func:`validate_drn`).
     """
     validate_drn(drn, iin)
-    body = iin + drn
-    pan = body + luhn_check_digit(body)
-    if len(pan) != _PAN_LENGTH:  # pragma: no cover - guaranteed by the two validations
-        raise InvalidField("pan", pan, "a PAN is 18 digits")
-    return pan
+    body = iin + drn  # 17 digits whichever IIN length: 6 + 11 or 4 + 13
+    return body + luhn_check_digit(body)
