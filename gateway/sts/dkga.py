@@ -95,7 +95,11 @@ def has_odd_parity(key: bytes) -> bool:
 
 def _vending_key(vending_key: bytes, length: int, dkga: int) -> bytes:
     if not isinstance(vending_key, bytes | bytearray) or len(vending_key) != length:
-        got = len(vending_key) if isinstance(vending_key, bytes | bytearray) else None
+        got = (
+            f"{len(vending_key)} bytes"
+            if isinstance(vending_key, bytes | bytearray)
+            else f"a {type(vending_key).__name__}"
+        )
         raise InvalidKey(
             "vending_key",
             "<redacted>",

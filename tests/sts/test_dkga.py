@@ -159,8 +159,15 @@ def test_odd_parity_means_every_byte_odd(key: bytes) -> None:
 @pytest.mark.parametrize(("dkga", "length"), [(2, 20), (2, 7), (4, 8), (4, 16), (4, 21)])
 def test_vending_key_of_wrong_length_is_refused(dkga: int, length: int) -> None:
     """DKGA02 needs an 8-byte VK and DKGA04 a 20-byte one; other lengths raise InvalidKey."""
-    with pytest.raises(InvalidKey, match=f"{'8' if dkga == 2 else '20'}-byte vending key"):
+    expected = "8" if dkga == 2 else "20"
+    with pytest.raises(InvalidKey, match=f"{expected}-byte vending key, got {length} bytes"):
         derive(dkga=dkga, vending_key=b"\x01" * length)
+
+
+def test_vending_key_given_as_text_is_refused() -> None:
+    """A vending key passed as hex text instead of bytes raises InvalidKey naming the type."""
+    with pytest.raises(InvalidKey, match="got a str"):
+        derive(vending_key=DKGA04_VK.hex())
 
 
 @pytest.mark.parametrize("dkga", [1, 3])
