@@ -51,17 +51,18 @@ from gateway.ledger import (
     OutboxState,
     Purchase,
     PurchaseState,
+    Vend,
 )
 from gateway.money import Money
 from gateway.phone import InvalidPhoneNumber, Msisdn, masked, parse_msisdn
-from gateway.vending import NothingToReprint
+from gateway.vending import NothingToReprint, NotPaid, VendFailed
 
 __all__ = [
     "ADMIN",
     "ADMIN_JINJA",
     "COOKIE_NAME",
+    "AdminSaga",
     "AdminSite",
-    "Reprinter",
     "StuckKind",
     "StuckPolicy",
     "admin_routes",
@@ -98,7 +99,7 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class Reprinter(Protocol):
+class AdminSaga(Protocol):
     """What the admin pages need of the saga (``gateway.vending.Vending`` satisfies it)."""
 
     async def reprint(self, purchase_id: str, *, actor: str = "operator") -> OutboxMessage:
@@ -107,6 +108,15 @@ class Reprinter(Protocol):
         Raises:
             NothingToReprint: the purchase has no token yet.
             NotFound: no such purchase.
+        """
+        ...
+
+    async def vend(self, purchase_id: str) -> Vend:
+        """Make the paid purchase's one token (a purchase vended already returns its vend).
+
+        Raises:
+            NotPaid: the purchase is not paid.
+            VendFailed: the engine refused again; the purchase stays VEND_FAILED.
         """
         ...
 
@@ -166,7 +176,7 @@ class AdminSite:
     """Everything the admin handlers use, stored in the app under ``ADMIN`` by ``setup_admin``."""
 
     ledger: Ledger
-    vending: Reprinter
+    vending: AdminSaga
     admin_token: Secret = field(repr=False)
     clock: Callable[[], datetime]
     stuck: StuckPolicy
@@ -210,7 +220,7 @@ def setup_admin(
     app: web.Application,
     *,
     ledger: Ledger,
-    vending: Reprinter,
+    vending: AdminSaga,
     admin_token: Secret,
     clock: Callable[[], datetime] = _utc_now,
     stuck: StuckPolicy | None = None,
@@ -267,6 +277,7 @@ def admin_routes() -> list[web.RouteDef]:
         web.get("/admin/stuck/{kind}", _stuck_list, name="admin_stuck"),
         web.get("/admin/purchases/{purchase_id}", _purchase, name="admin_purchase"),
         web.post("/admin/purchases/{purchase_id}/reprint", _reprint),
+        web.post("/admin/purchases/{purchase_id}/vend", _retry_vend),
         web.get("/admin/static/admin.css", _stylesheet),
     ]
 
@@ -688,7 +699,7 @@ async def _reprint_page(request: web.Request, operator: _Operator) -> web.Stream
         return _render(
             request,
             "admin/refused.html",
-            {"purchase_id": purchase_id, "reason": str(exc)},
+            {"purchase_id": purchase_id, "reason": str(exc), "title": "Cannot resend"},
             status=409,
             csrf=operator.csrf,
             via=operator.via,
@@ -717,7 +728,40 @@ async def _reprint_page(request: web.Request, operator: _Operator) -> web.Stream
     )
 
 
+async def _retry_vend_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
+    """Retry a paid purchase's vend (after the cause of a vend failure was fixed), via the saga.
+
+    The saga makes at most one token per purchase: a purchase vended already keeps its token.
+    """
+    site = request.app[ADMIN]
+    purchase_id = request.match_info["purchase_id"].upper()
+    try:
+        vend = await site.vending.vend(purchase_id)
+    except NotFound:
+        return _render(
+            request,
+            "admin/not_found.html",
+            {"what": f"purchase {purchase_id}"},
+            status=404,
+            csrf=operator.csrf,
+            via=operator.via,
+        )
+    except (NotPaid, VendFailed) as exc:
+        log.warning("admin_vend_retry_refused", purchase_id=purchase_id, reason=str(exc))
+        return _render(
+            request,
+            "admin/refused.html",
+            {"purchase_id": purchase_id, "reason": str(exc), "title": "Cannot vend"},
+            status=409,
+            csrf=operator.csrf,
+            via=operator.via,
+        )
+    log.info("admin_vend_retried", purchase_id=purchase_id, token=vend.masked_token)
+    return _see_other(f"/admin/purchases/{purchase_id}")
+
+
 _index = _guarded(_index_page)
 _stuck_list = _guarded(_stuck_page)
 _purchase = _guarded(_purchase_page)
 _reprint = _guarded(_reprint_page)
+_retry_vend = _guarded(_retry_vend_page)

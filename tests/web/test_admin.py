@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from gateway.phone import Msisdn
 from gateway.sts import LocalTokenEngine, VendingKey
 from gateway.sts.pan import luhn_check_digit
 from gateway.tariff import Tariff
-from gateway.vending import SagaPolicy, Vending
+from gateway.vending import SagaPolicy, VendFailed, Vending
 from gateway.web.admin import COOKIE_NAME, StuckPolicy, admin_routes, setup_admin
 from gateway.web.middleware import context_middleware
 
@@ -577,3 +578,36 @@ async def test_token_digits_in_event_data_are_masked(client: Client, shop: Shop)
     assert "****7890" in html
     assert "11112222333344445555" not in html
     assert "****5555" in html
+
+
+async def test_retry_vend_finishes_a_failed_vend_once_the_cause_is_fixed(
+    client: Client, shop: Shop
+) -> None:
+    """A vend that failed (meter registered with an unknown SGC) succeeds on retry, once."""
+    meter = await shop.ledger.get_meter(shop.drns[0])
+    await shop.ledger.put_meter(dataclasses.replace(meter, sgc="654321"))
+    with pytest.raises(VendFailed):
+        await buy(shop, "fails")
+    (purchase,) = await shop.ledger.find_purchases(states=[PurchaseState.VEND_FAILED])
+    await shop.ledger.put_meter(meter)  # the operator corrects the registration
+    page = await (
+        await client.get(f"/admin/purchases/{purchase.purchase_id}", headers=BEARER)
+    ).text()
+    assert "Retry the vend" in page
+    path = f"/admin/purchases/{purchase.purchase_id}/vend"
+    first = await client.post(path, headers=BEARER, allow_redirects=False)
+    again = await client.post(path, headers=BEARER, allow_redirects=False)
+    assert (first.status, again.status) == (303, 303)
+    assert (await shop.ledger.get_purchase(purchase.purchase_id)).state is PurchaseState.VENDED
+    messages = await shop.ledger.outbox_for(purchase.purchase_id)
+    assert [m.kind for m in messages] == [MessageKind.TOKEN]
+    kinds = [e.kind for e in await shop.ledger.timeline(purchase.purchase_id)]
+    assert kinds.count("token_vended") == 1
+
+
+async def test_retry_vend_refuses_an_unpaid_purchase(client: Client, shop: Shop) -> None:
+    """No token for a purchase that is not paid: 409 and nothing vended."""
+    purchase = await awaiting(shop, "unpaid-vend")
+    response = await client.post(f"/admin/purchases/{purchase.purchase_id}/vend", headers=BEARER)
+    assert response.status == 409
+    assert await shop.ledger.get_vend(purchase.purchase_id) is None
