@@ -16,7 +16,13 @@ from gateway.sts.ea07 import StaCipher, StaTables
 from gateway.sts.ea11 import Misty1Cipher
 from gateway.sts.errors import InvalidKey, UnsupportedAlgorithm
 
-__all__ = ["BlockCipher", "EncryptionAlgorithm", "decoder_key_length", "make_cipher"]
+__all__ = [
+    "BlockCipher",
+    "EncryptionAlgorithm",
+    "decoder_key_length",
+    "encryption_algorithm",
+    "make_cipher",
+]
 
 
 class BlockCipher(Protocol):

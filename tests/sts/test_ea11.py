@@ -12,7 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_ea07 import MASK64, load_vectors, token_of
 
-from gateway.sts.cipher import EncryptionAlgorithm, decoder_key_length, make_cipher
+from gateway.sts.cipher import (
+    EncryptionAlgorithm,
+    decoder_key_length,
+    encryption_algorithm,
+    make_cipher,
+)
 from gateway.sts.ea07 import StaCipher, StaTables, sta_encrypt
 from gateway.sts.ea11 import _FI_IN, _FI_OUT, _S7, _S9, Misty1Cipher, _fi_reference
 from gateway.sts.errors import InvalidKey, UnsupportedAlgorithm
@@ -149,3 +154,11 @@ def test_decoder_key_length_per_algorithm() -> None:
     """EA07 keys are 8 bytes and EA11 keys 16."""
     assert decoder_key_length(7) == 8
     assert decoder_key_length(11) == 16
+
+
+def test_encryption_algorithm_names_the_code() -> None:
+    """Codes 7 and 11 (ints or members) map to their enum members; 9 is refused by name."""
+    assert encryption_algorithm(7) is EncryptionAlgorithm.EA07
+    assert encryption_algorithm(EncryptionAlgorithm.EA11) is EncryptionAlgorithm.EA11
+    with pytest.raises(UnsupportedAlgorithm, match="EA09"):
+        encryption_algorithm(9)
