@@ -28,7 +28,11 @@ Retries
     Transient failures (serialization failures, deadlocks, a dropped or refused connection, ``too
     many connections``, a server shutting down) are retried here with capped, jittered
     exponential backoff (``RetryPolicy``), never by callers: every method is safe to run again.
-    When the attempts run out, the caller gets ``LedgerUnavailable``.
+    When the attempts run out, the caller gets ``LedgerUnavailable``. A connection lost during
+    ``COMMIT`` leaves it unknown whether the transaction committed; running it again is harmless
+    for every method (each finds its own earlier work and returns it) except ``enqueue_message``
+    and ``append_event``, which may then write their row twice (a second reprint of the same
+    token, a repeated audit line): never a second vend or a second token message.
 
 Errors
     ``asyncpg`` errors are translated here and nowhere else (``translate_error``): a unique
@@ -115,11 +119,24 @@ _TRANSIENT: Final[tuple[type[BaseException], ...]] = (
     asyncpg.exceptions.CannotConnectNowError,  # 57P03: starting up
     asyncpg.exceptions.AdminShutdownError,  # 57P01: connection terminated by the server
     asyncpg.exceptions.CrashShutdownError,  # 57P02
+    asyncpg.exceptions.InternalClientError,  # the protocol lost its state (a dropped connection)
     asyncpg.exceptions.PostgresConnectionError,  # class 08, incl. a connection dropped mid-query
     asyncpg.exceptions.ConnectionFailureError,
     ConnectionError,
     OSError,  # refused, reset, unreachable
     TimeoutError,  # connect or pool acquire timed out
+)
+
+
+#: The connection itself is unusable: it is dropped rather than given back to the pool.
+_BROKEN_CONNECTION: Final[tuple[type[BaseException], ...]] = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.InternalClientError,  # protocol state lost (a server error while idle)
+    asyncpg.exceptions.InterfaceError,
+    ConnectionError,
+    TimeoutError,  # a cancelled statement may leave the protocol mid-message
 )
 
 
@@ -425,10 +442,14 @@ class PostgresLedger:
         while True:
             try:
                 async with self._pool.acquire() as conn:
-                    if not transaction:
-                        return await fn(conn)
-                    async with conn.transaction():
-                        return await fn(conn)
+                    try:
+                        if not transaction:
+                            return await fn(conn)
+                        async with conn.transaction():
+                            return await fn(conn)
+                    except _BROKEN_CONNECTION:
+                        conn.terminate()  # the pool opens a fresh one for the next attempt
+                        raise
             except LedgerError:
                 raise
             except Exception as exc:
@@ -1526,8 +1547,17 @@ async def _admin(url: str, sql: str) -> None:
         await conn.close()
 
 
+async def _keep_session(conn: Connection) -> None:
+    """The pool's reset hook: nothing beyond asyncpg's own rollback of an open transaction.
+
+    The default reset (``RESET ALL``, ``CLOSE ALL``, ``UNLISTEN *``, unlock advisory locks) is
+    one more round trip on every release, and the ledger leaves no session state behind.
+    """
+    del conn
+
+
 @contextlib.asynccontextmanager
-async def open_postgres_ledger(
+async def open_postgres_ledger(  # noqa: PLR0913 - keyword-only settings of one pool
     url: str,
     *,
     clock: Clock = _utc_now,
@@ -1537,6 +1567,7 @@ async def open_postgres_ledger(
     retry: RetryPolicy | None = None,
     migrate: bool = True,
     connect_timeout_s: float = 10.0,
+    command_timeout_s: float = 30.0,
 ) -> AsyncIterator[PostgresLedger]:
     """Open the ledger at ``url`` (``postgresql://127.0.0.1:5432/test``), migrated; closed on exit.
 
@@ -1551,6 +1582,8 @@ async def open_postgres_ledger(
         retry: how transient failures are retried.
         migrate: apply pending migrations first (instances starting together take turns).
         connect_timeout_s: how long one connection attempt may take, seconds.
+        command_timeout_s: how long one statement may take (lock waits included) before it is
+            cancelled and retried, seconds.
 
     Raises:
         LedgerUnavailable: the server does not answer (after the retries).
@@ -1567,6 +1600,8 @@ async def open_postgres_ledger(
                 max_size=max_size,
                 server_settings=settings,
                 timeout=connect_timeout_s,
+                command_timeout=command_timeout_s,
+                reset=_keep_session,
             )
             break
         except Exception as exc:
