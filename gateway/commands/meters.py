@@ -131,30 +131,32 @@ def _fail(message: str) -> int:
 class Progress:
     """A one-line progress bar redrawn in place; silent unless the stream is a terminal.
 
-    Call it with ``(done, total)``; ``close`` ends the line.
+    Call it with ``(stage, done, total)``; a new stage starts a new line; ``close`` ends the last.
     """
 
-    def __init__(self, *, stream: TextIO, label: str) -> None:
+    def __init__(self, *, stream: TextIO) -> None:
         self._stream = stream
-        self._label = label
         self._enabled = stream.isatty()
-        self._drawn = False
+        self._stage: str | None = None
 
-    def __call__(self, done: int, total: int) -> None:
-        """Redraw the bar at ``done`` of ``total``."""
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        """Redraw the bar of ``stage`` at ``done`` of ``total``."""
         if not self._enabled or total <= 0:
             return
+        if self._stage is not None and stage != self._stage:
+            self._stream.write("\n")
+        self._stage = stage
         filled = _BAR_WIDTH * done // total
         bar = "#" * filled + "." * (_BAR_WIDTH - filled)
-        self._stream.write(f"\r{self._label} [{bar}] {done}/{total} {100 * done // total:3d}%")
+        self._stream.write(f"\r{stage:<8} [{bar}] {done}/{total} {100 * done // total:3d}%")
         self._stream.flush()
-        self._drawn = True
 
     def close(self) -> None:
         """End the bar's line (if one was drawn)."""
-        if self._drawn:
+        if self._stage is not None:
             self._stream.write("\n")
             self._stream.flush()
+            self._stage = None
 
 
 # --------------------------------------------------------------------------------------- import
@@ -212,14 +214,15 @@ async def import_meters(
     text: str,
     *,
     dry_run: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> ImportReport:
     """Validate a meter file and register its valid rows; safe to run again on the same file.
 
     Rows are refused for malformed fields (see ``gateway.meters_csv``), an unknown tariff, or
     key attributes that differ from an already registered meter's. Everything else is written
     with ``Ledger.put_meter`` (insert, or update in place keeping the meter's last TID), unless
-    ``dry_run``. ``progress`` is called with (meters written, meters to write) after each batch.
+    ``dry_run``. ``progress`` is called with (stage, done, total) after each batch of the
+    ``checking`` stage (valid rows against the ledger) and of the ``writing`` stage.
 
     Raises:
         MeterFileError: the file's header is unusable (nothing is imported).
@@ -241,12 +244,14 @@ async def import_meters(
             else:
                 problems.append(dataclasses.replace(problem, line=line))
                 refused += 1
+        if progress is not None:
+            progress("checking", start + len(chunk), len(valid_rows))
     if not dry_run:
         for start in range(0, len(accepted), BATCH):
             chunk_meters = [meter for meter, _ in accepted[start : start + BATCH]]
             await asyncio.gather(*(ledger.put_meter(meter) for meter in chunk_meters))
             if progress is not None:
-                progress(start + len(chunk_meters), len(accepted))
+                progress("writing", start + len(chunk_meters), len(accepted))
     problems.sort(key=lambda p: p.line)
     added = sum(1 for _, is_new in accepted if is_new)
     return ImportReport(
@@ -328,7 +333,7 @@ def _import_command(args: argparse.Namespace) -> int:
 
 async def _run_import(url: str, text: str, *, dry_run: bool) -> ImportReport:
     async with open_ledger(url) as ledger:
-        progress = Progress(stream=sys.stderr, label="importing meters")
+        progress = Progress(stream=sys.stderr)
         try:
             return await import_meters(ledger, text, dry_run=dry_run, progress=progress)
         finally:

@@ -358,17 +358,23 @@ def test_show_prints_the_registered_meter(
 
 
 async def test_progress_reaches_every_meter(tmp_path: Path) -> None:
-    """The import reports progress per batch, ending at all of the meters it writes."""
+    """The import reports progress per batch, checking then writing, ending at every meter."""
     rows = "\n".join(f"{drn(n)},M{n},123457,01,1,domestic" for n in range(450))
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[str, int, int]] = []
     async with open_ledger(f"sqlite:///{tmp_path / 'l.db'}") as ledger:
         await ledger.put_tariff(tariff("domestic"))
         report = await import_meters(
-            ledger, f"{HEADER}\n{rows}\n", progress=lambda done, total: seen.append((done, total))
+            ledger,
+            f"{HEADER}\n{rows}\n",
+            progress=lambda stage, done, total: seen.append((stage, done, total)),
         )
         assert report.added == 450
-        assert seen[-1] == (450, 450)
-        assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+        stages = [stage for stage, _, _ in seen]
+        assert stages == sorted(stages)  # "checking" before "writing"
+        for stage in ("checking", "writing"):
+            done = [d for s, d, _ in seen if s == stage]
+            assert done == sorted(done)
+            assert done[-1] == 450
         assert (await ledger.get_meter(drn(449))).customer_name == "M449"
 
 
@@ -381,16 +387,19 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_bar_draws_only_on_a_terminal() -> None:
-    """The bar is drawn in place on a terminal and stays silent on a pipe or file."""
+    """The bar is drawn in place on a terminal, a line per stage, and stays silent on a pipe."""
     terminal, pipe = _Terminal(), io.StringIO()
     for stream in (terminal, pipe):
-        bar = Progress(stream=stream, label="importing meters")
-        bar(50, 200)
-        bar(200, 200)
+        bar = Progress(stream=stream)
+        bar("checking", 200, 200)
+        bar("writing", 50, 200)
+        bar("writing", 200, 200)
         bar.close()
-    assert terminal.getvalue().startswith("\rimporting meters [")
-    assert "200/200 100%" in terminal.getvalue()
-    assert terminal.getvalue().endswith("\n")
+    lines = terminal.getvalue().split("\n")
+    assert lines[0].startswith("\rchecking [")
+    assert lines[1].startswith("\rwriting  [")
+    assert lines[1].endswith("200/200 100%")
+    assert lines[2] == ""
     assert pipe.getvalue() == ""
 
 
