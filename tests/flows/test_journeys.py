@@ -6,6 +6,7 @@ from collections.abc import Callable
 import pytest
 from journey_world import METER, METER_13, PHONE, UNKNOWN_METER, UssdWorld
 
+from flows.engine import UssdHop
 from flows.messages import text
 from flows.ports import Language, SavedMeter
 from flows.testing import FakeCustomerServices, FakeToken, make_meter_number
@@ -349,3 +350,24 @@ async def test_dropping_on_the_resume_prompt_still_resumes_the_original(world: U
     phone.sees("Continue where you left off?")
     await phone.answer("1")
     assert phone.screen == lost
+
+
+async def test_last_input_only_dialects_drive_the_same_journey(world: UssdWorld) -> None:
+    """Aggregators that send only the newest answer (Hubtel, Nalo) reach the same screens."""
+    engine = world.engine
+    replies = []
+    for answer in ["", "1", METER, "500", "1"]:
+        hop = UssdHop(
+            session_id="hubtel:1",
+            phone=Msisdn(PHONE),
+            service_code="*713*1#",
+            text=answer,
+            cumulative=False,
+        )
+        replies.append(await engine.handle(hop))
+    assert "Enter the meter number" in replies[1].text
+    assert "Enter amount" in replies[2].text
+    assert "16.8 kWh" in replies[3].text
+    assert replies[-1].ends
+    assert replies[-1].text.startswith("You will get a payment prompt for KES 500")
+    assert replies[-1].follow_up is not None

@@ -7,7 +7,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway.phone import Msisdn
 from gateway.sim.africastalking import AtSimulator, UssdSessionClosedError, sms_segments
+from gateway.sms.africastalking import AfricasTalkingSdkSender
 
 PHONE = "+254711000001"
 
@@ -249,3 +251,18 @@ async def test_magic_numbers_get_at_failure_codes(api: tuple[AtSimulator, str]) 
         "cost": "0",
         "messageId": "None",
     }
+
+
+async def test_the_simulator_mounts_under_a_prefix_for_the_sdk(
+    aiohttp_client: Callable[..., Any],
+) -> None:
+    """Mounted as a sub-app (``/sim/africastalking``), the SDK's base URL is prefix + /version1."""
+    sim = AtSimulator(api_key="k")
+    app = web.Application()
+    app.add_subapp("/sim/africastalking", sim.app)
+    client = await aiohttp_client(app)
+    base = str(client.make_url("/sim/africastalking/version1"))
+    sent = await AfricasTalkingSdkSender("sandbox", "k", base_url=base).send(Msisdn(PHONE), "hi")
+    inbox = await client.get("/sim/africastalking/sim/inbox", params={"phone": PHONE})
+    assert [m["messageId"] for m in await inbox.json()] == [sent.provider_message_id]
+    await sim.close()
