@@ -1,5 +1,11 @@
 """The operator's pages at ``/admin``: search, a purchase's timeline, reprint, stuck purchases.
 
+Pages: ``GET /admin`` (search by phone in any format, meter or purchase id; counts of stuck
+purchases), ``GET /admin/stuck/{kind}``, ``GET /admin/purchases/{id}`` (details, payment, token
+masked, messages, timeline of events), ``POST /admin/purchases/{id}/reprint`` (the saga resends
+the same token), ``POST /admin/purchases/{id}/vend`` (retry a paid or vend-failed purchase's one
+vend through the saga), ``/admin/login``, ``/admin/logout``.
+
 Server-rendered HTML (aiohttp-jinja2, autoescape on, no JavaScript), behind the admin token:
 
 * ``Authorization: Bearer <token>`` for scripts; or
