@@ -31,6 +31,8 @@ from typing import Final, TypeVar
 import redis.asyncio
 import redis.exceptions
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from gateway.errors import GatewayError
 
@@ -95,6 +97,7 @@ class RedisSessionStore:
             decode_responses=True,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),  # retries are decided here, per command (not ``add``)
         )
         return cls(client, prefix=prefix)
 

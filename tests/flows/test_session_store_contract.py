@@ -251,6 +251,27 @@ async def test_redis_expiry_is_set_in_redis_under_the_prefix() -> None:
         await client.aclose()
 
 
+@pytest.mark.redis
+async def test_a_connection_killed_by_redis_does_not_reach_the_caller() -> None:
+    """After Redis drops the store's connection, get, put and delete carry on."""
+    client = await redis_client_or_skip()
+    prefix = f"test:{uuid.uuid4().hex}:"
+    store = RedisSessionStore.from_url(REDIS_URL, prefix=prefix)
+    try:
+        await store.put("k", "v", 10)
+        for _ in range(3):
+            victim = await store._client.client_id()
+            assert await client.client_kill_filter(_id=str(victim)) == 1
+            assert await store.get("k") == "v"
+        await store.put("k", "w", 10)
+        assert await store.get("k") == "w"
+        await store.delete("k")
+        assert await store.get("k") is None
+    finally:
+        await store.aclose()
+        await client.aclose()
+
+
 async def test_redis_down_raises_session_store_unavailable() -> None:
     """A store whose Redis does not answer raises SessionStoreUnavailable, marked retryable."""
     with socket.socket() as probe:
