@@ -54,8 +54,8 @@ def derive(**overrides: Any) -> bytes:
 
 
 def test_public_vectors_are_present() -> None:
-    """The public vector file holds 151 vectors with key-derivation inputs (DKGA02 and 04)."""
-    assert len(METER_VECTORS) == 151
+    """The public vector file holds at least 151 vectors with key-derivation inputs (DKGA02, 04)."""
+    assert len(METER_VECTORS) >= 151
     assert {v["meter"]["dkga"] for v in METER_VECTORS} == {2, 4}
 
 

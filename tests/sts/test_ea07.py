@@ -102,8 +102,8 @@ EA07_VECTORS = load_vectors(7)
 
 
 def test_public_vectors_are_present() -> None:
-    """The public vector file holds the 108 EA07 token vectors these tests replay."""
-    assert len(EA07_VECTORS) == 108
+    """The public vector file holds (at least) the 108 EA07 token vectors these tests replay."""
+    assert len(EA07_VECTORS) >= 108
 
 
 @pytest.mark.parametrize("vector", EA07_VECTORS, ids=[v["id"] for v in EA07_VECTORS])

@@ -41,8 +41,8 @@ EA11_VECTORS = load_vectors(11)
 
 
 def test_public_vectors_are_present() -> None:
-    """The public vector file holds the 38 EA11 token vectors these tests replay."""
-    assert len(EA11_VECTORS) == 38
+    """The public vector file holds (at least) the 38 EA11 token vectors these tests replay."""
+    assert len(EA11_VECTORS) >= 38
 
 
 @pytest.mark.parametrize("vector", EA11_VECTORS, ids=[v["id"] for v in EA11_VECTORS])
