@@ -28,7 +28,7 @@ RFC_KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
 @pytest.mark.parametrize(
     ("plaintext", "ciphertext"),
     [(0x0123456789ABCDEF, 0x8B1DA5F56AB3D07C), (0xFEDCBA9876543210, 0x04B68240B13BE95D)],
-    ids=["RFC 2994 §5 block 1", "RFC 2994 §5 block 2"],
+    ids=["RFC 2994 test data, block 1", "RFC 2994 test data, block 2"],
 )
 def test_rfc_2994_test_vectors(plaintext: int, ciphertext: int) -> None:
     """RFC 2994's example key encrypts its two plaintext blocks to the published ciphertexts."""
