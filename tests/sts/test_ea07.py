@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.sts.ea07 import _TABLE_SETS, StaCipher, StaTables, sta_decrypt, sta_encrypt
@@ -193,6 +193,7 @@ keys = st.binary(min_size=8, max_size=8)
 table_sets = st.sampled_from(StaTables)
 
 
+@settings(max_examples=300)
 @given(block=blocks, key=keys, tables=table_sets)
 @example(block=0, key=bytes(8), tables=StaTables.REAL)
 @example(block=MASK64, key=b"\xff" * 8, tables=StaTables.SAMPLE)
@@ -205,6 +206,7 @@ def test_encrypt_matches_bit_by_bit_reference(block: int, key: bytes, tables: St
     assert cipher.encrypt(block) == expected  # reused: the per-key round tables
 
 
+@settings(max_examples=300)
 @given(block=blocks, key=keys, tables=table_sets)
 @example(block=0, key=bytes(8), tables=StaTables.REAL)
 @example(block=MASK64, key=b"\xff" * 8, tables=StaTables.SAMPLE)
