@@ -270,7 +270,8 @@ class StaCipher:
     The tables are picked in groups of four rounds when the cipher is made (a few µs, about the
     cost of one :func:`sta_encrypt`'s set-up). On its second encryption the cipher also lays
     them out round by round, which makes each later block about 4% faster; a cipher made for
-    one token never pays for that.
+    one token never pays for that. These lazy steps only ever store equal values, so a cipher
+    may be shared between threads.
 
     Args:
         key: the 8-byte decoder key, most significant byte first (all 64 bits are used; DES
