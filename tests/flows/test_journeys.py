@@ -371,3 +371,18 @@ async def test_last_input_only_dialects_drive_the_same_journey(world: UssdWorld)
     assert replies[-1].ends
     assert replies[-1].text.startswith("You will get a payment prompt for KES 500")
     assert replies[-1].follow_up is not None
+
+
+async def test_a_session_saved_with_a_screen_that_no_longer_exists_restarts_at_home(
+    world: UssdWorld,
+) -> None:
+    """State written by an older release with other screens sends the customer home, not to 500."""
+    phone = world.phone()
+    await phone.dial("1")
+    store = world.engine._store
+    key = f"ussd:s:at:{phone.session_id}"
+    raw = await store.get(key)
+    assert raw is not None
+    await store.put(key, raw.replace('"buy_meter"', '"retired_screen"'), 60)
+    await phone.answer("5")  # read as an answer to the home menu: 5 Language
+    phone.sees("Choose a language:")
