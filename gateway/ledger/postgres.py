@@ -518,20 +518,19 @@ class PostgresLedger:
         current = PurchaseState(row["state"])
         if not is_legal(current, to):
             raise IllegalTransition(row["purchase_id"], current, to)
-        updated = await conn.fetchrow(
-            "UPDATE purchases SET state = $1, updated_at = $2 WHERE purchase_id = $3 RETURNING *",
+        # One round trip: the state change and its event row are one statement.
+        return await conn.fetchrow(
+            "WITH moved AS (UPDATE purchases SET state = $1, updated_at = $2"
+            " WHERE purchase_id = $3 RETURNING *), logged AS (INSERT INTO events"
+            " (purchase_id, kind, actor, data, at) VALUES ($3, $4, $5, $6::jsonb, $2))"
+            " SELECT * FROM moved",
             to.value,
             self._clock(),
             row["purchase_id"],
-        )
-        await self._append(
-            conn,
-            row["purchase_id"],
             kind,
             actor,
-            {**(data or {}), "from": current, "to": to},
+            _json({**(data or {}), "from": current, "to": to}),
         )
-        return updated
 
     # -- reference data -------------------------------------------------------------------------
 
@@ -935,43 +934,40 @@ class PostgresLedger:
         payment: ConfirmedPayment,
         state: PaymentRecordState,
     ) -> None:
-        now = self._clock()
-        await conn.execute(
-            "INSERT INTO payments (purchase_id, provider, reference, state, created_at,"
-            " updated_at) VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (provider, reference)"
-            " DO NOTHING",
+        # One statement inserts the row, or settles it if it has no purchase or ours, under
+        # the row's lock; nothing returned means another purchase owns the reference.
+        settled = await conn.fetchval(
+            "INSERT INTO payments (purchase_id, provider, reference, amount_minor, currency,"
+            " state, payer, receipt, created_at, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)"
+            " ON CONFLICT (provider, reference) DO UPDATE SET"
+            " amount_minor = excluded.amount_minor, currency = excluded.currency,"
+            " state = excluded.state, payer = excluded.payer, receipt = excluded.receipt,"
+            " updated_at = excluded.updated_at, purchase_id = excluded.purchase_id"
+            " WHERE payments.purchase_id IS NULL OR payments.purchase_id = excluded.purchase_id"
+            " RETURNING payment_id",
             purchase_id,
             payment.provider,
             payment.reference,
+            payment.amount.amount_minor,
+            payment.amount.currency,
             state.value,
-            now,
+            payment.payer,
+            payment.receipt,
+            self._clock(),
         )
-        owner = await conn.fetchval(
-            "SELECT purchase_id FROM payments WHERE provider = $1 AND reference = $2 FOR UPDATE",
-            payment.provider,
-            payment.reference,
-        )
-        if owner not in {None, purchase_id}:
+        if settled is None:
+            owner = await conn.fetchval(
+                "SELECT purchase_id FROM payments WHERE provider = $1 AND reference = $2",
+                payment.provider,
+                payment.reference,
+            )
             raise DuplicateError(
                 f"{payment.provider} reference {payment.reference} belongs to purchase"
                 f" {owner}, not {purchase_id}",
                 constraint="payments.provider_reference",
                 key=f"{payment.provider}:{payment.reference}",
             )
-        await conn.execute(
-            "UPDATE payments SET amount_minor = $1, currency = $2, state = $3, payer = $4,"
-            " receipt = $5, updated_at = $6, purchase_id = $7 WHERE provider = $8"
-            " AND reference = $9",
-            payment.amount.amount_minor,
-            payment.amount.currency,
-            state.value,
-            payment.payer,
-            payment.receipt,
-            now,
-            purchase_id,
-            payment.provider,
-            payment.reference,
-        )
 
     async def mark_paid(
         self, purchase_id: str, payment: ConfirmedPayment, *, actor: str
@@ -1109,11 +1105,13 @@ class PostgresLedger:
             ):
                 raise TidConflict(draft.meter, draft.expected_last_tid, last_tid)
             now = self._clock()
-            await conn.execute(
-                "UPDATE meters SET last_tid = $1 WHERE drn = $2", draft.tid, draft.meter
-            )
+            # One statement: the meter's TID advances, the vend and its token message are
+            # stored (every constraint still applies to each part).
             vend = await conn.fetchrow(
-                "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at)"
+                "WITH advanced AS (UPDATE meters SET last_tid = $3 WHERE drn = $2),"
+                " queued AS (INSERT INTO outbox (purchase_id, kind, recipient, body, state,"
+                " next_try_at, created_at, updated_at) VALUES ($1, $8, $9, $10, $11, $7, $7, $7))"
+                " INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
                 draft.purchase_id,
                 draft.meter,
@@ -1122,6 +1120,10 @@ class PostgresLedger:
                 draft.units,
                 draft.receipt,
                 now,
+                MessageKind.TOKEN.value,
+                draft.recipient,
+                draft.message,
+                (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
             )
             await self._move(
                 conn,
@@ -1135,16 +1137,6 @@ class PostgresLedger:
                     "units": draft.units,
                     "token_last4": draft.token[-4:],
                 },
-            )
-            await conn.execute(
-                "INSERT INTO outbox (purchase_id, kind, recipient, body, state, next_try_at,"
-                " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6, $6)",
-                draft.purchase_id,
-                MessageKind.TOKEN.value,
-                draft.recipient,
-                draft.message,
-                (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
-                now,
             )
             return VendOutcome(vend=_vend(vend), replayed=False)
 
