@@ -262,6 +262,45 @@ async def test_a_unique_violation_is_not_retried_and_becomes_duplicate_error(sch
     assert sleeps.waits == []
 
 
+@pytest.mark.parametrize(
+    ("sqlstate", "expected", "runs"),
+    [
+        ("23505", DuplicateError, 1),  # unique_violation
+        ("23503", LedgerError, 1),  # foreign_key_violation
+        ("23514", LedgerError, 1),  # check_violation
+        ("53100", LedgerUnavailable, 1),  # disk_full: not worth retrying at once
+        ("57014", LedgerUnavailable, 1),  # query_canceled (statement timeout)
+        ("25006", LedgerUnavailable, 1),  # read_only_sql_transaction: a standby
+        ("53300", LedgerUnavailable, 3),  # too_many_connections: retried
+        ("40P01", LedgerUnavailable, 3),  # deadlock_detected: retried
+        ("42P01", LedgerError, 1),  # undefined_table: a bug, not an outage
+    ],
+)
+async def test_server_errors_become_ledger_errors(
+    schema: str, sqlstate: str, expected: type[LedgerError], runs: int
+) -> None:
+    """A server error reaches the caller as our error, retried first only when transient."""
+    sleeps = Sleeps()
+    async with open_postgres_ledger(
+        URL, schema=schema, retry=no_wait_policy(sleeps, attempts=3), migrate=False
+    ) as ledger:
+        calls = 0
+
+        async def op(conn: Any) -> None:
+            nonlocal calls
+            calls += 1
+            await conn.execute(
+                f"DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = '{sqlstate}'; END $$"
+            )
+
+        with pytest.raises(expected) as caught:
+            await ledger._with_retry(op)
+    assert type(caught.value) is expected
+    assert isinstance(caught.value.__cause__, asyncpg.exceptions.PostgresError)
+    assert calls == runs
+    assert caught.value.retryable is (expected is LedgerUnavailable)
+
+
 async def test_a_connection_killed_by_the_server_does_not_reach_the_caller(schema: str) -> None:
     """An instance whose only connection the server terminated carries on."""
     async with open_postgres_ledger(URL, schema=schema, min_size=1, max_size=1) as ledger:
