@@ -31,6 +31,7 @@ from gateway.ledger import (
     TidConflict,
     VendDraft,
     new_purchase_id,
+    open_ledger,
     open_sqlite_ledger,
 )
 from gateway.ledger.postgres import (
@@ -139,6 +140,19 @@ def vend(purchase_id: str, *, tid: int, expected: int | None) -> VendDraft:
         recipient=PHONE,
         message="token",
     )
+
+
+async def test_open_ledger_dispatches_postgres_urls(schema: str) -> None:
+    """``database_url`` = postgresql://…?search_path=S opens the PostgreSQL ledger in schema S."""
+    async with open_ledger(f"{URL}?search_path={schema}") as ledger:
+        assert isinstance(ledger, PostgresLedger)
+        await ledger.put_tariff(TARIFF)
+    conn = await asyncpg.connect(URL)
+    try:
+        found = await conn.fetchval(f"SELECT count(*) FROM {schema}.tariffs")  # noqa: S608
+    finally:
+        await conn.close()
+    assert found == 1
 
 
 async def test_migrations_are_numbered_like_sqlite() -> None:
