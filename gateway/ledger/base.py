@@ -124,6 +124,7 @@ class MessageKind(StrEnum):
 
     TOKEN = "token"  # noqa: S105 - a message kind, not a secret; exactly one per vend
     REPRINT = "reprint"  # the same token again, on request
+    REPLY = "reply"  # an answer to a customer's SMS command (no purchase needed)
 
 
 # ---------------------------------------------------------------------------------------- records
