@@ -66,7 +66,7 @@ class ProviderSettings:
     username: str = ""  # AT username; Daraja shortcode; MoMo API user; Airtel client id
     key: Secret = field(default_factory=lambda: Secret(""))  # AT api key; consumer key; API key
     secret: Secret = field(default_factory=lambda: Secret(""))  # consumer secret; passkey …
-    extra: Mapping[str, str] = field(default_factory=dict)  # provider specifics (shortcode …)
+    extra: Mapping[str, str] = field(default_factory=dict, repr=False)  # shortcode, passkey …
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -113,11 +113,11 @@ def _quiet_logs() -> Iterator[None]:
 
 
 def _out(line: str) -> None:
-    print(line)  # noqa: T201 - a command's output
+    print(line)
 
 
 def _err(line: str) -> None:
-    print(line, file=sys.stderr)  # noqa: T201 - a command's diagnostics
+    print(line, file=sys.stderr)
 
 
 def _fail(message: str) -> int:

@@ -222,17 +222,17 @@ def _meter_key(args: argparse.Namespace) -> _MeterKey | None:
 
 def _print(args: argparse.Namespace, data: dict[str, object], lines: Iterable[str]) -> None:
     if args.json:
-        print(json.dumps(data))  # noqa: T201 - a command's output
+        print(json.dumps(data))
     else:
         for line in lines:
-            print(line)  # noqa: T201 - a command's output
+            print(line)
 
 
 def _run(handler_body: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
     try:
         handler_body(args)
     except StsError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201 - a command's output
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -290,7 +290,7 @@ def _batch(args: argparse.Namespace) -> int:
     try:
         failures = run_batch(_open_lines(args.file), sys.stdout, decode=args.decode)
     except OSError as exc:
-        print(f"error: cannot read {args.file}: {exc.strerror}", file=sys.stderr)  # noqa: T201
+        print(f"error: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 1
     return 1 if failures else 0
 

@@ -1,0 +1,475 @@
+"""The composition root: the one place adapters are built and wired together.
+
+``build_app(config)`` opens the ledger, builds the token engine, the payment providers, the SMS
+sender, the conversation engines and the saga, starts the simulators when the configuration asks
+for them, and returns the aiohttp application with every inbound route. Everything it opens is
+closed by the application's cleanup, in reverse order; background work (the outbox worker, the
+sweeper, follow-ups after USSD replies) has an owner and stops before the ledger closes.
+
+Assumptions named here:
+- In demo mode without ``GATEWAY_MASTER_KEY`` the master key is generated once into
+  ``<data_dir>/master.key`` (mode 0600) so restarts can open the vending keys they sealed.
+- Without ``GATEWAY_CALLBACK_SECRET`` (demo only) a random callback path secret is made per
+  process: a callback for a purchase from an earlier run gets 404 and the sweeper's status query
+  recovers it, as it would a lost callback.
+- Without ``GATEWAY_ADMIN_TOKEN`` (demo only) a random admin token is made and printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from flows.engine import UssdEngine
+from flows.journeys import build_screens
+from flows.ports import Language, SessionStore
+from flows.sessions import MemorySessionStore, SqliteSessionStore
+from flows.sms_commands import SmsCommands
+from gateway.config import SIMULATED, Config, Mode, Secret
+from gateway.customer_services import SagaCustomerServices
+from gateway.demo_data import demo_master_key, seed_demo
+from gateway.errors import ConfigError
+from gateway.ledger import Ledger, open_ledger
+from gateway.metrics import Metrics
+from gateway.payments import PaymentProvider
+from gateway.payments.airtel import AirtelProvider
+from gateway.payments.daraja import DarajaProvider
+from gateway.payments.momo import MomoProvider
+from gateway.sms import SmsSender
+from gateway.sms.africastalking import (
+    LIVE_URL,
+    AfricasTalkingHttpSender,
+    AfricasTalkingSdkSender,
+)
+from gateway.sms.outbox import OutboxWorker
+from gateway.sweeper import Sweeper
+from gateway.vending import SagaPolicy, Vending, load_token_engine
+from gateway.web.admin import admin_routes, setup_admin
+from gateway.web.callbacks import payment_routes
+from gateway.web.delivery import delivery_routes
+from gateway.web.health import health_routes
+from gateway.web.keys import CONFIG, METRICS, READINESS
+from gateway.web.middleware import context_middleware
+from gateway.web.sms import sms_routes
+from gateway.web.ussd import FollowUps, ussd_routes
+
+log = structlog.get_logger()
+
+USSD_PATH = "/ussd/africastalking"
+USSD_EVENTS_PATH = "/ussd/africastalking/events"
+SMS_INBOUND_PATH = "/sms/africastalking/inbound"
+SMS_DELIVERY_PATH = "/sms/africastalking/delivery"
+OUTBOX_INTERVAL_S = 0.25  # how often due SMS are looked for between sweeps
+
+
+@dataclass(slots=True, kw_only=True)
+class Simulators:
+    """The simulated outside world of the embedded defaults, each on its own loopback port."""
+
+    at: object  # gateway.sim.africastalking.AtSimulator
+    daraja: object  # gateway.sim.daraja.DarajaSimulator
+    momo: object  # gateway.sim.momo.MomoSimulator
+    airtel: object  # gateway.sim.airtel.AirtelSimulator
+    urls: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True, kw_only=True)
+class Runtime:
+    """Everything ``build_app`` assembled, for the CLI's banner, the demo and tests."""
+
+    config: Config
+    ledger: Ledger
+    vending: Vending
+    sms: SmsSender
+    providers: dict[str, PaymentProvider]
+    outbox: OutboxWorker
+    sweeper: Sweeper
+    follow_ups: FollowUps
+    sessions: SessionStore
+    ussd: UssdEngine
+    sms_commands: SmsCommands
+    metrics: Metrics
+    callback_secret: Secret
+    admin_token: Secret
+    simulators: Simulators | None = None
+
+    @property
+    def base_url(self) -> str:
+        """Where this gateway is reached."""
+        return self.config.effective_public_url
+
+    def callback_url(self, provider: str, tail: str) -> str:
+        """A provider's callback URL (with the secret path segment)."""
+        return f"{self.base_url}/payments/{provider}/{self.callback_secret.reveal()}/{tail}"
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+async def _serve_app(stack: contextlib.AsyncExitStack, app: web.Application) -> str:
+    """Serve ``app`` on a free loopback port until ``stack`` closes; its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}"
+
+
+async def _start_simulators(stack: contextlib.AsyncExitStack, config: Config) -> Simulators:
+    # The composition root is the only production module allowed to reach the simulators.
+    from gateway.sim.africastalking import AtSimulator  # noqa: PLC0415
+    from gateway.sim.airtel import AirtelSimulator  # noqa: PLC0415
+    from gateway.sim.daraja import DarajaSimulator  # noqa: PLC0415
+    from gateway.sim.momo import MomoSimulator  # noqa: PLC0415
+
+    base = config.effective_public_url
+    at = AtSimulator(
+        ussd_url=base + USSD_PATH,
+        ussd_events_url=base + USSD_EVENTS_PATH,
+        delivery_url=base + SMS_DELIVERY_PATH,
+        inbound_url=base + SMS_INBOUND_PATH,
+        shortcode=config.shortcode,
+    )
+    daraja = DarajaSimulator()
+    momo = MomoSimulator()
+    airtel = AirtelSimulator()
+    urls = {
+        "africastalking": await stack.enter_async_context(at.running()),
+        "daraja": await _serve_app(stack, daraja.app),
+        "momo": await _serve_app(stack, momo.app),
+        "airtel": await _serve_app(stack, airtel.app),
+    }
+    return Simulators(at=at, daraja=daraja, momo=momo, airtel=airtel, urls=urls)
+
+
+def _providers(
+    config: Config,
+    session: aiohttp.ClientSession,
+    sims: Simulators | None,
+    callback_url: Callable[[str, str], str],
+) -> dict[str, PaymentProvider]:
+    """The payment adapters: every simulated one in demo, the configured one otherwise."""
+    if sims is not None:
+        from gateway.sim.airtel import AirtelSimulator  # noqa: PLC0415
+        from gateway.sim.daraja import DarajaSimulator  # noqa: PLC0415
+        from gateway.sim.momo import MomoSimulator  # noqa: PLC0415
+
+        daraja_sim = sims.daraja
+        momo_sim = sims.momo
+        airtel_sim = sims.airtel
+        assert isinstance(daraja_sim, DarajaSimulator)  # noqa: S101 - narrowing for mypy
+        assert isinstance(momo_sim, MomoSimulator)  # noqa: S101
+        assert isinstance(airtel_sim, AirtelSimulator)  # noqa: S101
+        daraja_sim.register_urls(
+            validation_url=callback_url("daraja", "c2b/validation"),
+            confirmation_url=callback_url("daraja", "c2b/confirmation"),
+        )
+        return {
+            "daraja": DarajaProvider(
+                session,
+                base_url=sims.urls["daraja"],
+                consumer_key=daraja_sim.consumer_key,
+                consumer_secret=daraja_sim.consumer_secret,
+                shortcode=daraja_sim.shortcode,
+                passkey=daraja_sim.passkey,
+                callback_url=callback_url("daraja", "stk"),
+                initiator=daraja_sim.initiator,
+                security_credential=daraja_sim.security_credential,
+                status_result_url=callback_url("daraja", "status/result"),
+                status_timeout_url=callback_url("daraja", "status/timeout"),
+            ),
+            "momo": MomoProvider(
+                session,
+                base_url=sims.urls["momo"],
+                subscription_key=momo_sim.subscription_key,
+                api_user=momo_sim.api_user,
+                api_key=momo_sim.api_key,
+                callback_url=callback_url("momo", "callback"),
+            ),
+            "airtel": AirtelProvider(
+                session,
+                base_url=sims.urls["airtel"],
+                client_id=airtel_sim.client_id,
+                client_secret=airtel_sim.client_secret,
+            ),
+        }
+    name = config.payments
+    settings = getattr(config, name)
+    extra = settings.extra
+    if name == "daraja":
+        for needed in ("shortcode", "passkey"):
+            if needed not in extra:
+                raise ConfigError(f"GATEWAY_DARAJA_{needed.upper()}", "required")
+        provider: PaymentProvider = DarajaProvider(
+            session,
+            base_url=settings.base_url,
+            consumer_key=settings.key.reveal(),
+            consumer_secret=settings.secret.reveal(),
+            shortcode=extra["shortcode"],
+            passkey=extra["passkey"],
+            callback_url=callback_url("daraja", "stk"),
+            initiator=extra.get("initiator"),
+            security_credential=extra.get("security_credential"),
+            status_result_url=callback_url("daraja", "status/result"),
+            status_timeout_url=callback_url("daraja", "status/timeout"),
+        )
+    elif name == "momo":
+        provider = MomoProvider(
+            session,
+            base_url=settings.base_url,
+            subscription_key=extra.get("subscription_key", ""),
+            api_user=settings.username,
+            api_key=settings.key.reveal(),
+            target_environment=extra.get("target_environment", "mtnuganda"),
+            currency=config.currency,
+            callback_url=callback_url("momo", "callback"),
+        )
+    else:
+        provider = AirtelProvider(
+            session,
+            base_url=settings.base_url,
+            client_id=settings.username,
+            client_secret=settings.secret.reveal(),
+            country=extra.get("country", config.country),
+            currency=config.currency,
+        )
+    return {name: provider}
+
+
+def _sms_sender(
+    config: Config, session: aiohttp.ClientSession, sims: Simulators | None
+) -> SmsSender:
+    """The official SDK against the simulator; the pooled HTTP sender in production."""
+    if sims is not None:
+        from gateway.sim.africastalking import AtSimulator  # noqa: PLC0415
+
+        at = sims.at
+        assert isinstance(at, AtSimulator)  # noqa: S101 - narrowing for mypy
+        return AfricasTalkingSdkSender(
+            at.username, at.api_key, base_url=sims.urls["africastalking"] + "/version1"
+        )
+    settings = config.africastalking
+    sender_id = settings.extra.get("sender_id") or None
+    if settings.extra.get("client", "http") == "sdk":
+        return AfricasTalkingSdkSender(
+            settings.username, settings.key.reveal(), sender_id=sender_id
+        )
+    return AfricasTalkingHttpSender(
+        session,
+        settings.username,
+        settings.key.reveal(),
+        sender_id=sender_id,
+        base_url=settings.base_url or LIVE_URL,
+    )
+
+
+async def _session_store(stack: contextlib.AsyncExitStack, config: Config) -> SessionStore:
+    if config.session_store == "memory":
+        return MemorySessionStore()
+    if config.session_store == "redis":
+        from gateway.redis_sessions import open_redis_session_store  # noqa: PLC0415
+
+        return await stack.enter_async_context(open_redis_session_store(config.redis_url))
+    sqlite_store = SqliteSessionStore.open(config.data_dir / "sessions.db")
+    stack.callback(sqlite_store.close)
+    return sqlite_store
+
+
+def _secret(configured: Secret | None, config: Config, setting: str) -> Secret:
+    if configured is not None:
+        return configured
+    if config.mode is Mode.PRODUCTION:  # Config.load already refuses this; kept as a guard
+        raise ConfigError(setting, "required in production")
+    return Secret(secrets.token_urlsafe(24))
+
+
+async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    callback_secret = _secret(config.callback_secret, config, "GATEWAY_CALLBACK_SECRET")
+    admin_token = _secret(config.admin_token, config, "GATEWAY_ADMIN_TOKEN")
+    base = config.effective_public_url
+
+    def callback_url(provider: str, tail: str) -> str:
+        return f"{base}/payments/{provider}/{callback_secret.reveal()}/{tail}"
+
+    master_key = config.master_key_bytes()
+    if master_key is None:
+        master_key = demo_master_key(config.data_dir)
+    ledger = await stack.enter_async_context(open_ledger(config.effective_database_url))
+    if config.mode is Mode.DEMO and await seed_demo(ledger, master_key):
+        log.info("demo_data_seeded", database=config.effective_database_url)
+    engine = await load_token_engine(ledger, master_key)
+
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=200), timeout=aiohttp.ClientTimeout(total=30)
+    )
+    stack.push_async_callback(session.close)
+    sims = await _start_simulators(stack, config) if config.uses_simulators else None
+    providers = _providers(config, session, sims, callback_url)
+    default_provider = "daraja" if config.payments == SIMULATED else config.payments
+    vending = Vending(
+        ledger=ledger,
+        engine=engine,
+        providers=providers,
+        default_provider=default_provider,
+        policy=SagaPolicy(
+            first_check_after_s=min(20.0, float(config.payment_deadline_s)),
+            payment_deadline_s=float(config.payment_expiry_s),
+        ),
+    )
+    sms = _sms_sender(config, session, sims)
+    outbox = OutboxWorker(ledger=ledger, sender=sms)
+    sweeper = Sweeper(vending=vending, outbox=None, interval_s=config.sweep_interval_s)
+    sessions = await _session_store(stack, config)
+    services = SagaCustomerServices(vending)
+    ussd = UssdEngine(
+        services,
+        sessions,
+        build_screens(),
+        default_language=Language.EN,
+        resume_window_s=float(config.resume_window_s),
+    )
+    return Runtime(
+        config=config,
+        ledger=ledger,
+        vending=vending,
+        sms=sms,
+        providers=providers,
+        outbox=outbox,
+        sweeper=sweeper,
+        follow_ups=FollowUps(),
+        sessions=sessions,
+        ussd=ussd,
+        sms_commands=SmsCommands(services, default_language=Language.EN),
+        metrics=Metrics(),
+        callback_secret=callback_secret,
+        admin_token=admin_token,
+        simulators=sims,
+    )
+
+
+async def _outbox_loop(outbox: OutboxWorker, stop: asyncio.Event) -> None:
+    """Send due SMS promptly (tokens go out within a fraction of a second of the vend)."""
+    while not stop.is_set():
+        try:
+            await outbox.run_once()
+        except Exception:  # an outermost loop: log and go on
+            log.exception("outbox_run_crashed")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(OUTBOX_INTERVAL_S):
+                await stop.wait()
+
+
+def _background(runtime: Runtime) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def background(_app: web.Application) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(runtime.sweeper.run(stop), name="sweeper"),
+            asyncio.create_task(_outbox_loop(runtime.outbox, stop), name="outbox"),
+        ]
+        yield
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    return background
+
+
+def _readiness(runtime: Runtime) -> dict[str, Callable[[], Awaitable[bool]]]:
+    async def ledger_ready() -> bool:
+        await runtime.ledger.lookup_meter("00000000000")
+        return True
+
+    async def sessions_ready() -> bool:
+        await runtime.sessions.get("readyz")
+        return True
+
+    return {"ledger": ledger_ready, "sessions": sessions_ready}
+
+
+async def build_app(config: Config) -> web.Application:
+    """The gateway as an aiohttp application, every adapter built and every route mounted.
+
+    Raises:
+        ConfigError: a setting cannot be used (names the setting).
+        LedgerError: the database cannot be opened or migrated.
+        VendingKeyUnreadable: the master key does not open the stored vending keys.
+    """
+    stack = contextlib.AsyncExitStack()
+    try:
+        runtime = await _assemble(config, stack)
+    except BaseException:
+        await stack.aclose()
+        raise
+    app = web.Application(middlewares=[context_middleware])
+    app[CONFIG] = config
+    app[METRICS] = runtime.metrics
+    app[RUNTIME] = runtime
+    app[READINESS] = _readiness(runtime)
+    app.add_routes(health_routes())
+    app.add_routes(
+        ussd_routes(runtime.ussd, runtime.follow_ups, path=USSD_PATH, events_path=USSD_EVENTS_PATH)
+    )
+    app.add_routes(
+        sms_routes(
+            runtime.sms_commands,
+            runtime.follow_ups,
+            runtime.sessions,
+            path=SMS_INBOUND_PATH,
+            default_region=config.country,
+        )
+    )
+    app.add_routes(delivery_routes(runtime.outbox.apply_delivery_report, path=SMS_DELIVERY_PATH))
+    app.add_routes(
+        payment_routes(
+            runtime.providers,
+            runtime.vending,
+            secret=runtime.callback_secret.reveal(),
+            allow_from=list(config.callback_allow_from) or None,
+        )
+    )
+    setup_admin(
+        app, ledger=runtime.ledger, vending=runtime.vending, admin_token=runtime.admin_token
+    )
+    app.add_routes(admin_routes())
+    app.cleanup_ctx.append(_background(runtime))
+    app.cleanup_ctx.append(runtime.follow_ups.cleanup_ctx)
+
+    async def close(_app: web.Application) -> None:
+        await stack.aclose()
+
+    app.on_cleanup.append(close)
+    return app
+
+
+def routes_summary(runtime: Runtime) -> list[tuple[str, str]]:
+    """The inbound routes an operator registers with the providers, with what each is for."""
+    return [
+        (runtime.base_url + USSD_PATH, "Africa's Talking USSD callback"),
+        (runtime.base_url + USSD_EVENTS_PATH, "Africa's Talking USSD end-of-session events"),
+        (runtime.base_url + SMS_INBOUND_PATH, "Africa's Talking incoming SMS"),
+        (runtime.base_url + SMS_DELIVERY_PATH, "Africa's Talking SMS delivery reports"),
+        (runtime.callback_url("daraja", "stk"), "Daraja STK push callback"),
+        (runtime.callback_url("daraja", "c2b/validation"), "Daraja C2B validation"),
+        (runtime.callback_url("daraja", "c2b/confirmation"), "Daraja C2B confirmation"),
+        (runtime.callback_url("momo", "callback"), "MTN MoMo callback"),
+        (runtime.callback_url("airtel", "callback"), "Airtel Money callback"),
+        (runtime.base_url + "/admin", "operator admin page"),
+        (runtime.base_url + "/healthz", "liveness"),
+        (runtime.base_url + "/readyz", "readiness"),
+        (runtime.base_url + "/metrics", "Prometheus metrics"),
+    ]
+
+
+def data_dir_of(config: Config) -> Path:
+    """The data directory (created on start)."""
+    return config.data_dir
