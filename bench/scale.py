@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,8 +293,9 @@ class Delivery:
 
     seconds: float
     latencies_s: list[float]
-    per_instance: list[int]
+    per_instance: list[int]  # confirmations answered by each instance
     resent_after_503: int
+    failed_over: int  # sent again to the next instance after a connection failure
 
 
 async def deliver(
@@ -304,40 +305,57 @@ async def deliver(
     copies: int,
     concurrency: int,
     rng: random.Random,
+    on_answered: Callable[[int], None] | None = None,
 ) -> Delivery:
-    """Send each reference's confirmation ``copies`` times to random instances, all at once."""
+    """Send each reference's confirmation ``copies`` times to random instances, all at once.
+
+    Like a load balancer, a confirmation whose instance cannot be reached (or drops the
+    connection) goes to the next instance; a 503 (not recorded) is sent again. ``on_answered``
+    is told how many confirmations have been answered so far, after each one.
+    """
     sends = [(reference, rng.randrange(len(ports))) for reference in references] * copies
     rng.shuffle(sends)
     latencies: list[float] = []
     per_instance = [0] * len(ports)
     resent = 0
+    failed_over = 0
+    answered = 0
     gate = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def send(reference: str, target: int) -> None:
-            nonlocal resent
+            nonlocal resent, failed_over, answered
             body = json.dumps({"reference": reference}).encode()
-            per_instance[target] += 1
             async with gate:
-                for attempt in range(10):
+                for _ in range(10 + len(ports)):
                     began = time.perf_counter()
-                    async with session.post(
-                        f"http://127.0.0.1:{ports[target]}/notices", data=body
-                    ) as response:
-                        await response.read()
-                        status = response.status
+                    try:
+                        async with session.post(
+                            f"http://127.0.0.1:{ports[target]}/notices", data=body
+                        ) as response:
+                            await response.read()
+                            status = response.status
+                    except aiohttp.ClientConnectionError:
+                        failed_over += 1
+                        target = (target + 1) % len(ports)
+                        continue
                     latencies.append(time.perf_counter() - began)
                     if status == 200:
+                        per_instance[target] += 1
+                        answered += 1
+                        if on_answered is not None:
+                            on_answered(answered)
                         return
-                    if status != 503 or attempt == 9:
+                    if status != 503:
                         raise RuntimeError(f"instance answered {status} for {reference}")
                     resent += 1
+                raise RuntimeError(f"no instance took the confirmation of {reference}")
 
         began = time.perf_counter()
         await asyncio.gather(*(send(reference, target) for reference, target in sends))
         seconds = time.perf_counter() - began
-    return Delivery(seconds, latencies, per_instance, resent)
+    return Delivery(seconds, latencies, per_instance, resent, failed_over)
 
 
 @dataclass
@@ -445,6 +463,7 @@ async def scenario(
         "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
         "per_instance": delivery.per_instance,
         "resent_after_503": delivery.resent_after_503,
+        "failed_over": delivery.failed_over,
         "finished_by_sweep": swept,
         "audit": found.__dict__,
         "problems": found.problems(args.purchases),
