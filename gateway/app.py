@@ -140,7 +140,9 @@ async def _start_simulators(stack: contextlib.AsyncExitStack, config: Config) ->
         inbound_url=base + SMS_INBOUND_PATH,
         shortcode=config.shortcode,
     )
-    daraja = DarajaSimulator()
+    # C2B confirmations carry the payer's number in the clear here (Daraja's v1 behaviour), so
+    # paybill tokens can be texted; v2 masks it, and then only a reprint reaches the customer.
+    daraja = DarajaSimulator(c2b_msisdn="plain")
     momo = MomoSimulator()
     airtel = AirtelSimulator()
     urls = {
