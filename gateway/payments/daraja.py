@@ -235,8 +235,7 @@ class DarajaProvider:
         self._tokens = TokenCache(self._fetch_token, clock=clock)
         self._started: dict[str, CollectionStarted] = {}  # purchase id → push already accepted
         self._requested: dict[str, Money] = {}  # CheckoutRequestID → amount we asked for
-        self._status_waiters: dict[str, asyncio.Future[PaymentStatus]] = {}
-        self._early_results: dict[str, PaymentStatus] = {}
+        self._status_waiters: dict[str, set[asyncio.Future[PaymentStatus]]] = {}
 
     # -- OAuth -------------------------------------------------------------------------------
 
@@ -445,7 +444,7 @@ class DarajaProvider:
             "Occasion": "",
         }
         waiter: asyncio.Future[PaymentStatus] = asyncio.get_running_loop().create_future()
-        self._status_waiters[reference] = waiter
+        self._status_waiters.setdefault(reference, set()).add(waiter)
         try:
             reply = await self._call(
                 "/mpesa/transactionstatus/v1/query", payload, idempotent=True, reference=reference
@@ -458,8 +457,6 @@ class DarajaProvider:
                 raise ProviderUnavailable(
                     error.args[0], provider=self.name, reference=reference, retryable=False
                 ) from error
-            if reference in self._early_results:
-                return self._early_results.pop(reference)
             try:
                 async with asyncio.timeout(self._status_result_wait_s):
                     return await waiter
@@ -470,14 +467,16 @@ class DarajaProvider:
                     reference=reference,
                 ) from exc
         finally:
-            if self._status_waiters.get(reference) is waiter:
-                del self._status_waiters[reference]
+            waiters = self._status_waiters.get(reference, set())
+            waiters.discard(waiter)
+            if not waiters:
+                self._status_waiters.pop(reference, None)
 
     def deliver_status_result(self, body: bytes) -> bool:
         """Hand a Transaction Status ``Result`` (posted to ``status_result_url``) to its query.
 
-        Returns whether a ``query_status`` call was waiting for it. A result nobody waits for is
-        kept briefly, in case it overtook the query's own acknowledgement.
+        Returns whether a ``query_status`` call was waiting for it (the waiter is registered
+        before the query is sent, so a result cannot overtake it); other results are dropped.
 
         A result saying our initiator setup is wrong reaches the waiting query as a
         non-retryable ``ProviderUnavailable``.
@@ -486,17 +485,14 @@ class DarajaProvider:
             ForgedCallback: the body is not a Transaction Status result.
         """
         reference, outcome = self._parse_status_result(body)
-        waiter = self._status_waiters.get(reference)
-        if waiter is None or waiter.done():
-            if len(self._early_results) > 1000:  # bound the memory of strays
-                self._early_results.clear()
+        waiters = [w for w in self._status_waiters.get(reference, set()) if not w.done()]
+        if not waiters:
+            return False  # late, or meant for another instance's query: that one asks again
+        for waiter in waiters:
             if isinstance(outcome, PaymentStatus):
-                self._early_results[reference] = outcome
-            return False
-        if isinstance(outcome, PaymentStatus):
-            waiter.set_result(outcome)
-        else:
-            waiter.set_exception(outcome)
+                waiter.set_result(outcome)
+            else:
+                waiter.set_exception(outcome)
         return True
 
     def _parse_status_result(self, body: bytes) -> tuple[str, PaymentStatus | PaymentError]:

@@ -725,3 +725,17 @@ async def test_simulate_endpoint_pays_from_the_sim_menu(
     assert charge["amount_minor"] == 10000
     assert charge["account"] == "37012345678"
     assert len(daraja.receiver.bodies("/c2b/confirmation")) == 1
+
+
+async def test_concurrent_transaction_status_queries_both_get_the_result(daraja: Daraja) -> None:
+    """Two queries for one receipt at once both receive Daraja's asynchronous result."""
+    daraja.sim.register_urls(
+        validation_url="", confirmation_url=daraja.receiver.url("/c2b/confirmation")
+    )
+    outcome = await daraja.sim.pay_bill("254708374149", "37012345678", 200)
+    reference = ProviderReference(outcome.trans_id)
+    first, second = await asyncio.gather(
+        daraja.provider.query_status(reference), daraja.provider.query_status(reference)
+    )
+    assert first.state is second.state is PaymentState.SUCCEEDED
+    assert daraja.provider._status_waiters == {}
