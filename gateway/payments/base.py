@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import NewType, Protocol, TypeVar
+from typing import NewType, Protocol, TypeVar, runtime_checkable
 
 import aiohttp
 
@@ -157,6 +157,38 @@ class PaymentProvider(Protocol):
 
     def acknowledgement(self) -> CallbackAck:
         """The answer the provider expects for any callback, accepted or not."""
+        ...
+
+
+@runtime_checkable
+class PaybillProvider(PaymentProvider, Protocol):
+    """A provider customers can also pay on their own, naming an account (Daraja C2B paybill).
+
+    Such a provider asks us to validate a payment before money moves, then confirms it; and its
+    reconciliation answers (Daraja Transaction Status) arrive asynchronously, by callback.
+    """
+
+    def parse_customer_validation(self, body: bytes) -> PaymentNotice:
+        """Read a validation request: a claim with ``claimed_state`` PENDING (money not moved).
+
+        Raises:
+            ForgedCallback: not a well-formed validation request for us.
+        """
+        ...
+
+    def customer_validation_answer(self, refusal: str | None) -> CallbackAck:
+        """The provider's accept (``None``) or reject answer for ``refusal``."""
+        ...
+
+    def customer_confirmation_answer(self) -> CallbackAck:
+        """The provider's expected answer to a confirmation."""
+        ...
+
+    def deliver_status_result(self, body: bytes) -> bool:
+        """Hand an asynchronous status result to the ``query_status`` call waiting for it.
+
+        Returns whether a call was waiting. Raises ``ForgedCallback`` for a malformed body.
+        """
         ...
 
 

@@ -562,7 +562,7 @@ class DarajaProvider:
         except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
             raise _forged(f"malformed callback: {exc!r}") from exc
 
-    def parse_c2b_validation(self, body: bytes) -> PaymentNotice:
+    def parse_customer_validation(self, body: bytes) -> PaymentNotice:
         """Read a C2B validation request (money has not moved yet: ``claimed_state`` PENDING).
 
         Raises:
@@ -649,7 +649,7 @@ class DarajaProvider:
         """``{"ResultCode":0,"ResultDesc":"Accepted"}``: Daraja only needs a quick 200."""
         return _json_ack({"ResultCode": 0, "ResultDesc": "Accepted"})
 
-    def c2b_validation_answer(self, refusal: str | None) -> CallbackAck:
+    def customer_validation_answer(self, refusal: str | None) -> CallbackAck:
         """Daraja's C2B validation answer: accept (``None``) or reject with its ``C2B000xx`` code.
 
         ``refusal`` is what ``PaymentEvents.validate_customer_payment`` returned; a
@@ -660,7 +660,7 @@ class DarajaProvider:
         code = _REJECT_CODES.get(refusal, _REJECT_OTHER)
         return _json_ack({"ResultCode": code, "ResultDesc": "Rejected"})
 
-    def c2b_confirmation_answer(self) -> CallbackAck:
+    def customer_confirmation_answer(self) -> CallbackAck:
         """``{"ResultCode":0,"ResultDesc":"Success"}``, what Daraja expects for a confirmation."""
         return _json_ack({"ResultCode": 0, "ResultDesc": "Success"})
 

@@ -39,11 +39,11 @@ from gateway.payments.base import (
     CallbackAck,
     CustomerPaymentRefusal,
     ForgedCallback,
+    PaybillProvider,
     PaymentEvents,
     PaymentNotice,
     PaymentProvider,
 )
-from gateway.payments.daraja import DarajaProvider
 
 log = structlog.get_logger()
 
@@ -114,14 +114,14 @@ def payment_routes(
     routes: list[web.RouteDef] = []
     for name, provider in providers.items():
         base = f"/payments/{name}/{{secret}}"
-        if isinstance(provider, DarajaProvider):
-            daraja = _DarajaRoutes(name, provider, events)
+        if isinstance(provider, PaybillProvider):
+            paybill = _PaybillRoutes(name, provider, events)
             routes += [
-                web.post(f"{base}/stk", guarded(name, daraja.stk)),
-                web.post(f"{base}/c2b/validation", guarded(name, daraja.validation)),
-                web.post(f"{base}/c2b/confirmation", guarded(name, daraja.confirmation)),
-                web.post(f"{base}/status/result", guarded(name, daraja.status_result)),
-                web.post(f"{base}/status/timeout", guarded(name, daraja.status_timeout)),
+                web.post(f"{base}/stk", guarded(name, paybill.stk)),
+                web.post(f"{base}/c2b/validation", guarded(name, paybill.validation)),
+                web.post(f"{base}/c2b/confirmation", guarded(name, paybill.confirmation)),
+                web.post(f"{base}/status/result", guarded(name, paybill.status_result)),
+                web.post(f"{base}/status/timeout", guarded(name, paybill.status_timeout)),
             ]
         else:
             handler = guarded(name, _notice_handler(name, provider, events))
@@ -179,10 +179,10 @@ def _notice_handler(name: str, provider: PaymentProvider, events: PaymentEvents)
     return callback
 
 
-class _DarajaRoutes:
+class _PaybillRoutes:
     """Daraja's five callback kinds, each with the answer Daraja expects."""
 
-    def __init__(self, name: str, provider: DarajaProvider, events: PaymentEvents) -> None:
+    def __init__(self, name: str, provider: PaybillProvider, events: PaymentEvents) -> None:
         self._name = name
         self._provider = provider
         self._events = events
@@ -214,21 +214,21 @@ class _DarajaRoutes:
 
     async def confirmation(self, request: web.Request) -> web.StreamResponse:
         """A C2B confirmation: money was taken for the account (meter) the customer typed."""
-        ack = self._provider.c2b_confirmation_answer()
+        ack = self._provider.customer_confirmation_answer()
         return await self._notice(request, customer_initiated=True, ack=ack)
 
     async def validation(self, request: web.Request) -> web.StreamResponse:
         """A C2B validation: accept or reject before money moves (unknown meter, amount)."""
         body = await request.read()
         try:
-            notice = self._provider.parse_c2b_validation(body)
+            notice = self._provider.parse_customer_validation(body)
         except ForgedCallback as exc:
             self._forged(request, body, str(exc))
-            return _answer(self._provider.c2b_validation_answer(CustomerPaymentRefusal.OTHER))
-        assert notice.amount is not None  # noqa: S101 - parse_c2b_validation always sets it
+            return _answer(self._provider.customer_validation_answer(CustomerPaymentRefusal.OTHER))
+        assert notice.amount is not None  # noqa: S101 - parse_customer_validation always sets it
         try:
             refusal = await self._events.validate_customer_payment(
-                self._name, notice.account_reference or "", notice.amount, notice.payer
+                self._provider.name, notice.account_reference or "", notice.amount, notice.payer
             )
         except GatewayError as exc:
             # We cannot check the meter now: refusing is safe, no money has moved yet.
@@ -241,7 +241,7 @@ class _DarajaRoutes:
             account=notice.account_reference,
             refusal=refusal,
         )
-        return _answer(self._provider.c2b_validation_answer(refusal))
+        return _answer(self._provider.customer_validation_answer(refusal))
 
     async def status_result(self, request: web.Request) -> web.StreamResponse:
         """A Transaction Status result: handed to the ``query_status`` call waiting for it."""

@@ -1,9 +1,20 @@
 import asyncio
+from typing import cast
 
+import aiohttp
 import pytest
 from payfakes import FakeClock
 
-from gateway.payments.base import PaymentError, TokenCache, remember
+from gateway.payments.airtel import AirtelProvider
+from gateway.payments.base import (
+    PaybillProvider,
+    PaymentError,
+    PaymentProvider,
+    TokenCache,
+    remember,
+)
+from gateway.payments.daraja import DarajaProvider
+from gateway.payments.momo import MomoProvider
 
 
 def test_memory_forgets_the_oldest_beyond_its_limit() -> None:
@@ -71,3 +82,36 @@ async def test_failed_fetch_leaves_no_token_behind() -> None:
     with pytest.raises(PaymentError):
         await cache.get()
     assert await cache.get() == "ok"
+
+
+def _adapters() -> tuple[PaymentProvider, PaymentProvider, PaymentProvider]:
+    offline = cast("aiohttp.ClientSession", None)
+    daraja: PaymentProvider = DarajaProvider(
+        offline,
+        base_url="http://127.0.0.1:9",
+        consumer_key="k",
+        consumer_secret="s",
+        shortcode="600638",
+        passkey="p",
+        callback_url="http://127.0.0.1:9/stk",
+    )
+    momo: PaymentProvider = MomoProvider(
+        offline, base_url="http://127.0.0.1:9", subscription_key="s", api_user="u", api_key="k"
+    )
+    airtel: PaymentProvider = AirtelProvider(
+        offline, base_url="http://127.0.0.1:9", client_id="c", client_secret="s"
+    )
+    return daraja, momo, airtel
+
+
+def test_only_daraja_is_a_paybill_provider() -> None:
+    """Daraja takes customer-initiated payments (its routes depend on it); MoMo and Airtel don't."""
+    daraja, momo, airtel = _adapters()
+    assert isinstance(daraja, PaybillProvider)
+    assert not isinstance(momo, PaybillProvider)
+    assert not isinstance(airtel, PaybillProvider)
+
+
+def test_adapters_name_themselves() -> None:
+    """Each adapter's default name is the one its callback URLs and ledger rows use."""
+    assert [p.name for p in _adapters()] == ["daraja", "momo", "airtel"]

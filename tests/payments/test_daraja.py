@@ -562,11 +562,11 @@ async def test_bad_consumer_secret_is_a_final_refusal(
 
 def _validator(provider: DarajaProvider, known: set[str]) -> Callable[[bytes], tuple[int, bytes]]:
     def validate(body: bytes) -> tuple[int, bytes]:
-        notice = provider.parse_c2b_validation(body)
+        notice = provider.parse_customer_validation(body)
         refusal = (
             None if notice.account_reference in known else CustomerPaymentRefusal.UNKNOWN_ACCOUNT
         )
-        ack = provider.c2b_validation_answer(refusal)
+        ack = provider.customer_validation_answer(refusal)
         return ack.status, ack.body
 
     return validate
@@ -634,18 +634,18 @@ async def test_c2b_validation_failure_applies_the_registered_default(daraja: Dar
 )
 def test_validation_refusals_use_darajas_codes(refusal: str, code: str) -> None:
     """Each refusal reason is answered with Daraja's reject code and "Rejected"."""
-    ack = _offline_provider().c2b_validation_answer(refusal)
+    ack = _offline_provider().customer_validation_answer(refusal)
     assert json.loads(ack.body) == {"ResultCode": code, "ResultDesc": "Rejected"}
 
 
 def test_validation_accept_and_confirmation_answers() -> None:
     """Accept is ResultCode "0"/Accepted; confirmation is ResultCode 0/Success."""
     provider = _offline_provider()
-    assert json.loads(provider.c2b_validation_answer(None).body) == {
+    assert json.loads(provider.customer_validation_answer(None).body) == {
         "ResultCode": "0",
         "ResultDesc": "Accepted",
     }
-    assert json.loads(provider.c2b_confirmation_answer().body) == {
+    assert json.loads(provider.customer_confirmation_answer().body) == {
         "ResultCode": 0,
         "ResultDesc": "Success",
     }
