@@ -9,6 +9,7 @@ from typing import TextIO
 
 import structlog
 from aiohttp import web
+from aiohttp.web_runner import GracefulExit
 
 from gateway import __version__
 from gateway.app import RUNTIME, Runtime, build_app, routes_summary
@@ -76,34 +77,37 @@ def _serve(args: argparse.Namespace) -> int:
     return run(config, out=sys.stdout)
 
 
+async def serve(config: Config, out: TextIO) -> None:
+    """Serve until SIGINT/SIGTERM; the banner is printed once the port accepts connections."""
+    app = await build_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=True)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+        runtime = app[RUNTIME]
+        banner(runtime, out)
+        log.info(
+            "gateway_started",
+            url=runtime.base_url,
+            simulated=runtime.simulators is not None,
+            mode=str(config.mode),
+        )
+        await asyncio.Event().wait()  # until a signal raises GracefulExit
+    finally:
+        await runner.cleanup()
+
+
 def run(config: Config, *, out: TextIO) -> int:
     """Build the app and serve it until interrupted; the exit status."""
-
-    async def make() -> web.Application:
-        app = await build_app(config)
-
-        async def announce(app: web.Application) -> None:
-            banner(app[RUNTIME], out)
-            log.info(
-                "gateway_started",
-                url=app[RUNTIME].base_url,
-                simulated=app[RUNTIME].simulators is not None,
-                mode=str(config.mode),
-            )
-
-        app.on_startup.append(announce)
-        return app
-
     try:
-        web.run_app(make(), host=config.host, port=config.port, print=None, access_log=None)
+        asyncio.run(serve(config, out))
     except GatewayError as exc:
         print(f"gateway serve: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(
-            f"gateway serve: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr
-        )
+        where = f"{config.host}:{config.port}"
+        print(f"gateway serve: cannot listen on {where}: {exc}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
+    except (KeyboardInterrupt, GracefulExit):
         return 0
     return 0
