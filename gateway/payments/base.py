@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -333,6 +334,8 @@ class TokenCache:
         async with self._lock:
             if self._token is None or self._clock() >= self._refresh_at:
                 token, lifetime_s = await self._fetch()
+                if not math.isfinite(lifetime_s) or lifetime_s < 0:
+                    lifetime_s = 0.0  # nonsense from the provider: use it once, then refetch
                 self._token = token
                 self._refresh_at = self._clock() + lifetime_s - min(self._margin_s, lifetime_s / 2)
             return self._token

@@ -399,9 +399,14 @@ class DarajaProvider:
         result = body.get("ResultCode")
         if reply.status != 200 or result is None:
             error = self._error(reply, reference, what="STK query")
-            if isinstance(error, PaymentDeclined):
+            if not isinstance(error, PaymentDeclined):
+                raise error
+            if "checkoutrequestid" in message.lower() or body.get("errorCode") == "404.001.01":
                 raise _forged(f"Daraja does not know this push: {error.args[0]}", reference)
-            raise error
+            # Wrong credentials or shortcode: our configuration, not the payment, is at fault.
+            raise ProviderUnavailable(
+                error.args[0], provider=self.name, reference=reference, retryable=False
+            ) from error
         try:
             code = int(str(result))
         except ValueError as exc:

@@ -115,3 +115,15 @@ def test_only_daraja_is_a_paybill_provider() -> None:
 def test_adapters_name_themselves() -> None:
     """Each adapter's default name is the one its callback URLs and ledger rows use."""
     assert [p.name for p in _adapters()] == ["daraja", "momo", "airtel"]
+
+
+async def test_nonsense_token_lifetime_is_used_once_then_refetched() -> None:
+    """A token whose expires_in is not a finite positive number is refetched on the next call."""
+    issued: list[str] = []
+
+    async def fetch() -> tuple[str, float]:
+        issued.append(f"t{len(issued)}")
+        return issued[-1], float("nan")
+
+    cache = TokenCache(fetch, clock=FakeClock())
+    assert [await cache.get(), await cache.get()] == ["t0", "t1"]

@@ -739,3 +739,23 @@ async def test_concurrent_transaction_status_queries_both_get_the_result(daraja:
     )
     assert first.state is second.state is PaymentState.SUCCEEDED
     assert daraja.provider._status_waiters == {}
+
+
+async def test_query_with_wrong_credentials_is_a_configuration_fault(
+    daraja: Daraja, session: aiohttp.ClientSession
+) -> None:
+    """An STK Query refused for our Password is not a forged push: non-retryable unavailability."""
+    started = await daraja.provider.request_collection(_request())
+    misconfigured = DarajaProvider(
+        session,
+        base_url=daraja.base_url,
+        consumer_key=daraja.sim.consumer_key,
+        consumer_secret=daraja.sim.consumer_secret,
+        shortcode=daraja.sim.shortcode,
+        passkey="stale-passkey",
+        callback_url=daraja.receiver.url("/stk"),
+    )
+    with pytest.raises(ProviderUnavailable) as caught:
+        await misconfigured.query_status(started.reference)
+    assert not caught.value.retryable
+    assert not isinstance(caught.value, ForgedCallback)
