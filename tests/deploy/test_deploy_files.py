@@ -6,7 +6,6 @@ systemd-analyze) a test also runs it, and is skipped with a reason otherwise.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import base64
 import contextlib
@@ -32,6 +31,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
+from gateway.app import build_app
 from gateway.config import PAYMENT_PROVIDERS, SIMULATED, Config, ProviderSettings, Secret
 from gateway.metrics import Metrics
 from gateway.web.middleware import context_middleware
@@ -143,10 +143,18 @@ def _documented_settings() -> dict[str, tuple[str, str, str]]:
     return rows
 
 
-def _documented_extras() -> set[str]:
+def _documented_extras() -> dict[str, str]:
+    """The provider-extras table of docs/operations.md: env variable → extra name."""
     text = OPERATIONS.read_text(encoding="utf-8")
-    paragraph = text.split("**Provider extras.**", 1)[1].split("\n\n", 1)[0]
-    return {m for m in re.findall(r"`([^`]+)`", paragraph) if re.fullmatch(r"[a-z_]+", m)}
+    table = text.split("**Provider extras.**", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| [^|]+ \| `([a-z_]+)` \| `(GATEWAY_[A-Z_]+)` \|", table, re.MULTILINE)
+    return {env: extra for extra, env in rows}
+
+
+def _extras_the_app_reads() -> set[str]:
+    """Extra provider settings the composition root (gateway/app.py) reads."""
+    source = (ROOT / "gateway" / "app.py").read_text(encoding="utf-8")
+    return set(re.findall(r"extra(?:\.get\(|\[)\"([a-z_]+)\"", source))
 
 
 def _text_files() -> Iterator[Path]:
@@ -169,11 +177,7 @@ def test_operations_documents_every_setting_with_its_toml_key_and_default() -> N
 
 def test_every_gateway_variable_in_deploy_files_is_a_setting() -> None:
     """A GATEWAY_* name in deploy/ or the docs is a Config setting or a documented extra."""
-    settings = set(_expected_settings())
-    extras = _documented_extras()
-    allowed = settings | {
-        f"GATEWAY_{p.upper()}_{extra.upper()}" for p in _provider_fields() for extra in extras
-    }
+    allowed = set(_expected_settings()) | set(_documented_extras())
     found: dict[str, set[str]] = {}
     for path in _text_files():
         text = path.read_text(encoding="utf-8")
@@ -216,12 +220,37 @@ def _compose_gateway_environment() -> dict[str, str]:
     }
 
 
+def test_operations_documents_every_provider_extra_the_app_reads() -> None:
+    """The extras table names exactly the extras gateway/app.py reads, each under its variable."""
+    documented = _documented_extras()
+    assert set(documented.values()) == _extras_the_app_reads()
+    prefixes = tuple(f"GATEWAY_{p.upper()}_" for p in _provider_fields())
+    for env, extra in documented.items():
+        assert env.startswith(prefixes), env
+        assert env.endswith(f"_{extra.upper()}"), env
+
+
 def test_systemd_env_example_loads_as_a_production_config() -> None:
     """The systemd env example, once its secrets are filled in, passes every start-up check."""
     values = _fill_placeholders(_read_env_file(DEPLOY / "systemd" / "gateway.env.example"))
     config = Config.load(env=values)
     assert config.mode == "production"
     assert config.effective_database_url.startswith("sqlite:")
+
+
+async def test_systemd_env_example_starts_the_real_application(tmp_path: Path) -> None:
+    """The filled-in systemd env example builds and starts the production app (no network used)."""
+    values = _fill_placeholders(_read_env_file(DEPLOY / "systemd" / "gateway.env.example"))
+    config = Config.load(env=values, overrides={"data_dir": tmp_path})
+    app = await build_app(config)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http, http.get(server.make_url("/readyz")) as ready:
+            assert ready.status == 200, await ready.text()
+    finally:
+        await server.close()
+    assert (tmp_path / "gateway.db").is_file()
 
 
 def test_compose_env_example_loads_as_a_multi_instance_production_config() -> None:
@@ -235,10 +264,24 @@ def test_compose_env_example_loads_as_a_multi_instance_production_config() -> No
     assert config.effective_database_url.startswith("postgresql://")
 
 
+def test_configuration_example_toml_uses_only_known_provider_keys() -> None:
+    """Each key in a provider table of the example is a provider setting or a documented extra."""
+    document = tomllib.loads(EXAMPLE_TOML.read_text(encoding="utf-8"))
+    known = {f.name for f in dataclasses.fields(ProviderSettings)} | set(
+        _documented_extras().values()
+    )
+    tables = {name: body for name, body in document.items() if isinstance(body, dict)}
+    assert tables
+    for name, body in tables.items():
+        assert name in _provider_fields(), name
+        assert set(body) <= known, name
+
+
 def test_configuration_example_toml_loads_and_holds_no_secret() -> None:
     """docs/configuration.example.toml is valid for Config.load and leaves secrets to the env."""
     document = tomllib.loads(EXAMPLE_TOML.read_text(encoding="utf-8"))
     secret_names = {"master_key", "admin_token", "callback_secret", "database_url", "passkey"}
+    secret_names |= {"security_credential", "subscription_key"}
     present = set(document) | {
         f"{table}.{key}"
         for table, body in document.items()
@@ -422,39 +465,36 @@ def _path_matches(pattern: str, path: str) -> bool:
     return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), path) is not None
 
 
-def _web_route_literals() -> tuple[set[str], set[str]]:
-    """Route paths written in gateway/web/*.py: (absolute paths, ``f"{base}/…"`` suffixes)."""
-    absolute: set[str] = set()
-    suffixes: set[str] = set()
-    for path in sorted((ROOT / "gateway" / "web").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                if re.fullmatch(
-                    r"/(ussd|sms|admin|healthz|readyz|metrics)[a-z0-9_/{}.-]*", node.value
-                ):
-                    absolute.add(node.value)
-            elif isinstance(node, ast.JoinedStr) and len(node.values) == 2:
-                head, tail = node.values
-                if (
-                    isinstance(head, ast.FormattedValue)
-                    and isinstance(tail, ast.Constant)
-                    and re.fullmatch(r"(/[a-z0-9_-]+)+", str(tail.value))
-                ):
-                    suffixes.add(str(tail.value))
-    return absolute, suffixes
+async def _served_routes(tmp_path: Path) -> set[str]:
+    """The route patterns of the real application, as ``gateway serve`` builds it (demo mode)."""
+    app = await build_app(Config.load(env={}, overrides={"data_dir": tmp_path}))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()  # runs start-up and, on close, the application's own cleanup
+    try:
+        return {resource.canonical for resource in app.router.resources()}
+    finally:
+        await server.close()
 
 
-def test_every_route_declared_in_gateway_web_is_listed() -> None:
-    """Each route path gateway/web declares is in the route list the proxy is checked against."""
-    absolute, suffixes = _web_route_literals()
-    assert "/healthz" in absolute  # the scan does find routes
-    templates = [re.escape(r).replace("<secret>", "[^/]+").replace("<page>", ".*") for r in ROUTES]
-    for route in absolute:
-        concrete = re.sub(r"\{(\w+)\}", r"\1", route)
-        assert any(re.fullmatch(t, concrete) for t in templates), route
-    callbacks = [r for r in ROUTES if r.startswith("/payments/")]
-    for suffix in suffixes:
-        assert any(r.endswith(suffix) for r in callbacks), suffix
+async def test_route_list_is_what_the_application_serves(tmp_path: Path) -> None:
+    """This file's route list, which the proxy is checked against, is the real app's routes."""
+    served = await _served_routes(tmp_path)
+    assert "/healthz" in served
+    templates = {
+        r: re.escape(r).replace("<secret>", "[^/]+").replace("<page>", ".*") for r in ROUTES
+    }
+    unlisted = [
+        route
+        for route in served
+        if not any(re.fullmatch(t, re.sub(r"\{(\w+)\}", r"\1", route)) for t in templates.values())
+    ]
+    assert unlisted == []
+    unserved = [
+        listed
+        for listed, template in templates.items()
+        if not any(re.fullmatch(template, re.sub(r"\{(\w+)\}", r"\1", s)) for s in served)
+    ]
+    assert unserved == []
 
 
 def test_every_proxy_path_is_a_gateway_route() -> None:
