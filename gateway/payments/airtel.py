@@ -236,7 +236,8 @@ class AirtelProvider:
         """``GET /standard/v1/payments/{id}``: Airtel's own account of the payment.
 
         Raises:
-            ProviderUnavailable: Airtel did not answer usefully now (retryable).
+            ProviderUnavailable: Airtel did not answer usefully now (retryable), or refused our
+                credentials or wallet headers (4xx: ``retryable=False``).
             ForgedCallback: Airtel does not know ``reference``.
         """
         reply = await self._call("GET", f"/standard/v1/payments/{reference}", reference=reference)
@@ -248,7 +249,11 @@ class AirtelProvider:
         status = _dig(body, "data", "transaction", "status")
         if reply.status != 200 or status not in _STATUS_STATES:
             error = self._error(reply, reference, what="status")
-            raise ProviderUnavailable(error.args[0], provider=self.name, reference=reference)
+            # 5xx, 429 or a garbled 200: try later. Other 4xx: our credentials or wallet headers.
+            retryable = reply.status == 200 or error.retryable
+            raise ProviderUnavailable(
+                error.args[0], provider=self.name, reference=reference, retryable=retryable
+            ) from error
         response_code = str(_dig(body, "status", "response_code") or "")
         state = _state(str(status), response_code)
         receipt = _dig(body, "data", "transaction", "airtel_money_id")

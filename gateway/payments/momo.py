@@ -249,7 +249,8 @@ class MomoProvider:
         """``GET /requesttopay/{reference}``: the provider's own account of the payment.
 
         Raises:
-            ProviderUnavailable: MoMo did not answer usefully now (retryable).
+            ProviderUnavailable: MoMo did not answer usefully now (retryable), or refused our
+                credentials or environment (4xx: ``retryable=False``).
             ForgedCallback: MoMo does not know ``reference`` (404).
         """
         reply = await self._call(
@@ -262,8 +263,10 @@ class MomoProvider:
         body = reply.json_object()
         if reply.status != 200 or body is None:
             error = self._error(reply, reference, what="status")
+            # 5xx, 429 or a garbled 200: try later. Other 4xx: our credentials or environment.
+            retryable = reply.status == 200 or error.retryable
             raise ProviderUnavailable(
-                error.args[0], provider=self.name, reference=reference, retryable=True
+                error.args[0], provider=self.name, reference=reference, retryable=retryable
             ) from error
         status = str(body.get("status", ""))
         if status not in _STATUSES:

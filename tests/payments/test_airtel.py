@@ -300,3 +300,20 @@ async def test_wrong_client_secret_is_a_final_refusal(
     with pytest.raises(PaymentDeclined) as caught:
         await provider.request_collection(_request())
     assert not caught.value.retryable
+
+
+async def test_status_refused_for_our_wallet_headers_is_not_retryable(
+    airtel: Airtel, session: aiohttp.ClientSession
+) -> None:
+    """A status query refused with a 4xx (wrong X-Country) is a configuration fault."""
+    started = await airtel.provider.request_collection(_request())
+    misconfigured = AirtelProvider(
+        session,
+        base_url=airtel.base_url,
+        client_id=airtel.sim.client_id,
+        client_secret=airtel.sim.client_secret,
+        country="KE",
+    )
+    with pytest.raises(ProviderUnavailable) as caught:
+        await misconfigured.query_status(started.reference)
+    assert not caught.value.retryable

@@ -435,3 +435,14 @@ async def test_payer_set_to_reject(momo: Momo) -> None:
     await momo.sim.settle()
     assert (await momo.provider.query_status(started.reference)).state is PaymentState.CANCELLED
     assert momo.sim.ledger() == []
+
+
+async def test_status_refused_for_our_environment_is_not_retryable(
+    momo: Momo, session: aiohttp.ClientSession
+) -> None:
+    """A status GET refused with a 4xx (wrong X-Target-Environment) is a configuration fault."""
+    started = await momo.provider.request_collection(_request())
+    misconfigured = momo.provider_with(session, target_environment="mtnuganda")
+    with pytest.raises(ProviderUnavailable) as caught:
+        await misconfigured.query_status(started.reference)
+    assert not caught.value.retryable
