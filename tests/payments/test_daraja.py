@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from payfakes import CallbackReceiver, FakeClock
+from phonenumbers import is_valid_number, parse
 
 from gateway.money import Money
 from gateway.payments.base import (
@@ -759,3 +760,49 @@ async def test_query_with_wrong_credentials_is_a_configuration_fault(
         await misconfigured.query_status(started.reference)
     assert not caught.value.retryable
     assert not isinstance(caught.value, ForgedCallback)
+
+
+@settings(max_examples=200)
+@given(
+    shillings=st.integers(min_value=1, max_value=250_000),
+    as_float=st.booleans(),
+    receipt=st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=10, max_size=10),
+    subscriber=st.integers(min_value=0, max_value=99_999_999),
+    prefix=st.sampled_from([2547, 2541]),
+)
+def test_any_documented_success_callback_reads_back_its_values(
+    shillings: int, as_float: bool, receipt: str, subscriber: int, prefix: int
+) -> None:
+    """Every success callback of Daraja's shape yields exactly its amount, receipt and payer."""
+    phone = int(f"{prefix}{subscriber:08d}")
+    amount: float | int = float(shillings) if as_float else shillings
+    body = json.dumps(
+        {
+            "Body": {
+                "stkCallback": {
+                    "MerchantRequestID": "29115-34620561-1",
+                    "CheckoutRequestID": "ws_CO_191220191020363925",
+                    "ResultCode": 0,
+                    "ResultDesc": "The service request is processed successfully.",
+                    "CallbackMetadata": {
+                        "Item": [
+                            {"Name": "Amount", "Value": amount},
+                            {"Name": "MpesaReceiptNumber", "Value": receipt},
+                            {"Name": "Balance"},
+                            {"Name": "TransactionDate", "Value": 20191219102115},
+                            {"Name": "PhoneNumber", "Value": phone},
+                        ]
+                    },
+                }
+            }
+        }
+    ).encode()
+    try:
+        notice = _offline_provider().parse_callback(body, {})
+    except ForgedCallback:
+        # Only numbers phonenumbers' metadata does not list as valid Kenyan mobiles may fail.
+        assert not is_valid_number(parse(f"+{phone}"))
+        return
+    assert notice.amount == Money(shillings * 100, "KES")
+    assert notice.receipt == receipt
+    assert notice.payer == f"+{phone}"

@@ -446,3 +446,21 @@ async def test_status_refused_for_our_environment_is_not_retryable(
     with pytest.raises(ProviderUnavailable) as caught:
         await misconfigured.query_status(started.reference)
     assert not caught.value.retryable
+
+
+@settings(max_examples=200)
+@given(
+    cents=st.integers(min_value=1, max_value=10**9),
+    external=st.text(min_size=1, max_size=40),
+    status=st.sampled_from(["SUCCESSFUL", "FAILED", "PENDING"]),
+)
+def test_any_documented_callback_reads_back_its_values(
+    cents: int, external: str, status: str
+) -> None:
+    """Every callback of MoMo's shape yields its amount and the reference of its externalId."""
+    body = json.loads(DOC_CALLBACK)
+    body.update(amount=str(Money(cents, "EUR").major), externalId=external, status=status)
+    notice = _offline().parse_callback(json.dumps(body).encode(), {})
+    assert notice.amount == Money(cents, "EUR")
+    assert notice.reference == reference_for(external)
+    assert notice.claimed_state.is_final is (status != "PENDING")
