@@ -397,9 +397,12 @@ class DarajaSimulator:
     def _answer(self, push: _Push) -> None:
         if push.result is not None:
             return
+        if push.timer is not None:  # the answer delay has run out, or someone answers early
+            push.timer.cancel()
+            push.timer = None
         action = self._customers.get(push.msisdn, CustomerAction.APPROVE)
         if action is CustomerAction.IGNORE:
-            if self.prompt_timeout_s is not None and push.timer is None:
+            if self.prompt_timeout_s is not None:
                 loop = asyncio.get_running_loop()
                 push.timer = loop.call_later(
                     self.prompt_timeout_s, self._finish, push, CustomerAction.IGNORE

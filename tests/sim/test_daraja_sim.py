@@ -405,3 +405,24 @@ async def test_paybill_push_to_another_party_b_fails_with_2028(env: Env) -> None
     assert status == 200
     assert env.inbox.bodies["/stk"][0]["Body"]["stkCallback"]["ResultCode"] == 2028
     assert env.sim.ledger() == []
+
+
+async def test_slow_customer_who_ignores_the_prompt_still_times_out(
+    aiohttp_server: ServerFactory,
+) -> None:
+    """With an answer delay, an ignored prompt still ends in 1037 once the prompt expires."""
+    sim = DarajaSimulator(shortcode="600638", seed=3, answer_delay_s=0.01, prompt_timeout_s=0.02)
+    sim.set_customer("254708374149", CustomerAction.IGNORE)
+    server = await aiohttp_server(sim.app)
+    inbox = Inbox()
+    inbox_app = web.Application()
+    inbox_app.router.add_post("/{tail:.*}", inbox.handle)
+    inbox.url = str((await aiohttp_server(inbox_app)).make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as http:
+        env = Env(sim, http, str(server.make_url("")).rstrip("/"), inbox, [0.0])
+        await env.post("/mpesa/stkpush/v1/processrequest", env.push())
+        async with asyncio.timeout(5):
+            await inbox.arrived.wait()
+        await sim.settle()
+    [callback] = inbox.bodies["/stk"]
+    assert callback["Body"]["stkCallback"]["ResultCode"] == 1037
