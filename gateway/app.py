@@ -67,6 +67,7 @@ USSD_PATH = "/ussd/africastalking"
 USSD_EVENTS_PATH = "/ussd/africastalking/events"
 SMS_INBOUND_PATH = "/sms/africastalking/inbound"
 SMS_DELIVERY_PATH = "/sms/africastalking/delivery"
+AT_SIM_PREFIX = "/sim/africastalking"
 OUTBOX_INTERVAL_S = 0.25  # how often due SMS are looked for between sweeps
 
 
@@ -145,8 +146,11 @@ async def _start_simulators(stack: contextlib.AsyncExitStack, config: Config) ->
     daraja = DarajaSimulator(c2b_msisdn="plain")
     momo = MomoSimulator()
     airtel = AirtelSimulator()
+    # AT's simulator is mounted inside the gateway's own app (``AT_SIM_PREFIX``), so
+    # ``gateway phone`` finds it with no flags; the others listen on their own loopback ports.
+    stack.push_async_callback(at.close)
     urls = {
-        "africastalking": await stack.enter_async_context(at.running()),
+        "africastalking": base + AT_SIM_PREFIX,
         "daraja": await _serve_app(stack, daraja.app),
         "momo": await _serve_app(stack, momo.app),
         "airtel": await _serve_app(stack, airtel.app),
@@ -442,6 +446,12 @@ async def build_app(config: Config) -> web.Application:
     setup_admin(
         app, ledger=runtime.ledger, vending=runtime.vending, admin_token=runtime.admin_token
     )
+    if runtime.simulators is not None:
+        from gateway.sim.africastalking import AtSimulator  # noqa: PLC0415
+
+        at = runtime.simulators.at
+        assert isinstance(at, AtSimulator)  # noqa: S101 - narrowing for mypy
+        app.add_subapp(AT_SIM_PREFIX, at.app)
     app.add_routes(admin_routes())
     app.cleanup_ctx.append(_background(runtime))
     app.cleanup_ctx.append(runtime.follow_ups.cleanup_ctx)

@@ -48,8 +48,8 @@ def banner(runtime: Runtime, out: TextIO) -> None:
         sims = ", ".join(f"{name} {url}" for name, url in runtime.simulators.urls.items())
         print(f"  simulators: {sims}", file=out)
         print(
-            f"  try it:     gateway phone --gateway {runtime.base_url} "
-            f"--at {runtime.simulators.urls['africastalking']}   (dial {config.service_code})",
+            f"  try it:     gateway phone --gateway {runtime.base_url}"
+            f"   (dial {config.service_code})",
             file=out,
         )
         print(

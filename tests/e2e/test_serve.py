@@ -77,7 +77,7 @@ async def test_serve_with_no_configuration_sells_a_token_over_http(tmp_path: Pat
     try:
         banner = await _banner(process)
         assert "SIMULATORS" in banner
-        at_url = re.search(r"africastalking (http://127\.0\.0\.1:\d+)", banner)
+        at_url = re.search(r"africastalking (http://127\.0\.0\.1:\d+/sim/africastalking)", banner)
         assert at_url is not None, banner
         async with aiohttp.ClientSession() as http:
             reply = await _ussd_purchase(http, f"http://127.0.0.1:{port}")
