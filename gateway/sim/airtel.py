@@ -169,7 +169,7 @@ class AirtelSimulator:
         app.router.add_post("/_sim/payers/answer", self._answer_payers)
         app.router.add_post("/_sim/payments/expire", self._expire)
         app.router.add_post("/_sim/release", self._release)
-        add_control_routes(app, self.faults, self.courier)
+        add_control_routes(app, self)
         app.cleanup_ctx.append(self._lifetime)
         return app
 
@@ -183,6 +183,11 @@ class AirtelSimulator:
         await self.courier.close()
 
     # -- knobs and inspection ------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> TaskKeeper:
+        """The keeper of this simulator's background work (a replacement courier shares it)."""
+        return self._tasks
 
     def set_payer(self, msisdn: str, action: AirtelAction) -> None:
         """Decide what the payer (national number, ``7XXXXXXXX``) does with pushes."""

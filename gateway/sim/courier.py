@@ -13,7 +13,7 @@ import asyncio
 import json
 from collections.abc import Coroutine, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import structlog
@@ -263,7 +263,21 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return value
 
 
-def add_control_routes(app: web.Application, faults: object, courier: Courier) -> None:
+class Controllable(Protocol):
+    """A simulator with fault knobs and a courier (looked up per request: it may be swapped)."""
+
+    @property
+    def faults(self) -> object:
+        """The simulator's faults dataclass."""
+        ...
+
+    @property
+    def courier(self) -> Courier:
+        """The courier delivering the simulator's callbacks."""
+        ...
+
+
+def add_control_routes(app: web.Application, sim: Controllable) -> None:
     """The knobs every simulator shares, for the demo and manual testing.
 
     ``GET /_sim/faults`` shows the knobs; ``POST /_sim/faults`` changes some (``update_faults``);
@@ -272,26 +286,26 @@ def add_control_routes(app: web.Application, faults: object, courier: Courier) -
     """
 
     async def show(_request: web.Request) -> web.Response:
-        return web.json_response(faults_to_json(faults))
+        return web.json_response(faults_to_json(sim.faults))
 
     async def change(request: web.Request) -> web.Response:
         try:
-            update_faults(faults, await read_json_object(request))
+            update_faults(sim.faults, await read_json_object(request))
         except ValueError as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from exc
-        return web.json_response(faults_to_json(faults))
+        return web.json_response(faults_to_json(sim.faults))
 
     async def release(request: web.Request) -> web.Response:
         body = await read_json_object(request)
-        held = courier.held
-        await courier.release(reverse=body.get("reverse") is True)
+        held = sim.courier.held
+        await sim.courier.release(reverse=body.get("reverse") is True)
         return web.json_response({"released": held})
 
     async def deliveries(_request: web.Request) -> web.Response:
         return web.json_response(
             [
                 {"method": d.method, "url": d.url, "status": d.status, "body": d.body.decode()}
-                for d in courier.deliveries
+                for d in sim.courier.deliveries
             ]
         )
 

@@ -219,7 +219,7 @@ class DarajaSimulator:
         app.router.add_post("/_sim/prompts/expire", self._expire_prompts)
         app.router.add_post("/_sim/queries/release", self._release_queries)
         app.router.add_post("/_sim/c2b/pay", self._sim_menu_payment)
-        add_control_routes(app, self.faults, self.courier)
+        add_control_routes(app, self)
         app.cleanup_ctx.append(self._lifetime)
         return app
 
@@ -234,6 +234,11 @@ class DarajaSimulator:
         await self.courier.close()
 
     # -- knobs and inspection ------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> TaskKeeper:
+        """The keeper of this simulator's background work (a replacement courier shares it)."""
+        return self._tasks
 
     def set_customer(self, msisdn: str, action: CustomerAction) -> None:
         """Decide what the customer with ``msisdn`` (``2547…`` or ``+2547…``) does with prompts."""

@@ -181,7 +181,7 @@ class MomoSimulator:
         app.router.add_post("/_sim/payers/answer", self._answer_payers)
         app.router.add_post("/_sim/requests/expire", self._expire)
         app.router.add_post("/_sim/release", self._release)
-        add_control_routes(app, self.faults, self.courier)
+        add_control_routes(app, self)
         app.cleanup_ctx.append(self._lifetime)
         return app
 
@@ -195,6 +195,11 @@ class MomoSimulator:
         await self.courier.close()
 
     # -- knobs and inspection ------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> TaskKeeper:
+        """The keeper of this simulator's background work (a replacement courier shares it)."""
+        return self._tasks
 
     def set_payer(self, msisdn: str, action: PayerAction) -> None:
         """Decide what the payer ``msisdn`` (``256…`` or ``+256…``) does with requests."""

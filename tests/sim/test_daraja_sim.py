@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.sim.courier import Courier
 from gateway.sim.daraja import CustomerAction, DarajaSimulator
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
@@ -426,3 +427,17 @@ async def test_slow_customer_who_ignores_the_prompt_still_times_out(
         await sim.settle()
     [callback] = inbox.bodies["/stk"]
     assert callback["Body"]["stkCallback"]["ResultCode"] == 1037
+
+
+async def test_control_routes_follow_a_swapped_courier(env: Env) -> None:
+    """A courier installed after start-up is the one the /_sim/callbacks routes use."""
+    await env.sim.courier.close()  # the one opened at start-up
+    env.sim.courier = Courier(env.sim.faults.callbacks, env.sim.tasks, provider="swapped")
+    env.sim.faults.callbacks.hold = True
+    await env.post("/mpesa/stkpush/v1/processrequest", env.push())
+    await env.sim.settle()
+    async with env.http.post(f"{env.base}/_sim/callbacks/release") as response:
+        assert await response.json() == {"released": 1}
+    async with env.http.get(f"{env.base}/_sim/callbacks") as response:
+        assert len(await response.json()) == 1
+    assert len(env.inbox.bodies["/stk"]) == 1
