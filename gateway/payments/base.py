@@ -14,6 +14,13 @@ PaymentError                 gateway.errors.GatewayError; provider, reference, r
   ProviderUnavailable        network error, timeout, 5xx, throttling: retryable=True
 ```
 Adapters translate every driver/HTTP error into this tree; nothing else escapes them.
+
+Ports: ``PaymentProvider`` (every adapter), ``PaybillProvider`` (also takes customer-initiated
+payments: Daraja C2B), ``PaymentEvents`` (the saga's side). Helpers the adapters share:
+``call_provider`` (one HTTP call under ``asyncio.timeout``, transport errors → this tree, with
+``retryable`` decided by whether the call is idempotent), ``TokenCache`` (OAuth bearer tokens,
+refreshed before expiry) and ``remember`` (bounded memory). ``CustomerPaymentRefusal`` names the
+reasons ``validate_customer_payment`` may give so adapters can answer the provider's own codes.
 """
 
 from __future__ import annotations
