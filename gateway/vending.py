@@ -53,7 +53,9 @@ from gateway.ledger import (
     PurchaseState,
     TidConflict,
     Vend,
+    VendContext,
     VendDraft,
+    VendOutcome,
     new_purchase_id,
     open_vending_key,
 )
@@ -526,12 +528,13 @@ class Vending:
             VendFailed: paid, but the token could not be made.
         """
         with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
-            purchase = await self._ledger.get_purchase(purchase_id)
+            context = await self._ledger.vend_context(purchase_id)
+            purchase = context.purchase
             if purchase.state in _SETTLED:
                 return purchase
             if purchase.state is PurchaseState.PAID:
-                await self.vend(purchase_id)
-                return await self._ledger.get_purchase(purchase_id)
+                outcome = await self._vend_locked(purchase_id, purchase.meter, payment=None)
+                return outcome.purchase
             if purchase.provider_reference is None or purchase.state in {
                 PurchaseState.REFUND_PENDING,
                 PurchaseState.VEND_FAILED,
@@ -540,7 +543,7 @@ class Vending:
             provider = self._providers[purchase.provider]
             status = await provider.query_status(ProviderReference(purchase.provider_reference))
             if status.state is PaymentState.SUCCEEDED:
-                return await self._on_success(purchase, status)
+                return await self._on_success(context, status)
             if status.state in _FAILED_CLAIMS and purchase.state in {
                 PurchaseState.CREATED,
                 PurchaseState.AWAITING_PAYMENT,
@@ -555,7 +558,8 @@ class Vending:
                 )
             return purchase
 
-    async def _on_success(self, purchase: Purchase, status: PaymentStatus) -> Purchase:
+    async def _on_success(self, context: VendContext, status: PaymentStatus) -> Purchase:
+        purchase = context.purchase
         matches, paid = self._matches(purchase, status)
         confirmed = ConfirmedPayment(
             provider=status.provider,
@@ -574,11 +578,11 @@ class Vending:
             return await self._ledger.mark_payment_mismatch(
                 purchase.purchase_id, confirmed, expected=purchase.amount, actor="saga"
             )
-        paid_purchase = await self._ledger.mark_paid(purchase.purchase_id, confirmed, actor="saga")
         log.info("payment_confirmed", reference=status.reference, receipt=status.receipt)
-        if paid_purchase.state is PurchaseState.PAID:
-            await self.vend(purchase.purchase_id)
-        return await self._ledger.get_purchase(purchase.purchase_id)
+        outcome = await self._vend_locked(
+            purchase.purchase_id, purchase.meter, payment=confirmed, context=context
+        )
+        return outcome.purchase
 
     async def check_payment(self, purchase_id: str) -> Purchase:
         """The sweeper's step for a purchase awaiting payment past its check time.
@@ -638,35 +642,57 @@ class Vending:
                 purchase is now VEND_FAILED.
         """
         with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
-            existing = await self._ledger.get_vend(purchase_id)
-            if existing is not None:
-                return existing
-            purchase = await self._ledger.get_purchase(purchase_id)
-            async with self._meter_lock(purchase.meter):
-                for attempt in range(self._policy.vend_attempts):
-                    try:
-                        return await self._vend_once(purchase_id)
-                    except TidConflict as exc:
-                        # Another writer (another process) took the meter's next TID: read again.
-                        # A short jittered pause breaks the symmetry between two retrying writers.
-                        log.info("vend_tid_conflict", meter=exc.meter, attempt=attempt)
-                        await asyncio.sleep(random.random() * 0.002 * (attempt + 1))
-                raise LedgerError(
-                    f"purchase {purchase_id}: the meter's TID kept moving during"
-                    f" {self._policy.vend_attempts} attempts",
-                    retryable=True,
-                )
+            context = await self._ledger.vend_context(purchase_id)
+            if context.vend is not None:
+                return context.vend
+            outcome = await self._vend_locked(purchase_id, context.purchase.meter, payment=None)
+            return outcome.vend
 
-    async def _vend_once(self, purchase_id: str) -> Vend:
-        existing = await self._ledger.get_vend(purchase_id)
-        if existing is not None:
-            return existing
-        purchase = await self._ledger.get_purchase(purchase_id)
-        if purchase.state not in {PurchaseState.PAID, PurchaseState.VEND_FAILED}:
+    async def _vend_locked(
+        self,
+        purchase_id: str,
+        meter: str,
+        *,
+        payment: ConfirmedPayment | None,
+        context: VendContext | None = None,
+    ) -> VendOutcome:
+        """The vend step under the meter's lock; with ``payment``, paid and vended at once.
+
+        The lock serialises this process's vends per meter; the ledger's compare-and-set on the
+        meter's last TID guards against other writers (and against ``context`` having gone
+        stale while the lock was awaited): a conflict is read again and retried.
+        """
+        async with self._meter_lock(meter):
+            for attempt in range(self._policy.vend_attempts):
+                try:
+                    return await self._vend_once(purchase_id, payment, context)
+                except TidConflict as exc:
+                    # Another writer (another process) took the meter's next TID: read again.
+                    # A short jittered pause breaks the symmetry between two retrying writers.
+                    log.info("vend_tid_conflict", meter=exc.meter, attempt=attempt)
+                    context = None
+                    await asyncio.sleep(random.random() * 0.002 * (attempt + 1))
+            raise LedgerError(
+                f"purchase {purchase_id}: the meter's TID kept moving during"
+                f" {self._policy.vend_attempts} attempts",
+                retryable=True,
+            )
+
+    async def _vend_once(
+        self, purchase_id: str, payment: ConfirmedPayment | None, context: VendContext | None
+    ) -> VendOutcome:
+        if context is None:
+            context = await self._ledger.vend_context(purchase_id)
+        purchase, meter = context.purchase, context.meter
+        if context.vend is not None:
+            return VendOutcome(vend=context.vend, replayed=True, purchase=purchase)
+        if payment is None and purchase.state not in {
+            PurchaseState.PAID,
+            PurchaseState.VEND_FAILED,
+        }:
             raise NotPaid(purchase_id, purchase.state)
-        meter = await self._ledger.get_meter(purchase.meter)
         if meter.status is MeterStatus.BLOCKED:
-            raise await self._vend_failed(purchase, f"meter {meter.drn} is blocked")
+            raise await self._vend_failed(purchase, payment, f"meter {meter.drn} is blocked")
         try:
             profile = MeterProfile(
                 drn=meter.drn,
@@ -683,9 +709,9 @@ class Vending:
             tid = next_tid(self._clock(), meter.base_date, meter.last_tid)
             token = await self._engine.credit_token(profile, purchase.units, tid)
         except StsError as exc:
-            raise await self._vend_failed(purchase, f"{type(exc).__name__}: {exc}") from exc
-        receipt = await self._receipt(purchase)
-        language = await self._language(purchase.phone)
+            reason = f"{type(exc).__name__}: {exc}"
+            raise await self._vend_failed(purchase, payment, reason) from exc
+        receipt = (payment.receipt if payment else context.receipt) or purchase.purchase_id
         outcome = await self._ledger.record_vend(
             VendDraft(
                 purchase_id=purchase.purchase_id,
@@ -702,10 +728,11 @@ class Vending:
                     amount=purchase.amount,
                     meter=purchase.meter,
                     receipt=receipt,
-                    language=language,
+                    language=context.language or "en",
                 ),
             ),
             actor="saga",
+            payment=payment,
         )
         if not outcome.replayed:
             log.info(
@@ -715,11 +742,18 @@ class Vending:
                 units=purchase.units,
                 token=outcome.vend.masked_token,
             )
-        return outcome.vend
+        return outcome
 
-    async def _vend_failed(self, purchase: Purchase, reason: str) -> VendFailed:
-        """Record that the token could not be made (VEND_FAILED); the error to raise."""
-        if purchase.state is PurchaseState.PAID:
+    async def _vend_failed(
+        self, purchase: Purchase, payment: ConfirmedPayment | None, reason: str
+    ) -> VendFailed:
+        """Record that the token could not be made (paid first, then VEND_FAILED)."""
+        state = purchase.state
+        if payment is not None:
+            state = (
+                await self._ledger.mark_paid(purchase.purchase_id, payment, actor="saga")
+            ).state
+        if state is PurchaseState.PAID:
             await self._ledger.transition(
                 purchase.purchase_id,
                 PurchaseState.VEND_FAILED,
@@ -729,13 +763,6 @@ class Vending:
             )
         log.error("vend_failed", meter=purchase.meter, reason=reason)
         return VendFailed(purchase.purchase_id, reason)
-
-    async def _receipt(self, purchase: Purchase) -> str:
-        if purchase.provider_reference is not None:
-            payment = await self._ledger.get_payment(purchase.provider, purchase.provider_reference)
-            if payment is not None and payment.receipt:
-                return payment.receipt
-        return purchase.purchase_id
 
     async def _language(self, phone: Msisdn | None) -> str:
         if phone is None:

@@ -312,10 +312,29 @@ class Vend:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VendOutcome:
-    """The vend stored, and whether it was there already (a replay enqueues nothing)."""
+    """The vend stored, and whether it was there already (a replay enqueues nothing).
+
+    ``purchase`` is the purchase as it stands after the operation.
+    """
 
     vend: Vend
     replayed: bool
+    purchase: Purchase
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VendContext:
+    """Everything a vend needs, read at once.
+
+    The purchase, its meter, its vend if it has one, the payment's receipt number and the
+    phone's language.
+    """
+
+    purchase: Purchase
+    meter: MeterRecord
+    vend: Vend | None
+    receipt: str | None
+    language: str | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -620,17 +639,27 @@ class Ledger(Protocol):
 
     # -- vends ----------------------------------------------------------------------------------
 
-    async def record_vend(self, draft: VendDraft, *, actor: str) -> VendOutcome:
+    async def vend_context(self, purchase_id: str) -> VendContext:
+        """The purchase, its meter, vend, receipt and language in one read. Raises ``NotFound``."""
+        ...
+
+    async def record_vend(
+        self, draft: VendDraft, *, actor: str, payment: ConfirmedPayment | None = None
+    ) -> VendOutcome:
         """Store a vend in one transaction.
 
-        The meter's TID advances (compare-and-set on ``expected_last_tid``), the vend row is
-        inserted, PAID → VENDED, the token message goes to the outbox, ``token_vended`` is appended.
+        With ``payment``, the purchase is first recorded paid exactly as ``mark_paid`` does, in
+        the same transaction (a proven payment and its token become durable together). Then the
+        meter's TID advances (compare-and-set on ``expected_last_tid``), the vend row is
+        inserted, PAID → VENDED, the token message goes to the outbox, ``token_vended`` is
+        appended.
 
         A purchase that has its vend already: returns it with ``replayed=True``, writes nothing.
 
         Raises:
             TidConflict: the meter's last TID moved: read it again, make a new token, retry.
-            IllegalTransition: the purchase is not PAID (or VEND_FAILED).
+            IllegalTransition: the purchase is not PAID (or VEND_FAILED), and ``payment`` cannot
+                make it so.
         """
         ...
 

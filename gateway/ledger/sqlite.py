@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.resources
 import json
 import re
@@ -74,6 +75,7 @@ from gateway.ledger.base import (
     SealedVendingKey,
     TidConflict,
     Vend,
+    VendContext,
     VendDraft,
     VendOutcome,
     is_legal,
@@ -93,6 +95,8 @@ log = structlog.get_logger()
 #: Operations per transaction at most; a batch is whatever queued up meanwhile.
 DEFAULT_MAX_BATCH: Final = 512
 BUSY_TIMEOUT_MS: Final = 5000
+#: Reader connections: reads of concurrent callers overlap in SQLite (the GIL is released).
+DEFAULT_READERS: Final = 2
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _UNAVAILABLE_CODES: Final = frozenset(
     {
@@ -460,6 +464,22 @@ def _json(data: Mapping[str, Any] | None) -> str:
     return json.dumps(dict(data or {}), sort_keys=True, separators=(",", ":"), default=str)
 
 
+_METER_COLUMNS: Final = (
+    "drn", "customer_name", "area", "iin", "sgc", "tariff_index", "krn", "key_type", "ea",
+    "dkga", "base_date", "ken", "last_tid", "tariff_id", "status",
+)  # fmt: skip
+_VEND_CONTEXT_SQL: Final = (
+    "SELECT p.*, "  # noqa: S608 - built from our constant column names
+    + ", ".join(f"m.{column} AS m_{column}" for column in _METER_COLUMNS)
+    + ", v.meter AS v_meter, v.tid AS v_tid, v.token AS v_token, v.units AS v_units,"
+    " v.receipt AS v_receipt, v.created_at AS v_created_at,"
+    " pay.receipt AS pay_receipt, pref.language AS language"
+    " FROM purchases p JOIN meters m ON m.drn = p.meter"
+    " LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
+    " LEFT JOIN payments pay ON pay.provider = p.provider AND pay.reference = p.provider_reference"
+    " LEFT JOIN customer_preferences pref ON pref.phone = p.phone"
+    " WHERE p.purchase_id = ?"
+)
 _FINAL_OUTBOX: Final = (OutboxState.DELIVERED.value, OutboxState.FAILED.value)
 _PAID_OR_LATER: Final = frozenset(
     {PurchaseState.PAID, PurchaseState.VENDED, PurchaseState.DELIVERED}
@@ -478,6 +498,7 @@ class SqliteLedger:
         max_batch: the most write operations committed together (1 = one commit per write).
         busy_timeout_ms: how long a write waits for another process's lock before it fails
             with ``LedgerUnavailable``.
+        readers: reader connections (each with its own thread), used in turn.
     """
 
     def __init__(
@@ -487,12 +508,15 @@ class SqliteLedger:
         clock: Clock = _utc_now,
         max_batch: int = DEFAULT_MAX_BATCH,
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        readers: int = DEFAULT_READERS,
     ) -> None:
         self.path = path
         self._clock = clock
         self._busy_timeout_ms = busy_timeout_ms
         self._writer = _Writer(path, max_batch=max_batch, busy_timeout_ms=busy_timeout_ms)
-        self._reader: aiosqlite.Connection | None = None
+        self._reader_count = max(1, readers)
+        self._readers: list[aiosqlite.Connection] = []
+        self._next_reader = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -504,10 +528,12 @@ class SqliteLedger:
                 applied = await self._writer.run_in_thread(_apply_migrations)
                 if applied:
                     log.info("ledger_migrated", path=str(self.path), applied=applied)
-            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-            self._reader.row_factory = sqlite3.Row
-            await self._reader.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-            await self._reader.execute("PRAGMA query_only = ON")
+            for _ in range(self._reader_count):
+                reader = await aiosqlite.connect(self.path, isolation_level=None)
+                self._readers.append(reader)
+                reader.row_factory = sqlite3.Row
+                await reader.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+                await reader.execute("PRAGMA query_only = ON")
         except BaseException:
             await self.close()
             raise
@@ -515,9 +541,9 @@ class SqliteLedger:
     async def close(self) -> None:
         """Finish queued writes, then close the connections."""
         await self._writer.close()
-        if self._reader is not None:
-            await self._reader.close()
-            self._reader = None
+        readers, self._readers = self._readers, []
+        for reader in readers:
+            await reader.close()
 
     @property
     def write_stats(self) -> tuple[int, int]:
@@ -528,9 +554,10 @@ class SqliteLedger:
         return await self._writer.submit(op)
 
     async def _read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
-        reader = self._reader
-        if reader is None:
+        if not self._readers:
             raise LedgerError("ledger is closed")
+        self._next_reader = (self._next_reader + 1) % len(self._readers)
+        reader = self._readers[self._next_reader]
         try:
             rows = await reader.execute_fetchall(sql, params)
         except sqlite3.Error as exc:
@@ -989,10 +1016,6 @@ class SqliteLedger:
         state: PaymentRecordState,
     ) -> None:
         now = _ts(self._clock())
-        row = conn.execute(
-            "SELECT purchase_id FROM payments WHERE provider = ? AND reference = ?",
-            (payment.provider, payment.reference),
-        ).fetchone()
         values = (
             payment.amount.amount_minor,
             payment.amount.currency,
@@ -1001,15 +1024,19 @@ class SqliteLedger:
             payment.receipt,
             now,
         )
-        if row is None:
-            conn.execute(
-                "INSERT INTO payments (amount_minor, currency, state, payer, receipt, updated_at,"
-                " purchase_id, provider, reference, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (*values, purchase_id, payment.provider, payment.reference, now),
-            )
+        updated = conn.execute(
+            "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
+            " receipt = ?, updated_at = ?, purchase_id = ? WHERE provider = ? AND reference = ?"
+            " AND (purchase_id IS NULL OR purchase_id = ?)",
+            (*values, purchase_id, payment.provider, payment.reference, purchase_id),
+        )
+        if updated.rowcount == 1:
             return
-        if row["purchase_id"] not in {None, purchase_id}:
+        row = conn.execute(
+            "SELECT purchase_id FROM payments WHERE provider = ? AND reference = ?",
+            (payment.provider, payment.reference),
+        ).fetchone()
+        if row is not None:
             raise DuplicateError(
                 f"{payment.provider} reference {payment.reference} belongs to purchase"
                 f" {row['purchase_id']}, not {purchase_id}",
@@ -1017,9 +1044,40 @@ class SqliteLedger:
                 key=f"{payment.provider}:{payment.reference}",
             )
         conn.execute(
-            "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
-            " receipt = ?, updated_at = ?, purchase_id = ? WHERE provider = ? AND reference = ?",
-            (*values, purchase_id, payment.provider, payment.reference),
+            "INSERT INTO payments (amount_minor, currency, state, payer, receipt, updated_at,"
+            " purchase_id, provider, reference, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*values, purchase_id, payment.provider, payment.reference, now),
+        )
+
+    def _record_payment(
+        self, conn: sqlite3.Connection, row: sqlite3.Row, payment: ConfirmedPayment, actor: str
+    ) -> None:
+        """The payment row and the ``payment_confirmed`` event; the caller moves the state."""
+        current = PurchaseState(row["state"])
+        if not is_legal(current, PurchaseState.PAID):
+            raise IllegalTransition(row["purchase_id"], current, PurchaseState.PAID)
+        self._settle_payment_row(conn, row["purchase_id"], payment, PaymentRecordState.SUCCEEDED)
+        if row["provider_reference"] is None:
+            conn.execute(
+                "UPDATE purchases SET provider_reference = ? WHERE purchase_id = ?",
+                (payment.reference, row["purchase_id"]),
+            )
+        self._event(
+            conn,
+            row["purchase_id"],
+            "payment_confirmed",
+            actor,
+            {
+                "provider": payment.provider,
+                "reference": payment.reference,
+                "receipt": payment.receipt,
+                "amount_minor": payment.amount.amount_minor,
+                "currency": payment.amount.currency,
+                "late": current in {PurchaseState.EXPIRED, PurchaseState.PAYMENT_FAILED},
+                "from": current,
+                "to": PurchaseState.PAID,
+            },
         )
 
     async def mark_paid(
@@ -1029,31 +1087,12 @@ class SqliteLedger:
 
         def op(conn: sqlite3.Connection) -> Purchase:
             row = self._purchase_row(conn, purchase_id)
-            current = PurchaseState(row["state"])
-            if current in _PAID_OR_LATER:
+            if PurchaseState(row["state"]) in _PAID_OR_LATER:
                 return _purchase(row)
-            if not is_legal(current, PurchaseState.PAID):
-                raise IllegalTransition(purchase_id, current, PurchaseState.PAID)
-            self._settle_payment_row(conn, purchase_id, payment, PaymentRecordState.SUCCEEDED)
-            if row["provider_reference"] is None:
-                conn.execute(
-                    "UPDATE purchases SET provider_reference = ? WHERE purchase_id = ?",
-                    (payment.reference, purchase_id),
-                )
-            self._move(
-                conn,
-                row,
-                PurchaseState.PAID,
-                "payment_confirmed",
-                actor,
-                {
-                    "provider": payment.provider,
-                    "reference": payment.reference,
-                    "receipt": payment.receipt,
-                    "amount_minor": payment.amount.amount_minor,
-                    "currency": payment.amount.currency,
-                    "late": current in {PurchaseState.EXPIRED, PurchaseState.PAYMENT_FAILED},
-                },
+            self._record_payment(conn, row, payment, actor)
+            conn.execute(
+                "UPDATE purchases SET state = ?, updated_at = ? WHERE purchase_id = ?",
+                (PurchaseState.PAID.value, _ts(self._clock()), purchase_id),
             )
             return _purchase(self._purchase_row(conn, purchase_id))
 
@@ -1117,31 +1156,90 @@ class SqliteLedger:
 
     # -- vends ----------------------------------------------------------------------------------
 
-    async def record_vend(self, draft: VendDraft, *, actor: str) -> VendOutcome:
-        """Store a vend with its TID, state, message and event in one transaction."""
+    async def vend_context(self, purchase_id: str) -> VendContext:
+        """The purchase, its meter, vend, receipt and language in one read."""
+        row = await self._read_one(_VEND_CONTEXT_SQL, (purchase_id,))
+        if row is None:
+            raise NotFound("purchase", purchase_id)
+        meter = MeterRecord(
+            drn=MeterNumber(row["m_drn"]),
+            customer_name=row["m_customer_name"],
+            area=row["m_area"],
+            iin=row["m_iin"],
+            sgc=row["m_sgc"],
+            tariff_index=row["m_tariff_index"],
+            krn=row["m_krn"],
+            key_type=row["m_key_type"],
+            ea=row["m_ea"],
+            dkga=row["m_dkga"],
+            base_date=row["m_base_date"],
+            ken=row["m_ken"],
+            last_tid=row["m_last_tid"],
+            tariff_id=row["m_tariff_id"],
+            status=MeterStatus(row["m_status"]),
+        )
+        vend = None
+        if row["v_tid"] is not None:
+            vend = Vend(
+                purchase_id=PurchaseId(row["purchase_id"]),
+                meter=MeterNumber(row["v_meter"]),
+                tid=row["v_tid"],
+                token=row["v_token"],
+                units=row["v_units"],
+                receipt=row["v_receipt"],
+                created_at=_dt(row["v_created_at"]),
+            )
+        return VendContext(
+            purchase=_purchase(row),
+            meter=meter,
+            vend=vend,
+            receipt=row["pay_receipt"],
+            language=row["language"],
+        )
+
+    async def record_vend(
+        self, draft: VendDraft, *, actor: str, payment: ConfirmedPayment | None = None
+    ) -> VendOutcome:
+        """Store a vend (with its payment, if given) in one transaction.
+
+        The common path is eleven statements: the vend check, the purchase, the payment row and
+        its event, the meter's TID compare-and-set, the vend, one state update to VENDED (the
+        PAID step, when the payment comes along, is recorded by its event), its event and the
+        message.
+        """
 
         def op(conn: sqlite3.Connection) -> VendOutcome:
             existing = conn.execute(
                 "SELECT * FROM vends WHERE purchase_id = ?", (draft.purchase_id,)
             ).fetchone()
             if existing is not None:
-                return VendOutcome(vend=_vend(existing), replayed=True)
+                return VendOutcome(
+                    vend=_vend(existing),
+                    replayed=True,
+                    purchase=_purchase(self._purchase_row(conn, draft.purchase_id)),
+                )
             row = self._purchase_row(conn, draft.purchase_id)
             current = PurchaseState(row["state"])
+            if payment is not None and current not in _PAID_OR_LATER:
+                self._record_payment(conn, row, payment, actor)
+                current = PurchaseState.PAID
             if not is_legal(current, PurchaseState.VENDED):
                 raise IllegalTransition(draft.purchase_id, current, PurchaseState.VENDED)
-            meter = conn.execute(
-                "SELECT last_tid FROM meters WHERE drn = ?", (draft.meter,)
-            ).fetchone()
-            if meter is None:
-                raise NotFound("meter", draft.meter)
-            last_tid = meter["last_tid"]
-            if last_tid != draft.expected_last_tid or (
-                last_tid is not None and draft.tid <= last_tid
-            ):
-                raise TidConflict(draft.meter, draft.expected_last_tid, last_tid)
+            expected = draft.expected_last_tid
+            if expected is not None and draft.tid <= expected:
+                raise TidConflict(draft.meter, expected, expected)
+            moved = conn.execute(
+                "UPDATE meters SET last_tid = ? WHERE drn = ? AND last_tid IS ?",
+                (draft.tid, draft.meter, expected),
+            )
+            if moved.rowcount != 1:
+                meter = conn.execute(
+                    "SELECT last_tid FROM meters WHERE drn = ?", (draft.meter,)
+                ).fetchone()
+                if meter is None:
+                    raise NotFound("meter", draft.meter)
+                raise TidConflict(draft.meter, expected, meter["last_tid"])
             now = _ts(self._clock())
-            conn.execute("UPDATE meters SET last_tid = ? WHERE drn = ?", (draft.tid, draft.meter))
             conn.execute(
                 "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -1155,10 +1253,13 @@ class SqliteLedger:
                     now,
                 ),
             )
-            self._move(
+            conn.execute(
+                "UPDATE purchases SET state = ?, updated_at = ? WHERE purchase_id = ?",
+                (PurchaseState.VENDED.value, now, draft.purchase_id),
+            )
+            self._event(
                 conn,
-                row,
-                PurchaseState.VENDED,
+                draft.purchase_id,
                 "token_vended",
                 actor,
                 {
@@ -1166,6 +1267,8 @@ class SqliteLedger:
                     "tid": draft.tid,
                     "units": draft.units,
                     "token_last4": draft.token[-4:],
+                    "from": current,
+                    "to": PurchaseState.VENDED,
                 },
             )
             conn.execute(
@@ -1182,10 +1285,24 @@ class SqliteLedger:
                     now,
                 ),
             )
-            vend = conn.execute(
-                "SELECT * FROM vends WHERE purchase_id = ?", (draft.purchase_id,)
-            ).fetchone()
-            return VendOutcome(vend=_vend(vend), replayed=False)
+            created = _dt(now)
+            vend = Vend(
+                purchase_id=draft.purchase_id,
+                meter=draft.meter,
+                tid=draft.tid,
+                token=draft.token,
+                units=draft.units,
+                receipt=draft.receipt,
+                created_at=created,
+            )
+            purchase = dataclasses.replace(
+                _purchase(row),
+                state=PurchaseState.VENDED,
+                updated_at=created,
+                provider_reference=row["provider_reference"]
+                or (payment.reference if payment else None),
+            )
+            return VendOutcome(vend=vend, replayed=False, purchase=purchase)
 
         return await self._write(op)
 
