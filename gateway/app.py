@@ -126,7 +126,9 @@ async def _serve_app(stack: contextlib.AsyncExitStack, app: web.Application) -> 
     return f"http://{host}:{port}"
 
 
-async def _start_simulators(stack: contextlib.AsyncExitStack, config: Config) -> Simulators:
+async def _start_simulators(
+    stack: contextlib.AsyncExitStack, config: Config, callback_secret: Secret
+) -> Simulators:
     # The composition root is the only production module allowed to reach the simulators.
     from gateway.sim.africastalking import AtSimulator  # noqa: PLC0415
     from gateway.sim.airtel import AirtelSimulator  # noqa: PLC0415
@@ -145,7 +147,9 @@ async def _start_simulators(stack: contextlib.AsyncExitStack, config: Config) ->
     # paybill tokens can be texted; v2 masks it, and then only a reprint reaches the customer.
     daraja = DarajaSimulator(c2b_msisdn="plain")
     momo = MomoSimulator()
-    airtel = AirtelSimulator()
+    airtel = AirtelSimulator(
+        callback_url=f"{base}/payments/airtel/{callback_secret.reveal()}/callback"
+    )
     # AT's simulator is mounted inside the gateway's own app (``AT_SIM_PREFIX``), so
     # ``gateway phone`` finds it with no flags; the others listen on their own loopback ports.
     stack.push_async_callback(at.close)
@@ -320,7 +324,9 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         connector=aiohttp.TCPConnector(limit=200), timeout=aiohttp.ClientTimeout(total=30)
     )
     stack.push_async_callback(session.close)
-    sims = await _start_simulators(stack, config) if config.uses_simulators else None
+    sims = (
+        await _start_simulators(stack, config, callback_secret) if config.uses_simulators else None
+    )
     providers = _providers(config, session, sims, callback_url)
     default_provider = "daraja" if config.payments == SIMULATED else config.payments
     vending = Vending(

@@ -62,10 +62,13 @@ class Money:
             raise ValueError(f"not an amount: {major!r}") from exc
         if not value.is_finite():
             raise ValueError(f"not an amount: {major!r}")
-        minor = value.scaleb(exponent)
-        if minor != minor.to_integral_value():
+        try:
+            exact = value.quantize(Decimal(1).scaleb(-exponent))
+        except ArithmeticError as exc:  # far too large for any amount
+            raise ValueError(f"not an amount: {major!r}") from exc
+        if exact != value:
             raise ValueError(f"{major!r} has more than {exponent} decimals for {currency}")
-        return cls(int(minor), currency)
+        return cls(int(exact.scaleb(exponent)), currency)
 
     @property
     def major(self) -> Decimal:

@@ -19,6 +19,13 @@ def test_too_many_decimals_are_refused() -> None:
         Money.of("1.005", "KES")
 
 
+@pytest.mark.parametrize("text", ["1e999999999", "1e-999999999", "NaN", "Infinity", "", "12a"])
+def test_absurd_amounts_are_value_errors(text: str) -> None:
+    """Overflowing, underflowing and non-numeric amounts are refused with ValueError."""
+    with pytest.raises(ValueError, match=r"amount|decimals"):
+        Money.of(text, "KES")
+
+
 def test_currencies_do_not_mix() -> None:
     """Adding KES to UGX raises."""
     with pytest.raises(ValueError, match="cannot combine"):
