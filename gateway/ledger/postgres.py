@@ -89,6 +89,7 @@ from gateway.ledger.base import (
     SealedVendingKey,
     TidConflict,
     Vend,
+    VendContext,
     VendDraft,
     VendOutcome,
     is_legal,
@@ -391,6 +392,48 @@ def _json(data: Mapping[str, Any] | None) -> str:
     return json.dumps(dict(data or {}), sort_keys=True, separators=(",", ":"), default=str)
 
 
+_METER_COLUMNS: Final = (
+    "drn",
+    "customer_name",
+    "area",
+    "iin",
+    "sgc",
+    "tariff_index",
+    "krn",
+    "key_type",
+    "ea",
+    "dkga",
+    "base_date",
+    "ken",
+    "last_tid",
+    "tariff_id",
+    "status",
+)
+_VEND_COLUMNS: Final = (
+    "vend_id",
+    "purchase_id",
+    "meter",
+    "tid",
+    "token",
+    "units",
+    "receipt",
+    "created_at",
+)
+#: Everything a vend needs in one statement: the purchase, its meter (``m_``), its vend (``v_``),
+#: the payment's receipt and the phone's language.
+_VEND_CONTEXT: Final = (
+    "SELECT p.*, "  # noqa: S608 - the column names are the constants above
+    + ", ".join(f"m.{name} AS m_{name}" for name in _METER_COLUMNS)
+    + ", "
+    + ", ".join(f"v.{name} AS v_{name}" for name in _VEND_COLUMNS)
+    + ", pay.receipt AS pay_receipt, cp.language AS pref_language"
+    " FROM purchases p JOIN meters m ON m.drn = p.meter"
+    " LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
+    " LEFT JOIN payments pay ON pay.provider = p.provider"
+    " AND pay.reference = p.provider_reference"
+    " LEFT JOIN customer_preferences cp ON cp.phone = p.phone"
+    " WHERE p.purchase_id = $1"
+)
 _FINAL_OUTBOX: Final = [OutboxState.DELIVERED.value, OutboxState.FAILED.value]
 _PAID_OR_LATER: Final = frozenset(
     {PurchaseState.PAID, PurchaseState.VENDED, PurchaseState.DELIVERED}
@@ -436,7 +479,11 @@ class PostgresLedger:
     async def _with_retry(
         self, fn: Callable[[Connection], Awaitable[T]], *, transaction: bool = True
     ) -> T:
-        """Run ``fn`` on a pooled connection (in one transaction), retrying transient failures."""
+        """Run ``fn`` on a pooled connection, retrying transient failures.
+
+        ``transaction``: run ``fn`` inside one transaction (False only for a single statement,
+        which PostgreSQL runs atomically anyway, saving the BEGIN and COMMIT round trips).
+        """
         policy = self._retry
         attempt = 0
         while True:
@@ -558,7 +605,7 @@ class PostgresLedger:
                 tariff.max_purchase_minor,
             )
 
-        await self._with_retry(op)
+        await self._with_retry(op, transaction=False)
 
     async def get_tariff(self, tariff_id: str) -> Tariff:
         """The tariff. Raises ``NotFound``."""
@@ -598,7 +645,7 @@ class PostgresLedger:
                 meter.status.value,
             )
 
-        await self._with_retry(op)
+        await self._with_retry(op, transaction=False)
 
     async def get_meter(self, drn: str) -> MeterRecord:
         """The meter with everything the token engine needs. Raises ``NotFound``."""
@@ -969,6 +1016,40 @@ class PostgresLedger:
                 key=f"{payment.provider}:{payment.reference}",
             )
 
+    async def _pay(self, conn: Connection, row: Row, payment: ConfirmedPayment, actor: str) -> Row:
+        """Record the (locked) purchase ``row`` paid by ``payment``; the updated row.
+
+        Already PAID, VENDED or DELIVERED: unchanged.
+        """
+        purchase_id = row["purchase_id"]
+        current = PurchaseState(row["state"])
+        if current in _PAID_OR_LATER:
+            return row
+        if not is_legal(current, PurchaseState.PAID):
+            raise IllegalTransition(purchase_id, current, PurchaseState.PAID)
+        await self._settle_payment_row(conn, purchase_id, payment, PaymentRecordState.SUCCEEDED)
+        if row["provider_reference"] is None:
+            row = await conn.fetchrow(
+                "UPDATE purchases SET provider_reference = $1 WHERE purchase_id = $2 RETURNING *",
+                payment.reference,
+                purchase_id,
+            )
+        return await self._move(
+            conn,
+            row,
+            PurchaseState.PAID,
+            "payment_confirmed",
+            actor,
+            {
+                "provider": payment.provider,
+                "reference": payment.reference,
+                "receipt": payment.receipt,
+                "amount_minor": payment.amount.amount_minor,
+                "currency": payment.amount.currency,
+                "late": current in {PurchaseState.EXPIRED, PurchaseState.PAYMENT_FAILED},
+            },
+        )
+
     async def mark_paid(
         self, purchase_id: str, payment: ConfirmedPayment, *, actor: str
     ) -> Purchase:
@@ -976,35 +1057,7 @@ class PostgresLedger:
 
         async def op(conn: Connection) -> Purchase:
             row = await self._lock_purchase(conn, purchase_id)
-            current = PurchaseState(row["state"])
-            if current in _PAID_OR_LATER:
-                return _purchase(row)
-            if not is_legal(current, PurchaseState.PAID):
-                raise IllegalTransition(purchase_id, current, PurchaseState.PAID)
-            await self._settle_payment_row(conn, purchase_id, payment, PaymentRecordState.SUCCEEDED)
-            if row["provider_reference"] is None:
-                row = await conn.fetchrow(
-                    "UPDATE purchases SET provider_reference = $1 WHERE purchase_id = $2"
-                    " RETURNING *",
-                    payment.reference,
-                    purchase_id,
-                )
-            row = await self._move(
-                conn,
-                row,
-                PurchaseState.PAID,
-                "payment_confirmed",
-                actor,
-                {
-                    "provider": payment.provider,
-                    "reference": payment.reference,
-                    "receipt": payment.receipt,
-                    "amount_minor": payment.amount.amount_minor,
-                    "currency": payment.amount.currency,
-                    "late": current in {PurchaseState.EXPIRED, PurchaseState.PAYMENT_FAILED},
-                },
-            )
-            return _purchase(row)
+            return _purchase(await self._pay(conn, row, payment, actor))
 
         return await self._with_retry(op)
 
@@ -1051,7 +1104,7 @@ class PostgresLedger:
                 purchase_id,
             )
 
-        await self._with_retry(op)
+        await self._with_retry(op, transaction=False)
 
     async def due_for_check(self, now: datetime, *, limit: int = 100) -> list[Purchase]:
         """CREATED or AWAITING_PAYMENT purchases whose next status check is due."""
@@ -1077,11 +1130,14 @@ class PostgresLedger:
 
     # -- vends ----------------------------------------------------------------------------------
 
-    async def record_vend(self, draft: VendDraft, *, actor: str) -> VendOutcome:
+    async def record_vend(
+        self, draft: VendDraft, *, actor: str, payment: ConfirmedPayment | None = None
+    ) -> VendOutcome:
         """Store a vend with its TID, state, message and event in one transaction.
 
-        Locks the purchase, then the meter's row (``FOR UPDATE``): the TID check-and-advance is
-        serialised across every instance.
+        With ``payment``, the purchase is first recorded paid as ``mark_paid`` does, in the same
+        transaction. Locks the purchase, then the meter's row (``FOR UPDATE``): the TID
+        check-and-advance is serialised across every instance.
         """
 
         async def op(conn: Connection) -> VendOutcome:
@@ -1090,7 +1146,9 @@ class PostgresLedger:
                 "SELECT * FROM vends WHERE purchase_id = $1", draft.purchase_id
             )
             if existing is not None:
-                return VendOutcome(vend=_vend(existing), replayed=True)
+                return VendOutcome(vend=_vend(existing), replayed=True, purchase=_purchase(row))
+            if payment is not None:
+                row = await self._pay(conn, row, payment, actor)
             current = PurchaseState(row["state"])
             if not is_legal(current, PurchaseState.VENDED):
                 raise IllegalTransition(draft.purchase_id, current, PurchaseState.VENDED)
@@ -1125,7 +1183,7 @@ class PostgresLedger:
                 draft.message,
                 (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
             )
-            await self._move(
+            row = await self._move(
                 conn,
                 row,
                 PurchaseState.VENDED,
@@ -1138,9 +1196,26 @@ class PostgresLedger:
                     "token_last4": draft.token[-4:],
                 },
             )
-            return VendOutcome(vend=_vend(vend), replayed=False)
+            return VendOutcome(vend=_vend(vend), replayed=False, purchase=_purchase(row))
 
         return await self._with_retry(op)
+
+    async def vend_context(self, purchase_id: str) -> VendContext:
+        """The purchase, its meter, vend, receipt and language in one read. Raises ``NotFound``."""
+        row = await self._fetchrow(_VEND_CONTEXT, purchase_id)
+        if row is None:
+            raise NotFound("purchase", purchase_id)
+        meter = {name: row["m_" + name] for name in _METER_COLUMNS}
+        vend = (
+            None if row["v_vend_id"] is None else {name: row["v_" + name] for name in _VEND_COLUMNS}
+        )
+        return VendContext(
+            purchase=_purchase(row),
+            meter=_meter(meter),
+            vend=_vend(vend) if vend is not None else None,
+            receipt=row["pay_receipt"],
+            language=row["pref_language"],
+        )
 
     async def get_vend(self, purchase_id: str) -> Vend | None:
         """The purchase's vend, if it has one."""
@@ -1272,7 +1347,7 @@ class PostgresLedger:
                 _FINAL_OUTBOX,
             )
 
-        await self._with_retry(op)
+        await self._with_retry(op, transaction=False)
 
     async def outbox_failed(self, message_id: int, *, error: str) -> None:
         """Sending failed for good; an operator must look."""
@@ -1447,7 +1522,7 @@ class PostgresLedger:
             )
             return removed is not None
 
-        return await self._with_retry(op)
+        return await self._with_retry(op, transaction=False)
 
     async def get_language(self, phone: str) -> str | None:
         """The phone's chosen language code, if any."""
@@ -1469,7 +1544,7 @@ class PostgresLedger:
                 self._clock(),
             )
 
-        await self._with_retry(op)
+        await self._with_retry(op, transaction=False)
 
     # -- reports --------------------------------------------------------------------------------
 
