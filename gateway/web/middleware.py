@@ -40,11 +40,12 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
         log.exception("request_failed", method=request.method, path=request.path)
         return web.Response(status=500, text="internal error\n")
     finally:
+        elapsed_s = time.perf_counter() - started
         metrics = request.app.get(METRICS)
         if metrics is not None:
             metrics.http_requests.labels(route=route_name, status=str(status)).inc()
-        log.debug(
-            "request_served", status=status, ms=round((time.perf_counter() - started) * 1e3, 2)
-        )
+            if route_name.startswith("/ussd/") and not route_name.endswith("/events"):
+                metrics.ussd_hop_seconds.observe(elapsed_s)
+        log.debug("request_served", status=status, ms=round(elapsed_s * 1e3, 2))
     response.headers["X-Request-Id"] = request_id
     return response
