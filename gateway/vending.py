@@ -90,6 +90,7 @@ __all__ = [
     "Vending",
     "VendingError",
     "load_token_engine",
+    "reprint_token",
     "token_message",
 ]
 
@@ -764,11 +765,6 @@ class Vending:
         log.error("vend_failed", meter=purchase.meter, reason=reason)
         return VendFailed(purchase.purchase_id, reason)
 
-    async def _language(self, phone: Msisdn | None) -> str:
-        if phone is None:
-            return "en"
-        return await self._ledger.get_language(phone) or "en"
-
     # -- operator and channel surface -----------------------------------------------------------
 
     async def reprint(self, purchase_id: str, *, actor: str = "operator") -> OutboxMessage:
@@ -778,28 +774,7 @@ class Vending:
             NothingToReprint: the purchase has no token (not paid, or not vended yet).
             NotFound: no such purchase.
         """
-        with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
-            purchase = await self._ledger.get_purchase(purchase_id)
-            vend = await self._ledger.get_vend(purchase_id)
-            if vend is None:
-                raise NothingToReprint(f"purchase {purchase_id} is {purchase.state}: no token yet")
-            text = token_message(
-                token=vend.token,
-                units=vend.units,
-                amount=purchase.amount,
-                meter=vend.meter,
-                receipt=vend.receipt or purchase.purchase_id,
-                language=await self._language(purchase.phone),
-            )
-            message = await self._ledger.enqueue_message(
-                purchase_id,
-                kind=MessageKind.REPRINT,
-                recipient=purchase.phone,
-                body=text,
-                actor=actor,
-            )
-            log.info("token_reprinted", token=vend.masked_token, actor=actor)
-            return message
+        return await reprint_token(self._ledger, purchase_id, actor=actor)
 
     async def last_token(self, phone: Msisdn, meter: str | None = None) -> Vend | None:
         """The newest token bought from ``phone`` (for ``meter`` if given), or None."""
@@ -818,6 +793,35 @@ class Vending:
             else:
                 done += 1
         return done
+
+
+async def reprint_token(ledger: Ledger, purchase_id: str, *, actor: str) -> OutboxMessage:
+    """Queue the purchase's stored token again (XMLVend reprint): the same token, never a new one.
+
+    Needs only the ledger, so the operator CLI can use it; the running outbox worker sends it.
+
+    Raises:
+        NothingToReprint: the purchase has no token (not paid, or not vended yet).
+        NotFound: no such purchase.
+    """
+    with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
+        context = await ledger.vend_context(purchase_id)
+        purchase, vend = context.purchase, context.vend
+        if vend is None:
+            raise NothingToReprint(f"purchase {purchase_id} is {purchase.state}: no token yet")
+        text = token_message(
+            token=vend.token,
+            units=vend.units,
+            amount=purchase.amount,
+            meter=vend.meter,
+            receipt=vend.receipt or purchase.purchase_id,
+            language=context.language or "en",
+        )
+        message = await ledger.enqueue_message(
+            purchase_id, kind=MessageKind.REPRINT, recipient=purchase.phone, body=text, actor=actor
+        )
+        log.info("token_reprinted", token=vend.masked_token, actor=actor)
+        return message
 
 
 async def load_token_engine(ledger: Ledger, master_key: bytes) -> LocalTokenEngine:

@@ -1,0 +1,140 @@
+"""The operator CLI: migrate, keys add/list, purchases find/timeline/reprint, report daily."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from vending_support import (
+    AMOUNT_FOR_TESTS,
+    PHONE,
+    FakeClock,
+    FakeProvider,
+    build_vending,
+    make_drn,
+    seed,
+)
+
+from gateway.cli import main
+from gateway.ledger import open_sqlite_ledger
+
+MASTER = base64.b64encode(bytes(range(32))).decode()
+
+
+@pytest.fixture
+def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A database URL in a temporary directory, with the master key in the environment."""
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", MASTER)
+    return f"sqlite:///{tmp_path}/gateway.db"
+
+
+def vended_purchase(url: str) -> str:
+    """A purchase vended through the saga; returns its id."""
+
+    async def run() -> str:
+        clock = FakeClock()
+        provider = FakeProvider()
+        async with open_sqlite_ledger(Path(url.removeprefix("sqlite:///")), clock=clock) as ledger:
+            await seed(ledger, [make_drn(1)])
+            vending = build_vending(ledger, provider, clock)
+            purchase = await vending.start_purchase(
+                channel="ussd",
+                phone=PHONE,
+                meter=make_drn(1),
+                amount=AMOUNT_FOR_TESTS,
+                idempotency_key="cli",
+            )
+            purchase = await vending.request_payment(purchase.purchase_id)
+            provider.settle(purchase.provider_reference or "", amount=AMOUNT_FOR_TESTS)
+            await vending.confirm(purchase.purchase_id)
+            return purchase.purchase_id
+
+    return asyncio.run(run())
+
+
+def test_migrate_creates_the_schema(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``gateway migrate --json`` brings a new database up to date and says so."""
+    assert main(["migrate", "--database-url", db, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"database_url": db, "migrated": True}
+    assert Path(db.removeprefix("sqlite:///")).exists()
+
+
+def test_keys_add_then_list_opens_with_the_master_key(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key added from hex is listed by its attributes and opens; the key is never printed."""
+    key_hex = "0abc" * 10
+    code = main(
+        ["keys", "add", "--database-url", db, "--sgc", "123457", "--krn", "1", "--dkga", "4",
+         "--base-date", "2014", "--key-hex", key_hex]
+    )  # fmt: skip
+    assert code == 0
+    assert main(["keys", "list", "--database-url", db, "--check", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert key_hex not in out
+    listed = json.loads(out.strip().splitlines()[-1])
+    assert (listed["sgc"], listed["krn"], listed["opens"]) == ("123457", 1, True)
+
+
+def test_wrong_master_key_is_named(
+    db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checking keys under another master key fails with the GATEWAY_MASTER_KEY hint."""
+    main(["keys", "add", "--database-url", db, "--sgc", "123457", "--krn", "1", "--dkga", "4",
+          "--base-date", "2014", "--key-hex", "0abc" * 10])  # fmt: skip
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", base64.b64encode(bytes(32)).decode())
+    assert main(["keys", "list", "--database-url", db, "--check"]) == 1
+    assert "wrong GATEWAY_MASTER_KEY" in capsys.readouterr().err
+
+
+def test_key_of_the_wrong_length_is_refused(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A DKGA04 key that is not 20 bytes is refused and nothing is stored."""
+    code = main(
+        ["keys", "add", "--database-url", db, "--sgc", "123457", "--krn", "1", "--dkga", "4",
+         "--base-date", "2014", "--key-hex", "abcd"]
+    )  # fmt: skip
+    assert code == 1
+    assert "20 bytes" in capsys.readouterr().err
+    assert main(["keys", "list", "--database-url", db, "--json"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_find_timeline_and_reprint(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A vended purchase is found by phone with a masked token, has its timeline, reprints."""
+    purchase_id = vended_purchase(db)
+    capsys.readouterr()  # the setup's own log lines
+    assert main(["purchases", "find", "--database-url", db, "--phone", PHONE, "--json"]) == 0
+    (found,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert found["purchase_id"] == purchase_id
+    assert found["state"] == "vended"
+    assert found["token"].startswith("****-")
+
+    assert main(["purchases", "timeline", "--database-url", db, purchase_id, "--json"]) == 0
+    kinds = [json.loads(line)["kind"] for line in capsys.readouterr().out.splitlines()]
+    assert kinds[0] == "purchase_created"
+    assert "token_vended" in kinds
+
+    assert main(["purchases", "reprint", "--database-url", db, purchase_id, "--json"]) == 0
+    reprint = json.loads(capsys.readouterr().out)
+    assert reprint["recipient"] == PHONE
+    assert reprint["state"] == "pending"
+
+
+def test_reprint_without_token_fails(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Reprinting an unknown purchase exits 1 with the reason."""
+    main(["migrate", "--database-url", db])
+    assert main(["purchases", "reprint", "--database-url", db, "PNOPE"]) == 1
+    assert "PNOPE" in capsys.readouterr().err
+
+
+def test_daily_report_as_csv(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The daily CSV has a header and one line per provider and state with count and sum."""
+    vended_purchase(db)
+    capsys.readouterr()
+    assert main(["report", "daily", "--database-url", db, "--date", "2026-03-14", "--csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "day,provider,state,currency,count,amount_minor"
+    assert lines[1:] == ["2026-03-14,fakepay,vended,KES,1,11600"]
