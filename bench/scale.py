@@ -167,11 +167,13 @@ def build_vending(ledger: Ledger) -> Vending:
 
 @contextlib.asynccontextmanager
 async def open_any_ledger(
-    url: str, schema: str | None, *, pool_size: int = 10
+    url: str, schema: str | None, *, pool_size: int = 10, application_name: str = "sts-gateway"
 ) -> AsyncIterator[Ledger]:
     """The ledger at ``url``: PostgreSQL (in ``schema``) or a ``sqlite:///`` file."""
     if is_postgres_url(url):
-        async with open_postgres_ledger(url, schema=schema, max_size=pool_size) as ledger:
+        async with open_postgres_ledger(
+            url, schema=schema, max_size=pool_size, application_name=application_name
+        ) as ledger:
             yield ledger
     else:
         async with open_sqlite_ledger(Path(url.removeprefix("sqlite:///"))) as ledger:
@@ -181,14 +183,18 @@ async def open_any_ledger(
 # --- the instance process ----------------------------------------------------------------------
 
 
-async def serve_instance(url: str, schema: str | None, host: str, port: int, pool: int) -> None:
-    """Serve ``POST /notices`` on ``host:port`` until SIGTERM; prints ``READY <port>`` first."""
+async def serve_instance(args: argparse.Namespace) -> None:
+    """Serve ``POST /notices`` on ``--host:--port`` until SIGTERM; prints ``READY <port>`` first."""
+    url: str = args.database_url
+    schema: str | None = args.schema
     configure_logging(json=True, level="error", stream=sys.stderr)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    async with open_any_ledger(url, schema, pool_size=pool) as ledger:
+    async with open_any_ledger(
+        url, schema, pool_size=args.pool, application_name=args.application_name
+    ) as ledger:
         vending = build_vending(ledger)
         provider = StatelessProvider()
 
@@ -204,7 +210,7 @@ async def serve_instance(url: str, schema: str | None, host: str, port: int, poo
         app.router.add_post("/notices", notices)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, args.host, args.port)
         await site.start()
         bound = runner.addresses[0][1]
         print(f"READY {bound}", flush=True)
@@ -224,14 +230,22 @@ class Instance:
 
 @contextlib.asynccontextmanager
 async def start_instances(
-    count: int, url: str, schema: str | None, *, pool: int = 8
+    count: int,
+    url: str,
+    schema: str | None,
+    *,
+    pool: int = 8,
+    application_name: str = "sts-gateway",
 ) -> AsyncIterator[list[Instance]]:
-    """``count`` instance processes serving on loopback; stopped (SIGTERM) on exit."""
+    """``count`` instance processes serving on loopback; stopped (SIGTERM) on exit.
+
+    Their ledger connections show as ``application_name`` in ``pg_stat_activity``.
+    """
     started: list[Instance] = []
     try:
         for _ in range(count):
             args = [sys.executable, __file__, "instance", "--database-url", url]
-            args += ["--pool", str(pool)]
+            args += ["--pool", str(pool), "--application-name", application_name]
             if schema:
                 args += ["--schema", schema]
             process = await asyncio.create_subprocess_exec(
@@ -518,6 +532,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     instance.add_argument("--host", default="127.0.0.1")
     instance.add_argument("--port", type=int, default=0)
     instance.add_argument("--pool", type=int, default=8)
+    instance.add_argument("--application-name", default="sts-gateway")
     parser.add_argument("--database-url", default=PG_URL)
     parser.add_argument("--purchases", type=int, default=2000)
     parser.add_argument("--meters", type=int, default=50)
@@ -536,10 +551,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 if __name__ == "__main__":
     parsed = parse_args(sys.argv[1:])
     if parsed.command == "instance":
-        asyncio.run(
-            serve_instance(
-                parsed.database_url, parsed.schema, parsed.host, parsed.port, parsed.pool
-            )
-        )
+        asyncio.run(serve_instance(parsed))
         sys.exit(0)
     sys.exit(asyncio.run(main(parsed)))

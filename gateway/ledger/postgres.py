@@ -1635,6 +1635,7 @@ async def open_postgres_ledger(  # noqa: PLR0913 - keyword-only settings of one 
     migrate: bool = True,
     connect_timeout_s: float = 10.0,
     command_timeout_s: float = 30.0,
+    application_name: str = "sts-gateway",
 ) -> AsyncIterator[PostgresLedger]:
     """Open the ledger at ``url`` (``postgresql://127.0.0.1:5432/test``), migrated; closed on exit.
 
@@ -1651,12 +1652,15 @@ async def open_postgres_ledger(  # noqa: PLR0913 - keyword-only settings of one 
         connect_timeout_s: how long one connection attempt may take, seconds.
         command_timeout_s: how long one statement may take (lock waits included) before it is
             cancelled and retried, seconds.
+        application_name: how the connections appear in ``pg_stat_activity``.
 
     Raises:
         LedgerUnavailable: the server does not answer (after the retries).
         MigrationError: a migration failed.
     """
-    settings = {"search_path": _check_schema(schema)} if schema else {}
+    settings = {"application_name": application_name}
+    if schema:
+        settings["search_path"] = _check_schema(schema)
     policy = retry or RetryPolicy()
     attempt = 0
     while True:

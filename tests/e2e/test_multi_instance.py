@@ -156,3 +156,60 @@ async def test_an_instance_killed_mid_stream_loses_nothing(schema: str) -> None:
     async with open_postgres_ledger(URL, schema=schema) as ledger:
         await harness.build_vending(ledger).finish_paid(limit=purchases)
     await assert_exactly_once(schema, {purchase_id for purchase_id, _ in opened})
+
+
+async def test_connections_dropped_by_the_server_are_retried_inside_the_ledger(
+    schema: str,
+) -> None:
+    """The server drops every instance connection again and again; no confirmation is refused.
+
+    Every hundredth answer the database terminates all the instances' ledger connections (as a
+    restart or a failover would). The ledger retries inside: the instances never answer 503 for
+    want of a ledger, and after one sweep every purchase is vended exactly once.
+    """
+    harness = load_harness()
+    purchases = 300
+    application = f"sts-gateway-test-{uuid.uuid4().hex[:8]}"
+    async with open_postgres_ledger(URL, schema=schema) as ledger:
+        opened = await harness.prepare(
+            ledger, purchases=purchases, meters=METERS, run=uuid.uuid4().hex[:8]
+        )
+    admin = await asyncpg.connect(URL)
+    terminated: list[int] = []
+    storms: list[asyncio.Task[None]] = []
+
+    async def storm() -> None:
+        terminated.append(
+            await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = $1",
+                application,
+            )
+        )
+
+    def every_hundredth(answered: int) -> None:
+        if answered % 100 == 0 and answered < purchases * COPIES:
+            storms.append(asyncio.create_task(storm()))
+
+    try:
+        async with harness.start_instances(
+            2, URL, schema, pool=6, application_name=application
+        ) as instances:
+            delivery = await harness.deliver(
+                [reference for _, reference in opened],
+                [instance.port for instance in instances],
+                copies=COPIES,
+                concurrency=48,
+                rng=random.Random(11),
+                on_answered=every_hundredth,
+            )
+            await asyncio.gather(*storms)
+    finally:
+        await admin.close()
+    assert len(terminated) == purchases * COPIES // 100 - 1
+    assert sum(terminated) > len(terminated)  # each storm dropped connections in use
+    assert delivery.resent_after_503 == 0
+    assert delivery.failed_over == 0
+    async with open_postgres_ledger(URL, schema=schema) as ledger:
+        await harness.build_vending(ledger).finish_paid(limit=purchases)
+    await assert_exactly_once(schema, {purchase_id for purchase_id, _ in opened})
