@@ -1202,23 +1202,25 @@ class SqliteLedger:
     ) -> VendOutcome:
         """Store a vend (with its payment, if given) in one transaction.
 
-        The common path is eleven statements: the vend check, the purchase, the payment row and
+        The common path is ten statements: the purchase with its vend check, the payment row and
         its event, the meter's TID compare-and-set, the vend, one state update to VENDED (the
         PAID step, when the payment comes along, is recorded by its event), its event and the
         message.
         """
 
         def op(conn: sqlite3.Connection) -> VendOutcome:
-            existing = conn.execute(
-                "SELECT * FROM vends WHERE purchase_id = ?", (draft.purchase_id,)
+            row = conn.execute(
+                "SELECT p.*, v.vend_id FROM purchases p"
+                " LEFT JOIN vends v ON v.purchase_id = p.purchase_id WHERE p.purchase_id = ?",
+                (draft.purchase_id,),
             ).fetchone()
-            if existing is not None:
-                return VendOutcome(
-                    vend=_vend(existing),
-                    replayed=True,
-                    purchase=_purchase(self._purchase_row(conn, draft.purchase_id)),
-                )
-            row = self._purchase_row(conn, draft.purchase_id)
+            if row is None:
+                raise NotFound("purchase", draft.purchase_id)
+            if row["vend_id"] is not None:
+                existing = conn.execute(
+                    "SELECT * FROM vends WHERE vend_id = ?", (row["vend_id"],)
+                ).fetchone()
+                return VendOutcome(vend=_vend(existing), replayed=True, purchase=_purchase(row))
             current = PurchaseState(row["state"])
             if payment is not None and current not in _PAID_OR_LATER:
                 self._record_payment(conn, row, payment, actor)
