@@ -332,6 +332,14 @@ class Vending:
             ),
             actor=channel,
         )
+        if purchase.state is PurchaseState.CREATED and purchase.next_check_at is None:
+            # Should the caller never get to request_payment (a crash in between), the sweeper
+            # requests it then, or expires the purchase at its deadline.
+            await self._ledger.schedule_check(
+                purchase.purchase_id,
+                at=self._clock() + timedelta(seconds=self._policy.first_check_after_s),
+                attempts=0,
+            )
         with structlog.contextvars.bound_contextvars(purchase_id=purchase.purchase_id):
             log.info(
                 "purchase_started",

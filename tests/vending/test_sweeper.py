@@ -179,3 +179,21 @@ async def test_a_second_sweep_does_nothing_more(world: World) -> None:
     again = await sweeper(world, sender).sweep_once()
     assert (again.vended, again.sent) == (0, 0)
     assert len(sender.sent) == 1
+
+
+async def test_sweep_requests_a_payment_the_caller_never_requested(world: World) -> None:
+    """A purchase left CREATED (crash before request_payment) is requested by a later sweep."""
+    purchase = await world.vending.start_purchase(
+        channel="ussd",
+        phone=PHONE,
+        meter=world.drns[0],
+        amount=AMOUNT_FOR_TESTS,
+        idempotency_key="x",
+    )
+    assert world.provider.requests == []
+    world.clock.advance(21)
+    await sweeper(world).sweep_once()
+    assert [r.purchase_id for r in world.provider.requests] == [purchase.purchase_id]
+    assert (await world.ledger.get_purchase(purchase.purchase_id)).state is (
+        PurchaseState.AWAITING_PAYMENT
+    )
