@@ -244,7 +244,9 @@ def _open_lines(path: str) -> Iterator[str]:
     if path == "-":
         yield from sys.stdin
         return
-    with open(path, encoding="utf-8") as handle:  # noqa: PTH123 - a plain text file
+    # utf-8-sig: a byte-order mark some editors write is not part of the first line's JSON;
+    # undecodable bytes become U+FFFD so that line fails on its own, not the whole batch.
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:  # noqa: PTH123 - a plain text file
         yield from handle
 
 
@@ -260,12 +262,14 @@ def run_batch(lines: Iterable[str], out: TextIO | IO[str], *, decode: bool) -> i
             continue
         line_id: object = None
         try:
-            line = json.loads(text)
+            line = json.loads(text.lstrip("\ufeff"))
         except json.JSONDecodeError as exc:
             result: dict[str, object] = {
                 "id": None,
                 "error": f"line {number} is not valid JSON: {exc.msg} (column {exc.colno}).",
             }
+        except RecursionError:
+            result = {"id": None, "error": f"line {number} is nested too deeply to read."}
         else:
             if isinstance(line, dict):
                 line_id = line.get("id")
@@ -273,6 +277,11 @@ def run_batch(lines: Iterable[str], out: TextIO | IO[str], *, decode: bool) -> i
                     result = process(line)
                 except StsError as exc:
                     result = {"id": line_id, "error": _sentence(str(exc))}
+                except Exception as exc:  # noqa: BLE001 - one odd line must not end the batch
+                    result = {
+                        "id": line_id,
+                        "error": f"line {number} could not be processed ({type(exc).__name__}).",
+                    }
             else:
                 result = {"id": None, "error": f"line {number} is not a JSON object."}
         if "error" in result:

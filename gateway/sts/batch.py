@@ -27,29 +27,76 @@ from gateway.sts.tokens import (
 )
 
 DEFAULT_EA = 7
+#: DKGA02 does not hash the base date in; a meter object may leave it out.
+DKGA02_DEFAULT_BASE_DATE = 2014
+_KEY_BYTES = {7: 8, 11: 16}
+_VENDING_KEY_BYTES = {2: 8, 4: 20}
 
 
-def _hex_bytes(name: str, raw: object) -> bytes:
+def _hex_text(name: str, raw: object) -> str:
+    """Hex digits of a key given as a string: any case, optional ``0x``, spaces ignored."""
     if not isinstance(raw, str):
         raise InvalidKey(name, "<redacted>", "must be a hex string")
-    try:
-        return bytes.fromhex(raw)
-    except ValueError:
-        raise InvalidKey(name, "<redacted>", "must be an even number of hex digits") from None
+    text = "".join(raw.split())
+    if text[:2].lower() == "0x":
+        text = text[2:]
+    if not text or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise InvalidKey(name, "<redacted>", "must be hexadecimal digits")
+    return text
+
+
+def _hex_bytes(name: str, raw: object, length: int | None = None) -> bytes:
+    """A hex key as bytes; one given without its leading zeros is padded to ``length`` bytes.
+
+    Hex values compare by value (VECTORS.md), so ``abc12def3456789`` is the 8-byte key
+    ``0abc12def3456789``. Without a known ``length`` an odd number of digits gets one zero.
+    """
+    text = _hex_text(name, raw)
+    if length is not None and len(text) < 2 * length:
+        text = text.zfill(2 * length)
+    elif len(text) % 2:
+        text = "0" + text
+    return bytes.fromhex(text)
+
+
+def _as_int(name: str, value: object, problem: str) -> int:
+    """An integer given as a JSON number or as a string of decimal digits (``"04"``, ``"EA07"``)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:2].lower() in ("ea", "bd"):
+            text = text[2:]
+        if text.isascii() and text.isdigit():
+            return int(text)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise InvalidField(name, value, problem)
 
 
 def _meter_int(meter: Mapping[str, object], name: str) -> int:
-    value = meter.get(name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidField(name, value, f"meter.{name} is missing or not an integer")
-    return value
+    return _as_int(name, meter.get(name), f"meter.{name} is missing or not an integer")
 
 
-def _meter_str(meter: Mapping[str, object], name: str) -> str:
+def _meter_str(meter: Mapping[str, object], name: str, width: int) -> str:
+    """A digit string; a JSON number is accepted and zero-padded to ``width`` digits."""
     value = meter.get(name)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**width:
+        return f"{value:0{width}d}"
     if not isinstance(value, str):
         raise InvalidField(name, value, f"meter.{name} is missing or not a string of digits")
-    return value
+    return value.strip()
+
+
+def _identity(meter: Mapping[str, object]) -> tuple[str, str]:
+    """(IIN, DRN); numbers are padded: a 13-digit DRN or an IIN below 10000 means IIN ``0000``."""
+    iin_raw, drn_raw = meter.get("iin"), meter.get("drn")
+    legacy = (isinstance(drn_raw, str) and len(drn_raw.strip()) == 13) or (
+        isinstance(iin_raw, str) and len(iin_raw.strip()) == 4
+    )
+    if isinstance(iin_raw, int) and not isinstance(iin_raw, bool) and iin_raw < 10_000:
+        legacy = True
+    iin = _meter_str(meter, "iin", 4 if legacy else 6)
+    drn = _meter_str(meter, "drn", 13 if len(iin) == 4 else 11)
+    return iin, drn
 
 
 def _ea(line: Mapping[str, object]) -> int | None:
@@ -57,16 +104,16 @@ def _ea(line: Mapping[str, object]) -> int | None:
     for source in (meter if isinstance(meter, Mapping) else {}, line):
         value = source.get("ea")
         if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidField("ea", value, "the encryption algorithm is 7 or 11")
-            return value
+            return _as_int("ea", value, "the encryption algorithm is 7 or 11")
     return None
 
 
 def _tables(line: Mapping[str, object]) -> StaTables:
-    raw = line.get("sta_tables", StaTables.REAL.value)
+    raw = line.get("sta_tables")
+    if raw is None:
+        return StaTables.REAL
     try:
-        return StaTables(str(raw))
+        return StaTables(str(raw).strip().lower())
     except ValueError:
         raise InvalidField("sta_tables", raw, 'STA tables are "real" or "sample"') from None
 
@@ -82,22 +129,36 @@ def decoder_key_of(line: Mapping[str, object]) -> bytes:
     meter = line.get("meter")
     if isinstance(meter, Mapping):
         ea = _ea(line)
+        dkga = _meter_int(meter, "dkga")
+        iin, drn = _identity(meter)
+        base_date = (
+            DKGA02_DEFAULT_BASE_DATE
+            if dkga == 2 and meter.get("base_date") is None
+            else _meter_int(meter, "base_date")
+        )
         return derive_decoder_key(
-            dkga=_meter_int(meter, "dkga"),
-            vending_key=_hex_bytes("vending_key", meter.get("vending_key")),
-            iin=_meter_str(meter, "iin"),
-            drn=_meter_str(meter, "drn"),
+            dkga=dkga,
+            vending_key=_hex_bytes(
+                "vending_key", meter.get("vending_key"), _VENDING_KEY_BYTES.get(dkga)
+            ),
+            iin=iin,
+            drn=drn,
             key_type=_meter_int(meter, "key_type"),
-            sgc=_meter_str(meter, "sgc"),
-            tariff_index=_meter_str(meter, "tariff_index"),
+            sgc=_meter_str(meter, "sgc", 6),
+            tariff_index=_meter_str(meter, "tariff_index", 2),
             krn=_meter_int(meter, "krn"),
-            base_date=_meter_int(meter, "base_date"),
+            base_date=base_date,
             ea=DEFAULT_EA if ea is None else ea,
         )
     if meter is not None:
         raise InvalidField("meter", "<object>", "meter must be an object")
-    if "decoder_key" in line and line["decoder_key"] is not None:
-        return _hex_bytes("decoder_key", line["decoder_key"])
+    if line.get("decoder_key") is not None:
+        ea = _ea(line)
+        raw = line["decoder_key"]
+        length = _KEY_BYTES.get(ea) if ea is not None else None
+        if length is None and isinstance(raw, str):  # no EA: 8 bytes unless longer
+            length = 8 if len(_hex_text("decoder_key", raw)) <= 16 else 16
+        return _hex_bytes("decoder_key", raw, length)
     raise InvalidField("decoder_key", None, "the line has neither meter nor decoder_key")
 
 
@@ -139,6 +200,11 @@ def generate(line: Mapping[str, object]) -> dict[str, object]:
 def decode(line: Mapping[str, object]) -> dict[str, object]:
     """Decode: ``token`` → ``{"id", "data_block", "fields"}``.
 
+    ``token`` is 20 digits (spaces or dashes between groups allowed); a JSON number is taken
+    as the token's value and zero-padded. A line with neither ``token`` nor ``fields`` (a
+    ``decoder-key-only`` vector) is answered as in :func:`generate`: ``{"id", "decoder_key",
+    "data_block": null, "fields": null}``, so a whole vector file decodes without failures.
+
     Raises:
         TokenFormatError: the token is not 20 digits or is >= 2**66.
         CrcMismatch: the CRC does not match under the line's key.
@@ -146,6 +212,13 @@ def decode(line: Mapping[str, object]) -> dict[str, object]:
     """
     out: dict[str, object] = {"id": line.get("id")}
     token = line.get("token")
+    if token is None and line.get("fields") is None:
+        out["decoder_key"] = decoder_key_of(line).hex()
+        out["data_block"] = None
+        out["fields"] = None
+        return out
+    if isinstance(token, int) and not isinstance(token, bool) and token >= 0:
+        token = f"{token:020d}"
     if not isinstance(token, str):
         raise InvalidField("token", token, "token must be a string of 20 digits")
     token_class, _ = extract_class(from_digits(token))

@@ -184,10 +184,16 @@ def _int_or_hex(data: Mapping[str, object], name: str) -> int:
 
 
 def _int(data: Mapping[str, object], name: str, default: int | None = None) -> int:
+    """An integer field: a JSON number, or a string of decimal digits with an optional sign."""
     raw = data.get(name, default)
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        raise InvalidField(name, raw, "is missing or not an integer")
-    return raw
+    if isinstance(raw, str):
+        text = raw.strip()
+        digits = text[1:] if text[:1] in "+-" else text
+        if digits and digits.isascii() and digits.isdigit():
+            return int(text)
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    raise InvalidField(name, raw, "is missing or not an integer")
 
 
 def _subclass_in(name: str, subclass: int, allowed: Collection[int]) -> None:

@@ -283,3 +283,127 @@ def test_vending_key_can_come_from_a_file(
     argv = ["token", "decoder-key", "--vending-key-file", str(key_file), *METER[2:]]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == "87f3ecbb2e46b48f"
+
+
+# --- input tolerance (conformance review): hex by value, numbers for digit strings ----------
+
+V002 = next(v for v in VECTORS if v["id"] == "v002")  # sample tables, DK 0abc12def3456789
+V191 = next(v for v in VECTORS if v["id"] == "v191")  # class 1, token 00000000000150997584
+EA11 = next(v for v in VECTORS if v["ea"] == 11 and "token" in v)
+V012 = next(v for v in VECTORS if v["id"] == "v012")  # IIN 0000, 13-digit DRN
+
+
+def _without_meter(vector: dict[str, Any], **changes: Any) -> str:
+    line = {k: v for k, v in vector.items() if k != "meter"}
+    line.update(changes)
+    return json.dumps(line)
+
+
+@pytest.mark.parametrize(
+    ("line", "vector"),
+    [
+        (_without_meter(V002, decoder_key="abc12def3456789"), V002),
+        (_without_meter(V002, decoder_key="0xABC12DEF3456789"), V002),
+        (_without_meter(EA11, decoder_key=EA11["decoder_key"].lstrip("0").upper()), EA11),
+        (_without_meter(V006, sta_tables=None), V006),
+        (_without_meter(V002, sta_tables="SAMPLE"), V002),
+        (_variant(V006, meter__sgc=201457, meter__tariff_index=1), V006),
+        (_variant(V006, meter__drn=0, meter__iin=600727), V006),
+        (_variant(V012, meter__drn=int(V012["meter"]["drn"]), meter__iin=0), V012),
+        (_variant(V006, meter__vending_key="0x" + VK.upper()), V006),
+        (_variant(V006, ea="07", meter__ea="EA07", meter__dkga="04", meter__krn="1"), V006),
+        (_variant(V006, fields__tid="85740", fields__amount="1", fields__rnd="5"), V006),
+    ],
+    ids=[
+        "dk-unpadded",
+        "dk-0x-upper",
+        "ea11-dk-unpadded-upper",
+        "sta-tables-null",
+        "sta-tables-upper",
+        "sgc-ti-numbers",
+        "drn-iin-numbers",
+        "legacy-iin-numbers",
+        "vk-0x-upper",
+        "codes-as-strings",
+        "fields-decimal-strings",
+    ],
+)
+def test_batch_generate_takes_values_in_any_reasonable_spelling(
+    line: str, vector: dict[str, Any]
+) -> None:
+    """Hex by value (any case, padding, 0x) and numbers for digit strings give the vector."""
+    failures, out = _one(line)
+    assert failures == 0, out
+    assert out["token"] == vector["token"]
+    assert out["decoder_key"] == vector["decoder_key"].lower()
+
+
+def test_batch_dkga02_meter_needs_no_base_date() -> None:
+    """DKGA02 does not hash the base date, so a meter object without one still derives the key."""
+    meter = {k: v for k, v in V464["meter"].items() if k != "base_date"}
+    failures, out = _one(json.dumps({**V464, "meter": meter}))
+    assert failures == 0, out
+    assert out["decoder_key"] == V464["decoder_key"]
+
+
+def test_batch_decode_takes_a_token_given_as_a_number() -> None:
+    """A token written as a JSON number is the 20 digits zero-padded (class 1 starts 000…)."""
+    failures, out = _one(_without_meter(V191, token=int(V191["token"])), decode=True)
+    assert failures == 0, out
+    assert out["data_block"] == V191["data_block"]
+    assert _same_fields(out["fields"], V191["fields"])
+
+
+KEY_ONLY = [v for v in VECTORS if v.get("kind") == "decoder-key-only"]
+
+
+@pytest.mark.parametrize("vector", KEY_ONLY, ids=[v["id"] for v in KEY_ONLY])
+def test_batch_decode_answers_a_decoder_key_only_line_with_its_key(
+    vector: dict[str, Any],
+) -> None:
+    """A decoder-key-only vector fed to --decode gives its key, null block and fields, no error."""
+    failures, out = _one(json.dumps(vector), decode=True)
+    assert failures == 0, out
+    assert out == {
+        "id": vector["id"],
+        "decoder_key": vector["decoder_key"],
+        "data_block": None,
+        "fields": None,
+    }
+
+
+def test_batch_file_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark before the first line is not part of its JSON."""
+    source = tmp_path / "bom.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + json.dumps(V006).encode() + b"\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "batch", str(source)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout
+    assert json.loads(result.stdout)["token"] == V006["token"]
+
+
+def test_batch_line_with_an_unexpected_failure_does_not_end_the_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception outside the engine's error tree becomes that line's error; the rest goes on."""
+    from gateway.sts import batch  # noqa: PLC0415 - the module whose function is replaced
+
+    real = batch.generate
+
+    def flaky(line: dict[str, Any]) -> dict[str, object]:
+        if line.get("id") == "boom":
+            raise ValueError("unexpected")
+        return real(line)
+
+    monkeypatch.setattr(batch, "generate", flaky)
+    out = io.StringIO()
+    failures = run_batch([json.dumps({**V006, "id": "boom"}), json.dumps(V006)], out, decode=False)
+    first, second = (json.loads(text) for text in out.getvalue().splitlines())
+    assert failures == 1
+    assert first["id"] == "boom"
+    assert "could not be processed" in first["error"]
+    assert second["token"] == V006["token"]
