@@ -18,7 +18,7 @@ from gateway.ledger import (
     PurchaseState,
 )
 from gateway.money import Money
-from gateway.payments import PaymentNotice, PaymentState, ProviderReference
+from gateway.payments import PaymentEvents, PaymentNotice, PaymentState, ProviderReference
 from gateway.phone import Msisdn
 from gateway.sts import CreditAdded, MeterEmulator, Verdict
 from gateway.tariff import AmountBelowMinimum
@@ -382,3 +382,10 @@ def test_typical_token_message_fits_one_segment(language: str) -> None:
     )
     assert len(text) <= 160
     assert "64.5" in text
+
+
+def test_vending_satisfies_the_payment_events_port(world: World) -> None:
+    """The saga is what the callback routes are typed against (checked by mypy, too)."""
+    events: PaymentEvents = world.vending
+    assert callable(events.on_payment_notice)
+    assert callable(events.validate_customer_payment)
