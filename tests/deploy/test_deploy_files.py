@@ -240,9 +240,7 @@ def test_systemd_env_example_loads_as_a_production_config() -> None:
 
 async def test_systemd_env_example_starts_the_real_application(tmp_path: Path) -> None:
     """The filled-in systemd env example builds and starts the production app (no network used)."""
-    values = _fill_placeholders(_read_env_file(DEPLOY / "systemd" / "gateway.env.example"))
-    config = Config.load(env=values, overrides={"data_dir": tmp_path})
-    app = await build_app(config)
+    app = await build_app(_production_config(tmp_path))
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
@@ -465,15 +463,32 @@ def _path_matches(pattern: str, path: str) -> bool:
     return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), path) is not None
 
 
+def _production_config(data_dir: Path, **settings: str) -> Config:
+    """The systemd env example, its secrets filled in, with state under ``data_dir``."""
+    values = _fill_placeholders(_read_env_file(DEPLOY / "systemd" / "gateway.env.example"))
+    return Config.load(env=values | settings, overrides={"data_dir": data_dir})
+
+
 async def _served_routes(tmp_path: Path) -> set[str]:
-    """The route patterns of the real application, as ``gateway serve`` builds it (demo mode)."""
-    app = await build_app(Config.load(env={}, overrides={"data_dir": tmp_path}))
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()  # runs start-up and, on close, the application's own cleanup
-    try:
-        return {resource.canonical for resource in app.router.resources()}
-    finally:
-        await server.close()
+    """The route patterns the production app serves, with each real payment provider in turn.
+
+    Production, because demo mode adds simulator routes that the proxy must not publish.
+    """
+    served: set[str] = set()
+    for provider in sorted(PAYMENT_PROVIDERS - {SIMULATED}):
+        config = _production_config(
+            tmp_path / provider,
+            GATEWAY_PAYMENTS=provider,
+            **{f"GATEWAY_{provider.upper()}_BASE_URL": "https://provider.invalid"},
+        )
+        app = await build_app(config)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()  # runs start-up and, on close, the application's cleanup
+        try:
+            served |= {resource.canonical for resource in app.router.resources()}
+        finally:
+            await server.close()
+    return served
 
 
 async def test_route_list_is_what_the_application_serves(tmp_path: Path) -> None:
