@@ -100,6 +100,7 @@ _FAILED_CLAIMS: Final = frozenset(
     {PaymentState.FAILED, PaymentState.CANCELLED, PaymentState.TIMED_OUT}
 )
 _SETTLED: Final = frozenset({PurchaseState.VENDED, PurchaseState.DELIVERED})
+_PROFILE_CACHE: Final = 4096  # validated meter profiles kept (oldest dropped first)
 _GSM7_SINGLE: Final = 160
 _GSM7_DOUBLE: Final = 306
 
@@ -270,6 +271,7 @@ class Vending:
         self._meter_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        self._profiles: dict[tuple[object, ...], MeterProfile] = {}
 
     @property
     def ledger(self) -> Ledger:
@@ -703,18 +705,7 @@ class Vending:
         if meter.status is MeterStatus.BLOCKED:
             raise await self._vend_failed(purchase, payment, f"meter {meter.drn} is blocked")
         try:
-            profile = MeterProfile(
-                drn=meter.drn,
-                iin=meter.iin,
-                sgc=meter.sgc,
-                tariff_index=meter.tariff_index,
-                krn=meter.krn,
-                key_type=meter.key_type,
-                base_date=meter.base_date,
-                ea=meter.ea,
-                dkga=meter.dkga,
-                ken=meter.ken,
-            )
+            profile = self._profile(meter)
             tid = next_tid(self._clock(), meter.base_date, meter.last_tid)
             token = await self._engine.credit_token(profile, purchase.units, tid)
         except StsError as exc:
@@ -752,6 +743,31 @@ class Vending:
                 token=outcome.vend.masked_token,
             )
         return outcome
+
+    def _profile(self, meter: MeterRecord) -> MeterProfile:
+        """The engine's view of the meter, validated once per set of key attributes."""
+        key = (
+            meter.drn, meter.iin, meter.sgc, meter.tariff_index, meter.krn, meter.key_type,
+            meter.base_date, meter.ea, meter.dkga, meter.ken,
+        )  # fmt: skip
+        profile = self._profiles.get(key)
+        if profile is None:
+            profile = MeterProfile(
+                drn=meter.drn,
+                iin=meter.iin,
+                sgc=meter.sgc,
+                tariff_index=meter.tariff_index,
+                krn=meter.krn,
+                key_type=meter.key_type,
+                base_date=meter.base_date,
+                ea=meter.ea,
+                dkga=meter.dkga,
+                ken=meter.ken,
+            )
+            if len(self._profiles) >= _PROFILE_CACHE:
+                self._profiles.pop(next(iter(self._profiles)))
+            self._profiles[key] = profile
+        return profile
 
     async def _vend_failed(
         self, purchase: Purchase, payment: ConfirmedPayment | None, reason: str
