@@ -335,7 +335,7 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         providers=providers,
         default_provider=default_provider,
         policy=SagaPolicy(
-            first_check_after_s=min(20.0, float(config.payment_deadline_s)),
+            first_check_after_s=float(config.payment_deadline_s),
             payment_deadline_s=float(config.payment_expiry_s),
         ),
     )

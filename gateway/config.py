@@ -63,9 +63,9 @@ class ProviderSettings:
     """Credentials and base URL of one external provider (empty when simulated)."""
 
     base_url: str = ""
-    username: str = ""  # AT username; Daraja shortcode; MoMo API user; Airtel client id
+    username: str = ""  # AT username; MoMo API user; Airtel client id (Daraja: unused)
     key: Secret = field(default_factory=lambda: Secret(""))  # AT api key; consumer key; API key
-    secret: Secret = field(default_factory=lambda: Secret(""))  # consumer secret; passkey …
+    secret: Secret = field(default_factory=lambda: Secret(""))  # consumer secret; Airtel secret
     extra: Mapping[str, str] = field(default_factory=dict, repr=False)  # shortcode, passkey …
 
 
@@ -92,7 +92,7 @@ class Config:
     session_store: str = "sqlite"  # memory | sqlite | redis
     redis_url: str = "redis://127.0.0.1:6379/0"
     resume_window_s: int = 120
-    payment_deadline_s: int = 180  # after this the sweeper queries the provider
+    payment_deadline_s: int = 30  # a payment unconfirmed this long is queried (then backoff)
     payment_expiry_s: int = 3600  # after this an unconfirmed purchase expires
     sweep_interval_s: float = 5.0
     log_json: bool | None = None  # None → JSON unless stdout is a terminal

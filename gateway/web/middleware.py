@@ -37,7 +37,8 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = exc.status
         raise
     except Exception:
-        log.exception("request_failed", method=request.method, path=request.path)
+        # The route (bound above) names the handler; the raw path may hold a callback secret.
+        log.exception("request_failed", method=request.method)
         return web.Response(status=500, text="internal error\n")
     finally:
         elapsed_s = time.perf_counter() - started
