@@ -15,6 +15,11 @@ Two ledgers are measured in the same run, on the same machine and disk:
   committed (``mark_paid``), then the vend with its TID, SMS and events (``vend``), each in its
   own transaction with its own fsync, as a straightforward implementation would do.
 
+A third figure isolates the ledger: the same durable write (proven payment, TID
+compare-and-set, vend, outbox message, events: one ``record_vend``) for tokens made beforehand,
+one purchase per meter, so it shows what the single writer sustains when the saga's Python work
+(token engine, reads) does not compete with it for the interpreter.
+
 Prints the figures, the ratio, and as the last line a JSON object of them.
 
     python bench/vend.py [--purchases 20000] [--concurrency 64] [--meters 2000]
@@ -33,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -41,6 +47,7 @@ from gateway.ledger import (
     ConfirmedPayment,
     MeterNumber,
     MeterRecord,
+    VendDraft,
     open_sqlite_ledger,
 )
 from gateway.money import Money
@@ -54,10 +61,10 @@ from gateway.payments import (
     ProviderReference,
 )
 from gateway.phone import Msisdn
-from gateway.sts import LocalTokenEngine, VendingKey
+from gateway.sts import LocalTokenEngine, VendingKey, next_tid
 from gateway.sts.pan import luhn_check_digit
 from gateway.tariff import Tariff
-from gateway.vending import SagaPolicy, Vending
+from gateway.vending import SagaPolicy, Vending, token_message
 
 PHONE = Msisdn("+254712345678")
 AMOUNT = Money(11600, "KES")
@@ -224,6 +231,111 @@ async def measure(
     )
 
 
+async def measure_ledger_only(directory: Path, *, purchases: int, concurrency: int) -> Result:
+    """The durable vend write alone, for tokens made beforehand (one purchase per meter)."""
+    async with open_sqlite_ledger(directory / "ledger_only.db") as ledger:
+        await ledger.put_tariff(TARIFF)
+        drns = [drn(i) for i in range(purchases)]
+        await asyncio.gather(
+            *(
+                ledger.put_meter(
+                    MeterRecord(
+                        drn=MeterNumber(d),
+                        customer_name="Bench Customer",
+                        sgc=KEY.sgc,
+                        tariff_index="01",
+                        krn=KEY.krn,
+                        tariff_id=TARIFF.tariff_id,
+                    )
+                )
+                for d in drns
+            )
+        )
+        provider = InstantProvider()
+        vending = Vending(
+            ledger=ledger,
+            engine=LocalTokenEngine([KEY]),
+            providers={provider.name: provider},
+            default_provider=provider.name,
+        )
+        engine = LocalTokenEngine([KEY])
+        now = datetime.now(UTC)
+        work: list[tuple[VendDraft, ConfirmedPayment]] = []
+        for start in range(0, purchases, 500):
+            started = await asyncio.gather(
+                *(
+                    vending.start_purchase(
+                        channel="bench",
+                        phone=PHONE,
+                        meter=drns[i],
+                        amount=AMOUNT,
+                        idempotency_key=f"ledger-{i}",
+                    )
+                    for i in range(start, min(purchases, start + 500))
+                )
+            )
+            for purchase in started:
+                context = await ledger.vend_context(purchase.purchase_id)
+                tid = next_tid(now, 2014, None)
+                token = engine.credit_token_sync(vending._profile(context.meter), 40, tid)  # noqa: SLF001
+                work.append(
+                    (
+                        VendDraft(
+                            purchase_id=purchase.purchase_id,
+                            meter=purchase.meter,
+                            tid=tid,
+                            expected_last_tid=None,
+                            token=token.digits,
+                            units=purchase.units,
+                            receipt="BENCH",
+                            recipient=PHONE,
+                            message=token_message(
+                                token=token.digits,
+                                units=purchase.units,
+                                amount=AMOUNT,
+                                meter=purchase.meter,
+                                receipt="BENCH",
+                            ),
+                        ),
+                        ConfirmedPayment(
+                            provider=provider.name,
+                            reference=f"L-{purchase.purchase_id}",
+                            amount=AMOUNT,
+                            payer=PHONE,
+                            receipt="BENCH",
+                        ),
+                    )
+                )
+        queue: asyncio.Queue[tuple[VendDraft, ConfirmedPayment]] = asyncio.Queue()
+        for item in work:
+            queue.put_nowait(item)
+        latencies: list[float] = []
+
+        async def caller() -> None:
+            while not queue.empty():
+                draft, payment = queue.get_nowait()
+                began = time.perf_counter()
+                await ledger.record_vend(draft, actor="bench", payment=payment)
+                latencies.append(time.perf_counter() - began)
+
+        batches_before, writes_before = ledger.write_stats
+        began = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        seconds = time.perf_counter() - began
+        batches_after, writes_after = ledger.write_stats
+    latencies.sort()
+    return Result(
+        mode="ledger_only",
+        vends=purchases,
+        seconds=round(seconds, 3),
+        vends_per_s=round(purchases / seconds, 1),
+        p50_ms=round(statistics.median(latencies) * 1000, 2),
+        p99_ms=round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
+        commits=batches_after - batches_before,
+        writes=writes_after - writes_before,
+    )
+
+
 def count_vends(path: Path) -> int:
     """Vends in a database file (the bench checks nothing was lost)."""
     import sqlite3  # noqa: PLC0415 - only the verification needs it
@@ -253,16 +365,20 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             meters=args.meters,
             max_batch=1,
         )
+        ledger_only = await measure_ledger_only(
+            directory, purchases=args.ledger_purchases, concurrency=args.concurrency
+        )
         grouped_vends = count_vends(directory / "group_commit.db")
         naive_vends = count_vends(directory / "naive.db")
-    if (grouped_vends, naive_vends) != (args.purchases, args.naive_purchases):
-        raise SystemExit(f"vends lost: {grouped_vends}, {naive_vends}")
-    for result in (grouped, naive):
+        ledger_vends = count_vends(directory / "ledger_only.db")
+    expected = (args.purchases, args.naive_purchases, args.ledger_purchases)
+    if (grouped_vends, naive_vends, ledger_vends) != expected:
+        raise SystemExit(f"vends lost: {grouped_vends}, {naive_vends}, {ledger_vends}")
+    for result in (grouped, naive, ledger_only):
         print(
             f"{result.mode:>13}: {result.vends_per_s:>9,.1f} vends/s"
             f"  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms"
-            f"  ({args.purchases if result is grouped else args.naive_purchases} vends,"
-            f" {result.commits} commits for {result.writes} writes)"
+            f"  ({result.vends} vends, {result.commits} commits for {result.writes} writes)"
         )
     ratio = round(grouped.vends_per_s / naive.vends_per_s, 2)
     print(f"group commit / naive: {ratio}x  (synchronous=FULL, WAL, {os.cpu_count()} CPUs)")
@@ -275,6 +391,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "cpus": os.cpu_count(),
         "group_commit": asdict(grouped) | {"vends": grouped_vends},
         "naive": asdict(naive) | {"vends": naive_vends},
+        "ledger_only": asdict(ledger_only) | {"vends": ledger_vends},
         "ratio": ratio,
     }
 
@@ -284,6 +401,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--purchases", type=int, default=20_000)
     parser.add_argument("--naive-purchases", type=int, default=2_000)
+    parser.add_argument("--ledger-purchases", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--meters", type=int, default=2_000)
     parser.add_argument("--dir", default=None, help="where the database files go (a real disk)")
