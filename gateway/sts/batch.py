@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gateway.sts.carrier import extract_class, from_digits
-from gateway.sts.cipher import BlockCipher, make_cipher
+from gateway.sts.cipher import BlockCipher, encryption_algorithm, make_cipher
 from gateway.sts.dkga import derive_decoder_key
 from gateway.sts.ea07 import StaTables
 from gateway.sts.errors import InvalidField, InvalidKey
@@ -100,12 +100,27 @@ def _identity(meter: Mapping[str, object]) -> tuple[str, str]:
 
 
 def _ea(line: Mapping[str, object]) -> int | None:
+    """The line's encryption algorithm: ``ea``, or ``meter.ea``; None if neither is given.
+
+    Both are checked (EA09 or an unknown code in either is refused), and when both are given
+    they must agree: a key derived for one algorithm cannot encrypt for the other.
+
+    Raises:
+        UnsupportedAlgorithm: EA09 or an unknown code.
+        InvalidField: ``ea`` and ``meter.ea`` differ, or one is not a number.
+    """
     meter = line.get("meter")
+    found: list[int] = []
     for source in (meter if isinstance(meter, Mapping) else {}, line):
         value = source.get("ea")
         if value is not None:
-            return _as_int("ea", value, "the encryption algorithm is 7 or 11")
-    return None
+            code = _as_int("ea", value, "the encryption algorithm is 7 or 11")
+            found.append(int(encryption_algorithm(code)))
+    if len(found) == 2 and found[0] != found[1]:
+        raise InvalidField(
+            "ea", found[1], f"the line's ea does not match meter.ea (EA{found[0]:02d})"
+        )
+    return found[-1] if found else None
 
 
 def _tables(line: Mapping[str, object]) -> StaTables:

@@ -113,6 +113,9 @@ def _variant(base: dict[str, Any], **changes: Any) -> str:
     [
         ('{"id": "x", "fields": ', False, "not valid JSON"),
         (_variant(V006, meter__ea=9, ea=9), False, "EA09"),
+        (_variant(V006, ea=9), False, "EA09"),
+        (_variant(V006, ea=9), True, "EA09"),
+        (_variant(V006, ea=11), False, "does not match meter.ea"),
         (_variant(V006, meter__dkga=1), False, "DKGA01"),
         (_variant(V006, meter__dkga=3), False, "DKGA03"),
         (_variant(V464, meter__vending_key="abababababababaa"), False, "parity"),
@@ -125,6 +128,9 @@ def _variant(base: dict[str, Any], **changes: Any) -> str:
     ids=[
         "invalid-json",
         "ea09",
+        "ea09-line-only",
+        "ea09-line-only-decode",
+        "ea-mismatch",
         "dkga01",
         "dkga03",
         "dkga02-parity",
