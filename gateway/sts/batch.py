@@ -7,6 +7,24 @@ command (``gateway/commands/token.py``) reads and writes the lines.
 Input keys: ``meter`` (key-derivation inputs) or ``decoder_key`` (hex), ``ea`` (7, 11 or null
 for class 1), ``sta_tables`` (``"sample"`` for the IEC example), and ``fields`` (generate) or
 ``token`` (decode). ``id`` is echoed; other keys are ignored.
+
+What a line may look like, beyond the published vectors (a vendor's file is not ours):
+
+* keys (``decoder_key``, ``vending_key``) are hex by value: any case, an optional ``0x``,
+  leading zeros optional (padded to the algorithm's length);
+* ``sgc``, ``tariff_index``, ``iin`` and ``drn`` may be JSON numbers (zero-padded to 6, 2,
+  6 or 4, and 11 or 13 digits); ``dkga``, ``ea``, ``key_type``, ``krn``, ``base_date`` may be
+  digit strings (``"04"``, ``"EA07"``); integer ``fields`` may be decimal strings;
+* ``sta_tables`` null means the real tables, and the name's case does not matter;
+* ``meter.base_date`` may be left out for DKGA02, which does not use it;
+* a line with ``meter`` uses it and ignores ``decoder_key`` (that is the expected output);
+* ``ea`` and ``meter.ea`` must agree when both are given; without either, an 8-byte key is
+  EA07 and a 16-byte key EA11;
+* a line with neither ``fields`` nor ``token`` (``kind: "decoder-key-only"``) is answered
+  with its decoder key in both directions;
+* a token may be a JSON number (zero-padded to 20 digits) or grouped with spaces/dashes.
+
+``fields`` are used exactly as given: no flag (RO, 3KCT, KEN nibbles) is ever recomputed.
 """
 
 from __future__ import annotations
