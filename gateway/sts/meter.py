@@ -15,7 +15,9 @@ the outcome. The checks run in the order public meter firmware uses [1]:
 7. key-change sections are not TID-checked. They are kept until the set is complete (EA07:
    3 + 4, + 8 when 3KCT = 1; EA11: 3 + 4 + 8 + 9), then the new key and attributes are
    installed, and RO = 1 clears the TID store. A change to KT 0 is refused unless the key is
-   KT 0, and KT 3 (common key) is refused by keypad meters.
+   KT 0, and KT 3 (common key) is refused by keypad meters. A complete set whose attributes
+   cannot be a key's (KRN 0 or 10-15, TI above 99, SGC above 999999) is ``NOT_SUPPORTED``
+   and the old key stays.
 
 What a real meter displays for each outcome is meter-specific ("Err", "Used", "Old" …).
 The emulator is an oracle for tests and engineering, not a certified meter.
@@ -33,7 +35,7 @@ from gateway.sts.cipher import BlockCipher, EncryptionAlgorithm, make_cipher
 from gateway.sts.dkga import derive_decoder_key
 from gateway.sts.ea07 import StaTables
 from gateway.sts.engine import MeterProfile, VendingKey
-from gateway.sts.errors import CrcMismatch, TokenFormatError, UnsupportedToken
+from gateway.sts.errors import CrcMismatch, InvalidField, TokenFormatError, UnsupportedToken
 from gateway.sts.keychange import KeyAttributes
 from gateway.sts.tid import BASE_DATES
 from gateway.sts.tokens import (
@@ -456,15 +458,24 @@ class MeterEmulator:
             if first.three_kct:
                 sgc = f"{unpack(STA_SGC_SECTION, self._payload(8))['sgc']:06d}"
         rollover = bool(first.ro)
-        attributes = KeyAttributes(
-            key_type=first.kt,
-            krn=first.krn,
-            tariff_index=f"{second.ti:02d}",
-            sgc=sgc,
-            ea=old.ea,
-            ken=first.kenho << 4 | second.kenlo,
-            base_date=_next_base_date(old.base_date) if rollover else old.base_date,
-        )
+        try:
+            attributes = KeyAttributes(
+                key_type=first.kt,
+                krn=first.krn,
+                tariff_index=f"{second.ti:02d}",
+                sgc=sgc,
+                ea=old.ea,
+                ken=first.kenho << 4 | second.kenlo,
+                base_date=_next_base_date(old.base_date) if rollover else old.base_date,
+            )
+        except (
+            InvalidField
+        ) as exc:  # CRC-valid sections with a KRN 0/10-15, TI > 99, SGC > 6 digits
+            self._pending.clear()
+            return MeterResponse(
+                verdict=Verdict.NOT_SUPPORTED,
+                reason=f"key-change set refused, the old key stays: {exc}",
+            )
         self._cipher = make_cipher(old.ea, new_key, sta_tables=self._sta_tables)
         self._attributes = attributes
         self._pending.clear()

@@ -419,3 +419,40 @@ def test_tid_store_invariants(tids: list[int], depth: int) -> None:
         assert len(meter.tids) <= depth
     assert len(set(accepted)) == len(accepted)
     assert meter.credit[0] == len(accepted)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ea=st.sampled_from([7, 11]),
+    krn=st.integers(0, 15),
+    ti=st.integers(0, 255),
+    sgc=st.integers(0, 2**24 - 1),
+    three_kct=st.integers(0, 1),
+)
+def test_a_key_change_set_with_impossible_attributes_is_refused_not_raised(
+    ea: int, krn: int, ti: int, sgc: int, three_kct: int
+) -> None:
+    """A key-change set with KRN 0/10-15, TI > 99 or SGC > 999999 is refused, not raised.
+
+    The CRC-valid sections get a rejection verdict and the old key stays; valid ones install.
+    """
+    meter = _fresh_meter(ea)
+    cipher = make_cipher(ea, DK if ea == 7 else DK11)
+    sections: list[TokenFields] = [
+        KeySection1(kenho=15, krn=krn, ro=0, three_kct=three_kct if ea == 7 else 0, kt=2, nkho=1),
+        KeySection2(kenlo=15, ti=ti, nklo=2),
+    ]
+    if ea == 11:
+        sections += [
+            KeySectionExtra(subclass=8, payload=(sgc & 0xFFF) << 32 | 3),
+            KeySectionExtra(subclass=9, payload=(sgc >> 12) << 32 | 4),
+        ]
+    elif three_kct:
+        sections.append(KeySectionExtra(subclass=8, payload=sgc << 20))
+    sgc_sent = ea == 11 or three_kct == 1
+    valid = 1 <= krn <= 9 and ti <= 99 and (not sgc_sent or sgc <= 999_999)
+    *first, last = [meter.enter(build_token(f, cipher).digits) for f in sections]
+    assert all(r.verdict is Verdict.KEY_CHANGE_PENDING for r in first)
+    assert last.verdict is (Verdict.ACCEPTED if valid else Verdict.NOT_SUPPORTED)
+    old_key_works = meter.enter(build_token(ClearTamper(rnd=0, tid=_tid()), cipher).digits)
+    assert old_key_works.accepted is not valid
