@@ -673,7 +673,10 @@ class Vending:
         meter's last TID guards against other writers (and against ``context`` having gone
         stale while the lock was awaited): a conflict is read again and retried.
         """
-        async with self._meter_lock(meter):
+        lock = self._meter_lock(meter)
+        if lock.locked():
+            context = None  # another vend of this meter goes first: its TID makes ours stale
+        async with lock:
             for attempt in range(self._policy.vend_attempts):
                 try:
                     return await self._vend_once(purchase_id, payment, context)
