@@ -221,37 +221,102 @@ class Session:
     updated_at: float = 0.0
 
     def dumps(self) -> str:
-        """The session as JSON, for a :class:`flows.ports.SessionStore`."""
-        return json.dumps(
-            {
-                "id": self.session_id,
-                "ph": self.phone,
-                "l": self.language.value,
-                "st": [frame.to_json() for frame in self.stack],
-                "t": self.last_text,
-                "r": self.last_reply,
-                "e": self.ended,
-                "h": self.hops,
-                "u": self.updated_at,
-            },
-            separators=(",", ":"),
+        """The session as compact JSON (an array, format 2), for a ``SessionStore``.
+
+        Frames are positional ``[screen, args, page, notice, choices, flags]`` arrays: about a
+        third cheaper to write and read than keyed objects, on every hop.
+        """
+        frames = [
+            [
+                frame.screen,
+                frame.args,
+                frame.page,
+                None if frame.notice is None else [frame.notice.key, dict(frame.notice.values)],
+                frame.choices,
+                (_HAS_MORE if frame.has_more else 0) | (_FREE_TEXT if frame.free_text else 0),
+            ]
+            for frame in self.stack
+        ]
+        return _encode(
+            [
+                _FORMAT,
+                self.session_id,
+                self.phone,
+                self.language.value,
+                self.last_text,
+                self.last_reply,
+                self.ended,
+                self.hops,
+                self.updated_at,
+                frames,
+            ]
         )
 
     @classmethod
     def loads(cls, raw: str) -> Session:
-        """The session :meth:`dumps` wrote."""
-        data = json.loads(raw)
-        return cls(
-            session_id=data["id"],
-            phone=data["ph"],
-            language=Language(data["l"]),
-            stack=[Frame.from_json(f) for f in data["st"]],
-            last_text=data.get("t"),
-            last_reply=data.get("r", ""),
-            ended=bool(data.get("e")),
-            hops=int(data.get("h", 0)),
-            updated_at=float(data.get("u", 0.0)),
-        )
+        """The session :meth:`dumps` wrote (or the keyed-object form of earlier releases).
+
+        Raises:
+            ValueError: ``raw`` is not a session in either form.
+        """
+        data = _decode(raw)
+        if isinstance(data, dict):
+            return cls._loads_keyed(data)
+        try:
+            version, session_id, phone, language, text, reply, ended, hops, at, frames = data
+            if version != _FORMAT:
+                raise ValueError(f"session format {version!r}")
+            stack = [
+                Frame(
+                    screen,
+                    args,
+                    page,
+                    None if notice is None else Notice(notice[0], notice[1]),
+                    choices,
+                    bool(flags & _HAS_MORE),
+                    bool(flags & _FREE_TEXT),
+                )
+                for screen, args, page, notice, choices, flags in frames
+            ]
+            return cls(
+                session_id=session_id,
+                phone=phone,
+                language=_LANGUAGES[language],
+                stack=stack,
+                last_text=text,
+                last_reply=reply,
+                ended=ended,
+                hops=hops,
+                updated_at=at,
+            )
+        except (TypeError, KeyError, IndexError) as exc:
+            raise ValueError("not a stored session") from exc
+
+    @classmethod
+    def _loads_keyed(cls, data: dict[str, Any]) -> Session:
+        """A session in the keyed-object form written before format 2."""
+        try:
+            return cls(
+                session_id=data["id"],
+                phone=data["ph"],
+                language=Language(data["l"]),
+                stack=[Frame.from_json(f) for f in data["st"]],
+                last_text=data.get("t"),
+                last_reply=data.get("r", ""),
+                ended=bool(data.get("e")),
+                hops=int(data.get("h", 0)),
+                updated_at=float(data.get("u", 0.0)),
+            )
+        except (TypeError, KeyError, IndexError) as exc:
+            raise ValueError("not a stored session") from exc
+
+
+_FORMAT: Final = 2
+_HAS_MORE: Final = 1
+_FREE_TEXT: Final = 2
+_LANGUAGES: Final = {language.value: language for language in Language}
+_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_decode = json.JSONDecoder().decode
 
 
 # --- the engine's inputs and outputs -------------------------------------------------------------
