@@ -493,7 +493,6 @@ def test_batch_never_overrides_the_given_key_change_flags(fields: dict[str, Any]
     assert (block >> 51 & 1, block >> 50 & 1) == (fields["ro"], fields["three_kct"])
 
 
-@pytest.mark.slow
 def test_batch_process_matches_the_reference_both_ways(tmp_path: Path) -> None:
     """Hundreds of reference vectors through ``python -m gateway token batch`` and ``--decode``."""
     examples: list[tuple[dict[str, Any], dict[str, Any]]] = []
