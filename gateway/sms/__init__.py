@@ -9,13 +9,10 @@ from gateway.sms.base import (
     SmsSender,
     SmsUnavailable,
 )
-from gateway.sms.outbox import OutboxPolicy, OutboxWorker
 
 __all__ = [
     "DeliveryReport",
     "DeliveryState",
-    "OutboxPolicy",
-    "OutboxWorker",
     "SentMessage",
     "SmsError",
     "SmsRejected",
