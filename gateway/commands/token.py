@@ -17,6 +17,7 @@ exit status is 0 on success, 1 if anything failed (for ``batch``: if any line fa
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import secrets
 import sys
@@ -242,7 +243,16 @@ def _run(handler_body: Callable[[argparse.Namespace], None], args: argparse.Name
 
 def _open_lines(path: str) -> Iterator[str]:
     if path == "-":
-        yield from sys.stdin
+        buffer = getattr(sys.stdin, "buffer", None)
+        if buffer is None:  # a text stream without bytes underneath (tests, embedding)
+            yield from sys.stdin
+            return
+        # Same decoding as a file: UTF-8, a bad byte spoils its own line only.
+        text = io.TextIOWrapper(buffer, encoding="utf-8", errors="replace")
+        try:
+            yield from text
+        finally:
+            text.detach()  # leave sys.stdin open
         return
     # utf-8-sig: a byte-order mark some editors write is not part of the first line's JSON;
     # undecodable bytes become U+FFFD so that line fails on its own, not the whole batch.

@@ -413,3 +413,19 @@ def test_batch_line_with_an_unexpected_failure_does_not_end_the_batch(
     assert first["id"] == "boom"
     assert "could not be processed" in first["error"]
     assert second["token"] == V006["token"]
+
+
+def test_batch_on_standard_input_survives_a_bad_byte_and_a_byte_order_mark() -> None:
+    """Bytes that are not UTF-8 spoil only their own line; a leading BOM is not JSON."""
+    data = b"\xef\xbb\xbf" + json.dumps(V006).encode() + b'\n{"id": "\xff"}\n'
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "batch"],
+        input=data,
+        capture_output=True,
+        check=False,
+    )
+    first, second = (json.loads(text) for text in result.stdout.decode().splitlines())
+    assert result.returncode == 1
+    assert first["token"] == V006["token"]
+    assert second["id"] == "\ufffd"
+    assert "error" in second
