@@ -14,7 +14,8 @@ What a line may look like, beyond the published vectors (a vendor's file is not 
   leading zeros optional (padded to the algorithm's length);
 * ``sgc``, ``tariff_index``, ``iin`` and ``drn`` may be JSON numbers (zero-padded to 6, 2,
   6 or 4, and 11 or 13 digits); ``dkga``, ``ea``, ``key_type``, ``krn``, ``base_date`` may be
-  digit strings (``"04"``, ``"EA07"``); integer ``fields`` may be decimal strings;
+  digit strings (``"04"``, ``"EA07"``), a base date also its two digits (``14``); integer
+  ``fields`` may be decimal strings;
 * ``sta_tables`` null means the real tables, and the name's case does not matter;
 * ``meter.base_date`` may be left out for DKGA02, which does not use it;
 * a line with ``meter`` uses it and ignores ``decoder_key`` (that is the expected output);
@@ -49,6 +50,7 @@ DEFAULT_EA = 7
 DKGA02_DEFAULT_BASE_DATE = 2014
 _KEY_BYTES = {7: 8, 11: 16}
 _VENDING_KEY_BYTES = {2: 8, 4: 20}
+_SHORT_BASE_DATES = {93: 1993, 14: 2014, 35: 2035}
 
 
 def _hex_text(name: str, raw: object) -> str:
@@ -169,6 +171,7 @@ def decoder_key_of(line: Mapping[str, object]) -> bytes:
             if dkga == 2 and meter.get("base_date") is None
             else _meter_int(meter, "base_date")
         )
+        base_date = _SHORT_BASE_DATES.get(base_date, base_date)  # "14" as DKGA04 hashes it
         return derive_decoder_key(
             dkga=dkga,
             vending_key=_hex_bytes(

@@ -319,6 +319,7 @@ def _without_meter(vector: dict[str, Any], **changes: Any) -> str:
         (_variant(V006, meter__vending_key="0x" + VK.upper()), V006),
         (_variant(V006, ea="07", meter__ea="EA07", meter__dkga="04", meter__krn="1"), V006),
         (_variant(V006, fields__tid="85740", fields__amount="1", fields__rnd="5"), V006),
+        (_variant(V006, meter__base_date="14"), V006),
     ],
     ids=[
         "dk-unpadded",
@@ -332,6 +333,7 @@ def _without_meter(vector: dict[str, Any], **changes: Any) -> str:
         "vk-0x-upper",
         "codes-as-strings",
         "fields-decimal-strings",
+        "base-date-two-digits",
     ],
 )
 def test_batch_generate_takes_values_in_any_reasonable_spelling(
