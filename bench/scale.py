@@ -17,29 +17,43 @@ purchase VENDED, (meter, TID) unique and strictly increasing in vend order, exac
 message per vend, one ``token_vended`` event per vend. A failed audit exits non-zero.
 
 SQLite runs one instance only: its ledger has one writer per file by design (several instances
-need PostgreSQL). Prints readable lines, then one JSON line.
+need PostgreSQL).
 
-Run: ``python bench/scale.py [--purchases 2000] [--quick]``. The same file is the instance
-process (``python bench/scale.py instance --database-url URL [--schema S]``), which the
-multi-instance test (``tests/e2e/test_multi_instance.py``) also starts; it stands in for
-``gateway serve`` until the composition root serves PostgreSQL.
+Then the whole path through real ``gateway serve`` processes (``--serve-purchases``, 0 skips it):
+production configuration on the same database (Redis sessions with PostgreSQL), MTN MoMo and
+Africa's Talking simulated in this process and shared by the instances, a loopback balancer in
+front that delivers every MoMo callback ``--deliveries`` times to random instances. Purchases are
+made over USSD (five hops, each to a random instance) ``--concurrency`` at a time; the figure is
+purchases per second from the first dial until every phone has its token SMS, with each phone's
+dial-to-SMS latency, and the same exactly-once audit plus exactly one SMS per phone. It includes
+the payer's simulated 0.2 s and the outbox worker's polling, so it measures a path, not a ceiling.
+
+Prints readable lines, then one JSON line.
+
+Run: ``python bench/scale.py [--purchases 2000] [--serve-purchases 300] [--quick]`` (needs
+PostgreSQL on 127.0.0.1:5432, database ``test``, and Redis on 127.0.0.1:6379). The same file is
+the saga-only instance process (``python bench/scale.py instance --database-url URL [--schema
+S]``), which ``tests/e2e/test_multi_instance.py`` also starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
 import random
 import signal
+import socket
 import sqlite3
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,14 +62,17 @@ from typing import Any
 import aiohttp
 import asyncpg  # type: ignore[import-untyped]
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway.ledger import (
     Ledger,
     LedgerError,
     MeterNumber,
     MeterRecord,
+    VendingKeyMaterial,
     open_postgres_ledger,
     open_sqlite_ledger,
+    seal_vending_key,
 )
 from gateway.ledger.postgres import create_schema, drop_schema, is_postgres_url
 from gateway.logging import configure_logging
@@ -70,6 +87,8 @@ from gateway.payments import (
     ProviderReference,
 )
 from gateway.phone import Msisdn
+from gateway.sim.africastalking import AtSimulator
+from gateway.sim.momo import MomoSimulator
 from gateway.sts import LocalTokenEngine, VendingKey
 from gateway.sts.pan import luhn_check_digit
 from gateway.tariff import Tariff
@@ -406,7 +425,7 @@ class Audit:
 AUDIT_QUERIES = {
     "vends": "SELECT count(*) FROM vends",
     "vended_purchases": "SELECT count(DISTINCT purchase_id) FROM vends",
-    "not_vended": "SELECT count(*) FROM purchases WHERE state <> 'vended'",
+    "not_vended": "SELECT count(*) FROM purchases WHERE state NOT IN ('vended', 'delivered')",
     "token_messages": "SELECT count(*) FROM outbox WHERE kind = 'token'",
     "purchases_without_one_message": (
         "SELECT count(*) FROM vends v WHERE (SELECT count(*) FROM outbox o"
@@ -484,6 +503,225 @@ async def scenario(
     }
 
 
+# --- the same through real ``gateway serve`` processes ------------------------------------------
+
+
+class Balancer:
+    """A loopback balancer: payment callbacks go ``copies`` times to random instances at once."""
+
+    def __init__(self, rng: random.Random, copies: int) -> None:
+        self.rng = rng
+        self.copies = copies
+        self.ports: list[int] = []
+        self.session: aiohttp.ClientSession | None = None
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self.forward)
+
+    async def forward(self, request: web.Request) -> web.Response:
+        """Send the request on to one instance, or ``copies`` for a payment callback."""
+        session = self.session
+        assert session is not None  # noqa: S101 - set before serving
+        body = await request.read()
+        skip = {"host", "content-length", "transfer-encoding"}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
+        copies = self.copies if request.path.startswith("/payments/") else 1
+
+        async def one(port: int) -> tuple[int, bytes, str]:
+            url = f"http://127.0.0.1:{port}{request.path_qs}"
+            async with session.request(request.method, url, data=body, headers=headers) as got:
+                return got.status, await got.read(), got.content_type
+
+        try:
+            answers = await asyncio.gather(
+                *(one(self.ports[self.rng.randrange(len(self.ports))]) for _ in range(copies))
+            )
+        except aiohttp.ClientError:
+            return web.Response(status=502, text="no instance answered")
+        status, payload, content_type = answers[0]
+        return web.Response(status=status, body=payload, content_type=content_type)
+
+
+async def serve_on_loopback(stack: contextlib.AsyncExitStack, app: web.Application) -> str:
+    """Serve ``app`` on a free loopback port until ``stack`` closes; its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def start_gateway(stack: contextlib.AsyncExitStack, env: dict[str, str], data: Path) -> int:
+    """``gateway serve`` on a free port; its port once it answers (SIGINT when ``stack`` closes)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "gateway", "serve", "--port", str(port), "--data-dir", str(data)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=env,
+    )
+
+    async def stop() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(process.wait(), timeout=15)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+    stack.push_async_callback(stop)
+    assert process.stdout is not None  # noqa: S101 - asked for above
+    while line := (await asyncio.wait_for(process.stdout.readline(), timeout=30)).decode():
+        if line.strip().startswith("routes:"):
+            return port
+    raise RuntimeError("gateway serve did not start")
+
+
+async def seed_production(
+    url: str, schema: str | None, master_key: bytes, meters: int
+) -> list[MeterNumber]:
+    """Tariff, meters and the sealed vending key, as an operator loads them; the meters."""
+    drns = [make_drn(8100 + i) for i in range(meters)]
+    async with open_any_ledger(url, schema) as ledger:
+        await ledger.put_tariff(TARIFF)
+        for drn in drns:
+            await ledger.put_meter(meter_record(drn))
+        await ledger.put_vending_key(
+            seal_vending_key(
+                VendingKeyMaterial(
+                    sgc=VENDING_KEY.sgc, krn=VENDING_KEY.krn, key_type=2, ea=7,
+                    dkga=VENDING_KEY.dkga, base_date=VENDING_KEY.base_date, key=VENDING_KEY.key,
+                ),
+                master_key,
+            )
+        )  # fmt: skip
+    return drns
+
+
+async def ussd_purchase(
+    http: aiohttp.ClientSession, ports: list[int], phone: str, meter: str, rng: random.Random
+) -> str:
+    """Dial, Buy, meter, KES 250, confirm; each hop to a random instance. The last screen."""
+    session_id = f"ATUid_{uuid.uuid4().hex}"
+    inputs: list[str] = []
+    reply = ""
+    for answer in (None, "1", meter, "250", "1"):
+        if answer is not None:
+            inputs.append(answer)
+        form = {
+            "sessionId": session_id,
+            "serviceCode": "*384*123#",
+            "phoneNumber": phone,
+            "networkCode": "63902",
+            "text": "*".join(inputs),
+        }
+        port = ports[rng.randrange(len(ports))]
+        async with http.post(f"http://127.0.0.1:{port}/ussd/africastalking", data=form) as r:
+            reply = await r.text()
+    return reply
+
+
+async def serve_scenario(  # noqa: PLR0915 - one measured run, read top to bottom
+    label: str, url: str, *, instances: int, args: argparse.Namespace, tmp: Path
+) -> dict[str, Any]:
+    """Purchases over USSD through real ``gateway serve`` processes, until every token SMS."""
+    purchases = args.serve_purchases
+    schema = f"bench_{uuid.uuid4().hex[:12]}" if is_postgres_url(url) else None
+    if schema:
+        await create_schema(url, schema)
+    master_key = os.urandom(32)
+    rng = random.Random(args.seed)
+    phones = [f"+2547{30000000 + i:08d}" for i in range(purchases)]
+    started: dict[str, float] = {}
+    texted: dict[str, float] = {}
+    done = asyncio.Event()
+    try:
+        drns = await seed_production(url, schema, master_key, args.meters)
+        momo = MomoSimulator(currency="KES", answer_delay_s=0.2)
+        balancer = Balancer(rng, args.deliveries)
+        async with aiohttp.ClientSession() as http, contextlib.AsyncExitStack() as stack:
+            balancer.session = http
+            public = await serve_on_loopback(stack, balancer.app)
+            at = AtSimulator(delivery_url=public + "/sms/africastalking/delivery")
+            stack.push_async_callback(at.close)
+
+            @web.middleware
+            async def watch(request: web.Request, handler: Handler) -> web.StreamResponse:
+                response = await handler(request)
+                for sms in at.sent:
+                    texted.setdefault(sms.to, time.perf_counter())
+                if len(texted) >= purchases:
+                    done.set()
+                return response
+
+            at.app.middlewares.append(watch)
+            momo_url = await serve_on_loopback(stack, momo.app)
+            at_url = await serve_on_loopback(stack, at.app)
+            database = f"{url}?search_path={schema}" if schema else url
+            env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+            env |= {
+                "GATEWAY_MODE": "production",
+                "GATEWAY_DATABASE_URL": database,
+                "GATEWAY_SESSION_STORE": "redis" if schema else "sqlite",
+                "GATEWAY_MASTER_KEY": base64.b64encode(master_key).decode(),
+                "GATEWAY_ADMIN_TOKEN": "admin-" + uuid.uuid4().hex,
+                "GATEWAY_CALLBACK_SECRET": "cb-" + uuid.uuid4().hex,
+                "GATEWAY_PUBLIC_URL": public,
+                "GATEWAY_PAYMENTS": "momo",
+                "GATEWAY_MOMO_BASE_URL": momo_url,
+                "GATEWAY_MOMO_USERNAME": momo.api_user,
+                "GATEWAY_MOMO_KEY": momo.api_key,
+                "GATEWAY_MOMO_SUBSCRIPTION_KEY": momo.subscription_key,
+                "GATEWAY_MOMO_TARGET_ENVIRONMENT": momo.target_environment,
+                "GATEWAY_SMS": "africastalking",
+                "GATEWAY_AFRICASTALKING_BASE_URL": at_url + "/version1",
+                "GATEWAY_AFRICASTALKING_USERNAME": at.username,
+                "GATEWAY_AFRICASTALKING_KEY": at.api_key,
+                "GATEWAY_PAYMENT_DEADLINE_S": "2",
+                "GATEWAY_SWEEP_INTERVAL_S": "0.5",
+                "GATEWAY_LOG_LEVEL": "error",
+            }
+            for index in range(instances):
+                data = tmp / f"{label}-{instances}-{index}"
+                balancer.ports.append(await start_gateway(stack, env, data))
+            gate = asyncio.Semaphore(args.concurrency)
+
+            async def buy(index: int) -> None:
+                async with gate:
+                    started[phones[index]] = time.perf_counter()
+                    await ussd_purchase(
+                        http, balancer.ports, phones[index], drns[index % len(drns)], rng
+                    )
+
+            began = time.perf_counter()
+            await asyncio.gather(*(buy(i) for i in range(purchases)))
+            await asyncio.wait_for(done.wait(), timeout=300)
+            seconds = time.perf_counter() - began
+        found = await audit(url, schema)
+        per_phone = Counter(sms.to for sms in at.sent)
+    finally:
+        if schema:
+            await drop_schema(url, schema)
+    problems = found.problems(purchases)
+    if sorted(per_phone.values()) != [1] * purchases:
+        problems.append("not exactly one SMS per phone")
+    latencies = sorted(texted[p] - started[p] for p in phones)
+    return {
+        "scenario": f"serve-{label}",
+        "instances": instances,
+        "purchases": purchases,
+        "seconds": round(seconds, 3),
+        "purchases_per_s": round(purchases / seconds, 1),
+        "p50_ms": round(statistics.median(latencies) * 1000, 1),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 1),
+        "audit": found.__dict__,
+        "problems": problems,
+    }
+
+
 async def main(args: argparse.Namespace) -> int:
     """Run the scenarios; print the figures and the JSON line. Non-zero if an audit failed."""
     configure_logging(json=True, level="error", stream=sys.stderr)
@@ -492,6 +730,7 @@ async def main(args: argparse.Namespace) -> int:
         f" deliveries={args.deliveries}x concurrency={args.concurrency}"
     )
     results = []
+    serve_results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         plan = [("postgres", args.database_url, 1), ("postgres", args.database_url, 2)]
         if not args.skip_sqlite:
@@ -506,7 +745,29 @@ async def main(args: argparse.Namespace) -> int:
                 f"  p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms"
                 f"  swept {result['finished_by_sweep']}  {verdict}"
             )
+        if args.serve_purchases:
+            print(
+                f"real gateway serve: {args.serve_purchases} USSD purchases, MoMo callbacks"
+                f" {args.deliveries}x to random instances, until every token SMS"
+            )
+            serve_plan = [("postgres", args.database_url, 1), ("postgres", args.database_url, 2)]
+            if not args.skip_sqlite:
+                serve_plan.append(("sqlite", f"sqlite:///{Path(tmp) / 'serve.db'}", 1))
+            for label, url, instances in serve_plan:
+                served = await serve_scenario(
+                    label, url, instances=instances, args=args, tmp=Path(tmp)
+                )
+                serve_results.append(served)
+                verdict = (
+                    "exactly-once OK" if not served["problems"] else "; ".join(served["problems"])
+                )
+                print(
+                    f"serve {label:8} x{instances}: {served['purchases_per_s']:7.1f} purchases/s"
+                    f"  USSD dial to token SMS p50 {served['p50_ms']:8.1f} ms"
+                    f"  p99 {served['p99_ms']:8.1f} ms  {verdict}"
+                )
     by_key = {(r["scenario"], r["instances"]): r["vends_per_s"] for r in results}
+    serve_key = {(r["scenario"], r["instances"]): r["purchases_per_s"] for r in serve_results}
     summary: dict[str, Any] = {
         "bench": "scale",
         "purchases": args.purchases,
@@ -515,8 +776,11 @@ async def main(args: argparse.Namespace) -> int:
         "postgres_2_vends_per_s": by_key[("postgres", 2)],
         "postgres_2_over_1": round(by_key[("postgres", 2)] / by_key[("postgres", 1)], 2),
         "sqlite_1_vends_per_s": by_key.get(("sqlite", 1)),
-        "exactly_once": all(not r["problems"] for r in results),
-        "runs": results,
+        "serve_postgres_1_purchases_per_s": serve_key.get(("serve-postgres", 1)),
+        "serve_postgres_2_purchases_per_s": serve_key.get(("serve-postgres", 2)),
+        "serve_sqlite_1_purchases_per_s": serve_key.get(("serve-sqlite", 1)),
+        "exactly_once": all(not r["problems"] for r in [*results, *serve_results]),
+        "runs": [*results, *serve_results],
     }
     print(json.dumps(summary, separators=(",", ":")))
     return 0 if summary["exactly_once"] else 1
@@ -541,10 +805,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pool", type=int, default=8, help="ledger connections per instance")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip-sqlite", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="300 purchases")
+    parser.add_argument(
+        "--serve-purchases",
+        type=int,
+        default=300,
+        help="USSD purchases through real gateway serve processes (0: skip that part)",
+    )
+    parser.add_argument("--quick", action="store_true", help="300 purchases, 100 through serve")
     args = parser.parse_args(argv)
     if getattr(args, "quick", False):
         args.purchases = 300
+        args.serve_purchases = min(args.serve_purchases, 100)
     return args
 
 
