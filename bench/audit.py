@@ -21,7 +21,10 @@ purchase its own phone, so that the second rule is exact.
 The counts (any non-zero one fails the run):
 
 - ``double_vends``: tokens beyond the first for one payment;
-- ``paid_without_token``: money taken and no SMS ever carried a token for it;
+- ``paid_without_token``: money taken and no SMS ever carried a token for it. Those of them that
+  are a payer charged again for the same meter and amount whose other charge did get its token
+  are also counted as ``charged_twice`` (the harness gives every purchase attempt its own amount,
+  so a repeat there means one purchase was charged twice, not a lost purchase);
 - ``token_without_payment``: a token no payment accounts for (or for another meter or amount);
 - ``undelivered_tokens``: a token for a payment that never reached the payer's phone with a
   final ``Success`` delivery report;
@@ -107,6 +110,7 @@ class AuditReport:
     meters_keyed: int = 0
     double_vends: int = 0
     paid_without_token: int = 0
+    charged_twice: int = 0  # of paid_without_token: a second charge for one purchase
     token_without_payment: int = 0
     undelivered_tokens: int = 0
     meter_rejected: int = 0
@@ -141,6 +145,8 @@ class AuditReport:
             mark = "" if value == 0 else "   <-- FAIL"
             out.append(f"{name:<23} {value}{mark}")
             out.extend(f"    e.g. {example}" for example in self.examples.get(name, [])[:3])
+            if name == "paid_without_token" and self.charged_twice:
+                out.append(f"    of which charged twice for one purchase: {self.charged_twice}")
         out.append("AUDIT OK" if self.ok else "AUDIT FAILED")
         return out
 
@@ -261,6 +267,7 @@ def _link(
             linked[token.digits] = found
             per_charge[id(found)].append(token)
     _link_by_payer(charges, loose, linked, per_charge, report)
+    served = {(c.msisdn, c.account, c.amount_minor) for c in charges if per_charge[id(c)]}
     for charge in charges:
         got = per_charge[id(charge)]
         if not got:
@@ -269,6 +276,12 @@ def _link(
                 f"{charge.provider} {charge.reference} {charge.amount_minor / 100:.2f}"
                 f" {charge.currency} from {charge.msisdn} for {charge.account}",
             )
+            if (charge.msisdn, charge.account, charge.amount_minor) in served:
+                report.note(
+                    "charged_twice",
+                    f"{charge.provider} {charge.reference}: {charge.msisdn} already got a token"
+                    f" for {charge.account} {charge.amount_minor / 100:.2f}",
+                )
         for extra in got[1:]:
             report.note(
                 "double_vends",

@@ -292,6 +292,8 @@ class Processes:
         self._gateway: asyncio.subprocess.Process | None = None
         self._log: TextIO | None = None
         self.env: dict[str, str] = {}
+        self._gateway_cpu_done = 0.0
+        self._cpu_mark = (0.0, 0.0, 0.0)
 
     async def start_sims(self) -> dict[str, Any]:
         """Start ``gateway sim`` and read its JSON line."""
@@ -402,9 +404,37 @@ class Processes:
                             return time.perf_counter() - began
                 await asyncio.sleep(0.05)
 
+    def _cpu_of(self, process: asyncio.subprocess.Process | None) -> float:
+        """User + system CPU seconds of a live child (``/proc``; 0.0 where unavailable)."""
+        if process is None or process.returncode is not None:
+            return 0.0
+        try:
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def mark_cpu(self) -> None:
+        """Remember the CPU use so far (call when the load starts)."""
+        self._cpu_mark = (
+            self._gateway_cpu_done + self._cpu_of(self._gateway),
+            self._cpu_of(self._sim),
+            time.process_time(),
+        )
+
+    def cpu_seconds(self, _load_s: float) -> dict[str, float]:
+        """CPU seconds each process used since ``mark_cpu`` (killed gateways included)."""
+        gateway = self._gateway_cpu_done + self._cpu_of(self._gateway) - self._cpu_mark[0]
+        return {
+            "cpu_gateway_s": round(gateway, 1),
+            "cpu_sims_s": round(self._cpu_of(self._sim) - self._cpu_mark[1], 1),
+            "cpu_load_s": round(time.process_time() - self._cpu_mark[2], 1),
+        }
+
     async def kill_gateway(self) -> None:
         """SIGKILL the gateway and reap it."""
         if self._gateway is not None and self._gateway.returncode is None:
+            self._gateway_cpu_done += self._cpu_of(self._gateway)
             self._gateway.send_signal(signal.SIGKILL)
             await self._gateway.wait()
 
@@ -509,7 +539,9 @@ class Customers:
         self.tally.started += 1
         self.tally.by_channel[channel] += 1
         for attempt in range(5):
-            if await action(phone, meter, amount):
+            # Each attempt its own amount: the auditor tells a customer's retry from a second
+            # charge for one purchase by it.
+            if await action(phone, meter, amount + attempt):
                 self.tally.done += 1
                 return
             self.tally.retries += 1
@@ -594,7 +626,8 @@ async def _drain(
     while True:
         report = await auditor.audit_running(procs.sims, meters, key)
         waited = time.perf_counter() - began
-        pending = report.paid_without_token + report.undelivered_tokens
+        # A second charge for one purchase never gets a token: waiting does not change it.
+        pending = report.paid_without_token - report.charged_twice + report.undelivered_tokens
         if out is not None:
             out.write(
                 f"\rdrain {waited:5.1f}s  payments still without a delivered token: {pending}   "
@@ -607,7 +640,9 @@ async def _drain(
         await asyncio.sleep(1.0)
 
 
-def _ledger_figures(db: Path, sms: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _ledger_figures(
+    db: Path, sms: Sequence[dict[str, Any]], window: tuple[float, float]
+) -> dict[str, Any]:
     """Vends/s and payment-confirmed → SMS-accepted latency, from the ledger and the AT sim."""
     accepted = {m["message_id"]: m["accepted_at"] for m in sms if m.get("accepted_at")}
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
@@ -627,10 +662,13 @@ def _ledger_figures(db: Path, sms: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for mid, at in confirmed
         if mid in accepted
     ]
-    span = (max(vend_times) - min(vend_times)) if len(vend_times) > 1 else 0.0
+    first, last = window
+    in_window = sum(1 for at in vend_times if first <= at <= last)
+    span = last - first
     return {
         "vends": len(vend_times),
-        "vends_per_s": round(len(vend_times) / span, 1) if span > 0 else 0.0,
+        "vends_during_load": in_window,
+        "vends_per_s": round(in_window / span, 1) if span > 0 else 0.0,
         "paid_to_sms_p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
         "paid_to_sms_p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
         "paid_to_sms_samples": len(latencies),
@@ -678,12 +716,14 @@ async def _run(
         customers = Customers(settings, procs, fixtures["drns"], session)
         done = asyncio.Event()
         began = time.perf_counter()
+        procs.mark_cpu()
         async with asyncio.TaskGroup() as group:
             group.create_task(_offer_load(customers, settings, done))
             group.create_task(_kill_loop(procs, customers.tally, settings, done))
             if out is not None and settings.show_progress:
                 group.create_task(_ticker(customers.tally, began, done, out))
         load_s = time.perf_counter() - began
+        cpu = procs.cpu_seconds(load_s)
         report, drain_s = await _drain(
             auditor,
             procs,
@@ -694,6 +734,11 @@ async def _run(
         )
         async with session.get(procs.sims["africastalking"] + "/_sim/sms") as response:
             sms = await response.json()
+        (procs.workdir / "sms.json").write_text(json.dumps(sms), encoding="utf-8")
+        for name in ("daraja", "momo", "airtel"):
+            async with session.get(procs.sims[name] + "/_sim/ledger") as response:
+                charges = await response.json()
+            (procs.workdir / f"{name}_ledger.json").write_text(json.dumps(charges), "utf-8")
         async with session.get(procs.sims["daraja"] + "/_sim/chaos") as response:
             chaos = await response.json()
     tally = customers.tally
@@ -715,7 +760,9 @@ async def _run(
         "kills": tally.kills,
         "restart_p50_s": round(percentile(tally.restart_s, 0.5), 2),
     }
-    figures.update(_ledger_figures(procs.workdir / "data" / "gateway.db", sms))
+    window = (customers.first_at, customers.last_at)
+    figures.update(_ledger_figures(procs.workdir / "data" / "gateway.db", sms, window))
+    figures.update(cpu)
     lines = [
         f"load {figures['load_s']} s, drain {figures['drain_s']} s, kills {tally.kills}",
         (
@@ -727,7 +774,15 @@ async def _run(
             f"  p99 {figures['ussd_hop_p99_ms']} ms  ({len(hops)} hops, {tally.hop_errors}"
             " failed)"
         ),
-        f"vends       {figures['vends']} ({figures['vends_per_s']}/s while vending)",
+        (
+            f"vends       {figures['vends']} ({figures['vends_per_s']}/s during the load,"
+            f" {figures['vends_during_load']} vends)"
+        ),
+        (
+            f"CPU         gateway {figures['cpu_gateway_s']} s, simulators"
+            f" {figures['cpu_sims_s']} s, load generator {figures['cpu_load_s']} s"
+            f" over {figures['load_s']} s of load on {os.cpu_count()} cores"
+        ),
         (
             f"paid → SMS  p50 {figures['paid_to_sms_p50_ms']} ms  p99"
             f" {figures['paid_to_sms_p99_ms']} ms  ({figures['paid_to_sms_samples']} tokens)"
