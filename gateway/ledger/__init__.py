@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 from gateway.ledger.base import (
+    EARLY_REPORT_LIMIT,
+    EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
     TRANSITIONS,
     ConfirmedPayment,
@@ -14,6 +16,9 @@ from gateway.ledger.base import (
     Event,
     IdempotencyConflict,
     IllegalTransition,
+    KeyChange,
+    KeyChangeState,
+    KeyRotation,
     Ledger,
     LedgerError,
     LedgerUnavailable,
@@ -28,6 +33,7 @@ from gateway.ledger.base import (
     NoticeRecord,
     OutboxMessage,
     OutboxState,
+    OutboxStats,
     PaymentRecord,
     PaymentRecordState,
     Purchase,
@@ -78,6 +84,8 @@ async def open_ledger(
 
 
 __all__ = [
+    "EARLY_REPORT_LIMIT",
+    "EARLY_REPORT_TTL_S",
     "MAX_SAVED_METERS",
     "TRANSITIONS",
     "ConfirmedPayment",
@@ -85,6 +93,9 @@ __all__ = [
     "Event",
     "IdempotencyConflict",
     "IllegalTransition",
+    "KeyChange",
+    "KeyChangeState",
+    "KeyRotation",
     "Ledger",
     "LedgerError",
     "LedgerUnavailable",
@@ -99,6 +110,7 @@ __all__ = [
     "NoticeRecord",
     "OutboxMessage",
     "OutboxState",
+    "OutboxStats",
     "PaymentRecord",
     "PaymentRecordState",
     "PostgresLedger",

@@ -26,6 +26,7 @@ LedgerError                  gateway.errors.GatewayError
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ MeterNumber = NewType("MeterNumber", str)
 """A meter's decoder reference number (DRN), 11 or 13 digits as printed on the meter."""
 
 MAX_SAVED_METERS: Final = 5
+#: How long a delivery report for a message id not recorded yet is kept, and how many are kept.
+EARLY_REPORT_TTL_S: Final = 3600
+EARLY_REPORT_LIMIT: Final = 10_000
 _ID_ALPHABET: Final = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
 
@@ -279,6 +283,10 @@ class VendDraft:
 
     ``expected_last_tid`` is the meter's ``last_tid`` the TID was computed from: the write is
     refused with ``TidConflict`` if it has moved, so a TID is never reused.
+
+    With ``key_change_id`` (the meter's pending ``KeyChange``), ``key_change_tokens`` were made
+    under the meter's current key and ``token`` under the new one: the write applies the change
+    (the meter row takes the new key's attributes) in the same transaction.
     """
 
     purchase_id: PurchaseId
@@ -290,6 +298,8 @@ class VendDraft:
     receipt: str | None
     recipient: Msisdn | None
     message: str = field(repr=False)
+    key_change_id: int | None = None
+    key_change_tokens: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -303,6 +313,7 @@ class Vend:
     units: int
     receipt: str | None
     created_at: datetime
+    key_change_tokens: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def masked_token(self) -> str:
@@ -326,8 +337,8 @@ class VendOutcome:
 class VendContext:
     """Everything a vend needs, read at once.
 
-    The purchase, its meter, its vend if it has one, the payment's receipt number and the
-    phone's language.
+    The purchase, its meter, its vend if it has one, the payment's receipt number, the phone's
+    language and the meter's pending key change (the next vend delivers it).
     """
 
     purchase: Purchase
@@ -335,6 +346,7 @@ class VendContext:
     vend: Vend | None
     receipt: str | None
     language: str | None
+    key_change: KeyChange | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -388,6 +400,94 @@ class ReportRow:
     currency: str
     count: int
     amount_minor: int
+
+
+class KeyChangeState(StrEnum):
+    """Where a planned key change stands."""
+
+    PENDING = "pending"  # the meter's next vend delivers it
+    APPLIED = "applied"  # delivered with a vend; the meter row carries the new key
+    SUPERSEDED = "superseded"  # replaced by a later plan before it was delivered
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyRotation:
+    """A key revision change for the meters of one supply group (``gateway keys rotate``).
+
+    The meters on (``sgc``, ``from_krn``) move to (``to_sgc`` or ``sgc``, ``to_krn``) with
+    ``to_base_date`` (the new vending key's), keeping their tariff index unless
+    ``to_tariff_index`` is given. Key type, algorithm and KEN are kept.
+    """
+
+    sgc: str
+    from_krn: int
+    to_krn: int
+    to_base_date: int
+    to_sgc: str | None = None
+    to_tariff_index: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyChange:
+    """One meter's key change: planned by a rotation, delivered by the meter's next vend.
+
+    ``from_*`` is the key the meter had when it was planned (the key-change tokens are made
+    under it); ``sgc``, ``krn``, ``tariff_index`` and ``base_date`` are the new key's.
+    """
+
+    change_id: int
+    meter: MeterNumber
+    from_sgc: str
+    from_krn: int
+    from_tariff_index: str
+    from_base_date: int
+    sgc: str
+    krn: int
+    tariff_index: str
+    base_date: int
+    state: KeyChangeState
+    planned_at: datetime
+    applied_at: datetime | None = None
+    purchase_id: PurchaseId | None = None
+
+    @property
+    def rollover(self) -> bool:
+        """Whether the base date changes: RO = 1, the meter clears its TID store."""
+        return self.base_date != self.from_base_date
+
+    def is_from(self, meter: MeterRecord) -> bool:
+        """Whether ``meter`` still has the key this change was planned from."""
+        return (meter.sgc, meter.krn, meter.tariff_index, meter.base_date) == (
+            self.from_sgc,
+            self.from_krn,
+            self.from_tariff_index,
+            self.from_base_date,
+        )
+
+    def applied_to(self, meter: MeterRecord) -> MeterRecord:
+        """``meter`` with the new key's attributes (its ``last_tid`` is left to the vend)."""
+        return dataclasses.replace(
+            meter,
+            sgc=self.sgc,
+            krn=self.krn,
+            tariff_index=self.tariff_index,
+            base_date=self.base_date,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxStats:
+    """The outbox at a glance, for metrics.
+
+    Attributes:
+        backlog: messages not sent yet (pending, or being sent).
+        oldest_age_s: seconds since the oldest of them was queued (0 when there are none).
+        held: messages with no recipient, waiting for an operator.
+    """
+
+    backlog: int
+    oldest_age_s: float
+    held: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -654,10 +754,17 @@ class Ledger(Protocol):
         inserted, PAID → VENDED, the token message goes to the outbox, ``token_vended`` is
         appended.
 
+        With ``draft.key_change_id``, the same transaction applies the meter's pending key change:
+        the meter row takes the new key's attributes, ``last_tid`` becomes the draft's TID
+        (counted from the new base date: on a rollover it may be lower than the old one), the
+        change becomes APPLIED for this purchase, the vend keeps the key-change tokens, and
+        ``key_changed`` is appended.
+
         A purchase that has its vend already: returns it with ``replayed=True``, writes nothing.
 
         Raises:
-            TidConflict: the meter's last TID moved: read it again, make a new token, retry.
+            TidConflict: the meter's last TID moved, or the key change is no longer pending: read
+                it again, make new tokens, retry.
             IllegalTransition: the purchase is not PAID (or VEND_FAILED), and ``payment`` cannot
                 make it so.
         """
@@ -669,6 +776,29 @@ class Ledger(Protocol):
 
     async def last_vend(self, phone: str, meter: str | None = None) -> Vend | None:
         """The newest vend bought from ``phone`` (for ``meter`` if given)."""
+        ...
+
+    # -- key changes ----------------------------------------------------------------------------
+
+    async def meters_on_key(
+        self, sgc: str, krn: int, *, meters: Sequence[str] | None = None
+    ) -> list[MeterRecord]:
+        """The meters whose key is (``sgc``, ``krn``), among ``meters`` if given, by DRN."""
+        ...
+
+    async def plan_key_rotation(
+        self, rotation: KeyRotation, *, meters: Sequence[str] | None = None, actor: str
+    ) -> list[KeyChange]:
+        """Plan a pending key change for each meter on the rotation's old key (among ``meters``).
+
+        One transaction. A meter's earlier pending change is SUPERSEDED by the new one; meters
+        not on (``rotation.sgc``, ``rotation.from_krn``) are left alone. Appends one
+        ``key_rotation_planned`` event. Returns the planned changes, by DRN.
+        """
+        ...
+
+    async def key_changes(self, meter: str) -> list[KeyChange]:
+        """The meter's key changes, oldest first (at most one is PENDING)."""
         ...
 
     # -- outbox ---------------------------------------------------------------------------------
@@ -703,7 +833,7 @@ class Ledger(Protocol):
         cost: str | None,
         state: DeliveryState,
     ) -> None:
-        """The provider took the message."""
+        """The provider took the message; a delivery report that came first is applied now."""
         ...
 
     async def outbox_retry(self, message_id: int, *, next_try_at: datetime, error: str) -> None:
@@ -717,7 +847,10 @@ class Ledger(Protocol):
     async def apply_delivery_report(self, report: DeliveryReport) -> OutboxMessage | None:
         """Record a delivery report; a delivered token message moves its purchase to DELIVERED.
 
-        Unknown message ids return None. A final state is never overwritten.
+        Unknown message ids return None, and the report is kept (bounded, for
+        ``EARLY_REPORT_TTL_S``): the provider may report before ``outbox_sent`` recorded the id
+        (Africa's Talking posts "Sent" at once), and ``outbox_sent`` applies it then. A final
+        state is never overwritten.
         """
         ...
 
@@ -777,4 +910,14 @@ class Ledger(Protocol):
 
     async def daily_report(self, day: date) -> list[ReportRow]:
         """Counts and sums of the purchases created on ``day`` (UTC), by provider and state."""
+        ...
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    async def purchase_counts(self) -> dict[str, int]:
+        """How many purchases are in each state (every ``PurchaseState`` value, zeros included)."""
+        ...
+
+    async def outbox_stats(self, now: datetime) -> OutboxStats:
+        """The outbox backlog (pending or sending), its oldest message's age, and held ones."""
         ...

@@ -51,19 +51,24 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, NoReturn, TypeVar, cast
 from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import structlog
 
 from gateway.ledger.base import (
+    EARLY_REPORT_LIMIT,
+    EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
     ConfirmedPayment,
     DuplicateError,
     Event,
     IdempotencyConflict,
     IllegalTransition,
+    KeyChange,
+    KeyChangeState,
+    KeyRotation,
     LedgerError,
     LedgerUnavailable,
     MessageKind,
@@ -77,6 +82,7 @@ from gateway.ledger.base import (
     NoticeRecord,
     OutboxMessage,
     OutboxState,
+    OutboxStats,
     PaymentRecord,
     PaymentRecordState,
     Purchase,
@@ -333,6 +339,26 @@ def _vend(row: Row) -> Vend:
         units=row["units"],
         receipt=row["receipt"],
         created_at=row["created_at"],
+        key_change_tokens=tuple(row["key_change_tokens"].split()),
+    )
+
+
+def _key_change(row: Mapping[str, Any]) -> KeyChange:
+    return KeyChange(
+        change_id=row["change_id"],
+        meter=MeterNumber(row["meter"]),
+        from_sgc=row["from_sgc"],
+        from_krn=row["from_krn"],
+        from_tariff_index=row["from_tariff_index"],
+        from_base_date=row["from_base_date"],
+        sgc=row["sgc"],
+        krn=row["krn"],
+        tariff_index=row["tariff_index"],
+        base_date=row["base_date"],
+        state=KeyChangeState(row["state"]),
+        planned_at=row["planned_at"],
+        applied_at=row["applied_at"],
+        purchase_id=PurchaseId(row["purchase_id"]) if row["purchase_id"] else None,
     )
 
 
@@ -418,23 +444,33 @@ _VEND_COLUMNS: Final = (
     "units",
     "receipt",
     "created_at",
+    "key_change_tokens",
 )
+_KEY_CHANGE_COLUMNS: Final = (
+    "change_id", "meter", "from_sgc", "from_krn", "from_tariff_index", "from_base_date", "sgc",
+    "krn", "tariff_index", "base_date", "state", "planned_at", "applied_at", "purchase_id",
+)  # fmt: skip
 #: Everything a vend needs in one statement: the purchase, its meter (``m_``), its vend (``v_``),
-#: the payment's receipt and the phone's language.
+#: the payment's receipt, the phone's language and the meter's pending key change (``kc_``).
 _VEND_CONTEXT: Final = (
     "SELECT p.*, "  # noqa: S608 - the column names are the constants above
     + ", ".join(f"m.{name} AS m_{name}" for name in _METER_COLUMNS)
     + ", "
     + ", ".join(f"v.{name} AS v_{name}" for name in _VEND_COLUMNS)
+    + ", "
+    + ", ".join(f"kc.{name} AS kc_{name}" for name in _KEY_CHANGE_COLUMNS)
     + ", pay.receipt AS pay_receipt, cp.language AS pref_language"
     " FROM purchases p JOIN meters m ON m.drn = p.meter"
     " LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
     " LEFT JOIN payments pay ON pay.provider = p.provider"
     " AND pay.reference = p.provider_reference"
     " LEFT JOIN customer_preferences cp ON cp.phone = p.phone"
+    " LEFT JOIN key_changes kc ON kc.meter = p.meter AND kc.state = 'pending'"
     " WHERE p.purchase_id = $1"
 )
 _FINAL_OUTBOX: Final = [OutboxState.DELIVERED.value, OutboxState.FAILED.value]
+_UNSENT: Final = [OutboxState.PENDING.value, OutboxState.SENDING.value]
+_FINAL_DELIVERY: Final = [state.value for state in DeliveryState if state.is_final]
 _PAID_OR_LATER: Final = frozenset(
     {PurchaseState.PAID, PurchaseState.VENDED, PurchaseState.DELIVERED}
 )
@@ -919,14 +955,16 @@ class PostgresLedger:
                 )
                 purchase_id = row["purchase_id"]
                 if row["payload_hash"] is None:
+                    # The callback's receipt is kept: a status answer may carry none (Daraja STK).
                     await conn.execute(
-                        "UPDATE payments SET payload = $1, payload_hash = $2, updated_at = $3"
-                        " WHERE provider = $4 AND reference = $5",
+                        "UPDATE payments SET payload = $1, payload_hash = $2, updated_at = $3,"
+                        " receipt = COALESCE(receipt, $6) WHERE provider = $4 AND reference = $5",
                         notice.raw,
                         notice.payload_hash,
                         now,
                         notice.provider,
                         notice.reference,
+                        notice.receipt,
                     )
                 else:
                     duplicate = True
@@ -989,7 +1027,8 @@ class PostgresLedger:
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)"
             " ON CONFLICT (provider, reference) DO UPDATE SET"
             " amount_minor = excluded.amount_minor, currency = excluded.currency,"
-            " state = excluded.state, payer = excluded.payer, receipt = excluded.receipt,"
+            " state = excluded.state, payer = excluded.payer,"
+            " receipt = COALESCE(excluded.receipt, payments.receipt),"
             " updated_at = excluded.updated_at, purchase_id = excluded.purchase_id"
             " WHERE payments.purchase_id IS NULL OR payments.purchase_id = excluded.purchase_id"
             " RETURNING payment_id",
@@ -1153,24 +1192,31 @@ class PostgresLedger:
             if not is_legal(current, PurchaseState.VENDED):
                 raise IllegalTransition(draft.purchase_id, current, PurchaseState.VENDED)
             meter = await conn.fetchrow(
-                "SELECT last_tid FROM meters WHERE drn = $1 FOR UPDATE", draft.meter
+                "SELECT last_tid, sgc, krn, base_date FROM meters WHERE drn = $1 FOR UPDATE",
+                draft.meter,
             )
             if meter is None:
                 raise NotFound("meter", draft.meter)
             last_tid = meter["last_tid"]
+            change = None
+            if draft.key_change_id is not None:
+                change = await self._pending_key_change(conn, draft, meter)
+            rollover = change is not None and change.rollover
             if last_tid != draft.expected_last_tid or (
-                last_tid is not None and draft.tid <= last_tid
+                last_tid is not None and draft.tid <= last_tid and not rollover
             ):
                 raise TidConflict(draft.meter, draft.expected_last_tid, last_tid)
             now = self._clock()
+            if change is not None:
+                await self._apply_key_change(conn, draft, change, now)
             # One statement: the meter's TID advances, the vend and its token message are
             # stored (every constraint still applies to each part).
             vend = await conn.fetchrow(
                 "WITH advanced AS (UPDATE meters SET last_tid = $3 WHERE drn = $2),"
                 " queued AS (INSERT INTO outbox (purchase_id, kind, recipient, body, state,"
                 " next_try_at, created_at, updated_at) VALUES ($1, $8, $9, $10, $11, $7, $7, $7))"
-                " INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+                " INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
+                " key_change_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7, $12) RETURNING *",
                 draft.purchase_id,
                 draft.meter,
                 draft.tid,
@@ -1182,6 +1228,7 @@ class PostgresLedger:
                 draft.recipient,
                 draft.message,
                 (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
+                " ".join(draft.key_change_tokens),
             )
             row = await self._move(
                 conn,
@@ -1200,6 +1247,60 @@ class PostgresLedger:
 
         return await self._with_retry(op)
 
+    @staticmethod
+    async def _pending_key_change(conn: Connection, draft: VendDraft, meter: Row) -> KeyChange:
+        """The draft's key change, locked; ``TidConflict`` (read again) if it is not pending."""
+        row = await conn.fetchrow(
+            "SELECT * FROM key_changes WHERE change_id = $1 AND meter = $2 AND state = $3"
+            " FOR UPDATE",
+            draft.key_change_id,
+            draft.meter,
+            KeyChangeState.PENDING.value,
+        )
+        change = _key_change(row) if row is not None else None
+        if change is None or (meter["sgc"], meter["krn"], meter["base_date"]) != (
+            change.from_sgc,
+            change.from_krn,
+            change.from_base_date,
+        ):
+            _raise_tid_conflict(draft, meter["last_tid"])
+        return change
+
+    async def _apply_key_change(
+        self, conn: Connection, draft: VendDraft, change: KeyChange, now: datetime
+    ) -> None:
+        """The meter row takes the new key; the change is APPLIED for this purchase."""
+        await conn.execute(
+            "WITH changed AS (UPDATE key_changes SET state = $1, applied_at = $2,"
+            " purchase_id = $3 WHERE change_id = $4)"
+            " UPDATE meters SET sgc = $5, krn = $6, tariff_index = $7, base_date = $8"
+            " WHERE drn = $9",
+            KeyChangeState.APPLIED.value,
+            now,
+            draft.purchase_id,
+            change.change_id,
+            change.sgc,
+            change.krn,
+            change.tariff_index,
+            change.base_date,
+            draft.meter,
+        )
+        await self._append(
+            conn,
+            draft.purchase_id,
+            "key_changed",
+            "saga",
+            {
+                "meter": draft.meter,
+                "change_id": change.change_id,
+                "from": f"{change.from_sgc}/{change.from_krn}/{change.from_base_date}",
+                "to": f"{change.sgc}/{change.krn}/{change.base_date}",
+                "rollover": change.rollover,
+                "tokens": len(draft.key_change_tokens),
+                "tid": draft.tid,
+            },
+        )
+
     async def vend_context(self, purchase_id: str) -> VendContext:
         """The purchase, its meter, vend, receipt and language in one read. Raises ``NotFound``."""
         row = await self._fetchrow(_VEND_CONTEXT, purchase_id)
@@ -1215,6 +1316,9 @@ class PostgresLedger:
             vend=_vend(vend) if vend is not None else None,
             receipt=row["pay_receipt"],
             language=row["pref_language"],
+            key_change=_key_change({name: row["kc_" + name] for name in _KEY_CHANGE_COLUMNS})
+            if row["kc_change_id"] is not None
+            else None,
         )
 
     async def get_vend(self, purchase_id: str) -> Vend | None:
@@ -1232,6 +1336,83 @@ class PostgresLedger:
             meter,
         )
         return _vend(row) if row is not None else None
+
+    # -- key changes ----------------------------------------------------------------------------
+
+    async def meters_on_key(
+        self, sgc: str, krn: int, *, meters: Sequence[str] | None = None
+    ) -> list[MeterRecord]:
+        """The meters whose key is (``sgc``, ``krn``), among ``meters`` if given, by DRN."""
+        rows = await self._fetch(
+            "SELECT * FROM meters WHERE sgc = $1 AND krn = $2"
+            " AND ($3::text[] IS NULL OR drn = ANY($3::text[])) ORDER BY drn",
+            sgc,
+            krn,
+            list(meters) if meters is not None else None,
+        )
+        return [_meter(row) for row in rows]
+
+    async def plan_key_rotation(
+        self, rotation: KeyRotation, *, meters: Sequence[str] | None = None, actor: str
+    ) -> list[KeyChange]:
+        """Plan a pending key change for each meter on the old key; supersede earlier plans."""
+
+        async def op(conn: Connection) -> list[KeyChange]:
+            now = self._clock()
+            selected = (
+                "SELECT drn FROM meters WHERE sgc = $1 AND krn = $2"
+                " AND ($3::text[] IS NULL OR drn = ANY($3::text[]))"
+            )
+            wanted = list(meters) if meters is not None else None
+            await conn.execute(
+                f"UPDATE key_changes SET state = $4 WHERE state = $5 AND meter IN ({selected})",  # noqa: S608 - constant SQL
+                rotation.sgc,
+                rotation.from_krn,
+                wanted,
+                KeyChangeState.SUPERSEDED.value,
+                KeyChangeState.PENDING.value,
+            )
+            rows = await conn.fetch(
+                "INSERT INTO key_changes (meter, from_sgc, from_krn, from_tariff_index,"
+                " from_base_date, sgc, krn, tariff_index, base_date, state, planned_at)"
+                " SELECT drn, sgc, krn, tariff_index, base_date, COALESCE($4, sgc), $5,"
+                " COALESCE($6, tariff_index), $7, $8, $9 FROM meters"
+                " WHERE sgc = $1 AND krn = $2 AND ($3::text[] IS NULL OR drn = ANY($3::text[]))"
+                " ORDER BY drn RETURNING *",
+                rotation.sgc,
+                rotation.from_krn,
+                wanted,
+                rotation.to_sgc,
+                rotation.to_krn,
+                rotation.to_tariff_index,
+                rotation.to_base_date,
+                KeyChangeState.PENDING.value,
+                now,
+            )
+            await self._append(
+                conn,
+                None,
+                "key_rotation_planned",
+                actor,
+                {
+                    "sgc": rotation.sgc,
+                    "from_krn": rotation.from_krn,
+                    "to_sgc": rotation.to_sgc or rotation.sgc,
+                    "to_krn": rotation.to_krn,
+                    "to_base_date": rotation.to_base_date,
+                    "meters": len(rows),
+                },
+            )
+            return sorted((_key_change(row) for row in rows), key=lambda c: c.meter)
+
+        return await self._with_retry(op)
+
+    async def key_changes(self, meter: str) -> list[KeyChange]:
+        """The meter's key changes, oldest first."""
+        rows = await self._fetch(
+            "SELECT * FROM key_changes WHERE meter = $1 ORDER BY change_id", meter
+        )
+        return [_key_change(row) for row in rows]
 
     # -- outbox ---------------------------------------------------------------------------------
 
@@ -1329,6 +1510,18 @@ class PostgresLedger:
                     "cost": cost,
                 },
             )
+            early = await conn.fetchrow(
+                "DELETE FROM early_delivery_reports WHERE provider_message_id = $1"
+                " RETURNING state, failure_reason",
+                provider_message_id,
+            )
+            if early is not None:
+                message = await conn.fetchrow(
+                    "SELECT * FROM outbox WHERE message_id = $1 FOR UPDATE", message_id
+                )
+                await self._apply_report(
+                    conn, message, DeliveryState(early["state"]), early["failure_reason"]
+                )
 
         await self._with_retry(op)
 
@@ -1371,8 +1564,81 @@ class PostgresLedger:
 
         await self._with_retry(op)
 
+    async def _apply_report(
+        self, conn: Connection, row: Row, state: DeliveryState, failure_reason: str | None
+    ) -> OutboxMessage:
+        """A delivery report on the (locked) message ``row``; a delivered token: DELIVERED."""
+        message = _outbox(row)
+        if message.state.value in _FINAL_OUTBOX:
+            return message
+        if state is DeliveryState.DELIVERED:
+            new_state = OutboxState.DELIVERED
+        elif state.is_final:
+            new_state = OutboxState.FAILED
+        else:
+            new_state = OutboxState.SENT
+        updated = await conn.fetchrow(
+            "UPDATE outbox SET state = $1, last_error = $2, updated_at = $3"
+            " WHERE message_id = $4 RETURNING *",
+            new_state.value,
+            failure_reason,
+            self._clock(),
+            message.message_id,
+        )
+        await self._append(
+            conn,
+            message.purchase_id,
+            f"sms_{state.value}",
+            "delivery_report",
+            {"message_id": message.message_id, "reason": failure_reason},
+        )
+        if (
+            new_state is OutboxState.DELIVERED
+            and message.purchase_id is not None
+            and message.kind is MessageKind.TOKEN
+        ):
+            purchase = await self._lock_purchase(conn, message.purchase_id)
+            if purchase["state"] == PurchaseState.VENDED.value:
+                await self._move(
+                    conn,
+                    purchase,
+                    PurchaseState.DELIVERED,
+                    "token_delivered",
+                    "delivery_report",
+                    {"message_id": message.message_id},
+                )
+        return _outbox(updated)
+
+    async def _keep_early_report(self, conn: Connection, report: DeliveryReport) -> None:
+        """Keep a report whose message id is not recorded yet (bounded, expiring)."""
+        now = self._clock()
+        await conn.execute(
+            "DELETE FROM early_delivery_reports WHERE received_at < $1",
+            now - timedelta(seconds=EARLY_REPORT_TTL_S),
+        )
+        kept = await conn.fetchval("SELECT count(*) FROM early_delivery_reports")
+        if kept >= EARLY_REPORT_LIMIT:
+            log.warning("delivery_report_dropped", provider_message_id=report.provider_message_id)
+            return
+        # A final state is never replaced by a later non-final one ("Sent" after "Success").
+        await conn.execute(
+            "INSERT INTO early_delivery_reports (provider_message_id, state, failure_reason,"
+            " received_at) VALUES ($1, $2, $3, $4) ON CONFLICT (provider_message_id) DO UPDATE"
+            " SET state = excluded.state, failure_reason = excluded.failure_reason"
+            " WHERE $5 OR early_delivery_reports.state <> ALL($6::text[])",
+            report.provider_message_id,
+            report.state.value,
+            report.failure_reason,
+            now,
+            report.state.is_final,
+            _FINAL_DELIVERY,
+        )
+
     async def apply_delivery_report(self, report: DeliveryReport) -> OutboxMessage | None:
-        """Record a delivery report; a delivered token message makes its purchase DELIVERED."""
+        """Record a delivery report; a delivered token message makes its purchase DELIVERED.
+
+        An unknown message id is kept for ``outbox_sent`` (see ``Ledger``) and answers None.
+        """
 
         async def op(conn: Connection) -> OutboxMessage | None:
             row = await conn.fetchrow(
@@ -1380,47 +1646,9 @@ class PostgresLedger:
                 report.provider_message_id,
             )
             if row is None:
+                await self._keep_early_report(conn, report)
                 return None
-            message = _outbox(row)
-            if message.state.value in _FINAL_OUTBOX:
-                return message
-            if report.state is DeliveryState.DELIVERED:
-                new_state = OutboxState.DELIVERED
-            elif report.state.is_final:
-                new_state = OutboxState.FAILED
-            else:
-                new_state = OutboxState.SENT
-            updated = await conn.fetchrow(
-                "UPDATE outbox SET state = $1, last_error = $2, updated_at = $3"
-                " WHERE message_id = $4 RETURNING *",
-                new_state.value,
-                report.failure_reason,
-                self._clock(),
-                message.message_id,
-            )
-            await self._append(
-                conn,
-                message.purchase_id,
-                f"sms_{report.state.value}",
-                "delivery_report",
-                {"message_id": message.message_id, "reason": report.failure_reason},
-            )
-            if (
-                new_state is OutboxState.DELIVERED
-                and message.purchase_id is not None
-                and message.kind is MessageKind.TOKEN
-            ):
-                purchase = await self._lock_purchase(conn, message.purchase_id)
-                if purchase["state"] == PurchaseState.VENDED.value:
-                    await self._move(
-                        conn,
-                        purchase,
-                        PurchaseState.DELIVERED,
-                        "token_delivered",
-                        "delivery_report",
-                        {"message_id": message.message_id},
-                    )
-            return _outbox(updated)
+            return await self._apply_report(conn, row, report.state, report.failure_reason)
 
         return await self._with_retry(op)
 
@@ -1569,6 +1797,34 @@ class PostgresLedger:
             )
             for row in rows
         ]
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    async def purchase_counts(self) -> dict[str, int]:
+        """How many purchases are in each state (every state named, zeros included)."""
+        counts = dict.fromkeys((state.value for state in PurchaseState), 0)
+        for row in await self._fetch("SELECT state, count(*) AS n FROM purchases GROUP BY state"):
+            counts[row["state"]] = row["n"]
+        return counts
+
+    async def outbox_stats(self, now: datetime) -> OutboxStats:
+        """The outbox backlog (pending or sending), its oldest message's age, and held ones."""
+        row = await self._fetchrow(
+            "SELECT count(*) FILTER (WHERE state = ANY($1::text[])) AS backlog,"
+            " min(created_at) FILTER (WHERE state = ANY($1::text[])) AS oldest,"
+            " count(*) FILTER (WHERE state = $2) AS held"
+            " FROM outbox WHERE state = ANY($1::text[]) OR state = $2",
+            _UNSENT,
+            OutboxState.HELD.value,
+        )
+        assert row is not None  # noqa: S101 - an aggregate always answers one row
+        oldest = row["oldest"]
+        age = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
+        return OutboxStats(backlog=row["backlog"], oldest_age_s=age, held=row["held"])
+
+
+def _raise_tid_conflict(draft: VendDraft, actual: int | None) -> NoReturn:
+    raise TidConflict(draft.meter, draft.expected_last_tid, actual)
 
 
 # --------------------------------------------------------------------------------------- opening

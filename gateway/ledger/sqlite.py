@@ -48,18 +48,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, NoReturn, TypeVar, cast
 
 import aiosqlite
 import structlog
 
 from gateway.ledger.base import (
+    EARLY_REPORT_LIMIT,
+    EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
     ConfirmedPayment,
     DuplicateError,
     Event,
     IdempotencyConflict,
     IllegalTransition,
+    KeyChange,
+    KeyChangeState,
+    KeyRotation,
     LedgerError,
     LedgerUnavailable,
     MessageKind,
@@ -73,6 +78,7 @@ from gateway.ledger.base import (
     NoticeRecord,
     OutboxMessage,
     OutboxState,
+    OutboxStats,
     PaymentRecord,
     PaymentRecordState,
     Purchase,
@@ -424,6 +430,28 @@ def _vend(row: sqlite3.Row) -> Vend:
         units=row["units"],
         receipt=row["receipt"],
         created_at=_dt(row["created_at"]),
+        key_change_tokens=tuple(row["key_change_tokens"].split()),
+    )
+
+
+def _key_change(row: sqlite3.Row, prefix: str = "") -> KeyChange:
+    applied_at = row[prefix + "applied_at"]
+    purchase_id = row[prefix + "purchase_id"]
+    return KeyChange(
+        change_id=row[prefix + "change_id"],
+        meter=MeterNumber(row[prefix + "meter"]),
+        from_sgc=row[prefix + "from_sgc"],
+        from_krn=row[prefix + "from_krn"],
+        from_tariff_index=row[prefix + "from_tariff_index"],
+        from_base_date=row[prefix + "from_base_date"],
+        sgc=row[prefix + "sgc"],
+        krn=row[prefix + "krn"],
+        tariff_index=row[prefix + "tariff_index"],
+        base_date=row[prefix + "base_date"],
+        state=KeyChangeState(row[prefix + "state"]),
+        planned_at=_dt(row[prefix + "planned_at"]),
+        applied_at=_dt(applied_at) if applied_at else None,
+        purchase_id=PurchaseId(purchase_id) if purchase_id else None,
     )
 
 
@@ -478,19 +506,29 @@ _METER_COLUMNS: Final = (
     "drn", "customer_name", "area", "iin", "sgc", "tariff_index", "krn", "key_type", "ea",
     "dkga", "base_date", "ken", "last_tid", "tariff_id", "status",
 )  # fmt: skip
+_KEY_CHANGE_COLUMNS: Final = (
+    "change_id", "meter", "from_sgc", "from_krn", "from_tariff_index", "from_base_date", "sgc",
+    "krn", "tariff_index", "base_date", "state", "planned_at", "applied_at", "purchase_id",
+)  # fmt: skip
 _VEND_CONTEXT_SQL: Final = (
     "SELECT p.*, "  # noqa: S608 - built from our constant column names
     + ", ".join(f"m.{column} AS m_{column}" for column in _METER_COLUMNS)
+    + ", "
+    + ", ".join(f"kc.{column} AS kc_{column}" for column in _KEY_CHANGE_COLUMNS)
     + ", v.meter AS v_meter, v.tid AS v_tid, v.token AS v_token, v.units AS v_units,"
     " v.receipt AS v_receipt, v.created_at AS v_created_at,"
+    " v.key_change_tokens AS v_key_change_tokens,"
     " pay.receipt AS pay_receipt, pref.language AS language"
     " FROM purchases p JOIN meters m ON m.drn = p.meter"
     " LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
     " LEFT JOIN payments pay ON pay.provider = p.provider AND pay.reference = p.provider_reference"
     " LEFT JOIN customer_preferences pref ON pref.phone = p.phone"
+    " LEFT JOIN key_changes kc ON kc.meter = p.meter AND kc.state = 'pending'"
     " WHERE p.purchase_id = ?"
 )
 _FINAL_OUTBOX: Final = (OutboxState.DELIVERED.value, OutboxState.FAILED.value)
+_UNSENT: Final = (OutboxState.PENDING.value, OutboxState.SENDING.value)
+_FINAL_DELIVERY: Final = tuple(state.value for state in DeliveryState if state.is_final)
 _PAID_OR_LATER: Final = frozenset(
     {PurchaseState.PAID, PurchaseState.VENDED, PurchaseState.DELIVERED}
 )
@@ -967,10 +1005,18 @@ class SqliteLedger:
             else:
                 purchase_id = row["purchase_id"]
                 if row["payload_hash"] is None:
+                    # The callback's receipt is kept: a status answer may carry none (Daraja STK).
                     conn.execute(
-                        "UPDATE payments SET payload = ?, payload_hash = ?, updated_at = ?"
-                        " WHERE provider = ? AND reference = ?",
-                        (notice.raw, notice.payload_hash, now, notice.provider, notice.reference),
+                        "UPDATE payments SET payload = ?, payload_hash = ?, updated_at = ?,"
+                        " receipt = COALESCE(receipt, ?) WHERE provider = ? AND reference = ?",
+                        (
+                            notice.raw,
+                            notice.payload_hash,
+                            now,
+                            notice.receipt,
+                            notice.provider,
+                            notice.reference,
+                        ),
                     )
                 else:
                     duplicate = True
@@ -1036,7 +1082,8 @@ class SqliteLedger:
         )
         updated = conn.execute(
             "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
-            " receipt = ?, updated_at = ?, purchase_id = ? WHERE provider = ? AND reference = ?"
+            " receipt = COALESCE(?, receipt), updated_at = ?, purchase_id = ?"
+            " WHERE provider = ? AND reference = ?"
             " AND (purchase_id IS NULL OR purchase_id = ?)",
             (*values, purchase_id, payment.provider, payment.reference, purchase_id),
         )
@@ -1198,6 +1245,7 @@ class SqliteLedger:
                 units=row["v_units"],
                 receipt=row["v_receipt"],
                 created_at=_dt(row["v_created_at"]),
+                key_change_tokens=tuple(row["v_key_change_tokens"].split()),
             )
         return VendContext(
             purchase=_purchase(row),
@@ -1205,6 +1253,7 @@ class SqliteLedger:
             vend=vend,
             receipt=row["pay_receipt"],
             language=row["language"],
+            key_change=_key_change(row, "kc_") if row["kc_change_id"] is not None else None,
         )
 
     async def record_vend(
@@ -1238,23 +1287,21 @@ class SqliteLedger:
             if not is_legal(current, PurchaseState.VENDED):
                 raise IllegalTransition(draft.purchase_id, current, PurchaseState.VENDED)
             expected = draft.expected_last_tid
-            if expected is not None and draft.tid <= expected:
-                raise TidConflict(draft.meter, expected, expected)
-            moved = conn.execute(
-                "UPDATE meters SET last_tid = ? WHERE drn = ? AND last_tid IS ?",
-                (draft.tid, draft.meter, expected),
-            )
-            if moved.rowcount != 1:
-                meter = conn.execute(
-                    "SELECT last_tid FROM meters WHERE drn = ?", (draft.meter,)
-                ).fetchone()
-                if meter is None:
-                    raise NotFound("meter", draft.meter)
-                raise TidConflict(draft.meter, expected, meter["last_tid"])
             now = _ts(self._clock())
+            if draft.key_change_id is not None:
+                self._apply_key_change(conn, draft, now)
+            else:
+                if expected is not None and draft.tid <= expected:
+                    raise TidConflict(draft.meter, expected, expected)
+                moved = conn.execute(
+                    "UPDATE meters SET last_tid = ? WHERE drn = ? AND last_tid IS ?",
+                    (draft.tid, draft.meter, expected),
+                )
+                if moved.rowcount != 1:
+                    self._tid_conflict(conn, draft)
             conn.execute(
-                "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
+                " key_change_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     draft.purchase_id,
                     draft.meter,
@@ -1263,6 +1310,7 @@ class SqliteLedger:
                     draft.units,
                     draft.receipt,
                     now,
+                    " ".join(draft.key_change_tokens),
                 ),
             )
             conn.execute(
@@ -1306,6 +1354,7 @@ class SqliteLedger:
                 units=draft.units,
                 receipt=draft.receipt,
                 created_at=created,
+                key_change_tokens=draft.key_change_tokens,
             )
             purchase = dataclasses.replace(
                 _purchase(row),
@@ -1317,6 +1366,63 @@ class SqliteLedger:
             return VendOutcome(vend=vend, replayed=False, purchase=purchase)
 
         return await self._write(op)
+
+    @staticmethod
+    def _tid_conflict(conn: sqlite3.Connection, draft: VendDraft) -> NoReturn:
+        meter = conn.execute("SELECT last_tid FROM meters WHERE drn = ?", (draft.meter,)).fetchone()
+        if meter is None:
+            raise NotFound("meter", draft.meter)
+        raise TidConflict(draft.meter, draft.expected_last_tid, meter["last_tid"])
+
+    def _apply_key_change(self, conn: sqlite3.Connection, draft: VendDraft, now: str) -> None:
+        """The meter takes the pending change's key; ``last_tid`` restarts on a rollover."""
+        row = conn.execute(
+            "SELECT * FROM key_changes WHERE change_id = ? AND meter = ? AND state = ?",
+            (draft.key_change_id, draft.meter, KeyChangeState.PENDING.value),
+        ).fetchone()
+        if row is None:  # applied or superseded meanwhile: read again
+            self._tid_conflict(conn, draft)
+        change = _key_change(row)
+        expected = draft.expected_last_tid
+        if not change.rollover and expected is not None and draft.tid <= expected:
+            raise TidConflict(draft.meter, expected, expected)
+        moved = conn.execute(
+            "UPDATE meters SET last_tid = ?, sgc = ?, krn = ?, tariff_index = ?, base_date = ?"
+            " WHERE drn = ? AND last_tid IS ? AND sgc = ? AND krn = ? AND base_date = ?",
+            (
+                draft.tid,
+                change.sgc,
+                change.krn,
+                change.tariff_index,
+                change.base_date,
+                draft.meter,
+                expected,
+                change.from_sgc,
+                change.from_krn,
+                change.from_base_date,
+            ),
+        )
+        if moved.rowcount != 1:
+            self._tid_conflict(conn, draft)
+        conn.execute(
+            "UPDATE key_changes SET state = ?, applied_at = ?, purchase_id = ? WHERE change_id = ?",
+            (KeyChangeState.APPLIED.value, now, draft.purchase_id, change.change_id),
+        )
+        self._event(
+            conn,
+            draft.purchase_id,
+            "key_changed",
+            "saga",
+            {
+                "meter": draft.meter,
+                "change_id": change.change_id,
+                "from": f"{change.from_sgc}/{change.from_krn}/{change.from_base_date}",
+                "to": f"{change.sgc}/{change.krn}/{change.base_date}",
+                "rollover": change.rollover,
+                "tokens": len(draft.key_change_tokens),
+                "tid": draft.tid,
+            },
+        )
 
     async def get_vend(self, purchase_id: str) -> Vend | None:
         """The purchase's vend, if it has one."""
@@ -1337,6 +1443,89 @@ class SqliteLedger:
             sql + " ORDER BY v.created_at DESC, v.vend_id DESC LIMIT 1", params
         )
         return _vend(row) if row is not None else None
+
+    # -- key changes ----------------------------------------------------------------------------
+
+    async def meters_on_key(
+        self, sgc: str, krn: int, *, meters: Sequence[str] | None = None
+    ) -> list[MeterRecord]:
+        """The meters whose key is (``sgc``, ``krn``), among ``meters`` if given, by DRN."""
+        rows = await self._read(
+            "SELECT * FROM meters WHERE sgc = ? AND krn = ? ORDER BY drn", (sgc, krn)
+        )
+        wanted = set(meters) if meters is not None else None
+        return [_meter(row) for row in rows if wanted is None or row["drn"] in wanted]
+
+    async def plan_key_rotation(
+        self, rotation: KeyRotation, *, meters: Sequence[str] | None = None, actor: str
+    ) -> list[KeyChange]:
+        """Plan a pending key change for each meter on the old key; supersede earlier plans."""
+        wanted = set(meters) if meters is not None else None
+
+        def op(conn: sqlite3.Connection) -> list[KeyChange]:
+            now = _ts(self._clock())
+            rows = conn.execute(
+                "SELECT drn, sgc, krn, tariff_index, base_date FROM meters"
+                " WHERE sgc = ? AND krn = ? ORDER BY drn",
+                (rotation.sgc, rotation.from_krn),
+            ).fetchall()
+            planned: list[KeyChange] = []
+            for row in rows:
+                if wanted is not None and row["drn"] not in wanted:
+                    continue
+                conn.execute(
+                    "UPDATE key_changes SET state = ? WHERE meter = ? AND state = ?",
+                    (KeyChangeState.SUPERSEDED.value, row["drn"], KeyChangeState.PENDING.value),
+                )
+                cursor = conn.execute(
+                    "INSERT INTO key_changes (meter, from_sgc, from_krn, from_tariff_index,"
+                    " from_base_date, sgc, krn, tariff_index, base_date, state, planned_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        row["drn"],
+                        row["sgc"],
+                        row["krn"],
+                        row["tariff_index"],
+                        row["base_date"],
+                        rotation.to_sgc or row["sgc"],
+                        rotation.to_krn,
+                        rotation.to_tariff_index or row["tariff_index"],
+                        rotation.to_base_date,
+                        KeyChangeState.PENDING.value,
+                        now,
+                    ),
+                )
+                planned.append(
+                    _key_change(
+                        conn.execute(
+                            "SELECT * FROM key_changes WHERE change_id = ?", (cursor.lastrowid,)
+                        ).fetchone()
+                    )
+                )
+            self._event(
+                conn,
+                None,
+                "key_rotation_planned",
+                actor,
+                {
+                    "sgc": rotation.sgc,
+                    "from_krn": rotation.from_krn,
+                    "to_sgc": rotation.to_sgc or rotation.sgc,
+                    "to_krn": rotation.to_krn,
+                    "to_base_date": rotation.to_base_date,
+                    "meters": len(planned),
+                },
+            )
+            return planned
+
+        return await self._write(op)
+
+    async def key_changes(self, meter: str) -> list[KeyChange]:
+        """The meter's key changes, oldest first."""
+        rows = await self._read(
+            "SELECT * FROM key_changes WHERE meter = ? ORDER BY change_id", (meter,)
+        )
+        return [_key_change(row) for row in rows]
 
     # -- outbox ---------------------------------------------------------------------------------
 
@@ -1444,6 +1633,18 @@ class SqliteLedger:
                     "cost": cost,
                 },
             )
+            early = conn.execute(
+                "DELETE FROM early_delivery_reports WHERE provider_message_id = ?"
+                " RETURNING state, failure_reason",
+                (provider_message_id,),
+            ).fetchone()
+            if early is not None:
+                message = conn.execute(
+                    "SELECT * FROM outbox WHERE message_id = ?", (message_id,)
+                ).fetchone()
+                self._apply_report(
+                    conn, message, DeliveryState(early["state"]), early["failure_reason"]
+                )
 
         await self._write(op)
 
@@ -1487,55 +1688,96 @@ class SqliteLedger:
 
         await self._write(op)
 
+    def _apply_report(
+        self,
+        conn: sqlite3.Connection,
+        row: sqlite3.Row,
+        state: DeliveryState,
+        failure_reason: str | None,
+    ) -> OutboxMessage:
+        """A delivery report on the message ``row``; a delivered token makes it DELIVERED."""
+        message = _outbox(row)
+        if message.state.value in _FINAL_OUTBOX:
+            return message
+        if state is DeliveryState.DELIVERED:
+            new_state = OutboxState.DELIVERED
+        elif state.is_final:
+            new_state = OutboxState.FAILED
+        else:
+            new_state = OutboxState.SENT
+        conn.execute(
+            "UPDATE outbox SET state = ?, last_error = ?, updated_at = ? WHERE message_id = ?",
+            (new_state.value, failure_reason, _ts(self._clock()), message.message_id),
+        )
+        self._event(
+            conn,
+            message.purchase_id,
+            f"sms_{state.value}",
+            "delivery_report",
+            {"message_id": message.message_id, "reason": failure_reason},
+        )
+        if (
+            new_state is OutboxState.DELIVERED
+            and message.purchase_id is not None
+            and message.kind is MessageKind.TOKEN
+        ):
+            purchase = self._purchase_row(conn, message.purchase_id)
+            if purchase["state"] == PurchaseState.VENDED.value:
+                self._move(
+                    conn,
+                    purchase,
+                    PurchaseState.DELIVERED,
+                    "token_delivered",
+                    "delivery_report",
+                    {"message_id": message.message_id},
+                )
+        return _outbox(
+            conn.execute(
+                "SELECT * FROM outbox WHERE message_id = ?", (message.message_id,)
+            ).fetchone()
+        )
+
+    def _keep_early_report(self, conn: sqlite3.Connection, report: DeliveryReport) -> None:
+        """Keep a report whose message id is not recorded yet (bounded, expiring)."""
+        now = self._clock()
+        conn.execute(
+            "DELETE FROM early_delivery_reports WHERE received_at < ?",
+            (_ts(now - timedelta(seconds=EARLY_REPORT_TTL_S)),),
+        )
+        kept = conn.execute("SELECT count(*) FROM early_delivery_reports").fetchone()[0]
+        if kept >= EARLY_REPORT_LIMIT:
+            log.warning("delivery_report_dropped", provider_message_id=report.provider_message_id)
+            return
+        # A final state is never replaced by a later non-final one ("Sent" after "Success").
+        conn.execute(
+            "INSERT INTO early_delivery_reports (provider_message_id, state, failure_reason,"
+            " received_at) VALUES (?, ?, ?, ?) ON CONFLICT (provider_message_id) DO UPDATE"
+            " SET state = excluded.state, failure_reason = excluded.failure_reason"
+            " WHERE ? OR early_delivery_reports.state NOT IN (?, ?, ?)",
+            (
+                report.provider_message_id,
+                report.state.value,
+                report.failure_reason,
+                _ts(now),
+                report.state.is_final,
+                *_FINAL_DELIVERY,
+            ),
+        )
+
     async def apply_delivery_report(self, report: DeliveryReport) -> OutboxMessage | None:
-        """Record a delivery report; a delivered token message makes its purchase DELIVERED."""
+        """Record a delivery report; a delivered token message makes its purchase DELIVERED.
+
+        An unknown message id is kept for ``outbox_sent`` (see ``Ledger``) and answers None.
+        """
 
         def op(conn: sqlite3.Connection) -> OutboxMessage | None:
             row = conn.execute(
                 "SELECT * FROM outbox WHERE provider_message_id = ?", (report.provider_message_id,)
             ).fetchone()
             if row is None:
+                self._keep_early_report(conn, report)
                 return None
-            message = _outbox(row)
-            if message.state.value in _FINAL_OUTBOX:
-                return message
-            if report.state is DeliveryState.DELIVERED:
-                new_state = OutboxState.DELIVERED
-            elif report.state.is_final:
-                new_state = OutboxState.FAILED
-            else:
-                new_state = OutboxState.SENT
-            conn.execute(
-                "UPDATE outbox SET state = ?, last_error = ?, updated_at = ? WHERE message_id = ?",
-                (new_state.value, report.failure_reason, _ts(self._clock()), message.message_id),
-            )
-            self._event(
-                conn,
-                message.purchase_id,
-                f"sms_{report.state.value}",
-                "delivery_report",
-                {"message_id": message.message_id, "reason": report.failure_reason},
-            )
-            if (
-                new_state is OutboxState.DELIVERED
-                and message.purchase_id is not None
-                and message.kind is MessageKind.TOKEN
-            ):
-                purchase = self._purchase_row(conn, message.purchase_id)
-                if purchase["state"] == PurchaseState.VENDED.value:
-                    self._move(
-                        conn,
-                        purchase,
-                        PurchaseState.DELIVERED,
-                        "token_delivered",
-                        "delivery_report",
-                        {"message_id": message.message_id},
-                    )
-            return _outbox(
-                conn.execute(
-                    "SELECT * FROM outbox WHERE message_id = ?", (message.message_id,)
-                ).fetchone()
-            )
+            return self._apply_report(conn, row, report.state, report.failure_reason)
 
         return await self._write(op)
 
@@ -1688,6 +1930,29 @@ class SqliteLedger:
             )
             for row in rows
         ]
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    async def purchase_counts(self) -> dict[str, int]:
+        """How many purchases are in each state (every state named, zeros included)."""
+        counts = dict.fromkeys((state.value for state in PurchaseState), 0)
+        for row in await self._read("SELECT state, count(*) AS n FROM purchases GROUP BY state"):
+            counts[row["state"]] = row["n"]
+        return counts
+
+    async def outbox_stats(self, now: datetime) -> OutboxStats:
+        """The outbox backlog (pending or sending), its oldest message's age, and held ones."""
+        row = await self._read_one(
+            "SELECT count(*) FILTER (WHERE state IN (?, ?)) AS backlog,"
+            " min(created_at) FILTER (WHERE state IN (?, ?)) AS oldest,"
+            " count(*) FILTER (WHERE state = ?) AS held"
+            " FROM outbox WHERE state IN (?, ?, ?)",
+            (*_UNSENT, *_UNSENT, OutboxState.HELD.value, *_UNSENT, OutboxState.HELD.value),
+        )
+        assert row is not None  # noqa: S101 - an aggregate always answers one row
+        oldest = row["oldest"]
+        age = max(0.0, (now - _dt(oldest)).total_seconds()) if oldest else 0.0
+        return OutboxStats(backlog=row["backlog"], oldest_age_s=age, held=row["held"])
 
 
 def sqlite_path(url: str) -> Path:
