@@ -5,15 +5,19 @@ into PostgreSQL itself:
 
 Transactions
     Every ``Ledger`` method is one transaction (``READ COMMITTED``) on a connection from an
-    ``asyncpg`` pool. Rows a method decides on are locked first (``SELECT … FOR UPDATE``), always
-    in the same order (purchase, then meter), so two instances acting on one purchase wait for
-    each other instead of both acting, and never deadlock on each other.
+    ``asyncpg`` pool (a method that is a single statement runs without ``BEGIN``/``COMMIT``: the
+    statement is atomic by itself). Rows a method decides on are locked first (``SELECT … FOR
+    UPDATE``), always in the same order (purchase, then its payment row, then its meter; a
+    delivery report locks its message, then the purchase), so two instances acting on one
+    purchase wait for each other instead of both acting, and never deadlock on each other.
 
 TIDs
-    ``record_vend`` locks the meter's row (``SELECT last_tid … FOR UPDATE``) and compares it with
-    the TID the vend was computed from: two instances vending for one meter in the same minute
-    are serialised there, the loser gets ``TidConflict`` and the saga makes a new token from the
-    new last TID. ``UNIQUE (meter, tid)`` stays as the last net.
+    ``record_vend`` (with the proven payment, when given, in the same transaction) locks the
+    meter's row (``SELECT last_tid … FOR UPDATE``) and compares it with the TID the vend was
+    computed from: two instances vending for one meter in the same minute are serialised there,
+    the loser gets ``TidConflict`` (and nothing of its transaction stays, payment included) and
+    the saga makes a new token from the new last TID. ``UNIQUE (meter, tid)`` stays as the last
+    net.
 
 Idempotent inserts
     Inserts two instances may race on (one idempotency key, one provider reference) use
