@@ -33,6 +33,7 @@ from gateway.payments import CollectionRequest
 from gateway.payments.daraja import DarajaProvider
 from gateway.phone import Msisdn
 from gateway.sim.daraja import DarajaSimulator
+from gateway.sts import LocalTokenEngine, MeterProfile, VendingKey
 from gateway.vending import Vending, load_token_engine
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -168,3 +169,104 @@ async def test_stk_push_accepted_before_a_crash_charges_the_customer_once(
         await sim.settle()
     charges = [c for c in sim.ledger() if c.msisdn == "254711000001"]
     assert len(charges) == 1
+
+
+# --- the auditor itself: each count catches what it names ----------------------------------------
+
+AUDIT_KEY_HEX = "0123456789abcdef0123456789abcdef01234567"
+AUDIT_METER = "05000000017"
+
+
+def _auditor_world() -> tuple[ModuleType, dict[str, Any], Any]:
+    """The auditor module, one meter's profile and the vending key (as the harness writes them)."""
+    audit = _bench("audit")
+    profile = MeterProfile(drn=AUDIT_METER, sgc="600001", tariff_index="01", krn=1)
+    key = VendingKey(sgc="600001", krn=1, dkga=4, base_date=2014, key=bytes.fromhex(AUDIT_KEY_HEX))
+    return audit, {AUDIT_METER: profile}, key
+
+
+def _token(meters: dict[str, Any], key: Any, tid: int, units: int = 34) -> str:
+    engine = LocalTokenEngine([key])
+    digits: str = engine.credit_token_sync(meters[AUDIT_METER], units, tid).digits
+    return "-".join(digits[i : i + 4] for i in range(0, 20, 4))
+
+
+def _charge(audit: ModuleType, reference: str, msisdn: str = "254711000001") -> Any:
+    return audit.Charge(
+        provider="daraja",
+        reference=reference,
+        receipt=reference,
+        msisdn=msisdn,
+        amount_minor=10_000,
+        currency="KES",
+        account=AUDIT_METER,
+    )
+
+
+def _sms(token: str, receipt: str, to: str = "+254711000001") -> dict[str, Any]:
+    text = (
+        f"Electricity token {token}. 3.4 kWh for KES 100.00. Meter {AUDIT_METER}."
+        f" Receipt {receipt}."
+    )
+    return {"message_id": f"ATXid_{receipt}{token[-4:]}", "to": to, "text": text,
+            "accepted_at": 1.0, "reports": ["Sent", "Success"]}  # fmt: skip
+
+
+def test_auditor_passes_one_paid_delivered_accepted_token() -> None:
+    """A payment whose token reached the payer and that the meter accepts gives all zeros."""
+    audit, meters, key = _auditor_world()
+    report = audit.audit(
+        [_charge(audit, "RCPT000001")], [_sms(_token(meters, key, 100), "RCPT000001")], meters, key
+    )
+    assert report.ok, report.lines()
+
+
+def test_auditor_counts_a_second_token_for_one_payment_as_a_double_vend() -> None:
+    """Two distinct tokens carrying one payment's receipt are one double vend."""
+    audit, meters, key = _auditor_world()
+    messages = [_sms(_token(meters, key, t), "RCPT000001") for t in (100, 101)]
+    report = audit.audit([_charge(audit, "RCPT000001")], messages, meters, key)
+    assert (report.double_vends, report.ok) == (1, False)
+
+
+def test_auditor_counts_money_taken_without_any_token() -> None:
+    """A charge no SMS accounts for is paid without token (not a double charge: no token)."""
+    audit, meters, key = _auditor_world()
+    report = audit.audit([_charge(audit, "RCPT000001")], [], meters, key)
+    assert (report.paid_without_token, report.charged_twice) == (1, 0)
+
+
+def test_auditor_counts_a_token_nobody_paid_for() -> None:
+    """A token whose receipt, payer, meter and amount match no charge has no payment."""
+    audit, meters, key = _auditor_world()
+    report = audit.audit([], [_sms(_token(meters, key, 100), "PURCHASE123")], meters, key)
+    assert report.token_without_payment == 1
+
+
+def test_auditor_counts_a_token_that_never_reached_the_payer() -> None:
+    """A token sent to another phone, or never reported delivered, is undelivered."""
+    audit, meters, key = _auditor_world()
+    message = _sms(_token(meters, key, 100), "RCPT000001", to="+254799999999")
+    report = audit.audit([_charge(audit, "RCPT000001")], [message], meters, key)
+    assert report.undelivered_tokens == 1
+
+
+def test_auditor_counts_tokens_the_meter_refuses() -> None:
+    """A token made with another vending key is refused by the meter emulator."""
+    audit, meters, key = _auditor_world()
+    other = VendingKey(sgc="600001", krn=1, dkga=4, base_date=2014, key=bytes(20))
+    report = audit.audit(
+        [_charge(audit, "RCPT000001")],
+        [_sms(_token(meters, other, 100), "RCPT000001")],
+        meters,
+        key,
+    )
+    assert report.meter_rejected == 1
+
+
+def test_auditor_tells_a_second_charge_for_one_purchase() -> None:
+    """A payer charged twice for one meter and amount with one token: one charged twice."""
+    audit, meters, key = _auditor_world()
+    charges = [_charge(audit, "ws_CO_1"), _charge(audit, "ws_CO_2")]
+    report = audit.audit(charges, [_sms(_token(meters, key, 100), "PURCHASE123")], meters, key)
+    assert (report.paid_without_token, report.charged_twice, report.double_vends) == (1, 1, 0)
