@@ -169,6 +169,7 @@ class LoadSettings:
     show_progress: bool = True
     sweep_interval_s: float = 0.5
     payment_deadline_s: int = 2
+    session_store: str = "sqlite"  # the gateway's USSD session store (sqlite | memory)
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -354,6 +355,7 @@ class Processes:
             "GATEWAY_AFRICASTALKING_CLIENT": "http",
             "GATEWAY_PAYMENT_DEADLINE_S": str(self.settings.payment_deadline_s),
             "GATEWAY_SWEEP_INTERVAL_S": str(self.settings.sweep_interval_s),
+            "GATEWAY_SESSION_STORE": self.settings.session_store,
         }
 
     async def import_meters(self) -> None:
@@ -826,6 +828,17 @@ def parse_args(argv: Sequence[str] | None) -> tuple[LoadSettings, bool]:
         "--kill-every-s", type=float, nargs=2, default=(2.0, 5.0), metavar=("LO", "HI")
     )
     parser.add_argument("--drain-timeout-s", type=float, default=120.0)
+    parser.add_argument(
+        "--mix",
+        type=float,
+        nargs=3,
+        default=(0.5, 0.25, 0.25),
+        metavar=("USSD", "SMS", "C2B"),
+        help="weights of the channels (0.5 0.25 0.25)",
+    )
+    parser.add_argument(
+        "--session-store", choices=["sqlite", "memory"], default="sqlite", help="USSD sessions"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
@@ -847,6 +860,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[LoadSettings, bool]:
         kill_every_s=(args.kill_every_s[0], args.kill_every_s[1]),
         drain_timeout_s=args.drain_timeout_s,
         seed=args.seed,
+        session_store=args.session_store,
+        mix=(args.mix[0], args.mix[1], args.mix[2]),
         workdir=args.workdir,
         show_progress=not args.json,
     )
