@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Final, Protocol
 
 import structlog
 
@@ -40,6 +41,7 @@ from gateway.errors import GatewayError
 from gateway.ledger import (
     ConfirmedPayment,
     IllegalTransition,
+    KeyChange,
     Ledger,
     LedgerError,
     MessageKind,
@@ -62,6 +64,7 @@ from gateway.ledger import (
 from gateway.money import Money
 from gateway.payments import (
     CollectionRequest,
+    CustomerPaymentRefusal,
     PaymentError,
     PaymentNotice,
     PaymentProvider,
@@ -74,6 +77,7 @@ from gateway.sts import (
     LocalTokenEngine,
     MeterProfile,
     StsError,
+    Token,
     TokenEngine,
     VendingKey,
     next_tid,
@@ -84,6 +88,7 @@ __all__ = [
     "MeterBlocked",
     "NotPaid",
     "NothingToReprint",
+    "SagaObserver",
     "SagaPolicy",
     "UnknownMeter",
     "VendFailed",
@@ -166,6 +171,20 @@ _SHORT_TEMPLATES: Final[Mapping[str, str]] = {
     "sw": "Tokeni {token} {kwh}kWh {amount} Mita {meter} Risiti {receipt}",
     "fr": "Code {token} {kwh}kWh {amount} Cpt {meter} Recu {receipt}",
 }
+#: With a key change: the key-change tokens come first, in order, then the credit token.
+_KEY_CHANGE_TEMPLATES: Final[Mapping[str, str]] = {
+    "en": "New meter key: enter {kcts} first, then token {token}. {kwh} kWh for {amount}."
+    " Meter {meter}. Receipt {receipt}.",
+    "sw": "Ufunguo mpya wa mita: weka {kcts} kwanza, kisha tokeni {token}. kWh {kwh} kwa"
+    " {amount}. Mita {meter}. Risiti {receipt}.",
+    "fr": "Nouvelle cle compteur: entrez {kcts} d'abord, puis le code {token}. {kwh} kWh pour"
+    " {amount}. Compteur {meter}. Recu {receipt}.",
+}
+_SHORT_KEY_CHANGE_TEMPLATES: Final[Mapping[str, str]] = {
+    "en": "Enter {kcts} then {token} {kwh}kWh {amount} Mtr {meter} Rcpt {receipt}",
+    "sw": "Weka {kcts} kisha {token} {kwh}kWh {amount} Mita {meter} Risiti {receipt}",
+    "fr": "Entrez {kcts} puis {token} {kwh}kWh {amount} Cpt {meter} Recu {receipt}",
+}
 
 
 def _group(token: str) -> str:
@@ -180,12 +199,15 @@ def token_message(
     meter: str,
     receipt: str,
     language: str = "en",
+    key_change_tokens: Sequence[str] = (),
 ) -> str:
     """The SMS that carries a token: token in groups of 4, kWh, amount, meter, receipt number.
 
     Fits one GSM-7 segment (160 characters) when it can, falling back to a terse template, and
     never needs more than two segments (306). Unknown languages fall back to English. The
     channels' message catalogues may replace the templates; this is the one builder to reuse.
+    With ``key_change_tokens`` (a key rotation), they come first, in the order to key them in,
+    each grouped by 4, then the credit token: one message of at most two segments.
 
     Args:
         token: the 20 digits.
@@ -194,6 +216,7 @@ def token_message(
         meter: the meter number.
         receipt: the provider's receipt number (our purchase id when the provider gave none).
         language: ``en``, ``sw`` or ``fr``.
+        key_change_tokens: the key-change set (20 digits each), in order.
 
     Raises:
         ValueError: even the terse text exceeds two segments (absurdly long meter or receipt).
@@ -204,17 +227,41 @@ def token_message(
         "amount": str(amount),
         "meter": meter,
         "receipt": receipt,
+        "kcts": " ".join(_group(kct) for kct in key_change_tokens),
     }
     lang = language if language in _TEMPLATES else "en"
-    text = _TEMPLATES[lang].format(**values)
-    if len(text) > _GSM7_SINGLE:
-        text = _SHORT_TEMPLATES[lang].format(**values)
-    if len(text) > _GSM7_DOUBLE:
-        raise ValueError(f"token message of {len(text)} characters exceeds two SMS segments")
-    return text
+    full, short = (
+        (_KEY_CHANGE_TEMPLATES, _SHORT_KEY_CHANGE_TEMPLATES)
+        if key_change_tokens
+        else (_TEMPLATES, _SHORT_TEMPLATES)
+    )
+    text = full[lang].format(**values)
+    if len(text) <= _GSM7_SINGLE:
+        return text
+    terse = short[lang].format(**values)
+    # The fewest segments first, then the fuller text.
+    for candidate in (terse, text) if len(terse) <= _GSM7_SINGLE else (text, terse):
+        if len(candidate) <= _GSM7_DOUBLE:
+            return candidate
+    raise ValueError(f"token message of {len(terse)} characters exceeds two SMS segments")
 
 
 # -------------------------------------------------------------------------------------- the saga
+
+
+class SagaObserver(Protocol):
+    """What the saga reports as it goes, for metrics (the composition root implements it).
+
+    Calls are synchronous and must be cheap; an observer that raises is logged and ignored.
+    """
+
+    def payment_confirmed(self, seconds: float) -> None:
+        """A payment was proven: seconds from the collection request to its proof (once each)."""
+        ...
+
+    def vended(self, seconds: float) -> None:
+        """A token was durably stored: seconds the vend step took (lock, token, write)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -247,7 +294,7 @@ class Vending:
         default_provider: the provider used when ``start_purchase`` names none.
         clock: the time source (UTC, aware); TIDs and deadlines come from it.
         policy: timings.
-        languages: looks up a phone's language for the SMS (default: the ledger's preference).
+        observer: told of payment-confirmation and vend latencies (metrics); optional.
     """
 
     def __init__(
@@ -259,6 +306,7 @@ class Vending:
         default_provider: str,
         clock: Callable[[], datetime] = _utc_now,
         policy: SagaPolicy | None = None,
+        observer: SagaObserver | None = None,
     ) -> None:
         if default_provider not in providers:
             raise ValueError(f"default provider {default_provider!r} is not among the providers")
@@ -268,6 +316,7 @@ class Vending:
         self._default_provider = default_provider
         self._clock = clock
         self._policy = policy or SagaPolicy()
+        self._observer = observer
         self._meter_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
@@ -503,14 +552,25 @@ class Vending:
         account_reference: str,
         amount: Money,
         payer: Msisdn | None,
-    ) -> str | None:
-        """Pre-check a customer-initiated payment: None to accept, else the reason to refuse."""
+    ) -> CustomerPaymentRefusal | None:
+        """Pre-check a customer-initiated payment: None to accept, else why it is refused.
+
+        An unknown (or empty) meter number is ``UNKNOWN_ACCOUNT``, an amount the tariff does not
+        sell (range or currency) ``AMOUNT_OUT_OF_RANGE``, a blocked meter ``OTHER``: the
+        provider's adapter answers its own code for each (Daraja: C2B00012, C2B00013, C2B00016).
+        """
         del provider, payer  # any provider and payer may pay for a sellable meter
         try:
             await self.quote(account_reference.strip(), amount)
-        except (VendingError, TariffError) as exc:
-            return str(exc)
-        return None
+        except UnknownMeter:
+            refusal = CustomerPaymentRefusal.UNKNOWN_ACCOUNT
+        except TariffError:
+            refusal = CustomerPaymentRefusal.AMOUNT_OUT_OF_RANGE
+        except VendingError:
+            refusal = CustomerPaymentRefusal.OTHER
+        else:
+            return None
+        return refusal
 
     def _matches(self, purchase: Purchase, status: PaymentStatus) -> tuple[bool, Money]:
         """Whether the provider's answer is exactly what we asked for, and the amount paid.
@@ -577,7 +637,8 @@ class Vending:
             reference=status.reference,
             amount=paid,
             payer=status.payer,
-            receipt=status.receipt,
+            # A status answer may carry no receipt (Daraja's STK Query): keep the callback's.
+            receipt=status.receipt or context.receipt,
         )
         if not matches:
             log.warning(
@@ -589,11 +650,28 @@ class Vending:
             return await self._ledger.mark_payment_mismatch(
                 purchase.purchase_id, confirmed, expected=purchase.amount, actor="saga"
             )
-        log.info("payment_confirmed", reference=status.reference, receipt=status.receipt)
+        log.info("payment_confirmed", reference=status.reference, receipt=confirmed.receipt)
         outcome = await self._vend_locked(
             purchase.purchase_id, purchase.meter, payment=confirmed, context=context
         )
+        if not outcome.replayed and self._observer is not None:
+            # Requested when it became AWAITING_PAYMENT (its last update before the proof);
+            # a customer-initiated payment was requested when it was opened.
+            requested = (
+                purchase.updated_at
+                if purchase.state is PurchaseState.AWAITING_PAYMENT
+                else purchase.created_at
+            )
+            seconds = max(0.0, (self._clock() - requested).total_seconds())
+            self._observe(self._observer.payment_confirmed, seconds)
         return outcome.purchase
+
+    @staticmethod
+    def _observe(report: Callable[[float], None], seconds: float) -> None:
+        try:
+            report(seconds)
+        except Exception as exc:  # noqa: BLE001 - metrics must never break a purchase
+            log.warning("saga_observer_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def check_payment(self, purchase_id: str) -> Purchase:
         """The sweeper's step for a purchase awaiting payment past its check time.
@@ -673,19 +751,24 @@ class Vending:
         meter's last TID guards against other writers (and against ``context`` having gone
         stale while the lock was awaited): a conflict is read again and retried.
         """
+        started = time.perf_counter()
         lock = self._meter_lock(meter)
         if lock.locked():
             context = None  # another vend of this meter goes first: its TID makes ours stale
         async with lock:
             for attempt in range(self._policy.vend_attempts):
                 try:
-                    return await self._vend_once(purchase_id, payment, context)
+                    outcome = await self._vend_once(purchase_id, payment, context)
                 except TidConflict as exc:
                     # Another writer (another process) took the meter's next TID: read again.
                     # A short jittered pause breaks the symmetry between two retrying writers.
                     log.info("vend_tid_conflict", meter=exc.meter, attempt=attempt)
                     context = None
                     await asyncio.sleep(random.random() * 0.002 * (attempt + 1))
+                else:
+                    if not outcome.replayed and self._observer is not None:
+                        self._observe(self._observer.vended, time.perf_counter() - started)
+                    return outcome
             raise LedgerError(
                 f"purchase {purchase_id}: the meter's TID kept moving during"
                 f" {self._policy.vend_attempts} attempts",
@@ -707,32 +790,33 @@ class Vending:
             raise NotPaid(purchase_id, purchase.state)
         if meter.status is MeterStatus.BLOCKED:
             raise await self._vend_failed(purchase, payment, f"meter {meter.drn} is blocked")
-        try:
-            profile = self._profile(meter)
-            tid = next_tid(self._clock(), meter.base_date, meter.last_tid)
-            token = await self._engine.credit_token(profile, purchase.units, tid)
-        except StsError as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            raise await self._vend_failed(purchase, payment, reason) from exc
-        receipt = (payment.receipt if payment else context.receipt) or purchase.purchase_id
+        change = context.key_change
+        if change is not None and not change.is_from(meter):
+            log.warning("key_change_stale", meter=meter.drn, change_id=change.change_id)
+            change = None
+        tid, token, kcts = await self._make_tokens(context, change, payment)
+        receipt = (payment.receipt if payment else None) or context.receipt or purchase.purchase_id
         outcome = await self._ledger.record_vend(
             VendDraft(
                 purchase_id=purchase.purchase_id,
                 meter=purchase.meter,
                 tid=tid,
                 expected_last_tid=meter.last_tid,
-                token=token.digits,
+                token=token,
                 units=purchase.units,
                 receipt=receipt,
                 recipient=purchase.phone,
                 message=token_message(
-                    token=token.digits,
+                    token=token,
                     units=purchase.units,
                     amount=purchase.amount,
                     meter=purchase.meter,
                     receipt=receipt,
                     language=context.language or "en",
+                    key_change_tokens=kcts,
                 ),
+                key_change_id=change.change_id if change is not None and kcts else None,
+                key_change_tokens=kcts,
             ),
             actor="saga",
             payment=payment,
@@ -744,8 +828,60 @@ class Vending:
                 tid=tid,
                 units=purchase.units,
                 token=outcome.vend.masked_token,
+                key_change_tokens=len(kcts),
             )
+            if purchase.phone is None:
+                # C2B with a masked MSISDN: the message is HELD for an operator (never retried),
+                # the token stays for reprint.
+                log.warning(
+                    "token_held_no_recipient", meter=purchase.meter, channel=purchase.channel
+                )
+                await self._ledger.append_event(
+                    purchase.purchase_id,
+                    "token_held_no_recipient",
+                    actor="saga",
+                    data={"reason": "the payment named no phone number (masked MSISDN)"},
+                )
         return outcome
+
+    async def _make_tokens(
+        self, context: VendContext, change: KeyChange | None, payment: ConfirmedPayment | None
+    ) -> tuple[int, str, tuple[str, ...]]:
+        """The TID, the credit token and the key-change tokens (empty without a change).
+
+        With a pending key change, the key-change set is made under the meter's current key and
+        the credit token under the new one, with a TID counted from the new base date (from
+        scratch on a rollover: the meter clears its TID store). Should the key change be
+        impossible now (the new key is not loaded yet), the credit token is made under the
+        current key and the change stays pending for a later purchase.
+
+        Raises:
+            VendFailed: no token can be made (the purchase is VEND_FAILED).
+        """
+        purchase, meter = context.purchase, context.meter
+        reasons: list[str] = []
+        if change is not None:
+            try:
+                new_meter = change.applied_to(meter)
+                new_profile = self._profile(new_meter)
+                kcts = await self._engine.key_change_tokens(self._profile(meter), new_profile)
+                last_tid = None if change.rollover else meter.last_tid
+                tid = next_tid(self._clock(), new_meter.base_date, last_tid)
+                token = await self._engine.credit_token(new_profile, purchase.units, tid)
+            except StsError as exc:
+                reason = f"key change {change.change_id}: {type(exc).__name__}: {exc}"
+                reasons.append(reason)
+                log.warning("key_change_deferred", meter=meter.drn, reason=reason)
+            else:
+                return tid, token.digits, tuple(_digits(kcts))
+        try:
+            profile = self._profile(meter)
+            tid = next_tid(self._clock(), meter.base_date, meter.last_tid)
+            token = await self._engine.credit_token(profile, purchase.units, tid)
+        except StsError as exc:
+            reasons.append(f"{type(exc).__name__}: {exc}")
+            raise await self._vend_failed(purchase, payment, "; ".join(reasons)) from exc
+        return tid, token.digits, ()
 
     def _profile(self, meter: MeterRecord) -> MeterProfile:
         """The engine's view of the meter, validated once per set of key attributes."""
@@ -822,6 +958,10 @@ class Vending:
         return done
 
 
+def _digits(tokens: Sequence[Token]) -> list[str]:
+    return [token.digits for token in tokens]
+
+
 async def reprint_token(ledger: Ledger, purchase_id: str, *, actor: str) -> OutboxMessage:
     """Queue the purchase's stored token again (XMLVend reprint): the same token, never a new one.
 
@@ -843,6 +983,7 @@ async def reprint_token(ledger: Ledger, purchase_id: str, *, actor: str) -> Outb
             meter=vend.meter,
             receipt=vend.receipt or purchase.purchase_id,
             language=context.language or "en",
+            key_change_tokens=vend.key_change_tokens,
         )
         message = await ledger.enqueue_message(
             purchase_id, kind=MessageKind.REPRINT, recipient=purchase.phone, body=text, actor=actor

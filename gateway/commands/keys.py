@@ -4,7 +4,17 @@
 gateway keys add --sgc 123457 --krn 1 --dkga 4 --base-date 2014 (--key-hex HEX | --key-file F)
                  [--key-type 2] [--ea 7]
 gateway keys list [--check]     attributes only (never a key); --check opens each one
+gateway keys rotate --sgc 123457 --from-krn 1 --to-krn 2 (--all | --meters FILE)
+                 [--to-sgc SGC] [--tariff-index TI] [--base-date 2014] [--dry-run] [--json]
 ```
+
+``rotate`` plans a key change for each meter on the old key: its next purchase delivers the
+key-change tokens (made under the old key) before the credit token (made under the new key),
+in one SMS, and the meter record takes the new key's attributes in the same transaction. A
+change of base date (a 1993 key, whose TIDs ran out on 2024-11-24, moving to a 2014 key) sets
+the rollover flag (RO = 1). The new key must be imported first (``keys add``); running gateway
+instances load keys at start, so restart them after importing (until then a purchase is vended
+under the old key and the change stays pending).
 
 The master key comes from ``GATEWAY_MASTER_KEY`` (32 bytes, base64) or the configuration
 file. A key that does not match its attributes (wrong length for its DKGA, bad parity) is
@@ -28,6 +38,10 @@ import structlog
 from gateway.commands._common import add_config_arguments, load_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.ledger import (
+    KeyRotation,
+    Ledger,
+    PurchaseState,
+    SealedVendingKey,
     VendingKeyMaterial,
     VendingKeyUnreadable,
     open_ledger,
@@ -62,6 +76,30 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     listing.add_argument("--check", action="store_true", help="open each key with the master key")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=_list)
+
+    rotate = commands.add_parser(
+        "rotate", help="move meters to a new key revision at their next purchase"
+    )
+    add_config_arguments(rotate)
+    rotate.add_argument("--sgc", required=True, help="the meters' supply group code")
+    rotate.add_argument("--from-krn", type=int, required=True, help="their current KRN")
+    rotate.add_argument("--to-krn", type=int, required=True, help="the new key's KRN")
+    rotate.add_argument("--to-sgc", help="the new key's SGC (default: the same)")
+    rotate.add_argument("--tariff-index", help="a new tariff index, 2 digits (default: kept)")
+    rotate.add_argument(
+        "--base-date",
+        type=int,
+        choices=[1993, 2014, 2035],
+        help="the new key's base date (default: the imported key's; must agree with it)",
+    )
+    which = rotate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every meter on the old key")
+    which.add_argument("--meters", type=Path, help="a file of meter numbers, one per line")
+    rotate.add_argument(
+        "--dry-run", action="store_true", help="say what would change, change nothing"
+    )
+    rotate.add_argument("--json", action="store_true", help="print one JSON object")
+    rotate.set_defaults(handler=_rotate)
 
 
 @contextmanager
@@ -177,3 +215,137 @@ def _list(args: argparse.Namespace) -> int:
         return 1 if failed else 0
 
     return _run("list", work())
+
+
+def _meter_list(path: Path) -> list[str]:
+    """Meter numbers from a file: one per line; blank lines and ``#`` comments are skipped.
+
+    Raises:
+        ConfigError: the file cannot be read.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("--meters", f"cannot read {path}: {exc}") from exc
+    meters = []
+    for line in text.splitlines():
+        drn = line.split("#", 1)[0].strip().strip(",")
+        if drn:
+            meters.append(drn)
+    return meters
+
+
+def _rotation_keys(
+    args: argparse.Namespace, keys: list[SealedVendingKey]
+) -> tuple[SealedVendingKey, SealedVendingKey]:
+    """The old and the new vending key of the rotation, checked against each other.
+
+    Raises:
+        ConfigError: a key is not imported, or the two cannot make a key change.
+    """
+    by_slot = {(key.sgc, key.krn): key for key in keys}
+    to_sgc = args.to_sgc or args.sgc
+    old = by_slot.get((args.sgc, args.from_krn))
+    new = by_slot.get((to_sgc, args.to_krn))
+    if old is None:
+        raise ConfigError(
+            "--from-krn",
+            f"no vending key sgc={args.sgc} krn={args.from_krn}: the key-change"
+            " tokens are made under it; import it with `gateway keys add`",
+        )
+    if new is None:
+        raise ConfigError(
+            "--to-krn",
+            f"no vending key sgc={to_sgc} krn={args.to_krn}: import it first with"
+            " `gateway keys add`",
+        )
+    if new is old:
+        raise ConfigError("--to-krn", "the new key is the old one")
+    if (new.ea, new.dkga) != (old.ea, old.dkga):
+        raise ConfigError(
+            "--to-krn",
+            f"a key change keeps the algorithm: the old key is EA{old.ea:02d}"
+            f" DKGA{old.dkga:02d}, the new one EA{new.ea:02d} DKGA{new.dkga:02d}",
+        )
+    if args.base_date is not None and args.base_date != new.base_date:
+        raise ConfigError(
+            "--base-date",
+            f"the key sgc={to_sgc} krn={args.to_krn} was imported with base date"
+            f" {new.base_date}, not {args.base_date}",
+        )
+    if args.tariff_index is not None and not (
+        len(args.tariff_index) == 2 and args.tariff_index.isdigit()
+    ):
+        raise ConfigError("--tariff-index", "a tariff index is 2 digits")
+    return old, new
+
+
+async def _vend_failed_of(ledger: Ledger, meters: set[str]) -> list[str]:
+    """Purchases of ``meters`` waiting in VEND_FAILED (a 1993 key past its TID range …)."""
+    failed = await ledger.find_purchases(states=[PurchaseState.VEND_FAILED], limit=1000)
+    return [purchase.purchase_id for purchase in failed if purchase.meter in meters]
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    async def work() -> int:
+        wanted = _meter_list(args.meters) if args.meters is not None else None
+        async with open_ledger(load_config(args).effective_database_url) as ledger:
+            old, new = _rotation_keys(args, await ledger.vending_keys())
+            rotation = KeyRotation(
+                sgc=args.sgc,
+                from_krn=args.from_krn,
+                to_krn=args.to_krn,
+                to_base_date=new.base_date,
+                to_sgc=args.to_sgc,
+                to_tariff_index=args.tariff_index,
+            )
+            if args.dry_run:
+                found = await ledger.meters_on_key(args.sgc, args.from_krn, meters=wanted)
+                meters = [meter.drn for meter in found]
+            else:
+                planned = await ledger.plan_key_rotation(
+                    rotation, meters=wanted, actor="operator:cli"
+                )
+                meters = [change.meter for change in planned]
+            stuck = await _vend_failed_of(ledger, set(meters))
+        skipped = sorted(set(wanted) - set(meters)) if wanted is not None else []
+        report = {
+            "sgc": args.sgc,
+            "from_krn": args.from_krn,
+            "to_sgc": args.to_sgc or args.sgc,
+            "to_krn": args.to_krn,
+            "from_base_date": old.base_date,
+            "to_base_date": new.base_date,
+            "rollover": old.base_date != new.base_date,
+            "dry_run": args.dry_run,
+            "meters": meters,
+            "skipped": skipped,
+            "vend_failed": stuck,
+        }
+        if args.json:
+            print(json.dumps(report))
+        else:
+            _print_rotation(report)
+        return 0
+
+    return _run("rotate", work())
+
+
+def _print_rotation(report: dict[str, Any]) -> None:
+    verb = "would plan" if report["dry_run"] else "planned"
+    roll = ", rollover (RO=1)" if report["rollover"] else ""
+    print(
+        f"{verb} a key change for {len(report['meters'])} meter(s):"
+        f" sgc={report['sgc']} krn={report['from_krn']} base {report['from_base_date']}"
+        f" -> sgc={report['to_sgc']} krn={report['to_krn']} base {report['to_base_date']}{roll}"
+    )
+    print("each meter's next purchase delivers the key-change tokens before its credit token")
+    for drn in report["skipped"]:
+        print(f"skipped {drn}: not on sgc={report['sgc']} krn={report['from_krn']}")
+    if report["vend_failed"]:
+        print(
+            f"{len(report['vend_failed'])} purchase(s) of these meters are vend_failed"
+            f" ({', '.join(report['vend_failed'][:10])}): retry them from /admin once planned"
+        )
+    if not report["dry_run"]:
+        print("restart running gateway instances if the new key was imported after they started")

@@ -138,3 +138,53 @@ def test_daily_report_as_csv(db: str, capsys: pytest.CaptureFixture[str]) -> Non
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "day,provider,state,currency,count,amount_minor"
     assert lines[1:] == ["2026-03-14,fakepay,vended,KES,1,11600"]
+
+
+def _add_key(db: str, krn: int, base_date: int, key_hex: str) -> None:
+    code = main(
+        ["keys", "add", "--database-url", db, "--sgc", "123457", "--krn", str(krn), "--dkga", "4",
+         "--base-date", str(base_date), "--key-hex", key_hex]
+    )  # fmt: skip
+    assert code == 0
+
+
+def test_keys_rotate_plans_a_change_per_meter_and_dry_run_changes_nothing(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``keys rotate`` plans listed meters on the old key, skips others; a dry run plans nothing."""
+    vended_purchase(db)  # meter make_drn(1) on sgc 123457 krn 1
+    _add_key(db, 1, 2014, "0abc" * 10)
+    _add_key(db, 2, 2014, "5e7a" * 10)
+    listed = tmp_path / "meters.txt"
+    listed.write_text(f"# meters to move\n{make_drn(1)}\n{make_drn(9)}\n\n", encoding="utf-8")
+    capsys.readouterr()
+    rotate = ["keys", "rotate", "--database-url", db, "--sgc", "123457", "--from-krn", "1",
+              "--to-krn", "2", "--meters", str(listed), "--json"]  # fmt: skip
+    assert main([*rotate, "--dry-run"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert (dry["meters"], dry["skipped"], dry["dry_run"]) == ([make_drn(1)], [make_drn(9)], True)
+
+    async def changes() -> list[object]:
+        async with open_sqlite_ledger(Path(db.removeprefix("sqlite:///"))) as ledger:
+            return list(await ledger.key_changes(make_drn(1)))
+
+    assert asyncio.run(changes()) == []
+    assert main(rotate) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert (done["meters"], done["rollover"], done["to_base_date"]) == ([make_drn(1)], False, 2014)
+    assert len(asyncio.run(changes())) == 1
+
+
+def test_keys_rotate_refuses_a_key_not_imported_or_a_wrong_base_date(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The new key must be imported first, and ``--base-date`` must agree with it."""
+    _add_key(db, 1, 2014, "0abc" * 10)
+    rotate = ["keys", "rotate", "--database-url", db, "--sgc", "123457", "--from-krn", "1",
+              "--to-krn", "2", "--all"]  # fmt: skip
+    assert main(rotate) == 1
+    assert "gateway keys add" in capsys.readouterr().err
+    _add_key(db, 2, 2014, "5e7a" * 10)
+    assert main([*rotate, "--base-date", "2035"]) == 1
+    assert "base date 2014" in capsys.readouterr().err
+    assert main(rotate) == 0

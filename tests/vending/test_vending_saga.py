@@ -18,7 +18,13 @@ from gateway.ledger import (
     PurchaseState,
 )
 from gateway.money import Money
-from gateway.payments import PaymentEvents, PaymentNotice, PaymentState, ProviderReference
+from gateway.payments import (
+    CustomerPaymentRefusal,
+    PaymentEvents,
+    PaymentNotice,
+    PaymentState,
+    ProviderReference,
+)
 from gateway.phone import Msisdn
 from gateway.sts import CreditAdded, MeterEmulator, Verdict
 from gateway.tariff import AmountBelowMinimum
@@ -313,17 +319,17 @@ async def test_customer_initiated_payment_opens_and_vends(world: World) -> None:
 
 
 async def test_customer_payment_validation(world: World) -> None:
-    """Validation accepts a sellable meter and amount, and names the reason otherwise."""
-    ok = await world.vending.validate_customer_payment("fakepay", world.drns[0], AMOUNT, None)
-    unknown = await world.vending.validate_customer_payment("fakepay", "123", AMOUNT, None)
-    small = await world.vending.validate_customer_payment(
-        "fakepay", world.drns[0], Money(100, "KES"), None
-    )
-    assert ok is None
-    assert unknown is not None
-    assert "no meter" in unknown
-    assert small is not None
-    assert "minimum" in small
+    """Validation accepts a sellable meter and amount, else answers a provider-mappable refusal."""
+    check = world.vending.validate_customer_payment
+    await world.ledger.put_meter(meter_record(world.drns[2], status=MeterStatus.BLOCKED))
+    assert await check("fakepay", world.drns[0], AMOUNT, None) is None
+    assert await check("fakepay", "123", AMOUNT, None) is CustomerPaymentRefusal.UNKNOWN_ACCOUNT
+    assert await check("fakepay", " ", AMOUNT, None) is CustomerPaymentRefusal.UNKNOWN_ACCOUNT
+    small = await check("fakepay", world.drns[0], Money(100, "KES"), None)
+    assert small is CustomerPaymentRefusal.AMOUNT_OUT_OF_RANGE
+    dollars = await check("fakepay", world.drns[0], Money(11600, "USD"), None)
+    assert dollars is CustomerPaymentRefusal.AMOUNT_OUT_OF_RANGE
+    assert await check("fakepay", world.drns[2], AMOUNT, None) is CustomerPaymentRefusal.OTHER
 
 
 async def test_unknown_reference_is_recorded_not_raised(world: World) -> None:
