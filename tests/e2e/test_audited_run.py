@@ -24,8 +24,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.commands.sim import SimWorld, build_world, serve_world
 from gateway.demo_data import seed_demo
 from gateway.ledger import open_ledger
 from gateway.money import Money
@@ -270,3 +272,112 @@ def test_auditor_tells_a_second_charge_for_one_purchase() -> None:
     charges = [_charge(audit, "ws_CO_1"), _charge(audit, "ws_CO_2")]
     report = audit.audit(charges, [_sms(_token(meters, key, 100), "PURCHASE123")], meters, key)
     assert (report.paid_without_token, report.charged_twice, report.double_vends) == (1, 1, 0)
+
+
+# --- gateway sim's chaos: what the fault switches do ---------------------------------------------
+
+
+@pytest.fixture
+async def chaotic() -> AsyncIterator[tuple[SimWorld, list[str], dict[str, str]]]:
+    """``gateway sim``'s world pointed at a recording fake gateway; the paths it was called on."""
+    calls: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        if request.path.endswith("/c2b/validation"):
+            return web.json_response({"ResultCode": "0", "ResultDesc": "Accepted"})
+        return web.json_response({"ResultCode": 0, "ResultDesc": "Accepted"})
+
+    fake = web.Application()
+    fake.router.add_route("*", "/{tail:.*}", record)
+    gateway_server = TestServer(fake)
+    await gateway_server.start_server()
+    world = build_world(
+        gateway=str(gateway_server.make_url("")).rstrip("/"), callback_secret="s", seed=3
+    )
+    world.chaos.retry_pause_s = 0.0
+    try:
+        async with serve_world(world) as urls:
+            yield world, calls, urls
+    finally:
+        await gateway_server.close()
+
+
+async def _stk_push(world: SimWorld, urls: dict[str, str], callback_url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        provider = DarajaProvider(
+            session,
+            base_url=urls["daraja"],
+            consumer_key=world.daraja.consumer_key,
+            consumer_secret=world.daraja.consumer_secret,
+            shortcode=world.daraja.shortcode,
+            passkey=world.daraja.passkey,
+            callback_url=callback_url,
+        )
+        await provider.request_collection(
+            CollectionRequest(
+                purchase_id="PCHAOS",
+                payer=Msisdn("+254711000009"),
+                amount=Money(10_000, "KES"),
+                account_reference="04000000010",
+                description="chaos",
+            )
+        )
+    await world.daraja.settle()
+
+
+async def test_sim_chaos_loses_a_callback_but_not_the_money(
+    chaotic: tuple[SimWorld, list[str], dict[str, str]],
+) -> None:
+    """With ``lose`` at 1, an approved push's callback never arrives; the charge is recorded."""
+    world, calls, urls = chaotic
+    world.chaos.lose = 1.0
+    await _stk_push(world, urls, world.at.ussd_url or "")
+    assert (calls, len(world.daraja.ledger()), world.counts.lost) == ([], 1, 1)
+
+
+async def test_sim_chaos_duplicates_a_callback(
+    chaotic: tuple[SimWorld, list[str], dict[str, str]],
+) -> None:
+    """With ``duplicate`` at 1, an approved push's callback arrives twice."""
+    world, calls, urls = chaotic
+    world.chaos.duplicate = 1.0
+    callback = (world.at.ussd_url or "").replace("/ussd/africastalking", "/stk")
+    await _stk_push(world, urls, callback)
+    assert calls == ["/stk", "/stk"]
+
+
+async def test_sim_chaos_loses_only_the_first_attempt_of_a_retried_c2b_confirmation(
+    chaotic: tuple[SimWorld, list[str], dict[str, str]],
+) -> None:
+    """With ``lose`` at 1, Daraja's retried C2B confirmation still arrives (one attempt lost)."""
+    world, calls, _ = chaotic
+    world.chaos.lose = 1.0
+    outcome = await world.daraja.pay_bill("254711000009", "04000000010", 100)
+    await world.daraja.settle()
+    assert outcome.accepted
+    assert calls == ["/payments/daraja/s/c2b/validation", "/payments/daraja/s/c2b/confirmation"]
+
+
+async def test_sim_chaos_fails_sms_sends_and_records_accepted_ones(
+    chaotic: tuple[SimWorld, list[str], dict[str, str]],
+) -> None:
+    """``sms_errors`` at 1 makes AT answer 500; at 0 the send is listed by ``/_sim/sms``."""
+    world, _, urls = chaotic
+    form = {"username": world.at.username, "to": "+254711000009", "message": "hello"}
+    headers = {"apiKey": world.at.api_key, "Accept": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        world.chaos.sms_errors = 1.0
+        async with session.post(
+            urls["africastalking"] + "/version1/messaging", data=form, headers=headers
+        ) as failed:
+            assert failed.status == 500
+        world.chaos.sms_errors = 0.0
+        async with session.post(
+            urls["africastalking"] + "/version1/messaging", data=form, headers=headers
+        ) as sent:
+            assert sent.status == 201
+        async with session.get(urls["africastalking"] + "/_sim/sms") as record:
+            messages = await record.json()
+    assert [(m["to"], m["text"]) for m in messages] == [("+254711000009", "hello")]
+    assert messages[0]["accepted_at"] is not None
