@@ -47,7 +47,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -401,7 +401,7 @@ async def _serve(
 @contextlib.asynccontextmanager
 async def serve_world(
     world: SimWorld, *, host: str = "127.0.0.1", ports: Sequence[int] = (0, 0, 0, 0)
-) -> Any:  # noqa: ANN401 - an async context manager yielding the URLs
+) -> AsyncIterator[dict[str, str]]:
     """Serve the four simulators; yields ``{name: base URL}`` until the block ends."""
     async with contextlib.AsyncExitStack() as stack:
         urls = {
