@@ -1,0 +1,124 @@
+"""Fixes found in review: the callback's receipt in the SMS, held tokens, early delivery reports."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, Settlement, World
+
+from gateway.ledger import OutboxState, PurchaseState
+from gateway.payments import PaymentNotice, PaymentState, ProviderReference
+from gateway.phone import Msisdn
+from gateway.sms import DeliveryReport, DeliveryState, SentMessage
+from gateway.sms.outbox import OutboxPolicy, OutboxWorker
+
+
+async def test_the_callbacks_receipt_reaches_the_sms_when_the_status_has_none(
+    world: World,
+) -> None:
+    """An STK callback carries the M-Pesa receipt, the status query none: the SMS shows it."""
+    purchase = await world.vending.start_purchase(
+        channel="ussd",
+        phone=PHONE,
+        meter=world.drns[0],
+        amount=AMOUNT_FOR_TESTS,
+        idempotency_key="stk",
+    )
+    purchase = await world.vending.request_payment(purchase.purchase_id)
+    reference = purchase.provider_reference
+    assert reference is not None
+    world.provider.settlements[reference] = Settlement(
+        PaymentState.SUCCEEDED, AMOUNT_FOR_TESTS, PHONE, None
+    )
+    await world.vending.on_payment_notice(
+        PaymentNotice(
+            provider=world.provider.name,
+            reference=ProviderReference(reference),
+            claimed_state=PaymentState.SUCCEEDED,
+            amount=AMOUNT_FOR_TESTS,
+            payer=PHONE,
+            receipt="SKL5ABC123",
+            raw=b'{"MpesaReceiptNumber":"SKL5ABC123"}',
+        )
+    )
+    (message,) = await world.ledger.outbox_for(purchase.purchase_id)
+    assert "SKL5ABC123" in message.body
+    assert purchase.purchase_id not in message.body
+    vend = await world.ledger.get_vend(purchase.purchase_id)
+    assert vend is not None
+    assert vend.receipt == "SKL5ABC123"
+
+
+async def test_a_token_without_recipient_is_held_for_an_operator(world: World) -> None:
+    """A C2B payment with a masked MSISDN vends; its SMS is HELD, never claimed; reprint kept."""
+    notice = PaymentNotice(
+        provider=world.provider.name,
+        reference=ProviderReference("RKTMASKED1"),
+        claimed_state=PaymentState.SUCCEEDED,
+        amount=AMOUNT_FOR_TESTS,
+        payer=None,  # Daraja v2 masks the MSISDN: 25470****149
+        account_reference=world.drns[1],
+        is_customer_initiated=True,
+        raw=b'{"TransID":"RKTMASKED1","MSISDN":"25470****149"}',
+    )
+    world.provider.settle("RKTMASKED1", amount=AMOUNT_FOR_TESTS, payer=None)
+    await world.vending.on_payment_notice(notice)
+    (purchase,) = await world.ledger.find_purchases(meter=world.drns[1])
+    assert purchase.state is PurchaseState.VENDED
+    (message,) = await world.ledger.outbox_for(purchase.purchase_id)
+    assert message.state is OutboxState.HELD
+    kinds = [event.kind for event in await world.ledger.timeline(purchase.purchase_id)]
+    assert "token_held_no_recipient" in kinds
+    later = world.clock() + timedelta(days=1)
+    assert await world.ledger.claim_outbox(later, lease_until=later) == []
+    assert (await world.ledger.outbox_stats(world.clock())).held == 1
+    vend = await world.ledger.get_vend(purchase.purchase_id)
+    assert vend is not None
+    reprint = await world.vending.reprint(purchase.purchase_id)
+    assert vend.token[-4:] in reprint.body.replace("-", "")
+
+
+class ReportingFirstSender(FakeSender):
+    """A sender whose provider posts the delivery report before ``send`` returns (AT's sim)."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__()
+        self.world = world
+        self.early: list[object] = []
+
+    async def send(self, to: Msisdn, text: str) -> SentMessage:
+        """Send, and have the report arrive before the caller records the message id."""
+        sent = await super().send(to, text)
+        report = DeliveryReport(
+            provider_message_id=sent.provider_message_id, state=DeliveryState.DELIVERED
+        )
+        self.early.append(await self.world.ledger.apply_delivery_report(report))
+        return sent
+
+
+async def test_a_report_before_the_send_is_recorded_still_delivers(world: World) -> None:
+    """The report beats the worker's record of the message id: the purchase still ends DELIVERED."""
+    purchase = await world.vending.start_purchase(
+        channel="sms",
+        phone=PHONE,
+        meter=world.drns[0],
+        amount=AMOUNT_FOR_TESTS,
+        idempotency_key="dlr",
+    )
+    purchase = await world.vending.request_payment(purchase.purchase_id)
+    assert purchase.provider_reference is not None
+    world.provider.settle(purchase.provider_reference, amount=AMOUNT_FOR_TESTS)
+    await world.vending.confirm(purchase.purchase_id)
+    sender = ReportingFirstSender(world)
+    worker = OutboxWorker(
+        ledger=world.ledger,
+        sender=sender,
+        clock=world.clock,
+        jitter=lambda: 0.5,
+        policy=OutboxPolicy(),
+    )
+    assert (await worker.run_once()).sent == 1
+    assert sender.early == [None]  # unknown when it came: kept, not lost
+    assert (await world.ledger.get_purchase(purchase.purchase_id)).state is (
+        PurchaseState.DELIVERED
+    )
