@@ -1,13 +1,17 @@
-"""Fixes found in review: the callback's receipt in the SMS, held tokens, early delivery reports."""
+"""Fixes found in review: receipts, held tokens, early delivery reports, C2B refusal codes."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
+import aiohttp
 from vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, Settlement, World
 
 from gateway.ledger import OutboxState, PurchaseState
+from gateway.money import Money
 from gateway.payments import PaymentNotice, PaymentState, ProviderReference
+from gateway.payments.daraja import DarajaProvider
 from gateway.phone import Msisdn
 from gateway.sms import DeliveryReport, DeliveryState, SentMessage
 from gateway.sms.outbox import OutboxPolicy, OutboxWorker
@@ -122,3 +126,25 @@ async def test_a_report_before_the_send_is_recorded_still_delivers(world: World)
     assert (await world.ledger.get_purchase(purchase.purchase_id)).state is (
         PurchaseState.DELIVERED
     )
+
+
+async def test_daraja_answers_its_own_codes_for_the_sagas_refusals(world: World) -> None:
+    """An unknown meter is C2B00012 and an amount out of range C2B00013, not the generic one."""
+    async with aiohttp.ClientSession() as session:
+        daraja = DarajaProvider(
+            session,
+            base_url="http://127.0.0.1:9",
+            consumer_key="k",
+            consumer_secret="s",
+            shortcode="600000",
+            passkey="p",
+            callback_url="http://127.0.0.1:9/cb",
+        )
+        check = world.vending.validate_customer_payment
+        unknown = await check("daraja", "99999999999", AMOUNT_FOR_TESTS, None)
+        too_small = await check("daraja", world.drns[0], Money(100, "KES"), None)
+        answers = [
+            json.loads(daraja.customer_validation_answer(refusal).body)["ResultCode"]
+            for refusal in (unknown, too_small, None)
+        ]
+    assert answers == ["C2B00012", "C2B00013", "0"]
