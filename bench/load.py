@@ -11,8 +11,8 @@ What runs, each in its own process:
   switches turn on): its records of money taken and SMS accepted survive every gateway kill;
 - ``gateway serve`` with ``payments = daraja`` and ``sms = africastalking`` pointed at those
   simulators (demo mode allows that), on a fresh SQLite data directory holding a vending key and
-  ``--meters`` meters this harness generated (the key written through the ledger's sealed-key
-  API, the meters imported with ``gateway meters import``);
+  ``--meters`` meters this harness generated (imported with ``gateway keys add`` and
+  ``gateway meters import``);
 - this process: many simulated customers at once, each with its own phone, buying by USSD (AT's
   form POSTs to ``/ussd/africastalking``, five hops: home, buy, meter, amount, pay), by SMS
   (``BUY <meter> <amount>`` through the AT simulator's inbound SMS) or by C2B paybill (the Daraja
@@ -65,7 +65,6 @@ import aiohttp
 
 from gateway.demo_data import DEMO_TARIFF
 from gateway.ledger import open_ledger
-from gateway.ledger.keys import VendingKeyMaterial, seal_vending_key
 from gateway.sts.pan import luhn_check_digit
 
 HERE: Final = Path(__file__).resolve().parent
@@ -232,6 +231,9 @@ def write_fixtures(workdir: Path, meters: int) -> dict[str, Any]:
         encoding="utf-8",
     )
     key_path.chmod(0o600)
+    key_hex_path = workdir / "vending_key.hex"
+    key_hex_path.write_text(key.hex() + "\n", encoding="ascii")
+    key_hex_path.chmod(0o600)
     meters_path = workdir / "meters.csv"
     drns = meter_numbers(meters)
     with meters_path.open("w", newline="", encoding="utf-8") as file:
@@ -244,6 +246,7 @@ def write_fixtures(workdir: Path, meters: int) -> dict[str, Any]:
     return {
         "key": key,
         "key_path": key_path,
+        "key_hex_path": key_hex_path,
         "meters_path": meters_path,
         "drns": drns,
         "master_key": base64.b64encode(secrets.token_bytes(32)).decode(),
@@ -252,18 +255,13 @@ def write_fixtures(workdir: Path, meters: int) -> dict[str, Any]:
     }
 
 
-async def seed_ledger(data_dir: Path, master_key_b64: str, key: bytes) -> None:
-    """The tariff and the sealed vending key, written before the gateway's first start.
+async def seed_tariff(data_dir: Path) -> None:
+    """Write the demo tariff the meters use, before they are imported.
 
-    (``gateway keys add`` does this for operators; the harness writes the sealed key itself so
-    that it does not depend on that command's flags.)
+    The gateway seeds it only at its first start, and no command writes tariffs yet.
     """
-    material = VendingKeyMaterial(
-        sgc=SGC, krn=KRN, key_type=2, ea=7, dkga=4, base_date=2014, key=key
-    )
     async with open_ledger(f"sqlite:///{data_dir / 'gateway.db'}") as ledger:
         await ledger.put_tariff(DEMO_TARIFF)
-        await ledger.put_vending_key(seal_vending_key(material, base64.b64decode(master_key_b64)))
 
 
 def free_port() -> int:
@@ -358,25 +356,34 @@ class Processes:
             "GATEWAY_SESSION_STORE": self.settings.session_store,
         }
 
-    async def import_meters(self) -> None:
-        """``gateway meters import`` the generated CSV into the data directory."""
+    async def _gateway_command(self, *args: str) -> None:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "gateway",
-            "meters",
-            "import",
-            str(self.fixtures["meters_path"]),
+            *args,
             "--data-dir",
             str(self.workdir / "data"),
-            "--json",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env={**self.env, "GATEWAY_LOG_LEVEL": "error"},
         )
         out, err = await process.communicate()
         if process.returncode != 0:
-            raise RuntimeError(f"gateway meters import failed: {out.decode()} {err.decode()}")
+            raise RuntimeError(f"gateway {args[:2]} failed: {out.decode()} {err.decode()}")
+
+    async def import_key_and_meters(self) -> None:
+        """``gateway keys add`` the generated vending key, ``gateway meters import`` the CSV."""
+        await self._gateway_command(
+            "keys",
+            "add",
+            f"--sgc={SGC}",
+            f"--krn={KRN}",
+            "--dkga=4",
+            "--base-date=2014",
+            f"--key-file={self.fixtures['key_hex_path']}",
+        )
+        await self._gateway_command("meters", "import", str(self.fixtures["meters_path"]))
 
     async def start_gateway(self) -> float:
         """Start ``gateway serve`` and wait until ``/readyz`` answers 200; seconds it took."""
@@ -626,7 +633,7 @@ async def _drain(
     began = time.perf_counter()
     report = None
     while True:
-        report = await auditor.audit_running(procs.sims, meters, key)
+        report = await auditor.audit_running(procs.sims, meters, key, key_tokens=False)
         waited = time.perf_counter() - began
         # A second charge for one purchase never gets a token: waiting does not change it.
         pending = report.paid_without_token - report.charged_twice + report.undelivered_tokens
@@ -638,8 +645,8 @@ async def _drain(
         if pending == 0 or waited > timeout_s:
             if out is not None:
                 out.write("\n")
-            return report, waited
-        await asyncio.sleep(1.0)
+            return await auditor.audit_running(procs.sims, meters, key), waited
+        await asyncio.sleep(2.0)
 
 
 def _ledger_figures(
@@ -692,7 +699,7 @@ async def run_load(settings: LoadSettings, *, out: TextIO | None = None) -> Load
             workdir.mkdir(parents=True, exist_ok=True)
         fixtures = write_fixtures(workdir, settings.meters)
         (workdir / "data").mkdir(parents=True, exist_ok=True)
-        await seed_ledger(workdir / "data", fixtures["master_key"], fixtures["key"])
+        await seed_tariff(workdir / "data")
         procs = Processes(workdir, fixtures, settings)
         try:
             return await _run(settings, procs, fixtures, auditor, out)
@@ -708,7 +715,7 @@ async def _run(
     out: TextIO | None,
 ) -> LoadResult:
     await procs.start_sims()
-    await procs.import_meters()
+    await procs.import_key_and_meters()
     await procs.start_gateway()
     meters = auditor.read_meters(fixtures["meters_path"])
     key = auditor.read_key(fixtures["key_path"])

@@ -51,6 +51,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+import aiohttp
 import structlog
 from aiohttp import typedefs as aiohttp_typedefs
 from aiohttp import web
@@ -130,6 +131,16 @@ class ChaosCourier(Courier):
         self._counts = counts
         self._rng = rng
         self._keeper = tasks
+
+    async def open(self) -> None:
+        """Create the HTTP session, without the default cap of 100 connections.
+
+        A provider's callback fleet does not queue one merchant's callbacks behind 100 slow
+        ones; with the cap, callbacks our side is slow to answer (C2B confirmations that wait
+        for a Transaction Status result) starved every other callback in long runs.
+        """
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
     def send(self, method: str, url: str, body: bytes, *, retries: int = 0) -> None:
         """Queue one callback through the chaos (or the plain knobs when those are set)."""
