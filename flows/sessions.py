@@ -30,8 +30,8 @@ from typing import Final
 Clock = Callable[[], float]
 """Seconds on a monotonic-enough scale; tests pass a fake one."""
 
-_SWEEP_EVERY: Final = 64  # writes between sweeps of expired keys
-_SWEEP_LIMIT: Final = 128  # at most this many expired keys removed per sweep
+_SWEEP_EVERY: Final = 16  # writes between sweeps of expired keys
+_SWEEP_LIMIT: Final = 32  # at most this many expired keys removed per sweep (twice the writes)
 _BUSY: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 _MMAP_BYTES: Final = 256 * 1024 * 1024
 
