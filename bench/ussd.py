@@ -18,7 +18,8 @@ real app the data directory is prepared (migrated, seeded, master key) before th
 and both workers open the same ledger and session files.
 
 The load generator is a separate process: a raw asyncio HTTP/1.1 keep-alive client (no client
-library; several times cheaper than aiohttp's client). Each of N connections plays customers
+library, so that it leaves as much of the machine as it can to the server; its own CPU per hop
+is printed). Each of N connections plays customers
 one after another, one request in flight per connection, Africa's Talking-shaped form POSTs
 with the cumulative ``text``: dial → 1 (Buy) → meter → 500 → 2 (Cancel), five hops, the meter
 taken in turn from the demo meters (real kinds: each is looked up in the ledger and quoted).
