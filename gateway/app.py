@@ -49,7 +49,7 @@ from gateway.sms.africastalking import (
     AfricasTalkingHttpSender,
     AfricasTalkingSdkSender,
 )
-from gateway.sms.outbox import OutboxWorker
+from gateway.sms.outbox import OutboxPolicy, OutboxWorker
 from gateway.sweeper import Sweeper
 from gateway.vending import SagaPolicy, Vending, load_token_engine
 from gateway.web.admin import admin_routes, setup_admin
@@ -68,7 +68,10 @@ USSD_EVENTS_PATH = "/ussd/africastalking/events"
 SMS_INBOUND_PATH = "/sms/africastalking/inbound"
 SMS_DELIVERY_PATH = "/sms/africastalking/delivery"
 AT_SIM_PREFIX = "/sim/africastalking"
-OUTBOX_INTERVAL_S = 0.25  # how often due SMS are looked for between sweeps
+OUTBOX_INTERVAL_S = 0.25  # how often due SMS are looked for when the outbox was empty
+# Sends are I/O-bound: many in flight, a claim lease a little over a send's deadline (so a
+# crashed instance's claims come back within a minute), and the next batch at once when busy.
+OUTBOX_POLICY = OutboxPolicy(batch=100, concurrency=32, send_timeout_s=15.0, lease_s=45.0)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -340,7 +343,7 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         ),
     )
     sms = _sms_sender(config, session, sims)
-    outbox = OutboxWorker(ledger=ledger, sender=sms)
+    outbox = OutboxWorker(ledger=ledger, sender=sms, policy=OUTBOX_POLICY)
     sweeper = Sweeper(vending=vending, outbox=None, interval_s=config.sweep_interval_s)
     sessions = await _session_store(stack, config)
     services = SagaCustomerServices(vending)
@@ -373,10 +376,14 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
 async def _outbox_loop(outbox: OutboxWorker, stop: asyncio.Event) -> None:
     """Send due SMS promptly (tokens go out within a fraction of a second of the vend)."""
     while not stop.is_set():
+        claimed = 0
         try:
-            await outbox.run_once()
+            run = await outbox.run_once()
+            claimed = run.sent + run.retried + run.failed
         except Exception:  # an outermost loop: log and go on
             log.exception("outbox_run_crashed")
+        if claimed >= OUTBOX_POLICY.batch:
+            continue  # a full batch: more are probably due
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(OUTBOX_INTERVAL_S):
                 await stop.wait()
