@@ -38,7 +38,7 @@ from gateway.customer_services import SagaCustomerServices
 from gateway.demo_data import demo_master_key, seed_demo
 from gateway.errors import ConfigError
 from gateway.ledger import Ledger, open_ledger
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, ledger_refresher
 from gateway.payments import PaymentProvider
 from gateway.payments.airtel import AirtelProvider
 from gateway.payments.daraja import DarajaProvider
@@ -56,7 +56,7 @@ from gateway.web.admin import admin_routes, setup_admin
 from gateway.web.callbacks import payment_routes
 from gateway.web.delivery import delivery_routes
 from gateway.web.health import health_routes
-from gateway.web.keys import CONFIG, METRICS, READINESS
+from gateway.web.keys import CONFIG, METRICS, METRICS_REFRESH, READINESS
 from gateway.web.middleware import context_middleware
 from gateway.web.sms import sms_routes
 from gateway.web.ussd import FollowUps, ussd_routes
@@ -332,7 +332,9 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
     )
     providers = _providers(config, session, sims, callback_url)
     default_provider = "daraja" if config.payments == SIMULATED else config.payments
+    metrics = Metrics()
     vending = Vending(
+        observer=metrics,
         ledger=ledger,
         engine=engine,
         providers=providers,
@@ -366,7 +368,7 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         sessions=sessions,
         ussd=ussd,
         sms_commands=SmsCommands(services, default_language=Language.EN),
-        metrics=Metrics(),
+        metrics=metrics,
         callback_secret=callback_secret,
         admin_token=admin_token,
         simulators=sims,
@@ -434,6 +436,7 @@ async def build_app(config: Config) -> web.Application:
     app[METRICS] = runtime.metrics
     app[RUNTIME] = runtime
     app[READINESS] = _readiness(runtime)
+    app[METRICS_REFRESH] = [ledger_refresher(runtime.metrics, runtime.ledger)]
     app.add_routes(health_routes())
     app.add_routes(
         ussd_routes(runtime.ussd, runtime.follow_ups, path=USSD_PATH, events_path=USSD_EVENTS_PATH)

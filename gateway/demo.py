@@ -16,11 +16,12 @@ The meter is ``gateway.sts.MeterEmulator``, keyed from the same vending key the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO, TypeVar
@@ -237,8 +238,9 @@ class Demo:
             raise DemoFailedError("money was taken for an unknown meter")
 
 
-async def run_demo(out: TextIO, *, data_dir: Path | None = None) -> DemoReport:
-    """Serve a demo gateway on loopback and run the scenarios; raises ``DemoFailedError``."""
+@contextlib.asynccontextmanager
+async def serving(data_dir: Path | None = None) -> AsyncIterator[Runtime]:
+    """A demo gateway (embedded defaults) served on a free loopback port while the block runs."""
     with tempfile.TemporaryDirectory(prefix="sts-gateway-demo-") as scratch:
         port = _free_port()
         config = Config.load(
@@ -250,16 +252,20 @@ async def run_demo(out: TextIO, *, data_dir: Path | None = None) -> DemoReport:
         await runner.setup()
         try:
             await web.TCPSite(runner, "127.0.0.1", port).start()
-            runtime = app[RUNTIME]
-            print(f"gateway on {runtime.base_url} (simulators, SQLite in a scratch dir)", file=out)
-            demo = Demo(runtime, out)
-            phone = "+254712345678"
-            report = DemoReport()
-            report.results.append(await demo.ussd(phone, "04000000010", "100"))
-            report.results.append(await demo.sms("+254722000111", "04000000028", "200"))
-            report.results.append(await demo.paybill("+254733000222", "04000000036", 150))
-            await demo.unknown_meter("+254733000222")
-            print(f"\nAll scenarios passed (supply group {DEMO_SGC}).", file=out)
-            return report
+            yield app[RUNTIME]
         finally:
             await runner.cleanup()
+
+
+async def run_demo(out: TextIO, *, data_dir: Path | None = None) -> DemoReport:
+    """Serve a demo gateway on loopback and run the scenarios; raises ``DemoFailedError``."""
+    async with serving(data_dir) as runtime:
+        print(f"gateway on {runtime.base_url} (simulators, SQLite in a scratch dir)", file=out)
+        demo = Demo(runtime, out)
+        report = DemoReport()
+        report.results.append(await demo.ussd("+254712345678", "04000000010", "100"))
+        report.results.append(await demo.sms("+254722000111", "04000000028", "200"))
+        report.results.append(await demo.paybill("+254733000222", "04000000036", 150))
+        await demo.unknown_meter("+254733000222")
+        print(f"\nAll scenarios passed (supply group {DEMO_SGC}).", file=out)
+        return report

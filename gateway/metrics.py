@@ -5,7 +5,10 @@ What each metric means and what to do when it alarms is in ``docs/operations.md`
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -56,9 +59,72 @@ class Metrics:
             ["route", "status"],
             registry=r,
         )
+        self.outbox_held = Gauge(
+            "gateway_outbox_held",
+            "SMS messages with no recipient, waiting for an operator",
+            registry=r,
+        )
         self.security_events = Counter(
             "gateway_security_events",
             "Forged, mismatched or unexpected callbacks and requests",
             ["kind"],
             registry=r,
         )
+
+    # -- the saga's observer (gateway.vending.SagaObserver) ------------------------------------
+
+    def payment_confirmed(self, seconds: float) -> None:
+        """A payment was proven, ``seconds`` after its collection was requested."""
+        self.payment_confirmation_seconds.observe(seconds)
+
+    def vended(self, seconds: float) -> None:
+        """A durable vend step took ``seconds``."""
+        self.vend_seconds.observe(seconds)
+
+
+class LedgerStats(Protocol):
+    """What ``/metrics`` reads from the ledger at scrape time."""
+
+    async def purchase_counts(self) -> dict[str, int]:
+        """Purchases by state."""
+        ...
+
+    async def outbox_stats(self, now: datetime) -> OutboxSnapshot:
+        """The outbox backlog, its oldest message's age and the held messages."""
+        ...
+
+
+class OutboxSnapshot(Protocol):
+    """The outbox figures ``/metrics`` shows."""
+
+    @property
+    def backlog(self) -> int:
+        """Messages not sent yet."""
+        ...
+
+    @property
+    def oldest_age_s(self) -> float:
+        """Seconds since the oldest unsent message was queued."""
+        ...
+
+    @property
+    def held(self) -> int:
+        """Messages with no recipient."""
+        ...
+
+
+def ledger_refresher(
+    metrics: Metrics, ledger: LedgerStats, clock: Callable[[], datetime] | None = None
+) -> Callable[[], Awaitable[None]]:
+    """A coroutine function that copies the ledger's gauges into ``metrics`` (run per scrape)."""
+    now = clock or (lambda: datetime.now(UTC))
+
+    async def refresh() -> None:
+        for state, count in (await ledger.purchase_counts()).items():
+            metrics.purchases.labels(state=state).set(count)
+        outbox = await ledger.outbox_stats(now())
+        metrics.outbox_backlog.set(outbox.backlog)
+        metrics.outbox_oldest_age_seconds.set(outbox.oldest_age_s)
+        metrics.outbox_held.set(outbox.held)
+
+    return refresh

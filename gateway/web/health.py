@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.web.keys import METRICS, READINESS
+from gateway.web.keys import METRICS, METRICS_REFRESH, READINESS
+
+log = structlog.get_logger()
 
 _READINESS_TIMEOUT_S = 2.0
 
@@ -36,6 +39,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition of this instance's registry."""
+    for refresh in request.app.get(METRICS_REFRESH, []):
+        try:
+            async with asyncio.timeout(_READINESS_TIMEOUT_S):
+                await refresh()
+        except Exception as exc:  # noqa: BLE001 - stale gauges beat a failed scrape
+            log.warning("metrics_refresh_failed", error=f"{type(exc).__name__}: {exc}")
     registry = request.app[METRICS].registry
     body = generate_latest(registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -13,3 +13,5 @@ CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 # Readiness checks: name → coroutine answering True when that dependency works.
 READINESS = web.AppKey("readiness", dict[str, Callable[[], Awaitable[bool]]])
+# Run before each /metrics scrape (gauges read from the ledger).
+METRICS_REFRESH = web.AppKey("metrics_refresh", list[Callable[[], Awaitable[None]]])
