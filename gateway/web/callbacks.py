@@ -44,6 +44,7 @@ from gateway.payments.base import (
     PaymentNotice,
     PaymentProvider,
 )
+from gateway.web.keys import METRICS
 
 log = structlog.get_logger()
 
@@ -62,6 +63,9 @@ def _raw(body: bytes) -> str:
 
 
 def _security_event(event: str, request: web.Request, provider: str, **fields: object) -> None:
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.security_events.labels(kind=event).inc()
     log.warning(
         event,
         security_event=True,

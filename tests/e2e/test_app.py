@@ -44,3 +44,16 @@ async def test_demo_mode_seeds_meters_and_a_vending_key(
     assert await ledger.lookup_meter("04000000010") is not None
     assert len(await ledger.vending_keys()) == 1
     assert (tmp_path / "master.key").stat().st_mode & 0o777 == 0o600
+
+
+async def test_wrong_callback_secret_is_counted_as_a_security_event(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    """A callback to a guessed secret path gets 404 and shows in the security-event counter."""
+    client = await aiohttp_client(
+        await build_app(Config.load(env={}, overrides={"data_dir": tmp_path}))
+    )
+    response = await client.post("/payments/daraja/guessed-secret/stk", data=b"{}")
+    assert response.status == 404
+    metrics = await (await client.get("/metrics")).text()
+    assert 'gateway_security_events_total{kind="payment_callback_wrong_secret"} 1.0' in metrics
