@@ -18,6 +18,13 @@ Reads
     mode they read the last committed state without blocking the writer. Every read a caller
     makes after its write was acknowledged sees that write.
 
+    The hot point reads (a purchase with its vend context, a purchase, a meter: one indexed row)
+    run on the event loop's own ``query_only`` connection instead: tens of microseconds of C,
+    cheaper than the hop to a reader thread and back (a queue put, a thread wake-up, a
+    ``call_soon_threadsafe``, the GIL handed over twice). That connection never waits for a
+    lock (``busy_timeout = 0``): should the database be busy (WAL recovery, an exclusive lock
+    from another process), the read goes to the pool, which waits, so the loop never blocks.
+
 Throughput
     On the 2-core development machine (shared with other work) the durable write alone
     sustains about 5,000 vends/s; the end-to-end saga (reads, token engine, write) about 1,000 to
@@ -565,6 +572,7 @@ class SqliteLedger:
         self._reader_count = max(1, readers)
         self._readers: list[aiosqlite.Connection] = []
         self._next_reader = 0
+        self._inline: sqlite3.Connection | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -582,6 +590,11 @@ class SqliteLedger:
                 reader.row_factory = sqlite3.Row
                 await reader.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
                 await reader.execute("PRAGMA query_only = ON")
+            inline = sqlite3.connect(self.path, isolation_level=None)
+            self._inline = inline
+            inline.row_factory = sqlite3.Row
+            inline.execute("PRAGMA busy_timeout = 0")
+            inline.execute("PRAGMA query_only = ON")
         except BaseException:
             await self.close()
             raise
@@ -592,6 +605,9 @@ class SqliteLedger:
         readers, self._readers = self._readers, []
         for reader in readers:
             await reader.close()
+        inline, self._inline = self._inline, None
+        if inline is not None:
+            inline.close()
 
     @property
     def write_stats(self) -> tuple[int, int]:
@@ -615,6 +631,21 @@ class SqliteLedger:
     async def _read_one(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Row | None:
         rows = await self._read(sql, params)
         return rows[0] if rows else None
+
+    async def _read_point(self, sql: str, params: Sequence[object]) -> sqlite3.Row | None:
+        """One indexed row, read on the loop's own connection; the pool when it is busy."""
+        inline = self._inline
+        if inline is not None:
+            try:
+                rows = inline.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode not in {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}:
+                    raise translate_error(exc) from exc
+            except sqlite3.Error as exc:
+                raise translate_error(exc) from exc
+            else:
+                return cast("sqlite3.Row", rows[0]) if rows else None
+        return await self._read_one(sql, params)
 
     # -- shared write helpers (run in the writer thread) -----------------------------------------
 
@@ -734,7 +765,7 @@ class SqliteLedger:
 
     async def get_meter(self, drn: str) -> MeterRecord:
         """The meter with everything the token engine needs. Raises ``NotFound``."""
-        row = await self._read_one("SELECT * FROM meters WHERE drn = ?", (drn,))
+        row = await self._read_point("SELECT * FROM meters WHERE drn = ?", (drn,))
         if row is None:
             raise NotFound("meter", drn)
         return _meter(row)
@@ -857,7 +888,9 @@ class SqliteLedger:
 
     async def get_purchase(self, purchase_id: str) -> Purchase:
         """The purchase. Raises ``NotFound``."""
-        row = await self._read_one("SELECT * FROM purchases WHERE purchase_id = ?", (purchase_id,))
+        row = await self._read_point(
+            "SELECT * FROM purchases WHERE purchase_id = ?", (purchase_id,)
+        )
         if row is None:
             raise NotFound("purchase", purchase_id)
         return _purchase(row)
@@ -1215,7 +1248,7 @@ class SqliteLedger:
 
     async def vend_context(self, purchase_id: str) -> VendContext:
         """The purchase, its meter, vend, receipt and language in one read."""
-        row = await self._read_one(_VEND_CONTEXT_SQL, (purchase_id,))
+        row = await self._read_point(_VEND_CONTEXT_SQL, (purchase_id,))
         if row is None:
             raise NotFound("purchase", purchase_id)
         meter = MeterRecord(
