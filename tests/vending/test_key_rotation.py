@@ -264,3 +264,34 @@ async def test_a_failing_observer_never_breaks_a_purchase(rig: Rig) -> None:
     assert purchase.state is PurchaseState.VENDED
     (message,) = await rig.ledger.outbox_for(purchase.purchase_id)
     assert message.state is OutboxState.PENDING
+
+
+async def test_a_new_supply_group_and_tariff_index_take_three_tokens(tmp_path: Path) -> None:
+    """A rotation to another SGC and TI sends the 3-token set; the meter takes all of it."""
+    other_group = VendingKey(
+        sgc="600123", krn=1, dkga=4, base_date=2014, key=bytes.fromhex("7c3d" * 10)
+    )
+    async for rig in _rig(tmp_path, VENDING_KEY, [VENDING_KEY, other_group]):
+        meter = emulator_for(await rig.ledger.get_meter(rig.drn), VENDING_KEY)
+        rotation = KeyRotation(
+            sgc="123457",
+            from_krn=1,
+            to_krn=1,
+            to_base_date=2014,
+            to_sgc="600123",
+            to_tariff_index="07",
+        )
+        await rig.ledger.plan_key_rotation(rotation, actor="operator")
+        purchase = await rig.buy("moved")
+        *kcts, credit = await rig.sms_tokens(purchase)
+        assert len(kcts) == 3
+        verdicts = [meter.enter(token).verdict for token in [*kcts, credit]]
+        assert verdicts == [
+            Verdict.KEY_CHANGE_PENDING,
+            Verdict.KEY_CHANGE_PENDING,
+            Verdict.ACCEPTED,
+            Verdict.ACCEPTED,
+        ]
+        assert (meter.attributes.sgc, meter.attributes.tariff_index) == ("600123", "07")
+        stored = await rig.ledger.get_meter(rig.drn)
+        assert (stored.sgc, stored.krn, stored.tariff_index) == ("600123", 1, "07")
