@@ -24,7 +24,8 @@ callbacks duplicated (30 %), lost (10 %), delayed up to 2 s and so reordered; st
 failing (5 %) and hanging past the adapters' deadline (2 %); SMS sends failing (10 %); the gateway
 SIGKILLed every ``--kill-every-s`` seconds and restarted (``--kills``).
 
-When the customers are done the harness waits (``--drain-timeout-s``) until every payment has its
+When the customers are done the fault switches are turned off (the outage is over; ``--faulty-
+drain`` keeps them on) and the harness waits (``--drain-timeout-s``) until every payment has its
 token delivered by SMS, then runs ``bench/audit.py``'s auditor, which reads only the simulators'
 records and keys every token into a meter emulator. Printed: USSD hops/s with p50/p99 latency,
 purchases/s offered, vends/s (from the ledger's vend times), payment-confirmed (ledger event) to
@@ -169,6 +170,7 @@ class LoadSettings:
     sweep_interval_s: float = 0.5
     payment_deadline_s: int = 2
     session_store: str = "sqlite"  # the gateway's USSD session store (sqlite | memory)
+    calm_drain: bool = True  # switch the chaos off when the load ends (the outage is over)
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -733,6 +735,10 @@ async def _run(
                 group.create_task(_ticker(customers.tally, began, done, out))
         load_s = time.perf_counter() - began
         cpu = procs.cpu_seconds(load_s)
+        if settings.calm_drain:
+            calm = dict.fromkeys(FAULT_NAMES, 0.0)
+            async with session.post(procs.sims["daraja"] + "/_sim/chaos", json=calm) as response:
+                response.raise_for_status()
         report, drain_s = await _drain(
             auditor,
             procs,
@@ -836,6 +842,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[LoadSettings, bool]:
     )
     parser.add_argument("--drain-timeout-s", type=float, default=120.0)
     parser.add_argument(
+        "--faulty-drain",
+        action="store_true",
+        help="keep the faults on while draining (default: off once the load ends)",
+    )
+    parser.add_argument(
         "--mix",
         type=float,
         nargs=3,
@@ -868,6 +879,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[LoadSettings, bool]:
         drain_timeout_s=args.drain_timeout_s,
         seed=args.seed,
         session_store=args.session_store,
+        calm_drain=not args.faulty_drain,
         mix=(args.mix[0], args.mix[1], args.mix[2]),
         workdir=args.workdir,
         show_progress=not args.json,
