@@ -24,13 +24,13 @@ callbacks duplicated (30 %), lost (10 %), delayed up to 2 s and so reordered; st
 failing (5 %) and hanging past the adapters' deadline (2 %); SMS sends failing (10 %); the gateway
 SIGKILLed every ``--kill-every-s`` seconds and restarted (``--kills``).
 
-When the customers are done the fault switches are turned off (the outage is over; ``--faulty-
-drain`` keeps them on) and the harness waits (``--drain-timeout-s``) until every payment has its
-token delivered by SMS, then runs ``bench/audit.py``'s auditor, which reads only the simulators'
-records and keys every token into a meter emulator. Printed: USSD hops/s with p50/p99 latency,
-purchases/s offered, vends/s (from the ledger's vend times), payment-confirmed (ledger event) to
-SMS-accepted (AT simulator clock) latency p50/p99, what the faults did, the audit's counts; then
-one JSON line. Exit status 1 when any audit count is non-zero.
+When the customers are done the fault switches are turned off (the outage is over;
+``--faulty-drain`` keeps them on) and the harness waits (``--drain-timeout-s``) until every
+payment has its token delivered by SMS, then runs ``bench/audit.py``'s auditor, which reads
+only the simulators' records and keys every token into a meter emulator. Printed: USSD hops/s
+with p50/p99 latency, purchases/s offered, vends/s (from the ledger's vend times),
+payment-confirmed (ledger event) to SMS-accepted (AT simulator clock) latency p50/p99, what the
+faults did, the audit's counts; then one JSON line. Exit status 1 when any audit count is non-zero.
 
 The long run of docs/performance.md: ``python bench/load.py --purchases 10000 --faults --kills 50``.
 """
