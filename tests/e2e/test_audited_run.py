@@ -13,6 +13,7 @@ as ``charged_twice`` and is marked xfail when any occurred; every other count mu
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.util
 import secrets
@@ -441,5 +442,55 @@ async def test_purchase_created_before_a_crash_still_gets_its_payment_prompt(
         )
         later = datetime.now(UTC) + timedelta(hours=1)
         await Sweeper(vending=vending, outbox=None, clock=lambda: later).sweep_once()
+        await sim.settle()
+    assert len(sim.push_requests) == 1
+
+
+CONCURRENT_PUSH_BUG = (
+    "known bug: Vending.request_payment has no per-purchase guard and DarajaProvider remembers a"
+    " push only once Daraja has answered it, so two concurrent requests for one purchase (the"
+    " channel's follow-up and the sweeper's first check, due after first_check_after_s) both"
+    " push: the customer is charged twice, with no crash at all"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=CONCURRENT_PUSH_BUG)
+async def test_concurrent_payment_requests_for_one_purchase_push_once(
+    daraja: tuple[DarajaSimulator, str], tmp_path: Path
+) -> None:
+    """The follow-up's and the sweeper's payment requests, racing, send one STK push."""
+    sim, base_url = daraja
+    master_key = secrets.token_bytes(32)
+    async with (
+        open_ledger(f"sqlite:///{tmp_path / 'gateway.db'}") as ledger,
+        aiohttp.ClientSession() as session,
+    ):
+        await seed_demo(ledger, master_key)
+        provider = DarajaProvider(
+            session,
+            base_url=base_url,
+            consumer_key=sim.consumer_key,
+            consumer_secret=sim.consumer_secret,
+            shortcode=sim.shortcode,
+            passkey=sim.passkey,
+            callback_url="http://127.0.0.1:9/lost",
+        )
+        vending = Vending(
+            ledger=ledger,
+            engine=await load_token_engine(ledger, master_key),
+            providers={"daraja": provider},
+            default_provider="daraja",
+        )
+        purchase = await vending.start_purchase(
+            channel="ussd",
+            phone=Msisdn("+254711000003"),
+            meter="04000000010",
+            amount=Money(10_000, "KES"),
+            idempotency_key="ussd:race",
+        )
+        await asyncio.gather(
+            vending.request_payment(purchase.purchase_id),
+            vending.check_payment(purchase.purchase_id),
+        )
         await sim.settle()
     assert len(sim.push_requests) == 1
