@@ -505,8 +505,12 @@ def _sealed(row: sqlite3.Row) -> SealedVendingKey:
     )
 
 
+#: One encoder for every event row (``json.dumps`` with options builds a new one per call).
+_ENCODE_JSON: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+
+
 def _json(data: Mapping[str, Any] | None) -> str:
-    return json.dumps(dict(data or {}), sort_keys=True, separators=(",", ":"), default=str)
+    return _ENCODE_JSON(dict(data or {}))
 
 
 _METER_COLUMNS: Final = (
