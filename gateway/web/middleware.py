@@ -8,8 +8,8 @@ they get here.
 
 from __future__ import annotations
 
+import secrets
 import time
-import uuid
 
 import structlog
 from aiohttp import web
@@ -24,7 +24,7 @@ log = structlog.get_logger()
 async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind ``request_id`` and the route; count the request; turn crashes into a logged 500."""
     structlog.contextvars.clear_contextvars()
-    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(12)
     route = request.match_info.route.resource
     route_name = route.canonical if route is not None else "unmatched"
     structlog.contextvars.bind_contextvars(request_id=request_id, route=route_name)
