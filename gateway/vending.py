@@ -7,6 +7,12 @@ created ─request_payment─▶ awaiting_payment ─confirm (paid, right amount
 paid ─ engine refuses ─▶ vend_failed (operator)   wrong amount ─▶ refund_pending       delivered
 ```
 
+A key rotation (``Ledger.plan_key_rotation``) leaves a pending key change on each meter: the
+meter's next vend makes the key-change tokens under the current key and the credit token under
+the new one (TIDs from the new base date: from scratch on a 1993 → 2014 rollover, RO = 1), and
+records them with the meter's new key in the vend's transaction; the SMS lists the key-change
+tokens first. Planning also queues the meter's vend_failed purchases again (→ paid).
+
 A callback is a claim: ``on_payment_notice`` records it and asks the provider (``query_status``)
 before anything is vended. Each step is one ledger transaction with its event row, and every
 step is safe to retry: a replayed vend returns the stored token and queues nothing. TIDs come
@@ -27,6 +33,7 @@ Tariff errors (``gateway.tariff``) pass through from ``quote`` and ``start_purch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import weakref
@@ -105,6 +112,11 @@ _FAILED_CLAIMS: Final = frozenset(
     {PaymentState.FAILED, PaymentState.CANCELLED, PaymentState.TIMED_OUT}
 )
 _SETTLED: Final = frozenset({PurchaseState.VENDED, PurchaseState.DELIVERED})
+# Event kinds that bracket a collection request to a provider without idempotency (Daraja STK):
+# "attempted" is written before the request, "not started" when the adapter says it did not
+# take effect. An "attempted" never followed by a reference means the outcome is unknown.
+COLLECTION_ATTEMPTED: Final = "collection_attempted"
+COLLECTION_NOT_STARTED: Final = "collection_not_started"
 _PROFILE_CACHE: Final = 4096  # validated meter profiles kept (oldest dropped first)
 _GSM7_SINGLE: Final = 160
 _GSM7_DOUBLE: Final = 306
@@ -431,9 +443,31 @@ class Vending:
                 account_reference=purchase.meter,
                 description=f"Electricity {purchase.meter}",
             )
+            guarded = not getattr(provider, "idempotent_requests", False)
+            if guarded:
+                if await self._collection_outcome_unknown(purchase_id):
+                    # A prompt may be on the customer's phone already (we crashed after the
+                    # provider accepted it, before its reference was stored). Another push
+                    # could charge twice: wait for its callback, matched by payer and amount.
+                    log.warning("collection_outcome_unknown", provider=provider.name)
+                    return purchase
+                await self._ledger.append_event(
+                    purchase_id,
+                    COLLECTION_ATTEMPTED,
+                    actor="saga",
+                    data={"provider": provider.name},
+                )
             try:
                 started = await provider.request_collection(request)
             except PaymentError as exc:
+                if guarded and exc.retryable:
+                    # The adapter says the request did not take effect: another may be sent.
+                    await self._ledger.append_event(
+                        purchase_id,
+                        COLLECTION_NOT_STARTED,
+                        actor="saga",
+                        data={"provider": provider.name, "error": str(exc)},
+                    )
                 if exc.retryable:
                     attempts = purchase.check_attempts + 1
                     await self._ledger.schedule_check(
@@ -458,7 +492,66 @@ class Vending:
                 attempts=0,
             )
             log.info("payment_requested", provider=started.provider, reference=started.reference)
+            payment = await self._ledger.get_payment(started.provider, started.reference)
+            if payment is not None and payment.payload_hash is not None:
+                # The callback beat us to it (it was kept as "unknown"): confirm it now.
+                with contextlib.suppress(GatewayError, StsError):
+                    purchase = await self.confirm(purchase_id)
             return purchase
+
+    async def _collection_outcome_unknown(self, purchase_id: str) -> bool:
+        """Whether a collection request went out and its outcome was never recorded."""
+        marks = [
+            event.kind
+            for event in await self._ledger.timeline(purchase_id)
+            if event.kind in {COLLECTION_ATTEMPTED, COLLECTION_NOT_STARTED}
+        ]
+        return bool(marks) and marks[-1] == COLLECTION_ATTEMPTED
+
+    async def _adopt_unknown_collection(self, notice: PaymentNotice) -> str | None:
+        """Match a success for an unknown reference to our push whose reference was never stored.
+
+        Only a purchase still CREATED, of the same provider, payer and amount, whose push went
+        out with its outcome unknown, qualifies; exactly one must. The provider's status query
+        for the notice's reference is still the proof before anything vends.
+        """
+        if (
+            notice.is_customer_initiated
+            or notice.payer is None
+            or notice.claimed_state is not PaymentState.SUCCEEDED
+        ):
+            return None
+        candidates = [
+            purchase
+            for purchase in await self._ledger.find_purchases(
+                phone=notice.payer, states=[PurchaseState.CREATED], limit=20
+            )
+            if purchase.provider == notice.provider
+            and purchase.provider_reference is None
+            and (notice.amount is None or purchase.amount == notice.amount)
+            and await self._collection_outcome_unknown(purchase.purchase_id)
+        ]
+        if len(candidates) != 1:
+            if candidates:
+                log.warning(
+                    "unknown_collection_ambiguous",
+                    reference=notice.reference,
+                    candidates=[c.purchase_id for c in candidates],
+                )
+            return None
+        purchase = candidates[0]
+        await self._ledger.attach_payment(
+            purchase.purchase_id,
+            provider=notice.provider,
+            reference=notice.reference,
+            actor=f"callback:{notice.provider}",
+        )
+        log.warning(
+            "unknown_collection_adopted",
+            purchase_id=purchase.purchase_id,
+            reference=notice.reference,
+        )
+        return purchase.purchase_id
 
     async def on_payment_notice(self, notice: PaymentNotice) -> None:
         """Record a callback's claim, then confirm it with the provider before any vend.
@@ -489,6 +582,8 @@ class Vending:
         purchase_id: str | None = outcome.purchase_id
         if purchase_id is None and notice.is_customer_initiated:
             purchase_id = await self._open_customer_payment(notice)
+        if purchase_id is None:
+            purchase_id = await self._adopt_unknown_collection(notice)
         if purchase_id is None:
             await self._ledger.append_event(
                 None,

@@ -12,9 +12,10 @@ gateway keys rotate --sgc 123457 --from-krn 1 --to-krn 2 (--all | --meters FILE)
 key-change tokens (made under the old key) before the credit token (made under the new key),
 in one SMS, and the meter record takes the new key's attributes in the same transaction. A
 change of base date (a 1993 key, whose TIDs ran out on 2024-11-24, moving to a 2014 key) sets
-the rollover flag (RO = 1). The new key must be imported first (``keys add``); running gateway
-instances load keys at start, so restart them after importing (until then a purchase is vended
-under the old key and the change stays pending).
+the rollover flag (RO = 1); the meters' purchases waiting in ``vend_failed`` (a 1993 key past
+its range) are queued again and the sweeper vends them. The new key must be imported first
+(``keys add``); running gateway instances load keys at start, so restart them after importing
+(until then a purchase is vended under the old key and the change stays pending).
 
 The master key comes from ``GATEWAY_MASTER_KEY`` (32 bytes, base64) or the configuration
 file. A key that does not match its attributes (wrong length for its DKGA, bad parity) is
@@ -281,7 +282,7 @@ def _rotation_keys(
 
 
 async def _vend_failed_of(ledger: Ledger, meters: set[str]) -> list[str]:
-    """Purchases of ``meters`` waiting in VEND_FAILED (a 1993 key past its TID range …)."""
+    """Purchases of ``meters`` in VEND_FAILED (a 1993 key past its TID range …)."""
     failed = await ledger.find_purchases(states=[PurchaseState.VEND_FAILED], limit=1000)
     return [purchase.purchase_id for purchase in failed if purchase.meter in meters]
 
@@ -299,15 +300,14 @@ def _rotate(args: argparse.Namespace) -> int:
                 to_sgc=args.to_sgc,
                 to_tariff_index=args.tariff_index,
             )
-            if args.dry_run:
-                found = await ledger.meters_on_key(args.sgc, args.from_krn, meters=wanted)
-                meters = [meter.drn for meter in found]
-            else:
+            found = await ledger.meters_on_key(args.sgc, args.from_krn, meters=wanted)
+            meters: list[str] = [meter.drn for meter in found]
+            stuck = await _vend_failed_of(ledger, set(meters))
+            if not args.dry_run:
                 planned = await ledger.plan_key_rotation(
                     rotation, meters=wanted, actor="operator:cli"
                 )
                 meters = [change.meter for change in planned]
-            stuck = await _vend_failed_of(ledger, set(meters))
         skipped = sorted(set(wanted) - set(meters)) if wanted is not None else []
         report = {
             "sgc": args.sgc,
@@ -343,9 +343,10 @@ def _print_rotation(report: dict[str, Any]) -> None:
     for drn in report["skipped"]:
         print(f"skipped {drn}: not on sgc={report['sgc']} krn={report['from_krn']}")
     if report["vend_failed"]:
+        queued = "would be queued" if report["dry_run"] else "are queued"
         print(
-            f"{len(report['vend_failed'])} purchase(s) of these meters are vend_failed"
-            f" ({', '.join(report['vend_failed'][:10])}): retry them from /admin once planned"
+            f"{len(report['vend_failed'])} vend_failed purchase(s) of these meters {queued} again"
+            f" ({', '.join(report['vend_failed'][:10])}): the sweeper vends them, key change first"
         )
     if not report["dry_run"]:
         print("restart running gateway instances if the new key was imported after they started")

@@ -80,7 +80,10 @@ _S = PurchaseState
 TRANSITIONS: Final[Mapping[PurchaseState, frozenset[PurchaseState]]] = MappingProxyType(
     {
         _S.AWAITING_PAYMENT: frozenset({_S.CREATED}),
-        _S.PAID: frozenset({_S.CREATED, _S.AWAITING_PAYMENT, _S.PAYMENT_FAILED, _S.EXPIRED}),
+        # VEND_FAILED → PAID: a key change planned for its meter queues the vend again.
+        _S.PAID: frozenset(
+            {_S.CREATED, _S.AWAITING_PAYMENT, _S.PAYMENT_FAILED, _S.EXPIRED, _S.VEND_FAILED}
+        ),
         _S.VENDED: frozenset({_S.PAID, _S.VEND_FAILED}),
         _S.DELIVERED: frozenset({_S.VENDED}),
         _S.PAYMENT_FAILED: frozenset({_S.CREATED, _S.AWAITING_PAYMENT}),
@@ -792,8 +795,10 @@ class Ledger(Protocol):
         """Plan a pending key change for each meter on the rotation's old key (among ``meters``).
 
         One transaction. A meter's earlier pending change is SUPERSEDED by the new one; meters
-        not on (``rotation.sgc``, ``rotation.from_krn``) are left alone. Appends one
-        ``key_rotation_planned`` event. Returns the planned changes, by DRN.
+        not on (``rotation.sgc``, ``rotation.from_krn``) are left alone. The planned meters'
+        VEND_FAILED purchases (a 1993 key past its TID range …) go back to PAID with a
+        ``vend_retry_queued`` event: the sweeper vends them, the first one delivering the key
+        change. Appends one ``key_rotation_planned`` event. Returns the planned changes, by DRN.
         """
         ...
 

@@ -1393,6 +1393,22 @@ class PostgresLedger:
                 KeyChangeState.PENDING.value,
                 now,
             )
+            change_of = {row["meter"]: row["change_id"] for row in rows}
+            stuck = await conn.fetch(
+                "SELECT * FROM purchases WHERE state = $1 AND meter = ANY($2::text[])"
+                " ORDER BY purchase_id FOR UPDATE",
+                PurchaseState.VEND_FAILED.value,
+                list(change_of),
+            )
+            for purchase in stuck:
+                await self._move(
+                    conn,
+                    purchase,
+                    PurchaseState.PAID,
+                    "vend_retry_queued",
+                    actor,
+                    {"reason": "key change planned", "change_id": change_of[purchase["meter"]]},
+                )
             await self._append(
                 conn,
                 None,

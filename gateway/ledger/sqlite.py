@@ -1539,6 +1539,18 @@ class SqliteLedger:
                         ).fetchone()
                     )
                 )
+                for stuck in conn.execute(
+                    "SELECT * FROM purchases WHERE meter = ? AND state = ?",
+                    (row["drn"], PurchaseState.VEND_FAILED.value),
+                ).fetchall():
+                    self._move(
+                        conn,
+                        stuck,
+                        PurchaseState.PAID,
+                        "vend_retry_queued",
+                        actor,
+                        {"reason": "key change planned", "change_id": cursor.lastrowid},
+                    )
             self._event(
                 conn,
                 None,

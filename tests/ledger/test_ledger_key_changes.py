@@ -186,6 +186,21 @@ async def test_without_rollover_the_tid_must_still_increase(ledger: Ledger) -> N
     assert (await ledger.get_meter(METER)).krn == 1
 
 
+async def test_planning_queues_the_meters_failed_vends_again(ledger: Ledger) -> None:
+    """A VEND_FAILED purchase of a planned meter goes back to PAID for the sweeper; others stay."""
+    failed = await paid_purchase(ledger, "a")
+    elsewhere = await paid_purchase(ledger, "b", meter=OTHER)
+    for purchase in (failed, elsewhere):
+        await ledger.transition(
+            purchase.purchase_id, PurchaseState.VEND_FAILED, kind="vend_failed", actor="saga"
+        )
+    await ledger.plan_key_rotation(ROTATION, meters=[METER], actor="operator")
+    assert (await ledger.get_purchase(failed.purchase_id)).state is PurchaseState.PAID
+    assert (await ledger.get_purchase(elsewhere.purchase_id)).state is PurchaseState.VEND_FAILED
+    assert [p.purchase_id for p in await ledger.paid_not_vended()] == [failed.purchase_id]
+    assert "vend_retry_queued" in [e.kind for e in await ledger.timeline(failed.purchase_id)]
+
+
 async def test_purchase_counts_name_every_state(ledger: Ledger) -> None:
     """Counts by state include zeros, and follow the purchases' moves."""
     before = await ledger.purchase_counts()

@@ -185,7 +185,7 @@ async def test_a_replayed_vend_returns_the_same_tokens(rig: Rig) -> None:
 
 
 async def test_a_1993_meter_fails_visibly_until_rotated_then_rolls_over(rig_1993: Rig) -> None:
-    """Past 2024-11-24 a 1993 key fails visibly (VEND_FAILED); rotated: RO=1, the meter takes it."""
+    """Past 2024-11-24 a 1993 key fails visibly (VEND_FAILED); rotated, the sweep vends it: RO=1."""
     rig = rig_1993
     meter = emulator_for(await rig.ledger.get_meter(rig.drn), OLD_1993_KEY, depth=1)
     rig.clock.now = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -199,8 +199,9 @@ async def test_a_1993_meter_fails_visibly_until_rotated_then_rolls_over(rig_1993
     (stuck,) = await rig.ledger.find_purchases(states=[PurchaseState.VEND_FAILED])
 
     await rig.ledger.plan_key_rotation(TO_KRN_2, actor="operator")
-    rotated = await rig.buy("rotated")
-    *kcts, credit = await rig.sms_tokens(rotated)
+    assert (await rig.ledger.get_purchase(stuck.purchase_id)).state is PurchaseState.PAID
+    assert await rig.vending.finish_paid() == 1  # the sweeper's step
+    *kcts, credit = await rig.sms_tokens(stuck)
     responses = [meter.enter(token) for token in [*kcts, credit]]
     assert [r.verdict for r in responses] == [
         Verdict.KEY_CHANGE_PENDING,
@@ -215,8 +216,9 @@ async def test_a_1993_meter_fails_visibly_until_rotated_then_rolls_over(rig_1993
     assert stored.last_tid is not None
     assert stored.last_tid < 2**24 // 2  # counted from 2014 again
 
-    retried = await rig.vending.vend(stuck.purchase_id)  # the operator's retry now works
-    assert meter.enter(retried.token).verdict is Verdict.ACCEPTED
+    later = await rig.buy("later")
+    (next_token,) = await rig.sms_tokens(later)
+    assert meter.enter(next_token).verdict is Verdict.ACCEPTED
 
 
 async def test_a_key_not_loaded_yet_defers_the_change_and_still_vends(tmp_path: Path) -> None:
