@@ -91,6 +91,11 @@ class AirtelProvider:
     The callback URL is configured per app in Airtel's portal, not per request.
     """
 
+    #: Whether sending the same collection request again is harmless (the saga never sends a second
+    #: one when it is not). Here: the transaction id is ours: Airtel refuses a repeat as a
+    #: duplicate.
+    idempotent_requests = True
+
     def __init__(  # noqa: PLR0913 - all keyword-only settings
         self,
         session: aiohttp.ClientSession,

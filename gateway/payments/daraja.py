@@ -194,6 +194,11 @@ class DarajaProvider:
         clock: monotonic seconds, for token expiry. now: the wall clock, for ``Timestamp``.
     """
 
+    #: Whether sending the same collection request again is harmless (the saga never sends a second
+    #: one when it is not). Here: STK push has no idempotency key: a repeat is a second prompt and
+    #: may charge twice.
+    idempotent_requests = False
+
     def __init__(  # noqa: PLR0913 - Daraja needs this many settings; all keyword-only
         self,
         session: aiohttp.ClientSession,

@@ -111,6 +111,11 @@ class MomoProvider:
         timeout_s: the deadline of every HTTP call. clock: monotonic seconds, for token expiry.
     """
 
+    #: Whether sending the same collection request again is harmless (the saga never sends a second
+    #: one when it is not). Here: the X-Reference-Id is derived from the purchase id: a repeat is
+    #: refused (409) and queried.
+    idempotent_requests = True
+
     def __init__(  # noqa: PLR0913 - all keyword-only settings
         self,
         session: aiohttp.ClientSession,

@@ -108,6 +108,7 @@ async def test_paid_purchase_vends_a_token_the_meter_accepts(world: World) -> No
     kinds = [e.kind for e in await world.ledger.timeline(purchase.purchase_id)]
     assert kinds == [
         "purchase_created",
+        "collection_attempted",
         "payment_requested",
         "payment_notice",
         "payment_confirmed",
