@@ -711,7 +711,7 @@ class Ledger(Protocol):
     ) -> Purchase:
         """A proven payment: payment row SUCCEEDED and the purchase PAID, one transaction.
 
-        Already PAID, VENDED or DELIVERED: unchanged, nothing appended.
+        Already PAID, VENDED, DELIVERED or VEND_FAILED: unchanged, nothing appended.
 
         Raises:
             IllegalTransition: the purchase is in a state that cannot become paid.

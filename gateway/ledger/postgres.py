@@ -475,8 +475,9 @@ _VEND_CONTEXT: Final = (
 _FINAL_OUTBOX: Final = [OutboxState.DELIVERED.value, OutboxState.FAILED.value]
 _UNSENT: Final = [OutboxState.PENDING.value, OutboxState.SENDING.value]
 _FINAL_DELIVERY: Final = [state.value for state in DeliveryState if state.is_final]
+#: States a proven payment leaves unchanged (VEND_FAILED is reached from PAID only: it is paid).
 _PAID_OR_LATER: Final = frozenset(
-    {PurchaseState.PAID, PurchaseState.VENDED, PurchaseState.DELIVERED}
+    {PurchaseState.PAID, PurchaseState.VENDED, PurchaseState.DELIVERED, PurchaseState.VEND_FAILED}
 )
 
 
@@ -1062,7 +1063,7 @@ class PostgresLedger:
     async def _pay(self, conn: Connection, row: Row, payment: ConfirmedPayment, actor: str) -> Row:
         """Record the (locked) purchase ``row`` paid by ``payment``; the updated row.
 
-        Already PAID, VENDED or DELIVERED: unchanged.
+        Already PAID, VENDED, DELIVERED or VEND_FAILED: unchanged.
         """
         purchase_id = row["purchase_id"]
         current = PurchaseState(row["state"])

@@ -540,8 +540,9 @@ _VEND_CONTEXT_SQL: Final = (
 _FINAL_OUTBOX: Final = (OutboxState.DELIVERED.value, OutboxState.FAILED.value)
 _UNSENT: Final = (OutboxState.PENDING.value, OutboxState.SENDING.value)
 _FINAL_DELIVERY: Final = tuple(state.value for state in DeliveryState if state.is_final)
+#: States a proven payment leaves unchanged (VEND_FAILED is reached from PAID only: it is paid).
 _PAID_OR_LATER: Final = frozenset(
-    {PurchaseState.PAID, PurchaseState.VENDED, PurchaseState.DELIVERED}
+    {PurchaseState.PAID, PurchaseState.VENDED, PurchaseState.DELIVERED, PurchaseState.VEND_FAILED}
 )
 
 

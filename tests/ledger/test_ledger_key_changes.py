@@ -309,3 +309,25 @@ async def test_the_notice_receipt_survives_a_status_answer_without_one(ledger: L
     assert stored is not None
     assert stored.receipt == "QKX1ABC"
     assert (await ledger.vend_context(purchase.purchase_id)).receipt == "QKX1ABC"
+
+
+async def test_a_proven_payment_leaves_a_failed_vend_as_it_is(ledger: Ledger) -> None:
+    """mark_paid on a VEND_FAILED purchase changes nothing: it was paid before it failed."""
+    purchase = await paid_purchase(ledger, "a")
+    await ledger.transition(
+        purchase.purchase_id, PurchaseState.VEND_FAILED, kind="vend_failed", actor="saga"
+    )
+    before = await ledger.timeline(purchase.purchase_id)
+    again = await ledger.mark_paid(
+        purchase.purchase_id,
+        ConfirmedPayment(
+            provider="fakepay",
+            reference="REF-a",
+            amount=Money(5000, "KES"),
+            payer=PHONE,
+            receipt=None,
+        ),
+        actor="saga",
+    )
+    assert again.state is PurchaseState.VEND_FAILED
+    assert await ledger.timeline(purchase.purchase_id) == before
