@@ -5,10 +5,12 @@ SMS and C2B with every fault switch on while the gateway is SIGKILLed and restar
 the tokens, and hands the simulators' records to ``bench/audit.py``'s auditor (money taken, SMS
 carried, every token keyed into a meter emulator).
 
-A bug this harness found is pinned by a directed test below (``xfail(strict=True)``): an STK
-push that Daraja accepted just before the gateway died is pushed again after the restart, so the
-customer pays twice for one token. Until it is fixed the audited run reports those second charges
-as ``charged_twice`` and is marked xfail when any occurred; every other count must be zero.
+Bugs this harness found are pinned by directed tests below (``xfail(strict=True)``; see
+docs/performance.md): an STK push that Daraja accepted just before the gateway died is pushed
+again after the restart, so the customer pays twice for one token; a purchase committed just
+before a crash is never prompted; two concurrent payment requests push twice. Until the first
+is fixed the audited run reports those second charges as ``charged_twice`` and is marked xfail
+when any occurred; every other count must be zero.
 """
 
 from __future__ import annotations
