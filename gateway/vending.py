@@ -332,6 +332,9 @@ class Vending:
         self._meter_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        self._purchase_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._profiles: dict[tuple[object, ...], MeterProfile] = {}
 
     @property
@@ -427,6 +430,15 @@ class Vending:
         unchanged. A retryable provider failure leaves the purchase CREATED with a check
         scheduled, for the sweeper; a final refusal makes it PAYMENT_FAILED.
         """
+        # One request per purchase at a time in this process: the channel's follow-up and the
+        # sweeper's first check may race, and the second must see the first's mark.
+        lock = self._purchase_locks.get(purchase_id)
+        if lock is None:
+            lock = self._purchase_locks[purchase_id] = asyncio.Lock()
+        async with lock:
+            return await self._request_payment(purchase_id)
+
+    async def _request_payment(self, purchase_id: str) -> Purchase:
         with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
             purchase = await self._ledger.get_purchase(purchase_id)
             if (

@@ -8,6 +8,7 @@ the provider's status query stays the proof.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from vending_support import PHONE, World
@@ -106,3 +107,30 @@ async def test_a_push_refused_as_retryable_may_be_sent_again(world: World) -> No
     again = await world.vending.request_payment(purchase.purchase_id)
     assert again.state is PurchaseState.AWAITING_PAYMENT
     assert len(world.provider.requests) == 1
+
+
+async def test_racing_payment_requests_push_once(world: World) -> None:
+    """The channel's follow-up and the sweeper's check, racing, send one collection request."""
+    purchase = await world.vending.start_purchase(
+        channel="ussd", phone=PHONE, meter=world.drns[0], amount=AMOUNT, idempotency_key="k3"
+    )
+    provider = world.provider
+    accept = provider.request_collection
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_accept(request: CollectionRequest) -> CollectionStarted:
+        inside.set()
+        await release.wait()  # the provider is slow to answer; the other request arrives
+        return await accept(request)
+
+    provider.request_collection = slow_accept  # type: ignore[method-assign]
+    first = asyncio.create_task(world.vending.request_payment(purchase.purchase_id))
+    await inside.wait()
+    second = asyncio.create_task(world.vending.check_payment(purchase.purchase_id))
+    await asyncio.sleep(0)  # let the sweeper's step reach the saga's guard
+    release.set()
+    await asyncio.gather(first, second)
+    assert len(provider.requests) == 1
+    after = await world.ledger.get_purchase(purchase.purchase_id)
+    assert after.state is PurchaseState.AWAITING_PAYMENT
