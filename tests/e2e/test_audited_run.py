@@ -7,7 +7,7 @@ carried, every token keyed into a meter emulator).
 
 Bugs this harness found are pinned by directed tests below (see docs/performance.md). Two were
 fixed by their owner during the day (62f5884: a push accepted just before a kill was pushed
-again, charging twice; two racing payment requests pushed twice); their tests now guard the
+again, charging twice; 145be70: two racing payment requests pushed twice); their tests now guard the
 fix. Still open, as ``xfail(strict=True)``: the push of unknown outcome whose callback is lost
 never becomes a token, and a purchase committed just before a kill is never prompted. Until the
 first is fixed the audited run is marked xfail when payments without a token occur (it names
@@ -497,7 +497,7 @@ async def test_concurrent_payment_requests_for_one_purchase_push_once(
 ) -> None:
     """The follow-up's and the sweeper's payment requests, racing, send one STK push.
 
-    (Found by this harness; fixed in 62f5884, this test was its strict xfail.)
+    (Found by this harness; fixed in 145be70, this test was its strict xfail.)
     """
     sim, base_url = daraja
     master_key = secrets.token_bytes(32)
