@@ -1503,6 +1503,9 @@ class PostgresLedger:
         """The provider took the message."""
 
         async def op(conn: Connection) -> None:
+            # Serialised with a report for the same id (``apply_delivery_report``): either the
+            # report sees the id recorded, or it is kept and this transaction applies it.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", provider_message_id)
             new_state = (
                 OutboxState.DELIVERED if state is DeliveryState.DELIVERED else OutboxState.SENT
             )
@@ -1662,6 +1665,9 @@ class PostgresLedger:
         """
 
         async def op(conn: Connection) -> OutboxMessage | None:
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))", report.provider_message_id
+            )
             row = await conn.fetchrow(
                 "SELECT * FROM outbox WHERE provider_message_id = $1 FOR UPDATE",
                 report.provider_message_id,

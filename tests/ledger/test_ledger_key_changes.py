@@ -5,6 +5,7 @@ Run against every backend through the ``ledger`` fixture (``conftest.py``).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from datetime import timedelta
 
@@ -331,3 +332,29 @@ async def test_a_proven_payment_leaves_a_failed_vend_as_it_is(ledger: Ledger) ->
     )
     assert again.state is PurchaseState.VEND_FAILED
     assert await ledger.timeline(purchase.purchase_id) == before
+
+
+async def test_a_report_racing_the_record_of_its_id_is_never_lost(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    """Reports arriving while their message ids are being recorded all end DELIVERED."""
+    purchases = [await paid_purchase(ledger, f"r{i}") for i in range(12)]
+    for tid, purchase in enumerate(purchases, start=1):
+        await ledger.record_vend(vend_draft(purchase, tid=tid, expected=tid - 1 or None), actor="s")
+    claimed = await ledger.claim_outbox(
+        clock(), lease_until=clock() + timedelta(seconds=30), limit=100
+    )
+    assert len(claimed) == len(purchases)
+
+    async def race(message_id: int, provider_id: str) -> None:
+        report = DeliveryReport(provider_message_id=provider_id, state=DeliveryState.DELIVERED)
+        await asyncio.gather(
+            ledger.apply_delivery_report(report),
+            ledger.outbox_sent(
+                message_id, provider_message_id=provider_id, cost=None, state=DeliveryState.SENT
+            ),
+        )
+
+    await asyncio.gather(*(race(m.message_id, f"ATX-{m.message_id}") for m in claimed))
+    states = {(await ledger.get_purchase(p.purchase_id)).state for p in purchases}
+    assert states == {PurchaseState.DELIVERED}
