@@ -644,7 +644,8 @@ class SqliteLedger:
             try:
                 rows = inline.execute(sql, params).fetchall()
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode not in {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}:
+                primary = exc.sqlite_errorcode & 0xFF  # extended codes: BUSY_RECOVERY …
+                if primary not in {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}:
                     raise translate_error(exc) from exc
             except sqlite3.Error as exc:
                 raise translate_error(exc) from exc
