@@ -395,17 +395,13 @@ class Vending:
                 tariff_id=record.tariff_id,
                 idempotency_key=idempotency_key,
                 provider=provider_name,
+                # Should the caller never get to request_payment (a crash in between), the
+                # sweeper requests it then, or expires the purchase at its deadline. Stored with
+                # the purchase in one transaction, so no crash can leave it unscheduled.
+                first_check_at=self._clock() + timedelta(seconds=self._policy.first_check_after_s),
             ),
             actor=channel,
         )
-        if purchase.state is PurchaseState.CREATED and purchase.next_check_at is None:
-            # Should the caller never get to request_payment (a crash in between), the sweeper
-            # requests it then, or expires the purchase at its deadline.
-            await self._ledger.schedule_check(
-                purchase.purchase_id,
-                at=self._clock() + timedelta(seconds=self._policy.first_check_after_s),
-                attempts=0,
-            )
         with structlog.contextvars.bound_contextvars(purchase_id=purchase.purchase_id):
             log.info(
                 "purchase_started",

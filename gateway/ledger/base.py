@@ -48,6 +48,9 @@ MeterNumber = NewType("MeterNumber", str)
 """A meter's decoder reference number (DRN), 11 or 13 digits as printed on the meter."""
 
 MAX_SAVED_METERS: Final = 5
+#: A new purchase is due for the sweeper this long after creation unless the saga schedules its
+#: check sooner (it does, right after): a process killed between the two still gets its prompt.
+ORPHAN_CHECK_AFTER_S: Final = 60.0
 #: How long a delivery report for a message id not recorded yet is kept, and how many are kept.
 EARLY_REPORT_TTL_S: Final = 3600
 EARLY_REPORT_LIMIT: Final = 10_000
@@ -194,6 +197,9 @@ class PurchaseDraft:
     tariff_id: str
     idempotency_key: str
     provider: str
+    # When the sweeper should first look at it, stored with the purchase itself (so a crash
+    # right after cannot leave it unswept); None: ``ORPHAN_CHECK_AFTER_S`` after creation.
+    first_check_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -65,6 +65,7 @@ from gateway.ledger.base import (
     EARLY_REPORT_LIMIT,
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
+    ORPHAN_CHECK_AFTER_S,
     ConfirmedPayment,
     DuplicateError,
     Event,
@@ -760,7 +761,8 @@ class PostgresLedger:
             row = await conn.fetchrow(
                 "INSERT INTO purchases (purchase_id, channel, phone, meter, amount_minor,"
                 " currency, units, tariff_id, state, idempotency_key, provider, created_at,"
-                " updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)"
+                " updated_at, next_check_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13)"
                 " ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
                 draft.purchase_id,
                 draft.channel,
@@ -774,6 +776,7 @@ class PostgresLedger:
                 draft.idempotency_key,
                 draft.provider,
                 now,
+                draft.first_check_at or now + timedelta(seconds=ORPHAN_CHECK_AFTER_S),
             )
             if row is None:
                 existing = await conn.fetchrow(

@@ -64,6 +64,7 @@ from gateway.ledger.base import (
     EARLY_REPORT_LIMIT,
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
+    ORPHAN_CHECK_AFTER_S,
     ConfirmedPayment,
     DuplicateError,
     Event,
@@ -853,11 +854,15 @@ class SqliteLedger:
                 is None
             ):
                 raise NotFound("meter", draft.meter)
-            now = _ts(self._clock())
+            created = self._clock()
+            now = _ts(created)
+            orphan_check = _ts(
+                draft.first_check_at or created + timedelta(seconds=ORPHAN_CHECK_AFTER_S)
+            )
             conn.execute(
                 "INSERT INTO purchases (purchase_id, channel, phone, meter, amount_minor, currency,"
-                " units, tariff_id, state, idempotency_key, provider, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " units, tariff_id, state, idempotency_key, provider, created_at, updated_at,"
+                " next_check_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     draft.purchase_id,
                     draft.channel,
@@ -872,6 +877,7 @@ class SqliteLedger:
                     draft.provider,
                     now,
                     now,
+                    orphan_check,
                 ),
             )
             self._event(

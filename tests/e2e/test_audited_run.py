@@ -5,13 +5,13 @@ SMS and C2B with every fault switch on while the gateway is SIGKILLed and restar
 the tokens, and hands the simulators' records to ``bench/audit.py``'s auditor (money taken, SMS
 carried, every token keyed into a meter emulator).
 
-Bugs this harness found are pinned by directed tests below (see docs/performance.md). Two were
-fixed by their owner during the day (62f5884: a push accepted just before a kill was pushed
-again, charging twice; 145be70: two racing payment requests pushed twice); their tests now guard the
-fix. Still open, as ``xfail(strict=True)``: the push of unknown outcome whose callback is lost
-never becomes a token, and a purchase committed just before a kill is never prompted. Until the
-first is fixed the audited run is marked xfail when payments without a token occur (it names
-how many); every other count must be zero.
+Bugs this harness found are pinned by directed tests below (see docs/performance.md). Three were
+fixed during the day (62f5884: a push accepted just before a kill was pushed again, charging
+twice; 145be70: two racing payment requests pushed twice; a purchase committed just before a kill
+was never prompted, now that its first check is stored with it); their tests now guard the fixes.
+Still open, as ``xfail(strict=True)``: the push of unknown outcome whose callback is lost never
+becomes a token. Until it is fixed the audited run is marked xfail when payments without a token
+occur (it names how many); every other count must be zero.
 """
 
 from __future__ import annotations
@@ -436,16 +436,6 @@ async def test_sim_chaos_fails_sms_sends_and_records_accepted_ones(
     assert messages[0]["accepted_at"] is not None
 
 
-UNPROMPTED_BUG = (
-    "known bug: Vending.start_purchase commits the purchase (Ledger.open_purchase) and schedules"
-    " its first check (Ledger.schedule_check) in two transactions; a crash between them leaves a"
-    " created purchase with next_check_at NULL, which Ledger.due_for_check never returns, so the"
-    " customer told 'you will get a payment prompt' never gets one (121 such purchases in the"
-    " 50-kill run)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=UNPROMPTED_BUG)
 async def test_purchase_created_before_a_crash_still_gets_its_payment_prompt(
     daraja: tuple[DarajaSimulator, str], tmp_path: Path
 ) -> None:
