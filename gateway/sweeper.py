@@ -50,6 +50,7 @@ class Sweeper:
         clock: the time source (UTC, aware).
         interval_s: the pause between sweeps.
         batch: purchases handled per step and sweep.
+        check_concurrency: payment status checks in flight at once.
     """
 
     def __init__(
@@ -60,12 +61,14 @@ class Sweeper:
         clock: Callable[[], datetime] = _utc_now,
         interval_s: float = 15.0,
         batch: int = 100,
+        check_concurrency: int = 16,
     ) -> None:
         self._vending = vending
         self._outbox = outbox
         self._clock = clock
         self._interval_s = interval_s
         self._batch = batch
+        self._check_concurrency = max(1, check_concurrency)
 
     async def sweep_once(self) -> SweepReport:
         """One pass over paid-not-vended, due payment checks and due messages. Never raises."""
@@ -78,14 +81,22 @@ class Sweeper:
             failed.append("vend")
             log.warning("sweep_step_failed", step="vend", error=str(exc))
         try:
-            for purchase in await ledger.due_for_check(self._clock(), limit=self._batch):
-                try:
-                    await self._vending.check_payment(purchase.purchase_id)
-                except GatewayError as exc:
-                    log.warning(
-                        "payment_check_deferred", purchase_id=purchase.purchase_id, error=str(exc)
-                    )
-                checked += 1
+            due = await ledger.due_for_check(self._clock(), limit=self._batch)
+            gate = asyncio.Semaphore(self._check_concurrency)
+
+            async def check(purchase_id: str) -> None:
+                # Several at once: one status query hanging to its deadline must not hold up
+                # the recovery of every lost callback behind it.
+                async with gate:
+                    try:
+                        await self._vending.check_payment(purchase_id)
+                    except GatewayError as exc:
+                        log.warning(
+                            "payment_check_deferred", purchase_id=purchase_id, error=str(exc)
+                        )
+
+            await asyncio.gather(*(check(purchase.purchase_id) for purchase in due))
+            checked = len(due)
         except GatewayError as exc:
             failed.append("check")
             log.warning("sweep_step_failed", step="check", error=str(exc))
