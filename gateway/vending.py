@@ -78,6 +78,7 @@ from gateway.payments import (
     PaymentState,
     PaymentStatus,
     ProviderReference,
+    ReconcilingProvider,
 )
 from gateway.phone import Msisdn
 from gateway.sts import (
@@ -117,6 +118,17 @@ _SETTLED: Final = frozenset({PurchaseState.VENDED, PurchaseState.DELIVERED})
 # take effect. An "attempted" never followed by a reference means the outcome is unknown.
 COLLECTION_ATTEMPTED: Final = "collection_attempted"
 COLLECTION_NOT_STARTED: Final = "collection_not_started"
+# A push of unknown outcome whose provider lists several unclaimed payments that could be it.
+UNKNOWN_COLLECTION_AMBIGUOUS: Final = "unknown_collection_ambiguous"
+_PAID_STATES: Final = frozenset(
+    {
+        PurchaseState.PAID,
+        PurchaseState.VENDED,
+        PurchaseState.DELIVERED,
+        PurchaseState.VEND_FAILED,
+        PurchaseState.REFUND_PENDING,
+    }
+)
 _PROFILE_CACHE: Final = 4096  # validated meter profiles kept (oldest dropped first)
 _GSM7_SINGLE: Final = 160
 _GSM7_DOUBLE: Final = 306
@@ -287,6 +299,10 @@ class SagaPolicy:
         payment_deadline_s: after this long since creation an unpaid purchase expires (a later
             confirmed success still vends).
         vend_attempts: how often a vend is retried when another writer moved the meter's TID.
+        reconcile_after_s: a push whose outcome a crash left unknown (and whose callback never
+            came) is looked up in the provider's list of payments this long after it went out
+            (the prompt's lifetime).
+        reconcile_window_s: that lookup covers (attempt - before, attempt + after).
     """
 
     first_check_after_s: float = 20.0
@@ -294,6 +310,8 @@ class SagaPolicy:
     check_backoff_max_s: float = 300.0
     payment_deadline_s: float = 900.0
     vend_attempts: int = 32
+    reconcile_after_s: float = 90.0
+    reconcile_window_s: tuple[float, float] = (60.0, 300.0)
 
 
 class Vending:
@@ -509,12 +527,126 @@ class Vending:
 
     async def _collection_outcome_unknown(self, purchase_id: str) -> bool:
         """Whether a collection request went out and its outcome was never recorded."""
+        return await self._unknown_collection_since(purchase_id) is not None
+
+    async def _unknown_collection_since(self, purchase_id: str) -> datetime | None:
+        """When the collection request of unknown outcome went out; None if there is none."""
         marks = [
-            event.kind
+            event
             for event in await self._ledger.timeline(purchase_id)
             if event.kind in {COLLECTION_ATTEMPTED, COLLECTION_NOT_STARTED}
         ]
-        return bool(marks) and marks[-1] == COLLECTION_ATTEMPTED
+        if marks and marks[-1].kind == COLLECTION_ATTEMPTED:
+            return marks[-1].at
+        return None
+
+    async def _receipts_of_payer(self, purchase: Purchase) -> tuple[set[str], int]:
+        """The payer's other paid purchases of this amount: receipts known, and how many lack one.
+
+        Those without a receipt on record (confirmed by STK Query) cannot be told apart from a
+        payment found by payer and amount, so their count makes any match ambiguous.
+        """
+        known: set[str] = set()
+        unexplained = 0
+        oldest = purchase.created_at - timedelta(seconds=self._policy.payment_deadline_s)
+        for other in await self._ledger.find_purchases(
+            phone=purchase.phone, states=sorted(_PAID_STATES), limit=100
+        ):
+            if (
+                other.purchase_id == purchase.purchase_id
+                or other.provider != purchase.provider
+                or other.amount != purchase.amount
+            ):
+                continue
+            if other.provider_reference is not None:
+                known.add(other.provider_reference)
+            receipt = (await self._ledger.vend_context(other.purchase_id)).receipt
+            if receipt is not None:
+                known.add(receipt)
+            elif other.created_at >= oldest:
+                unexplained += 1
+        return known, unexplained
+
+    async def _unclaimed(
+        self, purchase: Purchase, found: Sequence[PaymentStatus]
+    ) -> tuple[dict[str, PaymentStatus], int]:
+        """The found payments no other purchase claimed (by reference), and the unexplained count.
+
+        The count is ``_receipts_of_payer``'s: the payer's paid purchases with no receipt.
+        """
+        if not found:
+            return {}, 0
+        known, unexplained = await self._receipts_of_payer(purchase)
+        candidates: dict[str, PaymentStatus] = {}
+        for status in found:
+            if status.reference in known or (status.receipt or "") in known:
+                continue
+            record = await self._ledger.get_payment(status.provider, status.reference)
+            if record is None or record.purchase_id in {None, purchase.purchase_id}:
+                candidates[status.reference] = status
+        return candidates, unexplained
+
+    async def _reconcile_unknown_collection(self, purchase: Purchase) -> Purchase | None:
+        """Find, in the provider's own list, the payment of a push whose outcome is unknown.
+
+        For a CREATED purchase without a reference whose push went out (outcome unknown) at
+        least ``reconcile_after_s`` ago, on a ``ReconcilingProvider``: its completed payments
+        by the purchase's payer of exactly its amount around the push, less those already tied
+        to another purchase. Exactly one: recorded paid with that record as the proof, and
+        vended. Several: an ``unknown_collection_ambiguous`` event for an operator. Returns
+        None when this does not apply (or found nothing), else the purchase as it now stands.
+
+        Raises:
+            PaymentError: the provider could not answer.
+        """
+        provider = self._providers[purchase.provider]
+        if (
+            not isinstance(provider, ReconcilingProvider)
+            or purchase.phone is None
+            or purchase.state is not PurchaseState.CREATED
+            or purchase.provider_reference is not None
+        ):
+            return None
+        attempted = await self._unknown_collection_since(purchase.purchase_id)
+        if attempted is None:
+            return None
+        if self._clock() < attempted + timedelta(seconds=self._policy.reconcile_after_s):
+            return None
+        before, after = self._policy.reconcile_window_s
+        found = await provider.find_payments(
+            purchase.phone,
+            purchase.amount,
+            attempted - timedelta(seconds=before),
+            attempted + timedelta(seconds=after),
+        )
+        candidates, unexplained = await self._unclaimed(purchase, found)
+        if not candidates:
+            return None
+        if len(candidates) > 1 or unexplained:
+            timeline = await self._ledger.timeline(purchase.purchase_id)
+            if not timeline or timeline[-1].kind != UNKNOWN_COLLECTION_AMBIGUOUS:
+                await self._ledger.append_event(
+                    purchase.purchase_id,
+                    UNKNOWN_COLLECTION_AMBIGUOUS,
+                    actor="saga",
+                    data={
+                        "provider": provider.name,
+                        "references": sorted(candidates),
+                        "unexplained_payments": unexplained,
+                    },
+                )
+            log.warning(
+                UNKNOWN_COLLECTION_AMBIGUOUS,
+                references=sorted(candidates),
+                unexplained_payments=unexplained,
+            )
+            return await self._ledger.get_purchase(purchase.purchase_id)
+        (status,) = candidates.values()
+        log.warning("unknown_collection_reconciled", reference=status.reference)
+        context = await self._ledger.vend_context(purchase.purchase_id)
+        # The provider's record is the proof: the payment row, the reference and PAID are
+        # written with the vend in one transaction (no window with a reference STK Query lacks).
+        return await self._on_success(context, status)
 
     async def _adopt_unknown_collection(self, notice: PaymentNotice) -> str | None:
         """Match a success for an unknown reference to our push whose reference was never stored.
@@ -779,9 +911,12 @@ class Vending:
     async def check_payment(self, purchase_id: str) -> Purchase:
         """The sweeper's step for a purchase awaiting payment past its check time.
 
-        Retries a collection that never started; otherwise asks the provider. Still unpaid past
-        the payment deadline: EXPIRED. Otherwise the next check is scheduled with backoff.
-        Provider errors are absorbed here (they only reschedule).
+        Retries a collection that never started; otherwise asks the provider. A push whose
+        outcome a crash left unknown is looked up in the provider's list of payments once the
+        prompt's lifetime has passed (``_reconcile_unknown_collection``); while that lookup fails
+        or is ambiguous the purchase never expires. Still unpaid past the payment deadline:
+        EXPIRED. Otherwise the next check is scheduled with backoff. Provider errors are absorbed
+        here (they only reschedule).
         """
         with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
             purchase = await self._ledger.get_purchase(purchase_id)
@@ -789,6 +924,26 @@ class Vending:
                 return purchase
             if purchase.provider_reference is None:
                 purchase = await self.request_payment(purchase_id)
+                try:
+                    reconciled = await self._reconcile_unknown_collection(purchase)
+                except PaymentError as exc:
+                    # Unknown whether money moved: never expire it on this check.
+                    log.warning("unknown_collection_lookup_failed", error=str(exc))
+                    attempts = purchase.check_attempts + 1
+                    await self._ledger.schedule_check(
+                        purchase_id, at=self._clock() + self._backoff(attempts), attempts=attempts
+                    )
+                    return await self._ledger.get_purchase(purchase_id)
+                if reconciled is not None:
+                    purchase = reconciled
+                    if await self._ambiguous(purchase):
+                        attempts = purchase.check_attempts + 1
+                        await self._ledger.schedule_check(
+                            purchase_id,
+                            at=self._clock() + timedelta(seconds=self._policy.check_backoff_max_s),
+                            attempts=attempts,
+                        )
+                        return purchase
             else:
                 try:
                     purchase = await self.confirm(purchase_id)
@@ -812,6 +967,13 @@ class Vending:
                 purchase_id, at=min(deadline, now + self._backoff(attempts)), attempts=attempts
             )
             return await self._ledger.get_purchase(purchase_id)
+
+    async def _ambiguous(self, purchase: Purchase) -> bool:
+        """Whether a still-unpaid purchase waits for an operator (an ambiguous reconciliation)."""
+        if purchase.state is not PurchaseState.CREATED:
+            return False
+        timeline = await self._ledger.timeline(purchase.purchase_id)
+        return bool(timeline) and timeline[-1].kind == UNKNOWN_COLLECTION_AMBIGUOUS
 
     # -- vending --------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from gateway.payments.base import (
     PaymentTimedOut,
     ProviderReference,
     ProviderUnavailable,
+    ReconcilingProvider,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "PaymentTimedOut",
     "ProviderReference",
     "ProviderUnavailable",
+    "ReconcilingProvider",
 ]

@@ -32,6 +32,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import NewType, Protocol, TypeVar, runtime_checkable
 
@@ -196,6 +197,28 @@ class PaybillProvider(PaymentProvider, Protocol):
         """Hand an asynchronous status result to the ``query_status`` call waiting for it.
 
         Returns whether a call was waiting. Raises ``ForgedCallback`` for a malformed body.
+        """
+        ...
+
+
+@runtime_checkable
+class ReconcilingProvider(PaymentProvider, Protocol):
+    """A provider that can list its completed payments by payer, amount and time (Daraja Pull).
+
+    The saga uses it for a push whose outcome a crash left unknown and whose callback never came:
+    no reference of ours ties the money to the purchase, so the provider's own list is the proof.
+    """
+
+    async def find_payments(
+        self, payer: Msisdn, amount: Money, since: datetime, until: datetime
+    ) -> list[PaymentStatus]:
+        """Completed payments by ``payer`` of exactly ``amount`` in ``[since, until]`` (aware).
+
+        Each is ``SUCCEEDED`` with its reference (the provider's receipt), amount and payer, as
+        the provider's own record states them.
+
+        Raises:
+            ProviderUnavailable: the provider could not answer now (retryable) or is not set up.
         """
         ...
 

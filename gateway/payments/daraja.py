@@ -96,6 +96,8 @@ _REJECT_OTHER: Final = "C2B00016"
 _INITIATOR_ERRORS: Final = frozenset({2001, 8006})
 
 _RECEIPT: Final = re.compile(r"[A-Z0-9]{8,12}")
+_PULL_DATE: Final = "%Y-%m-%d %H:%M:%S"  # Pull Transactions' StartDate/EndDate, in EAT
+_PULL_PAGE: Final = 1000  # rows per Pull answer; a full page means ask again from OffSetValue
 
 
 def stk_password(shortcode: str, passkey: str, timestamp: str) -> str:
@@ -481,6 +483,78 @@ class DarajaProvider:
             waiters.discard(waiter)
             if not waiters:
                 self._status_waiters.pop(reference, None)
+
+    # -- Pull Transactions (reconciliation of a push whose reference was lost) -----------------
+
+    async def find_payments(
+        self, payer: Msisdn, amount: Money, since: datetime, until: datetime
+    ) -> list[PaymentStatus]:
+        """Completed payments by ``payer`` of exactly ``amount`` in ``[since, until]`` (Pull API).
+
+        ``POST /pulltransactions/v1/query`` (``ShortCode``, ``StartDate``/``EndDate`` in EAT as
+        ``YYYY-MM-DD HH:MM:SS``, ``OffSetValue``), paged until a short page. Its rows carry the
+        receipt (``transactionId``), ``trxDate``, ``msisdn`` and ``amount`` [I: the response shape
+        is as practitioners quote Safaricom's page; it names no CheckoutRequestID]. The receipt is
+        each result's reference. Rows that are malformed, of another payer or amount, or outside
+        the window are skipped.
+
+        Raises:
+            ProviderUnavailable: Daraja did not answer usefully (retryable on 5xx/timeouts).
+        """
+        found: list[PaymentStatus] = []
+        offset = 0
+        while True:
+            payload = {
+                "ShortCode": self._shortcode,
+                "StartDate": since.astimezone(EAT).strftime(_PULL_DATE),
+                "EndDate": until.astimezone(EAT).strftime(_PULL_DATE),
+                "OffSetValue": str(offset),
+            }
+            reply = await self._call(
+                "/pulltransactions/v1/query", payload, idempotent=True, reference=None
+            )
+            body = reply.json_object() or {}
+            rows = body.get("Response")
+            if reply.status != 200 or not isinstance(rows, list):
+                error = self._error(reply, None, what="Pull Transactions")
+                raise ProviderUnavailable(
+                    error.args[0], provider=self.name, retryable=error.retryable
+                ) from error
+            page = [row for group in rows if isinstance(group, list) for row in group]
+            found.extend(
+                status
+                for row in page
+                if (status := self._pulled(row, since, until)) is not None
+                and status.payer == payer
+                and status.amount == amount
+            )
+            if len(page) < _PULL_PAGE or not page:
+                return found
+            offset += len(page)
+
+    def _pulled(self, row: object, since: datetime, until: datetime) -> PaymentStatus | None:
+        """One Pull row as a success, or None when it is malformed or outside the window."""
+        if not isinstance(row, dict):
+            return None
+        receipt = str(row.get("transactionId", ""))
+        try:
+            when = datetime.fromisoformat(str(row.get("trxDate", "")))
+            paid = _kes(row.get("amount"), "amount")
+        except (ValueError, ForgedCallback):
+            return None
+        if not _RECEIPT.fullmatch(receipt) or when.tzinfo is None or not since <= when <= until:
+            return None
+        payer = _payer(str(row.get("msisdn", "")))
+        if payer is None:
+            return None
+        return PaymentStatus(
+            provider=self.name,
+            reference=ProviderReference(receipt),
+            state=PaymentState.SUCCEEDED,
+            amount=paid,
+            payer=payer,
+            receipt=receipt,
+        )
 
     def deliver_status_result(self, body: bytes) -> bool:
         """Hand a Transaction Status ``Result`` (posted to ``status_result_url``) to its query.

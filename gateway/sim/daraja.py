@@ -62,6 +62,8 @@ log = structlog.get_logger()
 EAT: Final = timezone(timedelta(hours=3), "EAT")
 _MSISDN: Final = re.compile(r"254[17]\d{8}")
 _TIMESTAMP: Final = re.compile(r"\d{14}")
+_PULL_DATE: Final = "%Y-%m-%d %H:%M:%S"  # Pull Transactions' StartDate/EndDate (EAT)
+_PULL_PAGE: Final = 1000  # transactions per Pull answer; OffSetValue pages on
 _TRANSACTION_TYPES: Final = frozenset({"CustomerPayBillOnline", "CustomerBuyGoodsOnline"})
 
 
@@ -199,6 +201,7 @@ class DarajaSimulator:
         self._pushes: dict[str, _Push] = {}
         self._c2b_urls: dict[str, dict[str, str]] = {}
         self._receipts: dict[str, Charge] = {}
+        self._completed: list[tuple[datetime, Charge]] = []  # (when, charge), for Pull
         self._queries_released = asyncio.Event()
         self.app = self._build_app()
 
@@ -213,6 +216,7 @@ class DarajaSimulator:
         app.router.add_post("/mpesa/c2b/v2/registerurl", self._register_urls)
         app.router.add_post("/mpesa/c2b/v1/simulate", self._c2b_simulate)
         app.router.add_post("/mpesa/transactionstatus/v1/query", self._transaction_status)
+        app.router.add_post("/pulltransactions/v1/query", self._pull_transactions)
         app.router.add_get("/_sim/ledger", self._ledger)
         app.router.add_post("/_sim/customers", self._set_customer)
         app.router.add_post("/_sim/prompts/answer", self._answer_prompts)
@@ -446,6 +450,7 @@ class DarajaSimulator:
             )
             self.money.take(charge)
             self._receipts[push.receipt] = charge
+            self._completed.append((self._now(), charge))
             claimed = self.faults.tamper_amount_kes or push.amount_kes
             stk["CallbackMetadata"] = {
                 "Item": [
@@ -494,6 +499,49 @@ class DarajaSimulator:
                 "CheckoutRequestID": push.checkout_id,
                 "ResultCode": str(code),
                 "ResultDesc": desc,
+            }
+        )
+
+    # -- Pull Transactions (reconciliation) --------------------------------------------------
+    async def _pull_transactions(self, request: web.Request) -> web.Response:
+        """The shortcode's completed transactions in ``[StartDate, EndDate]`` (EAT), by page.
+
+        The answer's shape follows Safaricom's Pull Transactions page as practitioners quote
+        it [I]: ``Response`` is a list holding one list of ``{transactionId, trxDate, msisdn,
+        sender, transactiontype, billreference, amount, organizationname}``; no
+        CheckoutRequestID (the receipt is the only handle).
+        """
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        if str(body.get("ShortCode")) != self.shortcode:
+            return _error(400, "400.002.02", "Bad Request - Invalid ShortCode")
+        try:
+            start = datetime.strptime(str(body.get("StartDate")), _PULL_DATE).replace(tzinfo=EAT)
+            end = datetime.strptime(str(body.get("EndDate")), _PULL_DATE).replace(tzinfo=EAT)
+            offset = int(str(body.get("OffSetValue", "0")))
+        except ValueError:
+            return _error(400, "400.002.02", "Bad Request - Invalid date or offset")
+        found = [
+            {
+                "transactionId": charge.receipt,
+                "trxDate": when.astimezone(EAT).replace(microsecond=0).isoformat(),
+                "msisdn": int(charge.msisdn),
+                "sender": "MPESA",
+                "transactiontype": "c2b-pay-bill-debit",
+                "billreference": charge.account,
+                "amount": str(charge.amount_minor // 100),
+                "organizationname": "Sim Electricity",
+            }
+            for when, charge in self._completed
+            if start <= when.replace(microsecond=0) <= end
+        ][max(0, offset) : max(0, offset) + _PULL_PAGE]
+        return _json(
+            {
+                "ResponseRefID": f"{self._random.getrandbits(64):016x}",
+                "ResponseCode": "1000",
+                "ResponseMessage": "Success",
+                "Response": [found],
             }
         )
 
@@ -605,6 +653,7 @@ class DarajaSimulator:
         )
         self.money.take(charge)
         self._receipts[trans_id] = charge
+        self._completed.append((self._now(), charge))
         balance = sum(c.amount_minor for c in self.money.charges) // 100
         payload["OrgAccountBalance"] = f"{balance}.00"
         raw = json.dumps(payload, separators=(",", ":")).encode()

@@ -1,0 +1,116 @@
+"""Daraja's Pull Transactions API, simulated, and ``DarajaProvider.find_payments`` over it.
+
+The saga uses it for a push whose reference a crash lost and whose callback was lost too: the
+payment is found by payer, exact amount and time, with the receipt as its reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from payfakes import CallbackReceiver, FakeClock
+
+from gateway.money import Money
+from gateway.payments import ReconcilingProvider
+from gateway.payments.base import CollectionRequest, PaymentState
+from gateway.payments.daraja import DarajaProvider
+from gateway.phone import Msisdn
+from gateway.sim.daraja import CustomerAction, DarajaSimulator
+
+ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
+
+PAYER = Msisdn("+254708374149")
+OTHER = Msisdn("+254711000002")
+KES_50 = Money(5000, "KES")
+MINUTE = timedelta(minutes=1)
+
+
+@pytest.fixture
+async def pulled(
+    aiohttp_server: ServerFactory,
+    session: aiohttp.ClientSession,
+    receiver: CallbackReceiver,
+    clock: FakeClock,
+) -> tuple[DarajaSimulator, DarajaProvider]:
+    """A Daraja simulator (callbacks to ``receiver``) and the adapter pointed at it."""
+    sim = DarajaSimulator(seed=11, prompt_timeout_s=None, shortcode="600638")
+    server = await aiohttp_server(sim.app)
+    provider = DarajaProvider(
+        session,
+        base_url=str(server.make_url("")).rstrip("/"),
+        consumer_key=sim.consumer_key,
+        consumer_secret=sim.consumer_secret,
+        shortcode=sim.shortcode,
+        passkey=sim.passkey,
+        callback_url=receiver.url("/stk"),
+        timeout_s=2.0,
+        clock=clock,
+    )
+    return sim, provider
+
+
+async def _push(provider: DarajaProvider, purchase: str, payer: Msisdn, amount: Money) -> None:
+    await provider.request_collection(
+        CollectionRequest(
+            purchase_id=purchase,
+            payer=payer,
+            amount=amount,
+            account_reference="37012345678",
+            description="Electricity",
+        )
+    )
+
+
+def test_daraja_provider_is_a_reconciling_provider(
+    pulled: tuple[DarajaSimulator, DarajaProvider],
+) -> None:
+    """The saga recognises Daraja's adapter as able to list payments."""
+    assert isinstance(pulled[1], ReconcilingProvider)
+
+
+async def test_a_completed_push_is_found_by_payer_amount_and_time(
+    pulled: tuple[DarajaSimulator, DarajaProvider],
+) -> None:
+    """Only the payer's payment of exactly that amount is listed, with its receipt and payer."""
+    sim, provider = pulled
+    await _push(provider, "p-1", PAYER, KES_50)
+    await _push(provider, "p-2", OTHER, KES_50)
+    await sim.settle()
+    await _push(provider, "p-3", PAYER, Money(5100, "KES"))
+    await sim.settle()
+    now = datetime.now(UTC)
+    [found] = await provider.find_payments(PAYER, KES_50, now - MINUTE, now + MINUTE)
+    charge = next(c for c in sim.ledger() if c.msisdn == "254708374149" and c.amount_minor == 5000)
+    assert found.state is PaymentState.SUCCEEDED
+    assert (found.reference, found.receipt) == (charge.receipt, charge.receipt)
+    assert (found.amount, found.payer) == (KES_50, PAYER)
+
+
+async def test_a_payment_outside_the_window_is_not_listed(
+    pulled: tuple[DarajaSimulator, DarajaProvider],
+) -> None:
+    """A window that ends before the payment lists nothing."""
+    sim, provider = pulled
+    await _push(provider, "p-1", PAYER, KES_50)
+    await sim.settle()
+    assert len(sim.ledger()) == 1
+    now = datetime.now(UTC)
+    assert await provider.find_payments(PAYER, KES_50, now - 10 * MINUTE, now - 2 * MINUTE) == []
+
+
+async def test_a_refused_push_is_not_a_payment(
+    pulled: tuple[DarajaSimulator, DarajaProvider],
+) -> None:
+    """A prompt the customer cancelled took no money and is not listed."""
+    sim, provider = pulled
+    sim.set_customer("254708374149", CustomerAction.CANCEL)
+    await _push(provider, "p-1", PAYER, KES_50)
+    await sim.settle()
+    now = datetime.now(UTC)
+    assert sim.ledger() == []
+    assert await provider.find_payments(PAYER, KES_50, now - MINUTE, now + MINUTE) == []
