@@ -618,6 +618,7 @@ class Vending:
             purchase.amount,
             attempted - timedelta(seconds=before),
             attempted + timedelta(seconds=after),
+            account_reference=purchase.meter,  # what the push carried
         )
         candidates, unexplained = await self._unclaimed(purchase, found)
         if not candidates:

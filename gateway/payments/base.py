@@ -210,9 +210,17 @@ class ReconcilingProvider(PaymentProvider, Protocol):
     """
 
     async def find_payments(
-        self, payer: Msisdn, amount: Money, since: datetime, until: datetime
+        self,
+        payer: Msisdn,
+        amount: Money,
+        since: datetime,
+        until: datetime,
+        *,
+        account_reference: str | None = None,
     ) -> list[PaymentStatus]:
         """Completed payments by ``payer`` of exactly ``amount`` in ``[since, until]`` (aware).
+
+        With ``account_reference`` (the collection request's), only payments made for it.
 
         Each is ``SUCCEEDED`` with its reference (the provider's receipt), amount and payer, as
         the provider's own record states them.

@@ -487,7 +487,13 @@ class DarajaProvider:
     # -- Pull Transactions (reconciliation of a push whose reference was lost) -----------------
 
     async def find_payments(
-        self, payer: Msisdn, amount: Money, since: datetime, until: datetime
+        self,
+        payer: Msisdn,
+        amount: Money,
+        since: datetime,
+        until: datetime,
+        *,
+        account_reference: str | None = None,
     ) -> list[PaymentStatus]:
         """Completed payments by ``payer`` of exactly ``amount`` in ``[since, until]`` (Pull API).
 
@@ -495,14 +501,16 @@ class DarajaProvider:
         ``YYYY-MM-DD HH:MM:SS``, ``OffSetValue``), paged until a short page. Its rows carry the
         receipt (``transactionId``), ``trxDate``, ``msisdn`` and ``amount`` [I: the response shape
         is as practitioners quote Safaricom's page; it names no CheckoutRequestID]. The receipt is
-        each result's reference. Rows that are malformed, of another payer or amount, or outside
-        the window are skipped.
+        each result's reference. Rows that are malformed, of another payer or amount, outside
+        the window, or (with ``account_reference``) whose ``billreference`` is not the one a push
+        for it carries (``fit_account_reference``) are skipped.
 
         Raises:
             ProviderUnavailable: Daraja did not answer usefully (retryable on 5xx/timeouts).
         """
         found: list[PaymentStatus] = []
         offset = 0
+        bill = None if account_reference is None else fit_account_reference(account_reference)
         while True:
             payload = {
                 "ShortCode": self._shortcode,
@@ -527,6 +535,7 @@ class DarajaProvider:
                 if (status := self._pulled(row, since, until)) is not None
                 and status.payer == payer
                 and status.amount == amount
+                and (bill is None or str(row.get("billreference", "")) == bill)
             )
             if len(page) < _PULL_PAGE or not page:
                 return found

@@ -114,3 +114,21 @@ async def test_a_refused_push_is_not_a_payment(
     now = datetime.now(UTC)
     assert sim.ledger() == []
     assert await provider.find_payments(PAYER, KES_50, now - MINUTE, now + MINUTE) == []
+
+
+async def test_a_payment_for_another_account_is_not_listed(
+    pulled: tuple[DarajaSimulator, DarajaProvider],
+) -> None:
+    """Asked for one meter's payments, a payment made for another account is left out."""
+    sim, provider = pulled
+    await _push(provider, "p-1", PAYER, KES_50)
+    await sim.settle()
+    now = datetime.now(UTC)
+    window = (now - MINUTE, now + MINUTE)
+    assert (
+        len(await provider.find_payments(PAYER, KES_50, *window, account_reference="37012345678"))
+        == 1
+    )
+    assert (
+        await provider.find_payments(PAYER, KES_50, *window, account_reference="04000000010") == []
+    )

@@ -53,6 +53,7 @@ class PullingProvider(FakeProvider):
         super().__init__()
         self.completed: list[tuple[datetime, PaymentStatus]] = []
         self.lookups = 0
+        self.accounts: list[str | None] = []
         self.unavailable_lookups = 0
 
     def pay(
@@ -74,10 +75,17 @@ class PullingProvider(FakeProvider):
         )
 
     async def find_payments(
-        self, payer: Msisdn, amount: Money, since: datetime, until: datetime
+        self,
+        payer: Msisdn,
+        amount: Money,
+        since: datetime,
+        until: datetime,
+        *,
+        account_reference: str | None = None,
     ) -> list[PaymentStatus]:
         """The recorded payments of ``payer`` and exactly ``amount`` in the window."""
         self.lookups += 1
+        self.accounts.append(account_reference)
         if self.unavailable_lookups:
             self.unavailable_lookups -= 1
             raise ProviderUnavailable("fake outage", provider=self.name)
@@ -138,6 +146,7 @@ async def test_the_one_payment_found_by_payer_and_amount_vends(pulling: World) -
     assert payment is not None
     assert payment.purchase_id == purchase_id
     assert len(pulling.provider.requests) == 1
+    assert _provider(pulling).accounts == [pulling.drns[0]]
 
 
 async def test_no_lookup_before_the_prompt_could_have_been_answered(pulling: World) -> None:
