@@ -22,7 +22,6 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import structlog
@@ -112,10 +111,15 @@ class Runtime:
 
     def callback_url(self, provider: str, tail: str) -> str:
         """A provider's callback URL (with the secret path segment)."""
-        return f"{self.base_url}/payments/{provider}/{self.callback_secret.reveal()}/{tail}"
+        return payment_callback_url(self.base_url, self.callback_secret, provider, tail)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+
+
+def payment_callback_url(base: str, secret: Secret, provider: str, tail: str) -> str:
+    """A provider's callback URL under ``/payments/<provider>/<secret>/…``."""
+    return f"{base}/payments/{provider}/{secret.reveal()}/{tail}"
 
 
 async def _serve_app(stack: contextlib.AsyncExitStack, app: web.Application) -> str:
@@ -151,7 +155,7 @@ async def _start_simulators(
     daraja = DarajaSimulator(c2b_msisdn="plain")
     momo = MomoSimulator()
     airtel = AirtelSimulator(
-        callback_url=f"{base}/payments/airtel/{callback_secret.reveal()}/callback"
+        callback_url=payment_callback_url(base, callback_secret, "airtel", "callback")
     )
     # AT's simulator is mounted inside the gateway's own app (``AT_SIM_PREFIX``), so
     # ``gateway phone`` finds it with no flags; the others listen on their own loopback ports.
@@ -313,7 +317,7 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
     base = config.effective_public_url
 
     def callback_url(provider: str, tail: str) -> str:
-        return f"{base}/payments/{provider}/{callback_secret.reveal()}/{tail}"
+        return payment_callback_url(base, callback_secret, provider, tail)
 
     master_key = config.master_key_bytes()
     if master_key is None:
@@ -496,8 +500,3 @@ def routes_summary(runtime: Runtime) -> list[tuple[str, str]]:
         (runtime.base_url + "/readyz", "readiness"),
         (runtime.base_url + "/metrics", "Prometheus metrics"),
     ]
-
-
-def data_dir_of(config: Config) -> Path:
-    """The data directory (created on start)."""
-    return config.data_dir

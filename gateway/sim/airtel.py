@@ -36,6 +36,7 @@ from gateway.sim.courier import (
     Charge,
     Courier,
     MoneyRecord,
+    ProviderSimulator,
     TaskKeeper,
     add_control_routes,
     read_json_object,
@@ -110,7 +111,7 @@ def _status(
     }
 
 
-class AirtelSimulator:
+class AirtelSimulator(ProviderSimulator):
     """Airtel Money on loopback. Serve ``.app``; set ``callback_url`` as the app's portal does.
 
     Args:
@@ -184,26 +185,9 @@ class AirtelSimulator:
 
     # -- knobs and inspection ------------------------------------------------------------------
 
-    @property
-    def tasks(self) -> TaskKeeper:
-        """The keeper of this simulator's background work (a replacement courier shares it)."""
-        return self._tasks
-
     def set_payer(self, msisdn: str, action: AirtelAction) -> None:
         """Decide what the payer (national number, ``7XXXXXXXX``) does with pushes."""
         self._payers[msisdn] = action
-
-    def ledger(self) -> list[Charge]:
-        """Money actually taken, in order."""
-        return list(self.money.charges)
-
-    async def settle(self) -> None:
-        """Wait until every payer answer and callback in flight is done."""
-        await self._tasks.settle()
-
-    async def release_callbacks(self, *, reverse: bool = False) -> None:
-        """Deliver held callbacks, oldest first unless ``reverse``."""
-        await self.courier.release(reverse=reverse)
 
     def release(self) -> None:
         """Let hanging requests and status calls answer."""

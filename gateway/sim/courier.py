@@ -263,6 +263,34 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return value
 
 
+class ProviderSimulator:
+    """What every payment-provider simulator shares: money taken, background work, callbacks.
+
+    Subclasses set ``money``, ``_tasks`` and ``courier`` in their constructor.
+    """
+
+    money: MoneyRecord
+    courier: Courier
+    _tasks: TaskKeeper
+
+    @property
+    def tasks(self) -> TaskKeeper:
+        """The keeper of this simulator's background work (a replacement courier shares it)."""
+        return self._tasks
+
+    def ledger(self) -> list[Charge]:
+        """Money actually taken, in order."""
+        return list(self.money.charges)
+
+    async def settle(self) -> None:
+        """Wait until every customer answer and callback in flight has been delivered."""
+        await self._tasks.settle()
+
+    async def release_callbacks(self, *, reverse: bool = False) -> None:
+        """Deliver held callbacks (``faults.callbacks.hold``), oldest first unless ``reverse``."""
+        await self.courier.release(reverse=reverse)
+
+
 class Controllable(Protocol):
     """A simulator with fault knobs and a courier (looked up per request: it may be swapped)."""
 

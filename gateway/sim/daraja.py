@@ -52,6 +52,7 @@ from gateway.sim.courier import (
     Charge,
     Courier,
     MoneyRecord,
+    ProviderSimulator,
     TaskKeeper,
     add_control_routes,
     read_json_object,
@@ -134,7 +135,7 @@ def _json(payload: object, *, status: int = 200) -> web.Response:
     )
 
 
-class DarajaSimulator:
+class DarajaSimulator(ProviderSimulator):
     """Daraja on loopback. Serve ``.app`` (e.g. ``aiohttp.test_utils.TestServer(sim.app)``).
 
     Args:
@@ -239,26 +240,9 @@ class DarajaSimulator:
 
     # -- knobs and inspection ------------------------------------------------------------------
 
-    @property
-    def tasks(self) -> TaskKeeper:
-        """The keeper of this simulator's background work (a replacement courier shares it)."""
-        return self._tasks
-
     def set_customer(self, msisdn: str, action: CustomerAction) -> None:
         """Decide what the customer with ``msisdn`` (``2547…`` or ``+2547…``) does with prompts."""
         self._customers[msisdn.removeprefix("+")] = action
-
-    def ledger(self) -> list[Charge]:
-        """Money actually taken, in order."""
-        return list(self.money.charges)
-
-    async def settle(self) -> None:
-        """Wait until every prompt answer and callback in flight has been delivered."""
-        await self._tasks.settle()
-
-    async def release_callbacks(self, *, reverse: bool = False) -> None:
-        """Deliver held callbacks (``faults.callbacks.hold``), oldest first unless ``reverse``."""
-        await self.courier.release(reverse=reverse)
 
     def release_queries(self) -> None:
         """Let hanging STK queries (``faults.hang_queries``) answer."""

@@ -40,6 +40,7 @@ from gateway.sim.courier import (
     Charge,
     Courier,
     MoneyRecord,
+    ProviderSimulator,
     TaskKeeper,
     add_control_routes,
     read_json_object,
@@ -111,7 +112,7 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return _json({"code": code, "message": message}, status=status)
 
 
-class MomoSimulator:
+class MomoSimulator(ProviderSimulator):
     """MTN MoMo Collection on loopback. Serve ``.app``.
 
     Args:
@@ -196,26 +197,9 @@ class MomoSimulator:
 
     # -- knobs and inspection ------------------------------------------------------------------
 
-    @property
-    def tasks(self) -> TaskKeeper:
-        """The keeper of this simulator's background work (a replacement courier shares it)."""
-        return self._tasks
-
     def set_payer(self, msisdn: str, action: PayerAction) -> None:
         """Decide what the payer ``msisdn`` (``256…`` or ``+256…``) does with requests."""
         self._payers[msisdn.removeprefix("+")] = action
-
-    def ledger(self) -> list[Charge]:
-        """Money actually taken, in order."""
-        return list(self.money.charges)
-
-    async def settle(self) -> None:
-        """Wait until every payer answer and callback in flight is done."""
-        await self._tasks.settle()
-
-    async def release_callbacks(self, *, reverse: bool = False) -> None:
-        """Deliver held callbacks, oldest first unless ``reverse``."""
-        await self.courier.release(reverse=reverse)
 
     def release(self) -> None:
         """Let hanging requests and status calls answer."""
