@@ -126,6 +126,8 @@ class Result:
     p99_ms: float
     commits: int
     writes: int
+    cpu_us_per_vend: float  # the whole process (event loop and writer thread), per vend
+    loop_cpu_us_per_vend: float  # the event loop's thread alone, per vend
 
 
 def drn(number: int) -> str:
@@ -214,9 +216,12 @@ async def measure(
                 latencies.append(time.perf_counter() - began)
 
         batches_before, writes_before = ledger.write_stats
+        cpu_began, loop_cpu_began = time.process_time(), time.thread_time()
         began = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         seconds = time.perf_counter() - began
+        cpu = time.process_time() - cpu_began
+        loop_cpu = time.thread_time() - loop_cpu_began
         batches_after, writes_after = ledger.write_stats
     latencies.sort()
     return Result(
@@ -228,6 +233,8 @@ async def measure(
         p99_ms=round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
         commits=batches_after - batches_before,
         writes=writes_after - writes_before,
+        cpu_us_per_vend=round(cpu / purchases * 1e6, 1),
+        loop_cpu_us_per_vend=round(loop_cpu / purchases * 1e6, 1),
     )
 
 
@@ -319,9 +326,12 @@ async def measure_ledger_only(directory: Path, *, purchases: int, concurrency: i
                 latencies.append(time.perf_counter() - began)
 
         batches_before, writes_before = ledger.write_stats
+        cpu_began, loop_cpu_began = time.process_time(), time.thread_time()
         began = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         seconds = time.perf_counter() - began
+        cpu = time.process_time() - cpu_began
+        loop_cpu = time.thread_time() - loop_cpu_began
         batches_after, writes_after = ledger.write_stats
     latencies.sort()
     return Result(
@@ -333,6 +343,8 @@ async def measure_ledger_only(directory: Path, *, purchases: int, concurrency: i
         p99_ms=round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
         commits=batches_after - batches_before,
         writes=writes_after - writes_before,
+        cpu_us_per_vend=round(cpu / purchases * 1e6, 1),
+        loop_cpu_us_per_vend=round(loop_cpu / purchases * 1e6, 1),
     )
 
 
@@ -378,7 +390,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         print(
             f"{result.mode:>13}: {result.vends_per_s:>9,.1f} vends/s"
             f"  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms"
-            f"  ({result.vends} vends, {result.commits} commits for {result.writes} writes)"
+            f"  ({result.vends} vends, {result.commits} commits for {result.writes} writes;"
+            f" CPU {result.cpu_us_per_vend:.0f} µs/vend,"
+            f" event loop {result.loop_cpu_us_per_vend:.0f})"
         )
     ratio = round(grouped.vends_per_s / naive.vends_per_s, 2)
     print(f"group commit / naive: {ratio}x  (synchronous=FULL, WAL, {os.cpu_count()} CPUs)")

@@ -48,10 +48,11 @@ import contextlib
 import dataclasses
 import importlib.resources
 import json
+import queue
 import re
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -181,30 +182,50 @@ def translate_error(exc: BaseException) -> BaseException:  # noqa: PLR0911 - one
 class _Job:
     op: Callable[[sqlite3.Connection], object]
     future: asyncio.Future[object]
+    standalone: bool = False  # run outside any batch (migrations, pragmas)
+
+
+class _Stop:
+    """The marker that tells the writer thread to finish (distinct from "no job pending")."""
+
+
+_STOP: Final = _Stop()
 
 
 class _Writer:
-    """One connection, one thread, one task draining the queue into group commits."""
+    """One connection owned by one thread that drains a queue of operations into group commits.
+
+    Callers put jobs straight into a thread-safe queue: the writer thread starts on the first
+    operation at once (its SQLite work runs on the other core, without the interpreter lock) and
+    keeps taking the operations that arrive while it works; it commits when the queue is empty
+    (or ``max_batch`` is reached), so a lone write is not delayed and a burst shares one fsync.
+    The batch's futures are resolved on the event loop, in one callback, after the COMMIT.
+    """
 
     def __init__(self, path: Path, *, max_batch: int, busy_timeout_ms: int) -> None:
         self._path = path
         self._busy_timeout_ms = busy_timeout_ms
         self._max_batch = max_batch
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._jobs: queue.SimpleQueue[_Job | _Stop] = queue.SimpleQueue()
         self._conn: sqlite3.Connection | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open = False
         self.batches = 0
         self.operations = 0
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            self._conn = await loop.run_in_executor(self._executor, self._connect)
-        except sqlite3.Error as exc:
-            self._executor.shutdown(wait=False)
-            raise translate_error(exc) from exc
-        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+        self._loop = loop = asyncio.get_running_loop()
+        ready: asyncio.Future[BaseException | None] = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._main, args=(ready,), name="ledger-writer", daemon=True
+        )
+        self._thread.start()
+        error = await ready
+        if error is not None:
+            await asyncio.to_thread(self._thread.join)
+            raise translate_error(error) from error
+        self._open = True
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -219,54 +240,79 @@ class _Writer:
 
     async def run_in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the writer's connection outside any batch (migrations, pragmas)."""
-        conn = self._conn
-        if conn is None:
-            raise LedgerError("ledger writer is not started")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, conn)
+        return cast("T", await self._put(fn, standalone=True))
 
     async def submit(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Queue ``op``; returns its result once the batch holding it is committed."""
-        if self._task is None or self._task.done():
-            raise LedgerError("ledger writer is closed")
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(op, future))
-        return cast("T", await future)
+        return cast("T", await self._put(op, standalone=False))
 
-    async def _run(self) -> None:  # noqa: C901 - the drain loop reads best in one piece
-        loop = asyncio.get_running_loop()
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                break
-            batch = [first]
+    def _put(
+        self, op: Callable[[sqlite3.Connection], object], *, standalone: bool
+    ) -> asyncio.Future[object]:
+        if not self._open:
+            raise LedgerError("ledger writer is closed")
+        loop = self._loop
+        assert loop is not None  # noqa: S101 - set by start()
+        future: asyncio.Future[object] = loop.create_future()
+        self._jobs.put(_Job(op, future, standalone))
+        return future
+
+    # -- the writer thread ------------------------------------------------------------------------
+
+    def _main(self, ready: asyncio.Future[BaseException | None]) -> None:
+        loop = self._loop
+        assert loop is not None  # noqa: S101 - set by start()
+        try:
+            self._conn = conn = self._connect()
+        except sqlite3.Error as exc:
+            loop.call_soon_threadsafe(_settle_ready, ready, exc)
+            return
+        loop.call_soon_threadsafe(_settle_ready, ready, None)
+        try:
+            self._drain(conn)
+        finally:
+            self._conn = None
+            conn.close()
+
+    def _drain(self, conn: sqlite3.Connection) -> None:
+        """Take jobs until the stop marker; an operation that arrives mid-batch joins it."""
+        jobs = self._jobs
+        pending: _Job | _Stop | None = None
+        while True:
+            job = pending if pending is not None else jobs.get()
+            pending = None
+            if isinstance(job, _Stop):
+                return
+            if job.standalone:
+                self._resolve([job], [self._standalone(conn, job)])
+                continue
+            batch = [job]
             while len(batch) < self._max_batch:
                 try:
-                    job = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
+                    more = jobs.get_nowait()
+                except queue.Empty:
                     break
-                if job is None:
-                    stopping = True
+                if isinstance(more, _Stop) or more.standalone:
+                    pending = more
                     break
-                batch.append(job)
-            try:
-                outcomes = await loop.run_in_executor(
-                    self._executor, self._run_batch, [job.op for job in batch]
-                )
-            except BaseException as exc:  # the thread itself failed: fail the batch, keep going
-                outcomes = [(False, LedgerError(f"ledger writer failed: {exc!r}"))] * len(batch)
-                if not isinstance(exc, Exception):
-                    raise
+                batch.append(more)
+            outcomes = self._run_batch([job.op for job in batch])
             self.batches += 1
             self.operations += len(batch)
-            for job, (ok, value) in zip(batch, outcomes, strict=True):
-                if job.future.done():
-                    continue
-                if ok:
-                    job.future.set_result(value)
-                else:
-                    job.future.set_exception(cast("BaseException", value))
+            self._resolve(batch, outcomes)
+
+    @staticmethod
+    def _standalone(conn: sqlite3.Connection, job: _Job) -> tuple[bool, object]:
+        try:
+            return True, job.op(conn)
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller
+            return False, exc
+
+    def _resolve(self, batch: Sequence[_Job], outcomes: Sequence[tuple[bool, object]]) -> None:
+        loop = self._loop
+        assert loop is not None  # noqa: S101 - set by start()
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody awaits these
+            loop.call_soon_threadsafe(_settle, batch, outcomes)
 
     def _run_batch(
         self, ops: Sequence[Callable[[sqlite3.Connection], object]]
@@ -318,14 +364,29 @@ class _Writer:
         return [(False, error)] * count
 
     async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._queue.put_nowait(None)
-            await self._task
-        conn = self._conn
-        self._conn = None
-        if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
-        self._executor.shutdown(wait=True)
+        thread = self._thread
+        if thread is None:
+            return
+        self._open = False
+        self._jobs.put(_STOP)
+        await asyncio.to_thread(thread.join)
+        self._thread = None
+
+
+def _settle_ready(ready: asyncio.Future[BaseException | None], error: BaseException | None) -> None:
+    if not ready.done():
+        ready.set_result(error)
+
+
+def _settle(batch: Sequence[_Job], outcomes: Sequence[tuple[bool, object]]) -> None:
+    """On the loop: hand each job its outcome (a cancelled caller is skipped)."""
+    for job, (ok, value) in zip(batch, outcomes, strict=True):
+        if job.future.done():
+            continue
+        if ok:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(cast("BaseException", value))
 
 
 # ----------------------------------------------------------------------------------- migrations
