@@ -317,8 +317,51 @@ class _Writer:
     def _run_batch(
         self, ops: Sequence[Callable[[sqlite3.Connection], object]]
     ) -> list[tuple[bool, object]]:
+        """Run a batch in one transaction, optimistically first.
+
+        Most batches fail nowhere, so the first try runs the operations back to back with no
+        SAVEPOINT (two statements per operation saved). If one raises, that try is rolled back
+        whole and the batch runs again with a SAVEPOINT around each operation, so the failing one
+        fails alone and the others commit. Operations are functions of the connection only, so
+        running one twice (the first run rolled away) is the same as running it once.
+        """
         conn = self._conn
         assert conn is not None  # noqa: S101 - started before any submit
+        if len(ops) > 1:
+            optimistic = self._run_optimistic(conn, ops)
+            if optimistic is not None:
+                return optimistic
+        return self._run_guarded(conn, ops)
+
+    @staticmethod
+    def _run_optimistic(
+        conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], object]]
+    ) -> list[tuple[bool, object]] | None:
+        """The batch with no SAVEPOINTs, committed; None (rolled back) if any operation raised."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return None  # the guarded run reports it
+        try:
+            results: list[tuple[bool, object]] = [(True, op(conn)) for op in ops]
+        except Exception:  # noqa: BLE001 - the guarded run finds which one and why
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            return None
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            return None
+        return results
+
+    def _run_guarded(
+        self, conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], object]]
+    ) -> list[tuple[bool, object]]:
+        """The batch with a SAVEPOINT per operation: a failing one fails alone."""
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:

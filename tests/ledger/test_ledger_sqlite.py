@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from gateway.ledger import (
     LedgerError,
     LedgerUnavailable,
     MeterNumber,
+    NotFound,
     PurchaseDraft,
     PurchaseState,
     new_purchase_id,
@@ -178,3 +180,39 @@ async def test_open_ledger_understands_sqlite_urls(tmp_path: Path) -> None:
         sqlite_path("sqlite:///:memory:")
     with pytest.raises(LedgerError):
         sqlite_path("mysql://x")
+
+
+async def test_a_batch_with_a_failing_operation_is_rerun_with_savepoints(tmp_path: Path) -> None:
+    """One raising operation rolls the optimistic run (no SAVEPOINTs) back whole.
+
+    The guarded rerun then commits the others once each and fails only that one.
+    """
+    async with open_sqlite_ledger(tmp_path / "l.db") as ledger:
+        await ledger.append_event(None, "setup", actor="t")
+        calls: list[str] = []
+
+        def insert(kind: str) -> Callable[[sqlite3.Connection], str]:
+            def op(conn: sqlite3.Connection) -> str:
+                calls.append(kind)
+                conn.execute(
+                    "INSERT INTO events (purchase_id, kind, actor, data, at)"
+                    " VALUES (NULL, ?, 't', '{}', '2026-01-01T00:00:00Z')",
+                    (kind,),
+                )
+                if kind == "bad":
+                    raise NotFound("purchase", "bad")
+                return kind
+
+            return op
+
+        def batch(conn: sqlite3.Connection) -> list[tuple[bool, object]]:
+            return ledger._writer._run_batch([insert("a"), insert("bad"), insert("b")])
+
+        outcomes = await ledger._writer.run_in_thread(batch)
+        assert [ok for ok, _ in outcomes] == [True, False, True]
+        assert isinstance(outcomes[1][1], NotFound)
+        # the optimistic try stopped at "bad"; the guarded run went through all three
+        assert calls == ["a", "bad", "a", "bad", "b"]
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        kinds = [row[0] for row in conn.execute("SELECT kind FROM events ORDER BY event_id")]
+    assert kinds == ["setup", "a", "b"]
