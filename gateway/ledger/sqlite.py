@@ -296,7 +296,11 @@ class _Writer:
                     pending = more
                     break
                 batch.append(more)
-            outcomes = self._run_batch([job.op for job in batch])
+            try:
+                outcomes = self._run_batch([job.op for job in batch])
+            except Exception as exc:  # noqa: BLE001 - a bug here fails the batch, not the thread
+                failure = LedgerError(f"ledger writer failed: {exc!r}")
+                outcomes = [(False, failure)] * len(batch)
             self.batches += 1
             self.operations += len(batch)
             self._resolve(batch, outcomes)
