@@ -93,6 +93,7 @@ from gateway.sts import (
 from gateway.tariff import Quote, TariffError, quote
 
 __all__ = [
+    "CUSTOMER_INITIATED_CHANNEL",
     "MeterBlocked",
     "NotPaid",
     "NothingToReprint",
@@ -120,6 +121,9 @@ COLLECTION_ATTEMPTED: Final = "collection_attempted"
 COLLECTION_NOT_STARTED: Final = "collection_not_started"
 # A push of unknown outcome whose provider lists several unclaimed payments that could be it.
 UNKNOWN_COLLECTION_AMBIGUOUS: Final = "unknown_collection_ambiguous"
+#: The channel of a purchase the customer paid on their own (Daraja C2B paybill). It is never
+#: prompted: the money has already moved, so a push would charge the customer twice.
+CUSTOMER_INITIATED_CHANNEL: Final = "c2b"
 _PAID_STATES: Final = frozenset(
     {
         PurchaseState.PAID,
@@ -442,7 +446,9 @@ class Vending:
 
         Idempotent: a purchase that has its provider reference, or is past CREATED, is returned
         unchanged. A retryable provider failure leaves the purchase CREATED with a check
-        scheduled, for the sweeper; a final refusal makes it PAYMENT_FAILED.
+        scheduled, for the sweeper; a final refusal makes it PAYMENT_FAILED. A customer-initiated
+        purchase (channel ``c2b``) is never prompted by any path: a crash before its reference
+        was attached leaves it waiting for the confirmation's redelivery, or its deadline.
         """
         # One request per purchase at a time in this process: the channel's follow-up and the
         # sweeper's first check may race, and the second must see the first's mark.
@@ -459,6 +465,7 @@ class Vending:
                 purchase.state is not PurchaseState.CREATED
                 or purchase.provider_reference is not None
                 or purchase.phone is None
+                or purchase.channel == CUSTOMER_INITIATED_CHANNEL
             ):
                 return purchase
             provider = self._providers[purchase.provider]
@@ -752,7 +759,7 @@ class Vending:
             return None
         try:
             purchase = await self.start_purchase(
-                channel="c2b",
+                channel=CUSTOMER_INITIATED_CHANNEL,
                 phone=notice.payer,
                 meter=meter,
                 amount=notice.amount,
@@ -817,7 +824,7 @@ class Vending:
         """
         paid = status.amount
         if paid is None:
-            if purchase.channel == "c2b":
+            if purchase.channel == CUSTOMER_INITIATED_CHANNEL:
                 return False, Money(0, purchase.amount.currency)
             paid = purchase.amount
         payer_ok = status.payer is None or purchase.phone is None or status.payer == purchase.phone
