@@ -299,7 +299,13 @@ class SagaPolicy:
     Attributes:
         first_check_after_s: after a collection starts, when the sweeper first asks the provider
             (a callback usually arrives sooner).
-        check_backoff_s, check_backoff_max_s: the next checks back off exponentially to the cap.
+        check_interval_s: then the sweeper asks again this often until the payment is settled
+            or the purchase expires (a failed query, too, is asked again after this long).
+        check_backoff_s, check_backoff_max_s: a collection request the provider could not take
+            (retryable) is sent again after a backoff, exponential to the cap.
+        ambiguous_recheck_s: a push of unknown outcome whose lookup found several payments that
+            could be it (``unknown_collection_ambiguous``, for an operator) is looked up again
+            this often.
         payment_deadline_s: after this long since creation an unpaid purchase expires (a later
             confirmed success still vends).
         vend_attempts: how often a vend is retried when another writer moved the meter's TID.
@@ -310,8 +316,10 @@ class SagaPolicy:
     """
 
     first_check_after_s: float = 20.0
+    check_interval_s: float = 30.0
     check_backoff_s: float = 15.0
     check_backoff_max_s: float = 300.0
+    ambiguous_recheck_s: float = 300.0
     payment_deadline_s: float = 900.0
     vend_attempts: int = 32
     reconcile_after_s: float = 90.0
@@ -436,6 +444,9 @@ class Vending:
 
     # -- payment --------------------------------------------------------------------------------
 
+    def _check_interval(self) -> timedelta:
+        return timedelta(seconds=self._policy.check_interval_s)
+
     def _backoff(self, attempts: int) -> timedelta:
         policy = self._policy
         seconds = min(policy.check_backoff_max_s, policy.check_backoff_s * 2 ** max(0, attempts))
@@ -524,6 +535,7 @@ class Vending:
                 at=self._clock() + timedelta(seconds=self._policy.first_check_after_s),
                 attempts=0,
             )
+            purchase = await self._ledger.get_purchase(purchase_id)  # with its first check
             log.info("payment_requested", provider=started.provider, reference=started.reference)
             payment = await self._ledger.get_payment(started.provider, started.reference)
             if payment is not None and payment.payload_hash is not None:
@@ -923,8 +935,9 @@ class Vending:
         outcome a crash left unknown is looked up in the provider's list of payments once the
         prompt's lifetime has passed (``_reconcile_unknown_collection``); while that lookup fails
         or is ambiguous the purchase never expires. Still unpaid past the payment deadline:
-        EXPIRED. Otherwise the next check is scheduled with backoff. Provider errors are absorbed
-        here (they only reschedule).
+        EXPIRED. Otherwise the next check is due ``check_interval_s`` later (a deferred request
+        backs off; an ambiguous lookup waits ``ambiguous_recheck_s``). Provider errors are
+        absorbed here (they only reschedule).
         """
         with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
             purchase = await self._ledger.get_purchase(purchase_id)
@@ -939,7 +952,7 @@ class Vending:
                     log.warning("unknown_collection_lookup_failed", error=str(exc))
                     attempts = purchase.check_attempts + 1
                     await self._ledger.schedule_check(
-                        purchase_id, at=self._clock() + self._backoff(attempts), attempts=attempts
+                        purchase_id, at=self._clock() + self._check_interval(), attempts=attempts
                     )
                     return await self._ledger.get_purchase(purchase_id)
                 if reconciled is not None:
@@ -948,7 +961,7 @@ class Vending:
                         attempts = purchase.check_attempts + 1
                         await self._ledger.schedule_check(
                             purchase_id,
-                            at=self._clock() + timedelta(seconds=self._policy.check_backoff_max_s),
+                            at=self._clock() + timedelta(seconds=self._policy.ambiguous_recheck_s),
                             attempts=attempts,
                         )
                         return purchase
@@ -957,8 +970,12 @@ class Vending:
                     purchase = await self.confirm(purchase_id)
                 except PaymentError as exc:
                     log.warning("payment_check_failed", error=str(exc), retryable=exc.retryable)
-            if purchase.state not in {PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT}:
-                return purchase
+            return await self._expire_or_schedule(purchase)
+
+    async def _expire_or_schedule(self, purchase: Purchase) -> Purchase:
+        """After a check: EXPIRED past the deadline, else the next check (unless just scheduled)."""
+        purchase_id = purchase.purchase_id
+        if purchase.state in {PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT}:
             now = self._clock()
             deadline = purchase.created_at + timedelta(seconds=self._policy.payment_deadline_s)
             if now >= deadline:
@@ -970,11 +987,16 @@ class Vending:
                     actor="sweeper",
                     data={"deadline": deadline.isoformat()},
                 )
-            attempts = purchase.check_attempts + 1
-            await self._ledger.schedule_check(
-                purchase_id, at=min(deadline, now + self._backoff(attempts)), attempts=attempts
-            )
-            return await self._ledger.get_purchase(purchase_id)
+            # Unless this step scheduled the next check already: a request just sent (its first
+            # check) or deferred (its backoff).
+            if purchase.next_check_at is None or purchase.next_check_at <= now:
+                await self._ledger.schedule_check(
+                    purchase_id,
+                    at=min(deadline, now + self._check_interval()),
+                    attempts=purchase.check_attempts + 1,
+                )
+                purchase = await self._ledger.get_purchase(purchase_id)
+        return purchase
 
     async def _ambiguous(self, purchase: Purchase) -> bool:
         """Whether a still-unpaid purchase waits for an operator (an ambiguous reconciliation)."""
