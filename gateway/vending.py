@@ -964,7 +964,7 @@ class Vending:
                             at=self._clock() + timedelta(seconds=self._policy.ambiguous_recheck_s),
                             attempts=attempts,
                         )
-                        return purchase
+                        return await self._ledger.get_purchase(purchase_id)
             else:
                 try:
                     purchase = await self.confirm(purchase_id)
