@@ -85,10 +85,13 @@ class Sweeper:
         return await self._sweep(checks=True)
 
     async def _check(self, purchase_id: str) -> None:
+        """One purchase's payment check; logs what failed (the next check tries again)."""
         try:
             await self._vending.check_payment(purchase_id)
         except GatewayError as exc:
             log.warning("payment_check_deferred", purchase_id=purchase_id, error=str(exc))
+        except Exception:  # one check's bug must not end the others (nor the checker)
+            log.exception("payment_check_crashed", purchase_id=purchase_id)
 
     async def _sweep(self, *, checks: bool) -> SweepReport:
         ledger = self._vending.ledger
