@@ -70,11 +70,13 @@ async def test_audited_run_with_every_fault_and_kills_finds_nothing_wrong(tmp_pa
     load = _bench("load")
     faults = dataclasses.replace(load.Faults.all_on(), query_timeouts=0.005)
     settings = load.LoadSettings(
-        purchases=None,
-        # The kills come within the first ~20 s. The drain is bounded by the slowest recovery:
-        # a push Daraja accepted just before a kill whose callback the kill lost, found by Pull
-        # Transactions once the prompt's lifetime (90 s) has passed, at the next 30 s check.
-        duration_s=30.0,
+        # A count, not a duration: on a 2-core machine shared with other work, 30 s of load gave
+        # fewer than 1,000 charges. The kills come within the first ~20 s; the drain is bounded by
+        # the slowest recovery: a push Daraja accepted just before a kill whose callback the kill
+        # lost, found by Pull Transactions once the prompt's lifetime (90 s) has passed, at the
+        # next 30 s check. So the run takes about 2 minutes however fast the load goes.
+        purchases=1400,
+        duration_s=None,
         concurrency=32,
         meters=400,
         faults=faults,
