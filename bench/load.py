@@ -25,12 +25,18 @@ failing (5 %) and hanging past the adapters' deadline (2 %); SMS sends failing (
 SIGKILLed every ``--kill-every-s`` seconds and restarted (``--kills``).
 
 When the customers are done the fault switches are turned off (the outage is over;
-``--faulty-drain`` keeps them on) and the harness waits (``--drain-timeout-s``) until every
-payment has its token delivered by SMS, then runs ``bench/audit.py``'s auditor, which reads
-only the simulators' records and keys every token into a meter emulator. Printed: USSD hops/s
-with p50/p99 latency, purchases/s offered, vends/s (from the ledger's vend times),
-payment-confirmed (ledger event) to SMS-accepted (AT simulator clock) latency p50/p99, what the
-faults did, the audit's counts; then one JSON line. Exit status 1 when any audit count is non-zero.
+``--faulty-drain`` keeps them on) and the harness drains: it waits (``--drain-timeout-s``) until
+no purchase is pending recovery (money taken without a delivered token, by the simulators'
+records; paid purchases not vended, by the ledger). The drain ends ``recovered`` (every payment
+has its token delivered), ``settled`` (nothing pending, but some payments are second charges for
+one purchase, which never get a token) or ``timeout``; ``recovery_s`` is the time from the last
+fault (the last kill; with none, the load's end) to that end. Then ``bench/audit.py``'s auditor
+reads only the simulators' records and keys every token into a meter emulator. Printed: how the
+drain ended, USSD hops/s with p50/p99 latency, purchases/s offered, vends/s (from the ledger's
+vend times), payment-confirmed (ledger event) to SMS-accepted (AT simulator clock) latency
+p50/p99, what the faults did, the audit's counts; then one JSON line (``figures`` holds
+``drain_end``, ``drain_pending`` and ``recovery_s``, null on a timeout). Exit status 1 when any
+audit count is non-zero.
 
 The long run of docs/performance.md: ``python bench/load.py --purchases 10000 --faults --kills 50``.
 """
@@ -198,6 +204,7 @@ class Tally:
     hop_errors: int = 0
     kills: int = 0
     restart_s: list[float] = field(default_factory=list)
+    last_fault_at: float = 0.0  # perf_counter of the last kill (its restart began)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -611,6 +618,7 @@ async def _kill_loop(
             return
         await procs.kill_gateway()
         tally.kills += 1
+        tally.last_fault_at = time.perf_counter()
         tally.restart_s.append(await procs.start_gateway())
 
 
@@ -623,6 +631,54 @@ async def _ticker(tally: Tally, began: float, done: asyncio.Event, out: TextIO) 
     _progress(tally, began, out, final=True)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DrainOutcome:
+    """How the drain ended.
+
+    ``end``: ``recovered`` (every payment has its token delivered and no purchase is still
+    pending recovery), ``settled`` (nothing is pending any more, but some payments are second
+    charges for one purchase: they never get a token, waiting does not change them) or
+    ``timeout`` (still pending after ``--drain-timeout-s``). ``pending``: what was still
+    pending at the end.
+    """
+
+    end: str
+    pending: int
+    waited_s: float
+    ended_at: float  # perf_counter
+
+
+def ledger_pending(db: Path) -> int:
+    """Paid purchases the gateway has not vended yet (its sweeper still has to), read-only."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
+        row = conn.execute(
+            "SELECT COUNT(*) FROM purchases p LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
+            " WHERE p.state = 'paid' AND v.vend_id IS NULL"
+        ).fetchone()
+    return int(row[0])
+
+
+def drain_pending(report: Any, paid_not_vended: int) -> int:  # noqa: ANN401 - an AuditReport
+    """Purchases still pending recovery: money without a delivered token, paid not vended.
+
+    A second charge for one purchase never gets a token: waiting does not change it, so it is
+    not pending (it makes the end ``settled``, not ``recovered``).
+    """
+    return (
+        report.paid_without_token
+        - report.charged_twice
+        + report.undelivered_tokens
+        + paid_not_vended
+    )
+
+
+def drain_end(pending: int, charged_twice: int) -> str:
+    """How a drain ended: ``timeout``, ``settled`` (only second charges left) or ``recovered``."""
+    if pending:
+        return "timeout"
+    return "settled" if charged_twice else "recovered"
+
+
 async def _drain(
     auditor: ModuleType,
     procs: Processes,
@@ -630,24 +686,28 @@ async def _drain(
     key: Any,  # noqa: ANN401 - the auditor's vending key
     timeout_s: float,
     out: TextIO | None,
-) -> tuple[Any, float]:
-    """Wait until every payment has a delivered token (or ``timeout_s``); the last audit."""
+) -> tuple[Any, DrainOutcome]:
+    """Wait until nothing is pending recovery (or ``timeout_s``); the last audit, how it ended."""
     began = time.perf_counter()
-    report = None
+    db = procs.workdir / "data" / "gateway.db"
     while True:
         report = await auditor.audit_running(procs.sims, meters, key, key_tokens=False)
+        pending = drain_pending(report, await asyncio.to_thread(ledger_pending, db))
         waited = time.perf_counter() - began
-        # A second charge for one purchase never gets a token: waiting does not change it.
-        pending = report.paid_without_token - report.charged_twice + report.undelivered_tokens
         if out is not None:
-            out.write(
-                f"\rdrain {waited:5.1f}s  payments still without a delivered token: {pending}   "
-            )
+            out.write(f"\rdrain {waited:5.1f}s  purchases still pending recovery: {pending}   ")
             out.flush()
         if pending == 0 or waited > timeout_s:
+            ended_at = time.perf_counter()
             if out is not None:
                 out.write("\n")
-            return await auditor.audit_running(procs.sims, meters, key), waited
+            outcome = DrainOutcome(
+                end=drain_end(pending, report.charged_twice),
+                pending=pending,
+                waited_s=waited,
+                ended_at=ended_at,
+            )
+            return await auditor.audit_running(procs.sims, meters, key), outcome
         await asyncio.sleep(2.0)
 
 
@@ -739,7 +799,7 @@ async def _run(
             calm = dict.fromkeys(FAULT_NAMES, 0.0)
             async with session.post(procs.sims["daraja"] + "/_sim/chaos", json=calm) as response:
                 response.raise_for_status()
-        report, drain_s = await _drain(
+        report, drained = await _drain(
             auditor,
             procs,
             meters,
@@ -760,7 +820,15 @@ async def _run(
     hops = tally.hop_latencies_s
     figures: dict[str, Any] = {
         "load_s": round(load_s, 1),
-        "drain_s": round(drain_s, 1),
+        "drain_s": round(drained.waited_s, 1),
+        "drain_end": drained.end,
+        "drain_pending": drained.pending,
+        # From the last fault (the last kill; with none, the load's end) to nothing pending.
+        "recovery_s": (
+            None
+            if drained.end == "timeout"
+            else round(drained.ended_at - (tally.last_fault_at or began + load_s), 1)
+        ),
         "purchases_offered": tally.started,
         "purchases_accepted": tally.done,
         "purchases_given_up": tally.gave_up,
@@ -780,6 +848,14 @@ async def _run(
     figures.update(cpu)
     lines = [
         f"load {figures['load_s']} s, drain {figures['drain_s']} s, kills {tally.kills}",
+        (
+            f"drain       ended {drained.end}"
+            + (
+                f", {drained.pending} purchase(s) still pending recovery"
+                if drained.pending
+                else f": recovered {figures['recovery_s']} s after the last fault"
+            )
+        ),
         (
             f"purchases   offered {tally.started}, accepted {tally.done}, gave up"
             f" {tally.gave_up} ({figures['purchases_per_s']}/s; {dict(tally.by_channel)})"

@@ -345,12 +345,19 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         default_provider=default_provider,
         policy=SagaPolicy(
             first_check_after_s=float(config.payment_deadline_s),
+            check_interval_s=float(config.payment_check_interval_s),
             payment_deadline_s=float(config.payment_expiry_s),
+            ambiguous_recheck_s=float(config.ambiguous_recheck_s),
         ),
     )
     sms = _sms_sender(config, session, sims)
     outbox = OutboxWorker(ledger=ledger, sender=sms, policy=OUTBOX_POLICY)
-    sweeper = Sweeper(vending=vending, outbox=None, interval_s=config.sweep_interval_s)
+    sweeper = Sweeper(
+        vending=vending,
+        outbox=None,
+        interval_s=config.sweep_interval_s,
+        check_concurrency=config.payment_checks_in_flight,
+    )
     sessions = await _session_store(stack, config)
     services = SagaCustomerServices(vending)
     ussd = UssdEngine(

@@ -92,8 +92,11 @@ class Config:
     session_store: str = "sqlite"  # memory | sqlite | redis
     redis_url: str = "redis://127.0.0.1:6379/0"
     resume_window_s: int = 120
-    payment_deadline_s: int = 30  # a payment unconfirmed this long is queried (then backoff)
+    payment_deadline_s: int = 20  # a payment unconfirmed this long after its prompt is queried
+    payment_check_interval_s: int = 30  # then it is queried again this often
     payment_expiry_s: int = 3600  # after this an unconfirmed purchase expires
+    ambiguous_recheck_s: int = 300  # an ambiguous lost-push lookup is repeated this often
+    payment_checks_in_flight: int = 32  # status queries the sweeper keeps in flight at once
     sweep_interval_s: float = 5.0
     log_json: bool | None = None  # None → JSON unless stdout is a terminal
     log_level: str = "info"
@@ -150,6 +153,16 @@ class Config:
 
 
 _FIELDS: Final = {f.name: f for f in dataclasses.fields(Config)}
+_WEEK_S: Final = 7 * 86400
+_INT_RANGES: Final[Mapping[str, tuple[int, int]]] = {
+    "port": (0, 65535),
+    "resume_window_s": (1, _WEEK_S),
+    "payment_deadline_s": (1, _WEEK_S),
+    "payment_check_interval_s": (1, _WEEK_S),
+    "payment_expiry_s": (1, _WEEK_S),
+    "ambiguous_recheck_s": (1, _WEEK_S),
+    "payment_checks_in_flight": (1, 1024),
+}
 _PROVIDERS: Final = ("africastalking", "daraja", "momo", "airtel")
 _PROVIDER_FIELDS: Final = ("base_url", "username", "key", "secret")
 
@@ -227,10 +240,9 @@ def _build(values: dict[str, Any]) -> Config:  # noqa: C901, PLR0912 - one branc
             kwargs[name] = Secret(str(value)) if str(value) else None
         elif name == "mode":
             kwargs[name] = Mode(_one_of(name, value, frozenset(m.value for m in Mode)))
-        elif name == "port":
-            kwargs[name] = _as_int(name, value, low=0, high=65535)
-        elif name in {"resume_window_s", "payment_deadline_s", "payment_expiry_s"}:
-            kwargs[name] = _as_int(name, value, low=1, high=7 * 86400)
+        elif name in _INT_RANGES:
+            low, high = _INT_RANGES[name]
+            kwargs[name] = _as_int(name, value, low=low, high=high)
         elif name == "sweep_interval_s":
             try:
                 kwargs[name] = float(value)

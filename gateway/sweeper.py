@@ -3,9 +3,15 @@
 One sweep, in order:
 
 1. vend every paid-but-not-vended purchase (invariant 3: no paid purchase is lost);
-2. ask the provider about purchases awaiting payment past their check time (with backoff),
-   expiring them after the payment deadline (a later confirmed success still vends);
+2. ask the provider about purchases awaiting payment past their check time (the first about 20 s
+   after the prompt, then every 30 s), expiring them after the payment deadline (a later
+   confirmed success still vends);
 3. send due outbox messages (including those a crashed worker had claimed).
+
+``run`` does steps 1 and 3 every ``interval_s`` and step 2 continuously: a checker keeps up to
+``check_concurrency`` status checks in flight, starting each as soon as it is due, so one
+hanging query (or a slow provider) holds up no other recovery and no tick waits for its
+slowest check. ``sweep_once`` does all three steps once (start-up, tests, operators).
 
 A sweep never raises: each step logs what failed and the next sweep tries again.
 """
@@ -51,6 +57,8 @@ class Sweeper:
         interval_s: the pause between sweeps.
         batch: purchases handled per step and sweep.
         check_concurrency: payment status checks in flight at once.
+        check_poll_s: how often ``run``'s checker looks for checks that became due while it
+            has room for more (at most ``interval_s``).
     """
 
     def __init__(
@@ -61,7 +69,8 @@ class Sweeper:
         clock: Callable[[], datetime] = _utc_now,
         interval_s: float = 15.0,
         batch: int = 100,
-        check_concurrency: int = 16,
+        check_concurrency: int = 32,
+        check_poll_s: float = 1.0,
     ) -> None:
         self._vending = vending
         self._outbox = outbox
@@ -69,9 +78,22 @@ class Sweeper:
         self._interval_s = interval_s
         self._batch = batch
         self._check_concurrency = max(1, check_concurrency)
+        self._check_poll_s = max(0.01, min(check_poll_s, interval_s))
 
     async def sweep_once(self) -> SweepReport:
         """One pass over paid-not-vended, due payment checks and due messages. Never raises."""
+        return await self._sweep(checks=True)
+
+    async def _check(self, purchase_id: str) -> None:
+        """One purchase's payment check; logs what failed (the next check tries again)."""
+        try:
+            await self._vending.check_payment(purchase_id)
+        except GatewayError as exc:
+            log.warning("payment_check_deferred", purchase_id=purchase_id, error=str(exc))
+        except Exception:  # one check's bug must not end the others (nor the checker)
+            log.exception("payment_check_crashed", purchase_id=purchase_id)
+
+    async def _sweep(self, *, checks: bool) -> SweepReport:
         ledger = self._vending.ledger
         vended = checked = sent = 0
         failed: list[str] = []
@@ -80,26 +102,22 @@ class Sweeper:
         except GatewayError as exc:
             failed.append("vend")
             log.warning("sweep_step_failed", step="vend", error=str(exc))
-        try:
-            due = await ledger.due_for_check(self._clock(), limit=self._batch)
-            gate = asyncio.Semaphore(self._check_concurrency)
+        if checks:
+            try:
+                due = await ledger.due_for_check(self._clock(), limit=self._batch)
+                gate = asyncio.Semaphore(self._check_concurrency)
 
-            async def check(purchase_id: str) -> None:
-                # Several at once: one status query hanging to its deadline must not hold up
-                # the recovery of every lost callback behind it.
-                async with gate:
-                    try:
-                        await self._vending.check_payment(purchase_id)
-                    except GatewayError as exc:
-                        log.warning(
-                            "payment_check_deferred", purchase_id=purchase_id, error=str(exc)
-                        )
+                async def check(purchase_id: str) -> None:
+                    # Several at once: one status query hanging to its deadline must not hold
+                    # up the recovery of every lost callback behind it.
+                    async with gate:
+                        await self._check(purchase_id)
 
-            await asyncio.gather(*(check(purchase.purchase_id) for purchase in due))
-            checked = len(due)
-        except GatewayError as exc:
-            failed.append("check")
-            log.warning("sweep_step_failed", step="check", error=str(exc))
+                await asyncio.gather(*(check(purchase.purchase_id) for purchase in due))
+                checked = len(due)
+            except GatewayError as exc:
+                failed.append("check")
+                log.warning("sweep_step_failed", step="check", error=str(exc))
         if self._outbox is not None:
             try:
                 sent = (await self._outbox.run_once()).sent
@@ -113,13 +131,80 @@ class Sweeper:
             )
         return report
 
+    async def check_continuously(self, stop: asyncio.Event) -> None:
+        """Keep up to ``check_concurrency`` due payment checks in flight until ``stop`` is set.
+
+        A check starts as soon as it is due and there is room: the checker looks again as soon
+        as one finishes while more were due than there was room for, else every
+        ``check_poll_s``. A purchase is never checked twice at once here. Checks in flight when
+        ``stop`` is set are finished (each is bounded by its provider's deadline). Never raises.
+        """
+        in_flight: dict[str, asyncio.Task[None]] = {}
+        room_made = asyncio.Event()
+
+        def start(purchase_id: str) -> None:
+            def forget(_task: asyncio.Task[None]) -> None:
+                in_flight.pop(purchase_id, None)
+                room_made.set()
+
+            task = asyncio.create_task(self._check(purchase_id))
+            in_flight[purchase_id] = task
+            task.add_done_callback(forget)
+
+        try:
+            while not stop.is_set():
+                room_made.clear()
+                full = True
+                try:
+                    room = self._check_concurrency - len(in_flight)
+                    if room > 0:
+                        due = await self._vending.ledger.due_for_check(
+                            self._clock(), limit=room + len(in_flight)
+                        )
+                        fresh = [p.purchase_id for p in due if p.purchase_id not in in_flight]
+                        full = len(fresh) >= room
+                        for purchase_id in fresh[:room]:
+                            start(purchase_id)
+                except GatewayError as exc:
+                    full = False
+                    log.warning("sweep_step_failed", step="check", error=str(exc))
+                except Exception:  # an outermost loop: log and go on
+                    full = False
+                    log.exception("payment_checker_crashed")
+                await _first_of(stop, room_made if full else None, self._check_poll_s)
+        finally:
+            if in_flight:
+                await asyncio.gather(*in_flight.values(), return_exceptions=True)
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Sweep now, then every ``interval_s``, until ``stop`` is set."""
-        while not stop.is_set():
-            try:
-                await self.sweep_once()
-            except Exception:  # the timer loop is an outermost edge: never die
-                log.exception("sweep_crashed")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval_s):
-                    await stop.wait()
+        """Sweep now, then every ``interval_s``, with the checker running, until ``stop`` is set."""
+        checker = asyncio.create_task(self.check_continuously(stop), name="payment-checker")
+        try:
+            while not stop.is_set():
+                try:
+                    await self._sweep(checks=False)
+                except Exception:  # the timer loop is an outermost edge: never die
+                    log.exception("sweep_crashed")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._interval_s):
+                        await stop.wait()
+        finally:
+            if not stop.is_set():  # cancelled: the checker goes too
+                checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checker
+
+
+async def _first_of(stop: asyncio.Event, event: asyncio.Event | None, timeout_s: float) -> None:
+    """Wait for ``stop``, or ``event`` (when given; no timeout then), or else ``timeout_s``."""
+    if event is None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await stop.wait()
+        return
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(event.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

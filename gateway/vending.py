@@ -93,6 +93,7 @@ from gateway.sts import (
 from gateway.tariff import Quote, TariffError, quote
 
 __all__ = [
+    "CUSTOMER_INITIATED_CHANNEL",
     "MeterBlocked",
     "NotPaid",
     "NothingToReprint",
@@ -120,6 +121,9 @@ COLLECTION_ATTEMPTED: Final = "collection_attempted"
 COLLECTION_NOT_STARTED: Final = "collection_not_started"
 # A push of unknown outcome whose provider lists several unclaimed payments that could be it.
 UNKNOWN_COLLECTION_AMBIGUOUS: Final = "unknown_collection_ambiguous"
+#: The channel of a purchase the customer paid on their own (Daraja C2B paybill). It is never
+#: prompted: the money has already moved, so a push would charge the customer twice.
+CUSTOMER_INITIATED_CHANNEL: Final = "c2b"
 _PAID_STATES: Final = frozenset(
     {
         PurchaseState.PAID,
@@ -295,7 +299,13 @@ class SagaPolicy:
     Attributes:
         first_check_after_s: after a collection starts, when the sweeper first asks the provider
             (a callback usually arrives sooner).
-        check_backoff_s, check_backoff_max_s: the next checks back off exponentially to the cap.
+        check_interval_s: then the sweeper asks again this often until the payment is settled
+            or the purchase expires (a failed query, too, is asked again after this long).
+        check_backoff_s, check_backoff_max_s: a collection request the provider could not take
+            (retryable) is sent again after a backoff, exponential to the cap.
+        ambiguous_recheck_s: a push of unknown outcome whose lookup found several payments that
+            could be it (``unknown_collection_ambiguous``, for an operator) is looked up again
+            this often.
         payment_deadline_s: after this long since creation an unpaid purchase expires (a later
             confirmed success still vends).
         vend_attempts: how often a vend is retried when another writer moved the meter's TID.
@@ -306,8 +316,10 @@ class SagaPolicy:
     """
 
     first_check_after_s: float = 20.0
+    check_interval_s: float = 30.0
     check_backoff_s: float = 15.0
     check_backoff_max_s: float = 300.0
+    ambiguous_recheck_s: float = 300.0
     payment_deadline_s: float = 900.0
     vend_attempts: int = 32
     reconcile_after_s: float = 90.0
@@ -432,6 +444,9 @@ class Vending:
 
     # -- payment --------------------------------------------------------------------------------
 
+    def _check_interval(self) -> timedelta:
+        return timedelta(seconds=self._policy.check_interval_s)
+
     def _backoff(self, attempts: int) -> timedelta:
         policy = self._policy
         seconds = min(policy.check_backoff_max_s, policy.check_backoff_s * 2 ** max(0, attempts))
@@ -442,7 +457,9 @@ class Vending:
 
         Idempotent: a purchase that has its provider reference, or is past CREATED, is returned
         unchanged. A retryable provider failure leaves the purchase CREATED with a check
-        scheduled, for the sweeper; a final refusal makes it PAYMENT_FAILED.
+        scheduled, for the sweeper; a final refusal makes it PAYMENT_FAILED. A customer-initiated
+        purchase (channel ``c2b``) is never prompted by any path: a crash before its reference
+        was attached leaves it waiting for the confirmation's redelivery, or its deadline.
         """
         # One request per purchase at a time in this process: the channel's follow-up and the
         # sweeper's first check may race, and the second must see the first's mark.
@@ -459,6 +476,7 @@ class Vending:
                 purchase.state is not PurchaseState.CREATED
                 or purchase.provider_reference is not None
                 or purchase.phone is None
+                or purchase.channel == CUSTOMER_INITIATED_CHANNEL
             ):
                 return purchase
             provider = self._providers[purchase.provider]
@@ -517,6 +535,7 @@ class Vending:
                 at=self._clock() + timedelta(seconds=self._policy.first_check_after_s),
                 attempts=0,
             )
+            purchase = await self._ledger.get_purchase(purchase_id)  # with its first check
             log.info("payment_requested", provider=started.provider, reference=started.reference)
             payment = await self._ledger.get_payment(started.provider, started.reference)
             if payment is not None and payment.payload_hash is not None:
@@ -752,7 +771,7 @@ class Vending:
             return None
         try:
             purchase = await self.start_purchase(
-                channel="c2b",
+                channel=CUSTOMER_INITIATED_CHANNEL,
                 phone=notice.payer,
                 meter=meter,
                 amount=notice.amount,
@@ -817,7 +836,7 @@ class Vending:
         """
         paid = status.amount
         if paid is None:
-            if purchase.channel == "c2b":
+            if purchase.channel == CUSTOMER_INITIATED_CHANNEL:
                 return False, Money(0, purchase.amount.currency)
             paid = purchase.amount
         payer_ok = status.payer is None or purchase.phone is None or status.payer == purchase.phone
@@ -916,8 +935,9 @@ class Vending:
         outcome a crash left unknown is looked up in the provider's list of payments once the
         prompt's lifetime has passed (``_reconcile_unknown_collection``); while that lookup fails
         or is ambiguous the purchase never expires. Still unpaid past the payment deadline:
-        EXPIRED. Otherwise the next check is scheduled with backoff. Provider errors are absorbed
-        here (they only reschedule).
+        EXPIRED. Otherwise the next check is due ``check_interval_s`` later (a deferred request
+        backs off; an ambiguous lookup waits ``ambiguous_recheck_s``). Provider errors are
+        absorbed here (they only reschedule).
         """
         with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
             purchase = await self._ledger.get_purchase(purchase_id)
@@ -932,7 +952,7 @@ class Vending:
                     log.warning("unknown_collection_lookup_failed", error=str(exc))
                     attempts = purchase.check_attempts + 1
                     await self._ledger.schedule_check(
-                        purchase_id, at=self._clock() + self._backoff(attempts), attempts=attempts
+                        purchase_id, at=self._clock() + self._check_interval(), attempts=attempts
                     )
                     return await self._ledger.get_purchase(purchase_id)
                 if reconciled is not None:
@@ -941,17 +961,21 @@ class Vending:
                         attempts = purchase.check_attempts + 1
                         await self._ledger.schedule_check(
                             purchase_id,
-                            at=self._clock() + timedelta(seconds=self._policy.check_backoff_max_s),
+                            at=self._clock() + timedelta(seconds=self._policy.ambiguous_recheck_s),
                             attempts=attempts,
                         )
-                        return purchase
+                        return await self._ledger.get_purchase(purchase_id)
             else:
                 try:
                     purchase = await self.confirm(purchase_id)
                 except PaymentError as exc:
                     log.warning("payment_check_failed", error=str(exc), retryable=exc.retryable)
-            if purchase.state not in {PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT}:
-                return purchase
+            return await self._expire_or_schedule(purchase)
+
+    async def _expire_or_schedule(self, purchase: Purchase) -> Purchase:
+        """After a check: EXPIRED past the deadline, else the next check (unless just scheduled)."""
+        purchase_id = purchase.purchase_id
+        if purchase.state in {PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT}:
             now = self._clock()
             deadline = purchase.created_at + timedelta(seconds=self._policy.payment_deadline_s)
             if now >= deadline:
@@ -963,11 +987,16 @@ class Vending:
                     actor="sweeper",
                     data={"deadline": deadline.isoformat()},
                 )
-            attempts = purchase.check_attempts + 1
-            await self._ledger.schedule_check(
-                purchase_id, at=min(deadline, now + self._backoff(attempts)), attempts=attempts
-            )
-            return await self._ledger.get_purchase(purchase_id)
+            # Unless this step scheduled the next check already: a request just sent (its first
+            # check) or deferred (its backoff).
+            if purchase.next_check_at is None or purchase.next_check_at <= now:
+                await self._ledger.schedule_check(
+                    purchase_id,
+                    at=min(deadline, now + self._check_interval()),
+                    attempts=purchase.check_attempts + 1,
+                )
+                purchase = await self._ledger.get_purchase(purchase_id)
+        return purchase
 
     async def _ambiguous(self, purchase: Purchase) -> bool:
         """Whether a still-unpaid purchase waits for an operator (an ambiguous reconciliation)."""

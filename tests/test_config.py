@@ -18,6 +18,22 @@ def test_nothing_set_gives_embedded_defaults() -> None:
     assert config.uses_simulators
 
 
+def test_payment_check_timings_default_and_load() -> None:
+    """First check 20 s after the prompt, then every 30 s; ambiguous lookups every 300 s."""
+    config = Config.load(env={})
+    assert (config.payment_deadline_s, config.payment_check_interval_s) == (20, 30)
+    assert (config.ambiguous_recheck_s, config.payment_checks_in_flight) == (300, 32)
+    changed = Config.load(
+        env={
+            "GATEWAY_PAYMENT_CHECK_INTERVAL_S": "10",
+            "GATEWAY_AMBIGUOUS_RECHECK_S": "60",
+            "GATEWAY_PAYMENT_CHECKS_IN_FLIGHT": "8",
+        }
+    )
+    assert (changed.payment_check_interval_s, changed.ambiguous_recheck_s) == (10, 60)
+    assert changed.payment_checks_in_flight == 8
+
+
 def test_environment_overrides_file(tmp_path: Path) -> None:
     """A GATEWAY_* variable beats the TOML file, and CLI overrides beat both."""
     file = tmp_path / "gateway.toml"
@@ -36,6 +52,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"GATEWAY_MASTER_KEY": "c2hvcnQ="}, "GATEWAY_MASTER_KEY"),
         ({"GATEWAY_MASTER_KEY": "not base64!"}, "GATEWAY_MASTER_KEY"),
         ({"GATEWAY_PAYMENTS": "paypal"}, "GATEWAY_PAYMENTS"),
+        ({"GATEWAY_PAYMENT_CHECK_INTERVAL_S": "0"}, "GATEWAY_PAYMENT_CHECK_INTERVAL_S"),
+        ({"GATEWAY_PAYMENT_CHECKS_IN_FLIGHT": "5000"}, "GATEWAY_PAYMENT_CHECKS_IN_FLIGHT"),
         ({"GATEWAY_COLOUR": "blue"}, "GATEWAY_COLOUR"),
         ({"GATEWAY_MODE": "production"}, "GATEWAY_PAYMENTS"),
         ({"GATEWAY_PAYMENTS": "daraja"}, "GATEWAY_DARAJA_BASE_URL"),

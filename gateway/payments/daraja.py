@@ -31,7 +31,8 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Final
 
@@ -98,6 +99,26 @@ _INITIATOR_ERRORS: Final = frozenset({2001, 8006})
 _RECEIPT: Final = re.compile(r"[A-Z0-9]{8,12}")
 _PULL_DATE: Final = "%Y-%m-%d %H:%M:%S"  # Pull Transactions' StartDate/EndDate, in EAT
 _PULL_PAGE: Final = 1000  # rows per Pull answer; a full page means ask again from OffSetValue
+_MINUTE: Final = timedelta(minutes=1)
+# Pull lookups share one pull per minute window: a minute pulled this long after its end is final
+# (kept); one that was still open is pulled again when a lookup needs it this long after.
+_PULL_SETTLE: Final = timedelta(minutes=1)
+_PULL_REFRESH_S: Final = 60.0
+_PULL_KEEP_MINUTES: Final = 24 * 60  # pulled minutes kept (the oldest dropped first)
+
+
+@dataclass(frozen=True, slots=True)
+class _PulledMinute:
+    """The shortcode's completed payments of one minute as Pull listed them, and when."""
+
+    rows: tuple[tuple[datetime, PaymentStatus, str], ...]  # (when, payment, billreference)
+    pulled_at: float  # monotonic seconds
+    final: bool  # pulled after the minute settled: never pulled again
+
+
+def _minute_of(moment: datetime) -> datetime:
+    """The start of ``moment``'s minute, in UTC."""
+    return moment.astimezone(UTC).replace(second=0, microsecond=0)
 
 
 def stk_password(shortcode: str, passkey: str, timestamp: str) -> str:
@@ -239,7 +260,10 @@ class DarajaProvider:
         self._status_result_wait_s = status_result_wait_s
         self._timeout_s = timeout_s
         self._now = now or (lambda: datetime.now(EAT))
+        self._clock = clock
         self._tokens = TokenCache(self._fetch_token, clock=clock)
+        self._pull_cache: dict[datetime, _PulledMinute] = {}  # UTC minute → payments; oldest first
+        self._pull_lock = asyncio.Lock()
         self._started: dict[str, CollectionStarted] = {}  # purchase id → push already accepted
         self._requested: dict[str, Money] = {}  # CheckoutRequestID → amount we asked for
         self._status_waiters: dict[str, set[asyncio.Future[PaymentStatus]]] = {}
@@ -505,17 +529,64 @@ class DarajaProvider:
         the window, or (with ``account_reference``) whose ``billreference`` is not the one a push
         for it carries (``fit_account_reference``) are skipped.
 
+        Lookups share one pull per minute window: the window is covered by whole minutes, each
+        pulled once (contiguous missing minutes in one request) and kept, so many purchases
+        reconciled together cost one pull, not one each. A minute still open when pulled is
+        pulled again by a lookup at least a minute later; one pulled a minute after it ended is
+        final. Minutes not yet begun are not asked for.
+
         Raises:
             ProviderUnavailable: Daraja did not answer usefully (retryable on 5xx/timeouts).
         """
-        found: list[PaymentStatus] = []
-        offset = 0
         bill = None if account_reference is None else fit_account_reference(account_reference)
+        since, until = since.astimezone(UTC), until.astimezone(UTC)
+        minutes = await self._pull_minutes(_minute_of(since), _minute_of(until))
+        return [
+            status
+            for minute in minutes
+            for when, status, billreference in minute.rows
+            if status.payer == payer
+            and status.amount == amount
+            and (bill is None or billreference == bill)
+            and since <= when <= until
+        ]
+
+    async def _pull_minutes(self, first: datetime, last: datetime) -> list[_PulledMinute]:
+        """The pulled minutes ``first`` to ``last`` (UTC), pulling those missing or stale."""
+        async with self._pull_lock:  # a lookup waiting here finds what the one ahead pulled
+            now = self._now().astimezone(UTC)
+            wanted = []
+            minute = first
+            while minute <= last and minute <= now:
+                wanted.append(minute)
+                minute += _MINUTE
+            stale = [m for m in wanted if not self._pull_fresh(m)]
+            runs: list[list[datetime]] = []
+            for minute in stale:
+                if runs and runs[-1][-1] + _MINUTE == minute:
+                    runs[-1].append(minute)
+                else:
+                    runs.append([minute])
+            for run in runs:
+                await self._pull_run(run[0], run[-1] + _MINUTE)
+            return [self._pull_cache[m] for m in wanted if m in self._pull_cache]
+
+    def _pull_fresh(self, minute: datetime) -> bool:
+        pulled = self._pull_cache.get(minute)
+        return pulled is not None and (
+            pulled.final or self._clock() - pulled.pulled_at < _PULL_REFRESH_S
+        )
+
+    async def _pull_run(self, start: datetime, end: datetime) -> None:
+        """Pull ``[start, end)`` (whole minutes, UTC), paged, and keep each minute's payments."""
+        last_second = end - timedelta(seconds=1)
+        by_minute: dict[datetime, list[tuple[datetime, PaymentStatus, str]]] = {}
+        offset = 0
         while True:
             payload = {
                 "ShortCode": self._shortcode,
-                "StartDate": since.astimezone(EAT).strftime(_PULL_DATE),
-                "EndDate": until.astimezone(EAT).strftime(_PULL_DATE),
+                "StartDate": start.astimezone(EAT).strftime(_PULL_DATE),
+                "EndDate": last_second.astimezone(EAT).strftime(_PULL_DATE),
                 "OffSetValue": str(offset),
             }
             reply = await self._call(
@@ -529,20 +600,32 @@ class DarajaProvider:
                     error.args[0], provider=self.name, retryable=error.retryable
                 ) from error
             page = [row for group in rows if isinstance(group, list) for row in group]
-            found.extend(
-                status
-                for row in page
-                if (status := self._pulled(row, since, until)) is not None
-                and status.payer == payer
-                and status.amount == amount
-                and (bill is None or str(row.get("billreference", "")) == bill)
-            )
+            for row in page:
+                found = self._pulled(row, start, end - timedelta(microseconds=1))
+                if found is not None:
+                    when, status, billreference = found
+                    by_minute.setdefault(_minute_of(when), []).append((when, status, billreference))
             if len(page) < _PULL_PAGE or not page:
-                return found
+                break
             offset += len(page)
+        pulled_at = self._clock()
+        now = self._now().astimezone(UTC)
+        minute = start
+        while minute < end:
+            self._pull_cache.pop(minute, None)  # re-inserted last: the dict stays oldest-first
+            self._pull_cache[minute] = _PulledMinute(
+                tuple(by_minute.get(minute, ())),
+                pulled_at=pulled_at,
+                final=now >= minute + _MINUTE + _PULL_SETTLE,
+            )
+            minute += _MINUTE
+        while len(self._pull_cache) > _PULL_KEEP_MINUTES:
+            del self._pull_cache[next(iter(self._pull_cache))]
 
-    def _pulled(self, row: object, since: datetime, until: datetime) -> PaymentStatus | None:
-        """One Pull row as a success, or None when it is malformed or outside the window."""
+    def _pulled(
+        self, row: object, since: datetime, until: datetime
+    ) -> tuple[datetime, PaymentStatus, str] | None:
+        """One Pull row as (when, a success, its billreference); None if malformed or outside."""
         if not isinstance(row, dict):
             return None
         receipt = str(row.get("transactionId", ""))
@@ -556,7 +639,7 @@ class DarajaProvider:
         payer = _payer(str(row.get("msisdn", "")))
         if payer is None:
             return None
-        return PaymentStatus(
+        status = PaymentStatus(
             provider=self.name,
             reference=ProviderReference(receipt),
             state=PaymentState.SUCCEEDED,
@@ -564,6 +647,7 @@ class DarajaProvider:
             payer=payer,
             receipt=receipt,
         )
+        return when.astimezone(UTC), status, str(row.get("billreference", ""))
 
     def deliver_status_result(self, body: bytes) -> bool:
         """Hand a Transaction Status ``Result`` (posted to ``status_result_url``) to its query.

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import hashlib
 import json
 import random
@@ -85,6 +86,11 @@ _RESULTS: Final[dict[CustomerAction, tuple[int, str]]] = {
     CustomerAction.INSUFFICIENT_FUNDS: (1, "The balance is insufficient for the transaction."),
     CustomerAction.IGNORE: (1037, "DS timeout user cannot be reached"),
 }
+
+
+def _completed_at(record: tuple[datetime, Charge]) -> datetime:
+    """A completed payment's time as Pull compares it (whole seconds)."""
+    return record[0].replace(microsecond=0)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -202,7 +208,9 @@ class DarajaSimulator(ProviderSimulator):
         self._pushes: dict[str, _Push] = {}
         self._c2b_urls: dict[str, dict[str, str]] = {}
         self._receipts: dict[str, Charge] = {}
-        self._completed: list[tuple[datetime, Charge]] = []  # (when, charge), for Pull
+        # (when, charge) in time order, for Pull's binary search by StartDate/EndDate.
+        self._completed: list[tuple[datetime, Charge]] = []
+        self.pull_requests = 0  # Pull Transactions queries answered (tests count lookups)
         self._queries_released = asyncio.Event()
         self.app = self._build_app()
 
@@ -434,7 +442,7 @@ class DarajaSimulator(ProviderSimulator):
             )
             self.money.take(charge)
             self._receipts[push.receipt] = charge
-            self._completed.append((self._now(), charge))
+            self._record_completed(charge)
             claimed = self.faults.tamper_amount_kes or push.amount_kes
             stk["CallbackMetadata"] = {
                 "Item": [
@@ -487,6 +495,10 @@ class DarajaSimulator(ProviderSimulator):
         )
 
     # -- Pull Transactions (reconciliation) --------------------------------------------------
+    def _record_completed(self, charge: Charge) -> None:
+        """Keep a completed payment for Pull, in time order (insorted: the clock may step back)."""
+        bisect.insort(self._completed, (self._now(), charge), key=_completed_at)
+
     async def _pull_transactions(self, request: web.Request) -> web.Response:
         """The shortcode's completed transactions in ``[StartDate, EndDate]`` (EAT), by page.
 
@@ -506,6 +518,10 @@ class DarajaSimulator(ProviderSimulator):
             offset = int(str(body.get("OffSetValue", "0")))
         except ValueError:
             return _error(400, "400.002.02", "Bad Request - Invalid date or offset")
+        self.pull_requests += 1
+        # Binary search: the records are in time order, compared at whole seconds as Pull's are.
+        first = bisect.bisect_left(self._completed, start, key=_completed_at)
+        last = bisect.bisect_right(self._completed, end, key=_completed_at)
         found = [
             {
                 "transactionId": charge.receipt,
@@ -517,9 +533,10 @@ class DarajaSimulator(ProviderSimulator):
                 "amount": str(charge.amount_minor // 100),
                 "organizationname": "Sim Electricity",
             }
-            for when, charge in self._completed
-            if start <= when.replace(microsecond=0) <= end
-        ][max(0, offset) : max(0, offset) + _PULL_PAGE]
+            for when, charge in self._completed[first:last][
+                max(0, offset) : max(0, offset) + _PULL_PAGE
+            ]
+        ]
         return _json(
             {
                 "ResponseRefID": f"{self._random.getrandbits(64):016x}",
@@ -637,7 +654,7 @@ class DarajaSimulator(ProviderSimulator):
         )
         self.money.take(charge)
         self._receipts[trans_id] = charge
-        self._completed.append((self._now(), charge))
+        self._record_completed(charge)
         balance = sum(c.amount_minor for c in self.money.charges) // 100
         payload["OrgAccountBalance"] = f"{balance}.00"
         raw = json.dumps(payload, separators=(",", ":")).encode()

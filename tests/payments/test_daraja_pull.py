@@ -6,6 +6,7 @@ payment is found by payer, exact amount and time, with the receipt as its refere
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -132,3 +133,55 @@ async def test_a_payment_for_another_account_is_not_listed(
     assert (
         await provider.find_payments(PAYER, KES_50, *window, account_reference="04000000010") == []
     )
+
+
+async def test_lookups_in_the_same_minutes_share_one_pull(
+    pulled: tuple[DarajaSimulator, DarajaProvider],
+) -> None:
+    """Three payers looked up over the same window: one Pull request answers all three."""
+    sim, provider = pulled
+    payers = [PAYER, OTHER, Msisdn("+254711000003")]
+    for n, payer in enumerate(payers):
+        await _push(provider, f"p-{n}", payer, KES_50)
+    await sim.settle()
+    now = datetime.now(UTC)  # the window ends now: its minutes do not depend on when we ask
+    for payer in payers:
+        [found] = await provider.find_payments(payer, KES_50, now - MINUTE, now)
+        assert found.payer == payer
+    assert sim.pull_requests == 1
+
+
+async def test_a_minute_still_open_is_pulled_again_a_minute_later(
+    pulled: tuple[DarajaSimulator, DarajaProvider], clock: FakeClock
+) -> None:
+    """A payment completed after its minute was pulled is found once that minute is pulled again."""
+    sim, provider = pulled
+    now = datetime.now(UTC)
+    if now.second >= 58:  # all three lookups fall in one minute: a new minute would be pulled
+        await asyncio.sleep(60.5 - now.second - now.microsecond / 1e6)
+        now = datetime.now(UTC)
+    window = (now - MINUTE, now + MINUTE)
+    assert await provider.find_payments(PAYER, KES_50, *window) == []
+    await _push(provider, "p-1", PAYER, KES_50)
+    await sim.settle()
+    assert await provider.find_payments(PAYER, KES_50, *window) == []  # shared, not re-pulled
+    assert sim.pull_requests == 1
+    clock.advance(61)
+    assert len(await provider.find_payments(PAYER, KES_50, *window)) == 1
+    assert sim.pull_requests == 2
+
+
+async def test_settled_minutes_are_never_pulled_again(
+    pulled: tuple[DarajaSimulator, DarajaProvider], clock: FakeClock
+) -> None:
+    """Minutes that ended well before they were pulled are kept; minutes to come are not asked."""
+    sim, provider = pulled
+    now = datetime.now(UTC)
+    past = (now - 10 * MINUTE, now - 3 * MINUTE)
+    assert await provider.find_payments(PAYER, KES_50, *past) == []
+    clock.advance(3600)
+    assert await provider.find_payments(OTHER, KES_50, *past) == []
+    assert sim.pull_requests == 1
+    future = (now + 5 * MINUTE, now + 10 * MINUTE)
+    assert await provider.find_payments(PAYER, KES_50, *future) == []
+    assert sim.pull_requests == 1

@@ -166,7 +166,9 @@ async def test_two_unclaimed_payments_wait_for_an_operator(pulling: World) -> No
     _provider(pulling).pay(now, "RKTQDM7W6S")
     _provider(pulling).pay(now, "RKTQDM7W6T")
     pulling.clock.advance(120)
-    await pulling.vending.check_payment(purchase_id)
+    waiting = await pulling.vending.check_payment(purchase_id)
+    # Looked up again after ambiguous_recheck_s (300 s), not at the 30 s check interval.
+    assert waiting.next_check_at == pulling.clock() + timedelta(seconds=300)
     pulling.clock.advance(3600)  # long past the payment deadline
     purchase = await pulling.vending.check_payment(purchase_id)
     assert purchase.state is PurchaseState.CREATED

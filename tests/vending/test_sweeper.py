@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from datetime import timedelta
 
 import pytest
 from vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, World
@@ -83,20 +84,30 @@ async def test_sweep_confirms_a_payment_whose_callback_was_lost(world: World) ->
     assert (await world.ledger.get_purchase(purchase.purchase_id)).state is PurchaseState.VENDED
 
 
-async def test_sweep_backs_off_then_expires_an_unpaid_purchase(world: World) -> None:
-    """Pending checks back off; past the deadline the purchase is EXPIRED."""
+async def test_sweep_checks_20_s_after_the_prompt_then_every_30_s_then_expires(
+    world: World,
+) -> None:
+    """An unpaid purchase is asked about 20 s after its prompt, then every 30 s, then EXPIRED."""
     purchase = await awaiting(world)
-    checks = []
-    for _ in range(30):
-        world.clock.advance(60)
+    prompted = world.clock()
+    assert purchase.next_check_at == prompted + timedelta(seconds=20)
+    world.clock.advance(20)
+    gaps = []
+    while True:
+        before = world.clock()
         await sweeper(world).sweep_once()
         current = await world.ledger.get_purchase(purchase.purchase_id)
-        checks.append(current.check_attempts)
-        if current.state is PurchaseState.EXPIRED:
+        if current.state is not PurchaseState.AWAITING_PAYMENT:
             break
+        assert current.next_check_at is not None
+        gaps.append((current.next_check_at - before).total_seconds())
+        world.clock.advance(gaps[-1])
     assert current.state is PurchaseState.EXPIRED
-    assert world.provider.queries < 30
-    assert checks == sorted(checks)
+    deadline = purchase.created_at + timedelta(seconds=600)  # the world's policy
+    assert world.clock() == deadline
+    assert gaps[:-1] == [30.0] * (len(gaps) - 1)
+    assert 0 < gaps[-1] <= 30.0  # the last check is at the deadline
+    assert world.provider.queries == len(gaps) + 1
 
 
 async def test_sweep_survives_a_provider_outage(world: World) -> None:

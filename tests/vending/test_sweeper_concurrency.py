@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from vending_support import AMOUNT_FOR_TESTS, PHONE, World
 
@@ -46,3 +47,102 @@ async def test_a_hanging_status_query_does_not_hold_up_the_others(world: World) 
     release.set()
     report = await sweep
     assert report.checked == 2
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(2000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the condition never held")
+
+
+async def test_the_checker_keeps_32_queries_in_flight_and_starts_each_as_room_frees(
+    world: World,
+) -> None:
+    """40 due checks: 32 run at once; each one finished lets a waiting one start, no tick needed."""
+    purchases = []
+    for n in range(40):
+        opened = await world.vending.start_purchase(
+            channel="ussd",
+            phone=PHONE,
+            meter=world.drns[n % 3],
+            amount=AMOUNT_FOR_TESTS,
+            idempotency_key=f"k{n}",
+        )
+        purchases.append(await world.vending.request_payment(opened.purchase_id))
+    answer = world.provider.query_status
+    in_flight: set[str] = set()
+    most = 0
+    release: dict[str, asyncio.Event] = {}
+    arrived = asyncio.Event()
+
+    async def query(reference: ProviderReference) -> PaymentStatus:
+        nonlocal most
+        in_flight.add(reference)
+        most = max(most, len(in_flight))
+        release[reference] = asyncio.Event()
+        arrived.set()
+        await release[reference].wait()
+        in_flight.discard(reference)
+        return await answer(reference)
+
+    world.provider.query_status = query  # type: ignore[method-assign]
+    for purchase in purchases:
+        assert purchase.provider_reference is not None
+        world.provider.settle(purchase.provider_reference, amount=AMOUNT_FOR_TESTS)
+    world.clock.advance(21)
+    stop = asyncio.Event()
+    sweeper = Sweeper(vending=world.vending, outbox=None, clock=world.clock, interval_s=3600)
+    checker = asyncio.create_task(sweeper.check_continuously(stop))
+    await _until(lambda: len(in_flight) >= 32)
+    assert len(in_flight) == 32
+    first = sorted(in_flight)
+    for reference in first[:8]:  # eight finish: the other eight start at once
+        release[reference].set()
+    await _until(lambda: len(release) == 40)
+    await _until(lambda: len(in_flight) == 32)
+    for event in release.values():
+        event.set()
+    await _until(lambda: not in_flight)
+    stop.set()
+    await checker  # finishes the checks in flight
+    for purchase in purchases:
+        vended = await world.ledger.get_purchase(purchase.purchase_id)
+        assert vended.state is PurchaseState.VENDED
+    assert most == 32
+
+
+async def test_stopping_the_checker_finishes_the_checks_in_flight(world: World) -> None:
+    """A stop while a query is in flight waits for it; the purchase's answer is recorded."""
+    opened = await world.vending.start_purchase(
+        channel="ussd",
+        phone=PHONE,
+        meter=world.drns[0],
+        amount=AMOUNT_FOR_TESTS,
+        idempotency_key="k",
+    )
+    purchase = await world.vending.request_payment(opened.purchase_id)
+    assert purchase.provider_reference is not None
+    world.provider.settle(purchase.provider_reference, amount=AMOUNT_FOR_TESTS)
+    answer = world.provider.query_status
+    asked = asyncio.Event()
+    release = asyncio.Event()
+
+    async def query(reference: ProviderReference) -> PaymentStatus:
+        asked.set()
+        await release.wait()
+        return await answer(reference)
+
+    world.provider.query_status = query  # type: ignore[method-assign]
+    world.clock.advance(21)
+    stop = asyncio.Event()
+    sweeper = Sweeper(vending=world.vending, outbox=None, clock=world.clock, interval_s=3600)
+    runner = asyncio.create_task(sweeper.run(stop))
+    await asyncio.wait_for(asked.wait(), 5)
+    stop.set()
+    await asyncio.sleep(0.01)
+    assert not runner.done()
+    release.set()
+    await asyncio.wait_for(runner, 5)
+    assert (await world.ledger.get_purchase(purchase.purchase_id)).state is PurchaseState.VENDED
