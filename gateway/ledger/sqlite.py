@@ -19,8 +19,9 @@ Reads
     makes after its write was acknowledged sees that write.
 
     The hot point reads (a purchase with its vend context, a purchase, a meter, a tariff, a
-    phone's language and saved meters: a few indexed rows; every read a USSD hop makes) run on the event loop's own ``query_only`` connection instead: tens of microseconds of C,
-    cheaper than the hop to a reader thread and back (a queue put, a thread wake-up, a
+    phone's language and saved meters: a few indexed rows; every read a USSD hop makes) run on
+    the event loop's own ``query_only`` connection instead: tens of microseconds of C, cheaper
+    than the hop to a reader thread and back (a queue put, a thread wake-up, a
     ``call_soon_threadsafe``, the GIL handed over twice). That connection never waits for a
     lock (``busy_timeout = 0``): should the database be busy (WAL recovery, an exclusive lock
     from another process), the read goes to the pool, which waits, so the loop never blocks.
