@@ -15,9 +15,10 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.logging import get_logger
 from gateway.web.keys import METRICS
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 @web.middleware
@@ -44,7 +45,7 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
         elapsed_s = time.perf_counter() - started
         metrics = request.app.get(METRICS)
         if metrics is not None:
-            metrics.http_requests.labels(route=route_name, status=str(status)).inc()
+            metrics.count_request(route_name, status)
             if route_name.startswith("/ussd/") and not route_name.endswith("/events"):
                 metrics.ussd_hop_seconds.observe(elapsed_s)
         log.debug("request_served", status=status, ms=round(elapsed_s * 1e3, 2))

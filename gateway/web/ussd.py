@@ -28,9 +28,10 @@ from aiohttp import web
 
 from flows.engine import UssdEngine, UssdHop, UssdReply
 from flows.ports import FollowUp
+from gateway.logging import get_logger
 from gateway.phone import InvalidPhoneNumber, Msisdn, parse_msisdn
 
-log = structlog.get_logger()
+log = get_logger()
 
 _MAX_FIELD: Final = 64
 _MAX_TEXT: Final = 512  # a whole session's answers; AT's own screens cap input far below this
