@@ -249,14 +249,45 @@ class SqliteSessionStore:
         batch, self._pending = self._pending, []
         if not batch:
             return
-        db = self._db
         try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
+            counts = self._commit(batch)
+        except sqlite3.OperationalError as exc:  # the write lock is another process's
             self._pending[:0] = batch  # first in line when the lock is free
             self._locked_out(exc, final=final)
             return
         self._busy_since = None
+        self.batches += 1
+        for (_, _, future), count in zip(batch, counts, strict=True):
+            if future is None or future.done():  # a sweep, or a caller gone (cancelled)
+                continue
+            if isinstance(count, BaseException):
+                future.set_exception(count)
+            else:
+                future.set_result(count)
+        self._commits += 1
+        if self._commits % _CHECKPOINT_EVERY == 0:
+            self._start_checkpoint()
+
+    def _commit(
+        self, batch: list[tuple[str, tuple[object, ...], asyncio.Future[int] | None]]
+    ) -> list[int | BaseException]:
+        """Each statement's rowcount (or its error), all committed together.
+
+        Raises:
+            sqlite3.OperationalError: the write lock could not be taken; nothing was written.
+        """
+        db = self._db
+        if len(batch) == 1:  # alone in its turn (a quiet moment): autocommit, no BEGIN/COMMIT
+            sql, params, _ = batch[0]
+            try:
+                return [db.execute(sql, params).rowcount]
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF in _BUSY:
+                    raise
+                return [exc]
+            except sqlite3.Error as exc:
+                return [exc]
+        db.execute("BEGIN IMMEDIATE")
         counts: list[int | BaseException] = []
         try:
             for sql, params, _ in batch:
@@ -269,17 +300,7 @@ class SqliteSessionStore:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             counts = [exc] * len(batch)
-        self.batches += 1
-        for (_, _, future), count in zip(batch, counts, strict=True):
-            if future is None or future.done():  # a sweep, or a caller gone (cancelled)
-                continue
-            if isinstance(count, BaseException):
-                future.set_exception(count)
-            else:
-                future.set_result(count)
-        self._commits += 1
-        if self._commits % _CHECKPOINT_EVERY == 0:
-            self._start_checkpoint()
+        return counts
 
     def _locked_out(self, exc: sqlite3.OperationalError, *, final: bool) -> None:
         """Another process holds the write lock: retry soon, or fail the batch past the timeout."""
