@@ -132,6 +132,10 @@ async def _serve_async(kind: str, port: int, data_dir: Path) -> None:
         app = _trivial_app()
     runner = web.AppRunner(app, access_log=None, handle_signals=True)
     await runner.setup()
+    if family == "real":
+        from gateway.app import freeze_startup_heap  # noqa: PLC0415
+
+        freeze_startup_heap()  # as ``gateway serve`` does
     try:
         await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True).start()
         await asyncio.Event().wait()  # until SIGTERM raises GracefulExit
