@@ -8,7 +8,8 @@ Server kinds, all measured in the same run so that their ratios are comparable:
   services (what the flows cost without the ledger);
 - ``real-<store>``: the real application, ``gateway.app.build_app`` on the embedded defaults
   (SQLite ledger seeded with the demo meters, middleware, metrics, background workers), with
-  the chosen session store (``Config.session_store``: memory, sqlite or redis).
+  the chosen session store (``Config.session_store``: memory, sqlite or redis), and, as
+  ``gateway serve`` does, ``gc.freeze()`` once started.
 
 Each server kind runs as 1 and 2 worker processes. Workers are ``gateway serve``-like processes
 (``build_app`` + ``AppRunner`` + ``TCPSite``) sharing ONE port with ``SO_REUSEPORT``: the kernel
@@ -19,16 +20,20 @@ and both workers open the same ledger and session files.
 
 The load generator is a separate process: a raw asyncio HTTP/1.1 keep-alive client (no client
 library, so that it leaves as much of the machine as it can to the server; its own CPU per hop
-is printed). Each of N connections plays customers
-one after another, one request in flight per connection, Africa's Talking-shaped form POSTs
-with the cumulative ``text``: dial → 1 (Buy) → meter → 500 → 2 (Cancel), five hops, the meter
-taken in turn from the demo meters (real kinds: each is looked up in the ledger and quoted).
+is printed), callback-driven: a response's last byte writes the next request from
+``data_received`` (no task or future per hop), so exactly N hops stay in flight. Before
+measuring it plays one whole journey and checks every reply. Each of N connections plays
+customers one after another, one request in flight per connection, Africa's Talking-shaped
+form POSTs with the cumulative ``text``: dial → 1 (Buy) → meter → 500 → 2 (Cancel), five hops,
+the meter taken in turn from the demo meters (real kinds: each is looked up in the ledger and
+quoted).
 
 Printed per run: hops/s, p50/p99 hop latency (client side: request written → response read),
 errors, the server processes' CPU per hop (``/proc``, all threads), the load generator's CPU per
-hop and its share of the machine, and the capacity implied by the server's CPU per hop if it had
-every core. Then one JSON line. On a shared 2-core machine the wall-clock figures move with
-whatever else runs; CPU per hop does much less. Run:
+hop and its share of the machine, the capacity implied by the server's CPU per hop if it had
+every core, and the 1-minute load average after the run (the machine may be shared). Then one
+JSON line; the exit status is 1 if a worker process died during a run. On a shared 2-core
+machine the wall-clock figures move with whatever else runs; CPU per hop does much less. Run:
 ``python bench/ussd.py [--duration 3] [--quick] [--kinds trivial,real-sqlite] [--uvloop]``.
 """
 
