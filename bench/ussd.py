@@ -8,7 +8,8 @@ Server kinds, all measured in the same run so that their ratios are comparable:
   services (what the flows cost without the ledger);
 - ``real-<store>``: the real application, ``gateway.app.build_app`` on the embedded defaults
   (SQLite ledger seeded with the demo meters, middleware, metrics, background workers), with
-  the chosen session store (``Config.session_store``: memory, sqlite or redis).
+  the chosen session store (``Config.session_store``: memory, sqlite or redis), and, as
+  ``gateway serve`` does, ``gc.freeze()`` once started.
 
 Each server kind runs as 1 and 2 worker processes. Workers are ``gateway serve``-like processes
 (``build_app`` + ``AppRunner`` + ``TCPSite``) sharing ONE port with ``SO_REUSEPORT``: the kernel
@@ -19,16 +20,20 @@ and both workers open the same ledger and session files.
 
 The load generator is a separate process: a raw asyncio HTTP/1.1 keep-alive client (no client
 library, so that it leaves as much of the machine as it can to the server; its own CPU per hop
-is printed). Each of N connections plays customers
-one after another, one request in flight per connection, Africa's Talking-shaped form POSTs
-with the cumulative ``text``: dial → 1 (Buy) → meter → 500 → 2 (Cancel), five hops, the meter
-taken in turn from the demo meters (real kinds: each is looked up in the ledger and quoted).
+is printed), callback-driven: a response's last byte writes the next request from
+``data_received`` (no task or future per hop), so exactly N hops stay in flight. Before
+measuring it plays one whole journey and checks every reply. Each of N connections plays
+customers one after another, one request in flight per connection, Africa's Talking-shaped
+form POSTs with the cumulative ``text``: dial → 1 (Buy) → meter → 500 → 2 (Cancel), five hops,
+the meter taken in turn from the demo meters (real kinds: each is looked up in the ledger and
+quoted).
 
 Printed per run: hops/s, p50/p99 hop latency (client side: request written → response read),
 errors, the server processes' CPU per hop (``/proc``, all threads), the load generator's CPU per
-hop and its share of the machine, and the capacity implied by the server's CPU per hop if it had
-every core. Then one JSON line. On a shared 2-core machine the wall-clock figures move with
-whatever else runs; CPU per hop does much less. Run:
+hop and its share of the machine, the capacity implied by the server's CPU per hop if it had
+every core, and the 1-minute load average after the run (the machine may be shared). Then one
+JSON line; the exit status is 1 if a worker process died during a run. On a shared 2-core
+machine the wall-clock figures move with whatever else runs; CPU per hop does much less. Run:
 ``python bench/ussd.py [--duration 3] [--quick] [--kinds trivial,real-sqlite] [--uvloop]``.
 """
 
@@ -132,6 +137,10 @@ async def _serve_async(kind: str, port: int, data_dir: Path) -> None:
         app = _trivial_app()
     runner = web.AppRunner(app, access_log=None, handle_signals=True)
     await runner.setup()
+    if family == "real":
+        from gateway.app import freeze_startup_heap  # noqa: PLC0415
+
+        freeze_startup_heap()  # as ``gateway serve`` does
     try:
         await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True).start()
         await asyncio.Event().wait()  # until SIGTERM raises GracefulExit
@@ -185,43 +194,6 @@ def _wait_listening(port: int, timeout_s: float = 30.0) -> None:
 # --- load generator --------------------------------------------------------------------------
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection with at most one request in flight."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.waiter: asyncio.Future[bytes] | None = None
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0 or self.waiter is None or self.waiter.done():
-            return
-        head = bytes(self.buffer[:end]).lower()
-        start = head.find(b"content-length:")
-        length = int(head[start + 15 : head.find(b"\r\n", start)].strip()) if start >= 0 else 0
-        total = end + 4 + length
-        if len(self.buffer) >= total:
-            response = bytes(self.buffer[:total])
-            del self.buffer[:total]
-            waiter, self.waiter = self.waiter, None
-            waiter.set_result(response)
-
-    def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionError("closed"))
-
-    async def request(self, raw: bytes) -> bytes:
-        self.waiter = asyncio.get_running_loop().create_future()
-        assert self.transport is not None  # noqa: S101 - connected before use
-        self.transport.write(raw)
-        return await self.waiter
-
-
 def _request(session_id: str, phone: str, text: str) -> bytes:
     body = urlencode(
         {
@@ -240,59 +212,140 @@ def _request(session_id: str, phone: str, text: str) -> bytes:
     return head + body
 
 
-async def _customer_loop(
-    port: int,
-    index: int,
-    meters: tuple[str, ...],
-    window: tuple[float, float],
-    latencies: list[int],
-) -> tuple[int, int, int]:
-    """One connection playing customers until the window closes; (sessions, errors, hops).
+class _Customers(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection playing customers one after another.
+
+    Callback-driven: the response's last byte arriving writes the next request from
+    ``data_received`` itself (no task, no future, no wake-up per hop), so that the load
+    generator costs as little CPU per hop as it can and the number of hops in flight stays
+    exactly one per connection.
 
     A hop is an error when the status is not 200 or, when ``meters`` is not empty (a USSD
     server, not the trivial one), when the reply is not ``CON`` before the last step and
     ``END`` on it.
     """
-    record_from, stop_at = window
-    loop = asyncio.get_running_loop()
-    transport, conn = await loop.create_connection(_Connection, "127.0.0.1", port)
-    phone = f"+2547110{index:05d}"
-    sessions = errors = hops = 0
+
+    def __init__(
+        self,
+        index: int,
+        meters: tuple[str, ...],
+        window: tuple[float, float],
+        latencies: list[int],
+        done: asyncio.Future[None],
+    ) -> None:
+        self.index = index
+        self.meters = meters
+        self.record_from_ns = int(window[0] * 1e9)
+        self.stop_at_ns = int(window[1] * 1e9)
+        self.latencies = latencies
+        self.done = done
+        self.phone = f"+2547110{index:05d}"
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.sessions = self.errors = self.hops = 0
+        self.session_id = ""
+        self.journey: list[str] = []
+        self.step = 0
+        self.started_ns = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._next_session()
+        self._send()
+
+    def _next_session(self) -> None:
+        self.sessions += 1
+        self.session_id = f"ATUid_{os.getpid():x}_{self.index:06x}_{self.sessions:08x}"
+        meters = self.meters
+        self.journey = _journey(
+            meters[(self.index + self.sessions) % len(meters)] if meters else ""
+        )
+        self.step = 0
+
+    def _send(self) -> None:
+        assert self.transport is not None  # noqa: S101 - connected before use
+        raw = _request(self.session_id, self.phone, "*".join(self.journey[1 : self.step + 1]))
+        self.started_ns = time.perf_counter_ns()
+        self.transport.write(raw)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(buffer[:end]).lower()
+        start = head.find(b"content-length:")
+        length = int(head[start + 15 : head.find(b"\r\n", start)].strip()) if start >= 0 else 0
+        total = end + 4 + length
+        if len(buffer) < total:
+            return
+        finished_ns = time.perf_counter_ns()
+        response = bytes(buffer[:total])
+        del buffer[:total]
+        self.hops += 1
+        last = self.step == len(self.journey) - 1
+        if not response.startswith(b"HTTP/1.1 200") or (
+            self.meters and (b"\r\n\r\nEND " if last else b"\r\n\r\nCON ") not in response
+        ):
+            self.errors += 1
+        if self.started_ns >= self.record_from_ns and finished_ns <= self.stop_at_ns:
+            self.latencies.append(finished_ns - self.started_ns)
+        if finished_ns >= self.stop_at_ns:
+            assert self.transport is not None  # noqa: S101
+            self.transport.close()
+            return
+        if last:
+            self._next_session()
+        else:
+            self.step += 1
+        self._send()
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def _verify_journey(port: int, meter: str) -> list[str]:
+    """Play one whole journey and return the replies; raise unless each is what it should be."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    replies: list[str] = []
     try:
-        while time.perf_counter() < stop_at:
-            sessions += 1
-            session_id = f"ATUid_{os.getpid():x}_{index:06x}_{sessions:08x}"
-            path: list[str] = []
-            journey = _journey(meters[(index + sessions) % len(meters)] if meters else "")
-            for step, answer in enumerate(journey):
-                if step:
-                    path.append(answer)
-                raw = _request(session_id, phone, "*".join(path))
-                started = time.perf_counter_ns()
-                response = await conn.request(raw)
-                finished = time.perf_counter_ns()
-                hops += 1
-                expected = b"\r\n\r\nEND " if step == len(journey) - 1 else b"\r\n\r\nCON "
-                if not response.startswith(b"HTTP/1.1 200") or (
-                    meters and expected not in response
-                ):
-                    errors += 1
-                if started / 1e9 >= record_from and finished / 1e9 <= stop_at:
-                    latencies.append(finished - started)
+        journey = _journey(meter)
+        for step in range(len(journey)):
+            writer.write(_request("ATUid_verify", "+254711099999", "*".join(journey[1 : step + 1])))
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            body = (await reader.readexactly(length)).decode()
+            replies.append(body)
+            want = "END " if step == len(journey) - 1 else "CON "
+            if not head.startswith(b"HTTP/1.1 200") or not body.startswith(want):
+                raise RuntimeError(f"journey step {step}: expected {want!r}, got {body!r}")
     finally:
-        transport.close()
-    return sessions, errors, hops
+        writer.close()
+    return replies
 
 
 async def _drive(
     port: int, in_flight: int, meters: tuple[str, ...], warmup_s: float, duration_s: float
 ) -> dict[str, Any]:
+    if meters:
+        await _verify_journey(port, meters[0])
+    loop = asyncio.get_running_loop()
     latencies: list[int] = []
     start = time.perf_counter()
     window = (start + warmup_s, start + warmup_s + duration_s)
-    results = await asyncio.gather(
-        *(_customer_loop(port, i, meters, window, latencies) for i in range(in_flight))
-    )
+    customers: list[_Customers] = []
+    for i in range(in_flight):
+        done: asyncio.Future[None] = loop.create_future()
+        _, protocol = await loop.create_connection(
+            lambda i=i, done=done: _Customers(i, meters, window, latencies, done),  # type: ignore[misc]
+            "127.0.0.1",
+            port,
+        )
+        customers.append(protocol)
+    # Every connection closes itself once the window is over; a stuck one fails the run.
+    await asyncio.wait_for(asyncio.gather(*(c.done for c in customers)), warmup_s + duration_s + 30)
     latencies.sort()
     count = len(latencies)
     return {
@@ -300,8 +353,8 @@ async def _drive(
         "p50_ms": round(latencies[count // 2] / 1e6, 2) if count else None,
         "p99_ms": round(latencies[min(count - 1, int(count * 0.99))] / 1e6, 2) if count else None,
         "hops": count,
-        "errors": sum(e for _, e, _ in results),
-        "all_hops": sum(h for _, _, h in results),  # warm-up included, for CPU per hop
+        "errors": sum(c.errors for c in customers),
+        "all_hops": sum(c.hops for c in customers),  # warm-up included, for CPU per hop
     }
 
 
@@ -342,6 +395,7 @@ def _run_config(
             )
         wall_s = time.perf_counter() - wall_before
         cpu_used = sum(_cpu_seconds(server.pid) for server in servers) - cpu_before
+        died = [server.exitcode for server in servers if not server.is_alive()]
     finally:
         for server in servers:
             server.terminate()
@@ -357,6 +411,8 @@ def _run_config(
     result["client_cpu_us_per_hop"] = round(client_cpu / hops * 1e6, 1) if hops else None
     result["client_share_of_cores"] = round(client_cpu / (wall_s * cores), 2)
     result["capacity_all_cores_hops_per_s"] = round(cores * 1e6 / server_us) if server_us else None
+    result["workers_died"] = len(died)
+    result["load_avg_1m"] = round(os.getloadavg()[0], 2)
     return {"kind": kind, "workers": workers, "in_flight": in_flight, **result}
 
 
@@ -373,7 +429,9 @@ def _print_row(row: dict[str, Any]) -> None:
         f"{row['kind']:<12} {row['workers']:>2} {row['in_flight']:>4} {row['hops_per_s']:>7} "
         f"{row['p50_ms']!s:>7} {row['p99_ms']!s:>7} {row['errors']:>5} "
         f"{row['server_cpu_us_per_hop']:>8} {row['client_cpu_us_per_hop']!s:>8} "
-        f"{row['client_share_of_cores']:>6} {row['capacity_all_cores_hops_per_s']!s:>8}",
+        f"{row['client_share_of_cores']:>6} {row['capacity_all_cores_hops_per_s']!s:>8} "
+        f"{row['load_avg_1m']:>5}"
+        + (f"  {row['workers_died']} WORKER(S) DIED" if row["workers_died"] else ""),
         flush=True,
     )
 
@@ -400,11 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     loop_name = "uvloop" if args.uvloop else "asyncio"
     print(
         f"cpus={os.cpu_count()} python={sys.version.split()[0]} loop={loop_name} "
-        f"duration={args.duration}s warmup={args.warmup}s"
+        f"duration={args.duration}s warmup={args.warmup}s "
+        f"load_avg={' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     print(
         f"{'server':<12} {'wk':>2} {'infl':>4} {'hops/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'errs':>5} {'srv us':>8} {'cli us':>8} {'cli sh':>6} {'cap/s':>8}"
+        f"{'errs':>5} {'srv us':>8} {'cli us':>8} {'cli sh':>6} {'cap/s':>8} {'load':>5}"
     )
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -424,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "srv us: server CPU per hop (all worker processes); cli us: load generator CPU per hop; "
         "cli sh: the load generator's share of all cores; cap/s: hops/s the server would do "
-        "with every core (cores / srv us)."
+        "with every core (cores / srv us); load: the 1-minute load average after the run (the "
+        "machine is shared: above ~2.5, other work competed for the cores)."
     )
     for kind in kinds:
         costs = [r["server_cpu_us_per_hop"] for r in rows if r["kind"] == kind]
@@ -455,7 +515,12 @@ def main(argv: list[str] | None = None) -> int:
         "workers_share": "one port, SO_REUSEPORT",
         "runs": rows,
     }
+    died = sum(r["workers_died"] for r in rows)
+    summary["workers_died"] = died
     print(json.dumps(summary, separators=(",", ":")))
+    if died:
+        print(f"FAILED: {died} worker process(es) died during the runs", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,6 +28,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Final, Protocol
 
 import structlog
@@ -686,8 +687,13 @@ def _fit_prose(text: str, limit: int) -> str:
     return cut + ".."
 
 
+@lru_cache(maxsize=4096)
 def format_money(amount: Money) -> str:
-    """``KES 1,500`` for whole amounts, ``KES 1,500.50`` otherwise: short for small screens."""
+    """``KES 1,500`` for whole amounts, ``KES 1,500.50`` otherwise: short for small screens.
+
+    Remembered: the same few amounts (limits, the common purchases) come back on every screen,
+    and the ``Decimal`` arithmetic costs microseconds each time.
+    """
     exponent = currency_exponent(amount.currency)
     major = amount.major
     if major == major.to_integral_value():

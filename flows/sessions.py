@@ -6,9 +6,11 @@ Two implementations of :class:`flows.ports.SessionStore`:
 - :class:`SqliteSessionStore`: a table in a SQLite file (WAL, ``synchronous=NORMAL``: sessions
   are soft state), shared by the worker processes of one machine. It calls :mod:`sqlite3`
   inline: each call is one indexed single-row statement on a page-cache-resident table (5 µs a
-  read, 15-20 µs a write), cheaper than a thread hop. When another process holds the write lock
-  it does not block the event loop in SQLite's own busy handler (which sleeps whole
-  milliseconds): it retries after yielding, up to ``busy_timeout_ms``.
+  read), cheaper than a thread hop; the writes of one event-loop turn share one transaction
+  (one commit for all the hops in flight, not one each), and checkpoints run on a thread. When
+  another process holds the write lock it does not block the event loop in SQLite's own busy
+  handler (which sleeps whole milliseconds): it retries after yielding, up to
+  ``busy_timeout_ms``.
 
 Both sweep expired keys a few at a time (at most ``_SWEEP_LIMIT`` every ``_SWEEP_EVERY``
 writes, found through an expiry index or in write order), never with a scan of everything,
@@ -21,9 +23,12 @@ A Redis store (several machines) needs only the same four methods (``GET``, ``SE
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
@@ -34,6 +39,7 @@ _SWEEP_EVERY: Final = 16  # writes between sweeps of expired keys
 _SWEEP_LIMIT: Final = 32  # at most this many expired keys removed per sweep (twice the writes)
 _BUSY: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 _MMAP_BYTES: Final = 256 * 1024 * 1024
+_CHECKPOINT_EVERY: Final = 256  # commits between checkpoints (on a thread)
 
 
 class MemorySessionStore:
@@ -121,32 +127,64 @@ class SqliteSessionStore:
 
     Open with :meth:`open` and close with :meth:`close`. Expired rows read as absent and are
     deleted every ``_SWEEP_EVERY`` writes.
+
+    Reads run inline. Writes are grouped: every write made during one turn of the event loop
+    joins one transaction, committed at the start of the next turn (``call_soon``), and each
+    write's caller resumes once that commit returned: what a hop wrote is in the file before
+    its reply goes out, so the next hop finds it whichever worker process serves it. Under
+    load one commit (one WAL append, one round of lock calls) serves tens of hops instead of
+    one write each.
+
+    The connection never checkpoints on its own (``wal_autocheckpoint=0``): a checkpoint copies
+    pages back into the database file and would stall the event loop for milliseconds. Every
+    ``_CHECKPOINT_EVERY`` commits a ``PASSIVE`` checkpoint runs on a thread of its own, on its
+    own connection, never waiting for readers or writers.
     """
 
     def __init__(
-        self, connection: sqlite3.Connection, clock: Clock = time.time, busy_timeout_ms: int = 2000
+        self,
+        connection: sqlite3.Connection,
+        clock: Clock = time.time,
+        busy_timeout_ms: int = 2000,
+        path: Path | str | None = None,
     ) -> None:
         self._db = connection
         self._clock = clock
         self._busy_s = busy_timeout_ms / 1000
         self._writes = 0
+        self._path = path
+        # (statement, parameters, the caller's future; None for a sweep nobody waits for)
+        self._pending: list[tuple[str, tuple[object, ...], asyncio.Future[int] | None]] = []
+        self._flush_scheduled = False
+        self._busy_since: float | None = None
+        self._commits = 0
+        self._checkpointer: ThreadPoolExecutor | None = None
+        self._checkpoint: concurrent.futures.Future[None] | None = None
+        self.batches = 0
+        """Transactions committed (for the ratio of writes to commits)."""
 
     @classmethod
     def open(
         cls, path: Path | str, *, clock: Clock = time.time, busy_timeout_ms: int = 2000
     ) -> SqliteSessionStore:
-        """Open (creating if needed) the store in the SQLite file at ``path``."""
-        setup = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
-        setup.execute("PRAGMA journal_mode=WAL")
-        setup.executescript(_SCHEMA)
-        setup.close()
-        # timeout=0: a locked database raises at once and _run retries without blocking.
-        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
-        connection.execute("PRAGMA synchronous=NORMAL")  # session state may lose the last hop
-        # Pages read through a memory map: no read() per page when another worker's writes
-        # have invalidated this connection's page cache.
-        connection.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
-        return cls(connection, clock, busy_timeout_ms)
+        """Open (creating if needed) the store in the SQLite file at ``path``.
+
+        Safe when several worker processes open the same new file at once: the busy timeout is
+        set before anything else, the schema is created under ``BEGIN IMMEDIATE`` (a lock taken
+        up front is waited for; one upgraded from a read is refused at once) and a "locked"
+        answer is retried until ``busy_timeout_ms`` has passed.
+        """
+        deadline = time.monotonic() + busy_timeout_ms / 1000
+        while True:
+            try:
+                _create(path, busy_timeout_ms)
+                connection = _connect(path, busy_timeout_ms)
+                break
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF not in _BUSY or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+        return cls(connection, clock, busy_timeout_ms, path)
 
     async def _run(self, sql: str, params: tuple[object, ...]) -> sqlite3.Cursor:
         """Execute one statement, retrying (and yielding) while another process writes."""
@@ -155,7 +193,7 @@ class SqliteSessionStore:
             try:
                 return self._db.execute(sql, params)
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode not in _BUSY:
+                if exc.sqlite_errorcode & 0xFF not in _BUSY:
                     raise
                 now = time.monotonic()
                 deadline = deadline or now + self._busy_s
@@ -164,7 +202,12 @@ class SqliteSessionStore:
                 await asyncio.sleep(0.0002)
 
     def close(self) -> None:
-        """Close the connection; the store is unusable afterwards."""
+        """Commit what is pending, close the connection; the store is unusable afterwards."""
+        if self._pending:
+            self._flush(final=True)
+        if self._checkpointer is not None:
+            self._checkpointer.shutdown(wait=True)
+            self._checkpointer = None
         self._db.close()
 
     async def get(self, key: str) -> str | None:
@@ -175,21 +218,155 @@ class SqliteSessionStore:
 
     async def put(self, key: str, value: str, ttl_s: float) -> None:
         """Store ``value`` under ``key`` for ``ttl_s`` seconds."""
-        await self._run(_PUT, (key, value, self._clock() + ttl_s))
-        await self._count_write()
+        await self._write(_PUT, (key, value, self._clock() + ttl_s))
 
     async def add(self, key: str, value: str, ttl_s: float) -> bool:
         """Store ``value`` only if ``key`` is absent or expired; True when stored."""
         now = self._clock()
-        cursor = await self._run(_ADD, (key, value, now + ttl_s, now))
-        await self._count_write()
-        return cursor.rowcount == 1
+        return await self._write(_ADD, (key, value, now + ttl_s, now)) == 1
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` if present."""
-        await self._run(_DELETE, (key,))
+        await self._write(_DELETE, (key,))
 
-    async def _count_write(self) -> None:
-        self._writes += 1
-        if self._writes % _SWEEP_EVERY == 0:
-            await self._run(_SWEEP, (self._clock(), _SWEEP_LIMIT))
+    def _write(self, sql: str, params: tuple[object, ...]) -> asyncio.Future[int]:
+        """Queue one statement for this turn's transaction; the future gets its rowcount."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._pending.append((sql, params, future))
+        if sql is not _DELETE:
+            self._writes += 1
+            if self._writes % _SWEEP_EVERY == 0:
+                self._pending.append((_SWEEP, (self._clock(), _SWEEP_LIMIT), None))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self, *, final: bool = False) -> None:
+        """Commit every queued statement in one transaction (a callback on the loop)."""
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            counts = self._commit(batch)
+        except sqlite3.OperationalError as exc:  # the write lock is another process's
+            self._pending[:0] = batch  # first in line when the lock is free
+            self._locked_out(exc, final=final)
+            return
+        self._busy_since = None
+        self.batches += 1
+        for (_, _, future), count in zip(batch, counts, strict=True):
+            if future is None or future.done():  # a sweep, or a caller gone (cancelled)
+                continue
+            if isinstance(count, BaseException):
+                future.set_exception(count)
+            else:
+                future.set_result(count)
+        self._commits += 1
+        if self._commits % _CHECKPOINT_EVERY == 0:
+            self._start_checkpoint()
+
+    def _commit(
+        self, batch: list[tuple[str, tuple[object, ...], asyncio.Future[int] | None]]
+    ) -> list[int | BaseException]:
+        """Each statement's rowcount (or its error), all committed together.
+
+        Raises:
+            sqlite3.OperationalError: the write lock could not be taken; nothing was written.
+        """
+        db = self._db
+        if len(batch) == 1:  # alone in its turn (a quiet moment): autocommit, no BEGIN/COMMIT
+            sql, params, _ = batch[0]
+            try:
+                return [db.execute(sql, params).rowcount]
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF in _BUSY:
+                    raise
+                return [exc]
+            except sqlite3.Error as exc:
+                return [exc]
+        db.execute("BEGIN IMMEDIATE")
+        counts: list[int | BaseException] = []
+        try:
+            for sql, params, _ in batch:
+                try:
+                    counts.append(db.execute(sql, params).rowcount)
+                except sqlite3.Error as exc:  # this statement failed alone
+                    counts.append(exc)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            counts = [exc] * len(batch)
+        return counts
+
+    def _locked_out(self, exc: sqlite3.OperationalError, *, final: bool) -> None:
+        """Another process holds the write lock: retry soon, or fail the batch past the timeout."""
+        now = time.monotonic()
+        if exc.sqlite_errorcode & 0xFF in _BUSY and not final:
+            self._busy_since = self._busy_since or now
+            if now - self._busy_since < self._busy_s:
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    asyncio.get_running_loop().call_later(0.0002, self._flush)
+                return
+        self._busy_since = None
+        batch, self._pending = self._pending, []
+        for _, _, future in batch:
+            if future is not None and not future.done():
+                future.set_exception(exc)
+
+    def _start_checkpoint(self) -> None:
+        if self._path is None or (self._checkpoint is not None and not self._checkpoint.done()):
+            return
+        if self._checkpointer is None:
+            self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="sessions-checkpoint")
+        self._checkpoint = self._checkpointer.submit(_checkpoint, self._path)
+
+
+def _create(path: Path | str, busy_timeout_ms: int) -> None:
+    """WAL mode and the schema, under the busy timeout from the first statement on."""
+    setup = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
+    try:
+        setup.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        setup.execute("PRAGMA journal_mode=WAL")
+        setup.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                setup.execute(statement)
+        setup.execute("COMMIT")
+    finally:
+        setup.close()
+
+
+def _connect(path: Path | str, busy_timeout_ms: int) -> sqlite3.Connection:
+    """The store's connection: set up under the busy timeout, then never waiting in SQLite."""
+    connection = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000
+    )
+    try:
+        connection.execute("PRAGMA synchronous=NORMAL")  # session state may lose the last hop
+        connection.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on a thread
+        # Pages read through a memory map: no read() per page when another worker's writes
+        # have invalidated this connection's page cache.
+        connection.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
+        # From now on a locked database raises at once and the store retries after yielding,
+        # never blocking the event loop in SQLite's busy handler.
+        connection.execute("PRAGMA busy_timeout=0")
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _checkpoint(path: Path | str) -> None:
+    """Copy the WAL back into the database file without waiting for anyone (on a thread)."""
+    connection = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    except sqlite3.OperationalError:
+        pass  # busy: the next one will do it
+    finally:
+        connection.close()

@@ -35,12 +35,13 @@ from gateway.ledger import (
     NotFound,
     SavedMetersFull,
 )
+from gateway.logging import get_logger
 from gateway.money import Money
 from gateway.phone import Msisdn
 from gateway.tariff import AmountAboveMaximum, AmountBelowMinimum, TariffError
 from gateway.vending import MeterBlocked, NothingToReprint, UnknownMeter, Vending
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 def _refusal(exc: Exception) -> Refused:

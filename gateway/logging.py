@@ -119,6 +119,52 @@ def configure_logging(
     )
 
 
+class CachedLogger:
+    """A structlog logger bound once, and bound again only when the configuration changes.
+
+    ``structlog.get_logger()`` returns a lazy proxy that builds a new bound logger (a logger
+    from the factory, the wrapper, a context) on every call: about 5 µs even for a debug line
+    the level filter then drops. This one keeps the bound logger and checks, per call, that the
+    configuration (processors, wrapper, logger factory, context class) is still the one it was
+    bound under (under a microsecond), so ``configure_logging``, ``structlog.reset_defaults``
+    and ``structlog.testing.capture_logs`` still take effect at once.
+    """
+
+    __slots__ = ("_bound", "_config", "_values")
+
+    def __init__(self, **values: Any) -> None:  # noqa: ANN401 - initial context values
+        self._values = values
+        self._bound: Any = None
+        self._config: tuple[object, ...] = ()
+
+    def _logger(self) -> Any:  # noqa: ANN401 - structlog's bound logger type is configurable
+        config = structlog.get_config()
+        seen = self._config
+        if (
+            not seen
+            or seen[0] is not config["processors"]
+            or seen[1] is not config["wrapper_class"]
+            or seen[2] is not config["logger_factory"]
+            or seen[3] is not config["context_class"]
+        ):
+            self._bound = structlog.get_logger().bind(**self._values)
+            self._config = (
+                config["processors"],
+                config["wrapper_class"],
+                config["logger_factory"],
+                config["context_class"],
+            )
+        return self._bound
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - debug, info, bind …
+        return getattr(self._logger(), name)
+
+
+def get_logger(**values: Any) -> CachedLogger:  # noqa: ANN401 - initial context values
+    """A logger for a module's hot path: ``structlog.get_logger()`` without its per-call cost."""
+    return CachedLogger(**values)
+
+
 def bind(**values: Any) -> None:  # noqa: ANN401 - context values of any loggable type
     """Bind values (request_id, session_id, purchase_id …) to the current task's log context."""
     structlog.contextvars.bind_contextvars(**values)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -70,6 +70,17 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+
+        # (route, status) → its counter child: ``labels()`` validates and locks on every call
+        self._request_counters: dict[tuple[str, int], Any] = {}
+
+    def count_request(self, route: str, status: int) -> None:
+        """One HTTP request served on ``route`` with ``status`` (the children are cached)."""
+        child = self._request_counters.get((route, status))
+        if child is None:
+            child = self.http_requests.labels(route=route, status=str(status))
+            self._request_counters[(route, status)] = child
+        child.inc()
 
     # -- the saga's observer (gateway.vending.SagaObserver) ------------------------------------
 

@@ -2,9 +2,10 @@ import io
 import json
 
 import structlog
+from structlog.testing import capture_logs
 
 from gateway.config import Config, Secret
-from gateway.logging import configure_logging, mask_token, redact
+from gateway.logging import configure_logging, get_logger, mask_token, redact
 
 TOKEN = "70630503470028726114"
 
@@ -52,3 +53,23 @@ def test_redact_processor_usable_with_capture_logs() -> None:
     """The processor can be used directly on an event dict."""
     event = redact(None, "info", {"event": "x", "token": TOKEN, "admin_token": "t"})
     assert event == {"event": "x", "token": mask_token(TOKEN), "admin_token": "********"}
+
+
+def test_a_cached_logger_follows_every_reconfiguration() -> None:
+    """``get_logger()`` keeps its bound logger, yet a new configuration takes effect at once."""
+    log = get_logger()
+    first, second = io.StringIO(), io.StringIO()
+    try:
+        configure_logging(json=True, stream=first)
+        log.info("to_first", token=TOKEN)
+        configure_logging(json=True, level="warning", stream=second)
+        log.info("dropped")
+        log.warning("to_second")
+        structlog.reset_defaults()
+        with capture_logs() as captured:
+            log.info("captured")
+    finally:
+        structlog.reset_defaults()
+    assert json.loads(first.getvalue())["token"] == "****-****-****-****-6114"
+    assert [json.loads(line)["event"] for line in second.getvalue().splitlines()] == ["to_second"]
+    assert [entry["event"] for entry in captured] == ["captured"]

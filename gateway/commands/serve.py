@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 
 from gateway import __version__
-from gateway.app import RUNTIME, Runtime, build_app, routes_summary
+from gateway.app import RUNTIME, Runtime, build_app, freeze_startup_heap, routes_summary
 from gateway.commands._common import add_config_arguments, load_config
 from gateway.config import Config
 from gateway.errors import GatewayError
@@ -82,6 +82,7 @@ async def serve(config: Config, out: TextIO) -> None:
     app = await build_app(config)
     runner = web.AppRunner(app, access_log=None, handle_signals=True)
     await runner.setup()
+    freeze_startup_heap()
     try:
         await web.TCPSite(runner, config.host, config.port).start()
         runtime = app[RUNTIME]

@@ -18,9 +18,10 @@ Reads
     mode they read the last committed state without blocking the writer. Every read a caller
     makes after its write was acknowledged sees that write.
 
-    The hot point reads (a purchase with its vend context, a purchase, a meter: one indexed row)
-    run on the event loop's own ``query_only`` connection instead: tens of microseconds of C,
-    cheaper than the hop to a reader thread and back (a queue put, a thread wake-up, a
+    The hot point reads (a purchase with its vend context, a purchase, a meter, a tariff, a
+    phone's language and saved meters: a few indexed rows; every read a USSD hop makes) run on
+    the event loop's own ``query_only`` connection instead: tens of microseconds of C, cheaper
+    than the hop to a reader thread and back (a queue put, a thread wake-up, a
     ``call_soon_threadsafe``, the GIL handed over twice). That connection never waits for a
     lock (``busy_timeout = 0``): should the database be busy (WAL recovery, an exclusive lock
     from another process), the read goes to the pool, which waits, so the loop never blocks.
@@ -748,6 +749,15 @@ class SqliteLedger:
 
     async def _read_point(self, sql: str, params: Sequence[object]) -> sqlite3.Row | None:
         """One indexed row, read on the loop's own connection; the pool when it is busy."""
+        rows = await self._read_inline(sql, params)
+        return rows[0] if rows else None
+
+    async def _read_inline(self, sql: str, params: Sequence[object]) -> list[sqlite3.Row]:
+        """A few indexed rows, read on the loop's own connection; the pool when it is busy.
+
+        Only for reads that touch a handful of rows through an index (the USSD and vend hot
+        paths): anything that scans belongs on the pool, off the event loop.
+        """
         inline = self._inline
         if inline is not None:
             try:
@@ -759,8 +769,8 @@ class SqliteLedger:
             except sqlite3.Error as exc:
                 raise translate_error(exc) from exc
             else:
-                return cast("sqlite3.Row", rows[0]) if rows else None
-        return await self._read_one(sql, params)
+                return cast("list[sqlite3.Row]", rows)
+        return await self._read(sql, params)
 
     # -- shared write helpers (run in the writer thread) -----------------------------------------
 
@@ -838,7 +848,7 @@ class SqliteLedger:
 
     async def get_tariff(self, tariff_id: str) -> Tariff:
         """The tariff. Raises ``NotFound``."""
-        row = await self._read_one("SELECT * FROM tariffs WHERE tariff_id = ?", (tariff_id,))
+        row = await self._read_point("SELECT * FROM tariffs WHERE tariff_id = ?", (tariff_id,))
         if row is None:
             raise NotFound("tariff", tariff_id)
         return _tariff(row)
@@ -887,7 +897,7 @@ class SqliteLedger:
 
     async def lookup_meter(self, drn: str) -> MeterInfo | None:
         """What a channel may show about a meter (masked name), or None if unknown."""
-        row = await self._read_one("SELECT * FROM meters WHERE drn = ?", (drn,))
+        row = await self._read_point("SELECT * FROM meters WHERE drn = ?", (drn,))
         if row is None:
             return None
         return MeterInfo(
@@ -2029,7 +2039,7 @@ class SqliteLedger:
 
     async def saved_meters(self, phone: str) -> list[SavedMeter]:
         """The phone's saved meters, oldest first."""
-        rows = await self._read(
+        rows = await self._read_inline(
             "SELECT * FROM saved_meters WHERE phone = ? ORDER BY created_at, meter", (phone,)
         )
         return [
@@ -2055,7 +2065,7 @@ class SqliteLedger:
 
     async def get_language(self, phone: str) -> str | None:
         """The phone's chosen language code, if any."""
-        row = await self._read_one(
+        row = await self._read_point(
             "SELECT language FROM customer_preferences WHERE phone = ?", (phone,)
         )
         return cast("str", row["language"]) if row is not None else None

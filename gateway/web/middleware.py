@@ -8,6 +8,7 @@ they get here.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 
@@ -15,16 +16,24 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.logging import get_logger
 from gateway.web.keys import METRICS
 
-log = structlog.get_logger()
+log = get_logger()
+
+# Request ids: a random prefix per process and a counter (24 hex digits, unique across workers
+# and restarts, not secret); a fresh ``secrets.token_hex`` each would be a syscall per request.
+_ID_PREFIX = secrets.token_hex(8)
+_id_counter = itertools.count(1)
 
 
 @web.middleware
 async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind ``request_id`` and the route; count the request; turn crashes into a logged 500."""
     structlog.contextvars.clear_contextvars()
-    request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(12)
+    request_id = (
+        request.headers.get("X-Request-Id", "")[:64] or f"{_ID_PREFIX}{next(_id_counter):08x}"
+    )
     route = request.match_info.route.resource
     route_name = route.canonical if route is not None else "unmatched"
     structlog.contextvars.bind_contextvars(request_id=request_id, route=route_name)
@@ -44,7 +53,7 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
         elapsed_s = time.perf_counter() - started
         metrics = request.app.get(METRICS)
         if metrics is not None:
-            metrics.http_requests.labels(route=route_name, status=str(status)).inc()
+            metrics.count_request(route_name, status)
             if route_name.startswith("/ussd/") and not route_name.endswith("/events"):
                 metrics.ussd_hop_seconds.observe(elapsed_s)
         log.debug("request_served", status=status, ms=round(elapsed_s * 1e3, 2))

@@ -8,7 +8,8 @@ Hubtel, Nalo and Arkesel (JSON, last input only) fit the same :class:`UssdDialec
 
 The reply goes out first; slow work (the payment prompt) runs after it, owned by
 :class:`FollowUps`. Each hop is bounded by ``reply_deadline_s``, well inside AT's 10 s: past it
-the customer gets a clean ``END`` and can redial to resume.
+the customer gets a clean ``END`` and can redial to resume. One timer watches every hop in
+flight (:class:`HopDeadlines`), not one per hop.
 
 Routes (mounted by ``gateway/app.py``)::
 
@@ -19,18 +20,21 @@ Routes (mounted by ``gateway/app.py``)::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from functools import lru_cache
-from typing import Final, Protocol, cast
+from typing import Final, Protocol, TypeVar, cast
 
 import structlog
 from aiohttp import web
 
 from flows.engine import UssdEngine, UssdHop, UssdReply
 from flows.ports import FollowUp
+from gateway.logging import get_logger
 from gateway.phone import InvalidPhoneNumber, Msisdn, parse_msisdn
 
-log = structlog.get_logger()
+log = get_logger()
+
+T = TypeVar("T")
 
 _MAX_FIELD: Final = 64
 _MAX_TEXT: Final = 512  # a whole session's answers; AT's own screens cap input far below this
@@ -92,6 +96,71 @@ class FollowUps:
         """For ``app.cleanup_ctx``: nothing to open; drain (then cancel) on shutdown."""
         yield
         await self.close()
+
+
+class HopDeadlines:
+    """Cuts USSD hops that overrun their deadline, with one timer for all of them.
+
+    ``asyncio.timeout`` per hop arms and cancels a timer (a heap push, a handle) on every
+    request; here a hop only enters and leaves a dict, and one timer, armed while hops are in
+    flight, looks every ``deadline_s / 8`` at the oldest: a hop is cut between ``deadline_s``
+    and ``deadline_s * 9 / 8`` after it started (4 to 4.5 s by default), well inside Africa's
+    Talking's 10 s. A cut hop's task is cancelled; :meth:`leave` tells it that the cancel was
+    ours (and withdraws it), so that it can answer "busy" instead of dying.
+    """
+
+    def __init__(self, deadline_s: float) -> None:
+        self.deadline_s = deadline_s
+        self._tick_s = max(deadline_s / 8, 0.005)
+        self._started: dict[asyncio.Task[object], float] = {}  # in start order
+        self._cut: set[asyncio.Task[object]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def run(self, hop: Awaitable[T]) -> T | None:
+        """``hop``'s result, or None when it was cut at the deadline."""
+        task = cast("asyncio.Task[object]", asyncio.current_task())
+        self.enter(task)
+        cut = False
+        try:
+            try:
+                return await hop
+            finally:
+                cut = self.leave(task)
+        except asyncio.CancelledError:
+            if cut:
+                return None
+            raise
+
+    def enter(self, task: asyncio.Task[object]) -> None:
+        """``task`` starts a hop now."""
+        loop = task.get_loop()
+        self._started.pop(task, None)  # keep start order: a task reused for the next request
+        self._started[task] = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_later(self._tick_s, self._check, loop)
+
+    def leave(self, task: asyncio.Task[object]) -> bool:
+        """``task``'s hop is over; True when it was cut (its cancellation is withdrawn)."""
+        self._started.pop(task, None)
+        if task not in self._cut:
+            return False
+        self._cut.discard(task)
+        task.uncancel()
+        return True
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        started = self._started
+        oldest_allowed = loop.time() - self.deadline_s
+        while started:
+            task, at = next(iter(started.items()))
+            if at > oldest_allowed:
+                break
+            del started[task]
+            self._cut.add(task)
+            task.cancel("USSD hop deadline")
+        if started:
+            self._timer = loop.call_later(self._tick_s, self._check, loop)
 
 
 class UssdDialect(Protocol):
@@ -186,6 +255,7 @@ def ussd_routes(
             resumable.
     """
     speaker: UssdDialect = dialect or AfricasTalkingUssd()
+    deadlines = HopDeadlines(reply_deadline_s)
 
     async def callback(request: web.Request) -> web.StreamResponse:
         try:
@@ -195,11 +265,10 @@ def ussd_routes(
             return speaker.respond(engine.error_reply(None, "error_bad_request"))
         structlog.contextvars.bind_contextvars(channel="ussd", session_id=hop.session_id)
         try:
-            async with asyncio.timeout(reply_deadline_s):
-                reply = await engine.handle(hop)
-        except TimeoutError:
-            log.warning("ussd_hop_too_slow", deadline_s=reply_deadline_s)
-            reply = engine.error_reply(None, "error_busy")
+            answered = await deadlines.run(engine.handle(hop))
+            if answered is None:
+                log.warning("ussd_hop_too_slow", deadline_s=reply_deadline_s)
+            reply = answered if answered is not None else engine.error_reply(None, "error_busy")
         except Exception:
             log.exception("ussd_hop_failed")
             reply = engine.error_reply(None)

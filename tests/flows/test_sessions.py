@@ -1,5 +1,6 @@
 import asyncio
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,3 +106,49 @@ async def test_a_locked_database_is_waited_for_without_blocking_the_loop(tmp_pat
     await store.put("k", "v", 10)
     assert await store.get("k") == "v"
     store.close()
+
+
+async def test_the_writes_of_one_loop_turn_share_one_commit(tmp_path: Path) -> None:
+    """Writes made together are committed together, and each caller sees its own outcome."""
+    store = SqliteSessionStore.open(tmp_path / "s.db")
+    try:
+        before = store.batches
+        stored = await asyncio.gather(
+            *(store.put(f"k{i}", f"v{i}", 10) for i in range(20)),
+            store.add("k0", "other", 10),
+            store.add("fresh", "v", 10),
+        )
+        assert store.batches == before + 1
+        assert stored[-2:] == [False, True]
+        assert [await store.get(f"k{i}") for i in range(20)] == [f"v{i}" for i in range(20)]
+        second = SqliteSessionStore.open(tmp_path / "s.db")  # committed: another connection sees it
+        assert await second.get("k19") == "v19"
+        second.close()
+    finally:
+        store.close()
+
+
+def test_workers_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """Several processes' first open of one new file (WAL switch, schema) never fails locked."""
+    for round_ in range(5):
+        path = tmp_path / f"race{round_}.db"
+        start = threading.Barrier(6)
+        failures: list[BaseException] = []
+
+        def open_it(
+            path: Path = path,
+            start: threading.Barrier = start,
+            failures: list[BaseException] = failures,
+        ) -> None:
+            start.wait()
+            try:
+                SqliteSessionStore.open(path).close()
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                failures.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []

@@ -18,7 +18,7 @@ from flows.sessions import MemorySessionStore, SqliteSessionStore
 from flows.testing import FakeCustomerServices, make_meter_number
 from gateway.phone import Msisdn
 from gateway.sim.africastalking import AtSimulator
-from gateway.web.ussd import FollowUps, ussd_routes
+from gateway.web.ussd import FollowUps, HopDeadlines, ussd_routes
 
 METER = make_meter_number("3701234567")
 PHONE = "+254711000001"
@@ -224,3 +224,35 @@ async def test_the_at_simulator_buys_through_the_real_route(
     assert session.violations == []
     assert sim.session_events[-1]["status"] == "Success"
     assert len(services.purchases) == 1
+
+
+async def test_one_timer_cuts_every_slow_hop_and_spares_the_fast_ones() -> None:
+    """Slow hops are cut (None), fast ones keep their result; a cancel from elsewhere stays.
+
+    No task is left with a pending cancellation after a cut.
+    """
+    deadlines = HopDeadlines(0.05)
+
+    async def hop(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return f"done in {seconds}"
+
+    async def timed(seconds: float) -> tuple[str | None, int]:
+        result = await deadlines.run(hop(seconds))
+        task = asyncio.current_task()
+        assert task is not None
+        return result, task.cancelling()
+
+    results = await asyncio.gather(*(timed(s) for s in (0.0, 0.01, 1.0, 5.0, 0.0)))
+    assert results == [
+        ("done in 0.0", 0),
+        ("done in 0.01", 0),
+        (None, 0),
+        (None, 0),
+        ("done in 0.0", 0),
+    ]
+    outside = asyncio.create_task(deadlines.run(hop(5.0)))
+    await asyncio.sleep(0)
+    outside.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outside
