@@ -84,14 +84,17 @@ class Sweeper:
         """One pass over paid-not-vended, due payment checks and due messages. Never raises."""
         return await self._sweep(checks=True)
 
-    async def _check(self, purchase_id: str) -> None:
-        """One purchase's payment check; logs what failed (the next check tries again)."""
+    async def _check(self, purchase_id: str) -> bool:
+        """One purchase's payment check; False when it failed (logged; a later check retries)."""
         try:
             await self._vending.check_payment(purchase_id)
         except GatewayError as exc:
             log.warning("payment_check_deferred", purchase_id=purchase_id, error=str(exc))
+            return False
         except Exception:  # one check's bug must not end the others (nor the checker)
             log.exception("payment_check_crashed", purchase_id=purchase_id)
+            return False
+        return True
 
     async def _sweep(self, *, checks: bool) -> SweepReport:
         ledger = self._vending.ledger
@@ -131,6 +134,11 @@ class Sweeper:
             )
         return report
 
+    async def _due_checks(self, room: int, busy: set[str]) -> list[str]:
+        """Up to ``room`` (and more) purchases due for a check that are not ``busy``."""
+        due = await self._vending.ledger.due_for_check(self._clock(), limit=room + len(busy))
+        return [p.purchase_id for p in due if p.purchase_id not in busy]
+
     async def check_continuously(self, stop: asyncio.Event) -> None:
         """Keep up to ``check_concurrency`` due payment checks in flight until ``stop`` is set.
 
@@ -139,12 +147,18 @@ class Sweeper:
         ``check_poll_s``. A purchase is never checked twice at once here. Checks in flight when
         ``stop`` is set are finished (each is bounded by its provider's deadline). Never raises.
         """
-        in_flight: dict[str, asyncio.Task[None]] = {}
+        in_flight: dict[str, asyncio.Task[bool]] = {}
+        # A check that failed (the ledger unavailable, a bug) left its purchase due: it rests
+        # for ``interval_s`` instead of being retried at every poll (no hot loop in an outage).
+        resting: dict[str, float] = {}
         room_made = asyncio.Event()
+        loop = asyncio.get_running_loop()
 
         def start(purchase_id: str) -> None:
-            def forget(_task: asyncio.Task[None]) -> None:
+            def forget(task: asyncio.Task[bool]) -> None:
                 in_flight.pop(purchase_id, None)
+                if task.cancelled() or not task.result():
+                    resting[purchase_id] = loop.time() + self._interval_s
                 room_made.set()
 
             task = asyncio.create_task(self._check(purchase_id))
@@ -156,12 +170,10 @@ class Sweeper:
                 room_made.clear()
                 full = True
                 try:
+                    _wake(resting, loop.time())
                     room = self._check_concurrency - len(in_flight)
                     if room > 0:
-                        due = await self._vending.ledger.due_for_check(
-                            self._clock(), limit=room + len(in_flight)
-                        )
-                        fresh = [p.purchase_id for p in due if p.purchase_id not in in_flight]
+                        fresh = await self._due_checks(room, in_flight.keys() | resting.keys())
                         full = len(fresh) >= room
                         for purchase_id in fresh[:room]:
                             start(purchase_id)
@@ -193,6 +205,12 @@ class Sweeper:
                 checker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checker
+
+
+def _wake(resting: dict[str, float], now: float) -> None:
+    """Forget the rests that are over (``resting``: purchase id → loop time it rests until)."""
+    for purchase_id in [p for p, until in resting.items() if until <= now]:
+        del resting[purchase_id]
 
 
 async def _first_of(stop: asyncio.Event, event: asyncio.Event | None, timeout_s: float) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from vending_support import AMOUNT_FOR_TESTS, PHONE, World
 
-from gateway.ledger import PurchaseState
+from gateway.ledger import LedgerUnavailable, Purchase, PurchaseState
 from gateway.payments import PaymentStatus, ProviderReference
 from gateway.sweeper import Sweeper
 
@@ -146,3 +146,45 @@ async def test_stopping_the_checker_finishes_the_checks_in_flight(world: World) 
     release.set()
     await asyncio.wait_for(runner, 5)
     assert (await world.ledger.get_purchase(purchase.purchase_id)).state is PurchaseState.VENDED
+
+
+async def test_a_failing_check_rests_instead_of_being_retried_at_every_poll(world: World) -> None:
+    """A failed check (the ledger unavailable) is retried after ``interval_s``, not every poll.
+
+    Its purchase stays due; the other purchases' checks go on meanwhile.
+    """
+    purchases = []
+    for key, drn in (("broken", world.drns[0]), ("fine", world.drns[1])):
+        opened = await world.vending.start_purchase(
+            channel="ussd", phone=PHONE, meter=drn, amount=AMOUNT_FOR_TESTS, idempotency_key=key
+        )
+        purchases.append(await world.vending.request_payment(opened.purchase_id))
+    broken, fine = purchases
+    assert fine.provider_reference is not None
+    world.provider.settle(fine.provider_reference, amount=AMOUNT_FOR_TESTS)
+    attempts: list[str] = []
+    check = world.vending.check_payment
+
+    async def failing_check(purchase_id: str) -> Purchase:
+        attempts.append(purchase_id)
+        if purchase_id == broken.purchase_id:
+            raise LedgerUnavailable("database is full")
+        return await check(purchase_id)
+
+    world.vending.check_payment = failing_check  # type: ignore[method-assign]
+    world.clock.advance(21)
+    stop = asyncio.Event()
+    sweeper = Sweeper(
+        vending=world.vending, outbox=None, clock=world.clock, interval_s=3600, check_poll_s=0.01
+    )
+    checker = asyncio.create_task(sweeper.check_continuously(stop))
+    await _until(lambda: broken.purchase_id in attempts and fine.purchase_id in attempts)
+    for _ in range(30):  # thirty polls or more
+        await asyncio.sleep(0.01)
+    stop.set()
+    await checker
+    assert attempts.count(broken.purchase_id) == 1
+    assert (await world.ledger.get_purchase(fine.purchase_id)).state is PurchaseState.VENDED
+    assert (await world.ledger.get_purchase(broken.purchase_id)).state is (
+        PurchaseState.AWAITING_PAYMENT
+    )
