@@ -251,7 +251,7 @@ class SqliteSessionStore:
             return
         try:
             counts = self._commit(batch)
-        except sqlite3.OperationalError as exc:  # the write lock is another process's
+        except sqlite3.Error as exc:  # the write lock is another process's, or the file failed
             self._pending[:0] = batch  # first in line when the lock is free
             self._locked_out(exc, final=final)
             return
@@ -274,7 +274,8 @@ class SqliteSessionStore:
         """Each statement's rowcount (or its error), all committed together.
 
         Raises:
-            sqlite3.OperationalError: the write lock could not be taken; nothing was written.
+            sqlite3.Error: the transaction could not begin (the write lock is another process's,
+                or the file failed); nothing was written.
         """
         db = self._db
         if len(batch) == 1:  # alone in its turn (a quiet moment): autocommit, no BEGIN/COMMIT
@@ -302,10 +303,14 @@ class SqliteSessionStore:
             counts = [exc] * len(batch)
         return counts
 
-    def _locked_out(self, exc: sqlite3.OperationalError, *, final: bool) -> None:
-        """Another process holds the write lock: retry soon, or fail the batch past the timeout."""
+    def _locked_out(self, exc: sqlite3.Error, *, final: bool) -> None:
+        """Another process holds the write lock: retry soon, or fail the batch past the timeout.
+
+        Any other error fails the batch at once: each waiting caller gets it.
+        """
         now = time.monotonic()
-        if exc.sqlite_errorcode & 0xFF in _BUSY and not final:
+        busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF in _BUSY
+        if busy and not final:
             self._busy_since = self._busy_since or now
             if now - self._busy_since < self._busy_s:
                 if not self._flush_scheduled:

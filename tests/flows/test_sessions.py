@@ -128,6 +128,20 @@ async def test_the_writes_of_one_loop_turn_share_one_commit(tmp_path: Path) -> N
         store.close()
 
 
+async def test_a_batch_that_cannot_begin_fails_each_caller_instead_of_hanging(
+    tmp_path: Path,
+) -> None:
+    """An error other than "locked" when the turn's transaction begins reaches every caller."""
+    store = SqliteSessionStore.open(tmp_path / "s.db")
+    store._db.close()  # the file is gone from under the store: BEGIN fails (not as "busy")
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(store.put("a", "1", 10), store.put("b", "2", 10), return_exceptions=True),
+        5,
+    )
+    assert all(isinstance(outcome, sqlite3.Error) for outcome in outcomes)
+    assert not store._pending
+
+
 def test_workers_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
     """Several processes' first open of one new file (WAL switch, schema) never fails locked."""
     for round_ in range(5):
