@@ -12,15 +12,20 @@ from gateway.payments import PaymentStatus, ProviderReference
 from gateway.sweeper import Sweeper
 
 
-async def test_a_hanging_status_query_does_not_hold_up_the_others(world: World) -> None:
-    """While one purchase's query hangs, another purchase's lost callback is recovered."""
+async def _two_prompted(world: World, *keys: str) -> list[Purchase]:
+    """Purchases on two meters, each prompted for payment (awaiting it)."""
     purchases = []
-    for key, drn in (("slow", world.drns[0]), ("fast", world.drns[1])):
+    for key, drn in zip(keys, world.drns, strict=False):
         opened = await world.vending.start_purchase(
             channel="ussd", phone=PHONE, meter=drn, amount=AMOUNT_FOR_TESTS, idempotency_key=key
         )
         purchases.append(await world.vending.request_payment(opened.purchase_id))
-    slow, fast = purchases
+    return purchases
+
+
+async def test_a_hanging_status_query_does_not_hold_up_the_others(world: World) -> None:
+    """While one purchase's query hangs, another purchase's lost callback is recovered."""
+    slow, fast = await _two_prompted(world, "slow", "fast")
     assert slow.provider_reference is not None
     assert fast.provider_reference is not None
     world.provider.settle(fast.provider_reference, amount=AMOUNT_FOR_TESTS)
@@ -153,13 +158,7 @@ async def test_a_failing_check_rests_instead_of_being_retried_at_every_poll(worl
 
     Its purchase stays due; the other purchases' checks go on meanwhile.
     """
-    purchases = []
-    for key, drn in (("broken", world.drns[0]), ("fine", world.drns[1])):
-        opened = await world.vending.start_purchase(
-            channel="ussd", phone=PHONE, meter=drn, amount=AMOUNT_FOR_TESTS, idempotency_key=key
-        )
-        purchases.append(await world.vending.request_payment(opened.purchase_id))
-    broken, fine = purchases
+    broken, fine = await _two_prompted(world, "broken", "fine")
     assert fine.provider_reference is not None
     world.provider.settle(fine.provider_reference, amount=AMOUNT_FOR_TESTS)
     attempts: list[str] = []
