@@ -7,7 +7,9 @@ from datetime import UTC, datetime
 import pytest
 from vending_support import PHONE, VENDING_KEY, World, meter_record, profile_of
 
-from gateway.ledger import MessageKind, Purchase, PurchaseState
+from flows.ports import Quote, RefusalReason, Refused
+from gateway.customer_services import SagaCustomerServices
+from gateway.ledger import MessageKind, MeterNumber, Purchase, PurchaseState
 from gateway.money import Money
 from gateway.sts import CreditAdded, MeterEmulator, Verdict
 from gateway.tariff import AmountAllToDebt
@@ -153,3 +155,18 @@ def test_messages_in_every_language_fit() -> None:
         assert "4444-4444" in fbe
         assert "50.0" in fbe
         assert len(fbe) <= 160
+
+
+async def test_customer_services_pass_the_debt_and_the_all_to_debt_refusal_on(world: World) -> None:
+    """The channels' quote carries the debt figures; a too-small amount is refused with a limit."""
+    services = SagaCustomerServices(world.vending)
+    meter = MeterNumber(world.drns[0])
+    await world.ledger.set_debt(
+        meter, balance=Money(10000, "KES"), rate_basis_points=10000, actor="o"
+    )
+    refused = await services.quote(meter, Money(5000, "KES"))
+    assert refused == Refused(reason=RefusalReason.ALL_TO_DEBT, limit=Money(10290, "KES"))
+    priced = await services.quote(meter, Money(20000, "KES"))
+    assert isinstance(priced, Quote)
+    assert (priced.debt_recovered, priced.debt_remaining) == (Money(10000, "KES"), Money(0, "KES"))
+    assert priced.energy + priced.tax + priced.fees + priced.debt_recovered == Money(20000, "KES")
