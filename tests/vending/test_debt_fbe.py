@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
-from vending_support import PHONE, VENDING_KEY, World, meter_record, profile_of
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from vending_support import PHONE, VENDING_KEY, World, make_drn, meter_record, profile_of
 
 from flows.ports import Quote, RefusalReason, Refused
 from gateway.customer_services import SagaCustomerServices
@@ -17,6 +22,7 @@ from gateway.vending import fbe_message, token_message
 
 # KES 145 with 20 % to the debt: KES 29 recovered, KES 116 buys 4.0 kWh (KES 25/kWh + 16 % VAT).
 AMOUNT = Money(14500, "KES")
+_FRESH = itertools.count(500)
 
 
 async def bought(world: World, key: str, amount: Money = AMOUNT) -> Purchase:
@@ -170,3 +176,82 @@ async def test_customer_services_pass_the_debt_and_the_all_to_debt_refusal_on(wo
     assert isinstance(priced, Quote)
     assert (priced.debt_recovered, priced.debt_remaining) == (Money(10000, "KES"), Money(0, "KES"))
     assert priced.energy + priced.tax + priced.fees + priced.debt_recovered == Money(20000, "KES")
+
+
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(gaps_h=st.lists(st.integers(0, 24 * 40), min_size=1, max_size=6))
+async def test_fbe_at_most_once_per_meter_month(world: World, gaps_h: list[int]) -> None:
+    """Purchases hours or weeks apart: one FBE token per calendar month with a vend, never two."""
+    await world.ledger.set_fbe_allowance("domestic", 50, actor="ops")
+    drn = make_drn(next(_FRESH))
+    await world.ledger.put_meter(meter_record(drn))
+    months: set[str] = set()
+    for n, gap in enumerate(gaps_h):
+        world.clock.advance(gap * 3600)
+        purchase = await world.vending.start_purchase(
+            channel="ussd", phone=PHONE, meter=drn, amount=Money(11600, "KES"),
+            idempotency_key=f"{drn}-{n}",
+        )  # fmt: skip
+        purchase = await world.vending.request_payment(purchase.purchase_id)
+        assert purchase.provider_reference is not None
+        world.provider.settle(purchase.provider_reference, amount=Money(11600, "KES"))
+        await world.vending.confirm(purchase.purchase_id)
+        months.add(world.clock.now.astimezone(ZoneInfo("Africa/Nairobi")).strftime("%Y-%m"))
+    issues = await world.ledger.fbe_issues(drn, limit=100)
+    assert sorted(i.month for i in issues) == sorted(months)
+    assert len({i.tid for i in issues}) == len(issues)
+
+
+async def test_concurrent_first_purchases_of_the_month_get_one_fbe(world: World) -> None:
+    """Two purchases of one meter paid at once: two credit tokens, one FBE token, distinct TIDs."""
+    await world.ledger.set_fbe_allowance("domestic", 50, actor="ops")
+    started = []
+    for key in ("x", "y"):
+        purchase = await world.vending.start_purchase(
+            channel="ussd", phone=PHONE, meter=world.drns[1], amount=Money(11600, "KES"),
+            idempotency_key=key,
+        )  # fmt: skip
+        purchase = await world.vending.request_payment(purchase.purchase_id)
+        assert purchase.provider_reference is not None
+        world.provider.settle(purchase.provider_reference, amount=Money(11600, "KES"))
+        started.append(purchase.purchase_id)
+    await asyncio.gather(*(world.vending.confirm(p) for p in started))
+    issues = await world.ledger.fbe_issues(world.drns[1])
+    vends = [await world.ledger.get_vend(p) for p in started]
+    tids = [v.tid for v in vends if v is not None] + [i.tid for i in issues]
+    assert len(issues) == 1
+    assert len(set(tids)) == 3
+
+
+async def test_two_purchases_planned_against_one_small_debt_never_overrecover(
+    world: World,
+) -> None:
+    """KES 40 owed, two KES 145 purchases each planned KES 29: the second recovers only KES 11.
+
+    The second's KES 134 left buys 134 / 1.16 / 25 = 4.6 kWh; the balance ends at exactly 0.
+    """
+    await world.ledger.set_debt(
+        world.drns[2], balance=Money(4000, "KES"), rate_basis_points=2000, actor="ops"
+    )
+    opened = []
+    for key in ("p", "q"):
+        purchase = await world.vending.start_purchase(
+            channel="ussd", phone=PHONE, meter=world.drns[2], amount=AMOUNT, idempotency_key=key
+        )
+        assert purchase.debt_recovery_minor == 2900
+        purchase = await world.vending.request_payment(purchase.purchase_id)
+        assert purchase.provider_reference is not None
+        world.provider.settle(purchase.provider_reference, amount=AMOUNT)
+        opened.append(purchase.purchase_id)
+    await asyncio.gather(*(world.vending.confirm(p) for p in opened))
+    debt = await world.ledger.get_debt(world.drns[2])
+    assert debt is not None
+    assert (debt.balance.amount_minor, debt.recovered_total_minor) == (0, 4000)
+    recovered = sorted(
+        r.amount.amount_minor for r in await world.ledger.debt_recoveries(world.drns[2])
+    )
+    assert recovered == [1100, 2900]
+    vends = [await world.ledger.get_vend(p) for p in opened]
+    assert sorted(v.units for v in vends if v is not None) == [40, 46]
