@@ -1226,7 +1226,8 @@ class Vending:
         if planned <= 0:
             return purchase.units, 0, None
         debt = await self._ledger.get_debt(purchase.meter)
-        balance = debt.balance.amount_minor if debt is not None else 0
+        same_currency = debt is not None and debt.balance.currency == purchase.amount.currency
+        balance = debt.balance.amount_minor if debt is not None and same_currency else 0
         recovered = min(planned, balance)
         if recovered == planned:
             return purchase.units, recovered, balance
