@@ -327,7 +327,7 @@ class FbeDraft:
     """The month's free basic electricity token, made with a purchase's vend.
 
     Its TID follows the credit token's (the meter's ``last_tid`` becomes ``tid``); ``message`` is
-    its own SMS (kind ``fbe``).
+    its own SMS (kind ``fbe``). Never with a key change (``ValueError``): the meter is changing key.
     """
 
     month: str  # YYYY-MM in the FBE time zone

@@ -1360,8 +1360,8 @@ class PostgresLedger:
         self, conn: Connection, draft: VendDraft, fbe: FbeDraft, actor: str, now: datetime
     ) -> None:
         """Store the month's FBE token and queue its message; the month's second is refused."""
-        if fbe.tid <= draft.tid:
-            raise ValueError("the FBE token's TID must follow the credit token's")
+        if fbe.tid <= draft.tid or draft.key_change_id is not None:
+            raise ValueError("an FBE token follows the credit token's TID, never with a key change")
         issued = await conn.fetchrow(
             "INSERT INTO fbe_issues (meter, month, purchase_id, tid, token, units, created_at)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (meter, month) DO NOTHING"
