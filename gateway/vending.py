@@ -1151,7 +1151,11 @@ class Vending:
         if change is not None and not change.is_from(meter):
             log.warning("key_change_stale", meter=meter.drn, change_id=change.change_id)
             change = None
-        units, recovered, balance = await self._debt_step(purchase)
+        try:
+            units, recovered, balance = await self._debt_step(purchase)
+        except TariffError as exc:  # the tariff changed so much the purchase buys nothing now
+            reason = f"re-pricing after the debt changed: {exc}"
+            raise await self._vend_failed(purchase, payment, reason) from exc
         tid, token, kcts = await self._make_tokens(context, change, payment, units)
         # The month's free basic electricity rides on this vend (not on a key change's).
         fbe = None if kcts else await self._fbe_step(context, tid)
