@@ -200,14 +200,22 @@ class SmsCommands:
         if isinstance(outcome, Refused):
             notice = refusal_notice(outcome)
             return reply(notice.key, **notice.values)
-        return SmsOutcome(
-            reply=message(
+        text = message(
+            language,
+            "sms_paying",
+            amount=format_money(outcome.amount),
+            meter=meter,
+            units=format_units(quote.units_tenth_kwh),
+        )
+        if quote.debt_recovered is not None and quote.debt_remaining is not None:
+            text += " " + message(
                 language,
-                "sms_paying",
-                amount=format_money(outcome.amount),
-                meter=meter,
-                units=format_units(quote.units_tenth_kwh),
-            ),
+                "sms_debt",
+                debt=format_money(quote.debt_recovered),
+                remaining=format_money(quote.debt_remaining),
+            )
+        return SmsOutcome(
+            reply=text,
             language=language,
             follow_up=outcome.follow_up,
         )

@@ -349,6 +349,7 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
             check_interval_s=float(config.payment_check_interval_s),
             payment_deadline_s=float(config.payment_expiry_s),
             ambiguous_recheck_s=float(config.ambiguous_recheck_s),
+            fbe_timezone=config.fbe_timezone,
         ),
     )
     sms = _sms_sender(config, session, sims)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
 
@@ -87,6 +88,7 @@ class Config:
     shortcode: str = "20880"  # SMS shortcode customers text
     country: str = "KE"  # default region for phone numbers
     currency: str = "KES"
+    fbe_timezone: str = "Africa/Nairobi"  # free basic electricity follows this zone's months
     payments: str = SIMULATED  # sim | daraja | momo | airtel
     sms: str = SIMULATED  # sim | africastalking
     session_store: str = "sqlite"  # memory | sqlite | redis
@@ -301,3 +303,9 @@ def _check(config: Config) -> None:  # noqa: C901 - one rule per line, read top 
         raise ConfigError("GATEWAY_AFRICASTALKING_KEY", "required to send SMS")
     if not config.currency.isalpha() or len(config.currency) != 3:
         raise ConfigError("GATEWAY_CURRENCY", f"not an ISO 4217 code: {config.currency!r}")
+    try:
+        ZoneInfo(config.fbe_timezone)
+    except (ValueError, ZoneInfoNotFoundError) as exc:
+        raise ConfigError(
+            "GATEWAY_FBE_TIMEZONE", f"not an IANA time zone: {config.fbe_timezone!r}"
+        ) from exc

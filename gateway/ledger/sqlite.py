@@ -68,8 +68,11 @@ from gateway.ledger.base import (
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
     ConfirmedPayment,
+    DebtRecovery,
     DuplicateError,
     Event,
+    FbeDraft,
+    FbeIssue,
     IdempotencyConflict,
     IllegalTransition,
     KeyChange,
@@ -78,6 +81,7 @@ from gateway.ledger.base import (
     LedgerError,
     LedgerUnavailable,
     MessageKind,
+    MeterDebt,
     MeterInfo,
     MeterNumber,
     MeterRecord,
@@ -101,16 +105,18 @@ from gateway.ledger.base import (
     SealedVendingKey,
     TidConflict,
     Vend,
+    VendConflict,
     VendContext,
     VendDraft,
     VendOutcome,
+    debt_event_data,
     is_legal,
     mask_name,
 )
 from gateway.money import Money
 from gateway.phone import Msisdn
 from gateway.sms.base import DeliveryReport, DeliveryState
-from gateway.tariff import Tariff
+from gateway.tariff import DebtTerms, Tariff
 
 T = TypeVar("T")
 Clock = Callable[[], datetime]
@@ -502,6 +508,41 @@ def _purchase(row: sqlite3.Row) -> Purchase:
         next_check_at=_dt(row["next_check_at"]) if row["next_check_at"] else None,
         created_at=_dt(row["created_at"]),
         updated_at=_dt(row["updated_at"]),
+        debt_recovery_minor=row["debt_recovery_minor"],
+    )
+
+
+def _meter_debt(row: sqlite3.Row) -> MeterDebt:
+    return MeterDebt(
+        meter=MeterNumber(row["meter"]),
+        balance=Money(row["balance_minor"], row["currency"]),
+        rate_basis_points=row["rate_basis_points"],
+        min_per_purchase_minor=row["min_per_purchase_minor"],
+        cap_per_purchase_minor=row["cap_per_purchase_minor"],
+        recovered_total_minor=row["recovered_total_minor"],
+        updated_at=_dt(row["updated_at"]),
+    )
+
+
+def _debt_recovery(row: sqlite3.Row) -> DebtRecovery:
+    return DebtRecovery(
+        purchase_id=PurchaseId(row["purchase_id"]),
+        meter=MeterNumber(row["meter"]),
+        amount=Money(row["amount_minor"], row["currency"]),
+        balance_after=Money(row["balance_after_minor"], row["currency"]),
+        created_at=_dt(row["created_at"]),
+    )
+
+
+def _fbe_issue(row: sqlite3.Row) -> FbeIssue:
+    return FbeIssue(
+        meter=MeterNumber(row["meter"]),
+        month=row["month"],
+        purchase_id=PurchaseId(row["purchase_id"]),
+        tid=row["tid"],
+        token=row["token"],
+        units=row["units"],
+        created_at=_dt(row["created_at"]),
     )
 
 
@@ -980,7 +1021,8 @@ class SqliteLedger:
             conn.execute(
                 "INSERT INTO purchases (purchase_id, channel, phone, meter, amount_minor, currency,"
                 " units, tariff_id, state, idempotency_key, provider, created_at, updated_at,"
-                " next_check_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " next_check_at, debt_recovery_minor)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     draft.purchase_id,
                     draft.channel,
@@ -996,6 +1038,7 @@ class SqliteLedger:
                     now,
                     now,
                     orphan_check,
+                    draft.debt_recovery_minor,
                 ),
             )
             self._event(
@@ -1010,6 +1053,11 @@ class SqliteLedger:
                     "currency": draft.amount.currency,
                     "units": draft.units,
                     "provider": draft.provider,
+                    **(
+                        {"debt_recovery_minor": draft.debt_recovery_minor}
+                        if draft.debt_recovery_minor
+                        else {}
+                    ),
                 },
             )
             return _purchase(self._purchase_row(conn, draft.purchase_id))
@@ -1458,7 +1506,7 @@ class SqliteLedger:
                     raise TidConflict(draft.meter, expected, expected)
                 moved = conn.execute(
                     "UPDATE meters SET last_tid = ? WHERE drn = ? AND last_tid IS ?",
-                    (draft.tid, draft.meter, expected),
+                    (draft.fbe.tid if draft.fbe else draft.tid, draft.meter, expected),
                 )
                 if moved.rowcount != 1:
                     self._tid_conflict(conn, draft)
@@ -1508,6 +1556,7 @@ class SqliteLedger:
                     now,
                 ),
             )
+            self._vend_extras(conn, draft, row["currency"], actor, now)
             created = _dt(now)
             vend = Vend(
                 purchase_id=draft.purchase_id,
@@ -1529,6 +1578,248 @@ class SqliteLedger:
             return VendOutcome(vend=vend, replayed=False, purchase=purchase)
 
         return await self._write(op)
+
+    def _vend_extras(
+        self, conn: sqlite3.Connection, draft: VendDraft, currency: str, actor: str, now: str
+    ) -> None:
+        """The vend's debt recovery and FBE token, when it carries them."""
+        if draft.debt_recovery_minor:
+            self._recover_debt(conn, draft, currency, actor, now)
+        if draft.fbe is not None:
+            self._issue_fbe(conn, draft, draft.fbe, actor, now)
+
+    def _recover_debt(
+        self, conn: sqlite3.Connection, draft: VendDraft, currency: str, actor: str, now: str
+    ) -> None:
+        """Take the draft's recovery off the meter's debt (compare-and-set), with its row."""
+        recovered, expected = draft.debt_recovery_minor, draft.expected_debt_balance_minor
+        if expected is None or not 0 < recovered <= expected:
+            raise ValueError(f"cannot recover {recovered} of a debt of {expected}")
+        moved = conn.execute(
+            "UPDATE meter_debts SET balance_minor = balance_minor - ?,"
+            " recovered_total_minor = recovered_total_minor + ?, updated_at = ?"
+            " WHERE meter = ? AND balance_minor = ? AND currency = ?",
+            (recovered, recovered, now, draft.meter, expected, currency),
+        )
+        if moved.rowcount != 1:
+            raise VendConflict(draft.meter, "the debt balance")
+        conn.execute(
+            "INSERT INTO debt_recoveries (purchase_id, meter, amount_minor, currency,"
+            " balance_after_minor, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (draft.purchase_id, draft.meter, recovered, currency, expected - recovered, now),
+        )
+        self._event(
+            conn,
+            draft.purchase_id,
+            "debt_recovered",
+            actor,
+            {
+                "meter": draft.meter,
+                "amount_minor": recovered,
+                "currency": currency,
+                "balance_before_minor": expected,
+                "balance_after_minor": expected - recovered,
+            },
+        )
+
+    def _issue_fbe(
+        self, conn: sqlite3.Connection, draft: VendDraft, fbe: FbeDraft, actor: str, now: str
+    ) -> None:
+        """Store the month's FBE token and queue its message; the month's second is refused."""
+        if fbe.tid <= draft.tid or draft.key_change_id is not None:
+            raise ValueError("an FBE token follows the credit token's TID, never with a key change")
+        try:
+            conn.execute(
+                "INSERT INTO fbe_issues (meter, month, purchase_id, tid, token, units, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (draft.meter, fbe.month, draft.purchase_id, fbe.tid, fbe.token, fbe.units, now),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise VendConflict(draft.meter, f"free basic electricity for {fbe.month}") from exc
+        conn.execute(
+            "INSERT INTO outbox (purchase_id, kind, recipient, body, state, next_try_at,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                draft.purchase_id,
+                MessageKind.FBE.value,
+                draft.recipient,
+                fbe.message,
+                (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
+                now,
+                now,
+                now,
+            ),
+        )
+        self._event(
+            conn,
+            draft.purchase_id,
+            "fbe_issued",
+            actor,
+            {
+                "meter": draft.meter,
+                "month": fbe.month,
+                "tid": fbe.tid,
+                "units": fbe.units,
+                "token_last4": fbe.token[-4:],
+            },
+        )
+
+    # -- debt recovery and free basic electricity -----------------------------------------------
+
+    async def get_debt(self, meter: str) -> MeterDebt | None:
+        """The meter's debt account, if it ever had one (a cleared debt has balance 0)."""
+        row = await self._read_point("SELECT * FROM meter_debts WHERE meter = ?", (meter,))
+        return _meter_debt(row) if row is not None else None
+
+    async def set_debt(
+        self,
+        meter: str,
+        *,
+        balance: Money,
+        rate_basis_points: int,
+        min_per_purchase_minor: int = 0,
+        cap_per_purchase_minor: int | None = None,
+        actor: str,
+        reason: str = "",
+    ) -> MeterDebt:
+        """Set the meter's debt balance and recovery terms; appends ``debt_set``."""
+        DebtTerms(
+            balance_minor=balance.amount_minor,
+            currency=balance.currency,
+            rate_basis_points=rate_basis_points,
+            min_per_purchase_minor=min_per_purchase_minor,
+            cap_per_purchase_minor=cap_per_purchase_minor,
+        )  # validates
+
+        def op(conn: sqlite3.Connection) -> MeterDebt:
+            if conn.execute("SELECT 1 FROM meters WHERE drn = ?", (meter,)).fetchone() is None:
+                raise NotFound("meter", meter)
+            old = conn.execute("SELECT * FROM meter_debts WHERE meter = ?", (meter,)).fetchone()
+            before = _meter_debt(old) if old is not None else None
+            now = _ts(self._clock())
+            conn.execute(
+                "INSERT INTO meter_debts (meter, currency, balance_minor, rate_basis_points,"
+                " min_per_purchase_minor, cap_per_purchase_minor, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (meter) DO UPDATE SET"
+                " currency = excluded.currency, balance_minor = excluded.balance_minor,"
+                " rate_basis_points = excluded.rate_basis_points,"
+                " min_per_purchase_minor = excluded.min_per_purchase_minor,"
+                " cap_per_purchase_minor = excluded.cap_per_purchase_minor,"
+                " updated_at = excluded.updated_at",
+                (
+                    meter,
+                    balance.currency,
+                    balance.amount_minor,
+                    rate_basis_points,
+                    min_per_purchase_minor,
+                    cap_per_purchase_minor,
+                    now,
+                ),
+            )
+            row = conn.execute("SELECT * FROM meter_debts WHERE meter = ?", (meter,)).fetchone()
+            debt = _meter_debt(row)
+            self._event(conn, None, "debt_set", actor, debt_event_data(debt, before, reason))
+            return debt
+
+        return await self._write(op)
+
+    async def clear_debt(self, meter: str, *, actor: str, reason: str = "") -> MeterDebt:
+        """Write the meter's debt off (balance 0, terms kept); appends ``debt_cleared``."""
+
+        def op(conn: sqlite3.Connection) -> MeterDebt:
+            old = conn.execute("SELECT * FROM meter_debts WHERE meter = ?", (meter,)).fetchone()
+            if old is None:
+                raise NotFound("debt", meter)
+            before = _meter_debt(old)
+            conn.execute(
+                "UPDATE meter_debts SET balance_minor = 0, updated_at = ? WHERE meter = ?",
+                (_ts(self._clock()), meter),
+            )
+            row = conn.execute("SELECT * FROM meter_debts WHERE meter = ?", (meter,)).fetchone()
+            debt = _meter_debt(row)
+            self._event(conn, None, "debt_cleared", actor, debt_event_data(debt, before, reason))
+            return debt
+
+        return await self._write(op)
+
+    async def debt_recoveries(self, meter: str, *, limit: int = 50) -> list[DebtRecovery]:
+        """What the meter's vends recovered, newest first."""
+        rows = await self._read(
+            "SELECT * FROM debt_recoveries WHERE meter = ?"
+            " ORDER BY created_at DESC, purchase_id DESC LIMIT ?",
+            (meter, limit),
+        )
+        return [_debt_recovery(row) for row in rows]
+
+    async def get_debt_recovery(self, purchase_id: str) -> DebtRecovery | None:
+        """What the purchase's vend recovered, if anything."""
+        row = await self._read_point(
+            "SELECT * FROM debt_recoveries WHERE purchase_id = ?", (purchase_id,)
+        )
+        return _debt_recovery(row) if row is not None else None
+
+    async def set_fbe_allowance(self, tariff_id: str, units_per_month: int, *, actor: str) -> None:
+        """The tariff's monthly free basic electricity in tenths of a kWh (0 stops it)."""
+        if units_per_month < 0:
+            raise ValueError(f"FBE units cannot be negative, got {units_per_month}")
+
+        def op(conn: sqlite3.Connection) -> None:
+            if (
+                conn.execute("SELECT 1 FROM tariffs WHERE tariff_id = ?", (tariff_id,)).fetchone()
+                is None
+            ):
+                raise NotFound("tariff", tariff_id)
+            old = conn.execute(
+                "SELECT units_per_month FROM fbe_allowances WHERE tariff_id = ?", (tariff_id,)
+            ).fetchone()
+            if units_per_month == 0:
+                conn.execute("DELETE FROM fbe_allowances WHERE tariff_id = ?", (tariff_id,))
+            else:
+                conn.execute(
+                    "INSERT INTO fbe_allowances (tariff_id, units_per_month, updated_at)"
+                    " VALUES (?, ?, ?) ON CONFLICT (tariff_id) DO UPDATE SET"
+                    " units_per_month = excluded.units_per_month,"
+                    " updated_at = excluded.updated_at",
+                    (tariff_id, units_per_month, _ts(self._clock())),
+                )
+            self._event(
+                conn,
+                None,
+                "fbe_allowance_set",
+                actor,
+                {
+                    "tariff_id": tariff_id,
+                    "units_per_month": units_per_month,
+                    "previous_units_per_month": old[0] if old is not None else 0,
+                },
+            )
+
+        await self._write(op)
+
+    async def fbe_allowance(self, tariff_id: str) -> int:
+        """The tariff's monthly FBE units (0: none)."""
+        row = await self._read_point(
+            "SELECT units_per_month FROM fbe_allowances WHERE tariff_id = ?", (tariff_id,)
+        )
+        return int(row[0]) if row is not None else 0
+
+    async def fbe_due(self, meter: str, month: str) -> int:
+        """The FBE units the meter may still get in ``month``: 0 if issued already, or none."""
+        row = await self._read_point(
+            "SELECT a.units_per_month FROM meters m"
+            " JOIN fbe_allowances a ON a.tariff_id = m.tariff_id"
+            " LEFT JOIN fbe_issues f ON f.meter = m.drn AND f.month = ?"
+            " WHERE m.drn = ? AND f.issue_id IS NULL",
+            (month, meter),
+        )
+        return int(row[0]) if row is not None else 0
+
+    async def fbe_issues(self, meter: str, *, limit: int = 24) -> list[FbeIssue]:
+        """The meter's FBE tokens, newest first."""
+        rows = await self._read(
+            "SELECT * FROM fbe_issues WHERE meter = ? ORDER BY month DESC LIMIT ?", (meter, limit)
+        )
+        return [_fbe_issue(row) for row in rows]
 
     @staticmethod
     def _tid_conflict(conn: sqlite3.Connection, draft: VendDraft) -> NoReturn:

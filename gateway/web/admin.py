@@ -669,11 +669,17 @@ async def _purchase_page(request: web.Request, operator: _Operator) -> web.Strea
     vend = await site.ledger.get_vend(purchase.purchase_id)
     messages = await site.ledger.outbox_for(purchase.purchase_id)
     events = await site.ledger.timeline(purchase.purchase_id)
+    debt_recovery = (
+        await site.ledger.get_debt_recovery(purchase.purchase_id)
+        if purchase.debt_recovery_minor
+        else None
+    )
     return _render(
         request,
         "admin/purchase.html",
         {
             "purchase": purchase,
+            "debt_recovery": debt_recovery,
             "phone_masked": masked(purchase.phone) if purchase.phone else None,
             "payment": payment,
             "vend": vend,

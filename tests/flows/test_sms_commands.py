@@ -2,7 +2,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flows.sms_commands import Command, ParsedSms, parse_sms
+from flows.messages import text
+from flows.ports import Language
+from flows.sms_commands import Command, ParsedSms, SmsCommands, parse_sms
+from flows.testing import FakeCustomerServices, make_meter_number
+from gateway.phone import Msisdn
 
 
 @pytest.mark.parametrize(
@@ -50,3 +54,17 @@ def test_parse_never_raises(text: str) -> None:
     parsed = parse_sms(text)
     assert isinstance(parsed.command, Command)
     assert (parsed.meter is None) == (parsed.amount is None) or parsed.command is Command.TOKEN
+
+
+async def test_buy_by_sms_for_a_meter_in_debt_says_what_goes_to_the_debt() -> None:
+    """KES 500 at 20 % to a KES 300 debt: the reply says KES 100 goes to it, KES 200 remains."""
+    services = FakeCustomerServices()
+    meter = make_meter_number("3701234567")
+    services.add_meter(meter)
+    services.debts[meter] = (30000, 2000)
+    outcome = await SmsCommands(services).handle(Msisdn("+254711000001"), f"BUY {meter} 500", "m1")
+    assert outcome.reply is not None
+    assert outcome.reply.endswith(
+        " " + text(Language.EN, "sms_debt", debt="KES 100", remaining="KES 200")
+    )
+    assert "13.4 kWh" in outcome.reply

@@ -395,6 +395,24 @@ async def test_purchase_page_masks_the_token_to_its_last_four_digits(
     assert vend.token[:4] + "-" + vend.token[4:8] not in html
 
 
+async def test_purchase_page_shows_the_debt_recovered_and_remaining(
+    client: Client, shop: Shop
+) -> None:
+    """A meter owing KES 500 at 10 %: the page shows what went to the debt and what remains."""
+    await shop.ledger.set_debt(
+        shop.drns[0], balance=Money(50000, "KES"), rate_basis_points=1000, actor="ops"
+    )
+    purchase = await buy(shop, "debt")
+    recovered = AMOUNT.amount_minor // 10
+    html = await (
+        await client.get(f"/admin/purchases/{purchase.purchase_id}", headers=BEARER)
+    ).text()
+    assert "Debt recovered" in html
+    assert str(Money(recovered, "KES")) in html
+    assert str(Money(50000 - recovered, "KES")) in html
+    assert "debt_recovered" in html  # the timeline's event
+
+
 async def test_unknown_purchase_is_a_404_page(client: Client) -> None:
     """A purchase id that does not exist answers 404."""
     response = await client.get("/admin/purchases/PZZZZZZZZZZZZ", headers=BEARER)
