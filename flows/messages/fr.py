@@ -84,6 +84,10 @@ MESSAGES: Final[dict[str, str]] = {
         "Vous recevrez une demande de paiement de {amount} pour le compteur {meter} "
         "({units} kWh). Entrez votre PIN. Le code arrive par SMS."
     ),
+    "sms_amount_negative": (
+        "Le montant doit etre plus grand que zero. "
+        "Envoyez BUY compteur montant, ex. BUY 37012345676 500."
+    ),
     "sms_amount_bad": "Montant incompris. Envoyez BUY compteur montant, ex. BUY 37012345676 500.",
     "sms_meters": "Vos compteurs: {meters}",
     "sms_lang_usage": "Envoyez LANG EN, LANG SW ou LANG FR.",

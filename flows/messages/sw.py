@@ -81,6 +81,9 @@ MESSAGES: Final[dict[str, str]] = {
         "Utapokea ombi la malipo la {amount} kwa mita {meter} ({units} kWh). "
         "Weka PIN yako kulipa. Tokeni itakuja kwa SMS."
     ),
+    "sms_amount_negative": (
+        "Kiasi lazima kiwe zaidi ya sifuri. Tuma BUY mita kiasi, mfano BUY 37012345676 500."
+    ),
     "sms_amount_bad": "Kiasi hakieleweki. Tuma BUY mita kiasi, mfano BUY 37012345676 500.",
     "sms_meters": "Mita zako: {meters}",
     "sms_lang_usage": "Tuma LANG EN, LANG SW au LANG FR.",

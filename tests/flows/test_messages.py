@@ -80,6 +80,7 @@ SMS_MESSAGES = [
     "sms_help",
     "sms_paying",
     "sms_amount_bad",
+    "sms_amount_negative",
     "sms_meters",
     "sms_lang_usage",
     "language_set",

@@ -3,6 +3,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flows.sms_commands import Command, ParsedSms, parse_sms
+from flows.validation import parse_amount
 
 
 @pytest.mark.parametrize(
@@ -50,3 +51,37 @@ def test_parse_never_raises(text: str) -> None:
     parsed = parse_sms(text)
     assert isinstance(parsed.command, Command)
     assert (parsed.meter is None) == (parsed.amount is None) or parsed.command is Command.TOKEN
+
+
+_SEPARATORS = st.sampled_from([" ", "  ", "*", "#", ",", "\t", " *", "* ", "- ", "--"])
+
+
+@given(
+    keyword=st.sampled_from(["BUY ", "buy ", "NUNUA ", "", "BUY*", "#"]),
+    meter=st.sampled_from(["37012345676", "3701 2345 676", "3701-2345-676"]),
+    before=_SEPARATORS,
+    after=st.sampled_from(["", " ", "  "]),
+    amount=st.integers(min_value=1, max_value=10**9).map(str)
+    | st.decimals(min_value=1, max_value=10**6, places=2).map(str),
+)
+def test_a_negative_amount_is_never_bought_as_positive(
+    keyword: str, meter: str, before: str, after: str, amount: str
+) -> None:
+    """``BUY <meter> -100`` (a minus after any separator) parses negative, never as KES 100."""
+    parsed = parse_sms(f"{keyword}{meter}{before}-{after}{amount}")
+    assert parsed.command is Command.BUY
+    assert parsed.amount == f"-{amount}"
+    assert parse_amount(parsed.amount, "KES") is None
+
+
+@pytest.mark.parametrize(
+    "text", ["BUY 37012345676 -100", "37012345676 -100", "BUY*37012345676*-100"]
+)
+def test_a_negative_amount_parses_negative(text: str) -> None:
+    """The attack of issue 17: the ``-`` is a minus sign, not a separator."""
+    assert parse_sms(text) == ParsedSms(command=Command.BUY, meter="37012345676", amount="-100")
+
+
+def test_a_dash_between_numbers_still_separates() -> None:
+    """``buy-37012345676-500`` (dashes as the only separators) stays a purchase of 500."""
+    assert parse_sms("buy-37012345676-500").amount == "500"
