@@ -18,6 +18,7 @@ Assumptions named here:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import secrets
@@ -38,6 +39,7 @@ from gateway.customer_services import SagaCustomerServices
 from gateway.demo_data import demo_master_key, seed_demo
 from gateway.errors import ConfigError
 from gateway.ledger import Ledger, open_ledger
+from gateway.logging import register_secrets
 from gateway.metrics import Metrics, ledger_refresher
 from gateway.payments import PaymentProvider
 from gateway.payments.airtel import AirtelProvider
@@ -315,6 +317,8 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
     config.data_dir.mkdir(parents=True, exist_ok=True)
     callback_secret = _secret(config.callback_secret, config, "GATEWAY_CALLBACK_SECRET")
     admin_token = _secret(config.admin_token, config, "GATEWAY_ADMIN_TOKEN")
+    # From here on no log line, banner or error shows any of them (gateway.logging).
+    register_secrets(*config.secret_values(), callback_secret.reveal(), admin_token.reveal())
     base = config.effective_public_url
 
     def callback_url(provider: str, tail: str) -> str:
@@ -323,6 +327,7 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
     master_key = config.master_key_bytes()
     if master_key is None:
         master_key = demo_master_key(config.data_dir)
+        register_secrets(base64.b64encode(master_key).decode(), master_key.hex())
     ledger = await stack.enter_async_context(open_ledger(config.effective_database_url))
     if config.mode is Mode.DEMO and await seed_demo(ledger, master_key):
         log.info("demo_data_seeded", database=config.effective_database_url)
