@@ -13,6 +13,12 @@ Assumptions named here:
   process: a callback for a purchase from an earlier run gets 404 and the sweeper's status query
   recovers it, as it would a lost callback.
 - Without ``GATEWAY_ADMIN_TOKEN`` (demo only) a random admin token is made and printed.
+- The data directory is private (0700) and every file in it 0600 (the ledger and its -wal/-shm,
+  sessions.db, master.key); files an earlier version left readable are tightened at start.
+- A SQLite ledger is created only on a first start: a missing ledger file in a data directory
+  that holds anything (``ledger.created``, written next to it, sessions, a master key) refuses
+  to start instead of silently beginning an empty ledger (history, TIDs and keys gone).
+  A PostgreSQL database with an empty schema is a first start and is migrated.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ import asyncio
 import base64
 import contextlib
 import gc
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import structlog
@@ -37,8 +45,10 @@ from flows.sms_commands import SmsCommands
 from gateway.config import SIMULATED, Config, Mode, Secret
 from gateway.customer_services import SagaCustomerServices
 from gateway.demo_data import demo_master_key, seed_demo
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, LedgerMissing
 from gateway.ledger import Ledger, open_ledger
+from gateway.ledger.postgres import is_postgres_url
+from gateway.ledger.sqlite import sqlite_path
 from gateway.logging import register_secrets
 from gateway.metrics import Metrics, ledger_refresher
 from gateway.payments import PaymentProvider
@@ -57,7 +67,7 @@ from gateway.vending import SagaPolicy, Vending, load_token_engine
 from gateway.web.admin import admin_routes, setup_admin
 from gateway.web.callbacks import payment_routes
 from gateway.web.delivery import delivery_routes
-from gateway.web.health import health_routes
+from gateway.web.health import cached, health_routes
 from gateway.web.keys import CONFIG, METRICS, METRICS_REFRESH, READINESS
 from gateway.web.middleware import context_middleware
 from gateway.web.sms import sms_routes
@@ -300,9 +310,69 @@ async def _session_store(stack: contextlib.AsyncExitStack, config: Config) -> Se
         from gateway.redis_sessions import open_redis_session_store  # noqa: PLC0415
 
         return await stack.enter_async_context(open_redis_session_store(config.redis_url))
+    _create_private(config.data_dir / "sessions.db")
     sqlite_store = SqliteSessionStore.open(config.data_dir / "sessions.db")
     stack.callback(sqlite_store.close)
     return sqlite_store
+
+
+LEDGER_MARKER = "ledger.created"  # written in the data directory once a SQLite ledger exists
+_PRIVATE_DIR = 0o700
+_PRIVATE_FILE = 0o600
+
+
+def _private_data_dir(data_dir: Path) -> None:
+    """Create ``data_dir`` 0700 if missing; make it and every file directly in it private."""
+    data_dir.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
+    data_dir.chmod(_PRIVATE_DIR)
+    for entry in data_dir.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            entry.chmod(_PRIVATE_FILE)
+
+
+def _ledger_must_exist(config: Config) -> Path | None:
+    """The SQLite ledger's path, after refusing a data directory that lost its ledger.
+
+    Only a first start, with an empty (or brand-new) data directory, creates a ledger.
+
+    Raises:
+        LedgerMissing: the ledger file is gone but the data directory shows the gateway ran.
+    """
+    url = config.effective_database_url
+    if is_postgres_url(url):
+        return None
+    path = sqlite_path(url)
+    if path.exists():
+        return path
+    data_dir = config.data_dir
+    left = sorted(e.name for e in data_dir.iterdir()) if data_dir.is_dir() else []
+    if left:
+        raise LedgerMissing(
+            f"the ledger {path} is missing but the data directory {data_dir} is not empty"
+            f" ({', '.join(left[:5])}): refusing to start an empty ledger over an existing"
+            " installation. Restore the ledger from a backup (docs/operations.md), or, for a"
+            " deliberate fresh start, move the data directory away."
+        )
+    return path
+
+
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty, mode 0600 whatever the umask, if it does not exist.
+
+    SQLite gives a database's -wal and -shm files the database file's mode.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE))
+
+
+def _mark_ledger(config: Config, path: Path) -> None:
+    """Note in the data directory that a ledger exists (so its loss is noticed at start)."""
+    marker = config.data_dir / LEDGER_MARKER
+    if marker.exists():
+        return
+    descriptor = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(f"{path}\n")
 
 
 def _secret(configured: Secret | None, config: Config, setting: str) -> Secret:
@@ -314,7 +384,8 @@ def _secret(configured: Secret | None, config: Config, setting: str) -> Secret:
 
 
 async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime:
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    ledger_path = _ledger_must_exist(config)  # before anything is written in the data directory
+    _private_data_dir(config.data_dir)
     callback_secret = _secret(config.callback_secret, config, "GATEWAY_CALLBACK_SECRET")
     admin_token = _secret(config.admin_token, config, "GATEWAY_ADMIN_TOKEN")
     # From here on no log line, banner or error shows any of them (gateway.logging).
@@ -328,7 +399,12 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
     if master_key is None:
         master_key = demo_master_key(config.data_dir)
         register_secrets(base64.b64encode(master_key).decode(), master_key.hex())
+    if ledger_path is not None:
+        ledger_path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(ledger_path)
     ledger = await stack.enter_async_context(open_ledger(config.effective_database_url))
+    if ledger_path is not None:
+        _mark_ledger(config, ledger_path)
     if config.mode is Mode.DEMO and await seed_demo(ledger, master_key):
         log.info("demo_data_seeded", database=config.effective_database_url)
     engine = await load_token_engine(ledger, master_key)
@@ -423,7 +499,15 @@ def _background(runtime: Runtime) -> Callable[[web.Application], AsyncIterator[N
 
 
 def _readiness(runtime: Runtime) -> dict[str, Callable[[], Awaitable[bool]]]:
+    url = runtime.config.effective_database_url
+    ledger_file = None if is_postgres_url(url) else sqlite_path(url)
+    opened = None if ledger_file is None else _identity(ledger_file)
+
     async def ledger_ready() -> bool:
+        # A deleted or replaced file still takes writes through the open descriptor: compare.
+        if ledger_file is not None and _identity(ledger_file) != opened:
+            raise LedgerMissing(f"the ledger file {ledger_file} was deleted or replaced")
+        await runtime.ledger.probe_write()  # a committed write, not just a read
         await runtime.ledger.lookup_meter("00000000000")
         return True
 
@@ -431,7 +515,16 @@ def _readiness(runtime: Runtime) -> dict[str, Callable[[], Awaitable[bool]]]:
         await runtime.sessions.get("readyz")
         return True
 
-    return {"ledger": ledger_ready, "sessions": sessions_ready}
+    return {"ledger": cached("ledger", ledger_ready), "sessions": sessions_ready}
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode), None when it is gone."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 async def build_app(config: Config) -> web.Application:

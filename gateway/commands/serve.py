@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from typing import Final, TextIO
 
@@ -85,6 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"gateway serve: {mask_secrets(str(exc))}", file=sys.stderr)
         return 2
     register_secrets(*config.secret_values())
+    os.umask(0o077)  # every file this process creates is private (ledger, sessions, keys)
     as_json = configure_logging(json=config.log_json, level=config.log_level, stream=sys.stderr)
     return run(config, out=sys.stdout, json_errors=as_json)
 

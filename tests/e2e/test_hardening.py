@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
+import asyncpg
 import pytest
 
 from gateway.ledger.postgres import create_schema, drop_schema
@@ -298,3 +299,83 @@ async def test_data_files_are_private(tmp_path: Path) -> None:
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     assert all(mode == 0o600 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}
+
+
+# ------------------------------------------------------------- 5. readiness proves a write
+
+
+async def _ready(http: aiohttp.ClientSession, base: str) -> int:
+    async with http.get(base + "/readyz") as response:
+        return response.status
+
+
+async def _becomes(http: aiohttp.ClientSession, base: str, status: int) -> bool:
+    end = time.monotonic() + 5  # the ledger's answer is cached about a second
+    while time.monotonic() < end:
+        if await _ready(http, base) == status:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_a_deleted_ledger_is_not_ready_and_refuses_the_next_start(tmp_path: Path) -> None:
+    """Delete the ledger under a running demo gateway: /readyz says 503; a restart refuses.
+
+    Before the fix /readyz stayed 200 and the restart silently began an empty ledger with a
+    new demo key.
+    """
+    data = tmp_path / "brand" / "new" / "data"  # a --data-dir that does not exist yet
+    async with serve(data, _clean_env()) as served, aiohttp.ClientSession() as http:
+        assert await _ready(http, served.base) == 200
+        (data / "gateway.db").unlink()
+        assert await _becomes(http, served.base, 503)
+        async with http.get(served.base + "/readyz") as response:
+            assert (await response.json())["checks"]["ledger"] is False
+    assert any("readiness_changed" in line for line in served.stderr)
+    key_before = (data / "master.key").read_bytes()
+
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "gateway", "serve", "--port", str(_free_port())),
+        *("--data-dir", str(data)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_clean_env(GATEWAY_LOG_JSON="true"),
+    )
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode == 1
+    assert out == b""
+    (line,) = err.decode().splitlines()
+    failure = json.loads(line)
+    assert failure["event"] == "gateway_start_failed"
+    assert "gateway.db is missing" in failure["error"]
+    assert "Restore the ledger from a backup" in failure["error"]
+    assert not (data / "gateway.db").exists()
+    assert (data / "master.key").read_bytes() == key_before
+
+
+async def test_a_database_that_takes_no_writes_is_not_ready(tmp_path: Path, schema: str) -> None:
+    """PostgreSQL answers reads but no write gets through (every table locked against writes).
+
+    Before the fix /readyz read a meter and said 200.
+    """
+    url = f"{PG}?search_path={schema}"
+    env = _clean_env(GATEWAY_DATABASE_URL=url)
+    async with serve(tmp_path / "data", env) as served, aiohttp.ClientSession() as http:
+        assert await _ready(http, served.base) == 200
+        blocker = await asyncpg.connect(PG, server_settings={"search_path": schema})
+        try:
+            tables = [
+                row["tablename"]
+                for row in await blocker.fetch(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema
+                )
+            ]
+            async with blocker.transaction():
+                await blocker.execute(f"LOCK TABLE {', '.join(tables)} IN EXCLUSIVE MODE")
+                assert await _becomes(http, served.base, 503)
+                async with http.get(served.base + "/readyz") as response:
+                    assert (await response.json())["checks"]["ledger"] is False
+        finally:
+            await blocker.close()
+        assert await _becomes(http, served.base, 200)
