@@ -13,6 +13,8 @@ Assumptions named here:
   process: a callback for a purchase from an earlier run gets 404 and the sweeper's status query
   recovers it, as it would a lost callback.
 - Without ``GATEWAY_ADMIN_TOKEN`` (demo only) a random admin token is made and printed.
+- The AT simulator mounted at ``/sim/africastalking`` (demo) shows every SMS, tokens included:
+  its pages answer loopback callers, others only with the admin token as a bearer token.
 - The data directory is private (0700) and every file in it 0600 (the ledger and its -wal/-shm,
   sessions.db, master.key); files an earlier version left readable are tightened at start.
 - A SQLite ledger is created only on a first start: a missing ledger file in a data directory
@@ -27,6 +29,8 @@ import asyncio
 import base64
 import contextlib
 import gc
+import hmac
+import ipaddress
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +40,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from flows.engine import UssdEngine
 from flows.journeys import build_screens
@@ -156,12 +161,15 @@ async def _start_simulators(
     from gateway.sim.momo import MomoSimulator  # noqa: PLC0415
 
     base = config.effective_public_url
+    at_api_key = secrets.token_urlsafe(18)  # not the simulator's well-known default
+    register_secrets(at_api_key)
     at = AtSimulator(
         ussd_url=base + USSD_PATH,
         ussd_events_url=base + USSD_EVENTS_PATH,
         delivery_url=base + SMS_DELIVERY_PATH,
         inbound_url=base + SMS_INBOUND_PATH,
         shortcode=config.shortcode,
+        api_key=at_api_key,
     )
     # C2B confirmations carry the payer's number in the clear here (Daraja's v1 behaviour), so
     # paybill tokens can be texted; v2 masks it, and then only a reprint reaches the customer.
@@ -484,6 +492,45 @@ async def _outbox_loop(outbox: OutboxWorker, stop: asyncio.Event) -> None:
                 await stop.wait()
 
 
+def _sim_guard(admin_token: Secret) -> Middleware:
+    """The mounted AT simulator's pages (every SMS, tokens included) for loopback callers only.
+
+    Its SMS API (``/version1/…``) checks AT's ``apiKey`` header itself (a random key per
+    process); everything else (``/sim/inbox``, ``/sim/sent``, ``/sim/sms``) answers a caller on
+    another host only with ``Authorization: Bearer <admin token>``, else 403.
+    """
+    expected = f"Bearer {admin_token.reveal()}".encode()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.removeprefix(AT_SIM_PREFIX).startswith("/version1/"):
+            return await handler(request)
+        if _is_loopback(request.remote):
+            return await handler(request)
+        presented = request.headers.get("Authorization", "").encode()
+        if hmac.compare_digest(presented, expected):
+            return await handler(request)
+        log.warning(
+            "sim_access_refused", security_event=True, remote=request.remote, path=request.path
+        )
+        return web.json_response(
+            {
+                "error": "the simulator's pages answer loopback callers, or others with"
+                " 'Authorization: Bearer <admin token>' (gateway phone --admin-token)"
+            },
+            status=403,
+        )
+
+    return guard
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
+
+
 def _background(runtime: Runtime) -> Callable[[web.Application], AsyncIterator[None]]:
     async def background(_app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
@@ -577,6 +624,7 @@ async def build_app(config: Config) -> web.Application:
 
         at = runtime.simulators.at
         assert isinstance(at, AtSimulator)  # noqa: S101 - narrowing for mypy
+        at.app.middlewares.append(_sim_guard(runtime.admin_token))
         app.add_subapp(AT_SIM_PREFIX, at.app)
     app.add_routes(admin_routes())
     app.cleanup_ctx.append(_background(runtime))

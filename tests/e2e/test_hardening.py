@@ -28,6 +28,7 @@ import asyncpg
 import pytest
 
 from gateway.ledger.postgres import create_schema, drop_schema
+from gateway.sim.phone import PhoneSettings, TerminalPhone
 
 PG = "postgresql://127.0.0.1:5432/test"
 PHONE = "+254711000333"
@@ -379,3 +380,66 @@ async def test_a_database_that_takes_no_writes_is_not_ready(tmp_path: Path, sche
         finally:
             await blocker.close()
         assert await _becomes(http, served.base, 200)
+
+
+# ------------------------------------------------------- 13. the demo's SMS simulator is local
+
+
+def _lan_address() -> str | None:
+    """An address of this host other than loopback (None when there is none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.254", 9))  # no packet is sent: only picks the route
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+async def test_the_demo_sms_inbox_is_not_open_to_the_network(tmp_path: Path) -> None:
+    """From another host the simulator's inbox (tokens in clear) needs the admin token.
+
+    Without it: 403; with it, or from loopback, it answers; ``gateway phone --admin-token``
+    still reads it. Before the fix anyone on the network read every SMS.
+    """
+    lan = _lan_address()
+    if lan is None:
+        pytest.skip("this host has no address besides loopback")
+    token = "demo-admin-" + secrets.token_hex(8)
+    env = _clean_env(GATEWAY_ADMIN_TOKEN=token)
+    async with (
+        serve(tmp_path / "data", env, host="0.0.0.0") as served,
+        aiohttp.ClientSession() as http,
+    ):
+        port = served.base.rsplit(":", 1)[1]
+        local_sim = f"{served.base}/sim/africastalking"
+        remote_sim = f"http://{lan}:{port}/sim/africastalking"
+        await _ussd_purchase(http, served.base, "ATUid_sim")
+        assert await _token_sms(http, local_sim)  # loopback: the demo works as before
+        for path in ("/sim/inbox", "/sim/sent"):
+            async with http.get(remote_sim + path, params={"phone": PHONE}) as response:
+                assert response.status == 403, path
+                assert "admin token" in (await response.json())["error"]
+        async with http.post(remote_sim + "/sim/sms", data={"from": PHONE, "text": "TOKEN"}) as r:
+            assert r.status == 403
+        bearer = {"Authorization": f"Bearer {token}"}
+        async with http.get(
+            remote_sim + "/sim/inbox", params={"phone": PHONE}, headers=bearer
+        ) as response:
+            assert response.status == 200
+            assert any("token" in m["text"].lower() for m in await response.json())
+
+        lines: list[str] = []
+        answers = iter(["inbox", "quit"])
+
+        async def read_line(_prompt: str) -> str | None:
+            return next(answers, None)
+
+        phone = TerminalPhone(
+            PhoneSettings(gateway_url=f"http://{lan}:{port}", number=PHONE, admin_token=token),
+            read_line,
+            lines.append,
+        )
+        assert await phone.run() == 0
+        assert any("token" in line.lower() for line in lines), lines
+    assert any("sim_access_refused" in line for line in served.stderr)
