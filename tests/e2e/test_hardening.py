@@ -443,3 +443,61 @@ async def test_the_demo_sms_inbox_is_not_open_to_the_network(tmp_path: Path) -> 
         assert await phone.run() == 0
         assert any("token" in line.lower() for line in lines), lines
     assert any("sim_access_refused" in line for line in served.stderr)
+
+
+# ----------------------------------------------------------- 9. negative amounts, every channel
+
+
+async def test_negative_amounts_are_refused_in_every_channel(tmp_path: Path) -> None:
+    """SMS ``BUY <meter> -100``, USSD ``-100`` and a C2B validation for -100 buy nothing."""
+    secret = "cb-" + secrets.token_hex(12)
+    token = "admin-" + secrets.token_hex(12)
+    env = _clean_env(GATEWAY_CALLBACK_SECRET=secret, GATEWAY_ADMIN_TOKEN=token)
+    async with serve(tmp_path / "data", env) as served, aiohttp.ClientSession() as http:
+        sim = f"{served.base}/sim/africastalking"
+        async with http.post(
+            sim + "/sim/sms", data={"from": PHONE, "text": f"BUY {METER} -100"}
+        ) as response:
+            assert response.status == 200
+        replies: list[str] = []
+        end = time.monotonic() + 10
+        while not replies and time.monotonic() < end:
+            async with http.get(sim + "/sim/inbox", params={"phone": PHONE}) as response:
+                replies = [m["text"] for m in await response.json()]
+            await asyncio.sleep(0.1)
+        assert replies == [
+            "The amount must be more than zero. Send BUY meter amount, e.g. BUY 37012345676 500."
+        ]
+
+        form = {
+            "sessionId": "ATUid_negative",
+            "serviceCode": "*384*123#",
+            "phoneNumber": PHONE,
+            "networkCode": "63902",
+            "text": f"1*{METER}*-100",
+        }
+        async with http.post(served.base + "/ussd/africastalking", data=form) as response:
+            ussd = await response.text()
+        assert "100" not in ussd.replace(METER, ""), ussd
+
+        c2b = {
+            "TransactionType": "Pay Bill",
+            "TransID": "NEG0000001",
+            "TransTime": "20261204150000",
+            "TransAmount": "-100.00",
+            "BusinessShortCode": "174379",
+            "BillRefNumber": METER,
+            "MSISDN": "254711000333",
+            "FirstName": "A",
+        }
+        async with http.post(
+            f"{served.base}/payments/daraja/{secret}/c2b/validation", json=c2b
+        ) as response:
+            answer = await response.json()
+        assert answer["ResultCode"] != "0", answer
+        bearer = {"Authorization": f"Bearer {token}"}
+        async with http.get(
+            served.base + "/admin", headers=bearer, params={"q": PHONE}
+        ) as response:
+            page = await response.text()
+        assert "No purchase matches" in page, page
