@@ -115,7 +115,7 @@ async def serve(config: Config, out: TextIO) -> None:
 def _fail(message: str, *, json_errors: bool) -> int:
     """Report a failed start (masked): a JSON log line when logs are JSON, plain text otherwise."""
     if json_errors:
-        log.error("gateway_start_failed", error=message)
+        log.error("serve_failed", error=message)
     else:
         print(f"gateway serve: {mask_secrets(message)}", file=sys.stderr)
     return 1

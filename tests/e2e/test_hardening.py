@@ -348,7 +348,7 @@ async def test_a_deleted_ledger_is_not_ready_and_refuses_the_next_start(tmp_path
     assert out == b""
     (line,) = err.decode().splitlines()
     failure = json.loads(line)
-    assert failure["event"] == "gateway_start_failed"
+    assert failure["event"] == "serve_failed"
     assert "gateway.db is missing" in failure["error"]
     assert "Restore the ledger from a backup" in failure["error"]
     assert not (data / "gateway.db").exists()
