@@ -329,12 +329,20 @@ _PRIVATE_DIR = 0o700
 _PRIVATE_FILE = 0o600
 
 
+_OWN_FILES = ("gateway.db", "sessions.db", "master.key", LEDGER_MARKER)  # and -wal, -shm
+
+
 def _private_data_dir(data_dir: Path) -> None:
-    """Create ``data_dir`` 0700 if missing; make it and every file directly in it private."""
+    """Create ``data_dir`` 0700 if missing; make it and the gateway's own files in it private.
+
+    Only the files the gateway writes there (``_OWN_FILES`` and their -wal/-shm) are tightened;
+    anything else an operator keeps in the directory is left alone.
+    """
     data_dir.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
     data_dir.chmod(_PRIVATE_DIR)
     for entry in data_dir.iterdir():
-        if entry.is_file() and not entry.is_symlink():
+        own = entry.name.removesuffix("-wal").removesuffix("-shm") in _OWN_FILES
+        if own and entry.is_file() and not entry.is_symlink():
             entry.chmod(_PRIVATE_FILE)
 
 

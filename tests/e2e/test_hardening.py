@@ -301,6 +301,19 @@ async def test_data_files_are_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     assert all(mode == 0o600 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}
 
+    # Files an earlier version left readable are tightened at the next start; others left alone.
+    data.chmod(0o755)
+    for name in ("gateway.db", "master.key", "sessions.db"):
+        (data / name).chmod(0o644)
+    (data / "notes.txt").write_text("the operator's own file\n")
+    (data / "notes.txt").chmod(0o644)
+    async with serve(data, _clean_env()):
+        pass
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    for name in ("gateway.db", "master.key", "sessions.db"):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    assert stat.S_IMODE((data / "notes.txt").stat().st_mode) == 0o644
+
 
 # ------------------------------------------------------------- 5. readiness proves a write
 
