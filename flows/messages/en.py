@@ -87,6 +87,9 @@ MESSAGES: Final[dict[str, str]] = {
         "Enter your PIN to pay. Your token will come by SMS."
     ),
     "sms_debt": "Of this, {debt} goes to the meter's debt; {remaining} will remain.",
+    "sms_amount_negative": (
+        "The amount must be more than zero. Send BUY meter amount, e.g. BUY 37012345676 500."
+    ),
     "sms_amount_bad": "Amount not understood. Send BUY meter amount, e.g. BUY 37012345676 500.",
     "sms_meters": "Your meters: {meters}",
     "sms_lang_usage": "Send LANG EN, LANG SW or LANG FR.",

@@ -87,6 +87,10 @@ MESSAGES: Final[dict[str, str]] = {
         "({units} kWh). Entrez votre PIN. Le code arrive par SMS."
     ),
     "sms_debt": "Dont {debt} pour la dette du compteur; il restera {remaining}.",
+    "sms_amount_negative": (
+        "Le montant doit etre plus grand que zero. "
+        "Envoyez BUY compteur montant, ex. BUY 37012345676 500."
+    ),
     "sms_amount_bad": "Montant incompris. Envoyez BUY compteur montant, ex. BUY 37012345676 500.",
     "sms_meters": "Vos compteurs: {meters}",
     "sms_lang_usage": "Envoyez LANG EN, LANG SW ou LANG FR.",

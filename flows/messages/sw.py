@@ -84,6 +84,9 @@ MESSAGES: Final[dict[str, str]] = {
         "Weka PIN yako kulipa. Tokeni itakuja kwa SMS."
     ),
     "sms_debt": "Kati ya hiki, {debt} kinalipa deni la mita; {remaining} kitabaki.",
+    "sms_amount_negative": (
+        "Kiasi lazima kiwe zaidi ya sifuri. Tuma BUY mita kiasi, mfano BUY 37012345676 500."
+    ),
     "sms_amount_bad": "Kiasi hakieleweki. Tuma BUY mita kiasi, mfano BUY 37012345676 500.",
     "sms_meters": "Mita zako: {meters}",
     "sms_lang_usage": "Tuma LANG EN, LANG SW au LANG FR.",

@@ -1098,6 +1098,14 @@ class Ledger(Protocol):
         """How many purchases are in each state (every ``PurchaseState`` value, zeros included)."""
         ...
 
+    async def probe_write(self) -> None:
+        """Commit a write that changes nothing (readiness: the write path works end to end).
+
+        Raises:
+            LedgerError: the database cannot take a write now (disk full, read-only, gone).
+        """
+        ...
+
     async def outbox_stats(self, now: datetime) -> OutboxStats:
         """The outbox backlog (pending or sending), its oldest message's age, and held ones."""
         ...

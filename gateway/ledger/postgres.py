@@ -2093,6 +2093,17 @@ class PostgresLedger:
         )
         return cast("str", row["language"]) if row is not None else None
 
+    async def probe_write(self) -> None:
+        """Commit, in a transaction, a write that changes nothing (a read-only server refuses)."""
+
+        async def op(conn: Connection) -> None:
+            await conn.execute(
+                "UPDATE schema_migrations SET applied_at = applied_at"
+                " WHERE version = (SELECT max(version) FROM schema_migrations)"
+            )
+
+        await self._with_retry(op, transaction=True)
+
     async def set_language(self, phone: str, language: str) -> None:
         """Remember the phone's language code."""
 

@@ -2361,6 +2361,17 @@ class SqliteLedger:
         )
         return cast("str", row["language"]) if row is not None else None
 
+    async def probe_write(self) -> None:
+        """Commit a write that changes nothing, through the writer thread (a WAL frame, fsync)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE schema_migrations SET applied_at = applied_at"
+                " WHERE version = (SELECT max(version) FROM schema_migrations)"
+            )
+
+        await self._write(op)
+
     async def set_language(self, phone: str, language: str) -> None:
         """Remember the phone's language code."""
 

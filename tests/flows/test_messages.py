@@ -85,6 +85,7 @@ SMS_MESSAGES = [
     "sms_paying",
     "sms_debt",
     "sms_amount_bad",
+    "sms_amount_negative",
     "sms_meters",
     "sms_lang_usage",
     "language_set",
