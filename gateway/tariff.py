@@ -3,6 +3,10 @@
 The customer pays ``amount``. A fixed charge per purchase comes off first; what remains includes
 VAT, so the energy part is ``(amount - fixed) / (1 + vat)``; that buys ``energy / price`` kWh,
 rounded *down* to 0.1 kWh (the STS credit unit), so a customer is never vended more than was paid.
+Above 1,638.3 kWh (16,383 units) a token can only carry every 10th, 100th or 1000th unit (the
+STS amount's 14-bit mantissa and decimal exponent): the units are rounded down again, to the
+largest amount a token carries exactly, so the quote, the ledger, the SMS and the meter's credit
+are one number (DESIGN.md invariant 8).
 ``Decimal`` appears only inside this arithmetic; amounts in and out are integer minor units.
 
 ```
@@ -11,6 +15,7 @@ TariffError                  gateway.errors.GatewayError
   AmountBelowMinimum         below the tariff's minimum purchase (``minimum`` attribute)
   AmountAboveMaximum         above the tariff's maximum purchase (``maximum`` attribute)
   AmountBuysNothing          after the fixed charge and VAT it buys less than 0.1 kWh
+    AmountBuysTooMuch        it buys more than one token can carry (over 1,820,162.4 kWh)
 ```
 """
 
@@ -22,6 +27,7 @@ from typing import Final
 
 from gateway.errors import GatewayError
 from gateway.money import Money
+from gateway.sts.amount import UNITS_MAX, round_units_down
 
 #: One STS credit unit is 0.1 kWh (IEC 62055-41, electricity transfer amount resolution).
 UNITS_PER_KWH: Final = 10
@@ -56,6 +62,19 @@ class AmountAboveMaximum(TariffError):
 
 class AmountBuysNothing(TariffError):
     """After the fixed charge and VAT the amount buys less than one unit (0.1 kWh)."""
+
+
+class AmountBuysTooMuch(AmountAboveMaximum):
+    """The amount buys more units than one STS token carries; ``maximum`` is the most it may be."""
+
+    def __init__(self, amount: Money, maximum: Money) -> None:
+        TariffError.__init__(
+            self,
+            f"{amount} buys more than one token carries ({UNITS_MAX} units); the most one"
+            f" purchase may be is {maximum}",
+        )
+        self.amount = amount
+        self.maximum = maximum
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,8 +126,8 @@ class Tariff:
 class Quote:
     """What an amount buys: the breakdown a receipt shows.
 
-    ``units`` is in tenths of a kWh (the token's transfer amount); ``energy + vat + fixed_charge``
-    equals ``amount`` exactly.
+    ``units`` is in tenths of a kWh (the token's transfer amount), always an amount a token
+    carries exactly; ``energy + vat + fixed_charge`` equals ``amount`` exactly.
     """
 
     amount: Money
@@ -125,12 +144,16 @@ class Quote:
 
 
 def quote(tariff: Tariff, amount: Money) -> Quote:
-    """Turn ``amount`` into units under ``tariff``, rounding down to 0.1 kWh.
+    """Turn ``amount`` into units under ``tariff``, rounding down to what a token carries.
+
+    Down to 0.1 kWh, and above 16,383 units down to the STS amount's step (10, 100 or 1000
+    units): never more than was paid for, and exactly what the token will credit.
 
     Raises:
         CurrencyMismatch: ``amount`` is not in the tariff's currency.
         AmountBelowMinimum, AmountAboveMaximum: outside the tariff's purchase range.
         AmountBuysNothing: the amount is used up by the fixed charge and VAT.
+        AmountBuysTooMuch: the units are more than one token can carry.
     """
     if amount.currency != tariff.currency:
         raise CurrencyMismatch(
@@ -145,9 +168,14 @@ def quote(tariff: Tariff, amount: Money) -> Quote:
         raise AmountBuysNothing(f"{amount} does not cover the fixed charge of tariff {tariff.name}")
     vat_factor = 1 + Decimal(tariff.vat_basis_points) / _BASIS_POINTS
     energy_exact = Decimal(net) / vat_factor
-    units = int(
+    paid_for = int(
         (energy_exact * UNITS_PER_KWH / tariff.price_per_kwh_minor).to_integral_value(ROUND_DOWN)
     )
+    if paid_for > UNITS_MAX:
+        most = UNITS_MAX * vat_factor * tariff.price_per_kwh_minor / UNITS_PER_KWH
+        most_minor = int(most.to_integral_value(ROUND_DOWN)) + tariff.fixed_charge_minor
+        raise AmountBuysTooMuch(amount, Money(most_minor, tariff.currency))
+    units = round_units_down(max(paid_for, 0))
     if units <= 0:
         raise AmountBuysNothing(f"{amount} buys less than 0.1 kWh under tariff {tariff.name}")
     energy_minor = int(energy_exact.to_integral_value(ROUND_DOWN))

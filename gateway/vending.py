@@ -89,6 +89,7 @@ from gateway.sts import (
     TokenEngine,
     VendingKey,
     next_tid,
+    round_units_down,
 )
 from gateway.tariff import Quote, TariffError, quote
 
@@ -213,6 +214,15 @@ _SHORT_KEY_CHANGE_TEMPLATES: Final[Mapping[str, str]] = {
     "sw": "Weka {kcts} kisha {token} {kwh}kWh {amount} Mita {meter} Risiti {receipt}",
     "fr": "Entrez {kcts} puis {token} {kwh}kWh {amount} Cpt {meter} Recu {receipt}",
 }
+
+
+def _carried_units(units: int) -> int:
+    """The units a purchase's token carries, recorded and sent exactly (DESIGN.md invariant 8).
+
+    Quotes only offer amounts a token carries; a purchase quoted before they did (above 16,383
+    units) is vended the largest such amount below its units, never more than was paid for.
+    """
+    return round_units_down(units)
 
 
 def _group(token: str) -> str:
@@ -1090,6 +1100,7 @@ class Vending:
             log.warning("key_change_stale", meter=meter.drn, change_id=change.change_id)
             change = None
         tid, token, kcts = await self._make_tokens(context, change, payment)
+        units = _carried_units(purchase.units)
         receipt = (payment.receipt if payment else None) or context.receipt or purchase.purchase_id
         outcome = await self._ledger.record_vend(
             VendDraft(
@@ -1098,12 +1109,12 @@ class Vending:
                 tid=tid,
                 expected_last_tid=meter.last_tid,
                 token=token,
-                units=purchase.units,
+                units=units,
                 receipt=receipt,
                 recipient=purchase.phone,
                 message=token_message(
                     token=token,
-                    units=purchase.units,
+                    units=units,
                     amount=purchase.amount,
                     meter=purchase.meter,
                     receipt=receipt,
@@ -1121,7 +1132,7 @@ class Vending:
                 "token_vended",
                 meter=purchase.meter,
                 tid=tid,
-                units=purchase.units,
+                units=units,
                 token=outcome.vend.masked_token,
                 key_change_tokens=len(kcts),
             )
@@ -1154,6 +1165,7 @@ class Vending:
             VendFailed: no token can be made (the purchase is VEND_FAILED).
         """
         purchase, meter = context.purchase, context.meter
+        units = _carried_units(purchase.units)
         reasons: list[str] = []
         if change is not None:
             try:
@@ -1162,7 +1174,7 @@ class Vending:
                 kcts = await self._engine.key_change_tokens(self._profile(meter), new_profile)
                 last_tid = None if change.rollover else meter.last_tid
                 tid = next_tid(self._clock(), new_meter.base_date, last_tid)
-                token = await self._engine.credit_token(new_profile, purchase.units, tid)
+                token = await self._engine.credit_token(new_profile, units, tid)
             except StsError as exc:
                 reason = f"key change {change.change_id}: {type(exc).__name__}: {exc}"
                 reasons.append(reason)
@@ -1172,7 +1184,7 @@ class Vending:
         try:
             profile = self._profile(meter)
             tid = next_tid(self._clock(), meter.base_date, meter.last_tid)
-            token = await self._engine.credit_token(profile, purchase.units, tid)
+            token = await self._engine.credit_token(profile, units, tid)
         except StsError as exc:
             reasons.append(f"{type(exc).__name__}: {exc}")
             raise await self._vend_failed(purchase, payment, "; ".join(reasons)) from exc
