@@ -297,3 +297,37 @@ async def test_a_new_supply_group_and_tariff_index_take_three_tokens(tmp_path: P
         assert (meter.attributes.sgc, meter.attributes.tariff_index) == ("600123", "07")
         stored = await rig.ledger.get_meter(rig.drn)
         assert (stored.sgc, stored.krn, stored.tariff_index) == ("600123", 1, "07")
+
+
+async def test_after_a_rollover_a_tid_equal_to_a_1993_one_is_vended(rig_1993: Rig) -> None:
+    """A 2014 TID equal to a TID vended under 1993 (21 years later) is a new token: vended.
+
+    Issue 16: ``UNIQUE (meter, tid)`` across base dates refused it (DuplicateError) and the paid
+    purchase waited a minute for the next TID.
+    """
+    rig = rig_1993
+    meter = emulator_for(await rig.ledger.get_meter(rig.drn), OLD_1993_KEY)
+    bought_at = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+    rig.clock.now = bought_at
+    old = await rig.buy("1993")
+    (old_token,) = await rig.sms_tokens(old)
+    assert meter.enter(old_token).accepted
+    old_vend = await rig.ledger.get_vend(old.purchase_id)
+    assert old_vend is not None
+
+    await rig.ledger.plan_key_rotation(TO_KRN_2, actor="operator")
+    rig.clock.now = datetime(2026, 3, 14, 9, 0, tzinfo=UTC)
+    rolled = await rig.buy("rollover")
+    assert [meter.enter(t).accepted for t in await rig.sms_tokens(rolled)] == [True] * 3
+
+    # The same number of minutes from 2014 as the old token's from 1993: the same TID.
+    rig.clock.now = datetime(2014, 1, 1, tzinfo=UTC) + (
+        bought_at - datetime(1993, 1, 1, tzinfo=UTC)
+    )
+    clash = await rig.buy("2045")
+    assert clash.state is PurchaseState.VENDED
+    vend = await rig.ledger.get_vend(clash.purchase_id)
+    assert vend is not None
+    assert vend.tid == old_vend.tid
+    (token,) = await rig.sms_tokens(clash)
+    assert meter.enter(token).verdict is Verdict.ACCEPTED
