@@ -425,7 +425,12 @@ def _key_change_body(args: argparse.Namespace) -> None:
     )
     new_key = _derive(args, args.new_vending_key or args.vending_key, new)
     fields = key_change_fields(
-        old=old, new=new, new_key=new_key, rollover=args.rollover, three_kct=args.three_kct
+        old=old,
+        new=new,
+        new_key=new_key,
+        rollover=args.rollover,
+        three_kct=args.three_kct,
+        old_key=meter.decoder_key,
     )
     images = [build_token(f, meter.cipher) for f in fields]
     _print(

@@ -193,6 +193,9 @@ class TokenEngine(Protocol):
         Raises:
             UnknownKey: no vending key for the old or the new SGC/KRN.
             InvalidField: the profiles are of different meters or algorithms.
+            InvalidKey: the new decoder key is the current one while the base date changes or
+                TIDs roll over (a DKGA02 change of base date alone): the meter would accept
+                its old tokens again.
         """
         ...
 
@@ -417,15 +420,16 @@ class LocalTokenEngine:
                 "drn", new.drn, f"a key change is for one meter; the old profile is {old.drn}"
             )
         new_key = self._derive(new).decoder_key
+        current = self._meter_keys(old)
         fields = key_change_fields(
             old=old.key_attributes(),
             new=new.key_attributes(),
             new_key=new_key,
             rollover=rollover,
             three_kct=three_kct,
+            old_key=current.decoder_key,
         )
-        cipher = self._meter_keys(old).cipher
-        return [Token(token_digits(f, cipher)) for f in fields]
+        return [Token(token_digits(f, current.cipher)) for f in fields]
 
     async def key_change_tokens(self, old: MeterProfile, new: MeterProfile) -> list[Token]:
         """See :meth:`TokenEngine.key_change_tokens`."""

@@ -12,6 +12,12 @@ EA11  subclasses 3 + 4 + 8 (SGC low 12 bits, key bytes 4..7) + 9 (SGC high 12 bi
 
 RO (TID rollover) = 1 tells the meter to clear its TID store: it is set when the base date
 changes (the new key's TIDs start again from a later base date), or when asked.
+
+A rollover must come with a new decoder key. DKGA02 does not derive the key from the base date,
+so a DKGA02 change of base date alone gives the meter its current key back with RO = 1: the
+meter forgets its TIDs and accepts every token issued under that key again. Such a set is
+refused (:class:`~gateway.sts.errors.InvalidKey`), as is a change of base date that keeps the
+key: the KRN (a new vending key) or the SGC must change too.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ def key_change_fields(
     new_key: bytes,
     rollover: bool | None = None,
     three_kct: bool | None = None,
+    old_key: bytes | None = None,
 ) -> list[TokenFields]:
     """The ordered contents of the key-change set that moves a meter from ``old`` to ``new``.
 
@@ -87,10 +94,13 @@ def key_change_fields(
         rollover: RO; ``None`` sets it when the base date changes.
         three_kct: EA07 only: whether to send the 3rd (SGC) section; ``None`` sends it when the
             SGC changes. EA11 sets always have four sections.
+        old_key: the meter's current decoder key, to refuse a rollover or a change of base
+            date that keeps it.
 
     Raises:
         InvalidField: the algorithm changes (a key change cannot move EA07 to EA11).
-        InvalidKey: ``new_key`` has the wrong length for the algorithm.
+        InvalidKey: ``new_key`` has the wrong length for the algorithm, or equals ``old_key``
+            while the set rolls TIDs over or changes the base date.
     """
     if encryption_algorithm(old.ea) is not encryption_algorithm(new.ea):
         raise InvalidField(
@@ -104,6 +114,20 @@ def key_change_fields(
             "new_key", "<redacted>", f"EA{new.ea:02d} needs a {length}-byte key, got {len(new_key)}"
         )
     ro = (old.base_date != new.base_date) if rollover is None else rollover
+    if old_key is not None and new_key == old_key and (ro or old.base_date != new.base_date):
+        raise InvalidKey(
+            "new_key",
+            "<redacted>",
+            "the new decoder key is the meter's current one"
+            + (
+                f" (base date {old.base_date} -> {new.base_date}: DKGA02 does not derive the key"
+                " from the base date)"
+                if old.base_date != new.base_date
+                else ""
+            )
+            + "; a rollover (RO = 1) under the same key would make the meter forget its TIDs"
+            " and accept its old tokens again: change the KRN or the SGC too",
+        )
     is_misty = encryption_algorithm(new.ea) is EncryptionAlgorithm.EA11
     extra = False if is_misty else ((old.sgc != new.sgc) if three_kct is None else three_kct)
     sections: list[TokenFields] = [

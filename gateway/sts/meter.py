@@ -17,7 +17,8 @@ the outcome. The checks run in the order public meter firmware uses [1]:
    installed, and RO = 1 clears the TID store. A change to KT 0 is refused unless the key is
    KT 0, and KT 3 (common key) is refused by keypad meters. A complete set whose attributes
    cannot be a key's (KRN 0 or 10-15, TI above 99, SGC above 999999) is ``NOT_SUPPORTED``
-   and the old key stays.
+   and the old key stays, as is a rollover (RO = 1) to the key the meter already holds
+   (clearing the TID store under the same key would let every old token in again).
 
 What a real meter displays for each outcome is meter-specific ("Err", "Used", "Old" …).
 The emulator is an oracle for tests and engineering, not a certified meter.
@@ -209,6 +210,7 @@ class MeterEmulator:
             raise ValueError("a TID store holds at least one TID")
         self._sta_tables = sta_tables
         self._attributes = attributes
+        self._key = bytes(decoder_key)
         self._cipher: BlockCipher = make_cipher(attributes.ea, decoder_key, sta_tables=sta_tables)
         self._depth = tid_store_depth
         self._keypad = keypad
@@ -458,6 +460,14 @@ class MeterEmulator:
             if first.three_kct:
                 sgc = f"{unpack(STA_SGC_SECTION, self._payload(8))['sgc']:06d}"
         rollover = bool(first.ro)
+        if rollover and new_key == self._key:
+            self._pending.clear()
+            return MeterResponse(
+                verdict=Verdict.NOT_SUPPORTED,
+                reason="key-change set refused, the old key stays: a rollover (RO = 1) to the"
+                " key the meter already holds would clear its TIDs and let its old tokens in"
+                " again",
+            )
         try:
             attributes = KeyAttributes(
                 key_type=first.kt,
@@ -477,6 +487,7 @@ class MeterEmulator:
                 reason=f"key-change set refused, the old key stays: {exc}",
             )
         self._cipher = make_cipher(old.ea, new_key, sta_tables=self._sta_tables)
+        self._key = new_key
         self._attributes = attributes
         self._pending.clear()
         if rollover:

@@ -437,3 +437,18 @@ def test_batch_on_standard_input_survives_a_bad_byte_and_a_byte_order_mark() -> 
     assert first["token"] == V006["token"]
     assert second["id"] == "\ufffd"
     assert "error" in second
+
+
+def test_a_dkga02_change_of_base_date_alone_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """DKGA02 ignores the base date: 1993 -> 2014 alone would send the current key with RO = 1.
+
+    Issue 16: the meter would forget its TIDs and take its old tokens again; refused, naming why.
+    """
+    argv = ["token", "key-change", "--vending-key", "abababababababab", "--dkga", "2"]
+    argv += ["--drn", "00000000000", "--sgc", "123456", "--ti", "01", "--krn", "1"]
+    argv += ["--base-date", "1993", "--new-base-date", "2014", "--json"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "DKGA02 does not derive the key from the base date" in captured.err
+    assert main([*argv[:-3], "--new-krn", "2", *argv[-3:]]) == 0  # with a new KRN it is a new key

@@ -11,8 +11,10 @@ from gateway.sts.amount import UNITS_MAX, round_currency, round_units
 from gateway.sts.carrier import extract_class, insert_class, to_digits
 from gateway.sts.cipher import make_cipher
 from gateway.sts.crc import crc_field
+from gateway.sts.dkga import derive_decoder_key
 from gateway.sts.engine import LocalTokenEngine, MeterProfile, VendingKey
-from gateway.sts.errors import TidRangeExhausted
+from gateway.sts.errors import InvalidKey, TidRangeExhausted
+from gateway.sts.keychange import key_change_fields
 from gateway.sts.meter import (
     CreditAdded,
     CreditCleared,
@@ -456,3 +458,73 @@ def test_a_key_change_set_with_impossible_attributes_is_refused_not_raised(
     assert last.verdict is (Verdict.ACCEPTED if valid else Verdict.NOT_SUPPORTED)
     old_key_works = meter.enter(build_token(ClearTamper(rnd=0, tid=_tid()), cipher).digits)
     assert old_key_works.accepted is not valid
+
+
+# --- a rollover to the key the meter holds (issue 16, point 3) ----------------------------------
+
+METER_1993 = MeterProfile(
+    drn="00000000000", sgc="123456", tariff_index="01", krn=1, dkga=2, base_date=1993
+)
+
+
+def test_a_rollover_to_the_current_key_is_refused_and_old_tokens_stay_used(
+    engine: LocalTokenEngine,
+) -> None:
+    """A DKGA02 1993 -> 2014 change alone derives the same key; with RO = 1 the meter refuses it.
+
+    Before, it cleared the TID store and took a token used before the change again.
+    """
+    meter = MeterEmulator.for_profile(METER_1993, VK_1993)
+    old_key = engine.decoder_key(METER_1993)
+    used = engine.credit_token_sync(METER_1993, 10, 16_000_000)
+    assert meter.enter(used.digits).accepted
+    old, new = METER_1993.key_attributes(), replace(METER_1993, base_date=2014).key_attributes()
+    same_key = derive_decoder_key(
+        dkga=2,
+        vending_key=VK_1993.key,
+        iin=METER_1993.iin,
+        drn=METER_1993.drn,
+        key_type=2,
+        sgc=new.sgc,
+        tariff_index=new.tariff_index,
+        krn=new.krn,
+        base_date=new.base_date,
+        ea=7,
+    )
+    assert same_key == old_key
+    cipher = make_cipher(7, old_key)
+    replay_set = [
+        build_token(f, cipher) for f in key_change_fields(old=old, new=new, new_key=same_key)
+    ]
+    answers = [meter.enter(image.digits) for image in replay_set]
+    assert [a.verdict for a in answers] == [Verdict.KEY_CHANGE_PENDING, Verdict.NOT_SUPPORTED]
+    assert "rollover" in answers[-1].reason
+    assert meter.attributes == old
+    assert meter.enter(used.digits).verdict is Verdict.USED
+
+
+def test_the_engine_refuses_to_build_a_rollover_to_the_current_key(
+    engine: LocalTokenEngine,
+) -> None:
+    """The engine and ``key_change_fields`` refuse it, naming the reason."""
+    with pytest.raises(InvalidKey, match="current one"):
+        engine.key_change_tokens_sync(METER, METER, rollover=True)
+    old_key = engine.decoder_key(METER_1993)
+    with pytest.raises(InvalidKey, match="DKGA02 does not derive the key from the base date"):
+        key_change_fields(
+            old=METER_1993.key_attributes(),
+            new=replace(METER_1993, base_date=2014).key_attributes(),
+            new_key=old_key,
+            old_key=old_key,
+        )
+    # A new key with RO = 1 is fine (the 2035 rollover of SPEC.md §9); so is the same key
+    # without a rollover or a change of base date (a KEN change).
+    assert (
+        len(
+            engine.key_change_tokens_sync(
+                METER, replace(METER, sgc="203557", krn=6, base_date=2035)
+            )
+        )
+        >= 2
+    )
+    assert len(engine.key_change_tokens_sync(METER, replace(METER, ken=200))) == 2
