@@ -107,7 +107,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--three-kct",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="EA07 SGC section (default: sent when the SGC changes)",
+        help="EA07 3-token set with the SGC section, 3KCT = 1 (default: the two-token set)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_key_change)

@@ -412,8 +412,9 @@ class LocalTokenEngine:
     ) -> list[Token]:
         """:meth:`key_change_tokens`, synchronously, with the set's options.
 
-        ``rollover`` forces RO (default: set when the base date changes); ``three_kct`` forces
-        the EA07 SGC section (default: sent when the SGC changes).
+        ``rollover`` forces RO (default: set when the base date changes); ``three_kct`` asks
+        for the EA07 SGC section, the 3-token set (default: the two-token set, also when the SGC
+        changes, as the STS 531-style sets do).
         """
         if (old.iin, old.drn) != (new.iin, new.drn):
             raise InvalidField(

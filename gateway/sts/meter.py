@@ -13,7 +13,11 @@ the outcome. The checks run in the order public meter firmware uses [1]:
    the smallest;
 6. credit refused with a default key (KT 1, DDTK): ``KEY_TYPE_REFUSED``;
 7. key-change sections are not TID-checked. They are kept until the set is complete (EA07:
-   3 + 4, + 8 when 3KCT = 1; EA11: 3 + 4 + 8 + 9), then the new key and attributes are
+   3 + 4, + 8 when 3KCT = 1; EA11: 3 + 4 + 8 + 9). A first section (subclass 3) starts a set:
+   sections kept from before it (a set left incomplete) are dropped, so a key is never
+   assembled from two sets' sections (a key no token works under). A two-token EA07 set does
+   not tell the meter its new SGC (it is part of the derived key); the emulator keeps the SGC
+   it had. When the set is complete the new key and attributes are
    installed, and RO = 1 clears the TID store. A change to KT 0 is refused unless the key is
    KT 0, and KT 3 (common key) is refused by keypad meters. A complete set whose attributes
    cannot be a key's (KRN 0 or 10-15, TI above 99, SGC above 999999) is ``NOT_SUPPORTED``
@@ -405,9 +409,9 @@ class MeterEmulator:
 
     def _key_section(self, fields: KeySection1 | KeySection2 | KeySectionExtra) -> MeterResponse:
         if isinstance(fields, KeySection1):
+            self._pending.clear()  # a new set begins: never mix it with an earlier one's sections
             refusal = self._refuse_key_type(fields.kt)
             if refusal is not None:
-                self._pending.clear()
                 return refusal
         if fields.subclass == 9 and not self._is_misty():
             return MeterResponse(

@@ -268,8 +268,11 @@ async def test_a_failing_observer_never_breaks_a_purchase(rig: Rig) -> None:
     assert message.state is OutboxState.PENDING
 
 
-async def test_a_new_supply_group_and_tariff_index_take_three_tokens(tmp_path: Path) -> None:
-    """A rotation to another SGC and TI sends the 3-token set; the meter takes all of it."""
+async def test_a_new_supply_group_and_tariff_index_take_two_tokens(tmp_path: Path) -> None:
+    """A rotation to another SGC and TI sends the two-token set (3KCT = 0, as CTSA19.4 does).
+
+    The meter takes the new key (the SGC is part of it): the credit under it is accepted.
+    """
     other_group = VendingKey(
         sgc="600123", krn=1, dkga=4, base_date=2014, key=bytes.fromhex("7c3d" * 10)
     )
@@ -286,15 +289,10 @@ async def test_a_new_supply_group_and_tariff_index_take_three_tokens(tmp_path: P
         await rig.ledger.plan_key_rotation(rotation, actor="operator")
         purchase = await rig.buy("moved")
         *kcts, credit = await rig.sms_tokens(purchase)
-        assert len(kcts) == 3
+        assert len(kcts) == 2
         verdicts = [meter.enter(token).verdict for token in [*kcts, credit]]
-        assert verdicts == [
-            Verdict.KEY_CHANGE_PENDING,
-            Verdict.KEY_CHANGE_PENDING,
-            Verdict.ACCEPTED,
-            Verdict.ACCEPTED,
-        ]
-        assert (meter.attributes.sgc, meter.attributes.tariff_index) == ("600123", "07")
+        assert verdicts == [Verdict.KEY_CHANGE_PENDING, Verdict.ACCEPTED, Verdict.ACCEPTED]
+        assert meter.attributes.tariff_index == "07"
         stored = await rig.ledger.get_meter(rig.drn)
         assert (stored.sgc, stored.krn, stored.tariff_index) == ("600123", 1, "07")
 
