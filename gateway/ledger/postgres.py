@@ -16,8 +16,8 @@ TIDs
     meter's row (``SELECT last_tid … FOR UPDATE``) and compares it with the TID the vend was
     computed from: two instances vending for one meter in the same minute are serialised there,
     the loser gets ``TidConflict`` (and nothing of its transaction stays, payment included) and
-    the saga makes a new token from the new last TID. ``UNIQUE (meter, tid)`` stays as the last
-    net.
+    the saga makes a new token from the new last TID. ``UNIQUE (meter, base_date, tid)`` stays
+    as the last net (a TID rollover starts TIDs again from a later base date).
 
 Idempotent inserts
     Inserts two instances may race on (one idempotency key, one provider reference) use
@@ -1264,14 +1264,16 @@ class PostgresLedger:
             now = self._clock()
             if change is not None:
                 await self._apply_key_change(conn, draft, change, now)
-            # One statement: the meter's TID advances, the vend and its token message are
-            # stored (every constraint still applies to each part).
+            # One statement: the meter's TID advances, the vend (under the meter's base date, the
+            # new one after the key change above) and its token message are stored (every
+            # constraint still applies to each part).
             vend = await conn.fetchrow(
                 "WITH advanced AS (UPDATE meters SET last_tid = $13 WHERE drn = $2),"
                 " queued AS (INSERT INTO outbox (purchase_id, kind, recipient, body, state,"
                 " next_try_at, created_at, updated_at) VALUES ($1, $8, $9, $10, $11, $7, $7, $7))"
                 " INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
-                " key_change_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7, $12) RETURNING *",
+                " key_change_tokens, base_date) VALUES ($1, $2, $3, $4, $5, $6, $7, $12,"
+                " (SELECT base_date FROM meters WHERE drn = $2)) RETURNING *",
                 draft.purchase_id,
                 draft.meter,
                 draft.tid,

@@ -1511,8 +1511,11 @@ class SqliteLedger:
                 if moved.rowcount != 1:
                     self._tid_conflict(conn, draft)
             conn.execute(
+                # The TID counts from the meter's base date (the new one after a key change,
+                # applied above): one TID per (meter, base date, TID), schema 0004.
                 "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
-                " key_change_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " key_change_tokens, base_date) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+                " (SELECT base_date FROM meters WHERE drn = ?))",
                 (
                     draft.purchase_id,
                     draft.meter,
@@ -1522,6 +1525,7 @@ class SqliteLedger:
                     draft.receipt,
                     now,
                     " ".join(draft.key_change_tokens),
+                    draft.meter,
                 ),
             )
             conn.execute(
