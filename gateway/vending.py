@@ -38,7 +38,7 @@ import random
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
 
@@ -80,6 +80,7 @@ from gateway.payments import (
     PaymentState,
     PaymentStatus,
     ProviderReference,
+    ReceiptVerifier,
     ReconcilingProvider,
 )
 from gateway.phone import Msisdn
@@ -773,7 +774,9 @@ class Vending:
             return
         with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
             try:
-                await self.confirm(purchase_id, claimed=notice.claimed_state)
+                await self.confirm(
+                    purchase_id, claimed=notice.claimed_state, claimed_receipt=notice.receipt
+                )
             except (GatewayError, StsError) as exc:
                 # Recorded; the sweeper finishes it. A notice is never refused for this.
                 log.warning("payment_notice_confirmation_deferred", error=str(exc))
@@ -856,7 +859,13 @@ class Vending:
         payer_ok = status.payer is None or purchase.phone is None or status.payer == purchase.phone
         return paid == purchase.amount and payer_ok, paid
 
-    async def confirm(self, purchase_id: str, *, claimed: PaymentState | None = None) -> Purchase:
+    async def confirm(
+        self,
+        purchase_id: str,
+        *,
+        claimed: PaymentState | None = None,
+        claimed_receipt: str | None = None,
+    ) -> Purchase:
         """Ask the provider what became of the purchase's payment, and act on its answer.
 
         Paid with the exact amount, currency and payer: PAID, then vended. Paid otherwise:
@@ -869,6 +878,11 @@ class Vending:
         that contradicts it (success against failure, either way), a provider that does not
         know the reference, or a failed customer-initiated payment (its confirmation said the
         money moved) is the security event ``payment_callback_contradicted``.
+
+        The receipt on the vend and the token SMS comes from the provider's own records only:
+        the status answer's, else (Daraja STK, whose query has none) a receipt a callback claimed
+        (``claimed_receipt``, or the one kept with the payment) once the provider's record of it
+        (``ReceiptVerifier``) shows this payment's amount and payer; else our purchase id.
 
         Raises:
             PaymentError: the provider could not answer (``ProviderUnavailable``, retryable).
@@ -903,7 +917,7 @@ class Vending:
                 raise
             self._check_claim(purchase, claimed, status)
             if status.state is PaymentState.SUCCEEDED:
-                return await self._on_success(context, status)
+                return await self._on_success(context, status, claimed_receipt)
             if status.state in _FAILED_CLAIMS and purchase.state in {
                 PurchaseState.CREATED,
                 PurchaseState.AWAITING_PAYMENT,
@@ -939,11 +953,55 @@ class Vending:
             channel=purchase.channel,
         )
 
-    async def _on_success(self, context: VendContext, status: PaymentStatus) -> Purchase:
+    async def _on_success(
+        self, context: VendContext, status: PaymentStatus, claimed_receipt: str | None = None
+    ) -> Purchase:
+        if status.receipt is None:
+            receipt = await self._proven_receipt(
+                context.purchase, status, (claimed_receipt, context.receipt)
+            )
+            status = replace(status, receipt=receipt)
         try:
             return await self._on_proven(context, status)
         except ReceiptReused as exc:
             return await self._receipt_reused(context.purchase, status, exc)
+
+    async def _proven_receipt(
+        self, purchase: Purchase, status: PaymentStatus, claims: Sequence[str | None]
+    ) -> str | None:
+        """A receipt callbacks claimed, as the provider's own record proves it; None if none.
+
+        Each claim is looked up (``ReceiptVerifier``); one whose record is not a success of
+        this purchase's amount and payer is the security event ``payment_receipt_unproven``. A
+        lookup that fails leaves the claim unproven (the token goes out with our purchase id).
+        """
+        provider = self._providers.get(purchase.provider)
+        if not isinstance(provider, ReceiptVerifier):
+            return None
+        for claimed in dict.fromkeys(c for c in claims if c):
+            try:
+                record = await provider.verify_receipt(claimed)
+            except PaymentError as exc:
+                log.warning("payment_receipt_unverified", receipt=claimed, error=str(exc))
+                continue
+            payer_ok = (
+                record.payer is None or purchase.phone is None or (record.payer == purchase.phone)
+            )
+            if (
+                record.state is PaymentState.SUCCEEDED
+                and record.amount == purchase.amount
+                and payer_ok
+            ):
+                return record.receipt or claimed
+            self._security_event(
+                "payment_receipt_unproven",
+                provider=provider.name,
+                reference=status.reference,
+                receipt=claimed,
+                answer=record.state.value,
+                amount=str(record.amount) if record.amount else None,
+            )
+        return None
 
     async def _receipt_reused(
         self, purchase: Purchase, status: PaymentStatus, exc: ReceiptReused
@@ -975,8 +1033,8 @@ class Vending:
             reference=status.reference,
             amount=paid,
             payer=status.payer,
-            # A status answer may carry no receipt (Daraja's STK Query): keep the callback's.
-            receipt=status.receipt or context.receipt,
+            # Only the provider's own records (the answer, or a verified claim: _on_success).
+            receipt=status.receipt,
         )
         if not matches:
             log.warning(
@@ -1183,7 +1241,9 @@ class Vending:
             log.warning("key_change_stale", meter=meter.drn, change_id=change.change_id)
             change = None
         tid, token, kcts = await self._make_tokens(context, change, payment)
-        receipt = (payment.receipt if payment else None) or context.receipt or purchase.purchase_id
+        # Only a receipt the provider's records proved (the payment's): never a callback's claim.
+        proven = payment.receipt if payment else await self._confirmed_receipt(purchase)
+        receipt = proven or purchase.purchase_id
         outcome = await self._ledger.record_vend(
             VendDraft(
                 purchase_id=purchase.purchase_id,
@@ -1231,6 +1291,14 @@ class Vending:
                     data={"reason": "the payment named no phone number (masked MSISDN)"},
                 )
         return outcome
+
+    async def _confirmed_receipt(self, purchase: Purchase) -> str | None:
+        """The receipt the purchase's payment confirmation proved (its ``payment_confirmed``)."""
+        for event in reversed(await self._ledger.timeline(purchase.purchase_id)):
+            if event.kind == "payment_confirmed":
+                receipt = event.data.get("receipt")
+                return receipt if isinstance(receipt, str) and receipt else None
+        return None
 
     async def _make_tokens(
         self, context: VendContext, change: KeyChange | None, payment: ConfirmedPayment | None

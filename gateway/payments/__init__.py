@@ -19,6 +19,7 @@ from gateway.payments.base import (
     PaymentTimedOut,
     ProviderReference,
     ProviderUnavailable,
+    ReceiptVerifier,
     ReconcilingProvider,
     StatusResultOutcome,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "PaymentTimedOut",
     "ProviderReference",
     "ProviderUnavailable",
+    "ReceiptVerifier",
     "ReconcilingProvider",
     "StatusResultOutcome",
 ]

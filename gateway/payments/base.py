@@ -213,6 +213,23 @@ class PaybillProvider(PaymentProvider, Protocol):
 
 
 @runtime_checkable
+class ReceiptVerifier(PaymentProvider, Protocol):
+    """A provider whose status answer may lack the receipt, but which can look one up.
+
+    Daraja's STK Query carries no receipt: the one an STK callback claims is a claim, and only
+    the provider's own record of it (Transaction Status) may put it on a token.
+    """
+
+    async def verify_receipt(self, receipt: str) -> PaymentStatus:
+        """The provider's own record of the payment ``receipt`` names (FAILED if it has none).
+
+        Raises:
+            ProviderUnavailable: the provider could not answer now, or is not set up for it.
+        """
+        ...
+
+
+@runtime_checkable
 class ReconcilingProvider(PaymentProvider, Protocol):
     """A provider that can list its completed payments by payer, amount and time (Daraja Pull).
 

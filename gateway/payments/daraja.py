@@ -487,6 +487,23 @@ class DarajaProvider:
             reason=None if code == 0 else f"{code} {body.get('ResultDesc', '')}".strip(),
         )
 
+    async def verify_receipt(self, receipt: str) -> PaymentStatus:
+        """Daraja's own record of an M-Pesa receipt (Transaction Status): an STK callback's claim.
+
+        A string that is not a receipt at all is FAILED without asking.
+
+        Raises:
+            ProviderUnavailable: as ``query_status`` for a C2B receipt.
+        """
+        if not _RECEIPT.fullmatch(receipt) or receipt.startswith(STK_PREFIX):
+            return PaymentStatus(
+                provider=self.name,
+                reference=ProviderReference(receipt),
+                state=PaymentState.FAILED,
+                reason="not an M-Pesa receipt",
+            )
+        return await self._transaction_status(ProviderReference(receipt))
+
     async def _transaction_status(self, reference: ProviderReference) -> PaymentStatus:
         if not (
             self._initiator

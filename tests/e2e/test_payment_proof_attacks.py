@@ -250,3 +250,55 @@ async def test_unknown_references_and_conflicts_are_counted_and_capped(
             ("ws_CO_000000000000000000001",),
         ).fetchall()
     assert stored <= 8192
+
+
+async def test_a_forged_stk_receipt_never_reaches_the_token(gateway: Runtime) -> None:
+    """(6) A forged STK success, posted before the real callback, names a made-up receipt."""
+    sim = _daraja(gateway)
+    sim.faults.callbacks.hold = True  # the real STK callback waits behind the forgery
+    purchase = await gateway.vending.start_purchase(
+        channel="ussd",
+        phone=Msisdn(PHONE),
+        meter=STK_METER,
+        amount=Money.of("100", "KES"),
+        idempotency_key="attack-6-genuine",
+    )
+    purchase = await gateway.vending.request_payment(purchase.purchase_id)
+    assert purchase.provider_reference is not None
+
+    async def charged() -> bool | None:
+        return True if sim.ledger() and sim.courier.held else None
+
+    await _eventually(charged)  # the customer paid; M-Pesa's callback is held
+    [charge] = sim.ledger()
+    forged = {
+        "Body": {
+            "stkCallback": {
+                "MerchantRequestID": "29115-34620561-1",
+                "CheckoutRequestID": purchase.provider_reference,
+                "ResultCode": 0,
+                "ResultDesc": "The service request is processed successfully.",
+                "CallbackMetadata": {
+                    "Item": [
+                        {"Name": "Amount", "Value": 100},
+                        {"Name": "MpesaReceiptNumber", "Value": "FAKE123456"},
+                        {"Name": "TransactionDate", "Value": 20261204120000},
+                        {"Name": "PhoneNumber", "Value": 254712345678},
+                    ]
+                },
+            }
+        }
+    }
+    sim.faults.callbacks.hold = False  # Daraja's answers to our lookups flow
+    assert await _post(gateway, "stk", json.dumps(forged).encode()) == 200
+    await sim.release_callbacks()  # the real callback
+
+    async def vended() -> str | None:
+        context = await gateway.ledger.vend_context(purchase.purchase_id)
+        return context.vend.receipt if context.vend is not None else None
+
+    receipt = await _eventually(vended)
+    assert receipt in {charge.receipt, purchase.purchase_id}
+    [message] = await gateway.ledger.outbox_for(purchase.purchase_id)
+    assert "FAKE123456" not in message.body
+    assert len(sim.ledger()) == 1
