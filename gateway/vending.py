@@ -323,6 +323,9 @@ class SagaPolicy:
             came) is looked up in the provider's list of payments this long after it went out
             (the prompt's lifetime).
         reconcile_window_s: that lookup covers (attempt - before, attempt + after).
+        receipt_check_s: how long a vend waits for the provider's record of a receipt a callback
+            claimed (Daraja Transaction Status); without an answer the token goes out with our
+            purchase id as its receipt.
     """
 
     first_check_after_s: float = 20.0
@@ -334,6 +337,7 @@ class SagaPolicy:
     vend_attempts: int = 32
     reconcile_after_s: float = 90.0
     reconcile_window_s: tuple[float, float] = (60.0, 300.0)
+    receipt_check_s: float = 5.0
 
 
 class Vending:
@@ -980,9 +984,10 @@ class Vending:
             return None
         for claimed in dict.fromkeys(c for c in claims if c):
             try:
-                record = await provider.verify_receipt(claimed)
-            except PaymentError as exc:
-                log.warning("payment_receipt_unverified", receipt=claimed, error=str(exc))
+                async with asyncio.timeout(self._policy.receipt_check_s):
+                    record = await provider.verify_receipt(claimed)
+            except (PaymentError, TimeoutError) as exc:
+                log.warning("payment_receipt_unverified", receipt=claimed, error=repr(exc))
                 continue
             payer_ok = (
                 record.payer is None or purchase.phone is None or (record.payer == purchase.phone)

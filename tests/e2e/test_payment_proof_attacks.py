@@ -154,7 +154,8 @@ async def test_a_vended_stk_receipt_reposted_as_c2b_never_vends_again(gateway: R
     assert await _post(gateway, "c2b/confirmation", _c2b(sim, receipt, VICTIM_METER, 100)) == 200
     second = await _eventually(lambda: _settled(gateway, VICTIM_METER))
 
-    assert second.state is PurchaseState.REFUND_PENDING  # the admin's "needs operator" list
+    assert second.state is PurchaseState.REFUND_PENDING
+    assert second.purchase_id in await _needs_operator(gateway)
     assert await gateway.ledger.get_vend(second.purchase_id) is None
     assert len(sim.ledger()) == 1  # one charge, one token
     kinds = [e.kind for e in await gateway.ledger.timeline(second.purchase_id)]
@@ -189,6 +190,17 @@ async def test_forged_status_results_do_not_pay_a_forged_confirmation(gateway: R
     events = await _security_events(gateway)
     assert events.get("transaction_status_result_unmatched") == 5.0
     assert events.get("payment_callback_contradicted") == 1.0
+    assert purchase.purchase_id in await _needs_operator(gateway)  # a paybill payment unproven
+
+
+async def _needs_operator(runtime: Runtime) -> str:
+    headers = {"Authorization": f"Bearer {runtime.admin_token.reveal()}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(runtime.base_url + "/admin/stuck/needs_operator", headers=headers) as page,
+    ):
+        assert page.status == 200
+        return await page.text()
 
 
 async def test_a_forged_failure_does_not_fail_a_paid_c2b_purchase(gateway: Runtime) -> None:
