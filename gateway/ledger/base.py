@@ -517,6 +517,12 @@ class SealedVendingKey:
 # ----------------------------------------------------------------------------------------- errors
 
 
+#: ``Ledger.answer_status_query``'s answers.
+STATUS_ACCEPTED: Final = "accepted"  # it answers an outstanding query of ours: stored, once
+STATUS_UNMATCHED: Final = "unmatched"  # no outstanding query has these ids (or already answered)
+STATUS_CONTRADICTED: Final = "contradicted"  # our query's ids, another transaction
+
+
 class LedgerError(GatewayError):
     """The ledger refused or could not perform an operation."""
 
@@ -757,6 +763,33 @@ class Ledger(Protocol):
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase."""
+        ...
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a status query the provider acknowledged (Daraja Transaction Status). Idempotent."""
+        ...
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store an asynchronous result for the query it answers, once, in one transaction.
+
+        ``STATUS_ACCEPTED`` when ``conversation_id`` and ``originator_id`` are an unanswered
+        query of ``provider`` about ``transaction_id``; ``STATUS_CONTRADICTED`` (nothing stored)
+        when they are, but about another transaction; else ``STATUS_UNMATCHED``.
+        """
+        ...
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while (or if) it has none."""
         ...
 
     async def due_for_check(self, now: datetime, *, limit: int = 100) -> list[Purchase]:

@@ -67,6 +67,9 @@ from gateway.ledger.base import (
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
     RECEIPT_ONCE,
+    STATUS_ACCEPTED,
+    STATUS_CONTRADICTED,
+    STATUS_UNMATCHED,
     ConfirmedPayment,
     DuplicateError,
     Event,
@@ -1155,6 +1158,69 @@ class PostgresLedger:
             return _purchase(row)
 
         return await self._with_retry(op)
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a status query the provider acknowledged. Idempotent."""
+
+        async def op(conn: Connection) -> None:
+            await conn.execute(
+                "INSERT INTO status_queries (conversation_id, originator_id, provider,"
+                " transaction_id, asked_at) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (conversation_id) DO NOTHING",
+                conversation_id,
+                originator_id,
+                provider,
+                transaction_id,
+                self._clock(),
+            )
+
+        await self._with_retry(op, transaction=False)
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store a result for the unanswered query it names, once (the row locked)."""
+
+        async def op(conn: Connection) -> str:
+            row = await conn.fetchrow(
+                "SELECT originator_id, provider, transaction_id, answered_at FROM status_queries"
+                " WHERE conversation_id = $1 FOR UPDATE",
+                conversation_id,
+            )
+            if (
+                row is None
+                or row["provider"] != provider
+                or row["originator_id"] != originator_id
+                or row["answered_at"] is not None
+            ):
+                return STATUS_UNMATCHED
+            if row["transaction_id"] != transaction_id:
+                return STATUS_CONTRADICTED
+            await conn.execute(
+                "UPDATE status_queries SET result = $1, answered_at = $2"
+                " WHERE conversation_id = $3",
+                result,
+                self._clock(),
+                conversation_id,
+            )
+            return STATUS_ACCEPTED
+
+        return await self._with_retry(op)
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while it has none."""
+        row = await self._fetchrow(
+            "SELECT result FROM status_queries WHERE conversation_id = $1", conversation_id
+        )
+        return None if row is None or row["result"] is None else bytes(row["result"])
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase."""

@@ -67,6 +67,9 @@ from gateway.ledger.base import (
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
+    STATUS_ACCEPTED,
+    STATUS_CONTRADICTED,
+    STATUS_UNMATCHED,
     ConfirmedPayment,
     DuplicateError,
     Event,
@@ -1358,6 +1361,62 @@ class SqliteLedger:
             return _purchase(self._purchase_row(conn, purchase_id))
 
         return await self._write(op)
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a status query the provider acknowledged. Idempotent."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO status_queries (conversation_id, originator_id, provider,"
+                " transaction_id, asked_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (conversation_id) DO NOTHING",
+                (conversation_id, originator_id, provider, transaction_id, _ts(self._clock())),
+            )
+
+        await self._write(op)
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store a result for the unanswered query it names, once."""
+
+        def op(conn: sqlite3.Connection) -> str:
+            row = conn.execute(
+                "SELECT originator_id, provider, transaction_id, answered_at FROM status_queries"
+                " WHERE conversation_id = ?",
+                (conversation_id,),
+            ).fetchone()
+            if (
+                row is None
+                or row["provider"] != provider
+                or row["originator_id"] != originator_id
+                or row["answered_at"] is not None
+            ):
+                return STATUS_UNMATCHED
+            if row["transaction_id"] != transaction_id:
+                return STATUS_CONTRADICTED
+            conn.execute(
+                "UPDATE status_queries SET result = ?, answered_at = ? WHERE conversation_id = ?",
+                (result, _ts(self._clock()), conversation_id),
+            )
+            return STATUS_ACCEPTED
+
+        return await self._write(op)
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while it has none."""
+        row = await self._read_one(
+            "SELECT result FROM status_queries WHERE conversation_id = ?", (conversation_id,)
+        )
+        return None if row is None or row["result"] is None else bytes(row["result"])
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase."""

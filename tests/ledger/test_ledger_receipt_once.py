@@ -12,7 +12,15 @@ import dataclasses
 import pytest
 from test_ledger_contract import draft, payment, vend_draft
 
-from gateway.ledger import Ledger, PaymentRecordState, PurchaseState, ReceiptReused
+from gateway.ledger import (
+    STATUS_ACCEPTED,
+    STATUS_CONTRADICTED,
+    STATUS_UNMATCHED,
+    Ledger,
+    PaymentRecordState,
+    PurchaseState,
+    ReceiptReused,
+)
 
 
 async def _awaiting(ledger: Ledger, key: str, reference: str) -> str:
@@ -63,3 +71,43 @@ async def test_the_same_payment_confirmed_again_is_not_a_reuse(ledger: Ledger) -
     assert (await ledger.mark_paid(other, payment("REF2"), actor="saga")).state is (
         PurchaseState.PAID
     )
+
+
+async def test_a_status_result_is_accepted_once_for_the_query_it_names(ledger: Ledger) -> None:
+    """Issue 17 (2): results bind to our acknowledged query by both ids, once, same transaction."""
+    await ledger.record_status_query(
+        provider="daraja", conversation_id="AG_1", originator_id="O-1", transaction_id="QAB1CD2EF3"
+    )
+    await ledger.record_status_query(  # a retried write is harmless
+        provider="daraja", conversation_id="AG_1", originator_id="O-1", transaction_id="QAB1CD2EF3"
+    )
+    assert await ledger.status_query_result("AG_1") is None
+
+    async def answer(**change: str) -> str:
+        ids = {
+            "provider": "daraja",
+            "conversation_id": "AG_1",
+            "originator_id": "O-1",
+            "transaction_id": "QAB1CD2EF3",
+        }
+        return await ledger.answer_status_query(**(ids | change), result=b"forged")
+
+    assert await answer(conversation_id="AG_2") == STATUS_UNMATCHED
+    assert await answer(originator_id="O-2") == STATUS_UNMATCHED
+    assert await answer(provider="other") == STATUS_UNMATCHED
+    assert await answer(transaction_id="QZZZZZZZZZ") == STATUS_CONTRADICTED
+    assert await ledger.status_query_result("AG_1") is None  # none of those was stored
+
+    assert (
+        await ledger.answer_status_query(
+            provider="daraja",
+            conversation_id="AG_1",
+            originator_id="O-1",
+            transaction_id="QAB1CD2EF3",
+            result=b'{"Result":{}}',
+        )
+        == STATUS_ACCEPTED
+    )
+    assert await ledger.status_query_result("AG_1") == b'{"Result":{}}'
+    assert await answer() == STATUS_UNMATCHED  # one use only: a replay stores nothing
+    assert await ledger.status_query_result("AG_1") == b'{"Result":{}}'
