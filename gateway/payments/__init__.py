@@ -21,6 +21,7 @@ from gateway.payments.base import (
     ProviderUnavailable,
     ReceiptVerifier,
     ReconcilingProvider,
+    StatusQueryStore,
     StatusResultOutcome,
 )
 
@@ -45,5 +46,6 @@ __all__ = [
     "ProviderUnavailable",
     "ReceiptVerifier",
     "ReconcilingProvider",
+    "StatusQueryStore",
     "StatusResultOutcome",
 ]

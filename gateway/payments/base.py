@@ -169,6 +169,40 @@ class PaymentProvider(Protocol):
         ...
 
 
+class StatusQueryStore(Protocol):
+    """Where asynchronous status queries and their results are kept (the ledger implements it).
+
+    With it, a result posted to any instance reaches whichever instance waits, and is accepted
+    only against the query the provider acknowledged, once.
+    """
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a query the provider acknowledged with these ids. Idempotent."""
+        ...
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store ``result`` for the query it names: ``"accepted"`` (stored, once).
+
+        ``"contradicted"`` when the ids are a query's but the transaction is another,
+        ``"unmatched"`` otherwise; nothing is stored for either.
+        """
+        ...
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while it has none."""
+        ...
+
+
 class StatusResultOutcome(StrEnum):
     """What became of an asynchronous status result (Daraja Transaction Status ``Result``)."""
 
@@ -202,7 +236,7 @@ class PaybillProvider(PaymentProvider, Protocol):
         """The provider's expected answer to a confirmation."""
         ...
 
-    def deliver_status_result(self, body: bytes) -> StatusResultOutcome:
+    async def deliver_status_result(self, body: bytes) -> StatusResultOutcome:
         """Hand an asynchronous status result to the ``query_status`` call that asked for it.
 
         A result is bound to the exact request it answers (the provider's ids for our request,
