@@ -521,6 +521,9 @@ class SealedVendingKey:
 STATUS_ACCEPTED: Final = "accepted"  # it answers an outstanding query of ours: stored, once
 STATUS_UNMATCHED: Final = "unmatched"  # no outstanding query has these ids (or already answered)
 STATUS_CONTRADICTED: Final = "contradicted"  # our query's ids, another transaction
+#: Status queries older than this are dropped when a new one is recorded (a result that late is
+#: unmatched: the query gave up after ``status_result_wait_s`` long before).
+STATUS_QUERY_KEEP_S: Final = 3600.0
 
 
 class LedgerError(GatewayError):
@@ -768,7 +771,10 @@ class Ledger(Protocol):
     async def record_status_query(
         self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
     ) -> None:
-        """Keep a status query the provider acknowledged (Daraja Transaction Status). Idempotent."""
+        """Keep a status query the provider acknowledged (Daraja Transaction Status). Idempotent.
+
+        Queries asked more than ``STATUS_QUERY_KEEP_S`` ago are dropped in the same write.
+        """
         ...
 
     async def answer_status_query(

@@ -69,6 +69,7 @@ from gateway.ledger.base import (
     RECEIPT_ONCE,
     STATUS_ACCEPTED,
     STATUS_CONTRADICTED,
+    STATUS_QUERY_KEEP_S,
     STATUS_UNMATCHED,
     ConfirmedPayment,
     DuplicateError,
@@ -1165,6 +1166,11 @@ class PostgresLedger:
         """Keep a status query the provider acknowledged. Idempotent."""
 
         async def op(conn: Connection) -> None:
+            now = self._clock()
+            await conn.execute(
+                "DELETE FROM status_queries WHERE asked_at < $1",
+                now - timedelta(seconds=STATUS_QUERY_KEEP_S),
+            )
             await conn.execute(
                 "INSERT INTO status_queries (conversation_id, originator_id, provider,"
                 " transaction_id, asked_at) VALUES ($1, $2, $3, $4, $5)"
@@ -1173,10 +1179,10 @@ class PostgresLedger:
                 originator_id,
                 provider,
                 transaction_id,
-                self._clock(),
+                now,
             )
 
-        await self._with_retry(op, transaction=False)
+        await self._with_retry(op)
 
     async def answer_status_query(
         self,

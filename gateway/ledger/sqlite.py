@@ -69,6 +69,7 @@ from gateway.ledger.base import (
     ORPHAN_CHECK_AFTER_S,
     STATUS_ACCEPTED,
     STATUS_CONTRADICTED,
+    STATUS_QUERY_KEEP_S,
     STATUS_UNMATCHED,
     ConfirmedPayment,
     DuplicateError,
@@ -1368,11 +1369,16 @@ class SqliteLedger:
         """Keep a status query the provider acknowledged. Idempotent."""
 
         def op(conn: sqlite3.Connection) -> None:
+            now = self._clock()
+            conn.execute(
+                "DELETE FROM status_queries WHERE asked_at < ?",
+                (_ts(now - timedelta(seconds=STATUS_QUERY_KEEP_S)),),
+            )
             conn.execute(
                 "INSERT INTO status_queries (conversation_id, originator_id, provider,"
                 " transaction_id, asked_at) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (conversation_id) DO NOTHING",
-                (conversation_id, originator_id, provider, transaction_id, _ts(self._clock())),
+                (conversation_id, originator_id, provider, transaction_id, _ts(now)),
             )
 
         await self._write(op)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from ledger_support import FakeClock
 from test_ledger_contract import draft, payment, vend_draft
 
 from gateway.ledger import (
     STATUS_ACCEPTED,
     STATUS_CONTRADICTED,
+    STATUS_QUERY_KEEP_S,
     STATUS_UNMATCHED,
     Ledger,
     PaymentRecordState,
@@ -111,3 +113,17 @@ async def test_a_status_result_is_accepted_once_for_the_query_it_names(ledger: L
     assert await ledger.status_query_result("AG_1") == b'{"Result":{}}'
     assert await answer() == STATUS_UNMATCHED  # one use only: a replay stores nothing
     assert await ledger.status_query_result("AG_1") == b'{"Result":{}}'
+
+
+async def test_old_status_queries_are_dropped(ledger: Ledger, clock: FakeClock) -> None:
+    """A query asked more than STATUS_QUERY_KEEP_S ago is gone once another is recorded."""
+    ids = {"provider": "daraja", "originator_id": "O-1", "transaction_id": "QAB1CD2EF3"}
+    await ledger.record_status_query(conversation_id="AG_old", **ids)
+    clock.advance(STATUS_QUERY_KEEP_S + 1)
+    await ledger.record_status_query(conversation_id="AG_new", **ids)
+    assert await ledger.answer_status_query(conversation_id="AG_old", result=b"late", **ids) == (
+        STATUS_UNMATCHED
+    )
+    assert await ledger.answer_status_query(conversation_id="AG_new", result=b"{}", **ids) == (
+        STATUS_ACCEPTED
+    )
