@@ -14,10 +14,15 @@ records them with the meter's new key in the vend's transaction; the SMS lists t
 tokens first. Planning also queues the meter's vend_failed purchases again (→ paid).
 
 A callback is a claim: ``on_payment_notice`` records it and asks the provider (``query_status``)
-before anything is vended. Each step is one ledger transaction with its event row, and every
-step is safe to retry: a replayed vend returns the stored token and queues nothing. TIDs come
-from the meter row inside the vend transaction (compare-and-set), serialised per meter in this
-process, so two purchases for one meter in one minute get distinct, increasing TIDs.
+before anything is vended; a provider answer that contradicts it is a security event. A provider
+receipt pays for one purchase only: the ledger refuses a second claim of it (``ReceiptReused``),
+which leaves that purchase REFUND_PENDING for an operator, never vended. The receipt on a token
+comes only from the provider's records, never from a callback's word.
+
+Each step is one ledger transaction with its event row, and every step is safe to retry: a replayed
+vend returns the stored token and queues nothing. TIDs come from the meter row inside the vend
+transaction (compare-and-set), serialised per meter in this process, so two purchases for one meter
+in one minute get distinct, increasing TIDs.
 
 ```
 VendingError                 gateway.errors.GatewayError
