@@ -543,13 +543,41 @@ class DarajaProvider:
             "Remarks": "reconciliation",
             "Occasion": "",
         }
+        # Until the query is acknowledged and recorded, a result for ids we do not know yet may
+        # be ours: it is held (deliver_status_result) and claimed below.
         self._status_unacknowledged += 1
         try:
-            reply = await self._call(
-                "/mpesa/transactionstatus/v1/query", payload, idempotent=True, reference=reference
-            )
+            conversation, request = await self._ask_status(payload, reference)
+            held = self._held_results.pop(conversation, None)
+            if held is not None:
+                try:
+                    await self._bind(held)
+                except BaseException:
+                    self._status_requests.pop(conversation, None)
+                    raise
         finally:
             self._status_unacknowledged -= 1
+        try:
+            async with asyncio.timeout(self._status_result_wait_s):
+                return await self._status_answer(conversation, request)
+        except TimeoutError as exc:
+            raise ProviderUnavailable(
+                "Transaction Status result did not arrive in time",
+                provider=self.name,
+                reference=reference,
+            ) from exc
+        finally:
+            self._status_requests.pop(conversation, None)
+            if not self._status_unacknowledged:
+                self._held_results.clear()  # no query can claim them any more
+
+    async def _ask_status(
+        self, payload: Mapping[str, object], reference: ProviderReference
+    ) -> tuple[str, _StatusRequest]:
+        """Send the query; register (and store) it under Daraja's acknowledged ids."""
+        reply = await self._call(
+            "/mpesa/transactionstatus/v1/query", payload, idempotent=True, reference=reference
+        )
         body = reply.json_object() or {}
         if reply.status != 200 or str(body.get("ResponseCode")) != "0":
             error = self._error(reply, reference, what="Transaction Status")
@@ -573,30 +601,18 @@ class DarajaProvider:
             result=asyncio.get_running_loop().create_future(),
         )
         self._status_requests[conversation] = request
-        try:
-            if self.status_store is not None:
+        if self.status_store is not None:
+            try:
                 await self.status_store.record_status_query(
                     provider=self.name,
                     conversation_id=conversation,
                     originator_id=originator,
                     transaction_id=reference,
                 )
-            held = self._held_results.pop(conversation, None)
-            if held is not None:
-                await self._bind(held)
-            try:
-                async with asyncio.timeout(self._status_result_wait_s):
-                    return await self._status_answer(conversation, request)
-            except TimeoutError as exc:
-                raise ProviderUnavailable(
-                    "Transaction Status result did not arrive in time",
-                    provider=self.name,
-                    reference=reference,
-                ) from exc
-        finally:
-            self._status_requests.pop(conversation, None)
-            if not self._status_unacknowledged:
-                self._held_results.clear()  # no query can claim them any more
+            except BaseException:
+                del self._status_requests[conversation]
+                raise
+        return conversation, request
 
     # -- Pull Transactions (reconciliation of a push whose reference was lost) -----------------
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,11 +19,15 @@ from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
+import asyncpg  # type: ignore[import-untyped]
 import pytest
+from aiohttp import web
 
-from gateway.app import Runtime
+from gateway.app import RUNTIME, Runtime, build_app
+from gateway.config import Config
 from gateway.demo import serving
 from gateway.ledger import Purchase, PurchaseState
+from gateway.ledger.postgres import create_schema, drop_schema
 from gateway.money import Money
 from gateway.phone import Msisdn
 from gateway.sim.daraja import DarajaSimulator
@@ -33,11 +39,47 @@ VICTIM_METER = "04000000028"
 PHONE = "+254712345678"
 
 
-@pytest.fixture
-async def gateway(tmp_path: Path) -> AsyncIterator[Runtime]:
-    """A demo gateway (SQLite, every simulator) served on a loopback port."""
-    async with serving(tmp_path) as runtime:
-        yield runtime
+POSTGRES = "postgresql://127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def gateway(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Runtime]:
+    """A demo gateway (every simulator) on SQLite or PostgreSQL, served on a loopback port."""
+    if request.param == "sqlite":
+        async with serving(tmp_path) as runtime:
+            yield runtime
+        return
+    schema = f"attacks_{secrets.token_hex(6)}"
+    try:
+        await create_schema(POSTGRES, schema)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"no PostgreSQL at {POSTGRES}: {exc}")
+    port = _free_port()
+    config = Config.load(
+        env={},
+        overrides={
+            "port": port,
+            "data_dir": tmp_path,
+            "log_level": "warning",
+            # asyncpg passes unknown URL parameters on as server settings
+            "database_url": f"{POSTGRES}?search_path={schema}",
+        },
+    )
+    runner = web.AppRunner(await build_app(config), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        yield runner.app[RUNTIME]
+    finally:
+        await runner.cleanup()
+        await drop_schema(POSTGRES, schema)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _daraja(runtime: Runtime) -> DarajaSimulator:
@@ -233,7 +275,7 @@ async def test_a_forged_failure_does_not_fail_a_paid_c2b_purchase(gateway: Runti
 
 
 async def test_unknown_references_and_conflicts_are_counted_and_capped(
-    gateway: Runtime, tmp_path: Path
+    gateway: Runtime, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """(8) Unknown-reference bodies are security events and stored only up to a cap."""
     padding = "x" * 900_000
@@ -256,11 +298,21 @@ async def test_unknown_references_and_conflicts_are_counted_and_capped(
     events = await _security_events(gateway)
     assert events.get("payment_notice_unknown") == 3.0
     assert events.get("payment_notice_payload_conflict") == 2.0
-    with sqlite3.connect(tmp_path / "gateway.db") as conn:
-        [(stored,)] = conn.execute(
-            "SELECT length(payload) FROM payments WHERE reference = ?",
-            ("ws_CO_000000000000000000001",),
-        ).fetchall()
+    reference = "ws_CO_000000000000000000001"
+    if "sqlite" in request.node.callspec.id:
+        with sqlite3.connect(tmp_path / "gateway.db") as conn:
+            [(stored,)] = conn.execute(
+                "SELECT length(payload) FROM payments WHERE reference = ?", (reference,)
+            ).fetchall()
+    else:
+        base, schema = gateway.config.effective_database_url.split("?search_path=")
+        conn = await asyncpg.connect(base, server_settings={"search_path": schema})
+        try:
+            stored = await conn.fetchval(
+                "SELECT length(payload) FROM payments WHERE reference = $1", reference
+            )
+        finally:
+            await conn.close()
     assert stored <= 8192
 
 

@@ -142,3 +142,47 @@ async def test_forged_results_never_answer_a_query(
         await sim.release_callbacks()
         status = await query
         assert status.state is PaymentState.FAILED  # M-Pesa's word: no such transaction
+
+
+class _SlowStore:
+    """The ledger, with a slow write of the query (a busy database): the result comes first."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        await asyncio.sleep(0.3)
+        await self.ledger.record_status_query(
+            provider=provider,
+            conversation_id=conversation_id,
+            originator_id=originator_id,
+            transaction_id=transaction_id,
+        )
+
+    async def answer_status_query(self, **fields: object) -> str:
+        return await self.ledger.answer_status_query(**fields)  # type: ignore[arg-type]
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        return await self.ledger.status_query_result(conversation_id)
+
+
+async def test_a_result_arriving_before_its_query_is_stored_still_answers_it(
+    aiohttp_server: ServerFactory, ledger: Ledger
+) -> None:
+    """Daraja answers while we still write the query: the result is held, then accepted."""
+    async with aiohttp.ClientSession() as session:
+        sim, asking, _, receiver = await _instances(aiohttp_server, session, ledger)
+        asking.status_store = _SlowStore(ledger)
+        outcomes: list[StatusResultOutcome] = []
+
+        async def deliver(body: bytes) -> tuple[int, bytes]:
+            outcomes.append(await asking.deliver_status_result(body))
+            return 200, b"{}"
+
+        receiver.hooks["/status/result"] = deliver
+        paid = await sim.pay_bill("254712345678", "37012345678", 100)
+        status = await asking.query_status(ProviderReference(paid.trans_id))
+        assert status.state is PaymentState.SUCCEEDED
+        assert outcomes == [StatusResultOutcome.HELD]
