@@ -901,6 +901,8 @@ class Vending:
             context = await self._ledger.vend_context(purchase_id)
             purchase = context.purchase
             if purchase.state in _SETTLED:
+                if claimed_receipt is not None:
+                    await self._late_receipt(context, claimed_receipt)
                 return purchase
             if purchase.state is PurchaseState.PAID:
                 outcome = await self._vend_locked(purchase_id, purchase.meter, payment=None)
@@ -967,7 +969,7 @@ class Vending:
     ) -> Purchase:
         if status.receipt is None:
             receipt = await self._proven_receipt(
-                context.purchase, status, (claimed_receipt, context.receipt)
+                context.purchase, status.reference, (claimed_receipt, context.receipt)
             )
             status = replace(status, receipt=receipt)
         try:
@@ -975,8 +977,30 @@ class Vending:
         except ReceiptReused as exc:
             return await self._receipt_reused(context.purchase, status, exc)
 
+    async def _late_receipt(self, context: VendContext, claimed: str) -> None:
+        """A receipt claimed after the vend (the real callback behind a forged one, say).
+
+        Once the provider's records prove it this payment's, it goes on the payment row, so
+        that it can pay for nothing else (a second claim: ``payment_receipt_reused``).
+        """
+        purchase, vend = context.purchase, context.vend
+        reference = purchase.provider_reference
+        if reference is None or (vend is not None and vend.receipt == claimed):
+            return
+        proven = await self._proven_receipt(purchase, reference, (claimed,))
+        if proven is None:
+            return
+        try:
+            await self._ledger.prove_receipt(purchase.provider, reference, proven)
+        except ReceiptReused as exc:
+            data = {"provider": exc.provider, "receipt": exc.receipt, "reference": reference}
+            self._security_event("payment_receipt_reused", **data)
+            await self._ledger.append_event(
+                purchase.purchase_id, "payment_receipt_reused", actor="saga", data=data
+            )
+
     async def _proven_receipt(
-        self, purchase: Purchase, status: PaymentStatus, claims: Sequence[str | None]
+        self, purchase: Purchase, reference: str, claims: Sequence[str | None]
     ) -> str | None:
         """A receipt callbacks claimed, as the provider's own record proves it; None if none.
 
@@ -1006,7 +1030,7 @@ class Vending:
             self._security_event(
                 "payment_receipt_unproven",
                 provider=provider.name,
-                reference=status.reference,
+                reference=reference,
                 receipt=claimed,
                 answer=record.state.value,
                 amount=str(record.amount) if record.amount else None,

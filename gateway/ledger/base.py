@@ -768,6 +768,17 @@ class Ledger(Protocol):
         """When the sweeper should next ask the provider about this purchase."""
         ...
 
+    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
+        """Record ``receipt`` as the one the provider's records prove for a confirmed payment.
+
+        It replaces whatever receipt a callback claimed for that payment row.
+
+        Raises:
+            ReceiptReused: the receipt already proves another payment.
+            NotFound: no payment row for (provider, reference).
+        """
+        ...
+
     async def record_status_query(
         self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
     ) -> None:

@@ -1160,6 +1160,28 @@ class PostgresLedger:
 
         return await self._with_retry(op)
 
+    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
+        """Record the receipt the provider's records prove for a payment row."""
+
+        async def op(conn: Connection) -> None:
+            try:
+                updated = await conn.execute(
+                    "UPDATE payments SET receipt = $1, updated_at = $2"
+                    " WHERE provider = $3 AND reference = $4",
+                    receipt,
+                    self._clock(),
+                    provider,
+                    reference,
+                )
+            except asyncpg.exceptions.UniqueViolationError as exc:
+                if exc.constraint_name == RECEIPT_ONCE:
+                    raise ReceiptReused(provider, receipt) from exc
+                raise
+            if updated != "UPDATE 1":
+                raise NotFound("payment", f"{provider}:{reference}")
+
+        await self._with_retry(op, transaction=False)
+
     async def record_status_query(
         self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
     ) -> None:

@@ -1363,6 +1363,25 @@ class SqliteLedger:
 
         return await self._write(op)
 
+    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
+        """Record the receipt the provider's records prove for a payment row."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            try:
+                updated = conn.execute(
+                    "UPDATE payments SET receipt = ?, updated_at = ?"
+                    " WHERE provider = ? AND reference = ?",
+                    (receipt, _ts(self._clock()), provider, reference),
+                )
+            except sqlite3.IntegrityError as exc:
+                if "payments.receipt" in str(exc):
+                    raise ReceiptReused(provider, receipt) from exc
+                raise
+            if updated.rowcount != 1:
+                raise NotFound("payment", f"{provider}:{reference}")
+
+        await self._write(op)
+
     async def record_status_query(
         self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
     ) -> None:

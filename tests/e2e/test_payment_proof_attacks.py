@@ -366,3 +366,11 @@ async def test_a_forged_stk_receipt_never_reaches_the_token(gateway: Runtime) ->
     [message] = await gateway.ledger.outbox_for(purchase.purchase_id)
     assert "FAKE123456" not in message.body
     assert len(sim.ledger()) == 1
+
+    # The real receipt, proven by the late real callback, still pays for nothing else (1 + 6).
+    await sim.settle()
+    c2b = _c2b(sim, charge.receipt, VICTIM_METER, 100)
+    assert await _post(gateway, "c2b/confirmation", c2b) == 200
+    second = await _eventually(lambda: _settled(gateway, VICTIM_METER))
+    assert second.state is PurchaseState.REFUND_PENDING
+    assert await gateway.ledger.get_vend(second.purchase_id) is None

@@ -19,6 +19,7 @@ from gateway.ledger import (
     STATUS_QUERY_KEEP_S,
     STATUS_UNMATCHED,
     Ledger,
+    NotFound,
     PaymentRecordState,
     PurchaseState,
     ReceiptReused,
@@ -127,3 +128,21 @@ async def test_old_status_queries_are_dropped(ledger: Ledger, clock: FakeClock) 
     assert await ledger.answer_status_query(conversation_id="AG_new", result=b"{}", **ids) == (
         STATUS_ACCEPTED
     )
+
+
+async def test_a_proven_receipt_replaces_a_claimed_one_and_stays_unique(ledger: Ledger) -> None:
+    """prove_receipt puts the provider's receipt on a payment row; one already used is refused."""
+    first = await _awaiting(ledger, "k1", "ws_CO_1")
+    claimed = dataclasses.replace(payment("ws_CO_1"), receipt=None)
+    await ledger.mark_paid(first, claimed, actor="saga")
+    await ledger.prove_receipt("fakepay", "ws_CO_1", "QAB1CD2EF3")
+    row = await ledger.get_payment("fakepay", "ws_CO_1")
+    assert row is not None
+    assert row.receipt == "QAB1CD2EF3"
+
+    second = await _awaiting(ledger, "k2", "ws_CO_2")
+    await ledger.mark_paid(second, dataclasses.replace(payment("ws_CO_2"), receipt=None), actor="s")
+    with pytest.raises(ReceiptReused):
+        await ledger.prove_receipt("fakepay", "ws_CO_2", "QAB1CD2EF3")
+    with pytest.raises(NotFound):
+        await ledger.prove_receipt("fakepay", "ws_CO_9", "QZZ1CD2EF3")
