@@ -66,6 +66,11 @@ from gateway.ledger.base import (
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
+    RECEIPT_ONCE,
+    STATUS_ACCEPTED,
+    STATUS_CONTRADICTED,
+    STATUS_QUERY_KEEP_S,
+    STATUS_UNMATCHED,
     ConfirmedPayment,
     DebtRecovery,
     DuplicateError,
@@ -98,6 +103,7 @@ from gateway.ledger.base import (
     PurchaseDraft,
     PurchaseId,
     PurchaseState,
+    ReceiptReused,
     ReportRow,
     SavedMeter,
     SavedMetersFull,
@@ -1076,7 +1082,34 @@ class PostgresLedger:
     ) -> None:
         # One statement inserts the row, or settles it if it has no purchase or ours, under
         # the row's lock; nothing returned means another purchase owns the reference.
-        settled = await conn.fetchval(
+        try:
+            settled = await self._upsert_payment(conn, purchase_id, payment, state)
+        except asyncpg.exceptions.UniqueViolationError as exc:
+            if exc.constraint_name == RECEIPT_ONCE and payment.receipt is not None:
+                raise ReceiptReused(payment.provider, payment.receipt) from exc
+            raise
+        if settled is None:
+            owner = await conn.fetchval(
+                "SELECT purchase_id FROM payments WHERE provider = $1 AND reference = $2",
+                payment.provider,
+                payment.reference,
+            )
+            raise DuplicateError(
+                f"{payment.provider} reference {payment.reference} belongs to purchase"
+                f" {owner}, not {purchase_id}",
+                constraint="payments.provider_reference",
+                key=f"{payment.provider}:{payment.reference}",
+            )
+
+    async def _upsert_payment(
+        self,
+        conn: Connection,
+        purchase_id: str,
+        payment: ConfirmedPayment,
+        state: PaymentRecordState,
+    ) -> object:
+        """Insert or settle the payment row; None when another purchase owns the reference."""
+        return await conn.fetchval(
             "INSERT INTO payments (purchase_id, provider, reference, amount_minor, currency,"
             " state, payer, receipt, created_at, updated_at)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)"
@@ -1097,18 +1130,6 @@ class PostgresLedger:
             payment.receipt,
             self._clock(),
         )
-        if settled is None:
-            owner = await conn.fetchval(
-                "SELECT purchase_id FROM payments WHERE provider = $1 AND reference = $2",
-                payment.provider,
-                payment.reference,
-            )
-            raise DuplicateError(
-                f"{payment.provider} reference {payment.reference} belongs to purchase"
-                f" {owner}, not {purchase_id}",
-                constraint="payments.provider_reference",
-                key=f"{payment.provider}:{payment.reference}",
-            )
 
     async def _pay(self, conn: Connection, row: Row, payment: ConfirmedPayment, actor: str) -> Row:
         """Record the (locked) purchase ``row`` paid by ``payment``; the updated row.
@@ -1185,6 +1206,96 @@ class PostgresLedger:
             return _purchase(row)
 
         return await self._with_retry(op)
+
+    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
+        """Record the receipt the provider's records prove for a payment row."""
+
+        async def op(conn: Connection) -> None:
+            try:
+                updated = await conn.execute(
+                    "UPDATE payments SET receipt = $1, updated_at = $2"
+                    " WHERE provider = $3 AND reference = $4",
+                    receipt,
+                    self._clock(),
+                    provider,
+                    reference,
+                )
+            except asyncpg.exceptions.UniqueViolationError as exc:
+                if exc.constraint_name == RECEIPT_ONCE:
+                    raise ReceiptReused(provider, receipt) from exc
+                raise
+            if updated != "UPDATE 1":
+                raise NotFound("payment", f"{provider}:{reference}")
+
+        await self._with_retry(op, transaction=False)
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a status query the provider acknowledged. Idempotent."""
+
+        async def op(conn: Connection) -> None:
+            now = self._clock()
+            await conn.execute(
+                "DELETE FROM status_queries WHERE asked_at < $1",
+                now - timedelta(seconds=STATUS_QUERY_KEEP_S),
+            )
+            await conn.execute(
+                "INSERT INTO status_queries (conversation_id, originator_id, provider,"
+                " transaction_id, asked_at) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (conversation_id) DO NOTHING",
+                conversation_id,
+                originator_id,
+                provider,
+                transaction_id,
+                now,
+            )
+
+        await self._with_retry(op)
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store a result for the unanswered query it names, once (the row locked)."""
+
+        async def op(conn: Connection) -> str:
+            row = await conn.fetchrow(
+                "SELECT originator_id, provider, transaction_id, answered_at FROM status_queries"
+                " WHERE conversation_id = $1 FOR UPDATE",
+                conversation_id,
+            )
+            if (
+                row is None
+                or row["provider"] != provider
+                or row["originator_id"] != originator_id
+                or row["answered_at"] is not None
+            ):
+                return STATUS_UNMATCHED
+            if row["transaction_id"] != transaction_id:
+                return STATUS_CONTRADICTED
+            await conn.execute(
+                "UPDATE status_queries SET result = $1, answered_at = $2"
+                " WHERE conversation_id = $3",
+                result,
+                self._clock(),
+                conversation_id,
+            )
+            return STATUS_ACCEPTED
+
+        return await self._with_retry(op)
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while it has none."""
+        row = await self._fetchrow(
+            "SELECT result FROM status_queries WHERE conversation_id = $1", conversation_id
+        )
+        return None if row is None or row["result"] is None else bytes(row["result"])
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase."""

@@ -67,6 +67,10 @@ from gateway.ledger.base import (
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
+    STATUS_ACCEPTED,
+    STATUS_CONTRADICTED,
+    STATUS_QUERY_KEEP_S,
+    STATUS_UNMATCHED,
     ConfirmedPayment,
     DebtRecovery,
     DuplicateError,
@@ -99,6 +103,7 @@ from gateway.ledger.base import (
     PurchaseDraft,
     PurchaseId,
     PurchaseState,
+    ReceiptReused,
     ReportRow,
     SavedMeter,
     SavedMetersFull,
@@ -1291,13 +1296,16 @@ class SqliteLedger:
             payment.receipt,
             now,
         )
-        updated = conn.execute(
-            "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
-            " receipt = COALESCE(?, receipt), updated_at = ?, purchase_id = ?"
-            " WHERE provider = ? AND reference = ?"
-            " AND (purchase_id IS NULL OR purchase_id = ?)",
-            (*values, purchase_id, payment.provider, payment.reference, purchase_id),
-        )
+        try:
+            updated = conn.execute(
+                "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
+                " receipt = COALESCE(?, receipt), updated_at = ?, purchase_id = ?"
+                " WHERE provider = ? AND reference = ?"
+                " AND (purchase_id IS NULL OR purchase_id = ?)",
+                (*values, purchase_id, payment.provider, payment.reference, purchase_id),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise self._receipt_reused(exc, payment) from exc
         if updated.rowcount == 1:
             return
         row = conn.execute(
@@ -1311,12 +1319,22 @@ class SqliteLedger:
                 constraint="payments.provider_reference",
                 key=f"{payment.provider}:{payment.reference}",
             )
-        conn.execute(
-            "INSERT INTO payments (amount_minor, currency, state, payer, receipt, updated_at,"
-            " purchase_id, provider, reference, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (*values, purchase_id, payment.provider, payment.reference, now),
-        )
+        try:
+            conn.execute(
+                "INSERT INTO payments (amount_minor, currency, state, payer, receipt, updated_at,"
+                " purchase_id, provider, reference, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*values, purchase_id, payment.provider, payment.reference, now),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise self._receipt_reused(exc, payment) from exc
+
+    @staticmethod
+    def _receipt_reused(exc: sqlite3.IntegrityError, payment: ConfirmedPayment) -> BaseException:
+        """``ReceiptReused`` when the receipt index refused the row, else the error as ours."""
+        if "payments.receipt" in str(exc) and payment.receipt is not None:
+            return ReceiptReused(payment.provider, payment.receipt)
+        return translate_error(exc)
 
     def _record_payment(
         self, conn: sqlite3.Connection, row: sqlite3.Row, payment: ConfirmedPayment, actor: str
@@ -1392,6 +1410,86 @@ class SqliteLedger:
             return _purchase(self._purchase_row(conn, purchase_id))
 
         return await self._write(op)
+
+    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
+        """Record the receipt the provider's records prove for a payment row."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            try:
+                updated = conn.execute(
+                    "UPDATE payments SET receipt = ?, updated_at = ?"
+                    " WHERE provider = ? AND reference = ?",
+                    (receipt, _ts(self._clock()), provider, reference),
+                )
+            except sqlite3.IntegrityError as exc:
+                if "payments.receipt" in str(exc):
+                    raise ReceiptReused(provider, receipt) from exc
+                raise
+            if updated.rowcount != 1:
+                raise NotFound("payment", f"{provider}:{reference}")
+
+        await self._write(op)
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a status query the provider acknowledged. Idempotent."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            now = self._clock()
+            conn.execute(
+                "DELETE FROM status_queries WHERE asked_at < ?",
+                (_ts(now - timedelta(seconds=STATUS_QUERY_KEEP_S)),),
+            )
+            conn.execute(
+                "INSERT INTO status_queries (conversation_id, originator_id, provider,"
+                " transaction_id, asked_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (conversation_id) DO NOTHING",
+                (conversation_id, originator_id, provider, transaction_id, _ts(now)),
+            )
+
+        await self._write(op)
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store a result for the unanswered query it names, once."""
+
+        def op(conn: sqlite3.Connection) -> str:
+            row = conn.execute(
+                "SELECT originator_id, provider, transaction_id, answered_at FROM status_queries"
+                " WHERE conversation_id = ?",
+                (conversation_id,),
+            ).fetchone()
+            if (
+                row is None
+                or row["provider"] != provider
+                or row["originator_id"] != originator_id
+                or row["answered_at"] is not None
+            ):
+                return STATUS_UNMATCHED
+            if row["transaction_id"] != transaction_id:
+                return STATUS_CONTRADICTED
+            conn.execute(
+                "UPDATE status_queries SET result = ?, answered_at = ? WHERE conversation_id = ?",
+                (result, _ts(self._clock()), conversation_id),
+            )
+            return STATUS_ACCEPTED
+
+        return await self._write(op)
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while it has none."""
+        row = await self._read_one(
+            "SELECT result FROM status_queries WHERE conversation_id = ?", (conversation_id,)
+        )
+        return None if row is None or row["result"] is None else bytes(row["result"])
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase."""
