@@ -842,6 +842,11 @@ async def _run(
         "ussd_hop_errors": tally.hop_errors,
         "kills": tally.kills,
         "restart_p50_s": round(percentile(tally.restart_s, 0.5), 2),
+        # Token SMS repeated (the AT simulator's record), per 1,000 kills: what a kill costs.
+        "duplicate_token_sms": report.duplicate_token_sms,
+        "duplicate_token_sms_per_1000_kills": (
+            round(report.duplicate_token_sms * 1000 / tally.kills) if tally.kills else None
+        ),
     }
     window = (customers.first_at, customers.last_at)
     figures.update(_ledger_figures(procs.workdir / "data" / "gateway.db", sms, window))
@@ -879,6 +884,10 @@ async def _run(
             f" {figures['paid_to_sms_p99_ms']} ms  ({figures['paid_to_sms_samples']} tokens)"
         ),
         f"chaos       {chaos['counts']}",
+        (
+            f"duplicates  {figures['duplicate_token_sms']} token SMS repeated"
+            f" ({figures['duplicate_token_sms_per_1000_kills']} per 1,000 kills)"
+        ),
         *report.lines(),
     ]
     settings_json = {

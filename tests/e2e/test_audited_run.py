@@ -533,3 +533,13 @@ async def test_concurrent_payment_requests_for_one_purchase_push_once(
         )
         await sim.settle()
     assert len(sim.push_requests) == 1
+
+
+def test_auditor_counts_a_token_carried_twice_as_a_duplicate_sms_not_a_failure() -> None:
+    """One token in two SMS (a send repeated after a crash): reported, 45 s apart, not failing."""
+    audit, meters, key = _auditor_world()
+    token = _token(meters, key, 100)
+    first, again = _sms(token, "RCPT000001"), _sms(token, "RCPT000001")
+    again["accepted_at"] = 46.0
+    report = audit.audit([_charge(audit, "RCPT000001")], [first, again], meters, key)
+    assert (report.duplicate_token_sms, report.duplicate_gap_max_s, report.ok) == (1, 45.0, True)
