@@ -123,6 +123,7 @@ class AuditReport:
     wrong_credit: int = 0
     duplicate_token_sms: int = 0  # SMS beyond the first carrying one token (not failing)
     duplicate_gap_max_s: float = 0.0
+    paid_without_token_refs: list[str] = field(default_factory=list)  # their references
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -287,6 +288,7 @@ def _link(
     for charge in charges:
         got = per_charge[id(charge)]
         if not got:
+            report.paid_without_token_refs.append(charge.reference)
             report.note(
                 "paid_without_token",
                 f"{charge.provider} {charge.reference} {charge.amount_minor / 100:.2f}"

@@ -105,14 +105,18 @@ METER_COLUMNS: Final = (
 )
 
 
-def _load_auditor() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_audit", HERE / "audit.py")
+def _load_bench(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
     if spec is None or spec.loader is None:  # pragma: no cover - the file sits next to this one
-        raise ImportError("bench/audit.py not found")
+        raise ImportError(f"bench/{name}.py not found")
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_audit", module)
+    sys.modules.setdefault(f"bench_{name}", module)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_auditor() -> ModuleType:
+    return _load_bench("audit")
 
 
 # --- settings ------------------------------------------------------------------------------------
@@ -177,6 +181,7 @@ class LoadSettings:
     payment_deadline_s: int = 2
     session_store: str = "sqlite"  # the gateway's USSD session store (sqlite | memory)
     calm_drain: bool = True  # switch the chaos off when the load ends (the outage is over)
+    attacks: int = 0  # rounds of bench/attacks.py's forged callbacks during the load (0: none)
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -658,6 +663,28 @@ def ledger_pending(db: Path) -> int:
     return int(row[0])
 
 
+#: Purchase states an operator's stuck lists show (gateway/web/admin.py); a paid purchase without
+#: its token in any other state (or with no purchase at all) is one nobody will look at.
+OPERATOR_SEES: Final = frozenset(
+    {"created", "awaiting_payment", "paid", "vended", "vend_failed", "refund_pending"}
+)
+
+
+def paid_unseen_by_operator(db: Path, references: Sequence[str]) -> list[str]:
+    """Of charges no token carried, those whose purchase no operator list shows, read-only."""
+    unseen = []
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
+        for reference in references:
+            row = conn.execute(
+                "SELECT p.state FROM purchases p WHERE p.provider_reference = ? OR p.purchase_id"
+                " IN (SELECT purchase_id FROM payments WHERE reference = ?)",
+                (reference, reference),
+            ).fetchone()
+            if row is None or row[0] not in OPERATOR_SEES:
+                unseen.append(f"{reference}: {row[0] if row else 'no purchase'}")
+    return unseen
+
+
 def drain_pending(report: Any, paid_not_vended: int) -> int:  # noqa: ANN401 - an AuditReport
     """Purchases still pending recovery: money without a delivered token, paid not vended.
 
@@ -769,6 +796,51 @@ async def run_load(settings: LoadSettings, *, out: TextIO | None = None) -> Load
             await procs.stop()
 
 
+def _attacker(
+    settings: LoadSettings,
+    procs: Processes,
+    fixtures: dict[str, Any],
+    session: aiohttp.ClientSession,
+) -> Any:  # noqa: ANN401 - bench/attacks.py's Attacker, or None without --attacks
+    """The attacker of ``--attacks`` (bench/attacks.py), or None."""
+    if not settings.attacks:
+        return None
+    return _load_bench("attacks").Attacker(
+        session,
+        gateway_url=procs.gateway_url,
+        sims=procs.sims,
+        secret=fixtures["callback_secret"],
+        db=procs.workdir / "data" / "gateway.db",
+        drns=fixtures["drns"],
+        seed=settings.seed + 2,
+    )
+
+
+def _attack_figures(
+    attacker: Any,  # noqa: ANN401 - bench/attacks.py's Attacker, or None
+    charges: Sequence[dict[str, Any]],
+    sms: Sequence[dict[str, Any]],
+    figures: dict[str, Any],
+) -> list[str]:
+    """Per attack case, tried and worked (into ``figures``); the line to print."""
+    if attacker is None:
+        return []
+    table = _load_bench("attacks").outcomes(attacker.log.tried, charges, sms)
+    figures["attacks"] = table
+    figures["attack_posts"] = dict(attacker.log.posts)
+    worked = ", ".join(f"{case} {row['succeeded']}/{row['tried']}" for case, row in table.items())
+    return [f"attacks     {worked} (worked/tried)"]
+
+
+def _audit_json(report: Any, unseen: Sequence[str]) -> dict[str, Any]:  # noqa: ANN401
+    """The auditor's report with ``paid_unseen_by_operator`` counted in (and in ``ok``)."""
+    audit_json: dict[str, Any] = {**report.to_json(), "paid_unseen_by_operator": len(unseen)}
+    if unseen:
+        audit_json["examples"]["paid_unseen_by_operator"] = list(unseen[:10])
+    audit_json["ok"] = bool(report.ok) and not unseen
+    return audit_json
+
+
 async def _run(
     settings: LoadSettings,
     procs: Processes,
@@ -788,9 +860,12 @@ async def _run(
         done = asyncio.Event()
         began = time.perf_counter()
         procs.mark_cpu()
+        attacker = _attacker(settings, procs, fixtures, session)
         async with asyncio.TaskGroup() as group:
             group.create_task(_offer_load(customers, settings, done))
             group.create_task(_kill_loop(procs, customers.tally, settings, done))
+            if attacker is not None:
+                group.create_task(attacker.run(settings.attacks, done))
             if out is not None and settings.show_progress:
                 group.create_task(_ticker(customers.tally, began, done, out))
         load_s = time.perf_counter() - began
@@ -810,9 +885,11 @@ async def _run(
         async with session.get(procs.sims["africastalking"] + "/_sim/sms") as response:
             sms = await response.json()
         (procs.workdir / "sms.json").write_text(json.dumps(sms), encoding="utf-8")
+        all_charges: list[dict[str, Any]] = []
         for name in ("daraja", "momo", "airtel"):
             async with session.get(procs.sims[name] + "/_sim/ledger") as response:
                 charges = await response.json()
+            all_charges += charges
             (procs.workdir / f"{name}_ledger.json").write_text(json.dumps(charges), "utf-8")
         async with session.get(procs.sims["daraja"] + "/_sim/chaos") as response:
             chaos = await response.json()
@@ -849,8 +926,12 @@ async def _run(
         ),
     }
     window = (customers.first_at, customers.last_at)
-    figures.update(_ledger_figures(procs.workdir / "data" / "gateway.db", sms, window))
+    db = procs.workdir / "data" / "gateway.db"
+    figures.update(_ledger_figures(db, sms, window))
     figures.update(cpu)
+    unseen = paid_unseen_by_operator(db, report.paid_without_token_refs)
+    audit_json = _audit_json(report, unseen)
+    attack_lines = _attack_figures(attacker, all_charges, sms, figures)
     lines = [
         f"load {figures['load_s']} s, drain {figures['drain_s']} s, kills {tally.kills}",
         (
@@ -884,11 +965,14 @@ async def _run(
             f" {figures['paid_to_sms_p99_ms']} ms  ({figures['paid_to_sms_samples']} tokens)"
         ),
         f"chaos       {chaos['counts']}",
+        *attack_lines,
         (
             f"duplicates  {figures['duplicate_token_sms']} token SMS repeated"
             f" ({figures['duplicate_token_sms_per_1000_kills']} per 1,000 kills)"
         ),
         *report.lines(),
+        f"paid, unseen by an operator {len(unseen)}" + ("   <-- FAIL" if unseen else ""),
+        *(f"    e.g. {example}" for example in unseen[:3]),
     ]
     settings_json = {
         **{k: v for k, v in asdict(settings).items() if k not in {"workdir", "faults"}},
@@ -898,8 +982,8 @@ async def _run(
         settings=settings_json,
         figures=figures,
         chaos=chaos,
-        audit=report.to_json(),
-        ok=bool(report.ok),
+        audit=audit_json,
+        ok=bool(audit_json["ok"]),
         lines=lines,
     )
 
@@ -942,6 +1026,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[LoadSettings, bool]:
     parser.add_argument(
         "--session-store", choices=["sqlite", "memory"], default="sqlite", help="USSD sessions"
     )
+    parser.add_argument(
+        "--attacks",
+        type=int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="ROUNDS",
+        help="forged callbacks during the load (bench/attacks.py), ROUNDS rounds (3)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
@@ -965,6 +1058,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[LoadSettings, bool]:
         seed=args.seed,
         session_store=args.session_store,
         calm_drain=not args.faulty_drain,
+        attacks=args.attacks,
         mix=(args.mix[0], args.mix[1], args.mix[2]),
         workdir=args.workdir,
         show_progress=not args.json,
