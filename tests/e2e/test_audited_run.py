@@ -86,6 +86,9 @@ async def test_audited_run_with_every_fault_and_kills_finds_nothing_wrong(tmp_pa
         seed=8,
         workdir=tmp_path,
         show_progress=False,
+        # bench/attacks.py's forged callbacks, racing the load and the kills (the attacker
+        # knows the callback secret): they must change nothing the auditor sees.
+        attacks=2,
     )
     result = await load.run_load(settings)
     audit: dict[str, Any] = result.audit
@@ -97,9 +100,55 @@ async def test_audited_run_with_every_fault_and_kills_finds_nothing_wrong(tmp_pa
     assert result.chaos["counts"]["sms_errors"] > 0, summary
     assert result.figures["drain_end"] == "recovered", summary
     assert result.figures["drain_pending"] == 0, summary
-    for name in (*_bench("audit").FAILING_COUNTS, "charged_twice"):
+    for name in (*_bench("audit").FAILING_COUNTS, "charged_twice", "paid_unseen_by_operator"):
         assert audit[name] == 0, summary
+    attacks = result.figures["attacks"]
+    assert all(row["tried"] >= 1 for row in attacks.values()), summary
+    assert all(row["succeeded"] == 0 for row in attacks.values()), summary
     assert result.ok, summary
+
+
+def test_attack_outcomes_are_read_from_the_simulators_records() -> None:
+    """A token to an attacker who never paid, or a paid attack purchase without its token."""
+    attacks = _bench("attacks")
+    tried = [
+        attacks.Tried(case="forged_success", phone="254790000001", reference="ws_CO_1"),
+        attacks.Tried(case="forged_failure", phone="254790000002", reference="ws_CO_2"),
+        attacks.Tried(case="forged_failure", phone="254790000003", reference="ws_CO_3"),
+        attacks.Tried(
+            case="forged_c2b_status_race", phone="254790000004", meter="1", receipt="MADEUP0001"
+        ),
+    ]
+    charges = [{"msisdn": "254790000002"}, {"msisdn": "254790000003"}]
+    text = "Electricity token 1111-2222-3333-4444-555{}. 3.4 kWh for KES 100.00. Meter 1."
+    sms = [
+        {"to": "+254790000001", "text": text.format(5) + " Receipt PX."},
+        {"to": "+254790000003", "text": text.format(6) + " Receipt PY."},
+    ]
+    table = attacks.outcomes(tried, charges, sms)
+    assert table["forged_success"] == {"tried": 1, "succeeded": 1}
+    assert table["forged_failure"] == {"tried": 2, "succeeded": 1}  # 0000002 got no token
+    assert table["forged_c2b_status_race"] == {"tried": 1, "succeeded": 0}
+
+
+def test_a_paid_purchase_without_token_in_a_state_no_operator_list_shows_is_unseen(
+    tmp_path: Path,
+) -> None:
+    """Payment failed or expired, or no purchase at all: unseen; awaiting or paid: seen."""
+    import sqlite3  # noqa: PLC0415 - only here
+
+    load = _bench("load")
+    db = tmp_path / "gateway.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE purchases (purchase_id, state, provider_reference)")
+        conn.execute("CREATE TABLE payments (purchase_id, reference)")
+        conn.executemany(
+            "INSERT INTO purchases VALUES (?, ?, ?)",
+            [("P1", "payment_failed", "ws_1"), ("P2", "paid", "ws_2"), ("P3", "expired", None)],
+        )
+        conn.execute("INSERT INTO payments VALUES ('P3', 'RCPT3')")
+    unseen = load.paid_unseen_by_operator(db, ["ws_1", "ws_2", "RCPT3", "ws_9"])
+    assert unseen == ["ws_1: payment_failed", "RCPT3: expired", "ws_9: no purchase"]
 
 
 def test_the_drain_tells_recovered_settled_and_timeout() -> None:
