@@ -60,6 +60,7 @@ from gateway.ledger import (
     Purchase,
     PurchaseDraft,
     PurchaseState,
+    ReceiptReused,
     TidConflict,
     Vend,
     VendContext,
@@ -72,6 +73,7 @@ from gateway.money import Money
 from gateway.payments import (
     CollectionRequest,
     CustomerPaymentRefusal,
+    ForgedCallback,
     PaymentError,
     PaymentNotice,
     PaymentProvider,
@@ -133,6 +135,9 @@ _PAID_STATES: Final = frozenset(
         PurchaseState.REFUND_PENDING,
     }
 )
+#: Bytes of a callback body kept in the ledger: real callbacks are a few hundred bytes; its
+#: SHA-256 is taken over the whole body (issue 17: 50 unknown-reference posts of 900 KB).
+MAX_STORED_NOTICE: Final = 8192
 _PROFILE_CACHE: Final = 4096  # validated meter profiles kept (oldest dropped first)
 _GSM7_SINGLE: Final = 160
 _GSM7_DOUBLE: Final = 306
@@ -289,6 +294,10 @@ class SagaObserver(Protocol):
 
     def vended(self, seconds: float) -> None:
         """A token was durably stored: seconds the vend step took (lock, token, write)."""
+        ...
+
+    def security_event(self, kind: str) -> None:
+        """The saga saw a security event of ``kind`` (``payment_receipt_reused`` …)."""
         ...
 
 
@@ -728,16 +737,17 @@ class Vending:
                 amount=notice.amount,
                 payer=notice.payer,
                 receipt=notice.receipt,
-                raw=notice.raw,
+                raw=notice.raw[:MAX_STORED_NOTICE],
                 payload_hash=notice.payload_hash,
             ),
             actor=f"callback:{notice.provider}",
         )
         if outcome.payload_conflict:
-            log.warning(
+            self._security_event(
                 "payment_notice_payload_conflict",
                 provider=notice.provider,
                 reference=notice.reference,
+                purchase_id=outcome.purchase_id,
             )
         purchase_id: str | None = outcome.purchase_id
         if purchase_id is None and notice.is_customer_initiated:
@@ -751,15 +761,19 @@ class Vending:
                 actor=f"callback:{notice.provider}",
                 data={"provider": notice.provider, "reference": notice.reference},
             )
-            log.warning(
-                "payment_notice_unknown", provider=notice.provider, reference=notice.reference
+            self._security_event(
+                "payment_notice_unknown",
+                provider=notice.provider,
+                reference=notice.reference,
+                claimed_state=notice.claimed_state.value,
+                stored_bytes=min(len(notice.raw), MAX_STORED_NOTICE),
             )
             return
         if not notice.claimed_state.is_final:
             return
         with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
             try:
-                await self.confirm(purchase_id)
+                await self.confirm(purchase_id, claimed=notice.claimed_state)
             except (GatewayError, StsError) as exc:
                 # Recorded; the sweeper finishes it. A notice is never refused for this.
                 log.warning("payment_notice_confirmation_deferred", error=str(exc))
@@ -842,12 +856,19 @@ class Vending:
         payer_ok = status.payer is None or purchase.phone is None or status.payer == purchase.phone
         return paid == purchase.amount and payer_ok, paid
 
-    async def confirm(self, purchase_id: str) -> Purchase:
+    async def confirm(self, purchase_id: str, *, claimed: PaymentState | None = None) -> Purchase:
         """Ask the provider what became of the purchase's payment, and act on its answer.
 
         Paid with the exact amount, currency and payer: PAID, then vended. Paid otherwise:
-        REFUND_PENDING and a security event (never vends). Failed: PAYMENT_FAILED. Pending:
-        unchanged. A success arriving after expiry still vends: money is never lost.
+        REFUND_PENDING and a security event (never vends). Paid with a receipt that already
+        pays for another purchase: REFUND_PENDING (an operator looks) and the security event
+        ``payment_receipt_reused``, never vended. Failed: PAYMENT_FAILED. Pending: unchanged. A
+        success arriving after expiry still vends: money is never lost.
+
+        ``claimed`` is what the callback that brought us here said: an answer of the provider
+        that contradicts it (success against failure, either way), a provider that does not
+        know the reference, or a failed customer-initiated payment (its confirmation said the
+        money moved) is the security event ``payment_callback_contradicted``.
 
         Raises:
             PaymentError: the provider could not answer (``ProviderUnavailable``, retryable).
@@ -867,7 +888,20 @@ class Vending:
             }:
                 return purchase
             provider = self._providers[purchase.provider]
-            status = await provider.query_status(ProviderReference(purchase.provider_reference))
+            reference = purchase.provider_reference
+            try:
+                status = await provider.query_status(ProviderReference(reference))
+            except ForgedCallback as exc:
+                self._security_event(
+                    "payment_callback_contradicted",
+                    provider=provider.name,
+                    reference=reference,
+                    claimed=claimed.value if claimed else None,
+                    answer="unknown to the provider",
+                    reason=str(exc),
+                )
+                raise
+            self._check_claim(purchase, claimed, status)
             if status.state is PaymentState.SUCCEEDED:
                 return await self._on_success(context, status)
             if status.state in _FAILED_CLAIMS and purchase.state in {
@@ -884,7 +918,56 @@ class Vending:
                 )
             return purchase
 
+    def _check_claim(
+        self, purchase: Purchase, claimed: PaymentState | None, status: PaymentStatus
+    ) -> None:
+        """A security event when the provider's own answer contradicts what we were told."""
+        if not status.state.is_final:
+            return
+        paid = status.state is PaymentState.SUCCEEDED
+        if purchase.channel == CUSTOMER_INITIATED_CHANNEL and claimed is None:
+            claimed = PaymentState.SUCCEEDED  # its confirmation said the money moved
+        if claimed is None or not claimed.is_final or (claimed is PaymentState.SUCCEEDED) == paid:
+            return
+        self._security_event(
+            "payment_callback_contradicted",
+            provider=status.provider,
+            reference=status.reference,
+            claimed=claimed.value,
+            answer=status.state.value,
+            reason=status.reason,
+            channel=purchase.channel,
+        )
+
     async def _on_success(self, context: VendContext, status: PaymentStatus) -> Purchase:
+        try:
+            return await self._on_proven(context, status)
+        except ReceiptReused as exc:
+            return await self._receipt_reused(context.purchase, status, exc)
+
+    async def _receipt_reused(
+        self, purchase: Purchase, status: PaymentStatus, exc: ReceiptReused
+    ) -> Purchase:
+        """A proven receipt that already pays for another purchase: never vend; an operator."""
+        data = {
+            "provider": exc.provider,
+            "receipt": exc.receipt,
+            "reference": status.reference,
+            "channel": purchase.channel,
+        }
+        self._security_event("payment_receipt_reused", **data)
+        current = await self._ledger.get_purchase(purchase.purchase_id)
+        if current.state is PurchaseState.REFUND_PENDING or current.state in _SETTLED:
+            return current
+        return await self._ledger.transition(
+            purchase.purchase_id,
+            PurchaseState.REFUND_PENDING,
+            kind="payment_receipt_reused",
+            actor="saga",
+            data=data,
+        )
+
+    async def _on_proven(self, context: VendContext, status: PaymentStatus) -> Purchase:
         purchase = context.purchase
         matches, paid = self._matches(purchase, status)
         confirmed = ConfirmedPayment(
@@ -927,6 +1010,16 @@ class Vending:
             report(seconds)
         except Exception as exc:  # noqa: BLE001 - metrics must never break a purchase
             log.warning("saga_observer_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _security_event(self, kind: str, **fields: object) -> None:
+        """Log ``kind`` as a security event (``security_event=True``) and count it."""
+        log.warning(kind, security_event=True, **fields)
+        report = getattr(self._observer, "security_event", None)
+        if report is not None:
+            try:
+                report(kind)
+            except Exception as exc:  # noqa: BLE001 - metrics must never break a purchase
+                log.warning("saga_observer_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def check_payment(self, purchase_id: str) -> Purchase:
         """The sweeper's step for a purchase awaiting payment past its check time.

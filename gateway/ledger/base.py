@@ -539,6 +539,27 @@ class IdempotencyConflict(DuplicateError):
     """An idempotency key was reused for a request with different details."""
 
 
+#: The unique index (migration 0003) that lets a provider's receipt pay for one purchase only.
+RECEIPT_ONCE: Final = "payments_receipt_once"
+
+
+class ReceiptReused(DuplicateError):
+    """A provider's receipt already proves the payment of another payment row (another purchase).
+
+    Raised by ``mark_paid``, ``record_vend`` (with a payment) and ``mark_payment_mismatch``: the
+    transaction wrote nothing. ``key`` is ``provider:receipt``.
+    """
+
+    def __init__(self, provider: str, receipt: str) -> None:
+        super().__init__(
+            f"{provider} receipt {receipt} already pays for another purchase",
+            constraint=RECEIPT_ONCE,
+            key=f"{provider}:{receipt}",
+        )
+        self.provider = provider
+        self.receipt = receipt
+
+
 class NotFound(LedgerError):
     """No such record. ``what`` names the kind (``purchase``, ``meter``, ``tariff``)."""
 

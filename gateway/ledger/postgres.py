@@ -66,6 +66,7 @@ from gateway.ledger.base import (
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
+    RECEIPT_ONCE,
     ConfirmedPayment,
     DuplicateError,
     Event,
@@ -94,6 +95,7 @@ from gateway.ledger.base import (
     PurchaseDraft,
     PurchaseId,
     PurchaseState,
+    ReceiptReused,
     ReportRow,
     SavedMeter,
     SavedMetersFull,
@@ -1029,7 +1031,34 @@ class PostgresLedger:
     ) -> None:
         # One statement inserts the row, or settles it if it has no purchase or ours, under
         # the row's lock; nothing returned means another purchase owns the reference.
-        settled = await conn.fetchval(
+        try:
+            settled = await self._upsert_payment(conn, purchase_id, payment, state)
+        except asyncpg.exceptions.UniqueViolationError as exc:
+            if exc.constraint_name == RECEIPT_ONCE and payment.receipt is not None:
+                raise ReceiptReused(payment.provider, payment.receipt) from exc
+            raise
+        if settled is None:
+            owner = await conn.fetchval(
+                "SELECT purchase_id FROM payments WHERE provider = $1 AND reference = $2",
+                payment.provider,
+                payment.reference,
+            )
+            raise DuplicateError(
+                f"{payment.provider} reference {payment.reference} belongs to purchase"
+                f" {owner}, not {purchase_id}",
+                constraint="payments.provider_reference",
+                key=f"{payment.provider}:{payment.reference}",
+            )
+
+    async def _upsert_payment(
+        self,
+        conn: Connection,
+        purchase_id: str,
+        payment: ConfirmedPayment,
+        state: PaymentRecordState,
+    ) -> object:
+        """Insert or settle the payment row; None when another purchase owns the reference."""
+        return await conn.fetchval(
             "INSERT INTO payments (purchase_id, provider, reference, amount_minor, currency,"
             " state, payer, receipt, created_at, updated_at)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)"
@@ -1050,18 +1079,6 @@ class PostgresLedger:
             payment.receipt,
             self._clock(),
         )
-        if settled is None:
-            owner = await conn.fetchval(
-                "SELECT purchase_id FROM payments WHERE provider = $1 AND reference = $2",
-                payment.provider,
-                payment.reference,
-            )
-            raise DuplicateError(
-                f"{payment.provider} reference {payment.reference} belongs to purchase"
-                f" {owner}, not {purchase_id}",
-                constraint="payments.provider_reference",
-                key=f"{payment.provider}:{payment.reference}",
-            )
 
     async def _pay(self, conn: Connection, row: Row, payment: ConfirmedPayment, actor: str) -> Row:
         """Record the (locked) purchase ``row`` paid by ``payment``; the updated row.

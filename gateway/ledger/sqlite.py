@@ -95,6 +95,7 @@ from gateway.ledger.base import (
     PurchaseDraft,
     PurchaseId,
     PurchaseState,
+    ReceiptReused,
     ReportRow,
     SavedMeter,
     SavedMetersFull,
@@ -1243,13 +1244,16 @@ class SqliteLedger:
             payment.receipt,
             now,
         )
-        updated = conn.execute(
-            "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
-            " receipt = COALESCE(?, receipt), updated_at = ?, purchase_id = ?"
-            " WHERE provider = ? AND reference = ?"
-            " AND (purchase_id IS NULL OR purchase_id = ?)",
-            (*values, purchase_id, payment.provider, payment.reference, purchase_id),
-        )
+        try:
+            updated = conn.execute(
+                "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
+                " receipt = COALESCE(?, receipt), updated_at = ?, purchase_id = ?"
+                " WHERE provider = ? AND reference = ?"
+                " AND (purchase_id IS NULL OR purchase_id = ?)",
+                (*values, purchase_id, payment.provider, payment.reference, purchase_id),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise self._receipt_reused(exc, payment) from exc
         if updated.rowcount == 1:
             return
         row = conn.execute(
@@ -1263,12 +1267,22 @@ class SqliteLedger:
                 constraint="payments.provider_reference",
                 key=f"{payment.provider}:{payment.reference}",
             )
-        conn.execute(
-            "INSERT INTO payments (amount_minor, currency, state, payer, receipt, updated_at,"
-            " purchase_id, provider, reference, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (*values, purchase_id, payment.provider, payment.reference, now),
-        )
+        try:
+            conn.execute(
+                "INSERT INTO payments (amount_minor, currency, state, payer, receipt, updated_at,"
+                " purchase_id, provider, reference, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*values, purchase_id, payment.provider, payment.reference, now),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise self._receipt_reused(exc, payment) from exc
+
+    @staticmethod
+    def _receipt_reused(exc: sqlite3.IntegrityError, payment: ConfirmedPayment) -> BaseException:
+        """``ReceiptReused`` when the receipt index refused the row, else the error as ours."""
+        if "payments.receipt" in str(exc) and payment.receipt is not None:
+            return ReceiptReused(payment.provider, payment.receipt)
+        return translate_error(exc)
 
     def _record_payment(
         self, conn: sqlite3.Connection, row: sqlite3.Row, payment: ConfirmedPayment, actor: str

@@ -20,6 +20,7 @@ from gateway.payments.base import (
     ProviderReference,
     ProviderUnavailable,
     ReconcilingProvider,
+    StatusResultOutcome,
 )
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "ProviderReference",
     "ProviderUnavailable",
     "ReconcilingProvider",
+    "StatusResultOutcome",
 ]

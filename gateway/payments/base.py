@@ -169,6 +169,15 @@ class PaymentProvider(Protocol):
         ...
 
 
+class StatusResultOutcome(StrEnum):
+    """What became of an asynchronous status result (Daraja Transaction Status ``Result``)."""
+
+    DELIVERED = "delivered"  # it answers an outstanding request of ours: handed to its query
+    HELD = "held"  # it may answer a request whose acknowledgement is still on its way: kept
+    UNMATCHED = "unmatched"  # no outstanding request of ours has its ids (late, or forged)
+    CONTRADICTED = "contradicted"  # its ids are our request's, its transaction is not
+
+
 @runtime_checkable
 class PaybillProvider(PaymentProvider, Protocol):
     """A provider customers can also pay on their own, naming an account (Daraja C2B paybill).
@@ -193,10 +202,12 @@ class PaybillProvider(PaymentProvider, Protocol):
         """The provider's expected answer to a confirmation."""
         ...
 
-    def deliver_status_result(self, body: bytes) -> bool:
-        """Hand an asynchronous status result to the ``query_status`` call waiting for it.
+    def deliver_status_result(self, body: bytes) -> StatusResultOutcome:
+        """Hand an asynchronous status result to the ``query_status`` call that asked for it.
 
-        Returns whether a call was waiting. Raises ``ForgedCallback`` for a malformed body.
+        A result is bound to the exact request it answers (the provider's ids for our request,
+        one use only). Returns what became of it: anything but ``DELIVERED`` or ``HELD`` is a
+        security event for the route. Raises ``ForgedCallback`` for a malformed body.
         """
         ...
 

@@ -18,6 +18,13 @@ Confirmation (``query_status``):
   (retryable), so the sweeper simply asks again. With several gateway instances the result may
   reach another instance: the waiting one times out and the next sweep asks again.
 
+  The result route knows the callback secret, and so may an attacker: a result is bound to the
+  exact request that asked for it. Daraja's acknowledgement of our query names the request
+  (``ConversationID``, ``OriginatorConversationID``); a result is accepted only when both ids
+  are those of an outstanding query of this process, once, and its ``TransactionID`` (and
+  ``ReceiptNo``) is the transaction that query asked about. Anything else is ``UNMATCHED`` or
+  ``CONTRADICTED`` (security events for the route), never proof.
+
 Retrying an STK push: Daraja has no idempotency key, so a push whose outcome is unknown (timeout
 after sending) is reported ``retryable=False``: a blind retry could prompt, and charge, twice.
 A push this process already started for the same purchase is answered from memory.
@@ -54,6 +61,7 @@ from gateway.payments.base import (
     ProviderReference,
     ProviderReply,
     ProviderUnavailable,
+    StatusResultOutcome,
     TokenCache,
     call_provider,
     remember,
@@ -105,6 +113,29 @@ _MINUTE: Final = timedelta(minutes=1)
 _PULL_SETTLE: Final = timedelta(minutes=1)
 _PULL_REFRESH_S: Final = 60.0
 _PULL_KEEP_MINUTES: Final = 24 * 60  # pulled minutes kept (the oldest dropped first)
+
+
+_HELD_RESULTS: Final = 64  # results kept while a query's acknowledgement is on its way
+
+
+@dataclass(frozen=True, slots=True)
+class _StatusRequest:
+    """One Transaction Status query of ours that Daraja acknowledged, waiting for its result."""
+
+    transaction_id: str
+    originator: str  # OriginatorConversationID of Daraja's acknowledgement
+    result: asyncio.Future[PaymentStatus]
+
+
+@dataclass(frozen=True, slots=True)
+class _ParsedResult:
+    """A Transaction Status ``Result``: the request's ids, the transaction, what it says."""
+
+    conversation: str
+    originator: str
+    transaction_id: str
+    receipt: str | None
+    outcome: PaymentStatus | PaymentError
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +297,10 @@ class DarajaProvider:
         self._pull_lock = asyncio.Lock()
         self._started: dict[str, CollectionStarted] = {}  # purchase id → push already accepted
         self._requested: dict[str, Money] = {}  # CheckoutRequestID → amount we asked for
-        self._status_waiters: dict[str, set[asyncio.Future[PaymentStatus]]] = {}
+        # ConversationID → our acknowledged Transaction Status query waiting for its result
+        self._status_requests: dict[str, _StatusRequest] = {}
+        self._status_unacknowledged = 0  # queries sent whose acknowledgement is not read yet
+        self._held_results: dict[str, _ParsedResult] = {}  # ConversationID → result, meanwhile
 
     # -- OAuth -------------------------------------------------------------------------------
 
@@ -479,23 +513,43 @@ class DarajaProvider:
             "Remarks": "reconciliation",
             "Occasion": "",
         }
-        waiter: asyncio.Future[PaymentStatus] = asyncio.get_running_loop().create_future()
-        self._status_waiters.setdefault(reference, set()).add(waiter)
+        self._status_unacknowledged += 1
         try:
             reply = await self._call(
                 "/mpesa/transactionstatus/v1/query", payload, idempotent=True, reference=reference
             )
-            body = reply.json_object() or {}
-            if reply.status != 200 or str(body.get("ResponseCode")) != "0":
-                error = self._error(reply, reference, what="Transaction Status")
-                if isinstance(error, ProviderUnavailable):
-                    raise error
-                raise ProviderUnavailable(
-                    error.args[0], provider=self.name, reference=reference, retryable=False
-                ) from error
+        finally:
+            self._status_unacknowledged -= 1
+        body = reply.json_object() or {}
+        if reply.status != 200 or str(body.get("ResponseCode")) != "0":
+            error = self._error(reply, reference, what="Transaction Status")
+            if isinstance(error, ProviderUnavailable):
+                raise error
+            raise ProviderUnavailable(
+                error.args[0], provider=self.name, reference=reference, retryable=False
+            ) from error
+        conversation = str(body.get("ConversationID") or "")
+        originator = str(body.get("OriginatorConversationID") or "")
+        if not conversation or not originator:
+            # Without the request's ids no result can be bound to it: never wait for one.
+            raise ProviderUnavailable(
+                "Transaction Status acknowledged without ConversationID/OriginatorConversationID",
+                provider=self.name,
+                reference=reference,
+            )
+        request = _StatusRequest(
+            transaction_id=reference,
+            originator=originator,
+            result=asyncio.get_running_loop().create_future(),
+        )
+        self._status_requests[conversation] = request
+        try:
+            held = self._held_results.pop(conversation, None)
+            if held is not None:
+                self._bind(held)
             try:
                 async with asyncio.timeout(self._status_result_wait_s):
-                    return await waiter
+                    return await request.result
             except TimeoutError as exc:
                 raise ProviderUnavailable(
                     "Transaction Status result did not arrive in time",
@@ -503,10 +557,9 @@ class DarajaProvider:
                     reference=reference,
                 ) from exc
         finally:
-            waiters = self._status_waiters.get(reference, set())
-            waiters.discard(waiter)
-            if not waiters:
-                self._status_waiters.pop(reference, None)
+            self._status_requests.pop(conversation, None)
+            if not self._status_unacknowledged:
+                self._held_results.clear()  # no query can claim them any more
 
     # -- Pull Transactions (reconciliation of a push whose reference was lost) -----------------
 
@@ -649,11 +702,16 @@ class DarajaProvider:
         )
         return when.astimezone(UTC), status, str(row.get("billreference", ""))
 
-    def deliver_status_result(self, body: bytes) -> bool:
+    def deliver_status_result(self, body: bytes) -> StatusResultOutcome:
         """Hand a Transaction Status ``Result`` (posted to ``status_result_url``) to its query.
 
-        Returns whether a ``query_status`` call was waiting for it (the waiter is registered
-        before the query is sent, so a result cannot overtake it); other results are dropped.
+        Accepted (``DELIVERED``) only when its ``ConversationID`` and ``OriginatorConversationID``
+        are those Daraja acknowledged for an outstanding query of this process, and its
+        ``TransactionID`` (and ``ReceiptNo``, when given) is the transaction that query asked
+        about; the query is then answered, once. A result for ids we do not know while a query's
+        acknowledgement is still being read is ``HELD`` for it (a few, briefly). Otherwise
+        ``UNMATCHED`` (late, another instance's, or forged) or ``CONTRADICTED`` (our request's
+        ids, another transaction): never proof, and the query keeps waiting for the real one.
 
         A result saying our initiator setup is wrong reaches the waiting query as a
         non-retryable ``ProviderUnavailable``.
@@ -661,22 +719,39 @@ class DarajaProvider:
         Raises:
             ForgedCallback: the body is not a Transaction Status result.
         """
-        reference, outcome = self._parse_status_result(body)
-        waiters = [w for w in self._status_waiters.get(reference, set()) if not w.done()]
-        if not waiters:
-            return False  # late, or meant for another instance's query: that one asks again
-        for waiter in waiters:
-            if isinstance(outcome, PaymentStatus):
-                waiter.set_result(outcome)
-            else:
-                waiter.set_exception(outcome)
-        return True
+        parsed = self._parse_status_result(body)
+        if parsed.conversation not in self._status_requests and self._status_unacknowledged:
+            self._held_results.pop(parsed.conversation, None)
+            if len(self._held_results) < _HELD_RESULTS:
+                self._held_results[parsed.conversation] = parsed
+                return StatusResultOutcome.HELD
+        return self._bind(parsed)
 
-    def _parse_status_result(self, body: bytes) -> tuple[str, PaymentStatus | PaymentError]:
+    def _bind(self, parsed: _ParsedResult) -> StatusResultOutcome:
+        request = self._status_requests.get(parsed.conversation)
+        if request is None or request.result.done():
+            return StatusResultOutcome.UNMATCHED
+        if parsed.originator != request.originator:
+            return StatusResultOutcome.UNMATCHED
+        if parsed.transaction_id != request.transaction_id or parsed.receipt not in {
+            None,
+            request.transaction_id,
+        }:
+            return StatusResultOutcome.CONTRADICTED
+        del self._status_requests[parsed.conversation]  # one use only
+        if isinstance(parsed.outcome, PaymentStatus):
+            request.result.set_result(parsed.outcome)
+        else:
+            request.result.set_exception(parsed.outcome)
+        return StatusResultOutcome.DELIVERED
+
+    def _parse_status_result(self, body: bytes) -> _ParsedResult:
         try:
             result = _json_object(body).get("Result")
             if not isinstance(result, dict):
                 raise _forged("no Result object")
+            conversation = _text(result, "ConversationID")
+            originator = _text(result, "OriginatorConversationID")
             reference = _text(result, "TransactionID", required=False)
             code = _integer(result.get("ResultCode"), "ResultCode")
             params = result.get("ResultParameters")
@@ -685,39 +760,55 @@ class DarajaProvider:
             for item in items if isinstance(items, list) else []:
                 if isinstance(item, dict) and isinstance(item.get("Key"), str):
                     values[str(item["Key"])] = item.get("Value")
-            reference = reference or str(values.get("ReceiptNo", ""))
+            receipt = str(values["ReceiptNo"]) if values.get("ReceiptNo") else None
+            reference = reference or receipt or ""
             if not reference:
                 raise _forged("Transaction Status result names no transaction")
-            desc = str(result.get("ResultDesc", ""))
-            if code in _INITIATOR_ERRORS:
-                return reference, ProviderUnavailable(
-                    f"Transaction Status refused our initiator: {code} {desc}",
-                    provider=self.name,
-                    reference=reference,
-                    retryable=False,
-                )
-            if code != 0:
-                return reference, PaymentStatus(
-                    provider=self.name,
-                    reference=ProviderReference(reference),
-                    state=PaymentState.FAILED,
-                    reason=f"{code} {desc}".strip(),
-                )
-            completed = str(values.get("TransactionStatus", "")) == "Completed"
-            debit = str(values.get("DebitPartyName", ""))
-            return reference, PaymentStatus(
-                provider=self.name,
-                reference=ProviderReference(reference),
-                state=PaymentState.SUCCEEDED if completed else PaymentState.FAILED,
-                amount=_kes(values.get("Amount"), "Amount"),
-                payer=_payer(debit.split(" - ", 1)[0].strip()),
-                receipt=str(values.get("ReceiptNo", reference)),
-                reason=None if completed else str(values.get("TransactionStatus", "")),
+            return _ParsedResult(
+                conversation=conversation,
+                originator=originator,
+                transaction_id=reference,
+                receipt=receipt,
+                outcome=self._status_outcome(reference, code, result, values),
             )
         except ForgedCallback:
             raise
         except (ValueError, TypeError, ArithmeticError) as exc:
             raise _forged(f"malformed Transaction Status result: {exc}") from exc
+
+    def _status_outcome(
+        self,
+        reference: str,
+        code: int,
+        result: Mapping[str, object],
+        values: Mapping[str, object],
+    ) -> PaymentStatus | PaymentError:
+        desc = str(result.get("ResultDesc", ""))
+        if code in _INITIATOR_ERRORS:
+            return ProviderUnavailable(
+                f"Transaction Status refused our initiator: {code} {desc}",
+                provider=self.name,
+                reference=reference,
+                retryable=False,
+            )
+        if code != 0:
+            return PaymentStatus(
+                provider=self.name,
+                reference=ProviderReference(reference),
+                state=PaymentState.FAILED,
+                reason=f"{code} {desc}".strip(),
+            )
+        completed = str(values.get("TransactionStatus", "")) == "Completed"
+        debit = str(values.get("DebitPartyName", ""))
+        return PaymentStatus(
+            provider=self.name,
+            reference=ProviderReference(reference),
+            state=PaymentState.SUCCEEDED if completed else PaymentState.FAILED,
+            amount=_kes(values.get("Amount"), "Amount"),
+            payer=_payer(debit.split(" - ", 1)[0].strip()),
+            receipt=str(values.get("ReceiptNo", reference)),
+            reason=None if completed else str(values.get("TransactionStatus", "")),
+        )
 
     # -- callbacks -----------------------------------------------------------------------------
 

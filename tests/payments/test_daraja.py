@@ -739,7 +739,7 @@ async def test_concurrent_transaction_status_queries_both_get_the_result(daraja:
         daraja.provider.query_status(reference), daraja.provider.query_status(reference)
     )
     assert first.state is second.state is PaymentState.SUCCEEDED
-    assert daraja.provider._status_waiters == {}
+    assert daraja.provider._status_requests == {}
 
 
 async def test_query_with_wrong_credentials_is_a_configuration_fault(
