@@ -195,16 +195,20 @@ class Attacker:
     def _made_up(self) -> str:
         return "".join(self.rng.choices(_ALPHABET, k=10))
 
-    async def _post(self, tail: str, body: bytes) -> None:
+    async def _post(self, tail: str, body: bytes, *, persist: bool = True) -> None:
+        """POST a forged callback; ``persist``: again until answered (a restart may be on)."""
         url = f"{self.gateway_url}/payments/daraja/{self.secret}/{tail}"
-        try:
-            async with self.session.post(
-                url, data=body, headers={"Content-Type": "application/json"}
-            ) as response:
-                await response.read()
-                self.log.posts[f"{tail} {response.status}"] += 1
-        except (aiohttp.ClientError, TimeoutError):
-            self.log.posts[f"{tail} unanswered"] += 1
+        for _ in range(40 if persist else 1):
+            try:
+                async with self.session.post(
+                    url, data=body, headers={"Content-Type": "application/json"}
+                ) as response:
+                    await response.read()
+                    self.log.posts[f"{tail} {response.status}"] += 1
+                    return
+            except (aiohttp.ClientError, TimeoutError):
+                self.log.posts[f"{tail} unanswered"] += 1
+            await asyncio.sleep(0.25)
 
     async def _ussd_buy(self, phone: str, meter: str, amount: int) -> bool:
         """Dial and buy by USSD (a few tries: the gateway may be being restarted)."""
@@ -301,7 +305,7 @@ class Attacker:
 
         async def race() -> None:
             for _ in range(150):  # ~3 s of results, one every 20 ms
-                await self._post("status/result", result)
+                await self._post("status/result", result, persist=False)
                 await asyncio.sleep(0.02)
 
         await asyncio.gather(self._post("c2b/confirmation", confirmation), race())
@@ -320,7 +324,7 @@ class Attacker:
         )
         cancelled = stk_callback(reference, 1032)
         for _ in range(60):  # ~3 s
-            await self._post("stk", cancelled)
+            await self._post("stk", cancelled, persist=False)
             await asyncio.sleep(0.05)
         await buying
 
