@@ -264,9 +264,14 @@ class Attacker:
 
     async def receipt_replay(self) -> None:
         """A receipt already vended, posted as a C2B confirmation for another meter."""
-        async with self.session.get(self.sims["daraja"] + "/_sim/ledger") as response:
-            charges = [c for c in await response.json() if c.get("receipt")]
-        if not charges:
+        charges: list[dict[str, Any]] = []
+        for _ in range(30):  # the first round may come before any payment: wait for some
+            async with self.session.get(self.sims["daraja"] + "/_sim/ledger") as response:
+                charges = [c for c in await response.json() if c.get("receipt")]
+            if len(charges) >= 2:  # noqa: PLR2004 - one old enough to have been vended
+                break
+            await asyncio.sleep(0.5)
+        else:
             return
         charge = self.rng.choice(charges[: max(1, len(charges) // 2)])  # an older one: vended
         meter = self.rng.choice([d for d in self.drns if d != charge.get("account")])
@@ -323,7 +328,8 @@ class Attacker:
             Tried(case="forged_failure", phone=phone, meter=meter, reference=reference)
         )
         cancelled = stk_callback(reference, 1032)
-        for _ in range(60):  # ~3 s
+        await self._post("stk", cancelled)
+        for _ in range(60):  # ~3 s more
             await self._post("stk", cancelled, persist=False)
             await asyncio.sleep(0.05)
         await buying
