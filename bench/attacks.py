@@ -268,7 +268,7 @@ class Attacker:
         for _ in range(30):  # the first round may come before any payment: wait for some
             async with self.session.get(self.sims["daraja"] + "/_sim/ledger") as response:
                 charges = [c for c in await response.json() if c.get("receipt")]
-            if len(charges) >= 2:  # noqa: PLR2004 - one old enough to have been vended
+            if len(charges) >= 2:  # one old enough to have been vended
                 break
             await asyncio.sleep(0.5)
         else:
