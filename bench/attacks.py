@@ -28,13 +28,11 @@ import asyncio
 import contextlib
 import json
 import random
-import sqlite3
 import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
@@ -149,11 +147,6 @@ def status_result(trans_id: str, *, amount: int, phone: str, shortcode: str) -> 
     return json.dumps({"Result": result}).encode()
 
 
-def _read_db(db: Path, sql: str, args: Sequence[object]) -> list[tuple[Any, ...]]:
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
-        return list(conn.execute(sql, args))
-
-
 class Attacker:
     """Carries out ``rounds`` rounds of every case against a running gateway.
 
@@ -162,7 +155,8 @@ class Attacker:
         gateway_url: where ``gateway serve`` listens (it is killed and restarted meanwhile).
         sims: ``gateway sim``'s JSON line (URLs and credentials).
         secret: the callback secret the attacker knows.
-        db: the gateway's SQLite file (read-only: the references it handed the provider).
+        reader: reads the gateway's database (``bench/load.py``'s ``LedgerReader``): the
+            references it handed the provider.
         drns: the meters (an attack buys for, or redirects to, one of them).
         seed: the attacker's randomness.
     """
@@ -174,7 +168,7 @@ class Attacker:
         gateway_url: str,
         sims: Mapping[str, Any],
         secret: str,
-        db: Path,
+        reader: Any,  # noqa: ANN401 - bench/load.py's LedgerReader (bench is no package)
         drns: Sequence[str],
         seed: int,
     ) -> None:
@@ -182,7 +176,7 @@ class Attacker:
         self.gateway_url = gateway_url
         self.sims = sims
         self.secret = secret
-        self.db = db
+        self.reader = reader
         self.drns = drns
         self.rng = random.Random(seed)
         self.log = AttackLog()
@@ -241,13 +235,11 @@ class Attacker:
         """The STK CheckoutRequestID the gateway got for the phone's purchase, and its amount."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            with contextlib.suppress(sqlite3.Error):
-                rows = await asyncio.to_thread(
-                    _read_db,
-                    self.db,
+            with contextlib.suppress(Exception):  # the database may be busy: ask again
+                rows = await self.reader.rows(
                     "SELECT provider_reference, amount_minor FROM purchases"
                     " WHERE phone = ? AND provider_reference IS NOT NULL",
-                    ("+" + phone,),
+                    "+" + phone,
                 )
                 if rows:
                     return str(rows[0][0]), int(rows[0][1]) // 100

@@ -61,7 +61,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -182,6 +182,9 @@ class LoadSettings:
     session_store: str = "sqlite"  # the gateway's USSD session store (sqlite | memory)
     calm_drain: bool = True  # switch the chaos off when the load ends (the outage is over)
     attacks: int = 0  # rounds of bench/attacks.py's forged callbacks during the load (0: none)
+    # "" → a SQLite file in the work directory; a postgresql:// URL → a fresh database created
+    # on that server for the run (and dropped after it).
+    database_url: str = ""
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -269,13 +272,79 @@ def write_fixtures(workdir: Path, meters: int) -> dict[str, Any]:
     }
 
 
-async def seed_tariff(data_dir: Path) -> None:
+async def seed_tariff(database_url: str) -> None:
     """Write the demo tariff the meters use, before they are imported.
 
     The gateway seeds it only at its first start, and no command writes tariffs yet.
     """
-    async with open_ledger(f"sqlite:///{data_dir / 'gateway.db'}") as ledger:
+    async with open_ledger(database_url) as ledger:
         await ledger.put_tariff(DEMO_TARIFF)
+
+
+def _is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+class LedgerReader:
+    """Read-only queries on the gateway's database, SQLite or PostgreSQL (``?`` placeholders)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pool: Any = None
+
+    async def rows(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        """The rows of ``sql`` (timestamps as the driver gives them: see ``epoch``)."""
+        if not _is_postgres(self.url):
+            return await asyncio.to_thread(self._sqlite_rows, sql, args)
+        if self._pool is None:
+            import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - PostgreSQL only
+
+            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=2)
+        numbered = sql
+        for n in range(1, len(args) + 1):
+            numbered = numbered.replace("?", f"${n}", 1)
+        return [tuple(row) for row in await self._pool.fetch(numbered, *args)]
+
+    def _sqlite_rows(self, sql: str, args: Sequence[object]) -> list[tuple[Any, ...]]:
+        path = self.url.removeprefix("sqlite:///")
+        with contextlib.closing(
+            sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        ) as conn:
+            return [tuple(row) for row in conn.execute(sql, args)]
+
+    async def close(self) -> None:
+        """Close the PostgreSQL pool, if one was opened."""
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+def epoch(value: object) -> float:
+    """A ledger timestamp (ISO text from SQLite, a datetime from PostgreSQL) as epoch seconds."""
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return datetime.fromisoformat(str(value)).timestamp()
+
+
+@contextlib.asynccontextmanager
+async def run_database(settings: LoadSettings, workdir: Path) -> AsyncIterator[str]:
+    """The database URL of one run: a SQLite file, or a fresh PostgreSQL database dropped after."""
+    if not _is_postgres(settings.database_url):
+        yield f"sqlite:///{workdir / 'data' / 'gateway.db'}"
+        return
+    import asyncpg  # noqa: PLC0415 - PostgreSQL only
+
+    name = f"load_{secrets.token_hex(6)}"
+    base, _, _db = settings.database_url.rpartition("/")
+    admin = await asyncpg.connect(settings.database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{base}/{name}"
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 def free_port() -> int:
@@ -294,8 +363,16 @@ def free_port() -> int:
 class Processes:
     """The simulator and gateway processes of one run (started, killed, restarted, stopped)."""
 
-    def __init__(self, workdir: Path, fixtures: dict[str, Any], settings: LoadSettings) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        fixtures: dict[str, Any],
+        settings: LoadSettings,
+        database_url: str,
+    ) -> None:
         self.workdir = workdir
+        self.database_url = database_url
+        self.reader = LedgerReader(database_url)
         self.fixtures = fixtures
         self.settings = settings
         self.port = free_port()
@@ -368,6 +445,7 @@ class Processes:
             "GATEWAY_PAYMENT_DEADLINE_S": str(self.settings.payment_deadline_s),
             "GATEWAY_SWEEP_INTERVAL_S": str(self.settings.sweep_interval_s),
             "GATEWAY_SESSION_STORE": self.settings.session_store,
+            "GATEWAY_DATABASE_URL": self.database_url,
         }
 
     async def _gateway_command(self, *args: str) -> None:
@@ -653,14 +731,13 @@ class DrainOutcome:
     ended_at: float  # perf_counter
 
 
-def ledger_pending(db: Path) -> int:
+async def ledger_pending(reader: LedgerReader) -> int:
     """Paid purchases the gateway has not vended yet (its sweeper still has to), read-only."""
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
-        row = conn.execute(
-            "SELECT COUNT(*) FROM purchases p LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
-            " WHERE p.state = 'paid' AND v.vend_id IS NULL"
-        ).fetchone()
-    return int(row[0])
+    ((count,),) = await reader.rows(
+        "SELECT COUNT(*) FROM purchases p LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
+        " WHERE p.state = 'paid' AND v.vend_id IS NULL"
+    )
+    return int(count)
 
 
 #: Purchase states an operator's stuck lists show (gateway/web/admin.py); a paid purchase without
@@ -670,18 +747,18 @@ OPERATOR_SEES: Final = frozenset(
 )
 
 
-def paid_unseen_by_operator(db: Path, references: Sequence[str]) -> list[str]:
+async def paid_unseen_by_operator(reader: LedgerReader, references: Sequence[str]) -> list[str]:
     """Of charges no token carried, those whose purchase no operator list shows, read-only."""
     unseen = []
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
-        for reference in references:
-            row = conn.execute(
-                "SELECT p.state FROM purchases p WHERE p.provider_reference = ? OR p.purchase_id"
-                " IN (SELECT purchase_id FROM payments WHERE reference = ?)",
-                (reference, reference),
-            ).fetchone()
-            if row is None or row[0] not in OPERATOR_SEES:
-                unseen.append(f"{reference}: {row[0] if row else 'no purchase'}")
+    for reference in references:
+        rows = await reader.rows(
+            "SELECT p.state FROM purchases p WHERE p.provider_reference = ? OR p.purchase_id"
+            " IN (SELECT purchase_id FROM payments WHERE reference = ?)",
+            reference,
+            reference,
+        )
+        if not rows or rows[0][0] not in OPERATOR_SEES:
+            unseen.append(f"{reference}: {rows[0][0] if rows else 'no purchase'}")
     return unseen
 
 
@@ -716,10 +793,9 @@ async def _drain(
 ) -> tuple[Any, DrainOutcome]:
     """Wait until nothing is pending recovery (or ``timeout_s``); the last audit, how it ended."""
     began = time.perf_counter()
-    db = procs.workdir / "data" / "gateway.db"
     while True:
         report = await auditor.audit_running(procs.sims, meters, key, key_tokens=False)
-        pending = drain_pending(report, await asyncio.to_thread(ledger_pending, db))
+        pending = drain_pending(report, await ledger_pending(procs.reader))
         waited = time.perf_counter() - began
         if out is not None:
             out.write(f"\rdrain {waited:5.1f}s  purchases still pending recovery: {pending}   ")
@@ -738,28 +814,25 @@ async def _drain(
         await asyncio.sleep(2.0)
 
 
-def _ledger_figures(
-    db: Path, sms: Sequence[dict[str, Any]], window: tuple[float, float]
+async def _ledger_figures(
+    reader: LedgerReader, sms: Sequence[dict[str, Any]], window: tuple[float, float]
 ) -> dict[str, Any]:
     """Vends/s and payment-confirmed → SMS-accepted latency, from the ledger and the AT sim."""
     accepted = {m["message_id"]: m["accepted_at"] for m in sms if m.get("accepted_at")}
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        vend_times = [
-            datetime.fromisoformat(row[0]).timestamp()
-            for row in conn.execute("SELECT created_at FROM vends")
-        ]
-        confirmed = conn.execute(
-            "SELECT o.provider_message_id, MIN(e.at) FROM outbox o JOIN events e"
-            " ON e.purchase_id = o.purchase_id AND e.kind = 'payment_confirmed'"
-            " WHERE o.kind = 'token' AND o.provider_message_id IS NOT NULL"
-            " GROUP BY o.provider_message_id"
-        ).fetchall()
-        states = dict(conn.execute("SELECT state, COUNT(*) FROM purchases GROUP BY state"))
-    latencies = [
-        accepted[mid] - datetime.fromisoformat(at).timestamp()
-        for mid, at in confirmed
-        if mid in accepted
-    ]
+    vend_times = [epoch(row[0]) for row in await reader.rows("SELECT created_at FROM vends")]
+    confirmed = await reader.rows(
+        "SELECT o.provider_message_id, MIN(e.at) FROM outbox o JOIN events e"
+        " ON e.purchase_id = o.purchase_id AND e.kind = 'payment_confirmed'"
+        " WHERE o.kind = 'token' AND o.provider_message_id IS NOT NULL"
+        " GROUP BY o.provider_message_id"
+    )
+    states = {
+        str(state): int(count)
+        for state, count in await reader.rows(
+            "SELECT state, COUNT(*) FROM purchases GROUP BY state"
+        )
+    }
+    latencies = [accepted[mid] - epoch(at) for mid, at in confirmed if mid in accepted]
     first, last = window
     in_window = sum(1 for at in vend_times if first <= at <= last)
     span = last - first
@@ -788,12 +861,14 @@ async def run_load(settings: LoadSettings, *, out: TextIO | None = None) -> Load
             workdir.mkdir(parents=True, exist_ok=True)
         fixtures = write_fixtures(workdir, settings.meters)
         (workdir / "data").mkdir(parents=True, exist_ok=True)
-        await seed_tariff(workdir / "data")
-        procs = Processes(workdir, fixtures, settings)
-        try:
-            return await _run(settings, procs, fixtures, auditor, out)
-        finally:
-            await procs.stop()
+        async with run_database(settings, workdir) as database_url:
+            await seed_tariff(database_url)
+            procs = Processes(workdir, fixtures, settings, database_url)
+            try:
+                return await _run(settings, procs, fixtures, auditor, out)
+            finally:
+                await procs.stop()
+                await procs.reader.close()
 
 
 def _attacker(
@@ -810,7 +885,7 @@ def _attacker(
         gateway_url=procs.gateway_url,
         sims=procs.sims,
         secret=fixtures["callback_secret"],
-        db=procs.workdir / "data" / "gateway.db",
+        reader=procs.reader,
         drns=fixtures["drns"],
         seed=settings.seed + 2,
     )
@@ -926,10 +1001,9 @@ async def _run(
         ),
     }
     window = (customers.first_at, customers.last_at)
-    db = procs.workdir / "data" / "gateway.db"
-    figures.update(_ledger_figures(db, sms, window))
+    figures.update(await _ledger_figures(procs.reader, sms, window))
     figures.update(cpu)
-    unseen = paid_unseen_by_operator(db, report.paid_without_token_refs)
+    unseen = await paid_unseen_by_operator(procs.reader, report.paid_without_token_refs)
     audit_json = _audit_json(report, unseen)
     attack_lines = _attack_figures(attacker, all_charges, sms, figures)
     lines = [
@@ -1035,6 +1109,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[LoadSettings, bool]:
         metavar="ROUNDS",
         help="forged callbacks during the load (bench/attacks.py), ROUNDS rounds (3)",
     )
+    parser.add_argument(
+        "--database-url",
+        default="",
+        help="a postgresql:// server to run on (a fresh database per run); default SQLite",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
@@ -1059,6 +1138,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[LoadSettings, bool]:
         session_store=args.session_store,
         calm_drain=not args.faulty_drain,
         attacks=args.attacks,
+        database_url=args.database_url,
         mix=(args.mix[0], args.mix[1], args.mix[2]),
         workdir=args.workdir,
         show_progress=not args.json,

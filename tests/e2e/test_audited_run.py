@@ -131,7 +131,7 @@ def test_attack_outcomes_are_read_from_the_simulators_records() -> None:
     assert table["forged_c2b_status_race"] == {"tried": 1, "succeeded": 0}
 
 
-def test_a_paid_purchase_without_token_in_a_state_no_operator_list_shows_is_unseen(
+async def test_a_paid_purchase_without_token_in_a_state_no_operator_list_shows_is_unseen(
     tmp_path: Path,
 ) -> None:
     """Payment failed or expired, or no purchase at all: unseen; awaiting or paid: seen."""
@@ -147,7 +147,8 @@ def test_a_paid_purchase_without_token_in_a_state_no_operator_list_shows_is_unse
             [("P1", "payment_failed", "ws_1"), ("P2", "paid", "ws_2"), ("P3", "expired", None)],
         )
         conn.execute("INSERT INTO payments VALUES ('P3', 'RCPT3')")
-    unseen = load.paid_unseen_by_operator(db, ["ws_1", "ws_2", "RCPT3", "ws_9"])
+    reader = load.LedgerReader(f"sqlite:///{db}")
+    unseen = await load.paid_unseen_by_operator(reader, ["ws_1", "ws_2", "RCPT3", "ws_9"])
     assert unseen == ["ws_1: payment_failed", "RCPT3: expired", "ws_9: no purchase"]
 
 
