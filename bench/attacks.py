@@ -256,29 +256,41 @@ class Attacker:
 
     async def receipt_replay(self) -> None:
         """A receipt already vended, posted as a C2B confirmation for another meter."""
-        charges: list[dict[str, Any]] = []
-        for _ in range(30):  # the first round may come before any payment: wait for some
+        vended: list[dict[str, Any]] = []
+        for _ in range(30):  # the first round may come before any token: wait for one
             async with self.session.get(self.sims["daraja"] + "/_sim/ledger") as response:
                 charges = [c for c in await response.json() if c.get("receipt")]
-            if len(charges) >= 2:  # one old enough to have been vended
+            async with self.session.get(self.sims["africastalking"] + "/_sim/sms") as response:
+                served = {
+                    str(m.get("to") or "").removeprefix("+")
+                    for m in await response.json()
+                    if "token" in str(m.get("text") or "").lower()
+                }
+            # Already vended (the issue's case): the payer's token SMS went out. Each load
+            # purchase has its own phone, so the payer's phone names the purchase.
+            vended = [c for c in charges if str(c.get("msisdn")).removeprefix("+") in served]
+            if vended:
                 break
             await asyncio.sleep(0.5)
         else:
             return
-        charge = self.rng.choice(charges[: max(1, len(charges) // 2)])  # an older one: vended
+        charge = self.rng.choice(vended)
         meter = self.rng.choice([d for d in self.drns if d != charge.get("account")])
         phone = self._phone()
         amount = int(charge["amount_minor"]) // 100
-        tried = Tried(
-            case="receipt_replay",
-            phone=phone,
-            meter=meter,
-            amount=amount,
-            receipt=charge["receipt"],
+        receipt = str(charge["receipt"])
+        self.log.tried.append(
+            Tried(
+                case="receipt_replay",
+                phone=phone,
+                meter=meter,
+                amount=amount,
+                receipt=receipt,
+                victim=str(charge.get("msisdn") or "").removeprefix("+"),
+            )
         )
-        self.log.tried.append(tried)
         body = c2b_confirmation(
-            charge["receipt"], amount=amount, meter=meter, phone=phone, shortcode=self.shortcode
+            receipt, amount=amount, meter=meter, phone=phone, shortcode=self.shortcode
         )
         await asyncio.gather(*(self._post("c2b/confirmation", body) for _ in range(3)))
 
@@ -417,8 +429,10 @@ def outcomes(
         got = len(tokens_to.get(attack.phone, set()))
         if attack.case in {"forged_failure", "contradicting"}:
             worked = paid_by[attack.phone] > 0 and got != paid_by[attack.phone]
-        elif attack.case == "receipt_replay":
-            worked = got > 0 or carried(attack.receipt, attack.meter)
+        elif attack.case == "receipt_replay":  # the attacker vended, or the payer lost out
+            worked = (
+                got > 0 or carried(attack.receipt, attack.meter) or not tokens_to.get(attack.victim)
+            )
         else:
             worked = got > paid_by[attack.phone] or (
                 bool(attack.receipt) and carried(attack.receipt)
