@@ -59,6 +59,7 @@ class Tried:
     amount: int = 0  # KES
     receipt: str = ""  # a receipt the attack names (replayed or made up)
     reference: str = ""  # the purchase's provider reference (STK CheckoutRequestID)
+    victim: str = ""  # whose payment a replayed receipt is (digits): they must keep their token
 
 
 @dataclass(slots=True)

@@ -118,6 +118,7 @@ def test_attack_outcomes_are_read_from_the_simulators_records() -> None:
         attacks.Tried(
             case="forged_c2b_status_race", phone="254790000004", meter="1", receipt="MADEUP0001"
         ),
+        attacks.Tried(case="receipt_replay", phone="254790000005", receipt="PZ", victim="2547100"),
     ]
     charges = [{"msisdn": "254790000002"}, {"msisdn": "254790000003"}]
     text = "Electricity token 1111-2222-3333-4444-555{}. 3.4 kWh for KES 100.00. Meter 1."
@@ -129,6 +130,7 @@ def test_attack_outcomes_are_read_from_the_simulators_records() -> None:
     assert table["forged_success"] == {"tried": 1, "succeeded": 1}
     assert table["forged_failure"] == {"tried": 2, "succeeded": 1}  # 0000002 got no token
     assert table["forged_c2b_status_race"] == {"tried": 1, "succeeded": 0}
+    assert table["receipt_replay"] == {"tried": 1, "succeeded": 1}  # the payer got no token
 
 
 async def test_a_paid_purchase_without_token_in_a_state_no_operator_list_shows_is_unseen(
