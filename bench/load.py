@@ -299,7 +299,7 @@ class LedgerReader:
         if self._pool is None:
             import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - PostgreSQL only
 
-            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=2)
+            self._pool = await asyncpg.create_pool(self.url, min_size=0, max_size=2)
         numbered = sql
         for n in range(1, len(args) + 1):
             numbered = numbered.replace("?", f"${n}", 1)
