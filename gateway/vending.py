@@ -14,10 +14,15 @@ records them with the meter's new key in the vend's transaction; the SMS lists t
 tokens first. Planning also queues the meter's vend_failed purchases again (→ paid).
 
 A callback is a claim: ``on_payment_notice`` records it and asks the provider (``query_status``)
-before anything is vended. Each step is one ledger transaction with its event row, and every
-step is safe to retry: a replayed vend returns the stored token and queues nothing. TIDs come
-from the meter row inside the vend transaction (compare-and-set), serialised per meter in this
-process, so two purchases for one meter in one minute get distinct, increasing TIDs.
+before anything is vended; a provider answer that contradicts it is a security event. A provider
+receipt pays for one purchase only: the ledger refuses a second claim of it (``ReceiptReused``),
+which leaves that purchase REFUND_PENDING for an operator, never vended. The receipt on a token
+comes only from the provider's records, never from a callback's word.
+
+Each step is one ledger transaction with its event row, and every step is safe to retry: a replayed
+vend returns the stored token and queues nothing. TIDs come from the meter row inside the vend
+transaction (compare-and-set), serialised per meter in this process, so two purchases for one meter
+in one minute get distinct, increasing TIDs.
 
 ```
 VendingError                 gateway.errors.GatewayError
@@ -38,7 +43,7 @@ import random
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
 
@@ -80,6 +85,7 @@ from gateway.payments import (
     PaymentState,
     PaymentStatus,
     ProviderReference,
+    ReceiptVerifier,
     ReconcilingProvider,
 )
 from gateway.phone import Msisdn
@@ -322,6 +328,9 @@ class SagaPolicy:
             came) is looked up in the provider's list of payments this long after it went out
             (the prompt's lifetime).
         reconcile_window_s: that lookup covers (attempt - before, attempt + after).
+        receipt_check_s: how long a vend waits for the provider's record of a receipt a callback
+            claimed (Daraja Transaction Status); without an answer the token goes out with our
+            purchase id as its receipt.
     """
 
     first_check_after_s: float = 20.0
@@ -333,6 +342,7 @@ class SagaPolicy:
     vend_attempts: int = 32
     reconcile_after_s: float = 90.0
     reconcile_window_s: tuple[float, float] = (60.0, 300.0)
+    receipt_check_s: float = 5.0
 
 
 class Vending:
@@ -773,7 +783,9 @@ class Vending:
             return
         with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
             try:
-                await self.confirm(purchase_id, claimed=notice.claimed_state)
+                await self.confirm(
+                    purchase_id, claimed=notice.claimed_state, claimed_receipt=notice.receipt
+                )
             except (GatewayError, StsError) as exc:
                 # Recorded; the sweeper finishes it. A notice is never refused for this.
                 log.warning("payment_notice_confirmation_deferred", error=str(exc))
@@ -856,7 +868,13 @@ class Vending:
         payer_ok = status.payer is None or purchase.phone is None or status.payer == purchase.phone
         return paid == purchase.amount and payer_ok, paid
 
-    async def confirm(self, purchase_id: str, *, claimed: PaymentState | None = None) -> Purchase:
+    async def confirm(
+        self,
+        purchase_id: str,
+        *,
+        claimed: PaymentState | None = None,
+        claimed_receipt: str | None = None,
+    ) -> Purchase:
         """Ask the provider what became of the purchase's payment, and act on its answer.
 
         Paid with the exact amount, currency and payer: PAID, then vended. Paid otherwise:
@@ -870,6 +888,11 @@ class Vending:
         know the reference, or a failed customer-initiated payment (its confirmation said the
         money moved) is the security event ``payment_callback_contradicted``.
 
+        The receipt on the vend and the token SMS comes from the provider's own records only:
+        the status answer's, else (Daraja STK, whose query has none) a receipt a callback claimed
+        (``claimed_receipt``, or the one kept with the payment) once the provider's record of it
+        (``ReceiptVerifier``) shows this payment's amount and payer; else our purchase id.
+
         Raises:
             PaymentError: the provider could not answer (``ProviderUnavailable``, retryable).
             VendFailed: paid, but the token could not be made.
@@ -878,6 +901,8 @@ class Vending:
             context = await self._ledger.vend_context(purchase_id)
             purchase = context.purchase
             if purchase.state in _SETTLED:
+                if claimed_receipt is not None:
+                    await self._late_receipt(context, claimed_receipt)
                 return purchase
             if purchase.state is PurchaseState.PAID:
                 outcome = await self._vend_locked(purchase_id, purchase.meter, payment=None)
@@ -903,7 +928,7 @@ class Vending:
                 raise
             self._check_claim(purchase, claimed, status)
             if status.state is PaymentState.SUCCEEDED:
-                return await self._on_success(context, status)
+                return await self._on_success(context, status, claimed_receipt)
             if status.state in _FAILED_CLAIMS and purchase.state in {
                 PurchaseState.CREATED,
                 PurchaseState.AWAITING_PAYMENT,
@@ -939,11 +964,78 @@ class Vending:
             channel=purchase.channel,
         )
 
-    async def _on_success(self, context: VendContext, status: PaymentStatus) -> Purchase:
+    async def _on_success(
+        self, context: VendContext, status: PaymentStatus, claimed_receipt: str | None = None
+    ) -> Purchase:
+        if status.receipt is None:
+            receipt = await self._proven_receipt(
+                context.purchase, status.reference, (claimed_receipt, context.receipt)
+            )
+            status = replace(status, receipt=receipt)
         try:
             return await self._on_proven(context, status)
         except ReceiptReused as exc:
             return await self._receipt_reused(context.purchase, status, exc)
+
+    async def _late_receipt(self, context: VendContext, claimed: str) -> None:
+        """A receipt claimed after the vend (the real callback behind a forged one, say).
+
+        Once the provider's records prove it this payment's, it goes on the payment row, so
+        that it can pay for nothing else (a second claim: ``payment_receipt_reused``).
+        """
+        purchase, vend = context.purchase, context.vend
+        reference = purchase.provider_reference
+        if reference is None or (vend is not None and vend.receipt == claimed):
+            return
+        proven = await self._proven_receipt(purchase, reference, (claimed,))
+        if proven is None:
+            return
+        try:
+            await self._ledger.prove_receipt(purchase.provider, reference, proven)
+        except ReceiptReused as exc:
+            data = {"provider": exc.provider, "receipt": exc.receipt, "reference": reference}
+            self._security_event("payment_receipt_reused", **data)
+            await self._ledger.append_event(
+                purchase.purchase_id, "payment_receipt_reused", actor="saga", data=data
+            )
+
+    async def _proven_receipt(
+        self, purchase: Purchase, reference: str, claims: Sequence[str | None]
+    ) -> str | None:
+        """A receipt callbacks claimed, as the provider's own record proves it; None if none.
+
+        Each claim is looked up (``ReceiptVerifier``); one whose record is not a success of
+        this purchase's amount and payer is the security event ``payment_receipt_unproven``. A
+        lookup that fails leaves the claim unproven (the token goes out with our purchase id).
+        """
+        provider = self._providers.get(purchase.provider)
+        if not isinstance(provider, ReceiptVerifier):
+            return None
+        for claimed in dict.fromkeys(c for c in claims if c):
+            try:
+                async with asyncio.timeout(self._policy.receipt_check_s):
+                    record = await provider.verify_receipt(claimed)
+            except (PaymentError, TimeoutError) as exc:
+                log.warning("payment_receipt_unverified", receipt=claimed, error=repr(exc))
+                continue
+            payer_ok = (
+                record.payer is None or purchase.phone is None or (record.payer == purchase.phone)
+            )
+            if (
+                record.state is PaymentState.SUCCEEDED
+                and record.amount == purchase.amount
+                and payer_ok
+            ):
+                return record.receipt or claimed
+            self._security_event(
+                "payment_receipt_unproven",
+                provider=provider.name,
+                reference=reference,
+                receipt=claimed,
+                answer=record.state.value,
+                amount=str(record.amount) if record.amount else None,
+            )
+        return None
 
     async def _receipt_reused(
         self, purchase: Purchase, status: PaymentStatus, exc: ReceiptReused
@@ -975,8 +1067,8 @@ class Vending:
             reference=status.reference,
             amount=paid,
             payer=status.payer,
-            # A status answer may carry no receipt (Daraja's STK Query): keep the callback's.
-            receipt=status.receipt or context.receipt,
+            # Only the provider's own records (the answer, or a verified claim: _on_success).
+            receipt=status.receipt,
         )
         if not matches:
             log.warning(
@@ -1183,7 +1275,9 @@ class Vending:
             log.warning("key_change_stale", meter=meter.drn, change_id=change.change_id)
             change = None
         tid, token, kcts = await self._make_tokens(context, change, payment)
-        receipt = (payment.receipt if payment else None) or context.receipt or purchase.purchase_id
+        # Only a receipt the provider's records proved (the payment's): never a callback's claim.
+        proven = payment.receipt if payment else await self._confirmed_receipt(purchase)
+        receipt = proven or purchase.purchase_id
         outcome = await self._ledger.record_vend(
             VendDraft(
                 purchase_id=purchase.purchase_id,
@@ -1231,6 +1325,14 @@ class Vending:
                     data={"reason": "the payment named no phone number (masked MSISDN)"},
                 )
         return outcome
+
+    async def _confirmed_receipt(self, purchase: Purchase) -> str | None:
+        """The receipt the purchase's payment confirmation proved (its ``payment_confirmed``)."""
+        for event in reversed(await self._ledger.timeline(purchase.purchase_id)):
+            if event.kind == "payment_confirmed":
+                receipt = event.data.get("receipt")
+                return receipt if isinstance(receipt, str) and receipt else None
+        return None
 
     async def _make_tokens(
         self, context: VendContext, change: KeyChange | None, payment: ConfirmedPayment | None

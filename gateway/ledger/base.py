@@ -517,6 +517,15 @@ class SealedVendingKey:
 # ----------------------------------------------------------------------------------------- errors
 
 
+#: ``Ledger.answer_status_query``'s answers.
+STATUS_ACCEPTED: Final = "accepted"  # it answers an outstanding query of ours: stored, once
+STATUS_UNMATCHED: Final = "unmatched"  # no outstanding query has these ids (or already answered)
+STATUS_CONTRADICTED: Final = "contradicted"  # our query's ids, another transaction
+#: Status queries older than this are dropped when a new one is recorded (a result that late is
+#: unmatched: the query gave up after ``status_result_wait_s`` long before).
+STATUS_QUERY_KEEP_S: Final = 3600.0
+
+
 class LedgerError(GatewayError):
     """The ledger refused or could not perform an operation."""
 
@@ -757,6 +766,47 @@ class Ledger(Protocol):
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase."""
+        ...
+
+    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
+        """Record ``receipt`` as the one the provider's records prove for a confirmed payment.
+
+        It replaces whatever receipt a callback claimed for that payment row.
+
+        Raises:
+            ReceiptReused: the receipt already proves another payment.
+            NotFound: no payment row for (provider, reference).
+        """
+        ...
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a status query the provider acknowledged (Daraja Transaction Status). Idempotent.
+
+        Queries asked more than ``STATUS_QUERY_KEEP_S`` ago are dropped in the same write.
+        """
+        ...
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store an asynchronous result for the query it answers, once, in one transaction.
+
+        ``STATUS_ACCEPTED`` when ``conversation_id`` and ``originator_id`` are an unanswered
+        query of ``provider`` about ``transaction_id``; ``STATUS_CONTRADICTED`` (nothing stored)
+        when they are, but about another transaction; else ``STATUS_UNMATCHED``.
+        """
+        ...
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while (or if) it has none."""
         ...
 
     async def due_for_check(self, now: datetime, *, limit: int = 100) -> list[Purchase]:

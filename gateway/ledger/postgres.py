@@ -67,6 +67,10 @@ from gateway.ledger.base import (
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
     RECEIPT_ONCE,
+    STATUS_ACCEPTED,
+    STATUS_CONTRADICTED,
+    STATUS_QUERY_KEEP_S,
+    STATUS_UNMATCHED,
     ConfirmedPayment,
     DuplicateError,
     Event,
@@ -1155,6 +1159,96 @@ class PostgresLedger:
             return _purchase(row)
 
         return await self._with_retry(op)
+
+    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
+        """Record the receipt the provider's records prove for a payment row."""
+
+        async def op(conn: Connection) -> None:
+            try:
+                updated = await conn.execute(
+                    "UPDATE payments SET receipt = $1, updated_at = $2"
+                    " WHERE provider = $3 AND reference = $4",
+                    receipt,
+                    self._clock(),
+                    provider,
+                    reference,
+                )
+            except asyncpg.exceptions.UniqueViolationError as exc:
+                if exc.constraint_name == RECEIPT_ONCE:
+                    raise ReceiptReused(provider, receipt) from exc
+                raise
+            if updated != "UPDATE 1":
+                raise NotFound("payment", f"{provider}:{reference}")
+
+        await self._with_retry(op, transaction=False)
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a status query the provider acknowledged. Idempotent."""
+
+        async def op(conn: Connection) -> None:
+            now = self._clock()
+            await conn.execute(
+                "DELETE FROM status_queries WHERE asked_at < $1",
+                now - timedelta(seconds=STATUS_QUERY_KEEP_S),
+            )
+            await conn.execute(
+                "INSERT INTO status_queries (conversation_id, originator_id, provider,"
+                " transaction_id, asked_at) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (conversation_id) DO NOTHING",
+                conversation_id,
+                originator_id,
+                provider,
+                transaction_id,
+                now,
+            )
+
+        await self._with_retry(op)
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store a result for the unanswered query it names, once (the row locked)."""
+
+        async def op(conn: Connection) -> str:
+            row = await conn.fetchrow(
+                "SELECT originator_id, provider, transaction_id, answered_at FROM status_queries"
+                " WHERE conversation_id = $1 FOR UPDATE",
+                conversation_id,
+            )
+            if (
+                row is None
+                or row["provider"] != provider
+                or row["originator_id"] != originator_id
+                or row["answered_at"] is not None
+            ):
+                return STATUS_UNMATCHED
+            if row["transaction_id"] != transaction_id:
+                return STATUS_CONTRADICTED
+            await conn.execute(
+                "UPDATE status_queries SET result = $1, answered_at = $2"
+                " WHERE conversation_id = $3",
+                result,
+                self._clock(),
+                conversation_id,
+            )
+            return STATUS_ACCEPTED
+
+        return await self._with_retry(op)
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while it has none."""
+        row = await self._fetchrow(
+            "SELECT result FROM status_queries WHERE conversation_id = $1", conversation_id
+        )
+        return None if row is None or row["result"] is None else bytes(row["result"])
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase."""

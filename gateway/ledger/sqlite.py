@@ -67,6 +67,10 @@ from gateway.ledger.base import (
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
+    STATUS_ACCEPTED,
+    STATUS_CONTRADICTED,
+    STATUS_QUERY_KEEP_S,
+    STATUS_UNMATCHED,
     ConfirmedPayment,
     DuplicateError,
     Event,
@@ -1358,6 +1362,86 @@ class SqliteLedger:
             return _purchase(self._purchase_row(conn, purchase_id))
 
         return await self._write(op)
+
+    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
+        """Record the receipt the provider's records prove for a payment row."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            try:
+                updated = conn.execute(
+                    "UPDATE payments SET receipt = ?, updated_at = ?"
+                    " WHERE provider = ? AND reference = ?",
+                    (receipt, _ts(self._clock()), provider, reference),
+                )
+            except sqlite3.IntegrityError as exc:
+                if "payments.receipt" in str(exc):
+                    raise ReceiptReused(provider, receipt) from exc
+                raise
+            if updated.rowcount != 1:
+                raise NotFound("payment", f"{provider}:{reference}")
+
+        await self._write(op)
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a status query the provider acknowledged. Idempotent."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            now = self._clock()
+            conn.execute(
+                "DELETE FROM status_queries WHERE asked_at < ?",
+                (_ts(now - timedelta(seconds=STATUS_QUERY_KEEP_S)),),
+            )
+            conn.execute(
+                "INSERT INTO status_queries (conversation_id, originator_id, provider,"
+                " transaction_id, asked_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (conversation_id) DO NOTHING",
+                (conversation_id, originator_id, provider, transaction_id, _ts(now)),
+            )
+
+        await self._write(op)
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store a result for the unanswered query it names, once."""
+
+        def op(conn: sqlite3.Connection) -> str:
+            row = conn.execute(
+                "SELECT originator_id, provider, transaction_id, answered_at FROM status_queries"
+                " WHERE conversation_id = ?",
+                (conversation_id,),
+            ).fetchone()
+            if (
+                row is None
+                or row["provider"] != provider
+                or row["originator_id"] != originator_id
+                or row["answered_at"] is not None
+            ):
+                return STATUS_UNMATCHED
+            if row["transaction_id"] != transaction_id:
+                return STATUS_CONTRADICTED
+            conn.execute(
+                "UPDATE status_queries SET result = ?, answered_at = ? WHERE conversation_id = ?",
+                (result, _ts(self._clock()), conversation_id),
+            )
+            return STATUS_ACCEPTED
+
+        return await self._write(op)
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while it has none."""
+        row = await self._read_one(
+            "SELECT result FROM status_queries WHERE conversation_id = ?", (conversation_id,)
+        )
+        return None if row is None or row["result"] is None else bytes(row["result"])
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase."""

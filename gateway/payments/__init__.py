@@ -19,7 +19,9 @@ from gateway.payments.base import (
     PaymentTimedOut,
     ProviderReference,
     ProviderUnavailable,
+    ReceiptVerifier,
     ReconcilingProvider,
+    StatusQueryStore,
     StatusResultOutcome,
 )
 
@@ -42,6 +44,8 @@ __all__ = [
     "PaymentTimedOut",
     "ProviderReference",
     "ProviderUnavailable",
+    "ReceiptVerifier",
     "ReconcilingProvider",
+    "StatusQueryStore",
     "StatusResultOutcome",
 ]

@@ -15,15 +15,17 @@ Confirmation (``query_status``):
   back **asynchronously** to ``status_result_url``. ``query_status`` sends the query and waits (up
   to ``status_result_wait_s``) for the callback route to hand the result to
   ``deliver_status_result``; a result that does not come in time is ``ProviderUnavailable``
-  (retryable), so the sweeper simply asks again. With several gateway instances the result may
-  reach another instance: the waiting one times out and the next sweep asks again.
+  (retryable), so the sweeper simply asks again.
 
   The result route knows the callback secret, and so may an attacker: a result is bound to the
   exact request that asked for it. Daraja's acknowledgement of our query names the request
   (``ConversationID``, ``OriginatorConversationID``); a result is accepted only when both ids
   are those of an outstanding query of this process, once, and its ``TransactionID`` (and
   ``ReceiptNo``) is the transaction that query asked about. Anything else is ``UNMATCHED`` or
-  ``CONTRADICTED`` (security events for the route), never proof.
+  ``CONTRADICTED`` (security events for the route), never proof. With a ``status_store`` (the
+  ledger) the query and its result are kept there: a result posted to any instance is accepted
+  against the stored query, once, and the waiting instance reads it (a result reaching the
+  waiting instance itself wakes it at once; otherwise it looks every ``status_poll_s``).
 
 Retrying an STK push: Daraja has no idempotency key, so a push whose outcome is unknown (timeout
 after sending) is reported ``retryable=False``: a blind retry could prompt, and charge, twice.
@@ -38,7 +40,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Final
@@ -61,6 +63,7 @@ from gateway.payments.base import (
     ProviderReference,
     ProviderReply,
     ProviderUnavailable,
+    StatusQueryStore,
     StatusResultOutcome,
     TokenCache,
     call_provider,
@@ -136,6 +139,7 @@ class _ParsedResult:
     transaction_id: str
     receipt: str | None
     outcome: PaymentStatus | PaymentError
+    raw: bytes = field(repr=False, default=b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +248,11 @@ class DarajaProvider:
         status_result_url, status_timeout_url: where Transaction Status results and queue
             timeouts go (``…/payments/daraja/<secret>/status/result`` and ``…/status/timeout``).
         status_result_wait_s: how long ``query_status`` waits for an asynchronous result.
+        status_store: where our acknowledged Transaction Status queries and their results are
+            kept (the ledger), so that a result posted to any instance reaches the one waiting;
+            without it, results bind to this process's queries only. Assignable after
+            construction (the composition root opens the ledger).
+        status_poll_s: how often a waiting query looks in ``status_store`` for its result.
         timeout_s: the deadline of every HTTP call.
         clock: monotonic seconds, for token expiry. now: the wall clock, for ``Timestamp``.
     """
@@ -270,6 +279,8 @@ class DarajaProvider:
         status_result_url: str | None = None,
         status_timeout_url: str | None = None,
         status_result_wait_s: float = 30.0,
+        status_store: StatusQueryStore | None = None,
+        status_poll_s: float = 0.25,
         timeout_s: float = 10.0,
         name: str = "daraja",
         clock: Callable[[], float] = time.monotonic,
@@ -289,6 +300,8 @@ class DarajaProvider:
         self._status_result_url = status_result_url
         self._status_timeout_url = status_timeout_url
         self._status_result_wait_s = status_result_wait_s
+        self.status_store = status_store
+        self._status_poll_s = status_poll_s
         self._timeout_s = timeout_s
         self._now = now or (lambda: datetime.now(EAT))
         self._clock = clock
@@ -487,6 +500,23 @@ class DarajaProvider:
             reason=None if code == 0 else f"{code} {body.get('ResultDesc', '')}".strip(),
         )
 
+    async def verify_receipt(self, receipt: str) -> PaymentStatus:
+        """Daraja's own record of an M-Pesa receipt (Transaction Status): an STK callback's claim.
+
+        A string that is not a receipt at all is FAILED without asking.
+
+        Raises:
+            ProviderUnavailable: as ``query_status`` for a C2B receipt.
+        """
+        if not _RECEIPT.fullmatch(receipt) or receipt.startswith(STK_PREFIX):
+            return PaymentStatus(
+                provider=self.name,
+                reference=ProviderReference(receipt),
+                state=PaymentState.FAILED,
+                reason="not an M-Pesa receipt",
+            )
+        return await self._transaction_status(ProviderReference(receipt))
+
     async def _transaction_status(self, reference: ProviderReference) -> PaymentStatus:
         if not (
             self._initiator
@@ -513,13 +543,41 @@ class DarajaProvider:
             "Remarks": "reconciliation",
             "Occasion": "",
         }
+        # Until the query is acknowledged and recorded, a result for ids we do not know yet may
+        # be ours: it is held (deliver_status_result) and claimed below.
         self._status_unacknowledged += 1
         try:
-            reply = await self._call(
-                "/mpesa/transactionstatus/v1/query", payload, idempotent=True, reference=reference
-            )
+            conversation, request = await self._ask_status(payload, reference)
+            held = self._held_results.pop(conversation, None)
+            if held is not None:
+                try:
+                    await self._bind(held)
+                except BaseException:
+                    self._status_requests.pop(conversation, None)
+                    raise
         finally:
             self._status_unacknowledged -= 1
+        try:
+            async with asyncio.timeout(self._status_result_wait_s):
+                return await self._status_answer(conversation, request)
+        except TimeoutError as exc:
+            raise ProviderUnavailable(
+                "Transaction Status result did not arrive in time",
+                provider=self.name,
+                reference=reference,
+            ) from exc
+        finally:
+            self._status_requests.pop(conversation, None)
+            if not self._status_unacknowledged:
+                self._held_results.clear()  # no query can claim them any more
+
+    async def _ask_status(
+        self, payload: Mapping[str, object], reference: ProviderReference
+    ) -> tuple[str, _StatusRequest]:
+        """Send the query; register (and store) it under Daraja's acknowledged ids."""
+        reply = await self._call(
+            "/mpesa/transactionstatus/v1/query", payload, idempotent=True, reference=reference
+        )
         body = reply.json_object() or {}
         if reply.status != 200 or str(body.get("ResponseCode")) != "0":
             error = self._error(reply, reference, what="Transaction Status")
@@ -543,23 +601,18 @@ class DarajaProvider:
             result=asyncio.get_running_loop().create_future(),
         )
         self._status_requests[conversation] = request
-        try:
-            held = self._held_results.pop(conversation, None)
-            if held is not None:
-                self._bind(held)
+        if self.status_store is not None:
             try:
-                async with asyncio.timeout(self._status_result_wait_s):
-                    return await request.result
-            except TimeoutError as exc:
-                raise ProviderUnavailable(
-                    "Transaction Status result did not arrive in time",
+                await self.status_store.record_status_query(
                     provider=self.name,
-                    reference=reference,
-                ) from exc
-        finally:
-            self._status_requests.pop(conversation, None)
-            if not self._status_unacknowledged:
-                self._held_results.clear()  # no query can claim them any more
+                    conversation_id=conversation,
+                    originator_id=originator,
+                    transaction_id=reference,
+                )
+            except BaseException:
+                del self._status_requests[conversation]
+                raise
+        return conversation, request
 
     # -- Pull Transactions (reconciliation of a push whose reference was lost) -----------------
 
@@ -702,7 +755,24 @@ class DarajaProvider:
         )
         return when.astimezone(UTC), status, str(row.get("billreference", ""))
 
-    def deliver_status_result(self, body: bytes) -> StatusResultOutcome:
+    async def _status_answer(self, conversation: str, request: _StatusRequest) -> PaymentStatus:
+        """The query's result: handed over in this process, or (with a store) read from it."""
+        store = self.status_store
+        if store is None:
+            return await request.result
+        while True:
+            # The fast path: the result reached this instance. Else another may have stored it.
+            done, _ = await asyncio.wait({request.result}, timeout=self._status_poll_s)
+            if done:
+                return request.result.result()
+            raw = await store.status_query_result(conversation)
+            if raw is not None:
+                outcome = self._parse_status_result(raw).outcome
+                if isinstance(outcome, PaymentStatus):
+                    return outcome
+                raise outcome
+
+    async def deliver_status_result(self, body: bytes) -> StatusResultOutcome:
         """Hand a Transaction Status ``Result`` (posted to ``status_result_url``) to its query.
 
         Accepted (``DELIVERED``) only when its ``ConversationID`` and ``OriginatorConversationID``
@@ -720,29 +790,41 @@ class DarajaProvider:
             ForgedCallback: the body is not a Transaction Status result.
         """
         parsed = self._parse_status_result(body)
-        if parsed.conversation not in self._status_requests and self._status_unacknowledged:
+        outcome = await self._bind(parsed)
+        if outcome is StatusResultOutcome.UNMATCHED and self._status_unacknowledged:
+            # Perhaps for a query of ours whose acknowledgement is still being read: kept for it.
             self._held_results.pop(parsed.conversation, None)
             if len(self._held_results) < _HELD_RESULTS:
                 self._held_results[parsed.conversation] = parsed
                 return StatusResultOutcome.HELD
-        return self._bind(parsed)
+        return outcome
 
-    def _bind(self, parsed: _ParsedResult) -> StatusResultOutcome:
+    async def _bind(self, parsed: _ParsedResult) -> StatusResultOutcome:
+        """Accept ``parsed`` for the query it names (in the store, if any), once; hand it over."""
+        if parsed.receipt not in {None, parsed.transaction_id}:
+            return StatusResultOutcome.CONTRADICTED  # a receipt other than the transaction
         request = self._status_requests.get(parsed.conversation)
-        if request is None or request.result.done():
+        if self.status_store is not None:
+            answer = await self.status_store.answer_status_query(
+                provider=self.name,
+                conversation_id=parsed.conversation,
+                originator_id=parsed.originator,
+                transaction_id=parsed.transaction_id,
+                result=parsed.raw,
+            )
+            if answer == "contradicted":
+                return StatusResultOutcome.CONTRADICTED
+            if answer != "accepted":
+                return StatusResultOutcome.UNMATCHED
+        elif request is None or request.result.done() or parsed.originator != request.originator:
             return StatusResultOutcome.UNMATCHED
-        if parsed.originator != request.originator:
-            return StatusResultOutcome.UNMATCHED
-        if parsed.transaction_id != request.transaction_id or parsed.receipt not in {
-            None,
-            request.transaction_id,
-        }:
+        elif parsed.transaction_id != request.transaction_id:
             return StatusResultOutcome.CONTRADICTED
-        del self._status_requests[parsed.conversation]  # one use only
-        if isinstance(parsed.outcome, PaymentStatus):
-            request.result.set_result(parsed.outcome)
-        else:
-            request.result.set_exception(parsed.outcome)
+        if request is not None and not request.result.done():  # the waiting query is here
+            if isinstance(parsed.outcome, PaymentStatus):
+                request.result.set_result(parsed.outcome)
+            else:
+                request.result.set_exception(parsed.outcome)
         return StatusResultOutcome.DELIVERED
 
     def _parse_status_result(self, body: bytes) -> _ParsedResult:
@@ -770,6 +852,7 @@ class DarajaProvider:
                 transaction_id=reference,
                 receipt=receipt,
                 outcome=self._status_outcome(reference, code, result, values),
+                raw=body,
             )
         except ForgedCallback:
             raise

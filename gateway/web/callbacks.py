@@ -256,7 +256,7 @@ class _PaybillRoutes:
         """
         body = await request.read()
         try:
-            outcome = self._provider.deliver_status_result(body)
+            outcome = await self._provider.deliver_status_result(body)
         except ForgedCallback as exc:
             self._forged(request, body, str(exc))
         else:

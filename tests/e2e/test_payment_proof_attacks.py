@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,11 +19,15 @@ from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
+import asyncpg  # type: ignore[import-untyped]
 import pytest
+from aiohttp import web
 
-from gateway.app import Runtime
+from gateway.app import RUNTIME, Runtime, build_app
+from gateway.config import Config
 from gateway.demo import serving
 from gateway.ledger import Purchase, PurchaseState
+from gateway.ledger.postgres import create_schema, drop_schema
 from gateway.money import Money
 from gateway.phone import Msisdn
 from gateway.sim.daraja import DarajaSimulator
@@ -33,11 +39,47 @@ VICTIM_METER = "04000000028"
 PHONE = "+254712345678"
 
 
-@pytest.fixture
-async def gateway(tmp_path: Path) -> AsyncIterator[Runtime]:
-    """A demo gateway (SQLite, every simulator) served on a loopback port."""
-    async with serving(tmp_path) as runtime:
-        yield runtime
+POSTGRES = "postgresql://127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def gateway(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Runtime]:
+    """A demo gateway (every simulator) on SQLite or PostgreSQL, served on a loopback port."""
+    if request.param == "sqlite":
+        async with serving(tmp_path) as runtime:
+            yield runtime
+        return
+    schema = f"attacks_{secrets.token_hex(6)}"
+    try:
+        await create_schema(POSTGRES, schema)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"no PostgreSQL at {POSTGRES}: {exc}")
+    port = _free_port()
+    config = Config.load(
+        env={},
+        overrides={
+            "port": port,
+            "data_dir": tmp_path,
+            "log_level": "warning",
+            # asyncpg passes unknown URL parameters on as server settings
+            "database_url": f"{POSTGRES}?search_path={schema}",
+        },
+    )
+    runner = web.AppRunner(await build_app(config), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        yield runner.app[RUNTIME]
+    finally:
+        await runner.cleanup()
+        await drop_schema(POSTGRES, schema)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _daraja(runtime: Runtime) -> DarajaSimulator:
@@ -154,7 +196,8 @@ async def test_a_vended_stk_receipt_reposted_as_c2b_never_vends_again(gateway: R
     assert await _post(gateway, "c2b/confirmation", _c2b(sim, receipt, VICTIM_METER, 100)) == 200
     second = await _eventually(lambda: _settled(gateway, VICTIM_METER))
 
-    assert second.state is PurchaseState.REFUND_PENDING  # the admin's "needs operator" list
+    assert second.state is PurchaseState.REFUND_PENDING
+    assert second.purchase_id in await _needs_operator(gateway)
     assert await gateway.ledger.get_vend(second.purchase_id) is None
     assert len(sim.ledger()) == 1  # one charge, one token
     kinds = [e.kind for e in await gateway.ledger.timeline(second.purchase_id)]
@@ -189,6 +232,17 @@ async def test_forged_status_results_do_not_pay_a_forged_confirmation(gateway: R
     events = await _security_events(gateway)
     assert events.get("transaction_status_result_unmatched") == 5.0
     assert events.get("payment_callback_contradicted") == 1.0
+    assert purchase.purchase_id in await _needs_operator(gateway)  # a paybill payment unproven
+
+
+async def _needs_operator(runtime: Runtime) -> str:
+    headers = {"Authorization": f"Bearer {runtime.admin_token.reveal()}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(runtime.base_url + "/admin/stuck/needs_operator", headers=headers) as page,
+    ):
+        assert page.status == 200
+        return await page.text()
 
 
 async def test_a_forged_failure_does_not_fail_a_paid_c2b_purchase(gateway: Runtime) -> None:
@@ -221,7 +275,7 @@ async def test_a_forged_failure_does_not_fail_a_paid_c2b_purchase(gateway: Runti
 
 
 async def test_unknown_references_and_conflicts_are_counted_and_capped(
-    gateway: Runtime, tmp_path: Path
+    gateway: Runtime, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """(8) Unknown-reference bodies are security events and stored only up to a cap."""
     padding = "x" * 900_000
@@ -244,9 +298,79 @@ async def test_unknown_references_and_conflicts_are_counted_and_capped(
     events = await _security_events(gateway)
     assert events.get("payment_notice_unknown") == 3.0
     assert events.get("payment_notice_payload_conflict") == 2.0
-    with sqlite3.connect(tmp_path / "gateway.db") as conn:
-        [(stored,)] = conn.execute(
-            "SELECT length(payload) FROM payments WHERE reference = ?",
-            ("ws_CO_000000000000000000001",),
-        ).fetchall()
+    reference = "ws_CO_000000000000000000001"
+    if "sqlite" in request.node.callspec.id:
+        with sqlite3.connect(tmp_path / "gateway.db") as conn:
+            [(stored,)] = conn.execute(
+                "SELECT length(payload) FROM payments WHERE reference = ?", (reference,)
+            ).fetchall()
+    else:
+        base, schema = gateway.config.effective_database_url.split("?search_path=")
+        conn = await asyncpg.connect(base, server_settings={"search_path": schema})
+        try:
+            stored = await conn.fetchval(
+                "SELECT length(payload) FROM payments WHERE reference = $1", reference
+            )
+        finally:
+            await conn.close()
     assert stored <= 8192
+
+
+async def test_a_forged_stk_receipt_never_reaches_the_token(gateway: Runtime) -> None:
+    """(6) A forged STK success, posted before the real callback, names a made-up receipt."""
+    sim = _daraja(gateway)
+    sim.faults.callbacks.hold = True  # the real STK callback waits behind the forgery
+    purchase = await gateway.vending.start_purchase(
+        channel="ussd",
+        phone=Msisdn(PHONE),
+        meter=STK_METER,
+        amount=Money.of("100", "KES"),
+        idempotency_key="attack-6-genuine",
+    )
+    purchase = await gateway.vending.request_payment(purchase.purchase_id)
+    assert purchase.provider_reference is not None
+
+    async def charged() -> bool | None:
+        return True if sim.ledger() and sim.courier.held else None
+
+    await _eventually(charged)  # the customer paid; M-Pesa's callback is held
+    [charge] = sim.ledger()
+    forged = {
+        "Body": {
+            "stkCallback": {
+                "MerchantRequestID": "29115-34620561-1",
+                "CheckoutRequestID": purchase.provider_reference,
+                "ResultCode": 0,
+                "ResultDesc": "The service request is processed successfully.",
+                "CallbackMetadata": {
+                    "Item": [
+                        {"Name": "Amount", "Value": 100},
+                        {"Name": "MpesaReceiptNumber", "Value": "FAKE123456"},
+                        {"Name": "TransactionDate", "Value": 20261204120000},
+                        {"Name": "PhoneNumber", "Value": 254712345678},
+                    ]
+                },
+            }
+        }
+    }
+    sim.faults.callbacks.hold = False  # Daraja's answers to our lookups flow
+    assert await _post(gateway, "stk", json.dumps(forged).encode()) == 200
+    await sim.release_callbacks()  # the real callback
+
+    async def vended() -> str | None:
+        context = await gateway.ledger.vend_context(purchase.purchase_id)
+        return context.vend.receipt if context.vend is not None else None
+
+    receipt = await _eventually(vended)
+    assert receipt in {charge.receipt, purchase.purchase_id}
+    [message] = await gateway.ledger.outbox_for(purchase.purchase_id)
+    assert "FAKE123456" not in message.body
+    assert len(sim.ledger()) == 1
+
+    # The real receipt, proven by the late real callback, still pays for nothing else (1 + 6).
+    await sim.settle()
+    c2b = _c2b(sim, charge.receipt, VICTIM_METER, 100)
+    assert await _post(gateway, "c2b/confirmation", c2b) == 200
+    second = await _eventually(lambda: _settled(gateway, VICTIM_METER))
+    assert second.state is PurchaseState.REFUND_PENDING
+    assert await gateway.ledger.get_vend(second.purchase_id) is None

@@ -6,3 +6,18 @@
 
 CREATE UNIQUE INDEX payments_receipt_once ON payments (provider, receipt)
     WHERE receipt IS NOT NULL AND state IN ('succeeded', 'mismatched');
+
+-- Our outstanding asynchronous status queries (Daraja Transaction Status) and their results: a
+-- result posted to any instance is accepted only for the request the provider acknowledged
+-- (conversation and originator ids), once, for the transaction asked about; whichever
+-- instance waits reads it from here.
+CREATE TABLE status_queries (
+    conversation_id  TEXT PRIMARY KEY,
+    originator_id    TEXT NOT NULL,
+    provider         TEXT NOT NULL,
+    transaction_id   TEXT NOT NULL,
+    asked_at         TEXT NOT NULL,
+    result           BLOB,
+    answered_at      TEXT
+);
+CREATE INDEX status_queries_asked ON status_queries (asked_at);
