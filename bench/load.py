@@ -745,6 +745,8 @@ async def ledger_pending(reader: LedgerReader) -> int:
 OPERATOR_SEES: Final = frozenset(
     {"created", "awaiting_payment", "paid", "vended", "vend_failed", "refund_pending"}
 )
+#: ... and a paybill (c2b) purchase that ended unpaid: its confirmation said money moved.
+OPERATOR_SEES_PAYBILL: Final = frozenset({"payment_failed", "expired"})
 
 
 async def paid_unseen_by_operator(reader: LedgerReader, references: Sequence[str]) -> list[str]:
@@ -752,13 +754,17 @@ async def paid_unseen_by_operator(reader: LedgerReader, references: Sequence[str
     unseen = []
     for reference in references:
         rows = await reader.rows(
-            "SELECT p.state FROM purchases p WHERE p.provider_reference = ? OR p.purchase_id"
-            " IN (SELECT purchase_id FROM payments WHERE reference = ?)",
+            "SELECT p.state, p.channel FROM purchases p WHERE p.provider_reference = ?"
+            " OR p.purchase_id IN (SELECT purchase_id FROM payments WHERE reference = ?)",
             reference,
             reference,
         )
-        if not rows or rows[0][0] not in OPERATOR_SEES:
-            unseen.append(f"{reference}: {rows[0][0] if rows else 'no purchase'}")
+        if not rows:
+            unseen.append(f"{reference}: no purchase")
+            continue
+        state, channel = rows[0]
+        if state not in OPERATOR_SEES and not (channel == "c2b" and state in OPERATOR_SEES_PAYBILL):
+            unseen.append(f"{reference}: {state}")
     return unseen
 
 

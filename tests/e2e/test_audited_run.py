@@ -142,15 +142,21 @@ async def test_a_paid_purchase_without_token_in_a_state_no_operator_list_shows_i
     load = _bench("load")
     db = tmp_path / "gateway.db"
     with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE purchases (purchase_id, state, provider_reference)")
+        conn.execute("CREATE TABLE purchases (purchase_id, state, channel, provider_reference)")
         conn.execute("CREATE TABLE payments (purchase_id, reference)")
         conn.executemany(
-            "INSERT INTO purchases VALUES (?, ?, ?)",
-            [("P1", "payment_failed", "ws_1"), ("P2", "paid", "ws_2"), ("P3", "expired", None)],
+            "INSERT INTO purchases VALUES (?, ?, ?, ?)",
+            [
+                ("P1", "payment_failed", "ussd", "ws_1"),
+                ("P2", "paid", "ussd", "ws_2"),
+                ("P3", "expired", "sms", None),
+                ("P4", "expired", "c2b", "TRANS4"),  # a paybill ended unpaid: on a list
+            ],
         )
         conn.execute("INSERT INTO payments VALUES ('P3', 'RCPT3')")
     reader = load.LedgerReader(f"sqlite:///{db}")
-    unseen = await load.paid_unseen_by_operator(reader, ["ws_1", "ws_2", "RCPT3", "ws_9"])
+    references = ["ws_1", "ws_2", "RCPT3", "TRANS4", "ws_9"]
+    unseen = await load.paid_unseen_by_operator(reader, references)
     assert unseen == ["ws_1: payment_failed", "RCPT3: expired", "ws_9: no purchase"]
 
 
