@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import time
 import uuid
 from collections import Counter
@@ -47,6 +48,7 @@ CASES: Final = (
 SERVICE_CODE: Final = "*384*123#"
 _ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 BIG_BODY_BYTES: Final = 256 * 1024
+_TOKEN: Final = re.compile(r"(?<!\d)\d{4}-\d{4}-\d{4}-\d{4}-\d{4}(?!\d)")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -265,7 +267,7 @@ class Attacker:
                 served = {
                     str(m.get("to") or "").removeprefix("+")
                     for m in await response.json()
-                    if "token" in str(m.get("text") or "").lower()
+                    if _TOKEN.search(str(m.get("text") or ""))  # a token, not a reply about one
                 }
             # Already vended (the case): the payer's token SMS went out. Each load
             # purchase has its own phone, so the payer's phone names the purchase.
