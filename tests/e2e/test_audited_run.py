@@ -647,3 +647,61 @@ async def test_a_c2b_receipt_replayed_before_its_own_confirmation_still_vends_fo
             vended = [p for p in purchases if await runtime.ledger.get_vend(p.purchase_id)]
             await asyncio.sleep(0.1)
         assert vended, "the payer's meter got no token"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (found by the --attacks run): an STK receipt replayed as a C2B TransID before "
+    "the genuine STK callback is processed takes the receipt; the payer's purchase is not vended",
+)
+async def test_an_stk_receipt_replayed_before_its_own_callback_still_vends_for_the_payer(
+    tmp_path: Path,
+) -> None:
+    """The payer's purchase gets its token even when an attacker posts the receipt as C2B first.
+
+    Found by ``bench/load.py --attacks`` in the strict audited run: the payer's STK purchase was
+    left unpaid, prompted again, and charged a second time.
+    """
+    from gateway.demo import serving  # noqa: PLC0415 - only here
+
+    attacks = _bench("attacks")
+    async with serving(tmp_path) as runtime:
+        assert runtime.simulators is not None
+        sim = runtime.simulators.daraja
+        assert isinstance(sim, DarajaSimulator)
+        sim.faults.callbacks.hold = True  # the genuine STK callback is late
+        purchase = await runtime.vending.start_purchase(
+            channel="ussd",
+            phone=Msisdn("+254712345678"),
+            meter="04000000010",
+            amount=Money.of("100", "KES"),
+            idempotency_key="front-run-1",
+        )
+        await runtime.vending.request_payment(purchase.purchase_id)
+        charges: list[Any] = []
+        for _ in range(200):  # the simulated customer approves at once
+            charges = sim.ledger()
+            if charges:
+                break
+            await asyncio.sleep(0.05)
+        [charge] = charges
+        sim.faults.callbacks.hold = False  # what follows (the status results) flows
+        forged = attacks.c2b_confirmation(
+            charge.receipt,
+            amount=100,
+            meter="04000000028",
+            phone="254790000001",
+            shortcode=sim.shortcode,
+        )
+        url = runtime.callback_url("daraja", "c2b/confirmation")
+        async with aiohttp.ClientSession() as session, session.post(url, data=forged) as answer:
+            assert answer.status == 200
+        await asyncio.sleep(1.0)  # the replay is checked with Daraja (the receipt is real)
+        await sim.courier.release()  # the genuine STK callback, at last
+        deadline = asyncio.get_running_loop().time() + 10
+        vend = None
+        while vend is None and asyncio.get_running_loop().time() < deadline:
+            vend = await runtime.ledger.get_vend(purchase.purchase_id)
+            await asyncio.sleep(0.1)
+        assert vend is not None, "the payer's purchase got no token"
+        assert len(sim.ledger()) == 1
