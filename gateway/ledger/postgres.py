@@ -118,6 +118,7 @@ from gateway.ledger.base import (
     is_legal,
     mask_name,
 )
+from gateway.ledger.vendor import Steps, VendorSteps, drive_postgres
 from gateway.money import Money
 from gateway.phone import Msisdn
 from gateway.sms.base import DeliveryReport, DeliveryState
@@ -532,7 +533,7 @@ _PAID_OR_LATER: Final = frozenset(
 # ------------------------------------------------------------------------------------ the ledger
 
 
-class PostgresLedger:
+class PostgresLedger(VendorSteps):
     """The ``Ledger`` on PostgreSQL, shared by any number of gateway instances.
 
     Build it with ``open_postgres_ledger`` (or ``open_ledger``); it owns its pool.
@@ -601,6 +602,21 @@ class PostgresLedger:
                     delay_ms=round(delay * 1000, 1),
                 )
                 await policy.sleep(delay)
+
+    def _stamp(self, moment: datetime) -> object:
+        return moment
+
+    async def _vendor_write(self, steps: Steps) -> Any:  # noqa: ANN401 - the steps' result
+        async def op(conn: Connection) -> Any:  # noqa: ANN401 - the steps' result
+            return await drive_postgres(conn, steps)
+
+        return await self._with_retry(op)
+
+    async def _vendor_read(self, steps: Steps) -> Any:  # noqa: ANN401 - the steps' result
+        async def op(conn: Connection) -> Any:  # noqa: ANN401 - the steps' result
+            return await drive_postgres(conn, steps)
+
+        return await self._with_retry(op, transaction=False)
 
     async def _fetch(self, sql: str, *args: object) -> list[Row]:
         async def run(conn: Connection) -> list[Row]:
@@ -1354,6 +1370,9 @@ class PostgresLedger:
                 return VendOutcome(vend=_vend(existing), replayed=True, purchase=_purchase(row))
             if payment is not None:
                 row = await self._pay(conn, row, payment, actor)
+            if draft.float_debit is not None and PurchaseState(row["state"]) not in _PAID_OR_LATER:
+                await drive_postgres(conn, self._debit_float(row, draft.float_debit, actor))
+                row = await self._lock_purchase(conn, draft.purchase_id)
             current = PurchaseState(row["state"])
             if not is_legal(current, PurchaseState.VENDED):
                 raise IllegalTransition(draft.purchase_id, current, PurchaseState.VENDED)
@@ -1381,7 +1400,8 @@ class PostgresLedger:
             vend = await conn.fetchrow(
                 "WITH advanced AS (UPDATE meters SET last_tid = $13 WHERE drn = $2),"
                 " queued AS (INSERT INTO outbox (purchase_id, kind, recipient, body, state,"
-                " next_try_at, created_at, updated_at) VALUES ($1, $8, $9, $10, $11, $7, $7, $7))"
+                " next_try_at, created_at, updated_at) SELECT $1, $8, $9, $10, $11, $7, $7, $7"
+                " WHERE $14::boolean)"
                 " INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
                 " key_change_tokens, base_date) VALUES ($1, $2, $3, $4, $5, $6, $7, $12,"
                 " (SELECT base_date FROM meters WHERE drn = $2)) RETURNING *",
@@ -1398,6 +1418,8 @@ class PostgresLedger:
                 (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
                 " ".join(draft.key_change_tokens),
                 draft.fbe.tid if draft.fbe else draft.tid,
+                # A vendor sale with no customer phone: the vendor prints it, no SMS.
+                draft.recipient is not None or draft.float_debit is None,
             )
             await self._vend_extras(conn, draft, row["currency"], actor, now)
             row = await self._move(

@@ -118,6 +118,7 @@ from gateway.ledger.base import (
     is_legal,
     mask_name,
 )
+from gateway.ledger.vendor import Steps, VendorSteps, drive_sqlite
 from gateway.money import Money
 from gateway.phone import Msisdn
 from gateway.sms.base import DeliveryReport, DeliveryState
@@ -705,7 +706,7 @@ _PAID_OR_LATER: Final = frozenset(
 # ------------------------------------------------------------------------------------ the ledger
 
 
-class SqliteLedger:
+class SqliteLedger(VendorSteps):
     """The ``Ledger`` on one SQLite file. Build it with ``open_sqlite_ledger`` (or ``open_ledger``).
 
     Args:
@@ -777,6 +778,15 @@ class SqliteLedger:
 
     async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
         return await self._writer.submit(op)
+
+    def _stamp(self, moment: datetime) -> object:
+        return _ts(moment)
+
+    async def _vendor_write(self, steps: Steps) -> Any:  # noqa: ANN401 - the steps' result
+        return await self._write(lambda conn: drive_sqlite(conn, steps))
+
+    async def _vendor_read(self, steps: Steps) -> Any:  # noqa: ANN401 - the steps' result
+        return await self._write(lambda conn: drive_sqlite(conn, steps))
 
     async def _read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
         if not self._readers:
@@ -1589,10 +1599,7 @@ class SqliteLedger:
                     "SELECT * FROM vends WHERE vend_id = ?", (row["vend_id"],)
                 ).fetchone()
                 return VendOutcome(vend=_vend(existing), replayed=True, purchase=_purchase(row))
-            current = PurchaseState(row["state"])
-            if payment is not None and current not in _PAID_OR_LATER:
-                self._record_payment(conn, row, payment, actor)
-                current = PurchaseState.PAID
+            current = self._pay_for_vend(conn, row, draft, payment, actor)
             if not is_legal(current, PurchaseState.VENDED):
                 raise IllegalTransition(draft.purchase_id, current, PurchaseState.VENDED)
             expected = draft.expected_last_tid
@@ -1644,20 +1651,21 @@ class SqliteLedger:
                     "to": PurchaseState.VENDED,
                 },
             )
-            conn.execute(
-                "INSERT INTO outbox (purchase_id, kind, recipient, body, state, next_try_at,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    draft.purchase_id,
-                    MessageKind.TOKEN.value,
-                    draft.recipient,
-                    draft.message,
-                    (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
-                    now,
-                    now,
-                    now,
-                ),
-            )
+            if draft.recipient is not None or draft.float_debit is None:
+                conn.execute(
+                    "INSERT INTO outbox (purchase_id, kind, recipient, body, state, next_try_at,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        draft.purchase_id,
+                        MessageKind.TOKEN.value,
+                        draft.recipient,
+                        draft.message,
+                        (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
+                        now,
+                        now,
+                        now,
+                    ),
+                )
             self._vend_extras(conn, draft, row["currency"], actor, now)
             created = _dt(now)
             vend = Vend(
@@ -1680,6 +1688,26 @@ class SqliteLedger:
             return VendOutcome(vend=vend, replayed=False, purchase=purchase)
 
         return await self._write(op)
+
+    def _pay_for_vend(
+        self,
+        conn: sqlite3.Connection,
+        row: sqlite3.Row,
+        draft: VendDraft,
+        payment: ConfirmedPayment | None,
+        actor: str,
+    ) -> PurchaseState:
+        """The payment (or a vendor's float debit) that comes with a vend; the state after."""
+        current = PurchaseState(row["state"])
+        if current in _PAID_OR_LATER:
+            return current
+        if payment is not None:
+            self._record_payment(conn, row, payment, actor)
+            return PurchaseState.PAID
+        if draft.float_debit is not None:
+            drive_sqlite(conn, self._debit_float(row, draft.float_debit, actor))
+            return PurchaseState.PAID
+        return current
 
     def _vend_extras(
         self, conn: sqlite3.Connection, draft: VendDraft, currency: str, actor: str, now: str
