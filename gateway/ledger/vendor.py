@@ -682,8 +682,14 @@ class VendorSteps:
             raise VendorSuspended(debit.vendor_id)
         if vendor["currency"] != row["currency"]:
             raise LedgerError(f"vendor {debit.vendor_id} sells in {vendor['currency']}")
-        if debit.amount_minor <= 0:
+        if debit.amount_minor <= 0 or debit.commission_minor < 0:
             raise ValueError(f"a debit must be positive, not {debit.amount_minor}")
+        if debit.amount_minor + debit.commission_minor != row["amount_minor"]:
+            # The float pays the purchase's amount (less the commission), never another sum.
+            raise LedgerError(
+                f"purchase {purchase_id} costs {row['amount_minor']}: a debit of"
+                f" {debit.amount_minor} with {debit.commission_minor} commission does not pay it"
+            )
         yield from self._move_float(
             debit.vendor_id,
             MovementKind.DEBIT,
@@ -955,6 +961,114 @@ class VendorSteps:
                 purchase_id,
             )
         return request_of(row) if row is not None else None
+
+
+class VendorLedger(Protocol):
+    """The vendor API's port on the ledger (both backends implement it with ``VendorSteps``)."""
+
+    async def add_vendor(self, draft: VendorDraft, *, actor: str) -> Vendor:
+        """As ``VendorSteps.add_vendor``."""
+        ...
+
+    async def get_vendor(self, vendor_id: str) -> Vendor:
+        """As ``VendorSteps.get_vendor``."""
+        ...
+
+    async def list_vendors(self) -> list[Vendor]:
+        """As ``VendorSteps.list_vendors``."""
+        ...
+
+    async def set_vendor_status(
+        self, vendor_id: str, status: VendorStatus, *, actor: str
+    ) -> Vendor:
+        """As ``VendorSteps.set_vendor_status``."""
+        ...
+
+    async def add_terminal(
+        self, vendor_id: str, terminal_id: str, *, label: str = "", rate_per_minute: int = 60
+    ) -> Terminal:
+        """As ``VendorSteps.add_terminal``."""
+        ...
+
+    async def terminals(self, vendor_id: str) -> list[Terminal]:
+        """As ``VendorSteps.terminals``."""
+        ...
+
+    async def add_vendor_key(self, key: VendorKey, *, actor: str) -> None:
+        """As ``VendorSteps.add_vendor_key``."""
+        ...
+
+    async def revoke_vendor_key(self, key_id: str, *, actor: str) -> None:
+        """As ``VendorSteps.revoke_vendor_key``."""
+        ...
+
+    async def get_vendor_key(self, key_id: str) -> VendorKey | None:
+        """As ``VendorSteps.get_vendor_key``."""
+        ...
+
+    async def vendor_keys(self, vendor_id: str) -> list[VendorKey]:
+        """As ``VendorSteps.vendor_keys``."""
+        ...
+
+    async def remember_nonce(self, vendor_id: str, nonce: str, *, forget_before: datetime) -> bool:
+        """As ``VendorSteps.remember_nonce``."""
+        ...
+
+    async def top_up_float(
+        self, vendor_id: str, amount_minor: int, *, reference: str, actor: str
+    ) -> FloatMovement:
+        """As ``VendorSteps.top_up_float``."""
+        ...
+
+    async def refund_float(
+        self, vendor_id: str, purchase_id: str, *, actor: str
+    ) -> FloatMovement | None:
+        """As ``VendorSteps.refund_float``."""
+        ...
+
+    async def float_movements(
+        self, vendor_id: str, *, since: datetime, until: datetime
+    ) -> list[FloatMovement]:
+        """As ``VendorSteps.float_movements``."""
+        ...
+
+    async def float_balance_at(self, vendor_id: str, moment: datetime) -> int:
+        """As ``VendorSteps.float_balance_at``."""
+        ...
+
+    async def claim_vendor_request(
+        self,
+        vendor_id: str,
+        idempotency_key: str,
+        *,
+        request_hash: str,
+        terminal_id: str | None,
+        lease_s: float,
+    ) -> RequestClaim:
+        """As ``VendorSteps.claim_vendor_request``."""
+        ...
+
+    async def attach_vendor_purchase(
+        self, vendor_id: str, idempotency_key: str, purchase_id: str
+    ) -> None:
+        """As ``VendorSteps.attach_vendor_purchase``."""
+        ...
+
+    async def finish_vendor_request(
+        self, vendor_id: str, idempotency_key: str, *, status_code: int, response: bytes
+    ) -> VendorRequest:
+        """As ``VendorSteps.finish_vendor_request``."""
+        ...
+
+    async def release_vendor_request(self, vendor_id: str, idempotency_key: str) -> None:
+        """As ``VendorSteps.release_vendor_request``."""
+        ...
+
+    async def get_vendor_request(
+        self, vendor_id: str, *, idempotency_key: str | None = None, purchase_id: str | None = None
+    ) -> VendorRequest | None:
+        """As ``VendorSteps.get_vendor_request``."""
+        ...
 
 
 # ------------------------------------------------------------------------------------ the drivers
