@@ -673,7 +673,8 @@ class VendorSteps:
         """
         current = PurchaseState(row["state"])
         purchase_id = row["purchase_id"]
-        if not is_legal(current, PurchaseState.PAID):
+        if current is not PurchaseState.CREATED:
+            # Reversed (EXPIRED, REFUND_PENDING) or paid otherwise: a float never pays it again.
             raise LedgerError(f"purchase {purchase_id} cannot be paid from a float ({current})")
         vendor = yield one(_VENDOR, debit.vendor_id)
         if vendor is None:

@@ -8,6 +8,7 @@ plus refunds (a hypothesis state machine of sales, refusals, reversals and top-u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from datetime import timedelta
 from typing import cast
@@ -354,6 +355,51 @@ _ACTIONS = st.lists(
 )
 
 
+async def _open_sale(ledger: Ledger, vendor_id: str, key: str, amount: int) -> Purchase:
+    vendors = vendors_of(ledger)
+    await vendors.claim_vendor_request(
+        vendor_id, key, request_hash="h", terminal_id=None, lease_s=30
+    )
+    purchase = await ledger.open_purchase(
+        PurchaseDraft(
+            purchase_id=new_purchase_id(),
+            channel="vendor",
+            phone=None,
+            meter=METER,
+            amount=Money(amount, "KES"),
+            units=10,
+            tariff_id="domestic",
+            idempotency_key=f"vendor:{key}",
+            provider="float",
+        ),
+        actor="prop",
+    )
+    await vendors.attach_vendor_purchase(vendor_id, key, purchase.purchase_id)
+    return purchase
+
+
+async def _try_vend(ledger: Ledger, vendor_id: str, purchase: Purchase) -> None:
+    """Vend the sale from the float; a refusal (float short, sale reversed) writes nothing."""
+    meter = await ledger.get_meter(METER)
+    tid = (meter.last_tid or 0) + 1
+    draft = VendDraft(
+        purchase_id=purchase.purchase_id,
+        meter=METER,
+        tid=tid,
+        expected_last_tid=meter.last_tid,
+        token=f"{tid:020d}",
+        units=10,
+        receipt=None,
+        recipient=None,
+        message="",
+        float_debit=FloatDebit(
+            vendor_id=vendor_id, amount_minor=purchase.amount.amount_minor, commission_minor=0
+        ),
+    )
+    with contextlib.suppress(LedgerError):
+        await ledger.record_vend(draft, actor="prop")
+
+
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -373,73 +419,15 @@ async def test_the_float_is_top_ups_minus_debits_plus_refunds(
         if action == "top_up":
             await vendors.top_up_float(vendor_id, value, reference=f"T{step}", actor="prop")
         elif action == "sale":
-            key = f"{vendor_id}-{step}"
-            await vendors.claim_vendor_request(
-                vendor_id, key, request_hash="h", terminal_id=None, lease_s=30
-            )
-            purchase = await ledger.open_purchase(
-                PurchaseDraft(
-                    purchase_id=new_purchase_id(),
-                    channel="vendor",
-                    phone=None,
-                    meter=METER,
-                    amount=Money(value, "KES"),
-                    units=10,
-                    tariff_id="domestic",
-                    idempotency_key=f"vendor:{key}",
-                    provider="float",
-                ),
-                actor="prop",
-            )
-            await vendors.attach_vendor_purchase(vendor_id, key, purchase.purchase_id)
-            sales.append(purchase)
-            meter = await ledger.get_meter(METER)
-            tid = (meter.last_tid or 0) + 1
-            draft = VendDraft(
-                purchase_id=purchase.purchase_id,
-                meter=METER,
-                tid=tid,
-                expected_last_tid=meter.last_tid,
-                token=f"{tid:020d}",
-                units=10,
-                receipt=None,
-                recipient=None,
-                message="",
-                float_debit=FloatDebit(vendor_id=vendor_id, amount_minor=value, commission_minor=0),
-            )
-            try:
-                await ledger.record_vend(draft, actor="prop")
-            except InsufficientFloat:
-                pass
-        elif sales:
-            purchase = sales[value % len(sales)]
-            if action == "reverse":
-                try:
-                    await vendors.refund_float(vendor_id, purchase.purchase_id, actor="prop")
-                except TokenAlreadyIssued:
-                    pass
-            else:  # a replayed vend never debits twice
-                meter = await ledger.get_meter(METER)
-                try:
-                    await ledger.record_vend(
-                        VendDraft(
-                            purchase_id=purchase.purchase_id,
-                            meter=METER,
-                            tid=(meter.last_tid or 0) + 1,
-                            expected_last_tid=meter.last_tid,
-                            token="9" * 20,
-                            units=10,
-                            receipt=None,
-                            recipient=None,
-                            message="",
-                            float_debit=FloatDebit(
-                                vendor_id=vendor_id, amount_minor=1, commission_minor=0
-                            ),
-                        ),
-                        actor="prop",
-                    )
-                except (InsufficientFloat, Exception):  # noqa: BLE001 - a reversed sale refuses
-                    pass
+            sales.append(await _open_sale(ledger, vendor_id, f"{vendor_id}-{step}", value))
+            await _try_vend(ledger, vendor_id, sales[-1])
+        elif sales and action == "reverse":
+            with contextlib.suppress(TokenAlreadyIssued):
+                await vendors.refund_float(
+                    vendor_id, sales[value % len(sales)].purchase_id, actor="p"
+                )
+        elif sales:  # a replayed vend never debits twice, nor vends a reversed sale
+            await _try_vend(ledger, vendor_id, sales[value % len(sales)])
     vendor = await vendors.get_vendor(vendor_id)
     far = vendor.created_at + timedelta(days=1)
     moves = await vendors.float_movements(vendor_id, since=vendor.created_at, until=far)
