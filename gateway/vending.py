@@ -174,6 +174,11 @@ def _utc_now() -> datetime:
 
 #: The channel of a vendor API sale (``gateway/vendor/``), paid from the vendor's float.
 VENDOR_CHANNEL: Final = "vendor"
+#: The "provider" of a vendor sale: the vendor's prepaid float (no collection is ever requested).
+FLOAT_PROVIDER: Final = "float"
+#: A vendor sale still open this long after it started was abandoned (its vendor never retried):
+#: the payment checker closes it (nothing was debited).
+VENDOR_ABANDON_S: Final = 3600
 
 
 class VendingError(GatewayError):
@@ -504,7 +509,10 @@ class Vending:
             IdempotencyConflict: the key was used for a different request.
         """
         provider_name = provider or self._default_provider
-        if provider_name not in self._providers:
+        first_check = timedelta(seconds=self._policy.first_check_after_s)
+        if channel == VENDOR_CHANNEL:  # paid from a vendor's float, with its vend
+            provider_name, first_check = FLOAT_PROVIDER, timedelta(seconds=VENDOR_ABANDON_S)
+        elif provider_name not in self._providers:
             raise ValueError(f"unknown payment provider {provider_name!r}")
         record = await self._sellable_meter(meter)
         priced = await self._price(record, amount)
@@ -522,7 +530,7 @@ class Vending:
                 # Should the caller never get to request_payment (a crash in between), the
                 # sweeper requests it then, or expires the purchase at its deadline. Stored with
                 # the purchase in one transaction, so no crash can leave it unscheduled.
-                first_check_at=self._clock() + timedelta(seconds=self._policy.first_check_after_s),
+                first_check_at=self._clock() + first_check,
                 debt_recovery_minor=priced.debt_recovered_minor,
             ),
             actor=channel,
