@@ -1,0 +1,131 @@
+"""``/vendor/v1``: the vendor API for banks, agents and sales points (JSON over HTTP).
+
+Each handler reads the request, has ``VendorService`` authenticate it (every request is
+signed, see ``gateway/vendor/signing.py``) and answer, and writes the ``Answer`` back; every
+refusal is ``application/problem+json`` with a stable ``code``. The rules live in
+``gateway/vendor/service.py``; the routes are documented in ``gateway/vendor/openapi.json``
+(served at ``/vendor/v1/openapi.json``).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from collections.abc import Awaitable, Callable
+from datetime import date
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+
+from gateway.vendor.service import Answer, Caller, Problem, VendorService
+from gateway.vendor.statement import render_statement
+
+log = structlog.get_logger()
+
+PREFIX: Final = "/vendor/v1"
+MAX_BODY: Final = 16 * 1024
+
+Handler = Callable[[web.Request, Caller, bytes], Awaitable[Answer]]
+
+
+def _response(answer: Answer) -> web.Response:
+    return web.Response(
+        status=answer.status,
+        body=answer.body,
+        headers={"Content-Type": answer.content_type, **answer.headers},
+    )
+
+
+def _json_body(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem(400, "invalid_request", "the body is not JSON") from exc
+    if not isinstance(data, dict):
+        raise Problem(400, "invalid_request", "the body is a JSON object")
+    return data
+
+
+def openapi_document() -> bytes:
+    """The OpenAPI 3.1 document kept in the repository (``gateway/vendor/openapi.json``)."""
+    return importlib.resources.files("gateway.vendor").joinpath("openapi.json").read_bytes()
+
+
+def vendor_routes(service: VendorService) -> list[web.RouteDef]:
+    """The vendor API's routes over ``service``."""
+
+    def signed(scope: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            try:
+                body = await request.content.read(MAX_BODY + 1)
+                if len(body) > MAX_BODY:
+                    raise Problem(413, "body_too_large", f"at most {MAX_BODY} bytes")
+                caller = await service.authenticate(
+                    headers=request.headers,
+                    method=request.method,
+                    target=request.raw_path,
+                    body=body,
+                    remote=request.remote,
+                    scope=scope,
+                )
+                answer = await handler(request, caller, body)
+            except Problem as problem:
+                if problem.status in {401, 403, 429}:
+                    log.warning("vendor_refused", code=problem.code, path=request.path)
+                answer = problem.answer()
+            return _response(answer)
+
+        return handle
+
+    async def meter(request: web.Request, caller: Caller, _body: bytes) -> Answer:
+        return await service.confirm_meter(caller, request.match_info["meter"])
+
+    async def quote(_request: web.Request, caller: Caller, body: bytes) -> Answer:
+        return await service.quote(caller, _json_body(body))
+
+    async def vend(request: web.Request, caller: Caller, body: bytes) -> Answer:
+        data = _json_body(body)
+        return await service.vend(caller, request.headers.get("Idempotency-Key"), body, data)
+
+    async def by_key(request: web.Request, caller: Caller, _body: bytes) -> Answer:
+        key = request.query.get("idempotency_key")
+        if not key:
+            raise Problem(400, "invalid_request", "idempotency_key: the query parameter")
+        return await service.last_response(caller, idempotency_key=key)
+
+    async def by_id(request: web.Request, caller: Caller, _body: bytes) -> Answer:
+        return await service.last_response(caller, vend_id=request.match_info["vend_id"])
+
+    async def reprint(request: web.Request, caller: Caller, _body: bytes) -> Answer:
+        return await service.reprint(caller, request.match_info["vend_id"])
+
+    async def reversal(request: web.Request, caller: Caller, _body: bytes) -> Answer:
+        return await service.reversal(caller, request.match_info["vend_id"])
+
+    async def statement(request: web.Request, caller: Caller, _body: bytes) -> Answer:
+        try:
+            day = date.fromisoformat(request.match_info["day"])
+        except ValueError as exc:
+            raise Problem(400, "invalid_request", "the day is YYYY-MM-DD") from exc
+        form = request.query.get("format", "jsonl")
+        if form not in {"csv", "jsonl"}:
+            raise Problem(400, "invalid_request", "format: csv or jsonl")
+        rendered = render_statement(await service.statement(caller.vendor.vendor_id, day), form)
+        media = "text/csv" if form == "csv" else "application/jsonl"
+        return Answer(status=200, body=rendered, content_type=media)
+
+    async def openapi(_request: web.Request) -> web.Response:
+        return web.Response(body=openapi_document(), content_type="application/json")
+
+    return [
+        web.get(f"{PREFIX}/openapi.json", openapi),
+        web.get(f"{PREFIX}/meters/{{meter}}", signed("meters", meter)),
+        web.post(f"{PREFIX}/quotes", signed("vend", quote)),
+        web.post(f"{PREFIX}/vends", signed("vend", vend)),
+        web.get(f"{PREFIX}/vends", signed("vend", by_key)),
+        web.get(f"{PREFIX}/vends/{{vend_id}}", signed("vend", by_id)),
+        web.get(f"{PREFIX}/vends/{{vend_id}}/reprint", signed("vend", reprint)),
+        web.post(f"{PREFIX}/vends/{{vend_id}}/reversal", signed("vend", reversal)),
+        web.get(f"{PREFIX}/statements/{{day}}", signed("statement", statement)),
+    ]
