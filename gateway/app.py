@@ -54,6 +54,7 @@ from gateway.errors import ConfigError, LedgerMissing
 from gateway.ledger import Ledger, open_ledger
 from gateway.ledger.postgres import is_postgres_url
 from gateway.ledger.sqlite import sqlite_path
+from gateway.ledger.vendor import VendorLedger, VendorSteps
 from gateway.logging import register_secrets
 from gateway.metrics import Metrics, ledger_refresher
 from gateway.payments import PaymentProvider
@@ -69,6 +70,7 @@ from gateway.sms.africastalking import (
 from gateway.sms.outbox import OutboxPolicy, OutboxWorker
 from gateway.sweeper import Sweeper
 from gateway.vending import SagaPolicy, Vending, load_token_engine
+from gateway.vendor.service import VendorService
 from gateway.web.admin import admin_routes, setup_admin
 from gateway.web.callbacks import payment_routes
 from gateway.web.delivery import delivery_routes
@@ -77,6 +79,7 @@ from gateway.web.keys import CONFIG, METRICS, METRICS_REFRESH, READINESS
 from gateway.web.middleware import context_middleware
 from gateway.web.sms import sms_routes
 from gateway.web.ussd import FollowUps, ussd_routes
+from gateway.web.vendor import vendor_routes
 
 log = structlog.get_logger()
 
@@ -120,6 +123,7 @@ class Runtime:
     metrics: Metrics
     callback_secret: Secret
     admin_token: Secret
+    vendor: VendorService
     simulators: Simulators | None = None
 
     @property
@@ -484,8 +488,16 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         metrics=metrics,
         callback_secret=callback_secret,
         admin_token=admin_token,
+        vendor=VendorService(vending, ledger, _vendor_port(ledger)),
         simulators=sims,
     )
+
+
+def _vendor_port(ledger: Ledger) -> VendorLedger:
+    """The ledger's vendor port (both backends have it)."""
+    if not isinstance(ledger, VendorSteps):
+        raise TypeError(f"{type(ledger).__name__} has no vendor port")
+    return ledger
 
 
 async def _outbox_loop(outbox: OutboxWorker, stop: asyncio.Event) -> None:
@@ -639,6 +651,7 @@ async def build_app(config: Config) -> web.Application:
         at.app.middlewares.append(_sim_guard(runtime.admin_token))
         app.add_subapp(AT_SIM_PREFIX, at.app)
     app.add_routes(admin_routes())
+    app.add_routes(vendor_routes(runtime.vendor))
     app.cleanup_ctx.append(_background(runtime))
     app.cleanup_ctx.append(runtime.follow_ups.cleanup_ctx)
 
@@ -662,6 +675,7 @@ def routes_summary(runtime: Runtime) -> list[tuple[str, str]]:
         (runtime.callback_url("momo", "callback"), "MTN MoMo callback"),
         (runtime.callback_url("airtel", "callback"), "Airtel Money callback"),
         (runtime.base_url + "/admin", "operator admin page"),
+        (runtime.base_url + "/vendor/v1/openapi.json", "vendor API (banks, agents, sales points)"),
         (runtime.base_url + "/healthz", "liveness"),
         (runtime.base_url + "/readyz", "readiness"),
         (runtime.base_url + "/metrics", "Prometheus metrics"),

@@ -52,58 +52,71 @@ def openapi_document() -> bytes:
     return importlib.resources.files("gateway.vendor").joinpath("openapi.json").read_bytes()
 
 
-def vendor_routes(service: VendorService) -> list[web.RouteDef]:
-    """The vendor API's routes over ``service``."""
+async def _read_body(request: web.Request) -> bytes:
+    body = await request.content.read(MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        raise Problem(413, "body_too_large", f"at most {MAX_BODY} bytes")
+    return body
 
-    def signed(scope: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
-        async def handle(request: web.Request) -> web.Response:
-            try:
-                body = await request.content.read(MAX_BODY + 1)
-                if len(body) > MAX_BODY:
-                    raise Problem(413, "body_too_large", f"at most {MAX_BODY} bytes")
-                caller = await service.authenticate(
-                    headers=request.headers,
-                    method=request.method,
-                    target=request.raw_path,
-                    body=body,
-                    remote=request.remote,
-                    scope=scope,
-                )
-                answer = await handler(request, caller, body)
-            except Problem as problem:
-                if problem.status in {401, 403, 429}:
-                    log.warning("vendor_refused", code=problem.code, path=request.path)
-                answer = problem.answer()
-            return _response(answer)
 
-        return handle
+def _signed(
+    service: VendorService, scope: str, handler: Handler
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``handler`` behind the signature check, its problems as ``application/problem+json``."""
 
-    async def meter(request: web.Request, caller: Caller, _body: bytes) -> Answer:
-        return await service.confirm_meter(caller, request.match_info["meter"])
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            body = await _read_body(request)
+            caller = await service.authenticate(
+                headers=request.headers,
+                method=request.method,
+                target=request.raw_path,
+                body=body,
+                remote=request.remote,
+                scope=scope,
+            )
+            answer = await handler(request, caller, body)
+        except Problem as problem:
+            if problem.status in {401, 403, 429}:
+                log.warning("vendor_refused", code=problem.code, path=request.path)
+            answer = problem.answer()
+        return _response(answer)
 
-    async def quote(_request: web.Request, caller: Caller, body: bytes) -> Answer:
-        return await service.quote(caller, _json_body(body))
+    return handle
 
-    async def vend(request: web.Request, caller: Caller, body: bytes) -> Answer:
+
+class _Handlers:
+    """One method per route: HTTP in, a ``VendorService`` call, its ``Answer`` out."""
+
+    def __init__(self, service: VendorService) -> None:
+        self._service = service
+
+    async def meter(self, request: web.Request, caller: Caller, _body: bytes) -> Answer:
+        return await self._service.confirm_meter(caller, request.match_info["meter"])
+
+    async def quote(self, _request: web.Request, caller: Caller, body: bytes) -> Answer:
+        return await self._service.quote(caller, _json_body(body))
+
+    async def vend(self, request: web.Request, caller: Caller, body: bytes) -> Answer:
         data = _json_body(body)
-        return await service.vend(caller, request.headers.get("Idempotency-Key"), body, data)
+        return await self._service.vend(caller, request.headers.get("Idempotency-Key"), body, data)
 
-    async def by_key(request: web.Request, caller: Caller, _body: bytes) -> Answer:
+    async def by_key(self, request: web.Request, caller: Caller, _body: bytes) -> Answer:
         key = request.query.get("idempotency_key")
         if not key:
             raise Problem(400, "invalid_request", "idempotency_key: the query parameter")
-        return await service.last_response(caller, idempotency_key=key)
+        return await self._service.last_response(caller, idempotency_key=key)
 
-    async def by_id(request: web.Request, caller: Caller, _body: bytes) -> Answer:
-        return await service.last_response(caller, vend_id=request.match_info["vend_id"])
+    async def by_id(self, request: web.Request, caller: Caller, _body: bytes) -> Answer:
+        return await self._service.last_response(caller, vend_id=request.match_info["vend_id"])
 
-    async def reprint(request: web.Request, caller: Caller, _body: bytes) -> Answer:
-        return await service.reprint(caller, request.match_info["vend_id"])
+    async def reprint(self, request: web.Request, caller: Caller, _body: bytes) -> Answer:
+        return await self._service.reprint(caller, request.match_info["vend_id"])
 
-    async def reversal(request: web.Request, caller: Caller, _body: bytes) -> Answer:
-        return await service.reversal(caller, request.match_info["vend_id"])
+    async def reversal(self, request: web.Request, caller: Caller, _body: bytes) -> Answer:
+        return await self._service.reversal(caller, request.match_info["vend_id"])
 
-    async def statement(request: web.Request, caller: Caller, _body: bytes) -> Answer:
+    async def statement(self, request: web.Request, caller: Caller, _body: bytes) -> Answer:
         try:
             day = date.fromisoformat(request.match_info["day"])
         except ValueError as exc:
@@ -111,21 +124,26 @@ def vendor_routes(service: VendorService) -> list[web.RouteDef]:
         form = request.query.get("format", "jsonl")
         if form not in {"csv", "jsonl"}:
             raise Problem(400, "invalid_request", "format: csv or jsonl")
-        rendered = render_statement(await service.statement(caller.vendor.vendor_id, day), form)
+        found = await self._service.statement(caller.vendor.vendor_id, day)
         media = "text/csv" if form == "csv" else "application/jsonl"
-        return Answer(status=200, body=rendered, content_type=media)
+        return Answer(status=200, body=render_statement(found, form), content_type=media)
 
-    async def openapi(_request: web.Request) -> web.Response:
-        return web.Response(body=openapi_document(), content_type="application/json")
 
+async def _openapi(_request: web.Request) -> web.Response:
+    return web.Response(body=openapi_document(), content_type="application/json")
+
+
+def vendor_routes(service: VendorService) -> list[web.RouteDef]:
+    """The vendor API's routes over ``service``."""
+    h = _Handlers(service)
     return [
-        web.get(f"{PREFIX}/openapi.json", openapi),
-        web.get(f"{PREFIX}/meters/{{meter}}", signed("meters", meter)),
-        web.post(f"{PREFIX}/quotes", signed("vend", quote)),
-        web.post(f"{PREFIX}/vends", signed("vend", vend)),
-        web.get(f"{PREFIX}/vends", signed("vend", by_key)),
-        web.get(f"{PREFIX}/vends/{{vend_id}}", signed("vend", by_id)),
-        web.get(f"{PREFIX}/vends/{{vend_id}}/reprint", signed("vend", reprint)),
-        web.post(f"{PREFIX}/vends/{{vend_id}}/reversal", signed("vend", reversal)),
-        web.get(f"{PREFIX}/statements/{{day}}", signed("statement", statement)),
+        web.get(f"{PREFIX}/openapi.json", _openapi),
+        web.get(f"{PREFIX}/meters/{{meter}}", _signed(service, "meters", h.meter)),
+        web.post(f"{PREFIX}/quotes", _signed(service, "vend", h.quote)),
+        web.post(f"{PREFIX}/vends", _signed(service, "vend", h.vend)),
+        web.get(f"{PREFIX}/vends", _signed(service, "vend", h.by_key)),
+        web.get(f"{PREFIX}/vends/{{vend_id}}", _signed(service, "vend", h.by_id)),
+        web.get(f"{PREFIX}/vends/{{vend_id}}/reprint", _signed(service, "vend", h.reprint)),
+        web.post(f"{PREFIX}/vends/{{vend_id}}/reversal", _signed(service, "vend", h.reversal)),
+        web.get(f"{PREFIX}/statements/{{day}}", _signed(service, "statement", h.statement)),
     ]
