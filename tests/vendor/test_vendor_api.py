@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 import pytest
-from vendor_support import VendorWorld
+from vendor_support import VendorWorld, unix
 
 from gateway.ledger import MeterStatus, PurchaseState
 from gateway.ledger.vendor import VendorStatus
@@ -105,7 +105,7 @@ async def test_revoked_keys_suspended_vendors_and_unknown_terminals(world: Vendo
     async with world.client() as old:
         assert (await old.confirm_meter(world.drns[0])).problem == "signature_invalid"
     async with VendorClient(
-        world.url, rotated.key_id, rotated.secret, clock=lambda: world.clock.now.timestamp()
+        world.url, rotated.key_id, rotated.secret, clock=unix(world.clock)
     ) as new:
         assert (await new.confirm_meter(world.drns[0])).status == 200
         # Scoped: this key may confirm meters, not sell.

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +26,16 @@ from gateway.vendor.service import RateLimiter, VendorService
 from gateway.vendor_client import VendorClient
 from gateway.web.vendor import vendor_routes
 
-__all__ = ["BACKENDS", "SlowEngine", "VendorWorld", "vendor_world"]
+__all__ = ["BACKENDS", "SlowEngine", "VendorWorld", "unix", "vendor_world"]
+
+
+def unix(clock: FakeClock) -> Callable[[], float]:
+    """The clock's now in Unix seconds, read at each call."""
+
+    def now() -> float:
+        return clock.now.timestamp()
+
+    return now
 
 
 class SlowEngine(LocalTokenEngine):
@@ -64,7 +73,7 @@ class VendorWorld:
             self.key_id,
             secret or self.secret,
             terminal=terminal,
-            clock=lambda: self.clock.now.timestamp(),
+            clock=unix(self.clock),
         )
 
 
@@ -116,7 +125,7 @@ async def vendor_world(tmp_path: Path, backend: object) -> AsyncIterator[VendorW
             clock=clock,
             lease_s=5.0,
             engine_wait_s=2.0,
-            limiter=RateLimiter(clock=lambda: clock.now.timestamp()),
+            limiter=RateLimiter(clock=unix(clock)),
         )
         registered = await service.register(
             "shop",
