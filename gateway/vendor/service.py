@@ -218,6 +218,96 @@ def _units_text(units: int) -> str:
     return f"{units // 10}.{units % 10}"
 
 
+# -- operators (the CLI and the admin page call these directly) ----------------------------------
+
+
+async def register_vendor(  # noqa: PLR0913 - a vendor's terms
+    vendors: VendorLedger,
+    vendor_id: str,
+    *,
+    name: str,
+    currency: str,
+    credit_limit_minor: int = 0,
+    commission_bp: int = 0,
+    ip_allowlist: tuple[str, ...] = (),
+    terminals: tuple[str, ...] = (),
+    rate_per_minute: int = 600,
+    actor: str,
+) -> Registered:
+    """Register a vendor, its terminals and a first key with every scope.
+
+    Raises:
+        ValueError: a term is malformed. DuplicateError: the vendor exists.
+    """
+    if not vendor_id or not all(c.isalnum() or c in "-_" for c in vendor_id):
+        raise ValueError(f"a vendor id is letters, digits, '-' and '_': {vendor_id!r}")
+    if not 0 <= commission_bp <= BASIS_POINTS:
+        raise ValueError(f"commission is 0 to 10,000 basis points, not {commission_bp}")
+    if credit_limit_minor < 0:
+        raise ValueError(f"a credit limit cannot be negative: {credit_limit_minor}")
+    if rate_per_minute <= 0:
+        raise ValueError(f"a rate limit is positive: {rate_per_minute}")
+    for entry in ip_allowlist:
+        ipaddress.ip_network(entry, strict=False)  # ValueError names it
+    Money(0, currency)  # ValueError for a malformed currency
+    vendor = await vendors.add_vendor(
+        VendorDraft(
+            vendor_id=vendor_id,
+            name=name,
+            currency=currency,
+            credit_limit_minor=credit_limit_minor,
+            commission_bp=commission_bp,
+            ip_allowlist=ip_allowlist,
+            rate_per_minute=rate_per_minute,
+        ),
+        actor=actor,
+    )
+    for terminal in terminals:
+        await vendors.add_terminal(vendor_id, terminal)
+    key = await add_vendor_key(vendors, vendor_id, scopes=signing.SCOPES, actor=actor)
+    return Registered(vendor=vendor, key=key)
+
+
+async def add_vendor_key(
+    vendors: VendorLedger,
+    vendor_id: str,
+    *,
+    scopes: frozenset[str],
+    terminal: str | None = None,
+    actor: str,
+    new: signing.NewKey | None = None,
+) -> signing.NewKey:
+    """A new key for the vendor (rotation: add, move the clients, revoke the old one)."""
+    unknown = scopes - signing.SCOPES
+    if unknown or not scopes:
+        raise ValueError(f"scopes are among {sorted(signing.SCOPES)}: {sorted(unknown)}")
+    made = new or signing.new_key()
+    await vendors.add_vendor_key(
+        VendorKey(
+            key_id=made.key_id,
+            vendor_id=vendor_id,
+            signing_key=made.signing_key,
+            scopes=scopes,
+            terminal_id=terminal,
+        ),
+        actor=actor,
+    )
+    return made
+
+
+async def vendor_statement(vendors: VendorLedger, vendor_id: str, day: date) -> Statement:
+    """The vendor's float movements over ``day`` (UTC), with opening and closing balances."""
+    vendor = await vendors.get_vendor(vendor_id)
+    start = datetime.combine(day, dtime(0), tzinfo=UTC)
+    end = start + timedelta(days=1)
+    movements = await vendors.float_movements(vendor_id, since=start, until=end)
+    opening = await vendors.float_balance_at(vendor_id, start)
+    closing = movements[-1].balance_after_minor if movements else opening
+    return Statement(
+        vendor=vendor, day=day, opening_minor=opening, closing_minor=closing, movements=movements
+    )
+
+
 class VendorService:
     """The vendor API's operations (see the module doc). ``vendors`` is the ledger's vendor port."""
 
@@ -248,91 +338,17 @@ class VendorService:
 
     # -- operators ------------------------------------------------------------------------------
 
-    async def register(  # noqa: PLR0913 - a vendor's terms
-        self,
-        vendor_id: str,
-        *,
-        name: str,
-        currency: str,
-        credit_limit_minor: int = 0,
-        commission_bp: int = 0,
-        ip_allowlist: tuple[str, ...] = (),
-        terminals: tuple[str, ...] = (),
-        rate_per_minute: int = 600,
-        actor: str,
-    ) -> Registered:
-        """Register a vendor, its terminals and a first key with every scope.
+    async def register(self, vendor_id: str, **terms: Any) -> Registered:  # noqa: ANN401 - as register_vendor
+        """As ``register_vendor``."""
+        return await register_vendor(self._vendors, vendor_id, **terms)
 
-        Raises:
-            ValueError: a term is malformed. DuplicateError: the vendor exists.
-        """
-        if not vendor_id or not all(c.isalnum() or c in "-_" for c in vendor_id):
-            raise ValueError(f"a vendor id is letters, digits, '-' and '_': {vendor_id!r}")
-        if not 0 <= commission_bp <= BASIS_POINTS:
-            raise ValueError(f"commission is 0 to 10,000 basis points, not {commission_bp}")
-        if credit_limit_minor < 0:
-            raise ValueError(f"a credit limit cannot be negative: {credit_limit_minor}")
-        for entry in ip_allowlist:
-            ipaddress.ip_network(entry, strict=False)  # ValueError names it
-        Money(0, currency)  # ValueError for a malformed currency
-        vendor = await self._vendors.add_vendor(
-            VendorDraft(
-                vendor_id=vendor_id,
-                name=name,
-                currency=currency,
-                credit_limit_minor=credit_limit_minor,
-                commission_bp=commission_bp,
-                ip_allowlist=ip_allowlist,
-                rate_per_minute=rate_per_minute,
-            ),
-            actor=actor,
-        )
-        for terminal in terminals:
-            await self._vendors.add_terminal(vendor_id, terminal)
-        key = await self.add_key(vendor_id, scopes=signing.SCOPES, actor=actor)
-        return Registered(vendor=vendor, key=key)
-
-    async def add_key(
-        self,
-        vendor_id: str,
-        *,
-        scopes: frozenset[str],
-        terminal: str | None = None,
-        actor: str,
-        new: signing.NewKey | None = None,
-    ) -> signing.NewKey:
-        """A new key for the vendor (rotation: add, move the clients, revoke the old one)."""
-        unknown = scopes - signing.SCOPES
-        if unknown or not scopes:
-            raise ValueError(f"scopes are among {sorted(signing.SCOPES)}: {sorted(unknown)}")
-        made = new or signing.new_key()
-        await self._vendors.add_vendor_key(
-            VendorKey(
-                key_id=made.key_id,
-                vendor_id=vendor_id,
-                signing_key=made.signing_key,
-                scopes=scopes,
-                terminal_id=terminal,
-            ),
-            actor=actor,
-        )
-        return made
+    async def add_key(self, vendor_id: str, **options: Any) -> signing.NewKey:  # noqa: ANN401 - as add_vendor_key
+        """As ``add_vendor_key``."""
+        return await add_vendor_key(self._vendors, vendor_id, **options)
 
     async def statement(self, vendor_id: str, day: date) -> Statement:
-        """The vendor's float movements over ``day`` (UTC), with opening and closing balances."""
-        vendor = await self._vendors.get_vendor(vendor_id)
-        start = datetime.combine(day, dtime(0), tzinfo=UTC)
-        end = start + timedelta(days=1)
-        movements = await self._vendors.float_movements(vendor_id, since=start, until=end)
-        opening = await self._vendors.float_balance_at(vendor_id, start)
-        closing = movements[-1].balance_after_minor if movements else opening
-        return Statement(
-            vendor=vendor,
-            day=day,
-            opening_minor=opening,
-            closing_minor=closing,
-            movements=movements,
-        )
+        """As ``vendor_statement``."""
+        return await vendor_statement(self._vendors, vendor_id, day)
 
     # -- authentication -------------------------------------------------------------------------
 
