@@ -1,4 +1,4 @@
-"""``gateway vendors``: register, list, suspend, top up, statement, keys; exact money, exit codes."""
+"""``gateway vendors``: register, list, suspend, top up, statement, keys; exact money, exits."""
 
 import json
 from datetime import UTC, datetime
