@@ -49,7 +49,7 @@ from flows.sessions import MemorySessionStore, SqliteSessionStore
 from flows.sms_commands import SmsCommands
 from gateway.config import SIMULATED, Config, Mode, Secret
 from gateway.customer_services import SagaCustomerServices
-from gateway.demo_data import demo_master_key, seed_demo
+from gateway.demo_data import DEMO_METERS, demo_master_key, seed_demo
 from gateway.errors import ConfigError, LedgerMissing
 from gateway.ledger import Ledger, open_ledger
 from gateway.ledger.postgres import is_postgres_url
@@ -68,8 +68,10 @@ from gateway.sms.africastalking import (
     AfricasTalkingSdkSender,
 )
 from gateway.sms.outbox import OutboxPolicy, OutboxWorker
+from gateway.sts import TokenEngine
 from gateway.sweeper import Sweeper
 from gateway.vending import SagaPolicy, Vending, load_token_engine
+from gateway.vendor.sandbox import SANDBOX_VENDOR, SandboxEngine, seed_sandbox
 from gateway.vendor.service import VendorService
 from gateway.web.admin import admin_routes, setup_admin
 from gateway.web.callbacks import payment_routes
@@ -427,7 +429,11 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         _mark_ledger(config, ledger_path)
     if config.mode is Mode.DEMO and await seed_demo(ledger, master_key):
         log.info("demo_data_seeded", database=config.effective_database_url)
-    engine = await load_token_engine(ledger, master_key)
+    engine: TokenEngine = await load_token_engine(ledger, master_key)
+    if config.mode is Mode.DEMO:  # the vendor API's sandbox: demo-shop, a slow and a blocked meter
+        if await seed_sandbox(ledger, _vendor_port(ledger), template=DEMO_METERS[0].drn):
+            log.info("vendor_sandbox_seeded", vendor=SANDBOX_VENDOR)
+        engine = SandboxEngine(engine)
 
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=200), timeout=aiohttp.ClientTimeout(total=30)
