@@ -75,6 +75,7 @@ from gateway.ledger import (
     PurchaseState,
     Vend,
 )
+from gateway.ledger.vendor import VendorSteps
 from gateway.money import Money
 from gateway.phone import InvalidPhoneNumber, Msisdn, masked, parse_msisdn
 from gateway.vending import CUSTOMER_INITIATED_CHANNEL, NothingToReprint, NotPaid, VendFailed
@@ -398,6 +399,7 @@ def admin_routes() -> list[web.RouteDef]:
         web.post("/admin/login", _login),
         web.post("/admin/logout", _logout),
         web.get("/admin/stuck/{kind}", _stuck_list, name="admin_stuck"),
+        web.get("/admin/vendors", _vendors_list, name="admin_vendors"),
         web.get("/admin/purchases/{purchase_id}", _purchase, name="admin_purchase"),
         web.post("/admin/purchases/{purchase_id}/reprint", _reprint),
         web.post("/admin/purchases/{purchase_id}/vend", _retry_vend),
@@ -820,6 +822,30 @@ async def _stuck_page(request: web.Request, operator: _Operator) -> web.StreamRe
     )
 
 
+async def _vendors_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
+    """The vendors (vendor API): status, float, credit limit, commission, terminals.
+
+    Read-only: operators register, suspend and top up with ``gateway vendors``.
+    """
+    ledger = request.app[ADMIN].ledger
+    rows: list[dict[str, Any]] = []
+    if isinstance(ledger, VendorSteps):
+        for v in await ledger.list_vendors():
+            terminals = await ledger.terminals(v.vendor_id)
+            rows.append(
+                {
+                    "vendor": v,
+                    "float": _money(Money(v.balance_minor, v.currency)),
+                    "credit_limit": _money(Money(v.credit_limit_minor, v.currency)),
+                    "commission": f"{v.commission_bp / 100:g} %",
+                    "terminals": ", ".join(t.terminal_id for t in terminals),
+                }
+            )
+    return _render(
+        request, "admin/vendors.html", {"rows": rows}, csrf=operator.csrf, via=operator.via
+    )
+
+
 async def _purchase_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
     """One purchase: its details, payment, token (masked), messages and timeline of events."""
     site = request.app[ADMIN]
@@ -946,6 +972,7 @@ async def _retry_vend_page(request: web.Request, operator: _Operator) -> web.Str
 
 _index = _guarded(_index_page)
 _stuck_list = _guarded(_stuck_page)
+_vendors_list = _guarded(_vendors_page)
 _purchase = _guarded(_purchase_page)
 _reprint = _guarded(_reprint_page)
 _retry_vend = _guarded(_retry_vend_page)
