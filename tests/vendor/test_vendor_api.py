@@ -7,10 +7,12 @@ import dataclasses
 import json
 
 import pytest
+from vending_support import VENDING_KEY, profile_of
 from vendor_support import VendorWorld, unix
 
-from gateway.ledger import MeterStatus, PurchaseState
+from gateway.ledger import KeyRotation, MeterStatus, PurchaseState
 from gateway.ledger.vendor import VendorStatus
+from gateway.sts import MeterEmulator, Verdict
 from gateway.vendor import signing
 from gateway.vendor_client import VendorClient
 
@@ -274,3 +276,39 @@ async def test_a_malformed_day_is_a_problem(world: VendorWorld, day: str) -> Non
     """A day that is not YYYY-MM-DD: 400 invalid_request."""
     async with world.client() as client:
         assert (await client.statement(day)).problem == "invalid_request"
+
+
+async def test_a_pending_key_change_comes_first_and_the_meter_takes_it(world: VendorWorld) -> None:
+    """Confirm says so; the vend's tokens: the key change, then the credit; the meter accepts."""
+    drn = world.drns[2]
+    record = await world.ledger.get_meter(drn)
+    rotation = KeyRotation(sgc="123457", from_krn=1, to_krn=2, to_base_date=2014)
+    await world.ledger.plan_key_rotation(rotation, meters=[drn], actor="test")
+    meter = MeterEmulator.for_profile(profile_of(record), VENDING_KEY)
+    async with world.client() as client:
+        assert (await client.confirm_meter(drn)).json()["key_change_pending"] is True
+        sold = (await client.vend(drn, 11_600, idempotency_key="kc-1")).json()
+        copy = (await client.reprint(sold["vend_id"])).json()
+        assert (await client.confirm_meter(drn)).json()["key_change_pending"] is False
+    kinds = [t["kind"] for t in sold["tokens"]]
+    assert kinds == ["key_change", "key_change", "credit"]
+    assert copy["tokens"] == sold["tokens"]  # a reprint is the same set, never new tokens
+    verdicts = [meter.enter(t["token"]).verdict for t in sold["tokens"]]
+    assert verdicts == [Verdict.KEY_CHANGE_PENDING, Verdict.ACCEPTED, Verdict.ACCEPTED]
+    assert meter.attributes.krn == 2
+    assert meter.credit.get(0, 0) == sold["units_tenths_kwh"]
+
+
+async def test_reversing_a_refused_sale_refunds_nothing(world: VendorWorld) -> None:
+    """A sale the float could not pay has no token: its reversal is 200 with nothing refunded."""
+    async with world.client() as client:
+        await client.vend(world.drns[0], 200_000, idempotency_key="short")
+        request = await world.vendors.get_vendor_request("shop", idempotency_key="short")
+        assert request is not None
+        assert request.purchase_id is not None
+        reversed_ = await client.reversal(request.purchase_id)
+    assert reversed_.status == 200
+    assert reversed_.json() == {
+        "vend_id": request.purchase_id, "status": "reversed", "refunded_minor": 0,
+    }  # fmt: skip
+    assert await balance(world) == 100_000

@@ -20,13 +20,13 @@ from vending_support import VENDING_KEY, FakeProvider, make_drn, seed
 from gateway.ledger import Ledger, LedgerUnavailable, open_postgres_ledger, open_sqlite_ledger
 from gateway.ledger.postgres import create_schema, drop_schema
 from gateway.ledger.vendor import VendorLedger
-from gateway.sts import LocalTokenEngine, MeterProfile, Token
+from gateway.sts import LocalTokenEngine, MeterProfile, Token, VendingKey
 from gateway.vending import SagaPolicy, Vending
 from gateway.vendor.service import RateLimiter, VendorService
 from gateway.vendor_client import VendorClient
 from gateway.web.vendor import vendor_routes
 
-__all__ = ["BACKENDS", "SlowEngine", "VendorWorld", "unix", "vendor_world"]
+__all__ = ["BACKENDS", "NEW_KEY", "SlowEngine", "VendorWorld", "unix", "vendor_world"]
 
 
 def unix(clock: FakeClock) -> Callable[[], float]:
@@ -36,6 +36,10 @@ def unix(clock: FakeClock) -> Callable[[], float]:
         return clock.now.timestamp()
 
     return now
+
+
+#: A second key revision the engine holds, for key changes.
+NEW_KEY = VendingKey(sgc="123457", krn=2, dkga=4, base_date=2014, key=bytes.fromhex("5e7a" * 10))
 
 
 class SlowEngine(LocalTokenEngine):
@@ -107,7 +111,7 @@ async def vendor_world(tmp_path: Path, backend: object) -> AsyncIterator[VendorW
     async with _open(tmp_path, name, clock) as ledger:
         drns = [make_drn(i) for i in range(1, 4)]
         await seed(ledger, drns)
-        engine = SlowEngine([VENDING_KEY])
+        engine = SlowEngine([VENDING_KEY, NEW_KEY])
         provider = FakeProvider()
         vending = Vending(
             ledger=ledger,
