@@ -606,17 +606,18 @@ class PostgresLedger(VendorSteps):
     def _stamp(self, moment: datetime) -> object:
         return moment
 
-    async def _vendor_write(self, steps: Steps) -> Any:  # noqa: ANN401 - the steps' result
-        async def op(conn: Connection) -> Any:  # noqa: ANN401 - the steps' result
-            return await drive_postgres(conn, steps)
+    async def _vendor_write(self, op: Callable[..., Steps], /, *args: object) -> Any:  # noqa: ANN401 - the steps' result
+        # The steps are made per attempt: a transient failure's retry runs them afresh.
+        async def attempt(conn: Connection) -> Any:  # noqa: ANN401 - the steps' result
+            return await drive_postgres(conn, op(*args))
 
-        return await self._with_retry(op)
+        return await self._with_retry(attempt)
 
-    async def _vendor_read(self, steps: Steps) -> Any:  # noqa: ANN401 - the steps' result
-        async def op(conn: Connection) -> Any:  # noqa: ANN401 - the steps' result
-            return await drive_postgres(conn, steps)
+    async def _vendor_read(self, op: Callable[..., Steps], /, *args: object) -> Any:  # noqa: ANN401 - the steps' result
+        async def attempt(conn: Connection) -> Any:  # noqa: ANN401 - the steps' result
+            return await drive_postgres(conn, op(*args))
 
-        return await self._with_retry(op, transaction=False)
+        return await self._with_retry(attempt, transaction=False)
 
     async def _fetch(self, sql: str, *args: object) -> list[Row]:
         async def run(conn: Connection) -> list[Row]:

@@ -782,11 +782,12 @@ class SqliteLedger(VendorSteps):
     def _stamp(self, moment: datetime) -> object:
         return _ts(moment)
 
-    async def _vendor_write(self, steps: Steps) -> Any:  # noqa: ANN401 - the steps' result
-        return await self._write(lambda conn: drive_sqlite(conn, steps))
+    async def _vendor_write(self, op: Callable[..., Steps], /, *args: object) -> Any:  # noqa: ANN401 - the steps' result
+        # The steps are made inside the writer's op: a guarded rerun makes them afresh.
+        return await self._write(lambda conn: drive_sqlite(conn, op(*args)))
 
-    async def _vendor_read(self, steps: Steps) -> Any:  # noqa: ANN401 - the steps' result
-        return await self._write(lambda conn: drive_sqlite(conn, steps))
+    async def _vendor_read(self, op: Callable[..., Steps], /, *args: object) -> Any:  # noqa: ANN401 - the steps' result
+        return await self._write(lambda conn: drive_sqlite(conn, op(*args)))
 
     async def _read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
         if not self._readers:

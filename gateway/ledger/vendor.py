@@ -334,10 +334,12 @@ class VendorSteps:
     def _stamp(self, moment: datetime) -> object:
         raise NotImplementedError
 
-    async def _vendor_write(self, steps: Steps) -> Any:  # noqa: ANN401 - the steps' result
+    async def _vendor_write(self, op: Callable[..., Steps], /, *args: object) -> Any:  # noqa: ANN401 - the steps' result
+        """Run ``op(*args)``'s steps in one transaction (a rerun makes them afresh)."""
         raise NotImplementedError
 
-    async def _vendor_read(self, steps: Steps) -> Any:  # noqa: ANN401 - the steps' result
+    async def _vendor_read(self, op: Callable[..., Steps], /, *args: object) -> Any:  # noqa: ANN401 - the steps' result
+        """Run ``op(*args)``'s steps as a read."""
         raise NotImplementedError
 
     def _vendor_event(
@@ -349,7 +351,7 @@ class VendorSteps:
 
     async def add_vendor(self, draft: VendorDraft, *, actor: str) -> Vendor:
         """Register a vendor with an empty float. Raises ``DuplicateError`` if the id is taken."""
-        result: Vendor = await self._vendor_write(self._add_vendor(draft, actor))
+        result: Vendor = await self._vendor_write(self._add_vendor, draft, actor)
         return result
 
     def _add_vendor(self, draft: VendorDraft, actor: str) -> Steps:
@@ -391,7 +393,7 @@ class VendorSteps:
 
     async def get_vendor(self, vendor_id: str) -> Vendor:
         """The vendor. Raises ``NotFound``."""
-        result: Vendor = await self._vendor_read(self._get_vendor(vendor_id))
+        result: Vendor = await self._vendor_read(self._get_vendor, vendor_id)
         return result
 
     @staticmethod
@@ -403,7 +405,7 @@ class VendorSteps:
 
     async def list_vendors(self) -> list[Vendor]:
         """Every vendor, by id."""
-        result: list[Vendor] = await self._vendor_read(self._list_vendors())
+        result: list[Vendor] = await self._vendor_read(self._list_vendors)
         return result
 
     @staticmethod
@@ -415,7 +417,7 @@ class VendorSteps:
         self, vendor_id: str, status: VendorStatus, *, actor: str
     ) -> Vendor:
         """Suspend or reactivate a vendor, with its event. Raises ``NotFound``."""
-        result: Vendor = await self._vendor_write(self._set_vendor_status(vendor_id, status, actor))
+        result: Vendor = await self._vendor_write(self._set_vendor_status, vendor_id, status, actor)
         return result
 
     def _set_vendor_status(self, vendor_id: str, status: VendorStatus, actor: str) -> Steps:
@@ -439,7 +441,7 @@ class VendorSteps:
     ) -> Terminal:
         """Register a vendor's terminal. Raises ``NotFound``, ``DuplicateError``."""
         result: Terminal = await self._vendor_write(
-            self._add_terminal(vendor_id, terminal_id, label, rate_per_minute)
+            self._add_terminal, vendor_id, terminal_id, label, rate_per_minute
         )
         return result
 
@@ -470,7 +472,7 @@ class VendorSteps:
 
     async def terminals(self, vendor_id: str) -> list[Terminal]:
         """The vendor's terminals, by id."""
-        result: list[Terminal] = await self._vendor_read(self._terminals(vendor_id))
+        result: list[Terminal] = await self._vendor_read(self._terminals, vendor_id)
         return result
 
     @staticmethod
@@ -482,7 +484,7 @@ class VendorSteps:
 
     async def add_vendor_key(self, key: VendorKey, *, actor: str) -> None:
         """Store a key (its derived signing key only), with its event. Raises ``NotFound``."""
-        await self._vendor_write(self._add_vendor_key(key, actor))
+        await self._vendor_write(self._add_vendor_key, key, actor)
 
     def _add_vendor_key(self, key: VendorKey, actor: str) -> Steps:
         yield from self._get_vendor(key.vendor_id)
@@ -505,7 +507,7 @@ class VendorSteps:
 
     async def revoke_vendor_key(self, key_id: str, *, actor: str) -> None:
         """Revoke a key (rotation: add the new one first). Raises ``NotFound``."""
-        await self._vendor_write(self._revoke_vendor_key(key_id, actor))
+        await self._vendor_write(self._revoke_vendor_key, key_id, actor)
 
     def _revoke_vendor_key(self, key_id: str, actor: str) -> Steps:
         changed = yield run(
@@ -519,7 +521,7 @@ class VendorSteps:
 
     async def get_vendor_key(self, key_id: str) -> VendorKey | None:
         """The key (revoked ones too: ``active`` says), or None."""
-        result: VendorKey | None = await self._vendor_read(self._get_vendor_key(key_id))
+        result: VendorKey | None = await self._vendor_read(self._get_vendor_key, key_id)
         return result
 
     @staticmethod
@@ -529,7 +531,7 @@ class VendorSteps:
 
     async def vendor_keys(self, vendor_id: str) -> list[VendorKey]:
         """The vendor's keys, oldest first."""
-        result: list[VendorKey] = await self._vendor_read(self._vendor_keys(vendor_id))
+        result: list[VendorKey] = await self._vendor_read(self._vendor_keys, vendor_id)
         return result
 
     @staticmethod
@@ -545,7 +547,7 @@ class VendorSteps:
         Forgets the nonces seen before ``forget_before`` (outside the signature window).
         """
         result: bool = await self._vendor_write(
-            self._remember_nonce(vendor_id, nonce, forget_before)
+            self._remember_nonce, vendor_id, nonce, forget_before
         )
         return result
 
@@ -574,7 +576,7 @@ class VendorSteps:
         if amount_minor <= 0:
             raise ValueError(f"a top-up must be positive, not {amount_minor}")
         result: FloatMovement = await self._vendor_write(
-            self._top_up(vendor_id, amount_minor, reference, actor)
+            self._top_up, vendor_id, amount_minor, reference, actor
         )
         return result
 
@@ -725,7 +727,7 @@ class VendorSteps:
             NotFound: no such purchase of this vendor.
         """
         result: FloatMovement | None = await self._vendor_write(
-            self._refund(vendor_id, purchase_id, actor)
+            self._refund, vendor_id, purchase_id, actor
         )
         return result
 
@@ -793,7 +795,7 @@ class VendorSteps:
     ) -> list[FloatMovement]:
         """The vendor's float movements in [since, until), oldest first."""
         result: list[FloatMovement] = await self._vendor_read(
-            self._float_movements(vendor_id, since, until)
+            self._float_movements, vendor_id, since, until
         )
         return result
 
@@ -809,7 +811,7 @@ class VendorSteps:
 
     async def float_balance_at(self, vendor_id: str, moment: datetime) -> int:
         """The float just before ``moment`` (0 before its first movement)."""
-        result: int = await self._vendor_read(self._balance_at(vendor_id, moment))
+        result: int = await self._vendor_read(self._balance_at, vendor_id, moment)
         return result
 
     def _balance_at(self, vendor_id: str, moment: datetime) -> Steps:
@@ -838,7 +840,7 @@ class VendorSteps:
         every step after is idempotent (the purchase by its own key, the vend by its purchase).
         """
         result: RequestClaim = await self._vendor_write(
-            self._claim(vendor_id, idempotency_key, request_hash, terminal_id, lease_s)
+            self._claim, vendor_id, idempotency_key, request_hash, terminal_id, lease_s
         )
         return result
 
@@ -890,7 +892,7 @@ class VendorSteps:
         self, vendor_id: str, idempotency_key: str, purchase_id: str
     ) -> None:
         """Link the request to the purchase it opened (idempotent)."""
-        await self._vendor_write(self._attach(vendor_id, idempotency_key, purchase_id))
+        await self._vendor_write(self._attach, vendor_id, idempotency_key, purchase_id)
 
     def _attach(self, vendor_id: str, key: str, purchase_id: str) -> Steps:
         yield run(
@@ -907,7 +909,7 @@ class VendorSteps:
     ) -> VendorRequest:
         """Store the answer, once: a request already answered keeps its first answer."""
         result: VendorRequest = await self._vendor_write(
-            self._finish(vendor_id, idempotency_key, status_code, response)
+            self._finish, vendor_id, idempotency_key, status_code, response
         )
         return result
 
@@ -930,7 +932,7 @@ class VendorSteps:
 
     async def release_vendor_request(self, vendor_id: str, idempotency_key: str) -> None:
         """End a run's lease early (it stopped before money moved: the key may be sent again)."""
-        await self._vendor_write(self._release(vendor_id, idempotency_key))
+        await self._vendor_write(self._release, vendor_id, idempotency_key)
 
     def _release(self, vendor_id: str, key: str) -> Steps:
         yield run(
@@ -947,7 +949,7 @@ class VendorSteps:
     ) -> VendorRequest | None:
         """The vendor's request by its key or by the purchase (vend id) it opened; None if none."""
         result: VendorRequest | None = await self._vendor_read(
-            self._get_request(vendor_id, idempotency_key, purchase_id)
+            self._get_request, vendor_id, idempotency_key, purchase_id
         )
         return result
 
