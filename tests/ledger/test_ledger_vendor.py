@@ -446,3 +446,19 @@ async def test_the_float_is_top_ups_minus_debits_plus_refunds(
         else:  # no debit without a vend or a refund
             assert kinds in ([], [MovementKind.DEBIT, MovementKind.REFUND])
             assert sum(m.amount_minor for m in mine) == 0
+
+
+async def test_a_failing_write_in_the_same_batch_leaves_the_others_whole(ledger: Ledger) -> None:
+    """Writes batched with one that fails are run again afresh: each gets its own answer."""
+    vendors = await shop(ledger)
+    clock_window = (await vendors.get_vendor("shop")).created_at - timedelta(seconds=300)
+    results = await asyncio.gather(
+        vendors.add_vendor(VendorDraft(vendor_id="shop", name="x", currency="KES"), actor="t"),
+        *(vendors.remember_nonce("shop", f"n{i}", forget_before=clock_window) for i in range(10)),
+        *(vendors.top_up_float("shop", 100, reference=f"R{i}", actor="t") for i in range(10)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], DuplicateError)
+    assert results[1:11] == [True] * 10
+    assert sorted(m.reference for m in results[11:]) == sorted(f"R{i}" for i in range(10))  # type: ignore[union-attr]
+    assert (await vendors.get_vendor("shop")).balance_minor == 1_000
