@@ -14,6 +14,7 @@ from gateway.ledger import KeyRotation, MeterStatus, PurchaseState
 from gateway.ledger.vendor import VendorStatus
 from gateway.sts import MeterEmulator, Verdict
 from gateway.vendor import signing
+from gateway.vendor.service import register_vendor
 from gateway.vendor_client import VendorClient
 
 PROBLEM = "application/problem+json"
@@ -312,3 +313,20 @@ async def test_reversing_a_refused_sale_refunds_nothing(world: VendorWorld) -> N
         "vend_id": request.purchase_id, "status": "reversed", "refunded_minor": 0,
     }  # fmt: skip
     assert await balance(world) == 100_000
+
+
+async def test_the_ip_allowlist_admits_only_its_networks(world: VendorWorld) -> None:
+    """A vendor allowed from 10.0.0.0/8 is refused on loopback; one allowed from 127/8 is not."""
+    for vendor_id, network, expected in (
+        ("far", "10.0.0.0/8", "ip_not_allowed"),
+        ("near", "127.0.0.0/8", None),
+    ):
+        made = await register_vendor(
+            world.vendors, vendor_id, name=vendor_id, currency="KES", ip_allowlist=(network,),
+            actor="test",
+        )  # fmt: skip
+        async with VendorClient(
+            world.url, made.key.key_id, made.key.secret, clock=unix(world.clock)
+        ) as client:
+            reply = await client.confirm_meter(world.drns[0])
+        assert reply.problem == expected, vendor_id
