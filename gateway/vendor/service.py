@@ -583,6 +583,18 @@ class VendorService:
         vendor_id = caller.vendor.vendor_id
         phone = self._phone(data)
         meter, quote = await self._priced(caller, data)
+        accepts = data.get("accept_key_change", True)
+        if not isinstance(accepts, bool):
+            raise Problem(400, "invalid_request", "accept_key_change: true or false")
+        if not accepts and any(
+            c.state.value == "pending" for c in await self._ledger.key_changes(meter)
+        ):
+            # The terminal cannot print key-change tokens: nothing is sold, nothing moves.
+            raise Problem(
+                422, "key_change_required",
+                "this meter's next token set starts with key-change tokens; send"
+                " accept_key_change: true (or omit it) to sell them with the credit token",
+            )  # fmt: skip
         try:
             purchase = await self._vending.start_purchase(
                 channel=VENDOR_CHANNEL,

@@ -288,6 +288,12 @@ async def test_a_pending_key_change_comes_first_and_the_meter_takes_it(world: Ve
     meter = MeterEmulator.for_profile(profile_of(record), VENDING_KEY)
     async with world.client() as client:
         assert (await client.confirm_meter(drn)).json()["key_change_pending"] is True
+        body = b'{"accept_key_change":false,"amount_minor":11600,"meter":"%s"}' % drn.encode()
+        refused = await client.request(
+            "POST", "/vendor/v1/vends", body, headers={"Idempotency-Key": "kc-0"}
+        )
+        assert refused.problem == "key_change_required"
+        assert await balance(world) == 100_000
         sold = (await client.vend(drn, 11_600, idempotency_key="kc-1")).json()
         copy = (await client.reprint(sold["vend_id"])).json()
         assert (await client.confirm_meter(drn)).json()["key_change_pending"] is False
