@@ -10,6 +10,7 @@ refusal is ``application/problem+json`` with a stable ``code``. The rules live i
 from __future__ import annotations
 
 import importlib.resources
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable
 from datetime import date
@@ -52,6 +53,23 @@ def openapi_document() -> bytes:
     return importlib.resources.files("gateway.vendor").joinpath("openapi.json").read_bytes()
 
 
+def _client_address(request: web.Request) -> str | None:
+    """The caller's address: the TCP peer, or behind a local/private proxy its last forward.
+
+    ``deploy/``'s Caddy replaces ``X-Forwarded-For`` with its own TCP peer, so the last entry
+    is the vendor's address as the proxy saw it.
+    """
+    remote = request.remote
+    try:
+        proxied = remote is not None and ipaddress.ip_address(remote).is_private
+    except ValueError:
+        proxied = False
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    if proxied and forwarded:
+        return forwarded.rsplit(",", 1)[-1].strip()[:64] or remote
+    return remote
+
+
 async def _read_body(request: web.Request) -> bytes:
     body = await request.content.read(MAX_BODY + 1)
     if len(body) > MAX_BODY:
@@ -72,7 +90,7 @@ def _signed(
                 method=request.method,
                 target=request.raw_path,
                 body=body,
-                remote=request.remote,
+                remote=_client_address(request),
                 scope=scope,
             )
             answer = await handler(request, caller, body)

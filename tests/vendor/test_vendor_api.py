@@ -335,4 +335,11 @@ async def test_the_ip_allowlist_admits_only_its_networks(world: VendorWorld) -> 
             world.url, made.key.key_id, made.key.secret, clock=unix(world.clock)
         ) as client:
             reply = await client.confirm_meter(world.drns[0])
+            # Behind the (loopback) proxy the vendor's address is the forwarded one.
+            forwarded = await client.request(
+                "GET",
+                f"/vendor/v1/meters/{world.drns[0]}",
+                headers={"X-Forwarded-For": "10.20.30.40"},
+            )
         assert reply.problem == expected, vendor_id
+        assert forwarded.problem == (None if vendor_id == "far" else "ip_not_allowed")
