@@ -376,6 +376,7 @@ _KEEP_EARLY_REPORT: Final = (
     " SET state = excluded.state, failure_reason = excluded.failure_reason"
     f" WHERE ? OR early_delivery_reports.state NOT IN ({_marks(_FINAL_DELIVERY)})"
 )
+_VENDED_OR_LATER: Final = frozenset({PurchaseState.VENDED, PurchaseState.DELIVERED})
 #: States a proven payment leaves unchanged (VEND_FAILED is reached from PAID only: it is paid).
 _PAID_OR_LATER: Final = frozenset(
     {PurchaseState.PAID, PurchaseState.VENDED, PurchaseState.DELIVERED, PurchaseState.VEND_FAILED}
@@ -1086,11 +1087,16 @@ class LedgerCore:
         )
         if row is None:
             raise NotFound("purchase", draft.purchase_id)
-        if row["vend_id"] is not None:
-            existing = yield from one("SELECT * FROM vends WHERE vend_id = ?", row["vend_id"])
-            assert existing is not None  # noqa: S101 - vends are never deleted
-            return VendOutcome(vend=vend_of(existing), replayed=True, purchase=purchase_of(row))
         current = PurchaseState(row["state"])
+        # A lock that waited for another writer's vend returns the purchase as that writer left
+        # it but the join as it was before (PostgreSQL, READ COMMITTED): a vended purchase
+        # without a vend in the join is read again.
+        if row["vend_id"] is not None or current in _VENDED_OR_LATER:
+            existing = yield from one(
+                "SELECT * FROM vends WHERE purchase_id = ?", draft.purchase_id
+            )
+            if existing is not None:
+                return VendOutcome(vend=vend_of(existing), replayed=True, purchase=purchase_of(row))
         if payment is not None and current not in _PAID_OR_LATER:
             row = yield from self._pay(row, payment, actor, move=False)
             current = PurchaseState.PAID
