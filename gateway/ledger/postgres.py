@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.resources
+import functools
 import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -60,23 +60,17 @@ from urllib.parse import urlsplit
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import structlog
 
-from gateway.ledger.base import (
-    DuplicateError,
-    LedgerError,
-    LedgerUnavailable,
-    MigrationError,
-)
-from gateway.ledger.core import LOCK, ROWS, RUN, LedgerCore, Operation, Steps
+from gateway.ledger.base import DuplicateError, LedgerError, LedgerUnavailable, MigrationError
+from gateway.ledger.core import LOCK, ROWS, RUN, Clock, LedgerCore, Operation, Steps
+from gateway.ledger.migrations import packaged_migrations
 
 T = TypeVar("T")
-Clock = Callable[[], datetime]
 Connection = Any  # asyncpg.Connection (asyncpg is untyped)
 Row = Any  # asyncpg.Record
 Pool = Any  # asyncpg.Pool
 
 log = structlog.get_logger()
 
-_MIGRATION_NAME: Final = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _SCHEMA_NAME: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MIGRATION_LOCK: Final = "sts-gateway:ledger-migrations:"
 
@@ -183,14 +177,7 @@ class RetryPolicy:
 
 def migration_scripts() -> list[tuple[int, str, str]]:
     """The packaged PostgreSQL migrations as (version, file name, SQL), in order."""
-    folder = importlib.resources.files("gateway.ledger.migrations.postgres")
-    found: list[tuple[int, str, str]] = []
-    for entry in folder.iterdir():
-        match = _MIGRATION_NAME.match(entry.name)
-        if match:
-            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    found.sort()
-    return found
+    return packaged_migrations("postgres")
 
 
 async def apply_migrations(conn: Connection) -> list[str]:
@@ -239,18 +226,13 @@ async def apply_migrations(conn: Connection) -> list[str]:
 # ------------------------------------------------------------------------------------ the dialect
 
 _PLACEHOLDER: Final = re.compile(r"\?")
-_TEXT: dict[str, str] = {}
 
 
+@functools.lru_cache(maxsize=4096)  # the core's statements are constants
 def _postgres_text(sql: str) -> str:
-    """The core's statement with ``$n`` placeholders (cached: its statements are constants)."""
-    text = _TEXT.get(sql)
-    if text is None:
-        numbers = iter(range(1, 1 + sql.count("?")))
-        text = _PLACEHOLDER.sub(lambda _: f"${next(numbers)}", sql)
-        if len(_TEXT) < 4096:
-            _TEXT[sql] = text
-    return text
+    """The core's statement with ``$n`` placeholders."""
+    numbers = iter(range(1, 1 + sql.count("?")))
+    return _PLACEHOLDER.sub(lambda _: f"${next(numbers)}", sql)
 
 
 async def _drive(conn: Connection, steps: Steps[T]) -> T:

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.resources
+import functools
 import queue
 import re
 import sqlite3
@@ -60,16 +60,11 @@ from typing import Final, TypeVar, cast
 import aiosqlite
 import structlog
 
-from gateway.ledger.base import (
-    DuplicateError,
-    LedgerError,
-    LedgerUnavailable,
-    MigrationError,
-)
-from gateway.ledger.core import LOCK, ROWS, RUN, LedgerCore, Operation, Steps
+from gateway.ledger.base import DuplicateError, LedgerError, LedgerUnavailable, MigrationError
+from gateway.ledger.core import LOCK, ROWS, RUN, Clock, LedgerCore, Operation, Steps
+from gateway.ledger.migrations import packaged_migrations
 
 T = TypeVar("T")
-Clock = Callable[[], datetime]
 WriteOp = Callable[[sqlite3.Connection], T]
 
 log = structlog.get_logger()
@@ -79,7 +74,6 @@ DEFAULT_MAX_BATCH: Final = 512
 BUSY_TIMEOUT_MS: Final = 5000
 #: Reader connections: reads of concurrent callers overlap in SQLite (the GIL is released).
 DEFAULT_READERS: Final = 2
-_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _UNAVAILABLE_CODES: Final = frozenset(
     {
         sqlite3.SQLITE_BUSY,
@@ -398,14 +392,7 @@ def _settle(batch: Sequence[_Job], outcomes: Sequence[tuple[bool, object]]) -> N
 
 def migration_scripts() -> list[tuple[int, str, str]]:
     """The packaged SQLite migrations as (version, file name, SQL), in order."""
-    folder = importlib.resources.files("gateway.ledger.migrations.sqlite")
-    found: list[tuple[int, str, str]] = []
-    for entry in folder.iterdir():
-        match = _MIGRATION_NAME.match(entry.name)
-        if match:
-            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    found.sort()
-    return found
+    return packaged_migrations("sqlite")
 
 
 def _apply_migrations(conn: sqlite3.Connection) -> list[str]:
@@ -442,17 +429,12 @@ def _apply_migrations(conn: sqlite3.Connection) -> list[str]:
 
 #: Row locks: the one writer already serialises every write, and SQLite has no ``FOR UPDATE``.
 _ROW_LOCK: Final = re.compile(r"\s+FOR UPDATE(?: OF \w+)?(?: SKIP LOCKED)?")
-_TEXT: dict[str, str] = {}
 
 
+@functools.lru_cache(maxsize=4096)  # the core's statements are constants
 def _sqlite_text(sql: str) -> str:
-    """The core's statement in SQLite's words (cached: the core's statements are constants)."""
-    text = _TEXT.get(sql)
-    if text is None:
-        text = _ROW_LOCK.sub("", sql).replace(" IS NOT DISTINCT FROM ", " IS ")
-        if len(_TEXT) < 4096:
-            _TEXT[sql] = text
-    return text
+    """The core's statement in SQLite's words."""
+    return _ROW_LOCK.sub("", sql).replace(" IS NOT DISTINCT FROM ", " IS ")
 
 
 def _drive(conn: sqlite3.Connection, steps: Steps[T]) -> T:
@@ -480,13 +462,11 @@ async def _drive_reader(reader: aiosqlite.Connection, steps: Steps[T]) -> T:
     try:
         stmt = next(steps)
         while True:
-            kind, sql, params = stmt
-            if kind == LOCK:
-                result: object = None
-            else:
-                found = list(await reader.execute_fetchall(_sqlite_text(sql), params))
-                result = found if kind == ROWS else found[0] if found else None
-            stmt = steps.send(result)
+            sql = _sqlite_text(stmt.sql)
+            found = (
+                [] if stmt.kind == LOCK else list(await reader.execute_fetchall(sql, stmt.params))
+            )
+            stmt = steps.send(found if stmt.kind == ROWS else found[0] if found else None)
     except StopIteration as stop:
         return cast("T", stop.value)
 
