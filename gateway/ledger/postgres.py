@@ -1,7 +1,9 @@
 """The PostgreSQL ledger: SQLite's schema, constraints and contract, shared by several instances.
 
-Where the SQLite backend has one writer, here every gateway instance writes, so the guarding moves
-into PostgreSQL itself:
+The rules are the core's (``gateway.ledger.core``), the same as SQLite's; this dialect runs their
+statements on an ``asyncpg`` pool (``?`` becomes ``$n``), in transactions, with retries. Where the
+SQLite backend has one writer, here every gateway instance writes, so the guarding moves into
+PostgreSQL itself, through the row locks the core's statements name:
 
 Transactions
     Every ``Ledger`` method is one transaction (``READ COMMITTED``) on a connection from an
@@ -12,17 +14,21 @@ Transactions
     purchase wait for each other instead of both acting, and never deadlock on each other.
 
 TIDs
-    ``record_vend`` (with the proven payment, when given, in the same transaction) locks the
-    meter's row (``SELECT last_tid … FOR UPDATE``) and compares it with the TID the vend was
-    computed from: two instances vending for one meter in the same minute are serialised there,
-    the loser gets ``TidConflict`` (and nothing of its transaction stays, payment included) and
-    the saga makes a new token from the new last TID. ``UNIQUE (meter, tid)`` stays as the last
-    net.
+    ``record_vend`` (with the proven payment, when given, in the same transaction) advances the
+    meter's ``last_tid`` with a compare-and-set on the TID the vend was computed from (the
+    ``UPDATE`` locks the row; a second writer waits, then finds it moved): two instances vending
+    for one meter in the same minute are serialised there, the loser gets ``TidConflict`` (and
+    nothing of its transaction stays, payment included) and the saga makes a new token from the
+    new last TID. ``UNIQUE (meter, tid)`` stays as the last net.
 
 Idempotent inserts
     Inserts two instances may race on (one idempotency key, one provider reference) use
     ``INSERT … ON CONFLICT DO NOTHING`` and then read the winner's row, exactly as the single
     SQLite writer would have answered.
+
+Locks on names
+    The core's ``lock(name)`` steps (a delivery report and the send it may precede, a phone's
+    saved meters) are transaction-scoped advisory locks.
 
 Outbox
     ``claim_outbox`` claims with ``FOR UPDATE SKIP LOCKED``: workers on several instances take

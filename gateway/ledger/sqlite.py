@@ -1,5 +1,10 @@
 """The SQLite ledger: one writer that group-commits, readers on their own connections.
 
+The rules are the core's (``gateway.ledger.core``), the same as PostgreSQL's; this dialect holds
+the connections, the writer thread and the statements' SQLite spelling (no row locks: the one
+writer serialises every write; ``IS`` for ``IS NOT DISTINCT FROM``). A write's steps run
+synchronously in the writer thread, inside the batch it commits; a hot read's on the loop.
+
 Writes
     One ``sqlite3`` connection, owned by one thread (a single-worker executor) and fed by one
     asyncio task that drains a queue of write operations. Each drained batch runs in one
