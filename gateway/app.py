@@ -37,7 +37,7 @@ from gateway.config import SIMULATED, Config, Mode, Secret
 from gateway.customer_services import SagaCustomerServices
 from gateway.demo_data import demo_master_key, seed_demo
 from gateway.errors import ConfigError
-from gateway.ledger import Ledger, open_ledger
+from gateway.ledger import Ledger, MeterNumber, open_ledger
 from gateway.metrics import Metrics, ledger_refresher
 from gateway.payments import PaymentProvider
 from gateway.payments.airtel import AirtelProvider
@@ -355,12 +355,13 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
     outbox = OutboxWorker(ledger=ledger, sender=sms, policy=OUTBOX_POLICY)
     sweeper = Sweeper(
         vending=vending,
+        checks=ledger,
         outbox=None,
         interval_s=config.sweep_interval_s,
         check_concurrency=config.payment_checks_in_flight,
     )
     sessions = await _session_store(stack, config)
-    services = SagaCustomerServices(vending)
+    services = SagaCustomerServices(vending, ledger)
     ussd = UssdEngine(
         services,
         sessions,
@@ -419,7 +420,7 @@ def _background(runtime: Runtime) -> Callable[[web.Application], AsyncIterator[N
 
 def _readiness(runtime: Runtime) -> dict[str, Callable[[], Awaitable[bool]]]:
     async def ledger_ready() -> bool:
-        await runtime.ledger.lookup_meter("00000000000")
+        await runtime.ledger.lookup_meter(MeterNumber("00000000000"))
         return True
 
     async def sessions_ready() -> bool:

@@ -49,7 +49,6 @@ from gateway.ledger import (
     ConfirmedPayment,
     IllegalTransition,
     KeyChange,
-    Ledger,
     LedgerError,
     MessageKind,
     MeterRecord,
@@ -60,6 +59,7 @@ from gateway.ledger import (
     Purchase,
     PurchaseDraft,
     PurchaseState,
+    SagaLedger,
     TidConflict,
     Vend,
     VendContext,
@@ -342,7 +342,7 @@ class Vending:
     def __init__(
         self,
         *,
-        ledger: Ledger,
+        ledger: SagaLedger,
         engine: TokenEngine,
         providers: Mapping[str, PaymentProvider],
         default_provider: str,
@@ -368,7 +368,7 @@ class Vending:
         self._profiles: dict[tuple[object, ...], MeterProfile] = {}
 
     @property
-    def ledger(self) -> Ledger:
+    def ledger(self) -> SagaLedger:
         """The ledger the saga writes to (the operator surface reads it)."""
         return self._ledger
 
@@ -1257,7 +1257,7 @@ def _digits(tokens: Sequence[Token]) -> list[str]:
     return [token.digits for token in tokens]
 
 
-async def reprint_token(ledger: Ledger, purchase_id: str, *, actor: str) -> OutboxMessage:
+async def reprint_token(ledger: SagaLedger, purchase_id: str, *, actor: str) -> OutboxMessage:
     """Queue the purchase's stored token again (XMLVend reprint): the same token, never a new one.
 
     Needs only the ledger, so the operator CLI can use it; the running outbox worker sends it.
@@ -1287,7 +1287,7 @@ async def reprint_token(ledger: Ledger, purchase_id: str, *, actor: str) -> Outb
         return message
 
 
-async def load_token_engine(ledger: Ledger, master_key: bytes) -> LocalTokenEngine:
+async def load_token_engine(ledger: SagaLedger, master_key: bytes) -> LocalTokenEngine:
     """The embedded engine holding every vending key in the ledger, unsealed with ``master_key``.
 
     Raises:

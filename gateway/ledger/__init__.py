@@ -1,4 +1,4 @@
-"""The transaction ledger: the ``Ledger`` port, its SQLite and PostgreSQL backends, sealed keys."""
+"""The transaction ledger: its ports by role, one core of rules, SQLite and PostgreSQL dialects."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from gateway.ledger.base import (
     KeyChange,
     KeyChangeState,
     KeyRotation,
-    Ledger,
     LedgerError,
     LedgerUnavailable,
     MessageKind,
@@ -55,6 +54,16 @@ from gateway.ledger.base import (
     new_purchase_id,
 )
 from gateway.ledger.keys import VendingKeyMaterial, open_vending_key, seal_vending_key
+from gateway.ledger.ports import (
+    CustomerLedger,
+    Ledger,
+    LedgerStats,
+    OperatorReads,
+    OutboxLedger,
+    PaymentChecks,
+    Registry,
+    SagaLedger,
+)
 from gateway.ledger.postgres import PostgresLedger, is_postgres_url, open_postgres_ledger
 from gateway.ledger.sqlite import SqliteLedger, open_sqlite_ledger, sqlite_path
 
@@ -89,6 +98,7 @@ __all__ = [
     "MAX_SAVED_METERS",
     "TRANSITIONS",
     "ConfirmedPayment",
+    "CustomerLedger",
     "DuplicateError",
     "Event",
     "IdempotencyConflict",
@@ -98,6 +108,7 @@ __all__ = [
     "KeyRotation",
     "Ledger",
     "LedgerError",
+    "LedgerStats",
     "LedgerUnavailable",
     "MessageKind",
     "MeterInfo",
@@ -108,9 +119,12 @@ __all__ = [
     "NotFound",
     "NoticeOutcome",
     "NoticeRecord",
+    "OperatorReads",
+    "OutboxLedger",
     "OutboxMessage",
     "OutboxState",
     "OutboxStats",
+    "PaymentChecks",
     "PaymentRecord",
     "PaymentRecordState",
     "PostgresLedger",
@@ -118,7 +132,9 @@ __all__ = [
     "PurchaseDraft",
     "PurchaseId",
     "PurchaseState",
+    "Registry",
     "ReportRow",
+    "SagaLedger",
     "SavedMeter",
     "SavedMetersFull",
     "SealedVendingKey",
