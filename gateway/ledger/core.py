@@ -28,7 +28,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Generator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Final, NamedTuple, NoReturn, Protocol, TypeVar
+from typing import Any, Final, NoReturn, Protocol, TypeVar
 
 import structlog
 
@@ -100,38 +100,37 @@ RUN: Final = 2
 LOCK: Final = 3
 
 
-class Stmt(NamedTuple):
-    """One statement an operation needs: ``kind``, SQL with ``?`` placeholders, parameters."""
-
-    kind: int
-    sql: str
-    params: tuple[object, ...]
-
+Stmt = tuple[int, str, tuple[object, ...]]
+"""One statement an operation needs: its kind, SQL with ``?`` placeholders, its parameters."""
 
 Steps = Generator[Stmt, Any, T]
-"""An operation: yields statements, receives their results, returns the operation's result."""
+"""An operation: yields statements, is sent their results, returns the operation's result.
+
+``row = yield one(sql, …)``: a step is a plain tuple, so an operation costs the writer thread
+one generator and no more (the SQLite writer's CPU per vend is the budget).
+"""
 
 Operation = Callable[..., Steps[T]]
 
 
-def one(sql: str, *params: object) -> Steps[Row | None]:
-    """The statement's first row, or None."""
-    return (yield Stmt(ONE, sql, params))  # type: ignore[no-any-return]
+def one(sql: str, *params: object) -> Stmt:
+    """A statement whose result is its first row (a ``Row``), or None."""
+    return (ONE, sql, params)
 
 
-def rows(sql: str, *params: object) -> Steps[list[Row]]:
-    """Every row of the statement."""
-    return (yield Stmt(ROWS, sql, params))  # type: ignore[no-any-return]
+def rows(sql: str, *params: object) -> Stmt:
+    """A statement whose result is every row (a list of ``Row``)."""
+    return (ROWS, sql, params)
 
 
-def run(sql: str, *params: object) -> Steps[int]:
-    """Run the statement; how many rows it changed."""
-    return (yield Stmt(RUN, sql, params))  # type: ignore[no-any-return]
+def run(sql: str, *params: object) -> Stmt:
+    """A statement whose result is how many rows it changed."""
+    return (RUN, sql, params)
 
 
-def lock(name: str) -> Steps[None]:
-    """Hold a lock on ``name`` until the transaction ends (writers of one name take turns)."""
-    yield Stmt(LOCK, "", (name,))
+def lock(name: str) -> Stmt:
+    """A lock on ``name`` held until the transaction ends (writers of one name take turns)."""
+    return (LOCK, "", (name,))
 
 
 # ------------------------------------------------------------------------------------ row mapping
@@ -430,13 +429,19 @@ class LedgerCore:
         actor: str,
         data: Mapping[str, Any] | None,
         at: object = None,
-    ) -> Steps[None]:
+    ) -> Stmt:
+        """The event row's statement (``at``: the stamp of the change it records, or now)."""
         stamp = self._stamp(self._clock()) if at is None else at
-        yield from run(_EVENT, purchase_id, kind, actor, to_json(data), stamp)
+        return run(_EVENT, purchase_id, kind, actor, to_json(data), stamp)
+
+    def _append_event(
+        self, purchase_id: str | None, kind: str, actor: str, data: Mapping[str, Any] | None
+    ) -> Steps[None]:
+        yield self._event(purchase_id, kind, actor, data)
 
     @staticmethod
     def _lock_purchase(purchase_id: str) -> Steps[Row]:
-        row = yield from one(_LOCK_PURCHASE, purchase_id)
+        row: Row | None = yield one(_LOCK_PURCHASE, purchase_id)
         if row is None:
             raise NotFound("purchase", purchase_id)
         return row
@@ -455,8 +460,8 @@ class LedgerCore:
         if not is_legal(current, to):
             raise IllegalTransition(purchase_id, current, to)
         stamp = self._stamp(self._clock())
-        moved = yield from one(_MOVE, to.value, stamp, purchase_id)
-        yield from self._event(
+        moved: Row | None = yield one(_MOVE, to.value, stamp, purchase_id)
+        yield self._event(
             purchase_id, kind, actor, {**(data or {}), "from": current, "to": to}, stamp
         )
         assert moved is not None  # noqa: S101 - the row is locked: it is there
@@ -470,7 +475,7 @@ class LedgerCore:
 
     @staticmethod
     def _put_tariff(tariff: Tariff) -> Steps[None]:
-        yield from run(
+        yield run(
             "INSERT INTO tariffs (tariff_id, name, currency, price_per_kwh_minor,"
             " vat_basis_points, fixed_charge_minor, min_purchase_minor, max_purchase_minor)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tariff_id) DO UPDATE SET"
@@ -496,7 +501,7 @@ class LedgerCore:
 
     @staticmethod
     def _get_tariff(tariff_id: str) -> Steps[Tariff]:
-        row = yield from one("SELECT * FROM tariffs WHERE tariff_id = ?", tariff_id)
+        row = yield one("SELECT * FROM tariffs WHERE tariff_id = ?", tariff_id)
         if row is None:
             raise NotFound("tariff", tariff_id)
         return tariff_of(row)
@@ -507,7 +512,7 @@ class LedgerCore:
 
     @staticmethod
     def _put_meter(meter: MeterRecord) -> Steps[None]:
-        yield from run(
+        yield run(
             "INSERT INTO meters (drn, customer_name, area, iin, sgc, tariff_index, krn,"
             " key_type, ea, dkga, base_date, ken, last_tid, tariff_id, status)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -540,7 +545,7 @@ class LedgerCore:
 
     @staticmethod
     def _get_meter(drn: str) -> Steps[MeterRecord]:
-        row = yield from one(_METER, drn)
+        row = yield one(_METER, drn)
         if row is None:
             raise NotFound("meter", drn)
         return meter_of(row)
@@ -551,7 +556,7 @@ class LedgerCore:
 
     @staticmethod
     def _lookup_meter(drn: str) -> Steps[MeterInfo | None]:
-        row = yield from one(_METER, drn)
+        row = yield one(_METER, drn)
         if row is None:
             return None
         return MeterInfo(
@@ -568,7 +573,7 @@ class LedgerCore:
 
     def _put_vending_key(self, key: SealedVendingKey) -> Steps[None]:
         _, now = self._now()
-        yield from run(
+        yield run(
             "INSERT INTO vending_keys (sgc, krn, key_type, ea, dkga, base_date, nonce,"
             " ciphertext, tag, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (sgc, krn) DO UPDATE SET key_type = excluded.key_type,"
@@ -586,7 +591,7 @@ class LedgerCore:
             key.tag,
             now,
         )
-        yield from self._event(
+        yield self._event(
             None, "vending_key_stored", "operator", {"sgc": key.sgc, "krn": key.krn}, now
         )
 
@@ -596,7 +601,7 @@ class LedgerCore:
 
     @staticmethod
     def _vending_keys() -> Steps[list[SealedVendingKey]]:
-        found = yield from rows("SELECT * FROM vending_keys ORDER BY sgc, krn")
+        found = yield rows("SELECT * FROM vending_keys ORDER BY sgc, krn")
         return [sealed_of(row) for row in found]
 
     # -- purchases ------------------------------------------------------------------------------
@@ -606,15 +611,15 @@ class LedgerCore:
         return await self._write(self._open_purchase, draft, actor)
 
     def _open_purchase(self, draft: PurchaseDraft, actor: str) -> Steps[Purchase]:
-        if (yield from one(_METER_EXISTS, draft.meter)) is None:
-            existing = yield from one(_BY_IDEMPOTENCY_KEY, draft.idempotency_key)
+        if (yield one(_METER_EXISTS, draft.meter)) is None:
+            existing = yield one(_BY_IDEMPOTENCY_KEY, draft.idempotency_key)
             if existing is None:
                 raise NotFound("meter", draft.meter)
             return self._same_request(draft, existing)
         created, now = self._now()
         # Racing writers (PostgreSQL instances): the first insert wins, the others wait for its
         # commit and then read its row (READ COMMITTED takes a fresh snapshot per statement).
-        row = yield from one(
+        row = yield one(
             "INSERT INTO purchases (purchase_id, channel, phone, meter, amount_minor, currency,"
             " units, tariff_id, state, idempotency_key, provider, created_at, updated_at,"
             " next_check_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -635,10 +640,10 @@ class LedgerCore:
             self._stamp(draft.first_check_at or created + timedelta(seconds=ORPHAN_CHECK_AFTER_S)),
         )
         if row is None:
-            existing = yield from one(_BY_IDEMPOTENCY_KEY, draft.idempotency_key)
+            existing = yield one(_BY_IDEMPOTENCY_KEY, draft.idempotency_key)
             assert existing is not None  # noqa: S101 - the conflict was on this key
             return self._same_request(draft, existing)
-        yield from self._event(
+        yield self._event(
             draft.purchase_id,
             "purchase_created",
             actor,
@@ -677,7 +682,7 @@ class LedgerCore:
 
     @staticmethod
     def _get_purchase(purchase_id: str) -> Steps[Purchase]:
-        row = yield from one(_PURCHASE, purchase_id)
+        row = yield one(_PURCHASE, purchase_id)
         if row is None:
             raise NotFound("purchase", purchase_id)
         return purchase_of(row)
@@ -709,7 +714,7 @@ class LedgerCore:
             clauses.append(f"state IN ({_marks(states)})")
             params.extend(state.value for state in states)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        found = yield from rows(
+        found = yield rows(
             f"SELECT * FROM purchases {where} ORDER BY created_at DESC, purchase_id LIMIT ?",  # noqa: S608 - clauses are ours
             *params,
             limit,
@@ -752,7 +757,7 @@ class LedgerCore:
     ) -> Steps[Purchase]:
         row = yield from self._lock_purchase(purchase_id)
         _, now = self._now()
-        yield from run(
+        yield run(
             "INSERT INTO payments (purchase_id, provider, reference, amount_minor, currency,"
             " state, payer, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (provider, reference) DO NOTHING",
@@ -766,10 +771,10 @@ class LedgerCore:
             now,
             now,
         )
-        payment = yield from one(_PAYMENT_OWNER + " FOR UPDATE", provider, reference)
+        payment = yield one(_PAYMENT_OWNER + " FOR UPDATE", provider, reference)
         owner = payment["purchase_id"] if payment is not None else None
         if owner is None:
-            yield from run(
+            yield run(
                 "UPDATE payments SET purchase_id = ?, updated_at = ?"
                 " WHERE provider = ? AND reference = ?",
                 purchase_id,
@@ -780,7 +785,7 @@ class LedgerCore:
         elif owner != purchase_id:
             raise _not_owner(provider, reference, owner, purchase_id)
         if row["provider_reference"] is None:
-            updated = yield from one(
+            updated = yield one(
                 "UPDATE purchases SET provider_reference = ?, provider = ?, updated_at = ?"
                 " WHERE purchase_id = ? RETURNING *",
                 reference,
@@ -806,7 +811,7 @@ class LedgerCore:
 
     def _record_notice(self, notice: NoticeRecord, actor: str) -> Steps[NoticeOutcome]:
         _, now = self._now()
-        inserted = yield from one(
+        inserted = yield one(
             "INSERT INTO payments (provider, reference, amount_minor, currency, state, payer,"
             " receipt, payload, payload_hash, created_at, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -827,7 +832,7 @@ class LedgerCore:
         conflict = False
         purchase_id: str | None = None
         if inserted is None:
-            row = yield from one(
+            row = yield one(
                 "SELECT purchase_id, payload_hash FROM payments"
                 " WHERE provider = ? AND reference = ? FOR UPDATE",
                 notice.provider,
@@ -837,7 +842,7 @@ class LedgerCore:
             purchase_id = row["purchase_id"]
             if row["payload_hash"] is None:
                 # The callback's receipt is kept: a status answer may carry none (Daraja STK).
-                yield from run(
+                yield run(
                     "UPDATE payments SET payload = ?, payload_hash = ?, updated_at = ?,"
                     " receipt = COALESCE(receipt, ?) WHERE provider = ? AND reference = ?",
                     notice.raw,
@@ -850,7 +855,7 @@ class LedgerCore:
             else:
                 duplicate = True
                 conflict = row["payload_hash"] != notice.payload_hash
-        yield from self._event(
+        yield self._event(
             purchase_id,
             "notice_payload_conflict" if conflict else "payment_notice",
             actor,
@@ -875,7 +880,7 @@ class LedgerCore:
 
     @staticmethod
     def _get_payment(provider: str, reference: str) -> Steps[PaymentRecord | None]:
-        row = yield from one(
+        row = yield one(
             "SELECT * FROM payments WHERE provider = ? AND reference = ?", provider, reference
         )
         return payment_of(row) if row is not None else None
@@ -883,10 +888,29 @@ class LedgerCore:
     def _settle_payment_row(
         self, purchase_id: str, payment: ConfirmedPayment, state: PaymentRecordState
     ) -> Steps[None]:
-        # One statement inserts the row, or settles it if it has no purchase or ours (under the
-        # row's lock); nothing returned means another purchase owns the reference.
+        # The row is there most often (the collection was attached): one UPDATE settles it if it
+        # has no purchase or ours. Otherwise one statement inserts it or, when another writer
+        # inserted it meanwhile, settles it under the row's lock; nothing returned means another
+        # purchase owns the reference.
         _, now = self._now()
-        settled = yield from one(
+        updated: int = yield run(
+            "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
+            " receipt = COALESCE(?, receipt), updated_at = ?, purchase_id = ?"
+            " WHERE provider = ? AND reference = ? AND (purchase_id IS NULL OR purchase_id = ?)",
+            payment.amount.amount_minor,
+            payment.amount.currency,
+            state.value,
+            payment.payer,
+            payment.receipt,
+            now,
+            purchase_id,
+            payment.provider,
+            payment.reference,
+            purchase_id,
+        )
+        if updated == 1:
+            return
+        settled = yield one(
             "INSERT INTO payments (purchase_id, provider, reference, amount_minor, currency,"
             " state, payer, receipt, created_at, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -909,7 +933,7 @@ class LedgerCore:
             now,
         )
         if settled is None:
-            owner = yield from one(_PAYMENT_OWNER, payment.provider, payment.reference)
+            owner = yield one(_PAYMENT_OWNER, payment.provider, payment.reference)
             raise _not_owner(
                 payment.provider,
                 payment.reference,
@@ -923,7 +947,8 @@ class LedgerCore:
         """Record the (locked) purchase ``row`` paid by ``payment``; the updated row.
 
         Already PAID, VENDED, DELIVERED or VEND_FAILED: unchanged. ``move=False``: the state
-        column is left to the caller's next move (``record_vend``), the event is written.
+        column is left to the caller's next move (``record_vend``), the event is written, and
+        the row returned is ``row`` as it was (its ``provider_reference`` may be None still).
         """
         purchase_id = row["purchase_id"]
         current = PurchaseState(row["state"])
@@ -932,14 +957,12 @@ class LedgerCore:
         if not is_legal(current, PurchaseState.PAID):
             raise IllegalTransition(purchase_id, current, PurchaseState.PAID)
         yield from self._settle_payment_row(purchase_id, payment, PaymentRecordState.SUCCEEDED)
-        if row["provider_reference"] is None:
-            updated = yield from one(
-                "UPDATE purchases SET provider_reference = ? WHERE purchase_id = ? RETURNING *",
+        if row["provider_reference"] is None:  # the move below reads the row again
+            yield run(
+                "UPDATE purchases SET provider_reference = ? WHERE purchase_id = ?",
                 payment.reference,
                 purchase_id,
             )
-            assert updated is not None  # noqa: S101 - the row is locked: it is there
-            row = updated
         data = {
             "provider": payment.provider,
             "reference": payment.reference,
@@ -952,7 +975,7 @@ class LedgerCore:
             return (
                 yield from self._move(row, PurchaseState.PAID, "payment_confirmed", actor, data)
             )
-        yield from self._event(
+        yield self._event(
             purchase_id,
             "payment_confirmed",
             actor,
@@ -992,7 +1015,7 @@ class LedgerCore:
             "expected_currency": expected.currency,
             "payer": payment.payer,
         }
-        yield from self._event(purchase_id, "amount_mismatch", actor, data)
+        yield self._event(purchase_id, "amount_mismatch", actor, data)
         current = PurchaseState(row["state"])
         if current is not PurchaseState.REFUND_PENDING and is_legal(
             current, PurchaseState.REFUND_PENDING
@@ -1007,7 +1030,7 @@ class LedgerCore:
         await self._write(self._schedule_check, purchase_id, at, attempts, atomic=False)
 
     def _schedule_check(self, purchase_id: str, at: datetime, attempts: int) -> Steps[None]:
-        yield from run(
+        yield run(
             "UPDATE purchases SET next_check_at = ?, check_attempts = ? WHERE purchase_id = ?",
             self._stamp(at),
             attempts,
@@ -1019,7 +1042,7 @@ class LedgerCore:
         return await self._read(self._due_for_check, now, limit)
 
     def _due_for_check(self, now: datetime, limit: int) -> Steps[list[Purchase]]:
-        found = yield from rows(
+        found = yield rows(
             "SELECT * FROM purchases WHERE state IN (?, ?) AND next_check_at IS NOT NULL"
             " AND next_check_at <= ? ORDER BY next_check_at LIMIT ?",
             PurchaseState.CREATED.value,
@@ -1035,7 +1058,7 @@ class LedgerCore:
 
     @staticmethod
     def _paid_not_vended(limit: int) -> Steps[list[Purchase]]:
-        found = yield from rows(
+        found = yield rows(
             "SELECT p.* FROM purchases p LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
             " WHERE p.state = ? AND v.vend_id IS NULL ORDER BY p.updated_at LIMIT ?",
             PurchaseState.PAID.value,
@@ -1051,7 +1074,7 @@ class LedgerCore:
 
     @staticmethod
     def _vend_context(purchase_id: str) -> Steps[VendContext]:
-        row = yield from one(VEND_CONTEXT, purchase_id)
+        row = yield one(VEND_CONTEXT, purchase_id)
         if row is None:
             raise NotFound("purchase", purchase_id)
         return VendContext(
@@ -1079,7 +1102,7 @@ class LedgerCore:
     def _record_vend(
         self, draft: VendDraft, actor: str, payment: ConfirmedPayment | None
     ) -> Steps[VendOutcome]:
-        row = yield from one(
+        row = yield one(
             "SELECT p.*, v.vend_id FROM purchases p"
             " LEFT JOIN vends v ON v.purchase_id = p.purchase_id WHERE p.purchase_id = ?"
             " FOR UPDATE OF p",
@@ -1092,9 +1115,7 @@ class LedgerCore:
         # it but the join as it was before (PostgreSQL, READ COMMITTED): a vended purchase
         # without a vend in the join is read again.
         if row["vend_id"] is not None or current in _VENDED_OR_LATER:
-            existing = yield from one(
-                "SELECT * FROM vends WHERE purchase_id = ?", draft.purchase_id
-            )
+            existing = yield one("SELECT * FROM vends WHERE purchase_id = ?", draft.purchase_id)
             if existing is not None:
                 return VendOutcome(vend=vend_of(existing), replayed=True, purchase=purchase_of(row))
         if payment is not None and current not in _PAID_OR_LATER:
@@ -1109,7 +1130,7 @@ class LedgerCore:
         else:
             if expected is not None and draft.tid <= expected:
                 raise TidConflict(draft.meter, expected, expected)
-            moved = yield from run(
+            moved = yield run(
                 "UPDATE meters SET last_tid = ? WHERE drn = ? AND last_tid IS NOT DISTINCT FROM ?",
                 draft.tid,
                 draft.meter,
@@ -1117,7 +1138,7 @@ class LedgerCore:
             )
             if moved != 1:
                 yield from self._tid_conflict(draft)
-        yield from run(
+        yield run(
             "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
             " key_change_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             draft.purchase_id,
@@ -1129,13 +1150,13 @@ class LedgerCore:
             now,
             " ".join(draft.key_change_tokens),
         )
-        yield from run(
+        yield run(
             "UPDATE purchases SET state = ?, updated_at = ? WHERE purchase_id = ?",
             PurchaseState.VENDED.value,
             now,
             draft.purchase_id,
         )
-        yield from self._event(
+        yield self._event(
             draft.purchase_id,
             "token_vended",
             actor,
@@ -1149,7 +1170,7 @@ class LedgerCore:
             },
             now,
         )
-        yield from run(
+        yield run(
             _QUEUE_MESSAGE,
             draft.purchase_id,
             MessageKind.TOKEN.value,
@@ -1181,14 +1202,14 @@ class LedgerCore:
 
     @staticmethod
     def _tid_conflict(draft: VendDraft) -> Generator[Stmt, Any, NoReturn]:
-        meter = yield from one("SELECT last_tid FROM meters WHERE drn = ?", draft.meter)
+        meter = yield one("SELECT last_tid FROM meters WHERE drn = ?", draft.meter)
         if meter is None:
             raise NotFound("meter", draft.meter)
         raise TidConflict(draft.meter, draft.expected_last_tid, meter["last_tid"])
 
     def _apply_key_change(self, draft: VendDraft, now: object) -> Steps[None]:
         """The meter takes the pending change's key; ``last_tid`` restarts on a rollover."""
-        row = yield from one(
+        row = yield one(
             "SELECT * FROM key_changes WHERE change_id = ? AND meter = ? AND state = ? FOR UPDATE",
             draft.key_change_id,
             draft.meter,
@@ -1201,7 +1222,7 @@ class LedgerCore:
         expected = draft.expected_last_tid
         if not change.rollover and expected is not None and draft.tid <= expected:
             raise TidConflict(draft.meter, expected, expected)
-        moved = yield from run(
+        moved = yield run(
             "UPDATE meters SET last_tid = ?, sgc = ?, krn = ?, tariff_index = ?, base_date = ?"
             " WHERE drn = ? AND last_tid IS NOT DISTINCT FROM ? AND sgc = ? AND krn = ?"
             " AND base_date = ?",
@@ -1218,14 +1239,14 @@ class LedgerCore:
         )
         if moved != 1:
             yield from self._tid_conflict(draft)
-        yield from run(
+        yield run(
             "UPDATE key_changes SET state = ?, applied_at = ?, purchase_id = ? WHERE change_id = ?",
             KeyChangeState.APPLIED.value,
             now,
             draft.purchase_id,
             change.change_id,
         )
-        yield from self._event(
+        yield self._event(
             draft.purchase_id,
             "key_changed",
             "saga",
@@ -1247,7 +1268,7 @@ class LedgerCore:
 
     @staticmethod
     def _get_vend(purchase_id: str) -> Steps[Vend | None]:
-        row = yield from one("SELECT * FROM vends WHERE purchase_id = ?", purchase_id)
+        row = yield one("SELECT * FROM vends WHERE purchase_id = ?", purchase_id)
         return vend_of(row) if row is not None else None
 
     async def last_vend(self, phone: str, meter: str | None = None) -> Vend | None:
@@ -1264,7 +1285,7 @@ class LedgerCore:
         if meter is not None:
             sql += " AND v.meter = ?"
             params.append(meter)
-        row = yield from one(sql + " ORDER BY v.created_at DESC, v.vend_id DESC LIMIT 1", *params)
+        row = yield one(sql + " ORDER BY v.created_at DESC, v.vend_id DESC LIMIT 1", *params)
         return vend_of(row) if row is not None else None
 
     # -- key changes ----------------------------------------------------------------------------
@@ -1279,9 +1300,7 @@ class LedgerCore:
     def _meters_on_key(
         sgc: str, krn: int, meters: Sequence[str] | None
     ) -> Steps[list[MeterRecord]]:
-        found = yield from rows(
-            "SELECT * FROM meters WHERE sgc = ? AND krn = ? ORDER BY drn", sgc, krn
-        )
+        found = yield rows("SELECT * FROM meters WHERE sgc = ? AND krn = ? ORDER BY drn", sgc, krn)
         wanted = set(meters) if meters is not None else None
         return [meter_of(row) for row in found if wanted is None or row["drn"] in wanted]
 
@@ -1296,7 +1315,7 @@ class LedgerCore:
     ) -> Steps[list[KeyChange]]:
         wanted = set(meters) if meters is not None else None
         _, now = self._now()
-        on_key = yield from rows(
+        on_key = yield rows(
             "SELECT drn, sgc, krn, tariff_index, base_date FROM meters"
             " WHERE sgc = ? AND krn = ? ORDER BY drn FOR UPDATE",
             rotation.sgc,
@@ -1306,13 +1325,13 @@ class LedgerCore:
         for row in on_key:
             if wanted is not None and row["drn"] not in wanted:
                 continue
-            yield from run(
+            yield run(
                 "UPDATE key_changes SET state = ? WHERE meter = ? AND state = ?",
                 KeyChangeState.SUPERSEDED.value,
                 row["drn"],
                 KeyChangeState.PENDING.value,
             )
-            change = yield from one(
+            change = yield one(
                 "INSERT INTO key_changes (meter, from_sgc, from_krn, from_tariff_index,"
                 " from_base_date, sgc, krn, tariff_index, base_date, state, planned_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
@@ -1330,7 +1349,7 @@ class LedgerCore:
             )
             assert change is not None  # noqa: S101 - an INSERT … RETURNING answers its row
             planned.append(key_change_of(change))
-            stuck = yield from rows(
+            stuck = yield rows(
                 "SELECT * FROM purchases WHERE meter = ? AND state = ? ORDER BY purchase_id"
                 " FOR UPDATE",
                 row["drn"],
@@ -1344,7 +1363,7 @@ class LedgerCore:
                     actor,
                     {"reason": "key change planned", "change_id": change["change_id"]},
                 )
-        yield from self._event(
+        yield self._event(
             None,
             "key_rotation_planned",
             actor,
@@ -1366,9 +1385,7 @@ class LedgerCore:
 
     @staticmethod
     def _key_changes(meter: str) -> Steps[list[KeyChange]]:
-        found = yield from rows(
-            "SELECT * FROM key_changes WHERE meter = ? ORDER BY change_id", meter
-        )
+        found = yield rows("SELECT * FROM key_changes WHERE meter = ? ORDER BY change_id", meter)
         return [key_change_of(row) for row in found]
 
     # -- outbox ---------------------------------------------------------------------------------
@@ -1394,7 +1411,7 @@ class LedgerCore:
         actor: str,
     ) -> Steps[OutboxMessage]:
         _, now = self._now()
-        row = yield from one(
+        row = yield one(
             _QUEUE_MESSAGE + " RETURNING *",
             purchase_id,
             kind.value,
@@ -1406,9 +1423,7 @@ class LedgerCore:
             now,
         )
         assert row is not None  # noqa: S101 - an INSERT … RETURNING answers its row
-        yield from self._event(
-            purchase_id, f"{kind.value}_queued", actor, {"recipient": recipient}, now
-        )
+        yield self._event(purchase_id, f"{kind.value}_queued", actor, {"recipient": recipient}, now)
         return outbox_of(row)
 
     async def claim_outbox(
@@ -1425,7 +1440,7 @@ class LedgerCore:
         self, now: datetime, lease_until: datetime, limit: int
     ) -> Steps[list[OutboxMessage]]:
         stamp = self._stamp(now)
-        claimed = yield from rows(
+        claimed = yield rows(
             "UPDATE outbox SET state = ?, next_try_at = ?, attempts = attempts + 1,"
             " updated_at = ? WHERE message_id IN (SELECT message_id FROM outbox"
             " WHERE state IN (?, ?) AND next_try_at <= ? ORDER BY next_try_at, message_id"
@@ -1455,10 +1470,10 @@ class LedgerCore:
     ) -> Steps[None]:
         # Serialised with a report for the same id (``apply_delivery_report``): either the
         # report sees the id recorded, or it is kept and this transaction applies it.
-        yield from lock(provider_message_id)
+        yield lock(provider_message_id)
         new_state = OutboxState.DELIVERED if state is DeliveryState.DELIVERED else OutboxState.SENT
         _, now = self._now()
-        yield from run(
+        yield run(
             "UPDATE outbox SET state = ?, provider_message_id = ?, cost = ?, last_error = NULL,"
             " updated_at = ? WHERE message_id = ? AND state NOT IN (?, ?)",
             new_state.value,
@@ -1468,21 +1483,21 @@ class LedgerCore:
             message_id,
             *_FINAL_OUTBOX,
         )
-        row = yield from one("SELECT purchase_id FROM outbox WHERE message_id = ?", message_id)
-        yield from self._event(
+        row = yield one("SELECT purchase_id FROM outbox WHERE message_id = ?", message_id)
+        yield self._event(
             row["purchase_id"] if row else None,
             "sms_sent",
             "outbox",
             {"message_id": message_id, "provider_message_id": provider_message_id, "cost": cost},
             now,
         )
-        early = yield from one(
+        early = yield one(
             "DELETE FROM early_delivery_reports WHERE provider_message_id = ?"
             " RETURNING state, failure_reason",
             provider_message_id,
         )
         if early is not None:
-            message = yield from one(_OUTBOX_MESSAGE + " FOR UPDATE", message_id)
+            message = yield one(_OUTBOX_MESSAGE + " FOR UPDATE", message_id)
             assert message is not None  # noqa: S101 - the message was just updated
             yield from self._apply_report(
                 message, DeliveryState(early["state"]), early["failure_reason"]
@@ -1493,7 +1508,7 @@ class LedgerCore:
         await self._write(self._outbox_retry, message_id, next_try_at, error, atomic=False)
 
     def _outbox_retry(self, message_id: int, next_try_at: datetime, error: str) -> Steps[None]:
-        yield from run(
+        yield run(
             "UPDATE outbox SET state = ?, next_try_at = ?, last_error = ?, updated_at = ?"
             " WHERE message_id = ? AND state NOT IN (?, ?)",
             OutboxState.PENDING.value,
@@ -1510,7 +1525,7 @@ class LedgerCore:
 
     def _outbox_failed(self, message_id: int, error: str) -> Steps[None]:
         _, now = self._now()
-        row = yield from one(
+        row = yield one(
             "UPDATE outbox SET state = ?, last_error = ?, updated_at = ? WHERE message_id = ?"
             " RETURNING purchase_id",
             OutboxState.FAILED.value,
@@ -1518,7 +1533,7 @@ class LedgerCore:
             now,
             message_id,
         )
-        yield from self._event(
+        yield self._event(
             row["purchase_id"] if row else None,
             "sms_failed",
             "outbox",
@@ -1540,7 +1555,7 @@ class LedgerCore:
         else:
             new_state = OutboxState.SENT
         _, now = self._now()
-        updated = yield from one(
+        updated = yield one(
             "UPDATE outbox SET state = ?, last_error = ?, updated_at = ? WHERE message_id = ?"
             " RETURNING *",
             new_state.value,
@@ -1549,7 +1564,7 @@ class LedgerCore:
             message.message_id,
         )
         assert updated is not None  # noqa: S101 - the row is locked: it is there
-        yield from self._event(
+        yield self._event(
             message.purchase_id,
             f"sms_{state.value}",
             "delivery_report",
@@ -1575,16 +1590,16 @@ class LedgerCore:
     def _keep_early_report(self, report: DeliveryReport) -> Steps[None]:
         """Keep a report whose message id is not recorded yet (bounded, expiring)."""
         moment, now = self._now()
-        yield from run(
+        yield run(
             "DELETE FROM early_delivery_reports WHERE received_at < ?",
             self._stamp(moment - timedelta(seconds=EARLY_REPORT_TTL_S)),
         )
-        kept = yield from one("SELECT count(*) FROM early_delivery_reports")
+        kept = yield one("SELECT count(*) FROM early_delivery_reports")
         if kept is not None and kept[0] >= EARLY_REPORT_LIMIT:
             log.warning("delivery_report_dropped", provider_message_id=report.provider_message_id)
             return
         # A final state is never replaced by a later non-final one ("Sent" after "Success").
-        yield from run(
+        yield run(
             _KEEP_EARLY_REPORT,
             report.provider_message_id,
             report.state.value,
@@ -1602,8 +1617,8 @@ class LedgerCore:
         return await self._write(self._apply_delivery_report, report)
 
     def _apply_delivery_report(self, report: DeliveryReport) -> Steps[OutboxMessage | None]:
-        yield from lock(report.provider_message_id)
-        row = yield from one(
+        yield lock(report.provider_message_id)
+        row = yield one(
             "SELECT * FROM outbox WHERE provider_message_id = ? FOR UPDATE",
             report.provider_message_id,
         )
@@ -1618,7 +1633,7 @@ class LedgerCore:
 
     @staticmethod
     def _outbox_for(purchase_id: str) -> Steps[list[OutboxMessage]]:
-        found = yield from rows(
+        found = yield rows(
             "SELECT * FROM outbox WHERE purchase_id = ? ORDER BY message_id", purchase_id
         )
         return [outbox_of(row) for row in found]
@@ -1634,7 +1649,7 @@ class LedgerCore:
         data: Mapping[str, Any] | None = None,
     ) -> None:
         """Append an audit event (security events may have no purchase)."""
-        await self._write(self._event, purchase_id, kind, actor, data, atomic=False)
+        await self._write(self._append_event, purchase_id, kind, actor, data, atomic=False)
 
     async def timeline(self, purchase_id: str) -> list[Event]:
         """The purchase's events, oldest first."""
@@ -1642,7 +1657,7 @@ class LedgerCore:
 
     @staticmethod
     def _timeline(purchase_id: str) -> Steps[list[Event]]:
-        found = yield from rows(
+        found = yield rows(
             "SELECT * FROM events WHERE purchase_id = ? ORDER BY event_id", purchase_id
         )
         return [event_of(row) for row in found]
@@ -1654,9 +1669,9 @@ class LedgerCore:
     @staticmethod
     def _events(kind: str | None, limit: int) -> Steps[list[Event]]:
         if kind is None:
-            found = yield from rows("SELECT * FROM events ORDER BY event_id DESC LIMIT ?", limit)
+            found = yield rows("SELECT * FROM events ORDER BY event_id DESC LIMIT ?", limit)
         else:
-            found = yield from rows(
+            found = yield rows(
                 "SELECT * FROM events WHERE kind = ? ORDER BY event_id DESC LIMIT ?", kind, limit
             )
         return [event_of(row) for row in found]
@@ -1672,20 +1687,20 @@ class LedgerCore:
         return await self._write(self._save_meter, phone, meter, nickname)
 
     def _save_meter(self, phone: str, meter: str, nickname: str) -> Steps[SavedMeter]:
-        if (yield from one(_METER_EXISTS, meter)) is None:
+        if (yield one(_METER_EXISTS, meter)) is None:
             raise NotFound("meter", meter)
-        yield from lock("saved_meters:" + phone)
-        row = yield from one(
+        yield lock("saved_meters:" + phone)
+        row = yield one(
             "UPDATE saved_meters SET nickname = ? WHERE phone = ? AND meter = ? RETURNING *",
             nickname,
             phone,
             meter,
         )
         if row is None:
-            counted = yield from one("SELECT count(*) FROM saved_meters WHERE phone = ?", phone)
+            counted = yield one("SELECT count(*) FROM saved_meters WHERE phone = ?", phone)
             if counted is not None and counted[0] >= MAX_SAVED_METERS:
                 raise SavedMetersFull(f"{phone} already keeps {MAX_SAVED_METERS} meters")
-            row = yield from one(
+            row = yield one(
                 "INSERT INTO saved_meters (phone, meter, nickname, created_at)"
                 " VALUES (?, ?, ?, ?) RETURNING *",
                 phone,
@@ -1702,7 +1717,7 @@ class LedgerCore:
 
     @staticmethod
     def _saved_meters(phone: str) -> Steps[list[SavedMeter]]:
-        found = yield from rows(
+        found = yield rows(
             "SELECT * FROM saved_meters WHERE phone = ? ORDER BY created_at, meter", phone
         )
         return [saved_of(row) for row in found]
@@ -1713,7 +1728,7 @@ class LedgerCore:
 
     @staticmethod
     def _remove_saved_meter(phone: str, meter: str) -> Steps[bool]:
-        removed = yield from run(
+        removed: int = yield run(
             "DELETE FROM saved_meters WHERE phone = ? AND meter = ?", phone, meter
         )
         return removed > 0
@@ -1724,7 +1739,7 @@ class LedgerCore:
 
     @staticmethod
     def _get_language(phone: str) -> Steps[str | None]:
-        row = yield from one("SELECT language FROM customer_preferences WHERE phone = ?", phone)
+        row = yield one("SELECT language FROM customer_preferences WHERE phone = ?", phone)
         return str(row["language"]) if row is not None else None
 
     async def set_language(self, phone: str, language: str) -> None:
@@ -1732,7 +1747,7 @@ class LedgerCore:
         await self._write(self._set_language, phone, language, atomic=False)
 
     def _set_language(self, phone: str, language: str) -> Steps[None]:
-        yield from run(
+        yield run(
             "INSERT INTO customer_preferences (phone, language, updated_at) VALUES (?, ?, ?)"
             " ON CONFLICT (phone) DO UPDATE SET language = excluded.language,"
             " updated_at = excluded.updated_at",
@@ -1749,7 +1764,7 @@ class LedgerCore:
 
     def _daily_report(self, day: date) -> Steps[list[ReportRow]]:
         start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-        found = yield from rows(
+        found = yield rows(
             "SELECT provider, state, currency, count(*) AS n,"
             " CAST(sum(amount_minor) AS BIGINT) AS total"
             " FROM purchases WHERE created_at >= ? AND created_at < ?"
@@ -1778,7 +1793,7 @@ class LedgerCore:
     @staticmethod
     def _purchase_counts() -> Steps[dict[str, int]]:
         counts = dict.fromkeys((state.value for state in PurchaseState), 0)
-        for row in (yield from rows("SELECT state, count(*) AS n FROM purchases GROUP BY state")):
+        for row in (yield rows("SELECT state, count(*) AS n FROM purchases GROUP BY state")):
             counts[row["state"]] = row["n"]
         return counts
 
@@ -1788,7 +1803,7 @@ class LedgerCore:
 
     @staticmethod
     def _outbox_stats(now: datetime) -> Steps[OutboxStats]:
-        row = yield from one(
+        row = yield one(
             "SELECT count(*) FILTER (WHERE state IN (?, ?)) AS backlog,"
             " min(created_at) FILTER (WHERE state IN (?, ?)) AS oldest,"
             " count(*) FILTER (WHERE state = ?) AS held"

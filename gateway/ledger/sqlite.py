@@ -465,13 +465,11 @@ def _drive(conn: sqlite3.Connection, steps: Steps[T]) -> T:
 async def _drive_reader(reader: aiosqlite.Connection, steps: Steps[T]) -> T:
     """Run a read's steps on a pooled reader connection (its own thread)."""
     try:
-        stmt = next(steps)
+        kind, sql, params = next(steps)
         while True:
-            sql = _sqlite_text(stmt.sql)
-            found = (
-                [] if stmt.kind == LOCK else list(await reader.execute_fetchall(sql, stmt.params))
-            )
-            stmt = steps.send(found if stmt.kind == ROWS else found[0] if found else None)
+            # A read takes no lock: a ``lock`` step's empty statement answers no row.
+            found = list(await reader.execute_fetchall(_sqlite_text(sql), params))
+            kind, sql, params = steps.send(found if kind == ROWS else found[0] if found else None)
     except StopIteration as stop:
         return cast("T", stop.value)
 
