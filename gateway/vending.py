@@ -13,6 +13,17 @@ the new one (TIDs from the new base date: from scratch on a 1993 → 2014 rollov
 records them with the meter's new key in the vend's transaction; the SMS lists the key-change
 tokens first. Planning also queues the meter's vend_failed purchases again (→ paid).
 
+Debt recovery: a meter that owes the utility (``Ledger.set_debt``) gives part of each purchase
+to the debt before energy is priced (``gateway.tariff.DebtTerms``). The quote plans it and the
+purchase keeps it; the vend recovers it in the vend's own transaction (never more than the debt
+then owes: should the debt have shrunk meanwhile, what is not recovered buys energy, priced under
+the purchase's tariff), and the token SMS says what was recovered and what remains.
+
+Free basic electricity (FBE): a tariff's monthly allowance (``Ledger.set_fbe_allowance``) comes
+as a second credit token, with its own TID and SMS, with the meter's first vend of the calendar
+month in ``SagaPolicy.fbe_timezone`` (Africa/Nairobi by default). The database allows one per
+meter and month. A vend that delivers a key change leaves the FBE to the next purchase.
+
 A callback is a claim: ``on_payment_notice`` records it and asks the provider (``query_status``)
 before anything is vended. Each step is one ledger transaction with its event row, and every
 step is safe to retry: a replayed vend returns the stored token and queues nothing. TIDs come
@@ -41,12 +52,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
+from zoneinfo import ZoneInfo
 
 import structlog
 
 from gateway.errors import GatewayError
 from gateway.ledger import (
     ConfirmedPayment,
+    FbeDraft,
     IllegalTransition,
     KeyChange,
     LedgerError,
@@ -90,7 +103,7 @@ from gateway.sts import (
     VendingKey,
     next_tid,
 )
-from gateway.tariff import Quote, TariffError, quote
+from gateway.tariff import Quote, TariffError, price, quote
 
 __all__ = [
     "CUSTOMER_INITIATED_CHANNEL",
@@ -103,6 +116,7 @@ __all__ = [
     "VendFailed",
     "Vending",
     "VendingError",
+    "fbe_message",
     "load_token_engine",
     "reprint_token",
     "token_message",
@@ -215,11 +229,29 @@ _SHORT_KEY_CHANGE_TEMPLATES: Final[Mapping[str, str]] = {
 }
 
 
+#: What a purchase gave to the meter's debt, appended to the token SMS.
+_DEBT_TEMPLATES: Final[Mapping[str, str]] = {
+    "en": " Debt recovered {recovered}, remaining {remaining}.",
+    "sw": " Deni lililolipwa {recovered}, deni lililobaki {remaining}.",
+    "fr": " Dette recouvree {recovered}, reste {remaining}.",
+}
+_SHORT_DEBT_TEMPLATES: Final[Mapping[str, str]] = {
+    "en": " Debt {recovered} bal {remaining}",
+    "sw": " Deni {recovered} baki {remaining}",
+    "fr": " Dette {recovered} reste {remaining}",
+}
+_FBE_TEMPLATES: Final[Mapping[str, str]] = {
+    "en": "Free basic electricity for {month}: token {token}. {kwh} kWh. Meter {meter}.",
+    "sw": "Umeme wa bure wa msingi wa {month}: tokeni {token}. kWh {kwh}. Mita {meter}.",
+    "fr": "Electricite de base gratuite {month}: code {token}. {kwh} kWh. Compteur {meter}.",
+}
+
+
 def _group(token: str) -> str:
     return "-".join(token[i : i + 4] for i in range(0, len(token), 4))
 
 
-def token_message(
+def token_message(  # noqa: PLR0913 - keyword-only: every part of the SMS by name
     *,
     token: str,
     units: int,
@@ -228,6 +260,8 @@ def token_message(
     receipt: str,
     language: str = "en",
     key_change_tokens: Sequence[str] = (),
+    debt_recovered: Money | None = None,
+    debt_remaining: Money | None = None,
 ) -> str:
     """The SMS that carries a token: token in groups of 4, kWh, amount, meter, receipt number.
 
@@ -245,6 +279,8 @@ def token_message(
         receipt: the provider's receipt number (our purchase id when the provider gave none).
         language: ``en``, ``sw`` or ``fr``.
         key_change_tokens: the key-change set (20 digits each), in order.
+        debt_recovered: what the purchase gave to the meter's debt; the text says so when given.
+        debt_remaining: what the meter still owes after it.
 
     Raises:
         ValueError: even the terse text exceeds two segments (absurdly long meter or receipt).
@@ -263,15 +299,31 @@ def token_message(
         if key_change_tokens
         else (_TEMPLATES, _SHORT_TEMPLATES)
     )
-    text = full[lang].format(**values)
+    debt, short_debt = "", ""
+    if debt_recovered is not None:
+        owed = {
+            "recovered": str(debt_recovered),
+            "remaining": str(debt_remaining or Money(0, debt_recovered.currency)),
+        }
+        debt = _DEBT_TEMPLATES[lang].format(**owed)
+        short_debt = _SHORT_DEBT_TEMPLATES[lang].format(**owed)
+    text = full[lang].format(**values) + debt
     if len(text) <= _GSM7_SINGLE:
         return text
-    terse = short[lang].format(**values)
+    terse = short[lang].format(**values) + short_debt
     # The fewest segments first, then the fuller text.
     for candidate in (terse, text) if len(terse) <= _GSM7_SINGLE else (text, terse):
         if len(candidate) <= _GSM7_DOUBLE:
             return candidate
     raise ValueError(f"token message of {len(terse)} characters exceeds two SMS segments")
+
+
+def fbe_message(*, token: str, units: int, month: str, meter: str, language: str = "en") -> str:
+    """The SMS that carries a month's free basic electricity token (one GSM-7 segment)."""
+    lang = language if language in _FBE_TEMPLATES else "en"
+    return _FBE_TEMPLATES[lang].format(
+        token=_group(token), kwh=f"{units // 10}.{units % 10}", month=month, meter=meter
+    )
 
 
 # -------------------------------------------------------------------------------------- the saga
@@ -313,6 +365,7 @@ class SagaPolicy:
             came) is looked up in the provider's list of payments this long after it went out
             (the prompt's lifetime).
         reconcile_window_s: that lookup covers (attempt - before, attempt + after).
+        fbe_timezone: the IANA zone whose calendar months free basic electricity follows.
     """
 
     first_check_after_s: float = 20.0
@@ -324,6 +377,7 @@ class SagaPolicy:
     vend_attempts: int = 32
     reconcile_after_s: float = 90.0
     reconcile_window_s: tuple[float, float] = (60.0, 300.0)
+    fbe_timezone: str = "Africa/Nairobi"
 
 
 class Vending:
@@ -366,6 +420,7 @@ class Vending:
             weakref.WeakValueDictionary()
         )
         self._profiles: dict[tuple[object, ...], MeterProfile] = {}
+        self._fbe_zone = ZoneInfo(self._policy.fbe_timezone)
 
     @property
     def ledger(self) -> SagaLedger:
@@ -390,8 +445,13 @@ class Vending:
             UnknownMeter, MeterBlocked: the meter cannot be sold to.
             TariffError: the amount is outside the tariff's range or currency.
         """
-        record = await self._sellable_meter(meter)
-        return quote(await self._ledger.get_tariff(record.tariff_id), amount)
+        return await self._price(await self._sellable_meter(meter), amount)
+
+    async def _price(self, record: MeterRecord, amount: Money) -> Quote:
+        """The quote under the meter's tariff, after the meter's debt recovery (if it owes)."""
+        tariff = await self._ledger.get_tariff(record.tariff_id)
+        debt = await self._ledger.get_debt(record.drn)
+        return quote(tariff, amount, debt=debt.terms if debt is not None else None)
 
     async def start_purchase(
         self,
@@ -413,7 +473,7 @@ class Vending:
         if provider_name not in self._providers:
             raise ValueError(f"unknown payment provider {provider_name!r}")
         record = await self._sellable_meter(meter)
-        priced = quote(await self._ledger.get_tariff(record.tariff_id), amount)
+        priced = await self._price(record, amount)
         purchase = await self._ledger.open_purchase(
             PurchaseDraft(
                 purchase_id=new_purchase_id(),
@@ -429,6 +489,7 @@ class Vending:
                 # sweeper requests it then, or expires the purchase at its deadline. Stored with
                 # the purchase in one transaction, so no crash can leave it unscheduled.
                 first_check_at=self._clock() + timedelta(seconds=self._policy.first_check_after_s),
+                debt_recovery_minor=priced.debt_recovered_minor,
             ),
             actor=channel,
         )
@@ -439,6 +500,7 @@ class Vending:
                 meter=meter,
                 amount=str(amount),
                 units=priced.units,
+                debt_recovered=str(priced.debt_recovered) if priced.debt_recovered else None,
             )
         return purchase
 
@@ -1089,8 +1151,16 @@ class Vending:
         if change is not None and not change.is_from(meter):
             log.warning("key_change_stale", meter=meter.drn, change_id=change.change_id)
             change = None
-        tid, token, kcts = await self._make_tokens(context, change, payment)
+        try:
+            units, recovered, balance = await self._debt_step(purchase)
+        except TariffError as exc:  # the tariff changed so much the purchase buys nothing now
+            reason = f"re-pricing after the debt changed: {exc}"
+            raise await self._vend_failed(purchase, payment, reason) from exc
+        tid, token, kcts = await self._make_tokens(context, change, payment, units)
+        # The month's free basic electricity rides on this vend (not on a key change's).
+        fbe = None if kcts else await self._fbe_step(context, tid)
         receipt = (payment.receipt if payment else None) or context.receipt or purchase.purchase_id
+        currency = purchase.amount.currency
         outcome = await self._ledger.record_vend(
             VendDraft(
                 purchase_id=purchase.purchase_id,
@@ -1098,20 +1168,27 @@ class Vending:
                 tid=tid,
                 expected_last_tid=meter.last_tid,
                 token=token,
-                units=purchase.units,
+                units=units,
                 receipt=receipt,
                 recipient=purchase.phone,
                 message=token_message(
                     token=token,
-                    units=purchase.units,
+                    units=units,
                     amount=purchase.amount,
                     meter=purchase.meter,
                     receipt=receipt,
                     language=context.language or "en",
                     key_change_tokens=kcts,
+                    debt_recovered=Money(recovered, currency) if balance is not None else None,
+                    debt_remaining=(
+                        Money(balance - recovered, currency) if balance is not None else None
+                    ),
                 ),
                 key_change_id=change.change_id if change is not None and kcts else None,
                 key_change_tokens=kcts,
+                debt_recovery_minor=recovered,
+                expected_debt_balance_minor=balance,
+                fbe=fbe,
             ),
             actor="saga",
             payment=payment,
@@ -1121,9 +1198,11 @@ class Vending:
                 "token_vended",
                 meter=purchase.meter,
                 tid=tid,
-                units=purchase.units,
+                units=units,
                 token=outcome.vend.masked_token,
                 key_change_tokens=len(kcts),
+                debt_recovered=recovered,
+                fbe_units=fbe.units if fbe is not None else 0,
             )
             if purchase.phone is None:
                 # C2B with a masked MSISDN: the message is HELD for an operator (never retried),
@@ -1139,10 +1218,70 @@ class Vending:
                 )
         return outcome
 
+    async def _debt_step(self, purchase: Purchase) -> tuple[int, int, int | None]:
+        """The units to vend, the debt recovery and the debt balance it is taken from.
+
+        The quote planned ``purchase.debt_recovery_minor``; the vend never recovers more than the
+        meter owes now. Should the debt have shrunk since (cleared, or recovered by another
+        purchase), the money not recovered buys energy: the purchase is priced again under its
+        tariff. The balance is None when nothing was planned (the meter owed nothing).
+        """
+        planned = purchase.debt_recovery_minor
+        if planned <= 0:
+            return purchase.units, 0, None
+        debt = await self._ledger.get_debt(purchase.meter)
+        same_currency = debt is not None and debt.balance.currency == purchase.amount.currency
+        balance = debt.balance.amount_minor if debt is not None and same_currency else 0
+        recovered = min(planned, balance)
+        if recovered == planned:
+            return purchase.units, recovered, balance
+        tariff = await self._ledger.get_tariff(purchase.tariff_id)
+        repriced = price(
+            tariff, purchase.amount, debt_recovered_minor=recovered, debt_balance_minor=balance
+        )
+        log.info(
+            "debt_recovery_reduced", planned=planned, recovered=recovered, units=repriced.units
+        )
+        return repriced.units, recovered, balance
+
+    async def _fbe_step(self, context: VendContext, credit_tid: int) -> FbeDraft | None:
+        """The month's free basic electricity token, when the meter has it due; else None.
+
+        Its TID follows the credit token's. An engine refusal leaves the FBE for a later vend.
+        """
+        meter = context.meter
+        month = self._clock().astimezone(self._fbe_zone).strftime("%Y-%m")
+        units = await self._ledger.fbe_due(meter.drn, month)
+        if units <= 0:
+            return None
+        try:
+            tid = next_tid(self._clock(), meter.base_date, credit_tid)
+            token = await self._engine.credit_token(self._profile(meter), units, tid)
+        except StsError as exc:
+            log.warning("fbe_deferred", meter=meter.drn, month=month, reason=str(exc))
+            return None
+        return FbeDraft(
+            month=month,
+            tid=tid,
+            token=token.digits,
+            units=units,
+            message=fbe_message(
+                token=token.digits,
+                units=units,
+                month=month,
+                meter=meter.drn,
+                language=context.language or "en",
+            ),
+        )
+
     async def _make_tokens(
-        self, context: VendContext, change: KeyChange | None, payment: ConfirmedPayment | None
+        self,
+        context: VendContext,
+        change: KeyChange | None,
+        payment: ConfirmedPayment | None,
+        units: int,
     ) -> tuple[int, str, tuple[str, ...]]:
-        """The TID, the credit token and the key-change tokens (empty without a change).
+        """The TID, the credit token for ``units`` and the key-change tokens (none without one).
 
         With a pending key change, the key-change set is made under the meter's current key and
         the credit token under the new one, with a TID counted from the new base date (from
@@ -1162,7 +1301,7 @@ class Vending:
                 kcts = await self._engine.key_change_tokens(self._profile(meter), new_profile)
                 last_tid = None if change.rollover else meter.last_tid
                 tid = next_tid(self._clock(), new_meter.base_date, last_tid)
-                token = await self._engine.credit_token(new_profile, purchase.units, tid)
+                token = await self._engine.credit_token(new_profile, units, tid)
             except StsError as exc:
                 reason = f"key change {change.change_id}: {type(exc).__name__}: {exc}"
                 reasons.append(reason)
@@ -1172,7 +1311,7 @@ class Vending:
         try:
             profile = self._profile(meter)
             tid = next_tid(self._clock(), meter.base_date, meter.last_tid)
-            token = await self._engine.credit_token(profile, purchase.units, tid)
+            token = await self._engine.credit_token(profile, units, tid)
         except StsError as exc:
             reasons.append(f"{type(exc).__name__}: {exc}")
             raise await self._vend_failed(purchase, payment, "; ".join(reasons)) from exc
@@ -1271,6 +1410,9 @@ async def reprint_token(ledger: SagaLedger, purchase_id: str, *, actor: str) -> 
         purchase, vend = context.purchase, context.vend
         if vend is None:
             raise NothingToReprint(f"purchase {purchase_id} is {purchase.state}: no token yet")
+        recovery = (
+            await ledger.get_debt_recovery(purchase_id) if purchase.debt_recovery_minor else None
+        )
         text = token_message(
             token=vend.token,
             units=vend.units,
@@ -1279,6 +1421,8 @@ async def reprint_token(ledger: SagaLedger, purchase_id: str, *, actor: str) -> 
             receipt=vend.receipt or purchase.purchase_id,
             language=context.language or "en",
             key_change_tokens=vend.key_change_tokens,
+            debt_recovered=recovery.amount if recovery is not None else None,
+            debt_remaining=recovery.balance_after if recovery is not None else None,
         )
         message = await ledger.enqueue_message(
             purchase_id, kind=MessageKind.REPRINT, recipient=purchase.phone, body=text, actor=actor

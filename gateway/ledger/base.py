@@ -18,6 +18,7 @@ LedgerError                  gateway.errors.GatewayError
   NotFound                   no such purchase / meter / tariff (what, key)
   IllegalTransition          purchase_id, current, requested: the state machine forbids it
   TidConflict                the meter's last TID moved since it was read: read again (retryable)
+    VendConflict             the meter's debt or free basic electricity moved since it was read
   SavedMetersFull            a phone already has the maximum number of saved meters
   VendingKeyUnreadable       the master key does not open a sealed vending key
   LedgerUnavailable          locked, disk full, I/O error: nothing was written (retryable)
@@ -39,6 +40,7 @@ from typing import Any, Final, NewType
 from gateway.errors import GatewayError
 from gateway.money import Money
 from gateway.phone import Msisdn
+from gateway.tariff import DebtTerms
 
 PurchaseId = NewType("PurchaseId", str)
 """Our handle for one purchase: ``P`` and 12 base-32 characters, short enough for an SMS."""
@@ -134,6 +136,7 @@ class MessageKind(StrEnum):
     TOKEN = "token"  # noqa: S105 - a message kind, not a secret; exactly one per vend
     REPRINT = "reprint"  # the same token again, on request
     REPLY = "reply"  # an answer to a customer's SMS command (no purchase needed)
+    FBE = "fbe"  # the month's free basic electricity token, sent with the purchase it came with
 
 
 # ---------------------------------------------------------------------------------------- records
@@ -199,6 +202,9 @@ class PurchaseDraft:
     # When the sweeper should first look at it, stored with the purchase itself (so a crash
     # right after cannot leave it unswept); None: ``ORPHAN_CHECK_AFTER_S`` after creation.
     first_check_at: datetime | None = None
+    # What the quote gave to the meter's debt (``units`` were priced after it); the vend
+    # recovers it (never more than the debt then owed).
+    debt_recovery_minor: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -220,6 +226,7 @@ class Purchase:
     next_check_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    debt_recovery_minor: int = 0  # the recovery the quote planned (minor units of ``amount``)
 
 
 class PaymentRecordState(StrEnum):
@@ -308,6 +315,88 @@ class VendDraft:
     message: str = field(repr=False)
     key_change_id: int | None = None
     key_change_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # Debt recovery: ``debt_recovery_minor`` comes off the meter's debt, whose balance must still
+    # be ``expected_debt_balance_minor`` (compare-and-set, else ``VendConflict``).
+    debt_recovery_minor: int = 0
+    expected_debt_balance_minor: int | None = None
+    fbe: FbeDraft | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FbeDraft:
+    """The month's free basic electricity token, made with a purchase's vend.
+
+    Its TID follows the credit token's (the meter's ``last_tid`` becomes ``tid``); ``message`` is
+    its own SMS (kind ``fbe``). Never with a key change (``ValueError``): the meter is changing key.
+    """
+
+    month: str  # YYYY-MM in the FBE time zone
+    tid: int
+    token: str = field(repr=False)
+    units: int
+    message: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FbeIssue:
+    """A free basic electricity token issued: a vend of zero money with its own TID."""
+
+    meter: MeterNumber
+    month: str
+    purchase_id: PurchaseId
+    tid: int
+    token: str = field(repr=False)
+    units: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeterDebt:
+    """A meter's debt to the utility and how each purchase recovers it (``terms``)."""
+
+    meter: MeterNumber
+    balance: Money
+    rate_basis_points: int
+    min_per_purchase_minor: int = 0
+    cap_per_purchase_minor: int | None = None
+    recovered_total_minor: int = 0
+    updated_at: datetime
+
+    @property
+    def terms(self) -> DebtTerms:
+        """The recovery terms the quote applies."""
+        return DebtTerms(
+            balance_minor=self.balance.amount_minor,
+            currency=self.balance.currency,
+            rate_basis_points=self.rate_basis_points,
+            min_per_purchase_minor=self.min_per_purchase_minor,
+            cap_per_purchase_minor=self.cap_per_purchase_minor,
+        )
+
+
+def debt_event_data(debt: MeterDebt, before: MeterDebt | None, reason: str) -> dict[str, Any]:
+    """The data of a ``debt_set`` / ``debt_cleared`` event: the account before and after."""
+    return {
+        "meter": debt.meter,
+        "currency": debt.balance.currency,
+        "balance_before_minor": before.balance.amount_minor if before is not None else 0,
+        "balance_minor": debt.balance.amount_minor,
+        "rate_basis_points": debt.rate_basis_points,
+        "min_per_purchase_minor": debt.min_per_purchase_minor,
+        "cap_per_purchase_minor": debt.cap_per_purchase_minor,
+        "reason": reason,
+    }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DebtRecovery:
+    """What one purchase's vend recovered, and what the meter owed after it."""
+
+    purchase_id: PurchaseId
+    meter: MeterNumber
+    amount: Money
+    balance_after: Money
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -568,6 +657,19 @@ class TidConflict(LedgerError):
         self.meter = meter
         self.expected = expected
         self.actual = actual
+
+
+class VendConflict(TidConflict):
+    """The meter's debt balance or this month's FBE moved since the vend read them: read again.
+
+    A ``TidConflict``, so the saga's retry loop reads the context again and makes new tokens.
+    """
+
+    def __init__(self, meter: str, what: str) -> None:
+        LedgerError.__init__(self, f"meter {meter}: {what} moved since it was read", retryable=True)
+        self.meter = meter
+        self.expected = None
+        self.actual = None
 
 
 class SavedMetersFull(LedgerError):

@@ -38,14 +38,18 @@ from gateway.ledger.base import (
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
     ConfirmedPayment,
+    DebtRecovery,
     DuplicateError,
     Event,
+    FbeDraft,
+    FbeIssue,
     IdempotencyConflict,
     IllegalTransition,
     KeyChange,
     KeyChangeState,
     KeyRotation,
     MessageKind,
+    MeterDebt,
     MeterInfo,
     MeterNumber,
     MeterRecord,
@@ -68,16 +72,18 @@ from gateway.ledger.base import (
     SealedVendingKey,
     TidConflict,
     Vend,
+    VendConflict,
     VendContext,
     VendDraft,
     VendOutcome,
+    debt_event_data,
     is_legal,
     mask_name,
 )
 from gateway.money import Money
 from gateway.phone import Msisdn
 from gateway.sms.base import DeliveryReport, DeliveryState
-from gateway.tariff import Tariff
+from gateway.tariff import DebtTerms, Tariff
 
 T = TypeVar("T")
 Clock = Callable[[], datetime]
@@ -163,6 +169,7 @@ def purchase_of(row: Row) -> Purchase:
         next_check_at=_when_or_none(row["next_check_at"]),
         created_at=when(row["created_at"]),
         updated_at=when(row["updated_at"]),
+        debt_recovery_minor=row["debt_recovery_minor"],
     )
 
 
@@ -310,6 +317,43 @@ def payment_of(row: Row) -> PaymentRecord:
     )
 
 
+def meter_debt_of(row: Row) -> MeterDebt:
+    """A ``meter_debts`` row."""
+    return MeterDebt(
+        meter=MeterNumber(row["meter"]),
+        balance=Money(row["balance_minor"], row["currency"]),
+        rate_basis_points=row["rate_basis_points"],
+        min_per_purchase_minor=row["min_per_purchase_minor"],
+        cap_per_purchase_minor=row["cap_per_purchase_minor"],
+        recovered_total_minor=row["recovered_total_minor"],
+        updated_at=when(row["updated_at"]),
+    )
+
+
+def debt_recovery_of(row: Row) -> DebtRecovery:
+    """A ``debt_recoveries`` row."""
+    return DebtRecovery(
+        purchase_id=PurchaseId(row["purchase_id"]),
+        meter=MeterNumber(row["meter"]),
+        amount=Money(row["amount_minor"], row["currency"]),
+        balance_after=Money(row["balance_after_minor"], row["currency"]),
+        created_at=when(row["created_at"]),
+    )
+
+
+def fbe_issue_of(row: Row) -> FbeIssue:
+    """An ``fbe_issues`` row."""
+    return FbeIssue(
+        meter=MeterNumber(row["meter"]),
+        month=row["month"],
+        purchase_id=PurchaseId(row["purchase_id"]),
+        tid=row["tid"],
+        token=row["token"],
+        units=row["units"],
+        created_at=when(row["created_at"]),
+    )
+
+
 #: One encoder for every event row (``json.dumps`` with options builds a new one per call).
 _ENCODE_JSON: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
 
@@ -365,6 +409,8 @@ _QUEUE_MESSAGE: Final = (
     "INSERT INTO outbox (purchase_id, kind, recipient, body, state, next_try_at, created_at,"
     " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_DEBT: Final = "SELECT * FROM meter_debts WHERE meter = ?"
+_FBE_ALLOWANCE: Final = "SELECT units_per_month FROM fbe_allowances WHERE tariff_id = ?"
 _PAYMENT_OWNER: Final = "SELECT purchase_id FROM payments WHERE provider = ? AND reference = ?"
 _FINAL_OUTBOX: Final = (OutboxState.DELIVERED.value, OutboxState.FAILED.value)
 _UNSENT: Final = (OutboxState.PENDING.value, OutboxState.SENDING.value)
@@ -622,7 +668,8 @@ class LedgerCore:
         row = yield one(
             "INSERT INTO purchases (purchase_id, channel, phone, meter, amount_minor, currency,"
             " units, tariff_id, state, idempotency_key, provider, created_at, updated_at,"
-            " next_check_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " next_check_at, debt_recovery_minor)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
             draft.purchase_id,
             draft.channel,
@@ -638,6 +685,7 @@ class LedgerCore:
             now,
             now,
             self._stamp(draft.first_check_at or created + timedelta(seconds=ORPHAN_CHECK_AFTER_S)),
+            draft.debt_recovery_minor,
         )
         if row is None:
             existing = yield one(_BY_IDEMPOTENCY_KEY, draft.idempotency_key)
@@ -654,6 +702,11 @@ class LedgerCore:
                 "currency": draft.amount.currency,
                 "units": draft.units,
                 "provider": draft.provider,
+                **(
+                    {"debt_recovery_minor": draft.debt_recovery_minor}
+                    if draft.debt_recovery_minor
+                    else {}
+                ),
             },
             now,
         )
@@ -1132,7 +1185,7 @@ class LedgerCore:
                 raise TidConflict(draft.meter, expected, expected)
             moved = yield run(
                 "UPDATE meters SET last_tid = ? WHERE drn = ? AND last_tid IS NOT DISTINCT FROM ?",
-                draft.tid,
+                draft.fbe.tid if draft.fbe else draft.tid,  # an FBE token's TID follows
                 draft.meter,
                 expected,
             )
@@ -1181,6 +1234,7 @@ class LedgerCore:
             now,
             now,
         )
+        yield from self._vend_extras(draft, row["currency"], actor, now)
         vend = Vend(
             purchase_id=draft.purchase_id,
             meter=draft.meter,
@@ -1199,6 +1253,100 @@ class LedgerCore:
             or (payment.reference if payment else None),
         )
         return VendOutcome(vend=vend, replayed=False, purchase=purchase)
+
+    def _vend_extras(self, draft: VendDraft, currency: str, actor: str, now: object) -> Steps[None]:
+        """The vend's debt recovery and FBE token, when it carries them."""
+        if draft.debt_recovery_minor:
+            yield from self._recover_debt(draft, currency, actor, now)
+        if draft.fbe is not None:
+            yield from self._issue_fbe(draft, draft.fbe, actor, now)
+
+    def _recover_debt(
+        self, draft: VendDraft, currency: str, actor: str, now: object
+    ) -> Steps[None]:
+        """Take the draft's recovery off the meter's debt (compare-and-set), with its row."""
+        recovered, expected = draft.debt_recovery_minor, draft.expected_debt_balance_minor
+        if expected is None or not 0 < recovered <= expected:
+            raise ValueError(f"cannot recover {recovered} of a debt of {expected}")
+        moved = yield run(
+            "UPDATE meter_debts SET balance_minor = balance_minor - ?,"
+            " recovered_total_minor = recovered_total_minor + ?, updated_at = ?"
+            " WHERE meter = ? AND balance_minor = ? AND currency = ?",
+            recovered,
+            recovered,
+            now,
+            draft.meter,
+            expected,
+            currency,
+        )
+        if moved != 1:
+            raise VendConflict(draft.meter, "the debt balance")
+        yield run(
+            "INSERT INTO debt_recoveries (purchase_id, meter, amount_minor, currency,"
+            " balance_after_minor, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            draft.purchase_id,
+            draft.meter,
+            recovered,
+            currency,
+            expected - recovered,
+            now,
+        )
+        yield self._event(
+            draft.purchase_id,
+            "debt_recovered",
+            actor,
+            {
+                "meter": draft.meter,
+                "amount_minor": recovered,
+                "currency": currency,
+                "balance_before_minor": expected,
+                "balance_after_minor": expected - recovered,
+            },
+            now,
+        )
+
+    def _issue_fbe(self, draft: VendDraft, fbe: FbeDraft, actor: str, now: object) -> Steps[None]:
+        """Store the month's FBE token and queue its message; the month's second is refused."""
+        if fbe.tid <= draft.tid or draft.key_change_id is not None:
+            raise ValueError("an FBE token follows the credit token's TID, never with a key change")
+        issued = yield one(
+            "INSERT INTO fbe_issues (meter, month, purchase_id, tid, token, units, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (meter, month) DO NOTHING"
+            " RETURNING issue_id",
+            draft.meter,
+            fbe.month,
+            draft.purchase_id,
+            fbe.tid,
+            fbe.token,
+            fbe.units,
+            now,
+        )
+        if issued is None:
+            raise VendConflict(draft.meter, f"free basic electricity for {fbe.month}")
+        yield run(
+            _QUEUE_MESSAGE,
+            draft.purchase_id,
+            MessageKind.FBE.value,
+            draft.recipient,
+            fbe.message,
+            (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
+            now,
+            now,
+            now,
+        )
+        yield self._event(
+            draft.purchase_id,
+            "fbe_issued",
+            actor,
+            {
+                "meter": draft.meter,
+                "month": fbe.month,
+                "tid": fbe.tid,
+                "units": fbe.units,
+                "token_last4": fbe.token[-4:],
+            },
+            now,
+        )
 
     @staticmethod
     def _tid_conflict(draft: VendDraft) -> Generator[Stmt, Any, NoReturn]:
@@ -1287,6 +1435,174 @@ class LedgerCore:
             params.append(meter)
         row = yield one(sql + " ORDER BY v.created_at DESC, v.vend_id DESC LIMIT 1", *params)
         return vend_of(row) if row is not None else None
+
+    # -- debt recovery and free basic electricity -----------------------------------------------
+
+    async def get_debt(self, meter: str) -> MeterDebt | None:
+        """The meter's debt account, if it ever had one (a cleared debt has balance 0)."""
+        return await self._read(self._get_debt, meter, hot=True)
+
+    @staticmethod
+    def _get_debt(meter: str) -> Steps[MeterDebt | None]:
+        row = yield one(_DEBT, meter)
+        return meter_debt_of(row) if row is not None else None
+
+    async def set_debt(
+        self,
+        meter: str,
+        *,
+        balance: Money,
+        rate_basis_points: int,
+        min_per_purchase_minor: int = 0,
+        cap_per_purchase_minor: int | None = None,
+        actor: str,
+        reason: str = "",
+    ) -> MeterDebt:
+        """Set the meter's debt balance and recovery terms; appends ``debt_set``."""
+        terms = DebtTerms(
+            balance_minor=balance.amount_minor,
+            currency=balance.currency,
+            rate_basis_points=rate_basis_points,
+            min_per_purchase_minor=min_per_purchase_minor,
+            cap_per_purchase_minor=cap_per_purchase_minor,
+        )  # validates
+        return await self._write(self._set_debt, meter, terms, actor, reason)
+
+    def _set_debt(self, meter: str, terms: DebtTerms, actor: str, reason: str) -> Steps[MeterDebt]:
+        if (yield one(_METER_EXISTS + " FOR UPDATE", meter)) is None:
+            raise NotFound("meter", meter)
+        old = yield one(_DEBT, meter)
+        row = yield one(
+            "INSERT INTO meter_debts (meter, currency, balance_minor, rate_basis_points,"
+            " min_per_purchase_minor, cap_per_purchase_minor, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (meter) DO UPDATE SET"
+            " currency = excluded.currency, balance_minor = excluded.balance_minor,"
+            " rate_basis_points = excluded.rate_basis_points,"
+            " min_per_purchase_minor = excluded.min_per_purchase_minor,"
+            " cap_per_purchase_minor = excluded.cap_per_purchase_minor,"
+            " updated_at = excluded.updated_at RETURNING *",
+            meter,
+            terms.currency,
+            terms.balance_minor,
+            terms.rate_basis_points,
+            terms.min_per_purchase_minor,
+            terms.cap_per_purchase_minor,
+            self._stamp(self._clock()),
+        )
+        debt = meter_debt_of(row)
+        before = meter_debt_of(old) if old is not None else None
+        yield self._event(None, "debt_set", actor, debt_event_data(debt, before, reason))
+        return debt
+
+    async def clear_debt(self, meter: str, *, actor: str, reason: str = "") -> MeterDebt:
+        """Write the meter's debt off (balance 0, terms kept); appends ``debt_cleared``."""
+        return await self._write(self._clear_debt, meter, actor, reason)
+
+    def _clear_debt(self, meter: str, actor: str, reason: str) -> Steps[MeterDebt]:
+        old = yield one(_DEBT + " FOR UPDATE", meter)
+        if old is None:
+            raise NotFound("debt", meter)
+        row = yield one(
+            "UPDATE meter_debts SET balance_minor = 0, updated_at = ? WHERE meter = ? RETURNING *",
+            self._stamp(self._clock()),
+            meter,
+        )
+        debt = meter_debt_of(row)
+        yield self._event(
+            None, "debt_cleared", actor, debt_event_data(debt, meter_debt_of(old), reason)
+        )
+        return debt
+
+    async def debt_recoveries(self, meter: str, *, limit: int = 50) -> list[DebtRecovery]:
+        """What the meter's vends recovered, newest first."""
+        return await self._read(self._debt_recoveries, meter, limit)
+
+    @staticmethod
+    def _debt_recoveries(meter: str, limit: int) -> Steps[list[DebtRecovery]]:
+        found = yield rows(
+            "SELECT * FROM debt_recoveries WHERE meter = ?"
+            " ORDER BY created_at DESC, purchase_id DESC LIMIT ?",
+            meter,
+            limit,
+        )
+        return [debt_recovery_of(row) for row in found]
+
+    async def get_debt_recovery(self, purchase_id: str) -> DebtRecovery | None:
+        """What the purchase's vend recovered, if anything."""
+        return await self._read(self._get_debt_recovery, purchase_id, hot=True)
+
+    @staticmethod
+    def _get_debt_recovery(purchase_id: str) -> Steps[DebtRecovery | None]:
+        row = yield one("SELECT * FROM debt_recoveries WHERE purchase_id = ?", purchase_id)
+        return debt_recovery_of(row) if row is not None else None
+
+    async def set_fbe_allowance(self, tariff_id: str, units_per_month: int, *, actor: str) -> None:
+        """The tariff's monthly free basic electricity in tenths of a kWh (0 stops it)."""
+        if units_per_month < 0:
+            raise ValueError(f"FBE units cannot be negative, got {units_per_month}")
+        await self._write(self._set_fbe_allowance, tariff_id, units_per_month, actor)
+
+    def _set_fbe_allowance(self, tariff_id: str, units_per_month: int, actor: str) -> Steps[None]:
+        if (yield one("SELECT 1 FROM tariffs WHERE tariff_id = ?", tariff_id)) is None:
+            raise NotFound("tariff", tariff_id)
+        old = yield one(_FBE_ALLOWANCE + " FOR UPDATE", tariff_id)
+        if units_per_month == 0:
+            yield run("DELETE FROM fbe_allowances WHERE tariff_id = ?", tariff_id)
+        else:
+            yield run(
+                "INSERT INTO fbe_allowances (tariff_id, units_per_month, updated_at)"
+                " VALUES (?, ?, ?) ON CONFLICT (tariff_id) DO UPDATE SET"
+                " units_per_month = excluded.units_per_month, updated_at = excluded.updated_at",
+                tariff_id,
+                units_per_month,
+                self._stamp(self._clock()),
+            )
+        yield self._event(
+            None,
+            "fbe_allowance_set",
+            actor,
+            {
+                "tariff_id": tariff_id,
+                "units_per_month": units_per_month,
+                "previous_units_per_month": old["units_per_month"] if old is not None else 0,
+            },
+        )
+
+    async def fbe_allowance(self, tariff_id: str) -> int:
+        """The tariff's monthly FBE units (0: none)."""
+        return await self._read(self._fbe_allowance, tariff_id, hot=True)
+
+    @staticmethod
+    def _fbe_allowance(tariff_id: str) -> Steps[int]:
+        row = yield one(_FBE_ALLOWANCE, tariff_id)
+        return int(row["units_per_month"]) if row is not None else 0
+
+    async def fbe_due(self, meter: str, month: str) -> int:
+        """The FBE units the meter may still get in ``month``: 0 if issued already, or none."""
+        return await self._read(self._fbe_due, meter, month, hot=True)
+
+    @staticmethod
+    def _fbe_due(meter: str, month: str) -> Steps[int]:
+        row = yield one(
+            "SELECT a.units_per_month FROM meters m"
+            " JOIN fbe_allowances a ON a.tariff_id = m.tariff_id"
+            " LEFT JOIN fbe_issues f ON f.meter = m.drn AND f.month = ?"
+            " WHERE m.drn = ? AND f.issue_id IS NULL",
+            month,
+            meter,
+        )
+        return int(row["units_per_month"]) if row is not None else 0
+
+    async def fbe_issues(self, meter: str, *, limit: int = 24) -> list[FbeIssue]:
+        """The meter's FBE tokens, newest first."""
+        return await self._read(self._fbe_issues, meter, limit)
+
+    @staticmethod
+    def _fbe_issues(meter: str, limit: int) -> Steps[list[FbeIssue]]:
+        found = yield rows(
+            "SELECT * FROM fbe_issues WHERE meter = ? ORDER BY month DESC LIMIT ?", meter, limit
+        )
+        return [fbe_issue_of(row) for row in found]
 
     # -- key changes ----------------------------------------------------------------------------
 
@@ -1754,6 +2070,17 @@ class LedgerCore:
             phone,
             language,
             self._stamp(self._clock()),
+        )
+
+    async def probe_write(self) -> None:
+        """Commit a write that changes nothing (its fsync; a read-only database refuses it)."""
+        await self._write(self._probe_write)
+
+    @staticmethod
+    def _probe_write() -> Steps[None]:
+        yield run(
+            "UPDATE schema_migrations SET applied_at = applied_at"
+            " WHERE version = (SELECT max(version) FROM schema_migrations)"
         )
 
     # -- reports --------------------------------------------------------------------------------

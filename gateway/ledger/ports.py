@@ -28,10 +28,13 @@ from typing import Any, Protocol
 
 from gateway.ledger.base import (
     ConfirmedPayment,
+    DebtRecovery,
     Event,
+    FbeIssue,
     KeyChange,
     KeyRotation,
     MessageKind,
+    MeterDebt,
     MeterInfo,
     MeterNumber,
     MeterRecord,
@@ -203,11 +206,19 @@ class SagaLedger(PaymentChecks, Protocol):
         change becomes APPLIED for this purchase, the vend keeps the key-change tokens, and
         ``key_changed`` is appended.
 
-        A purchase that has its vend already: returns it with ``replayed=True``, writes nothing.
+        With ``draft.debt_recovery_minor``, the same transaction takes it off the meter's debt
+        (compare-and-set on ``expected_debt_balance_minor``), writes the purchase's
+        ``debt_recoveries`` row and appends ``debt_recovered``. With ``draft.fbe``, it stores the
+        FBE token (UNIQUE (meter, month)), advances ``last_tid`` to its TID, queues its message
+        (kind ``fbe``) and appends ``fbe_issued``.
+
+        A purchase that has its vend already: returns it with ``replayed=True``, writes nothing
+        (so a replay never recovers debt or issues FBE again).
 
         Raises:
             TidConflict: the meter's last TID moved, or the key change is no longer pending: read
-                it again, make new tokens, retry.
+                it again, make new tokens, retry. ``VendConflict`` (a ``TidConflict``): the debt
+                balance moved, or the month's FBE was issued meanwhile.
             IllegalTransition: the purchase is not PAID (or VEND_FAILED), and ``payment`` cannot
                 make it so.
         """
@@ -215,6 +226,18 @@ class SagaLedger(PaymentChecks, Protocol):
 
     async def last_vend(self, phone: Msisdn, meter: str | None = None) -> Vend | None:
         """The newest vend bought from ``phone`` (for ``meter`` if given)."""
+        ...
+
+    async def get_debt(self, meter: str) -> MeterDebt | None:
+        """The meter's debt account, if it ever had one (a cleared debt has balance 0)."""
+        ...
+
+    async def get_debt_recovery(self, purchase_id: str) -> DebtRecovery | None:
+        """What the purchase's vend recovered, if anything."""
+        ...
+
+    async def fbe_due(self, meter: str, month: str) -> int:
+        """The FBE units the meter may still get in ``month`` (YYYY-MM): 0 if issued or none."""
         ...
 
     async def enqueue_message(
@@ -320,6 +343,10 @@ class OperatorReads(Protocol):
 
     async def timeline(self, purchase_id: str) -> list[Event]:
         """The purchase's events, oldest first."""
+        ...
+
+    async def get_debt_recovery(self, purchase_id: str) -> DebtRecovery | None:
+        """What the purchase's vend recovered, if anything."""
         ...
 
 
@@ -436,6 +463,56 @@ class Registry(Protocol):
         """Counts and sums of the purchases created on ``day`` (UTC), by provider and state."""
         ...
 
+    async def get_debt(self, meter: str) -> MeterDebt | None:
+        """The meter's debt account, if it ever had one (a cleared debt has balance 0)."""
+        ...
+
+    async def set_debt(
+        self,
+        meter: str,
+        *,
+        balance: Money,
+        rate_basis_points: int,
+        min_per_purchase_minor: int = 0,
+        cap_per_purchase_minor: int | None = None,
+        actor: str,
+        reason: str = "",
+    ) -> MeterDebt:
+        """Set the meter's debt balance and recovery terms; appends ``debt_set`` (old and new).
+
+        Raises:
+            NotFound: no such meter.
+            ValueError: the terms are invalid (``DebtTerms``'s rules).
+        """
+        ...
+
+    async def clear_debt(self, meter: str, *, actor: str, reason: str = "") -> MeterDebt:
+        """Write the meter's debt off (balance 0, terms kept); appends ``debt_cleared``.
+
+        Raises:
+            NotFound: the meter has no debt account.
+        """
+        ...
+
+    async def debt_recoveries(self, meter: str, *, limit: int = 50) -> list[DebtRecovery]:
+        """What the meter's vends recovered, newest first."""
+        ...
+
+    async def set_fbe_allowance(self, tariff_id: str, units_per_month: int, *, actor: str) -> None:
+        """The tariff's monthly free basic electricity in tenths of a kWh (0 stops it).
+
+        Appends ``fbe_allowance_set``. Raises ``NotFound`` (no such tariff).
+        """
+        ...
+
+    async def fbe_allowance(self, tariff_id: str) -> int:
+        """The tariff's monthly FBE units (0: none)."""
+        ...
+
+    async def fbe_issues(self, meter: str, *, limit: int = 24) -> list[FbeIssue]:
+        """The meter's FBE tokens, newest first."""
+        ...
+
 
 class Ledger(
     SagaLedger, OutboxLedger, OperatorReads, LedgerStats, CustomerLedger, Registry, Protocol
@@ -444,4 +521,12 @@ class Ledger(
 
     async def close(self) -> None:
         """Finish queued writes and close the connections."""
+        ...
+
+    async def probe_write(self) -> None:
+        """Commit a write that changes nothing (readiness: the write path works end to end).
+
+        Raises:
+            LedgerError: the database cannot take a write now (disk full, read-only, gone).
+        """
         ...

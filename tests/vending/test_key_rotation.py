@@ -297,3 +297,24 @@ async def test_a_new_supply_group_and_tariff_index_take_three_tokens(tmp_path: P
         assert (meter.attributes.sgc, meter.attributes.tariff_index) == ("600123", "07")
         stored = await rig.ledger.get_meter(rig.drn)
         assert (stored.sgc, stored.krn, stored.tariff_index) == ("600123", 1, "07")
+
+
+async def test_fbe_waits_for_the_purchase_after_a_key_change(rig: Rig) -> None:
+    """The vend delivering a key change carries no FBE; the next one does, under the new key."""
+    await rig.ledger.set_fbe_allowance("domestic", 50, actor="operator")
+    meter = emulator_for(await rig.ledger.get_meter(rig.drn), VENDING_KEY)
+    await rig.ledger.plan_key_rotation(TO_KRN_2, actor="operator")
+    rotated = await rig.buy("rotated")
+    assert await rig.ledger.fbe_issues(rig.drn) == []
+    for token in await rig.sms_tokens(rotated):
+        assert meter.enter(token).verdict in {Verdict.KEY_CHANGE_PENDING, Verdict.ACCEPTED}
+    later = await rig.buy("later")
+    (issue,) = await rig.ledger.fbe_issues(rig.drn)
+    assert issue.purchase_id == later.purchase_id
+    vend = await rig.ledger.get_vend(later.purchase_id)
+    assert vend is not None
+    for token, units in ((vend.token, 40), (issue.token, 50)):
+        response = meter.enter(token)
+        assert response.verdict is Verdict.ACCEPTED
+        assert isinstance(response.change, CreditAdded)
+        assert response.change.amount == units
