@@ -232,6 +232,8 @@ async def apply_migrations(conn: Connection) -> list[str]:
 # ------------------------------------------------------------------------------------ the dialect
 
 _PLACEHOLDER: Final = re.compile(r"\?")
+#: The core's ``lock(name)``: an advisory lock held until the transaction ends.
+_LOCK_NAME: Final = "SELECT pg_advisory_xact_lock(hashtext($1))"
 
 
 @functools.lru_cache(maxsize=4096)  # the core's statements are constants
@@ -242,21 +244,31 @@ def _postgres_text(sql: str) -> str:
 
 
 async def _drive(conn: Connection, steps: Steps[T]) -> T:
-    """Run an operation's steps on ``conn``, one awaited statement each."""
+    """Run an operation's steps on ``conn``, one awaited statement each.
+
+    A constraint's refusal is thrown into the steps as our error (``DuplicateError`` …), so a
+    rule may name it (a receipt reused); the transaction is lost with it.
+    """
     try:
         stmt = next(steps)
         while True:
             kind, sql, params = stmt
             result: object
-            if kind == LOCK:
-                result = await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", *params)
-            elif kind == RUN:
-                status = await conn.execute(_postgres_text(sql), *params)
-                result = int(status.rpartition(" ")[2])  # "UPDATE 1", "INSERT 0 1", "DELETE 0"
-            elif kind == ROWS:
-                result = await conn.fetch(_postgres_text(sql), *params)
-            else:
-                result = await conn.fetchrow(_postgres_text(sql), *params)
+            try:
+                if kind == LOCK:
+                    result = await conn.execute(_LOCK_NAME, *params)
+                elif kind == RUN:
+                    status = await conn.execute(_postgres_text(sql), *params)
+                    result = int(status.rpartition(" ")[2])  # "UPDATE 1", "INSERT 0 1", "DELETE 0"
+                elif kind == ROWS:
+                    result = await conn.fetch(_postgres_text(sql), *params)
+                else:
+                    result = await conn.fetchrow(_postgres_text(sql), *params)
+            except asyncpg.exceptions.IntegrityConstraintViolationError as exc:
+                refusal = translate_error(exc)
+                refusal.__cause__ = exc
+                stmt = steps.throw(refusal)
+                continue
             stmt = steps.send(result)
     except StopIteration as stop:
         return cast("T", stop.value)

@@ -443,15 +443,24 @@ def _sqlite_text(sql: str) -> str:
 
 
 def _drive(conn: sqlite3.Connection, steps: Steps[T]) -> T:
-    """Run an operation's steps on ``conn``, synchronously (the writer thread, the loop)."""
+    """Run an operation's steps on ``conn``, synchronously (the writer thread, the loop).
+
+    A constraint's refusal is thrown into the steps as our error (``DuplicateError`` …), so a
+    rule may name it (a receipt reused); SQLite has rolled back that statement alone.
+    """
     try:
         stmt = next(steps)
         while True:
             kind, sql, params = stmt
-            if kind == LOCK:
-                result: object = None
-            else:
-                cursor = conn.execute(_sqlite_text(sql), params)
+            result: object = None
+            if kind != LOCK:
+                try:
+                    cursor = conn.execute(_sqlite_text(sql), params)
+                except sqlite3.IntegrityError as exc:
+                    refusal = translate_error(exc)
+                    refusal.__cause__ = exc
+                    stmt = steps.throw(refusal)
+                    continue
                 if kind == RUN:
                     result = cursor.rowcount
                 else:
