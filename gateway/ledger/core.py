@@ -1234,7 +1234,8 @@ class LedgerCore:
             now,
             now,
         )
-        yield from self._vend_extras(draft, row["currency"], actor, now)
+        if draft.debt_recovery_minor or draft.fbe is not None:
+            yield from self._vend_extras(draft, row["currency"], actor, now)
         vend = Vend(
             purchase_id=draft.purchase_id,
             meter=draft.meter,
