@@ -3,6 +3,10 @@
 The customer pays ``amount``. A fixed charge per purchase comes off first; what remains includes
 VAT, so the energy part is ``(amount - fixed) / (1 + vat)``; that buys ``energy / price`` kWh,
 rounded *down* to 0.1 kWh (the STS credit unit), so a customer is never vended more than was paid.
+Above 1,638.3 kWh (16,383 units) a token can only carry every 10th, 100th or 1000th unit (the
+STS amount's 14-bit mantissa and decimal exponent): the units are rounded down again, to the
+largest amount a token carries exactly, so the quote, the ledger, the SMS and the meter's credit
+are one number (DESIGN.md invariant 8).
 ``Decimal`` appears only inside this arithmetic; amounts in and out are integer minor units.
 
 ```
@@ -10,6 +14,7 @@ TariffError                  gateway.errors.GatewayError
   CurrencyMismatch           the amount is not in the tariff's currency
   AmountBelowMinimum         below the tariff's minimum purchase (``minimum`` attribute)
   AmountAboveMaximum         above the tariff's maximum purchase (``maximum`` attribute)
+    AmountBuysTooMuch        it buys more than one token can carry (over 1,820,162.4 kWh)
   AmountBuysNothing          after the fixed charge and VAT it buys less than 0.1 kWh
     AmountAllToDebt          the meter's debt recovery leaves too little to buy 0.1 kWh
 ```
@@ -31,6 +36,7 @@ from typing import Final
 
 from gateway.errors import GatewayError
 from gateway.money import Money
+from gateway.sts.amount import UNITS_MAX, round_units_down
 
 #: One STS credit unit is 0.1 kWh (IEC 62055-41, electricity transfer amount resolution).
 UNITS_PER_KWH: Final = 10
@@ -136,6 +142,19 @@ class DebtTerms:
         return max(0, min(share, self.balance_minor, amount_minor))
 
 
+class AmountBuysTooMuch(AmountAboveMaximum):
+    """The amount buys more units than one STS token carries; ``maximum`` is the most it may be."""
+
+    def __init__(self, amount: Money, maximum: Money) -> None:
+        TariffError.__init__(
+            self,
+            f"{amount} buys more than one token carries ({UNITS_MAX} units); the most one"
+            f" purchase may be is {maximum}",
+        )
+        self.amount = amount
+        self.maximum = maximum
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Tariff:
     """The price of energy for a group of meters.
@@ -185,9 +204,10 @@ class Tariff:
 class Quote:
     """What an amount buys: the breakdown a receipt shows.
 
-    ``units`` is in tenths of a kWh (the token's transfer amount); ``energy + vat + fixed_charge
-    + debt_recovered`` equals ``amount`` exactly. ``debt_recovered`` and ``debt_remaining`` (what
-    the meter still owes after this purchase) are None when the meter owes nothing.
+    ``units`` is in tenths of a kWh (the token's transfer amount), always an amount a token
+    carries exactly; ``energy + vat + fixed_charge + debt_recovered`` equals ``amount`` exactly.
+    ``debt_recovered`` and ``debt_remaining`` (what the meter still owes after this purchase) are
+    None when the meter owes nothing.
     """
 
     amount: Money
@@ -211,7 +231,10 @@ class Quote:
 
 
 def quote(tariff: Tariff, amount: Money, *, debt: DebtTerms | None = None) -> Quote:
-    """Turn ``amount`` into units under ``tariff``, rounding down to 0.1 kWh.
+    """Turn ``amount`` into units under ``tariff``, rounding down to what a token carries.
+
+    Down to 0.1 kWh, and above 16,383 units down to the STS amount's step (10, 100 or 1000
+    units): never more than was paid for, and exactly what the token will credit.
 
     With ``debt`` (the meter owes money), its recovery comes off the amount first.
 
@@ -220,6 +243,7 @@ def quote(tariff: Tariff, amount: Money, *, debt: DebtTerms | None = None) -> Qu
         AmountBelowMinimum, AmountAboveMaximum: outside the tariff's purchase range.
         AmountAllToDebt: the debt recovery leaves too little to buy 0.1 kWh.
         AmountBuysNothing: the amount is used up by the fixed charge and VAT.
+        AmountBuysTooMuch: the units are more than one token can carry.
     """
     if amount.currency != tariff.currency:
         raise CurrencyMismatch(
@@ -289,7 +313,8 @@ def price(
     the vend step re-prices a purchase already accepted.
 
     Steps: (1) the debt recovery comes off the amount; (2) the fixed charge; (3) what remains
-    includes VAT: energy = remains / (1 + vat); (4) units = energy / price, rounded down.
+    includes VAT: energy = remains / (1 + vat); (4) units = energy / price, rounded down to what
+    a token carries (``round_units_down``).
 
     Raises:
         AmountBuysNothing: what is left buys less than 0.1 kWh.
@@ -301,9 +326,18 @@ def price(
         raise AmountBuysNothing(f"{amount} does not cover the fixed charge of tariff {tariff.name}")
     vat_factor = 1 + Decimal(tariff.vat_basis_points) / _BASIS_POINTS
     energy_exact = Decimal(net) / vat_factor
-    units = int(
+    paid_for = int(
         (energy_exact * UNITS_PER_KWH / tariff.price_per_kwh_minor).to_integral_value(ROUND_DOWN)
     )
+    if paid_for > UNITS_MAX:
+        most = UNITS_MAX * vat_factor * tariff.price_per_kwh_minor / UNITS_PER_KWH
+        most_minor = (
+            int(most.to_integral_value(ROUND_DOWN))
+            + tariff.fixed_charge_minor
+            + debt_recovered_minor
+        )
+        raise AmountBuysTooMuch(amount, Money(most_minor, tariff.currency))
+    units = round_units_down(max(paid_for, 0))
     if units <= 0:
         raise AmountBuysNothing(f"{amount} buys less than 0.1 kWh under tariff {tariff.name}")
     energy_minor = int(energy_exact.to_integral_value(ROUND_DOWN))

@@ -102,6 +102,7 @@ from gateway.sts import (
     TokenEngine,
     VendingKey,
     next_tid,
+    round_units_down,
 )
 from gateway.tariff import Quote, TariffError, price, quote
 
@@ -227,6 +228,15 @@ _SHORT_KEY_CHANGE_TEMPLATES: Final[Mapping[str, str]] = {
     "sw": "Weka {kcts} kisha {token} {kwh}kWh {amount} Mita {meter} Risiti {receipt}",
     "fr": "Entrez {kcts} puis {token} {kwh}kWh {amount} Cpt {meter} Recu {receipt}",
 }
+
+
+def _carried_units(units: int) -> int:
+    """The units a purchase's token carries, recorded and sent exactly (DESIGN.md invariant 8).
+
+    Quotes only offer amounts a token carries; a purchase quoted before they did (above 16,383
+    units) is vended the largest such amount below its units, never more than was paid for.
+    """
+    return round_units_down(units)
 
 
 #: What a purchase gave to the meter's debt, appended to the token SMS.
@@ -1156,6 +1166,7 @@ class Vending:
         except TariffError as exc:  # the tariff changed so much the purchase buys nothing now
             reason = f"re-pricing after the debt changed: {exc}"
             raise await self._vend_failed(purchase, payment, reason) from exc
+        units = _carried_units(units)
         tid, token, kcts = await self._make_tokens(context, change, payment, units)
         # The month's free basic electricity rides on this vend (not on a key change's).
         fbe = None if kcts else await self._fbe_step(context, tid)

@@ -31,6 +31,8 @@ from gateway.commands._common import add_config_arguments, load_config
 from gateway.errors import GatewayError
 from gateway.ledger import DebtRecovery, FbeIssue, Ledger, MeterDebt, NotFound, open_ledger
 from gateway.money import Money
+from gateway.sts import StsError
+from gateway.sts.amount import round_units_down
 from gateway.tariff import UNITS_PER_KWH
 
 _ACTOR = "operator:cli"
@@ -106,7 +108,16 @@ def _units(text: str) -> int:
         raise ValueError(f"--kwh: not a number: {text!r}") from exc
     if not value.is_finite() or value != value.to_integral_value() or value < 0:
         raise ValueError(f"--kwh: not negative, at most one decimal (0.1 kWh): {text!r}")
-    return int(value)
+    units = int(value)
+    try:
+        carried = round_units_down(units)
+    except StsError as exc:
+        raise ValueError(f"--kwh: {exc}") from exc
+    if carried != units:  # above 1,638.3 kWh a token carries only every 10th, 100th… unit
+        raise ValueError(
+            f"--kwh: a token carries {_kwh(carried)} kWh, not {text} (DESIGN.md invariant 8)"
+        )
+    return units
 
 
 def _kwh(units: int) -> str:

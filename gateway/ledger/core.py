@@ -1191,9 +1191,12 @@ class LedgerCore:
             )
             if moved != 1:
                 yield from self._tid_conflict(draft)
+        # The TID counts from the meter's base date (the new one after a key change, applied
+        # above): one TID per (meter, base date, TID), schema 0004.
         yield run(
             "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
-            " key_change_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " key_change_tokens, base_date) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+            " (SELECT base_date FROM meters WHERE drn = ?))",
             draft.purchase_id,
             draft.meter,
             draft.tid,
@@ -1202,6 +1205,7 @@ class LedgerCore:
             draft.receipt,
             now,
             " ".join(draft.key_change_tokens),
+            draft.meter,
         )
         yield run(
             "UPDATE purchases SET state = ?, updated_at = ? WHERE purchase_id = ?",

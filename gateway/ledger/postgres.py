@@ -19,7 +19,8 @@ TIDs
     ``UPDATE`` locks the row; a second writer waits, then finds it moved): two instances vending
     for one meter in the same minute are serialised there, the loser gets ``TidConflict`` (and
     nothing of its transaction stays, payment included) and the saga makes a new token from the
-    new last TID. ``UNIQUE (meter, tid)`` stays as the last net.
+    new last TID. ``UNIQUE (meter, base_date, tid)`` stays as the last net (a TID rollover
+    starts TIDs again from a later base date).
 
 Idempotent inserts
     Inserts two instances may race on (one idempotency key, one provider reference) use

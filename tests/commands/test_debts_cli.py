@@ -95,6 +95,7 @@ def test_set_show_clear(data: list[str], capsys: pytest.CaptureFixture[str]) -> 
         (["debts", "clear", METER], 1, "no debt"),
         (["debts", "show", "99999999999"], 1, "no meter"),
         (["fbe", "set", "domestic", "--kwh", "5.05"], 2, "--kwh"),
+        (["fbe", "set", "domestic", "--kwh", "1638.5"], 2, "a token carries"),
         (["fbe", "set", "nope", "--kwh", "5"], 1, "no tariff"),
         (["fbe", "show", "domestic", "--meter", "99999999999"], 1, "no meter"),
     ],

@@ -9,14 +9,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from ledger_support import TARIFF, FakeClock, meter_record
+from ledger_support import (
+    BACKENDS,
+    POSTGRES_START,
+    POSTGRES_URL,
+    TARIFF,
+    FakeClock,
+    meter_record,
+)
 
 from gateway.ledger import Ledger, LedgerUnavailable, open_postgres_ledger, open_sqlite_ledger
 from gateway.ledger.postgres import create_schema, drop_schema
-
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-POSTGRES_URL = "postgresql://127.0.0.1:5432/test"
-POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 
 
 @contextlib.asynccontextmanager

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from gateway.ledger import MeterNumber, MeterRecord
 from gateway.tariff import Tariff
+
+#: The ledger backends every contract test runs on (PostgreSQL on 127.0.0.1:5432).
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+POSTGRES_URL = "postgresql://127.0.0.1:5432/test"
+POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 
 
 class FakeClock:
