@@ -11,13 +11,17 @@ Registry         gateway/commands/             tariffs, meters, keys, key rotati
 Ledger           gateway/app.py                every role: what a backend provides
 ```
 
+The roles share two small ones: ``PurchaseReads`` (a purchase, its payment, events and debt
+recovery: the saga and the operator page) and ``MessageQueue`` (an SMS queued now: the saga's
+reprints, the customer services' replies).
+
 Meters and phones are typed (``MeterNumber``, ``Msisdn``: two digit strings that must never
 swap). Purchase ids are taken as ``str`` where the saga and the operator pages hand over ids
 they received as text; every record returns a ``PurchaseId``.
 
 Every method is one transaction and safe to retry. Raises (every method): ``LedgerUnavailable``
 when the database cannot take the operation now (nothing was written); other ``LedgerError``s as
-stated. A method several roles share is documented in the first role that names it.
+stated.
 """
 
 from __future__ import annotations
@@ -68,7 +72,54 @@ class PaymentChecks(Protocol):
         ...
 
 
-class SagaLedger(PaymentChecks, Protocol):
+class PurchaseReads(Protocol):
+    """A purchase and what became of it: its payment, its events, its debt recovery."""
+
+    async def get_purchase(self, purchase_id: str) -> Purchase:
+        """The purchase. Raises ``NotFound``."""
+        ...
+
+    async def find_purchases(
+        self,
+        *,
+        phone: str | None = None,
+        meter: str | None = None,
+        states: Sequence[PurchaseState] | None = None,
+        limit: int = 20,
+    ) -> list[Purchase]:
+        """Purchases matching every given filter, newest first."""
+        ...
+
+    async def get_payment(self, provider: str, reference: str) -> PaymentRecord | None:
+        """The payment row for (provider, reference), if any."""
+        ...
+
+    async def timeline(self, purchase_id: str) -> list[Event]:
+        """The purchase's events, oldest first."""
+        ...
+
+    async def get_debt_recovery(self, purchase_id: str) -> DebtRecovery | None:
+        """What the purchase's vend recovered, if anything."""
+        ...
+
+
+class MessageQueue(Protocol):
+    """Queue an SMS now (reprints, replies); token messages are queued by the vend."""
+
+    async def enqueue_message(
+        self,
+        purchase_id: str | None,
+        *,
+        kind: MessageKind,
+        recipient: Msisdn | None,
+        body: str,
+        actor: str,
+    ) -> OutboxMessage:
+        """Queue an SMS now; a ``HELD`` one when there is no recipient."""
+        ...
+
+
+class SagaLedger(PaymentChecks, PurchaseReads, MessageQueue, Protocol):
     """What the purchase saga reads and writes: the only caller of the transition methods.
 
     The saga also schedules the checks the sweeper finds (``PaymentChecks``).
@@ -93,21 +144,6 @@ class SagaLedger(PaymentChecks, Protocol):
             IdempotencyConflict: the key was used for another phone, meter or amount.
             NotFound: the meter or tariff does not exist.
         """
-        ...
-
-    async def get_purchase(self, purchase_id: str) -> Purchase:
-        """The purchase. Raises ``NotFound``."""
-        ...
-
-    async def find_purchases(
-        self,
-        *,
-        phone: str | None = None,
-        meter: str | None = None,
-        states: Sequence[PurchaseState] | None = None,
-        limit: int = 20,
-    ) -> list[Purchase]:
-        """Purchases matching every given filter, newest first."""
         ...
 
     async def transition(
@@ -149,10 +185,6 @@ class SagaLedger(PaymentChecks, Protocol):
         ``payment_notice`` event (or ``notice_payload_conflict`` when the body differs from the
         first one seen for that reference).
         """
-        ...
-
-    async def get_payment(self, provider: str, reference: str) -> PaymentRecord | None:
-        """The payment row for (provider, reference), if any."""
         ...
 
     async def mark_paid(
@@ -232,24 +264,8 @@ class SagaLedger(PaymentChecks, Protocol):
         """The meter's debt account, if it ever had one (a cleared debt has balance 0)."""
         ...
 
-    async def get_debt_recovery(self, purchase_id: str) -> DebtRecovery | None:
-        """What the purchase's vend recovered, if anything."""
-        ...
-
     async def fbe_due(self, meter: str, month: str) -> int:
         """The FBE units the meter may still get in ``month`` (YYYY-MM): 0 if issued or none."""
-        ...
-
-    async def enqueue_message(
-        self,
-        purchase_id: str | None,
-        *,
-        kind: MessageKind,
-        recipient: Msisdn | None,
-        body: str,
-        actor: str,
-    ) -> OutboxMessage:
-        """Queue an SMS now (reprints); token messages are queued by ``record_vend``."""
         ...
 
     async def append_event(
@@ -261,10 +277,6 @@ class SagaLedger(PaymentChecks, Protocol):
         data: Mapping[str, Any] | None = None,
     ) -> None:
         """Append an audit event (security events may have no purchase)."""
-        ...
-
-    async def timeline(self, purchase_id: str) -> list[Event]:
-        """The purchase's events, oldest first."""
         ...
 
 
@@ -311,27 +323,8 @@ class OutboxLedger(Protocol):
         ...
 
 
-class OperatorReads(Protocol):
+class OperatorReads(PurchaseReads, Protocol):
     """What the operator page reads of a purchase (its actions go through the saga)."""
-
-    async def get_purchase(self, purchase_id: str) -> Purchase:
-        """The purchase. Raises ``NotFound``."""
-        ...
-
-    async def find_purchases(
-        self,
-        *,
-        phone: str | None = None,
-        meter: str | None = None,
-        states: Sequence[PurchaseState] | None = None,
-        limit: int = 20,
-    ) -> list[Purchase]:
-        """Purchases matching every given filter, newest first."""
-        ...
-
-    async def get_payment(self, provider: str, reference: str) -> PaymentRecord | None:
-        """The payment row for (provider, reference), if any."""
-        ...
 
     async def get_vend(self, purchase_id: str) -> Vend | None:
         """The purchase's vend, if it has one."""
@@ -339,14 +332,6 @@ class OperatorReads(Protocol):
 
     async def outbox_for(self, purchase_id: str) -> list[OutboxMessage]:
         """The purchase's messages, oldest first."""
-        ...
-
-    async def timeline(self, purchase_id: str) -> list[Event]:
-        """The purchase's events, oldest first."""
-        ...
-
-    async def get_debt_recovery(self, purchase_id: str) -> DebtRecovery | None:
-        """What the purchase's vend recovered, if anything."""
         ...
 
 
@@ -362,7 +347,7 @@ class LedgerStats(Protocol):
         ...
 
 
-class CustomerLedger(Protocol):
+class CustomerLedger(MessageQueue, Protocol):
     """What the customer services read and keep for a phone (purchases go through the saga)."""
 
     async def lookup_meter(self, drn: MeterNumber) -> MeterInfo | None:
@@ -402,18 +387,6 @@ class CustomerLedger(Protocol):
 
     async def set_language(self, phone: Msisdn, language: str) -> None:
         """Remember the phone's language code."""
-        ...
-
-    async def enqueue_message(
-        self,
-        purchase_id: str | None,
-        *,
-        kind: MessageKind,
-        recipient: Msisdn | None,
-        body: str,
-        actor: str,
-    ) -> OutboxMessage:
-        """Queue an SMS now (an answer to a customer's command)."""
         ...
 
 
