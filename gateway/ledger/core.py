@@ -99,11 +99,13 @@ class Row(Protocol):
 
 # ------------------------------------------------------------------------------------ the steps
 
-#: Step kinds: the first row or None, every row, the count of rows changed, a named lock.
+#: Step kinds: the first row or None, every row, the count of rows changed, a named lock, and
+#: statements run together (the last one's result; the others' are not needed).
 ONE: Final = 0
 ROWS: Final = 1
 RUN: Final = 2
 LOCK: Final = 3
+BATCH: Final = 4
 
 
 Stmt = tuple[int, str, tuple[object, ...]]
@@ -132,6 +134,15 @@ def rows(sql: str, *params: object) -> Stmt:
 def run(sql: str, *params: object) -> Stmt:
     """A statement whose result is how many rows it changed."""
     return (RUN, sql, params)
+
+
+def batch(*stmts: Stmt) -> Stmt:
+    """Statements run in order, answering the last one's result.
+
+    None may depend on another's change but through constraints: PostgreSQL runs them as one
+    statement (data-modifying ``WITH`` clauses, one snapshot, one round trip), SQLite one by one.
+    """
+    return (BATCH, "", stmts)
 
 
 def lock(name: str) -> Stmt:
@@ -506,9 +517,11 @@ class LedgerCore:
         if not is_legal(current, to):
             raise IllegalTransition(purchase_id, current, to)
         stamp = self._stamp(self._clock())
-        moved: Row | None = yield one(_MOVE, to.value, stamp, purchase_id)
-        yield self._event(
-            purchase_id, kind, actor, {**(data or {}), "from": current, "to": to}, stamp
+        moved: Row | None = yield batch(
+            self._event(
+                purchase_id, kind, actor, {**(data or {}), "from": current, "to": to}, stamp
+            ),
+            one(_MOVE, to.value, stamp, purchase_id),
         )
         assert moved is not None  # noqa: S101 - the row is locked: it is there
         return moved
@@ -1193,50 +1206,52 @@ class LedgerCore:
                 yield from self._tid_conflict(draft)
         # The TID counts from the meter's base date (the new one after a key change, applied
         # above): one TID per (meter, base date, TID), schema 0004.
-        yield run(
-            "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
-            " key_change_tokens, base_date) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
-            " (SELECT base_date FROM meters WHERE drn = ?))",
-            draft.purchase_id,
-            draft.meter,
-            draft.tid,
-            draft.token,
-            draft.units,
-            draft.receipt,
-            now,
-            " ".join(draft.key_change_tokens),
-            draft.meter,
-        )
-        yield run(
-            "UPDATE purchases SET state = ?, updated_at = ? WHERE purchase_id = ?",
-            PurchaseState.VENDED.value,
-            now,
-            draft.purchase_id,
-        )
-        yield self._event(
-            draft.purchase_id,
-            "token_vended",
-            actor,
-            {
-                "meter": draft.meter,
-                "tid": draft.tid,
-                "units": draft.units,
-                "token_last4": draft.token[-4:],
-                "from": current,
-                "to": PurchaseState.VENDED,
-            },
-            now,
-        )
-        yield run(
-            _QUEUE_MESSAGE,
-            draft.purchase_id,
-            MessageKind.TOKEN.value,
-            draft.recipient,
-            draft.message,
-            (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
-            now,
-            now,
-            now,
+        yield batch(
+            run(
+                "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
+                " key_change_tokens, base_date) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+                " (SELECT base_date FROM meters WHERE drn = ?))",
+                draft.purchase_id,
+                draft.meter,
+                draft.tid,
+                draft.token,
+                draft.units,
+                draft.receipt,
+                now,
+                " ".join(draft.key_change_tokens),
+                draft.meter,
+            ),
+            run(
+                "UPDATE purchases SET state = ?, updated_at = ? WHERE purchase_id = ?",
+                PurchaseState.VENDED.value,
+                now,
+                draft.purchase_id,
+            ),
+            self._event(
+                draft.purchase_id,
+                "token_vended",
+                actor,
+                {
+                    "meter": draft.meter,
+                    "tid": draft.tid,
+                    "units": draft.units,
+                    "token_last4": draft.token[-4:],
+                    "from": current,
+                    "to": PurchaseState.VENDED,
+                },
+                now,
+            ),
+            run(
+                _QUEUE_MESSAGE,
+                draft.purchase_id,
+                MessageKind.TOKEN.value,
+                draft.recipient,
+                draft.message,
+                (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
+                now,
+                now,
+                now,
+            ),
         )
         if draft.debt_recovery_minor or draft.fbe is not None:
             yield from self._vend_extras(draft, row["currency"], actor, now)

@@ -68,7 +68,7 @@ import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type informat
 import structlog
 
 from gateway.ledger.base import DuplicateError, LedgerError, LedgerUnavailable, MigrationError
-from gateway.ledger.core import LOCK, ROWS, RUN, Clock, LedgerCore, Operation, Steps
+from gateway.ledger.core import BATCH, LOCK, ROWS, RUN, Clock, LedgerCore, Operation, Steps, Stmt
 from gateway.ledger.migrations import packaged_migrations
 
 T = TypeVar("T")
@@ -244,6 +244,14 @@ def _postgres_text(sql: str) -> str:
     return _PLACEHOLDER.sub(lambda _: f"${next(numbers)}", sql)
 
 
+@functools.lru_cache(maxsize=256)  # the core's batches are constant statement lists
+def _fused(sqls: tuple[str, ...]) -> str:
+    """Statements as one: each but the last in its own ``WITH`` clause (``?`` placeholders)."""
+    *first, last = sqls
+    clauses = ", ".join(f"s{n} AS ({sql})" for n, sql in enumerate(first))
+    return f"WITH {clauses} {last}" if first else last
+
+
 async def _drive(conn: Connection, steps: Steps[T]) -> T:
     """Run an operation's steps on ``conn``, one awaited statement each.
 
@@ -256,6 +264,11 @@ async def _drive(conn: Connection, steps: Steps[T]) -> T:
             kind, sql, params = stmt
             result: object
             try:
+                if kind == BATCH:  # one statement: data-modifying WITH clauses, one round trip
+                    stmts = cast("tuple[Stmt, ...]", params)
+                    kind = stmts[-1][0]
+                    sql = _fused(tuple(each for _, each, _ in stmts))
+                    params = tuple(value for _, _, values in stmts for value in values)
                 if kind == LOCK:
                     result = await conn.execute(_LOCK_NAME, *params)
                 elif kind == RUN:

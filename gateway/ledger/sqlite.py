@@ -66,7 +66,7 @@ import aiosqlite
 import structlog
 
 from gateway.ledger.base import DuplicateError, LedgerError, LedgerUnavailable, MigrationError
-from gateway.ledger.core import LOCK, ROWS, RUN, Clock, LedgerCore, Operation, Steps
+from gateway.ledger.core import BATCH, LOCK, ROWS, RUN, Clock, LedgerCore, Operation, Steps, Stmt
 from gateway.ledger.migrations import packaged_migrations
 
 T = TypeVar("T")
@@ -455,6 +455,10 @@ def _drive(conn: sqlite3.Connection, steps: Steps[T]) -> T:
             result: object = None
             if kind != LOCK:
                 try:
+                    if kind == BATCH:  # one by one; the last answers
+                        *first, (kind, sql, params) = cast("tuple[Stmt, ...]", params)
+                        for _, each, values in first:
+                            conn.execute(_sqlite_text(each), values)
                     cursor = conn.execute(_sqlite_text(sql), params)
                 except sqlite3.IntegrityError as exc:
                     refusal = translate_error(exc)
