@@ -1,9 +1,11 @@
 """The ledger's rules, written once: every operation as steps over a thin SQL dialect.
 
 Each ``Ledger`` method is a generator here ("sans-I/O"): it yields the statements it needs
-(``one``, ``rows``, ``run``, ``lock``) and receives their results, and it holds every rule of the
-ledger: the state machine and its event rows, idempotency, the TID compare-and-set, key changes,
-the outbox, row mapping. It never touches a connection. A dialect drives the steps:
+(``one``, ``rows``, ``run``, ``batch``, ``lock``) and receives their results, and it holds every
+rule of the ledger: the state machine and its event rows, idempotency, the TID compare-and-set,
+key changes, debts and free basic electricity, the outbox, row mapping. It never touches a
+connection. A constraint's refusal comes back into the steps as our error (``DuplicateError``
+…), so a rule may name it. A dialect drives the steps:
 
 - ``SqliteLedger`` runs a write's steps synchronously in its writer thread, inside the batch the
   writer commits (so group commit and the optimistic batches stay as they are), and the hot
