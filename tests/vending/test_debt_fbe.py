@@ -4,21 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import uuid
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vending_support import PHONE, VENDING_KEY, World, make_drn, meter_record, profile_of
+from vending_support import (
+    PHONE,
+    VENDING_KEY,
+    FakeClock,
+    FakeProvider,
+    World,
+    build_vending,
+    make_drn,
+    meter_record,
+    profile_of,
+    seed,
+)
 
 from flows.ports import Quote, RefusalReason, Refused
 from gateway.customer_services import SagaCustomerServices
-from gateway.ledger import MessageKind, MeterNumber, Purchase, PurchaseState
+from gateway.ledger import (
+    ConfirmedPayment,
+    LedgerUnavailable,
+    MessageKind,
+    MeterNumber,
+    Purchase,
+    PurchaseState,
+    open_postgres_ledger,
+)
+from gateway.ledger.postgres import create_schema, drop_schema
 from gateway.money import Money
-from gateway.sts import CreditAdded, MeterEmulator, Verdict
+from gateway.sts import CreditAdded, LocalTokenEngine, MeterEmulator, Verdict
 from gateway.tariff import AmountAllToDebt
-from gateway.vending import fbe_message, token_message
+from gateway.vending import Vending, fbe_message, token_message
+
+_POSTGRES_URL = "postgresql://127.0.0.1:5432/test"
 
 # KES 145 with 20 % to the debt: KES 29 recovered, KES 116 buys 4.0 kWh (KES 25/kWh + 16 % VAT).
 AMOUNT = Money(14500, "KES")
@@ -255,3 +279,100 @@ async def test_two_purchases_planned_against_one_small_debt_never_overrecover(
     assert recovered == [1100, 2900]
     vends = [await world.ledger.get_vend(p) for p in opened]
     assert sorted(v.units for v in vends if v is not None) == [40, 46]
+
+
+async def test_two_instances_vend_one_meter_debt_and_fbe_once_units_agree(world: World) -> None:
+    """Two saga instances (own locks) on one SQLite ledger: see ``_race_three``."""
+    await _race_three(world, build_vending(world.ledger, world.provider, world.clock))
+
+
+@pytest.mark.postgres
+async def test_two_instances_on_postgres_vend_debt_and_fbe_once() -> None:
+    """Two saga instances, each with its own PostgreSQL pool on one schema: see ``_race_three``."""
+    schema = f"t_{uuid.uuid4().hex}"
+    try:
+        await create_schema(_POSTGRES_URL, schema)
+    except LedgerUnavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL at {_POSTGRES_URL} does not answer ({exc})")
+    clock, provider = FakeClock(), FakeProvider()
+    try:
+        async with (
+            open_postgres_ledger(_POSTGRES_URL, clock=clock, schema=schema, max_size=4) as one,
+            open_postgres_ledger(_POSTGRES_URL, clock=clock, schema=schema, max_size=4) as two,
+        ):
+            drns = [make_drn(i) for i in range(1, 4)]
+            await seed(one, drns)
+            vending = build_vending(one, provider, clock)
+            world = World(one, vending, provider, clock, LocalTokenEngine([VENDING_KEY]), drns)
+            await _race_three(world, build_vending(two, provider, clock))
+    finally:
+        await drop_schema(_POSTGRES_URL, schema)
+
+
+async def _race_three(world: World, other: Vending) -> None:
+    """Two saga instances race on three paid purchases of one meter, each vended three times.
+
+    One token per purchase, the debt recovered once per purchase and never past the balance, one
+    FBE token, TIDs distinct and the meter's last TID the highest; each vend's units are its SMS's
+    and what the meter credits (DESIGN.md invariant 8).
+    """
+    await world.ledger.set_fbe_allowance("domestic", 50, actor="ops")
+    await world.ledger.set_debt(
+        world.drns[0], balance=Money(7000, "KES"), rate_basis_points=2000, actor="ops"
+    )
+    opened = []
+    for key in ("r1", "r2", "r3"):
+        purchase = await world.vending.start_purchase(
+            channel="ussd", phone=PHONE, meter=world.drns[0], amount=AMOUNT, idempotency_key=key
+        )
+        purchase = await world.vending.request_payment(purchase.purchase_id)
+        assert purchase.provider_reference is not None
+        world.provider.settle(purchase.provider_reference, amount=AMOUNT)
+        await world.ledger.mark_paid(
+            purchase.purchase_id,
+            ConfirmedPayment(
+                provider="fakepay",
+                reference=purchase.provider_reference,
+                amount=AMOUNT,
+                payer=None,
+                receipt="RC" + key,
+            ),
+            actor="test",
+        )
+        opened.append(purchase.purchase_id)
+    await asyncio.gather(
+        *(saga.vend(p) for p in opened for saga in (world.vending, other, world.vending))
+    )
+    debt = await world.ledger.get_debt(world.drns[0])
+    assert debt is not None
+    recovered = sorted(
+        r.amount.amount_minor for r in await world.ledger.debt_recoveries(world.drns[0])
+    )
+    assert recovered == [1200, 2900, 2900]
+    assert (debt.balance.amount_minor, debt.recovered_total_minor) == (0, 7000)
+    (fbe,) = await world.ledger.fbe_issues(world.drns[0])
+    meter = emulator(world)
+    tids = [fbe.tid]
+    for purchase_id in opened:
+        vend = await world.ledger.get_vend(purchase_id)
+        assert vend is not None
+        tids.append(vend.tid)
+        messages = await world.ledger.outbox_for(purchase_id)
+        token_sms = [m for m in messages if m.kind is MessageKind.TOKEN]
+        assert len(token_sms) == 1
+        assert f"{vend.units // 10}.{vend.units % 10}" in token_sms[0].body
+        response = meter.enter(vend.token)
+        assert isinstance(response.change, CreditAdded)
+        assert response.change.amount == vend.units
+        kinds = [e.kind for e in await world.ledger.timeline(purchase_id)]
+        assert kinds.count("debt_recovered") == 1
+    assert len(set(tids)) == len(tids)
+    record = await world.ledger.get_meter(world.drns[0])
+    assert record.last_tid == max(tids)
+    fbe_sms = [
+        m for p in opened for m in await world.ledger.outbox_for(p) if m.kind is MessageKind.FBE
+    ]
+    assert len(fbe_sms) == 1
+    assert isinstance(meter.enter(fbe.token).change, CreditAdded)
