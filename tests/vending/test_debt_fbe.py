@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import os
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vending_support import (
     PHONE,
+    TARIFF,
     VENDING_KEY,
     FakeClock,
     FakeProvider,
@@ -115,6 +117,51 @@ async def test_a_debt_cleared_before_the_vend_gives_the_money_to_energy(world: W
     # KES 145 / 1.16 = KES 125 of energy = 5.0 kWh at KES 25/kWh.
     assert vend.units == 50
     assert await world.ledger.get_debt_recovery(purchase.purchase_id) is None
+
+
+@pytest.mark.parametrize(
+    ("price_per_kwh_minor", "fixed_charge_minor", "units"),
+    [
+        (2500, 0, 50),  # the tariff kept: KES 145 / 1.16 / 25 = 5.0 kWh
+        (5000, 0, 40),  # the price doubled: 2.5 kWh now, but 4.0 was quoted and paid for
+        (2500, 20000, 40),  # a fixed charge above the amount: it would buy nothing now
+    ],
+)
+async def test_a_debt_shrunk_and_a_tariff_changed_before_the_vend_never_give_less_than_quoted(
+    world: World, price_per_kwh_minor: int, fixed_charge_minor: int, units: int
+) -> None:
+    """Quoted 4.0 kWh (KES 29 to the debt); the debt is cleared and the tariff changes; paid.
+
+    Less went to the debt than planned, so the purchase buys at least what its quote promised:
+    never fewer units than quoted (nor a vend failure of a paid purchase), the SMS says them.
+    """
+    await world.ledger.set_debt(
+        world.drns[0], balance=Money(50000, "KES"), rate_basis_points=2000, actor="ops"
+    )
+    purchase = await world.vending.start_purchase(
+        channel="ussd", phone=PHONE, meter=world.drns[0], amount=AMOUNT, idempotency_key="t"
+    )
+    assert purchase.units == 40
+    await world.ledger.clear_debt(world.drns[0], actor="ops")
+    await world.ledger.put_tariff(
+        replace(
+            TARIFF,
+            price_per_kwh_minor=price_per_kwh_minor,
+            fixed_charge_minor=fixed_charge_minor,
+            max_purchase_minor=3_500_000,
+        )
+    )
+    purchase = await world.vending.request_payment(purchase.purchase_id)
+    assert purchase.provider_reference is not None
+    world.provider.settle(purchase.provider_reference, amount=AMOUNT)
+    confirmed = await world.vending.confirm(purchase.purchase_id)
+    assert confirmed.state is PurchaseState.VENDED
+    vend = await world.ledger.get_vend(purchase.purchase_id)
+    assert vend is not None
+    assert vend.units == units
+    (message,) = await world.ledger.outbox_for(purchase.purchase_id)
+    assert f"{units // 10}.{units % 10} kWh" in message.body
+    assert isinstance(emulator(world).enter(vend.token).change, CreditAdded)
 
 
 async def test_an_amount_that_would_all_go_to_the_debt_is_refused(world: World) -> None:
