@@ -52,6 +52,8 @@ MASK: Final = "********"
 _URL_PASSWORD_RE: Final = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
 #: ``?password=…`` (``&sslpassword=…``) in a URL's query: the value is masked, the name kept.
 _QUERY_PASSWORD_RE: Final = re.compile(r"(?P<head>[?&;][A-Za-z_]*password=)[^&#\s]+", re.IGNORECASE)
+#: Fields the processor chain itself adds before ``redact``: never data, never secret.
+_OWN_FIELDS: Final = frozenset({"timestamp", "level"})
 _MIN_SECRET_CHARS: Final = 4  # shorter values would mask ordinary words and numbers
 _secrets: tuple[str, ...] = ()
 _secrets_lock = threading.Lock()
@@ -124,6 +126,8 @@ def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> Event
     """Hide secrets and cut tokens to their last four digits (a structlog processor)."""
     for name in list(event_dict):
         value = event_dict[name]
+        if name in _OWN_FIELDS and isinstance(value, str):
+            continue  # the logger's own (a short secret like "2026" must not mask every line)
         if _is_secret_key(name):
             event_dict[name] = MASK
         elif name == "token" and value is not None:

@@ -144,3 +144,19 @@ def test_a_password_in_a_url_query_is_masked_and_registered() -> None:
     )
     assert line["dsn"] == "postgresql://app@db:5432/ledger?sslmode=require&password=********"
     assert line["redis"] == "redis://cache/0?db=1&password=********"
+
+
+def test_a_short_secret_never_masks_the_lines_own_timestamp_or_level() -> None:
+    """A 4-character secret equal to the year (or ``info``) leaves every line parseable.
+
+    The timestamp and the level are the logger's own, never data: a weak password ``2026``
+    masked the year of every timestamp (``********-12-04T…``) and broke log ingestion.
+    """
+    register_secrets("2026", "info")
+    try:
+        line = json.loads(_render(note="paid 2026 with info"))
+    finally:
+        forget_secrets()
+    assert line["note"] == "paid ******** with ********"
+    assert line["level"] == "info"
+    assert "*" not in line["timestamp"]
