@@ -22,7 +22,8 @@ the purchase's tariff), and the token SMS says what was recovered and what remai
 Free basic electricity (FBE): a tariff's monthly allowance (``Ledger.set_fbe_allowance``) comes
 as a second credit token, with its own TID and SMS, with the meter's first vend of the calendar
 month in ``SagaPolicy.fbe_timezone`` (Africa/Nairobi by default). The database allows one per
-meter and month. A vend that delivers a key change leaves the FBE to the next purchase.
+meter and month. A vend that delivers a key change, or whose payer is unknown (a C2B payment with
+a masked MSISDN: its token SMS is held), leaves the FBE to the next purchase.
 
 A callback is a claim: ``on_payment_notice`` records it and asks the provider (``query_status``)
 before anything is vended. Each step is one ledger transaction with its event row, and every
@@ -1164,8 +1165,9 @@ class Vending:
         units, recovered, balance = await self._debt_step(purchase)
         units = _carried_units(units)
         tid, token, kcts = await self._make_tokens(context, change, payment, units)
-        # The month's free basic electricity rides on this vend (not on a key change's).
-        fbe = None if kcts else await self._fbe_step(context, tid)
+        # The month's free basic electricity rides on this vend: not on a key change's, nor on
+        # one with no phone to send it to (its SMS would be held, and nothing reprints it).
+        fbe = None if kcts or purchase.phone is None else await self._fbe_step(context, tid)
         receipt = (payment.receipt if payment else None) or context.receipt or purchase.purchase_id
         currency = purchase.amount.currency
         outcome = await self._ledger.record_vend(

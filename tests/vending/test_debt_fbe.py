@@ -40,6 +40,7 @@ from gateway.ledger import (
 )
 from gateway.ledger.postgres import create_schema, drop_schema
 from gateway.money import Money
+from gateway.payments import PaymentNotice, PaymentState, ProviderReference
 from gateway.sts import CreditAdded, LocalTokenEngine, MeterEmulator, Verdict
 from gateway.tariff import AmountAllToDebt
 from gateway.vending import Vending, fbe_message, token_message
@@ -199,6 +200,37 @@ async def test_fbe_comes_with_the_first_purchase_of_the_month_only(world: World)
     later = await world.ledger.get_vend(second.purchase_id)
     assert later is not None
     assert later.tid > issue.tid  # the FBE token's TID is never reused
+
+
+async def test_fbe_waits_for_a_purchase_with_a_phone_to_send_it_to(world: World) -> None:
+    """A C2B payment with a masked MSISDN vends a HELD token, but leaves the month's FBE.
+
+    The FBE token's SMS would be held with no reprint for it (an operator reads out only the
+    credit token), and the month's FBE would be spent: the next purchase from a phone gets it.
+    """
+    await world.ledger.set_fbe_allowance("domestic", 50, actor="ops")
+    world.provider.settle("RKTMASKED2", amount=Money(11600, "KES"), payer=None)
+    await world.vending.on_payment_notice(
+        PaymentNotice(
+            provider=world.provider.name,
+            reference=ProviderReference("RKTMASKED2"),
+            claimed_state=PaymentState.SUCCEEDED,
+            amount=Money(11600, "KES"),
+            payer=None,  # Daraja v2 masks the MSISDN: 25470****149
+            account_reference=world.drns[0],
+            is_customer_initiated=True,
+            raw=b'{"TransID":"RKTMASKED2","MSISDN":"25470****149"}',
+        )
+    )
+    (held,) = await world.ledger.find_purchases(meter=world.drns[0])
+    assert held.state is PurchaseState.VENDED
+    assert [m.kind for m in await world.ledger.outbox_for(held.purchase_id)] == [MessageKind.TOKEN]
+    assert await world.ledger.fbe_issues(world.drns[0]) == []
+    purchase = await bought(world, "after-c2b", Money(11600, "KES"))
+    (issue,) = await world.ledger.fbe_issues(world.drns[0])
+    assert issue.purchase_id == purchase.purchase_id
+    kinds = [m.kind for m in await world.ledger.outbox_for(purchase.purchase_id)]
+    assert kinds == [MessageKind.TOKEN, MessageKind.FBE]
 
 
 async def test_fbe_month_is_the_utility_timezone_month(world: World) -> None:
