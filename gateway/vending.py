@@ -22,7 +22,8 @@ the purchase's tariff), and the token SMS says what was recovered and what remai
 Free basic electricity (FBE): a tariff's monthly allowance (``Ledger.set_fbe_allowance``) comes
 as a second credit token, with its own TID and SMS, with the meter's first vend of the calendar
 month in ``SagaPolicy.fbe_timezone`` (Africa/Nairobi by default). The database allows one per
-meter and month. A vend that delivers a key change leaves the FBE to the next purchase.
+meter and month. A vend that delivers a key change, or whose payer is unknown (a C2B payment with
+a masked MSISDN: its token SMS is held), leaves the FBE to the next purchase.
 
 A callback is a claim: ``on_payment_notice`` records it and asks the provider (``query_status``)
 before anything is vended; a provider answer that contradicts it is a security event. A provider
@@ -1346,15 +1347,12 @@ class Vending:
         if change is not None and not change.is_from(meter):
             log.warning("key_change_stale", meter=meter.drn, change_id=change.change_id)
             change = None
-        try:
-            units, recovered, balance = await self._debt_step(purchase)
-        except TariffError as exc:  # the tariff changed so much the purchase buys nothing now
-            reason = f"re-pricing after the debt changed: {exc}"
-            raise await self._vend_failed(purchase, payment, reason) from exc
+        units, recovered, balance = await self._debt_step(purchase)
         units = _carried_units(units)
         tid, token, kcts = await self._make_tokens(context, change, payment, units)
-        # The month's free basic electricity rides on this vend (not on a key change's).
-        fbe = None if kcts else await self._fbe_step(context, tid)
+        # The month's free basic electricity rides on this vend: not on a key change's, nor on
+        # one with no phone to send it to (its SMS would be held, and nothing reprints it).
+        fbe = None if kcts or purchase.phone is None else await self._fbe_step(context, tid)
         # Only a receipt the provider's records proved (the payment's): never a callback's claim.
         proven = payment.receipt if payment else await self._confirmed_receipt(purchase)
         receipt = proven or purchase.purchase_id
@@ -1422,7 +1420,9 @@ class Vending:
         The quote planned ``purchase.debt_recovery_minor``; the vend never recovers more than the
         meter owes now. Should the debt have shrunk since (cleared, or recovered by another
         purchase), the money not recovered buys energy: the purchase is priced again under its
-        tariff. The balance is None when nothing was planned (the meter owed nothing).
+        tariff, and never gets fewer units than its quote promised (the tariff may have changed
+        since: a dearer price, or one under which the amount buys nothing, still vends what was
+        quoted and paid for). The balance is None when nothing was planned (the meter owed nothing).
         """
         planned = purchase.debt_recovery_minor
         if planned <= 0:
@@ -1434,13 +1434,20 @@ class Vending:
         if recovered == planned:
             return purchase.units, recovered, balance
         tariff = await self._ledger.get_tariff(purchase.tariff_id)
-        repriced = price(
-            tariff, purchase.amount, debt_recovered_minor=recovered, debt_balance_minor=balance
-        )
-        log.info(
-            "debt_recovery_reduced", planned=planned, recovered=recovered, units=repriced.units
-        )
-        return repriced.units, recovered, balance
+        repriced = 0
+        try:
+            if tariff.currency == purchase.amount.currency:  # else the quote is all there is
+                repriced = price(
+                    tariff,
+                    purchase.amount,
+                    debt_recovered_minor=recovered,
+                    debt_balance_minor=balance,
+                ).units
+        except TariffError as exc:  # the tariff changed so much the amount buys nothing now
+            log.warning("debt_repricing_refused", reason=str(exc))
+        units = max(purchase.units, repriced)
+        log.info("debt_recovery_reduced", planned=planned, recovered=recovered, units=units)
+        return units, recovered, balance
 
     async def _fbe_step(self, context: VendContext, credit_tid: int) -> FbeDraft | None:
         """The month's free basic electricity token, when the meter has it due; else None.
