@@ -433,6 +433,9 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         await _start_simulators(stack, config, callback_secret) if config.uses_simulators else None
     )
     providers = _providers(config, session, sims, callback_url)
+    for provider in providers.values():
+        if isinstance(provider, DarajaProvider):  # Transaction Status results via the ledger
+            provider.status_store = ledger
     default_provider = "daraja" if config.payments == SIMULATED else config.payments
     metrics = Metrics()
     vending = Vending(

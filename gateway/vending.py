@@ -22,13 +22,19 @@ the purchase's tariff), and the token SMS says what was recovered and what remai
 Free basic electricity (FBE): a tariff's monthly allowance (``Ledger.set_fbe_allowance``) comes
 as a second credit token, with its own TID and SMS, with the meter's first vend of the calendar
 month in ``SagaPolicy.fbe_timezone`` (Africa/Nairobi by default). The database allows one per
-meter and month. A vend that delivers a key change leaves the FBE to the next purchase.
+meter and month. A vend that delivers a key change, or whose payer is unknown (a C2B payment with
+a masked MSISDN: its token SMS is held), leaves the FBE to the next purchase.
 
 A callback is a claim: ``on_payment_notice`` records it and asks the provider (``query_status``)
-before anything is vended. Each step is one ledger transaction with its event row, and every
-step is safe to retry: a replayed vend returns the stored token and queues nothing. TIDs come
-from the meter row inside the vend transaction (compare-and-set), serialised per meter in this
-process, so two purchases for one meter in one minute get distinct, increasing TIDs.
+before anything is vended; a provider answer that contradicts it is a security event. A provider
+receipt pays for one purchase only: the ledger refuses a second claim of it (``ReceiptReused``),
+which leaves that purchase REFUND_PENDING for an operator, never vended. The receipt on a token
+comes only from the provider's records, never from a callback's word.
+
+Each step is one ledger transaction with its event row, and every step is safe to retry: a replayed
+vend returns the stored token and queues nothing. TIDs come from the meter row inside the vend
+transaction (compare-and-set), serialised per meter in this process, so two purchases for one meter
+in one minute get distinct, increasing TIDs.
 
 ```
 VendingError                 gateway.errors.GatewayError
@@ -49,7 +55,7 @@ import random
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
 from zoneinfo import ZoneInfo
@@ -72,6 +78,7 @@ from gateway.ledger import (
     Purchase,
     PurchaseDraft,
     PurchaseState,
+    ReceiptReused,
     SagaLedger,
     TidConflict,
     Vend,
@@ -85,12 +92,14 @@ from gateway.money import Money
 from gateway.payments import (
     CollectionRequest,
     CustomerPaymentRefusal,
+    ForgedCallback,
     PaymentError,
     PaymentNotice,
     PaymentProvider,
     PaymentState,
     PaymentStatus,
     ProviderReference,
+    ReceiptVerifier,
     ReconcilingProvider,
 )
 from gateway.phone import Msisdn
@@ -148,6 +157,9 @@ _PAID_STATES: Final = frozenset(
         PurchaseState.REFUND_PENDING,
     }
 )
+#: Bytes of a callback body kept in the ledger: real callbacks are a few hundred bytes; its
+#: SHA-256 is taken over the whole body (issue 17: 50 unknown-reference posts of 900 KB).
+MAX_STORED_NOTICE: Final = 8192
 _PROFILE_CACHE: Final = 4096  # validated meter profiles kept (oldest dropped first)
 _GSM7_SINGLE: Final = 160
 _GSM7_DOUBLE: Final = 306
@@ -353,6 +365,10 @@ class SagaObserver(Protocol):
         """A token was durably stored: seconds the vend step took (lock, token, write)."""
         ...
 
+    def security_event(self, kind: str) -> None:
+        """The saga saw a security event of ``kind`` (``payment_receipt_reused`` …)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SagaPolicy:
@@ -376,6 +392,9 @@ class SagaPolicy:
             (the prompt's lifetime).
         reconcile_window_s: that lookup covers (attempt - before, attempt + after).
         fbe_timezone: the IANA zone whose calendar months free basic electricity follows.
+        receipt_check_s: how long a vend waits for the provider's record of a receipt a callback
+            claimed (Daraja Transaction Status); without an answer the token goes out with our
+            purchase id as its receipt.
     """
 
     first_check_after_s: float = 20.0
@@ -388,6 +407,7 @@ class SagaPolicy:
     reconcile_after_s: float = 90.0
     reconcile_window_s: tuple[float, float] = (60.0, 300.0)
     fbe_timezone: str = "Africa/Nairobi"
+    receipt_check_s: float = 5.0
 
 
 class Vending:
@@ -800,16 +820,17 @@ class Vending:
                 amount=notice.amount,
                 payer=notice.payer,
                 receipt=notice.receipt,
-                raw=notice.raw,
+                raw=notice.raw[:MAX_STORED_NOTICE],
                 payload_hash=notice.payload_hash,
             ),
             actor=f"callback:{notice.provider}",
         )
         if outcome.payload_conflict:
-            log.warning(
+            self._security_event(
                 "payment_notice_payload_conflict",
                 provider=notice.provider,
                 reference=notice.reference,
+                purchase_id=outcome.purchase_id,
             )
         purchase_id: str | None = outcome.purchase_id
         if purchase_id is None and notice.is_customer_initiated:
@@ -823,15 +844,21 @@ class Vending:
                 actor=f"callback:{notice.provider}",
                 data={"provider": notice.provider, "reference": notice.reference},
             )
-            log.warning(
-                "payment_notice_unknown", provider=notice.provider, reference=notice.reference
+            self._security_event(
+                "payment_notice_unknown",
+                provider=notice.provider,
+                reference=notice.reference,
+                claimed_state=notice.claimed_state.value,
+                stored_bytes=min(len(notice.raw), MAX_STORED_NOTICE),
             )
             return
         if not notice.claimed_state.is_final:
             return
         with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
             try:
-                await self.confirm(purchase_id)
+                await self.confirm(
+                    purchase_id, claimed=notice.claimed_state, claimed_receipt=notice.receipt
+                )
             except (GatewayError, StsError) as exc:
                 # Recorded; the sweeper finishes it. A notice is never refused for this.
                 log.warning("payment_notice_confirmation_deferred", error=str(exc))
@@ -914,12 +941,30 @@ class Vending:
         payer_ok = status.payer is None or purchase.phone is None or status.payer == purchase.phone
         return paid == purchase.amount and payer_ok, paid
 
-    async def confirm(self, purchase_id: str) -> Purchase:
+    async def confirm(
+        self,
+        purchase_id: str,
+        *,
+        claimed: PaymentState | None = None,
+        claimed_receipt: str | None = None,
+    ) -> Purchase:
         """Ask the provider what became of the purchase's payment, and act on its answer.
 
         Paid with the exact amount, currency and payer: PAID, then vended. Paid otherwise:
-        REFUND_PENDING and a security event (never vends). Failed: PAYMENT_FAILED. Pending:
-        unchanged. A success arriving after expiry still vends: money is never lost.
+        REFUND_PENDING and a security event (never vends). Paid with a receipt that already
+        pays for another purchase: REFUND_PENDING (an operator looks) and the security event
+        ``payment_receipt_reused``, never vended. Failed: PAYMENT_FAILED. Pending: unchanged. A
+        success arriving after expiry still vends: money is never lost.
+
+        ``claimed`` is what the callback that brought us here said: an answer of the provider
+        that contradicts it (success against failure, either way), a provider that does not
+        know the reference, or a failed customer-initiated payment (its confirmation said the
+        money moved) is the security event ``payment_callback_contradicted``.
+
+        The receipt on the vend and the token SMS comes from the provider's own records only:
+        the status answer's, else (Daraja STK, whose query has none) a receipt a callback claimed
+        (``claimed_receipt``, or the one kept with the payment) once the provider's record of it
+        (``ReceiptVerifier``) shows this payment's amount and payer; else our purchase id.
 
         Raises:
             PaymentError: the provider could not answer (``ProviderUnavailable``, retryable).
@@ -929,6 +974,8 @@ class Vending:
             context = await self._ledger.vend_context(purchase_id)
             purchase = context.purchase
             if purchase.state in _SETTLED:
+                if claimed_receipt is not None:
+                    await self._late_receipt(context, claimed_receipt)
                 return purchase
             if purchase.state is PurchaseState.PAID:
                 outcome = await self._vend_locked(purchase_id, purchase.meter, payment=None)
@@ -939,9 +986,22 @@ class Vending:
             }:
                 return purchase
             provider = self._providers[purchase.provider]
-            status = await provider.query_status(ProviderReference(purchase.provider_reference))
+            reference = purchase.provider_reference
+            try:
+                status = await provider.query_status(ProviderReference(reference))
+            except ForgedCallback as exc:
+                self._security_event(
+                    "payment_callback_contradicted",
+                    provider=provider.name,
+                    reference=reference,
+                    claimed=claimed.value if claimed else None,
+                    answer="unknown to the provider",
+                    reason=str(exc),
+                )
+                raise
+            self._check_claim(purchase, claimed, status)
             if status.state is PaymentState.SUCCEEDED:
-                return await self._on_success(context, status)
+                return await self._on_success(context, status, claimed_receipt)
             if status.state in _FAILED_CLAIMS and purchase.state in {
                 PurchaseState.CREATED,
                 PurchaseState.AWAITING_PAYMENT,
@@ -956,7 +1016,123 @@ class Vending:
                 )
             return purchase
 
-    async def _on_success(self, context: VendContext, status: PaymentStatus) -> Purchase:
+    def _check_claim(
+        self, purchase: Purchase, claimed: PaymentState | None, status: PaymentStatus
+    ) -> None:
+        """A security event when the provider's own answer contradicts what we were told."""
+        if not status.state.is_final:
+            return
+        paid = status.state is PaymentState.SUCCEEDED
+        if purchase.channel == CUSTOMER_INITIATED_CHANNEL and claimed is None:
+            claimed = PaymentState.SUCCEEDED  # its confirmation said the money moved
+        if claimed is None or not claimed.is_final or (claimed is PaymentState.SUCCEEDED) == paid:
+            return
+        self._security_event(
+            "payment_callback_contradicted",
+            provider=status.provider,
+            reference=status.reference,
+            claimed=claimed.value,
+            answer=status.state.value,
+            reason=status.reason,
+            channel=purchase.channel,
+        )
+
+    async def _on_success(
+        self, context: VendContext, status: PaymentStatus, claimed_receipt: str | None = None
+    ) -> Purchase:
+        if status.receipt is None:
+            receipt = await self._proven_receipt(
+                context.purchase, status.reference, (claimed_receipt, context.receipt)
+            )
+            status = replace(status, receipt=receipt)
+        try:
+            return await self._on_proven(context, status)
+        except ReceiptReused as exc:
+            return await self._receipt_reused(context.purchase, status, exc)
+
+    async def _late_receipt(self, context: VendContext, claimed: str) -> None:
+        """A receipt claimed after the vend (the real callback behind a forged one, say).
+
+        Once the provider's records prove it this payment's, it goes on the payment row, so
+        that it can pay for nothing else (a second claim: ``payment_receipt_reused``).
+        """
+        purchase, vend = context.purchase, context.vend
+        reference = purchase.provider_reference
+        if reference is None or (vend is not None and vend.receipt == claimed):
+            return
+        proven = await self._proven_receipt(purchase, reference, (claimed,))
+        if proven is None:
+            return
+        try:
+            await self._ledger.prove_receipt(purchase.provider, reference, proven)
+        except ReceiptReused as exc:
+            data = {"provider": exc.provider, "receipt": exc.receipt, "reference": reference}
+            self._security_event("payment_receipt_reused", **data)
+            await self._ledger.append_event(
+                purchase.purchase_id, "payment_receipt_reused", actor="saga", data=data
+            )
+
+    async def _proven_receipt(
+        self, purchase: Purchase, reference: str, claims: Sequence[str | None]
+    ) -> str | None:
+        """A receipt callbacks claimed, as the provider's own record proves it; None if none.
+
+        Each claim is looked up (``ReceiptVerifier``); one whose record is not a success of
+        this purchase's amount and payer is the security event ``payment_receipt_unproven``. A
+        lookup that fails leaves the claim unproven (the token goes out with our purchase id).
+        """
+        provider = self._providers.get(purchase.provider)
+        if not isinstance(provider, ReceiptVerifier):
+            return None
+        for claimed in dict.fromkeys(c for c in claims if c):
+            try:
+                async with asyncio.timeout(self._policy.receipt_check_s):
+                    record = await provider.verify_receipt(claimed)
+            except (PaymentError, TimeoutError) as exc:
+                log.warning("payment_receipt_unverified", receipt=claimed, error=repr(exc))
+                continue
+            payer_ok = (
+                record.payer is None or purchase.phone is None or (record.payer == purchase.phone)
+            )
+            if (
+                record.state is PaymentState.SUCCEEDED
+                and record.amount == purchase.amount
+                and payer_ok
+            ):
+                return record.receipt or claimed
+            self._security_event(
+                "payment_receipt_unproven",
+                provider=provider.name,
+                reference=reference,
+                receipt=claimed,
+                answer=record.state.value,
+                amount=str(record.amount) if record.amount else None,
+            )
+        return None
+
+    async def _receipt_reused(
+        self, purchase: Purchase, status: PaymentStatus, exc: ReceiptReused
+    ) -> Purchase:
+        """A proven receipt that already pays for another purchase: never vend; an operator."""
+        data = {
+            "provider": exc.provider,
+            "receipt": exc.receipt,
+            "reference": status.reference,
+            "channel": purchase.channel,
+        }
+        self._security_event("payment_receipt_reused", **data)
+        current = await self._ledger.get_purchase(purchase.purchase_id)
+        if current.state is PurchaseState.REFUND_PENDING or current.state in _SETTLED:
+            return current
+        return await self._ledger.transition(
+            purchase.purchase_id,
+            PurchaseState.REFUND_PENDING,
+            kind="payment_receipt_reused",
+            actor="saga",
+            data=data,
+        )
+
+    async def _on_proven(self, context: VendContext, status: PaymentStatus) -> Purchase:
         purchase = context.purchase
         matches, paid = self._matches(purchase, status)
         confirmed = ConfirmedPayment(
@@ -964,8 +1140,8 @@ class Vending:
             reference=status.reference,
             amount=paid,
             payer=status.payer,
-            # A status answer may carry no receipt (Daraja's STK Query): keep the callback's.
-            receipt=status.receipt or context.receipt,
+            # Only the provider's own records (the answer, or a verified claim: _on_success).
+            receipt=status.receipt,
         )
         if not matches:
             log.warning(
@@ -999,6 +1175,16 @@ class Vending:
             report(seconds)
         except Exception as exc:  # noqa: BLE001 - metrics must never break a purchase
             log.warning("saga_observer_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _security_event(self, kind: str, **fields: object) -> None:
+        """Log ``kind`` as a security event (``security_event=True``) and count it."""
+        log.warning(kind, security_event=True, **fields)
+        report = getattr(self._observer, "security_event", None)
+        if report is not None:
+            try:
+                report(kind)
+            except Exception as exc:  # noqa: BLE001 - metrics must never break a purchase
+                log.warning("saga_observer_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def check_payment(self, purchase_id: str) -> Purchase:
         """The sweeper's step for a purchase awaiting payment past its check time.
@@ -1161,16 +1347,15 @@ class Vending:
         if change is not None and not change.is_from(meter):
             log.warning("key_change_stale", meter=meter.drn, change_id=change.change_id)
             change = None
-        try:
-            units, recovered, balance = await self._debt_step(purchase)
-        except TariffError as exc:  # the tariff changed so much the purchase buys nothing now
-            reason = f"re-pricing after the debt changed: {exc}"
-            raise await self._vend_failed(purchase, payment, reason) from exc
+        units, recovered, balance = await self._debt_step(purchase)
         units = _carried_units(units)
         tid, token, kcts = await self._make_tokens(context, change, payment, units)
-        # The month's free basic electricity rides on this vend (not on a key change's).
-        fbe = None if kcts else await self._fbe_step(context, tid)
-        receipt = (payment.receipt if payment else None) or context.receipt or purchase.purchase_id
+        # The month's free basic electricity rides on this vend: not on a key change's, nor on
+        # one with no phone to send it to (its SMS would be held, and nothing reprints it).
+        fbe = None if kcts or purchase.phone is None else await self._fbe_step(context, tid)
+        # Only a receipt the provider's records proved (the payment's): never a callback's claim.
+        proven = payment.receipt if payment else await self._confirmed_receipt(purchase)
+        receipt = proven or purchase.purchase_id
         currency = purchase.amount.currency
         outcome = await self._ledger.record_vend(
             VendDraft(
@@ -1235,7 +1420,9 @@ class Vending:
         The quote planned ``purchase.debt_recovery_minor``; the vend never recovers more than the
         meter owes now. Should the debt have shrunk since (cleared, or recovered by another
         purchase), the money not recovered buys energy: the purchase is priced again under its
-        tariff. The balance is None when nothing was planned (the meter owed nothing).
+        tariff, and never gets fewer units than its quote promised (the tariff may have changed
+        since: a dearer price, or one under which the amount buys nothing, still vends what was
+        quoted and paid for). The balance is None when nothing was planned (the meter owed nothing).
         """
         planned = purchase.debt_recovery_minor
         if planned <= 0:
@@ -1247,13 +1434,20 @@ class Vending:
         if recovered == planned:
             return purchase.units, recovered, balance
         tariff = await self._ledger.get_tariff(purchase.tariff_id)
-        repriced = price(
-            tariff, purchase.amount, debt_recovered_minor=recovered, debt_balance_minor=balance
-        )
-        log.info(
-            "debt_recovery_reduced", planned=planned, recovered=recovered, units=repriced.units
-        )
-        return repriced.units, recovered, balance
+        repriced = 0
+        try:
+            if tariff.currency == purchase.amount.currency:  # else the quote is all there is
+                repriced = price(
+                    tariff,
+                    purchase.amount,
+                    debt_recovered_minor=recovered,
+                    debt_balance_minor=balance,
+                ).units
+        except TariffError as exc:  # the tariff changed so much the amount buys nothing now
+            log.warning("debt_repricing_refused", reason=str(exc))
+        units = max(purchase.units, repriced)
+        log.info("debt_recovery_reduced", planned=planned, recovered=recovered, units=units)
+        return units, recovered, balance
 
     async def _fbe_step(self, context: VendContext, credit_tid: int) -> FbeDraft | None:
         """The month's free basic electricity token, when the meter has it due; else None.
@@ -1284,6 +1478,14 @@ class Vending:
                 language=context.language or "en",
             ),
         )
+
+    async def _confirmed_receipt(self, purchase: Purchase) -> str | None:
+        """The receipt the purchase's payment confirmation proved (its ``payment_confirmed``)."""
+        for event in reversed(await self._ledger.timeline(purchase.purchase_id)):
+            if event.kind == "payment_confirmed":
+                receipt = event.data.get("receipt")
+                return receipt if isinstance(receipt, str) and receipt else None
+        return None
 
     async def _make_tokens(
         self,

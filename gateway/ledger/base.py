@@ -605,6 +605,15 @@ class SealedVendingKey:
 # ----------------------------------------------------------------------------------------- errors
 
 
+#: ``Ledger.answer_status_query``'s answers.
+STATUS_ACCEPTED: Final = "accepted"  # it answers an outstanding query of ours: stored, once
+STATUS_UNMATCHED: Final = "unmatched"  # no outstanding query has these ids (or already answered)
+STATUS_CONTRADICTED: Final = "contradicted"  # our query's ids, another transaction
+#: Status queries older than this are dropped when a new one is recorded (a result that late is
+#: unmatched: the query gave up after ``status_result_wait_s`` long before).
+STATUS_QUERY_KEEP_S: Final = 3600.0
+
+
 class LedgerError(GatewayError):
     """The ledger refused or could not perform an operation."""
 
@@ -625,6 +634,27 @@ class DuplicateError(LedgerError):
 
 class IdempotencyConflict(DuplicateError):
     """An idempotency key was reused for a request with different details."""
+
+
+#: The unique index (migration 0003) that lets a provider's receipt pay for one purchase only.
+RECEIPT_ONCE: Final = "payments_receipt_once"
+
+
+class ReceiptReused(DuplicateError):
+    """A provider's receipt already proves the payment of another payment row (another purchase).
+
+    Raised by ``mark_paid``, ``record_vend`` (with a payment) and ``mark_payment_mismatch``: the
+    transaction wrote nothing. ``key`` is ``provider:receipt``.
+    """
+
+    def __init__(self, provider: str, receipt: str) -> None:
+        super().__init__(
+            f"{provider} receipt {receipt} already pays for another purchase",
+            constraint=RECEIPT_ONCE,
+            key=f"{provider}:{receipt}",
+        )
+        self.provider = provider
+        self.receipt = receipt
 
 
 class NotFound(LedgerError):

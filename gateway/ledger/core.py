@@ -39,6 +39,11 @@ from gateway.ledger.base import (
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
+    RECEIPT_ONCE,
+    STATUS_ACCEPTED,
+    STATUS_CONTRADICTED,
+    STATUS_QUERY_KEEP_S,
+    STATUS_UNMATCHED,
     ConfirmedPayment,
     DebtRecovery,
     DuplicateError,
@@ -68,6 +73,7 @@ from gateway.ledger.base import (
     PurchaseDraft,
     PurchaseId,
     PurchaseState,
+    ReceiptReused,
     ReportRow,
     SavedMeter,
     SavedMetersFull,
@@ -439,6 +445,13 @@ _VENDED_OR_LATER: Final = frozenset({PurchaseState.VENDED, PurchaseState.DELIVER
 _PAID_OR_LATER: Final = frozenset(
     {PurchaseState.PAID, PurchaseState.VENDED, PurchaseState.DELIVERED, PurchaseState.VEND_FAILED}
 )
+
+
+def _receipt_refusal(exc: DuplicateError, provider: str, receipt: str | None) -> DuplicateError:
+    """``ReceiptReused`` when the receipt's index refused the row, else the refusal itself."""
+    if exc.constraint == RECEIPT_ONCE and receipt is not None:
+        return ReceiptReused(provider, receipt)
+    return exc
 
 
 def _not_owner(provider: str, reference: str, owner: object, purchase_id: str) -> DuplicateError:
@@ -956,10 +969,30 @@ class LedgerCore:
     def _settle_payment_row(
         self, purchase_id: str, payment: ConfirmedPayment, state: PaymentRecordState
     ) -> Steps[None]:
-        # The row is there most often (the collection was attached): one UPDATE settles it if it
-        # has no purchase or ours. Otherwise one statement inserts it or, when another writer
-        # inserted it meanwhile, settles it under the row's lock; nothing returned means another
-        # purchase owns the reference.
+        """Settle the payment row; ``ReceiptReused`` when its receipt proves another row already.
+
+        The row is there most often (the collection was attached): one UPDATE settles it if it
+        has no purchase or ours. Otherwise one statement inserts it or, when another writer
+        inserted it meanwhile, settles it under the row's lock; nothing returned means another
+        purchase owns the reference.
+        """
+        try:
+            settled = yield from self._upsert_payment(purchase_id, payment, state)
+        except DuplicateError as exc:
+            raise _receipt_refusal(exc, payment.provider, payment.receipt) from exc
+        if settled is None:
+            owner = yield one(_PAYMENT_OWNER, payment.provider, payment.reference)
+            raise _not_owner(
+                payment.provider,
+                payment.reference,
+                owner["purchase_id"] if owner is not None else None,
+                purchase_id,
+            )
+
+    def _upsert_payment(
+        self, purchase_id: str, payment: ConfirmedPayment, state: PaymentRecordState
+    ) -> Steps[object]:
+        """The settled row's id (its update count when it was there), None if another owns it."""
         _, now = self._now()
         updated: int = yield run(
             "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
@@ -977,7 +1010,7 @@ class LedgerCore:
             purchase_id,
         )
         if updated == 1:
-            return
+            return updated
         settled = yield one(
             "INSERT INTO payments (purchase_id, provider, reference, amount_minor, currency,"
             " state, payer, receipt, created_at, updated_at)"
@@ -1000,14 +1033,7 @@ class LedgerCore:
             now,
             now,
         )
-        if settled is None:
-            owner = yield one(_PAYMENT_OWNER, payment.provider, payment.reference)
-            raise _not_owner(
-                payment.provider,
-                payment.reference,
-                owner["purchase_id"] if owner is not None else None,
-                purchase_id,
-            )
+        return settled
 
     def _pay(
         self, row: Row, payment: ConfirmedPayment, actor: str, *, move: bool = True
@@ -1092,6 +1118,114 @@ class LedgerCore:
                 row, PurchaseState.REFUND_PENDING, "refund_needed", actor, data
             )
         return purchase_of(row)
+
+    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
+        """Record the receipt the provider's records prove for a payment row."""
+        await self._write(self._prove_receipt, provider, reference, receipt, atomic=False)
+
+    def _prove_receipt(self, provider: str, reference: str, receipt: str) -> Steps[None]:
+        try:
+            updated: int = yield run(
+                "UPDATE payments SET receipt = ?, updated_at = ?"
+                " WHERE provider = ? AND reference = ?",
+                receipt,
+                self._stamp(self._clock()),
+                provider,
+                reference,
+            )
+        except DuplicateError as exc:
+            raise _receipt_refusal(exc, provider, receipt) from exc
+        if updated != 1:
+            raise NotFound("payment", f"{provider}:{reference}")
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a status query the provider acknowledged. Idempotent."""
+        await self._write(
+            self._record_status_query, provider, conversation_id, originator_id, transaction_id
+        )
+
+    def _record_status_query(
+        self, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> Steps[None]:
+        moment, now = self._now()
+        yield batch(
+            run(
+                "DELETE FROM status_queries WHERE asked_at < ?",
+                self._stamp(moment - timedelta(seconds=STATUS_QUERY_KEEP_S)),
+            ),
+            run(
+                "INSERT INTO status_queries (conversation_id, originator_id, provider,"
+                " transaction_id, asked_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (conversation_id) DO NOTHING",
+                conversation_id,
+                originator_id,
+                provider,
+                transaction_id,
+                now,
+            ),
+        )
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store a result for the unanswered query it names, once (the row locked)."""
+        return await self._write(
+            self._answer_status_query,
+            provider,
+            conversation_id,
+            originator_id,
+            transaction_id,
+            result,
+        )
+
+    def _answer_status_query(
+        self,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> Steps[str]:
+        row = yield one(
+            "SELECT originator_id, provider, transaction_id, answered_at FROM status_queries"
+            " WHERE conversation_id = ? FOR UPDATE",
+            conversation_id,
+        )
+        if (
+            row is None
+            or row["provider"] != provider
+            or row["originator_id"] != originator_id
+            or row["answered_at"] is not None
+        ):
+            return STATUS_UNMATCHED
+        if row["transaction_id"] != transaction_id:
+            return STATUS_CONTRADICTED
+        yield run(
+            "UPDATE status_queries SET result = ?, answered_at = ? WHERE conversation_id = ?",
+            result,
+            self._stamp(self._clock()),
+            conversation_id,
+        )
+        return STATUS_ACCEPTED
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while it has none."""
+        return await self._read(self._status_query_result, conversation_id)
+
+    @staticmethod
+    def _status_query_result(conversation_id: str) -> Steps[bytes | None]:
+        row = yield one(
+            "SELECT result FROM status_queries WHERE conversation_id = ?", conversation_id
+        )
+        return None if row is None or row["result"] is None else bytes(row["result"])
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase."""

@@ -5,6 +5,7 @@ SagaLedger       gateway/vending.py            the purchase saga: every state ch
 PaymentChecks    gateway/sweeper.py            which purchases are due for a payment check
 CustomerLedger   gateway/customer_services.py  meters, saved meters, language, replies
 OutboxLedger     gateway/sms/outbox.py         claim, send, retry, fail, delivery reports
+StatusQueries    gateway/payments/daraja.py    Transaction Status queries and their results
 OperatorReads    gateway/web/admin.py          what the operator page shows of a purchase
 LedgerStats      gateway/metrics.py            the gauges read at scrape time
 Registry         gateway/commands/             tariffs, meters, keys, key rotations, reports
@@ -209,6 +210,17 @@ class SagaLedger(PaymentChecks, PurchaseReads, MessageQueue, Protocol):
         """
         ...
 
+    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
+        """Record ``receipt`` as the one the provider's records prove for a confirmed payment.
+
+        It replaces whatever receipt a callback claimed for that payment row.
+
+        Raises:
+            ReceiptReused: the receipt already proves another payment.
+            NotFound: no payment row for (provider, reference).
+        """
+        ...
+
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase."""
         ...
@@ -320,6 +332,44 @@ class OutboxLedger(Protocol):
         (Africa's Talking posts "Sent" at once), and ``outbox_sent`` applies it then. A final
         state is never overwritten.
         """
+        ...
+
+
+class StatusQueries(Protocol):
+    """Asynchronous status queries and their results (``gateway.payments.StatusQueryStore``).
+
+    A result posted to any instance reaches whichever instance waits, accepted only against the
+    query the provider acknowledged, once.
+    """
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a status query the provider acknowledged (Daraja Transaction Status). Idempotent.
+
+        Queries asked more than ``STATUS_QUERY_KEEP_S`` ago are dropped in the same write.
+        """
+        ...
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store an asynchronous result for the query it answers, once, in one transaction.
+
+        ``STATUS_ACCEPTED`` when ``conversation_id`` and ``originator_id`` are an unanswered
+        query of ``provider`` about ``transaction_id``; ``STATUS_CONTRADICTED`` (nothing stored)
+        when they are, but about another transaction; else ``STATUS_UNMATCHED``.
+        """
+        ...
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while (or if) it has none."""
         ...
 
 
@@ -488,7 +538,14 @@ class Registry(Protocol):
 
 
 class Ledger(
-    SagaLedger, OutboxLedger, OperatorReads, LedgerStats, CustomerLedger, Registry, Protocol
+    SagaLedger,
+    OutboxLedger,
+    StatusQueries,
+    OperatorReads,
+    LedgerStats,
+    CustomerLedger,
+    Registry,
+    Protocol,
 ):
     """The whole ledger, every role: what a backend provides and the composition root holds."""
 

@@ -65,7 +65,13 @@ from typing import Final, TypeVar, cast
 import aiosqlite
 import structlog
 
-from gateway.ledger.base import DuplicateError, LedgerError, LedgerUnavailable, MigrationError
+from gateway.ledger.base import (
+    RECEIPT_ONCE,
+    DuplicateError,
+    LedgerError,
+    LedgerUnavailable,
+    MigrationError,
+)
 from gateway.ledger.core import BATCH, LOCK, ROWS, RUN, Clock, LedgerCore, Operation, Steps, Stmt
 from gateway.ledger.migrations import packaged_migrations
 
@@ -79,6 +85,8 @@ DEFAULT_MAX_BATCH: Final = 512
 BUSY_TIMEOUT_MS: Final = 5000
 #: Reader connections: reads of concurrent callers overlap in SQLite (the GIL is released).
 DEFAULT_READERS: Final = 2
+#: Unique indexes by the columns SQLite names when one refuses a row (PostgreSQL names the index).
+_UNIQUE_INDEXES: Final = {"payments.provider, payments.receipt": RECEIPT_ONCE}
 _UNAVAILABLE_CODES: Final = frozenset(
     {
         sqlite3.SQLITE_BUSY,
@@ -113,7 +121,8 @@ def translate_error(exc: BaseException) -> BaseException:  # noqa: PLR0911 - one
     text = str(exc)
     if isinstance(exc, sqlite3.IntegrityError):
         if text.startswith("UNIQUE constraint failed:"):
-            constraint = text.removeprefix("UNIQUE constraint failed:").strip()
+            columns = text.removeprefix("UNIQUE constraint failed:").strip()
+            constraint = _UNIQUE_INDEXES.get(columns, columns)
             return DuplicateError(f"duplicate {constraint}", constraint=constraint, key="")
         return LedgerError(f"constraint refused the write: {text}")
     if primary in _UNAVAILABLE_CODES or "locked" in text or "disk is full" in text:

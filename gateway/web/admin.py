@@ -77,7 +77,7 @@ from gateway.ledger import (
 )
 from gateway.money import Money
 from gateway.phone import InvalidPhoneNumber, Msisdn, masked, parse_msisdn
-from gateway.vending import NothingToReprint, NotPaid, VendFailed
+from gateway.vending import CUSTOMER_INITIATED_CHANNEL, NothingToReprint, NotPaid, VendFailed
 
 __all__ = [
     "ADMIN",
@@ -160,13 +160,21 @@ _STUCK_STATES: Final[Mapping[StuckKind, tuple[PurchaseState, ...]]] = {
     StuckKind.AWAITING_PAYMENT: (PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT),
     StuckKind.PAID_NOT_VENDED: (PurchaseState.PAID,),
     StuckKind.VENDED_NOT_DELIVERED: (PurchaseState.VENDED,),
-    StuckKind.NEEDS_OPERATOR: (PurchaseState.VEND_FAILED, PurchaseState.REFUND_PENDING),
+    StuckKind.NEEDS_OPERATOR: (
+        PurchaseState.VEND_FAILED,
+        PurchaseState.REFUND_PENDING,
+        # Only a paybill (c2b) purchase: its confirmation said money moved (_needs_look).
+        PurchaseState.PAYMENT_FAILED,
+        PurchaseState.EXPIRED,
+    ),
 }
+#: A customer-initiated (paybill) purchase that ended unpaid: money may have been taken.
+_UNPAID_ENDS: Final = frozenset({PurchaseState.PAYMENT_FAILED, PurchaseState.EXPIRED})
 _STUCK_TITLES: Final[Mapping[StuckKind, str]] = {
     StuckKind.AWAITING_PAYMENT: "Awaiting payment too long",
     StuckKind.PAID_NOT_VENDED: "Paid, not vended",
     StuckKind.VENDED_NOT_DELIVERED: "Vended, not delivered",
-    StuckKind.NEEDS_OPERATOR: "Vend failed or refund pending",
+    StuckKind.NEEDS_OPERATOR: "Vend failed, refund pending or paybill payment unproven",
 }
 
 
@@ -635,6 +643,11 @@ async def _login(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         return refused
     form = await request.post()
+    # Again after the form's read: guesses sent concurrently all passed the check above while
+    # their bodies came in; between this check and the failure's count nothing awaits.
+    refused = _too_many(request)
+    if refused is not None:
+        return refused
     presented = form.get("token")
     target = _safe_next(str(form.get("next") or ""))
     if not (isinstance(presented, str) and site.token_matches(presented.strip())):
@@ -733,11 +746,16 @@ def _age_basis(kind: StuckKind, purchase: Purchase) -> datetime:
     return purchase.created_at if kind is StuckKind.AWAITING_PAYMENT else purchase.updated_at
 
 
+def _needs_look(purchase: Purchase) -> bool:
+    """False for an unpaid end nobody said was paid (a prompt the customer let go)."""
+    return purchase.state not in _UNPAID_ENDS or purchase.channel == CUSTOMER_INITIATED_CHANNEL
+
+
 async def _stuck(site: AdminSite, kind: StuckKind) -> tuple[list[Purchase], bool]:
     """The purchases stuck in ``kind``, oldest first, and whether the scan hit its limit."""
     cutoff = site.clock() - site.stuck.threshold(kind)
     rows = await site.ledger.find_purchases(states=_STUCK_STATES[kind], limit=_STUCK_SCAN_LIMIT)
-    stuck = [p for p in rows if _age_basis(kind, p) <= cutoff]
+    stuck = [p for p in rows if _age_basis(kind, p) <= cutoff and _needs_look(p)]
     stuck.sort(key=lambda p: _age_basis(kind, p))
     return stuck, len(rows) >= _STUCK_SCAN_LIMIT
 
