@@ -992,11 +992,15 @@ class LedgerCore:
     def _upsert_payment(
         self, purchase_id: str, payment: ConfirmedPayment, state: PaymentRecordState
     ) -> Steps[object]:
-        """The settled row's id (its update count when it was there), None if another owns it."""
+        """The settled row's id (its update count when it was there), None if another owns it.
+
+        The row's receipt becomes the one the provider's records proved (None: none), never a
+        callback's claim kept from ``record_notice``: a claim takes no receipt unproven.
+        """
         _, now = self._now()
         updated: int = yield run(
             "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
-            " receipt = COALESCE(?, receipt), updated_at = ?, purchase_id = ?"
+            " receipt = ?, updated_at = ?, purchase_id = ?"
             " WHERE provider = ? AND reference = ? AND (purchase_id IS NULL OR purchase_id = ?)",
             payment.amount.amount_minor,
             payment.amount.currency,
@@ -1018,7 +1022,7 @@ class LedgerCore:
             " ON CONFLICT (provider, reference) DO UPDATE SET"
             " amount_minor = excluded.amount_minor, currency = excluded.currency,"
             " state = excluded.state, payer = excluded.payer,"
-            " receipt = COALESCE(excluded.receipt, payments.receipt),"
+            " receipt = excluded.receipt,"
             " updated_at = excluded.updated_at, purchase_id = excluded.purchase_id"
             " WHERE payments.purchase_id IS NULL OR payments.purchase_id = excluded.purchase_id"
             " RETURNING payment_id",
