@@ -51,7 +51,7 @@ from gateway.config import SIMULATED, Config, Mode, Secret
 from gateway.customer_services import SagaCustomerServices
 from gateway.demo_data import demo_master_key, seed_demo
 from gateway.errors import ConfigError, LedgerMissing
-from gateway.ledger import Ledger, open_ledger
+from gateway.ledger import Ledger, MeterNumber, open_ledger
 from gateway.ledger.postgres import is_postgres_url
 from gateway.ledger.sqlite import sqlite_path
 from gateway.logging import register_secrets
@@ -456,12 +456,13 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
     outbox = OutboxWorker(ledger=ledger, sender=sms, policy=OUTBOX_POLICY)
     sweeper = Sweeper(
         vending=vending,
+        checks=ledger,
         outbox=None,
         interval_s=config.sweep_interval_s,
         check_concurrency=config.payment_checks_in_flight,
     )
     sessions = await _session_store(stack, config)
-    services = SagaCustomerServices(vending)
+    services = SagaCustomerServices(vending, ledger)
     ussd = UssdEngine(
         services,
         sessions,
@@ -567,7 +568,7 @@ def _readiness(runtime: Runtime) -> dict[str, Callable[[], Awaitable[bool]]]:
         if ledger_file is not None and _identity(ledger_file) != opened:
             raise LedgerMissing(f"the ledger file {ledger_file} was deleted or replaced")
         await runtime.ledger.probe_write()  # a committed write, not just a read
-        await runtime.ledger.lookup_meter("00000000000")
+        await runtime.ledger.lookup_meter(MeterNumber("00000000000"))
         return True
 
     async def sessions_ready() -> bool:

@@ -73,7 +73,6 @@ from gateway.ledger import (
     FbeDraft,
     IllegalTransition,
     KeyChange,
-    Ledger,
     LedgerError,
     MessageKind,
     MeterRecord,
@@ -85,6 +84,7 @@ from gateway.ledger import (
     PurchaseDraft,
     PurchaseState,
     ReceiptReused,
+    SagaLedger,
     TidConflict,
     Vend,
     VendContext,
@@ -451,7 +451,7 @@ class Vending:
     def __init__(
         self,
         *,
-        ledger: Ledger,
+        ledger: SagaLedger,
         engine: TokenEngine,
         providers: Mapping[str, PaymentProvider],
         default_provider: str,
@@ -478,7 +478,7 @@ class Vending:
         self._fbe_zone = ZoneInfo(self._policy.fbe_timezone)
 
     @property
-    def ledger(self) -> Ledger:
+    def ledger(self) -> SagaLedger:
         """The ledger the saga writes to (the operator surface reads it)."""
         return self._ledger
 
@@ -1738,7 +1738,7 @@ def _digits(tokens: Sequence[Token]) -> list[str]:
     return [token.digits for token in tokens]
 
 
-async def reprint_token(ledger: Ledger, purchase_id: str, *, actor: str) -> OutboxMessage:
+async def reprint_token(ledger: SagaLedger, purchase_id: str, *, actor: str) -> OutboxMessage:
     """Queue the purchase's stored token again (XMLVend reprint): the same token, never a new one.
 
     Needs only the ledger, so the operator CLI can use it; the running outbox worker sends it.
@@ -1773,7 +1773,7 @@ async def reprint_token(ledger: Ledger, purchase_id: str, *, actor: str) -> Outb
         return message
 
 
-async def load_token_engine(ledger: Ledger, master_key: bytes) -> LocalTokenEngine:
+async def load_token_engine(ledger: SagaLedger, master_key: bytes) -> LocalTokenEngine:
     """The embedded engine holding every vending key in the ledger, unsealed with ``master_key``.
 
     Raises:

@@ -1,4 +1,4 @@
-"""The transaction ledger: the ``Ledger`` port, its SQLite and PostgreSQL backends, sealed keys."""
+"""The transaction ledger: its ports by role, one core of rules, SQLite and PostgreSQL dialects."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from gateway.ledger.base import (
     KeyChange,
     KeyChangeState,
     KeyRotation,
-    Ledger,
     LedgerError,
     LedgerUnavailable,
     MessageKind,
@@ -65,6 +64,19 @@ from gateway.ledger.base import (
     new_purchase_id,
 )
 from gateway.ledger.keys import VendingKeyMaterial, open_vending_key, seal_vending_key
+from gateway.ledger.ports import (
+    CustomerLedger,
+    Ledger,
+    LedgerStats,
+    MessageQueue,
+    OperatorReads,
+    OutboxLedger,
+    PaymentChecks,
+    PurchaseReads,
+    Registry,
+    SagaLedger,
+    StatusQueries,
+)
 from gateway.ledger.postgres import PostgresLedger, is_postgres_url, open_postgres_ledger
 from gateway.ledger.sqlite import SqliteLedger, open_sqlite_ledger, sqlite_path
 
@@ -103,6 +115,7 @@ __all__ = [
     "STATUS_UNMATCHED",
     "TRANSITIONS",
     "ConfirmedPayment",
+    "CustomerLedger",
     "DebtRecovery",
     "DuplicateError",
     "Event",
@@ -115,8 +128,10 @@ __all__ = [
     "KeyRotation",
     "Ledger",
     "LedgerError",
+    "LedgerStats",
     "LedgerUnavailable",
     "MessageKind",
+    "MessageQueue",
     "MeterDebt",
     "MeterInfo",
     "MeterNumber",
@@ -126,22 +141,29 @@ __all__ = [
     "NotFound",
     "NoticeOutcome",
     "NoticeRecord",
+    "OperatorReads",
+    "OutboxLedger",
     "OutboxMessage",
     "OutboxState",
     "OutboxStats",
+    "PaymentChecks",
     "PaymentRecord",
     "PaymentRecordState",
     "PostgresLedger",
     "Purchase",
     "PurchaseDraft",
     "PurchaseId",
+    "PurchaseReads",
     "PurchaseState",
     "ReceiptReused",
+    "Registry",
     "ReportRow",
+    "SagaLedger",
     "SavedMeter",
     "SavedMetersFull",
     "SealedVendingKey",
     "SqliteLedger",
+    "StatusQueries",
     "TidConflict",
     "Vend",
     "VendConflict",

@@ -268,7 +268,7 @@ def test_messages_in_every_language_fit() -> None:
 
 async def test_customer_services_pass_the_debt_and_the_all_to_debt_refusal_on(world: World) -> None:
     """The channels' quote carries the debt figures; a too-small amount is refused with a limit."""
-    services = SagaCustomerServices(world.vending)
+    services = SagaCustomerServices(world.vending, world.ledger)
     meter = MeterNumber(world.drns[0])
     await world.ledger.set_debt(
         meter, balance=Money(10000, "KES"), rate_basis_points=10000, actor="o"

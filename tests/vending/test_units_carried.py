@@ -70,7 +70,9 @@ async def ussd(world: World, aiohttp_client: AiohttpClient) -> UssdTester:
     await world.ledger.put_tariff(BULK)
     await world.ledger.put_meter(meter_record(METER, tariff_id=BULK.tariff_id))
     follow_ups = FollowUps()
-    engine = UssdEngine(SagaCustomerServices(world.vending), MemorySessionStore(), build_screens())
+    engine = UssdEngine(
+        SagaCustomerServices(world.vending, world.ledger), MemorySessionStore(), build_screens()
+    )
     app = web.Application()
     app.add_routes(ussd_routes(engine, follow_ups))
     client = await aiohttp_client(app)
