@@ -1,6 +1,6 @@
 """An Africa's Talking look-alike on loopback: USSD driver, SMS API, callbacks.
 
-It speaks AT's real wire formats (PROTOCOLS.md §1, §6.1, §6.2), so the production adapters run
+It speaks AT's real wire formats (docs/protocols.md §1, §6.1, §6.2), so the production adapters run
 against it unchanged:
 
 - **USSD**: :meth:`AtSimulator.dial` drives our USSD route the way AT does: form POST with

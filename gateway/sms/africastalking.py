@@ -2,7 +2,7 @@
 
 - :class:`AfricasTalkingSdkSender` uses the official synchronous ``africastalking`` SDK
   (2.0.3) through ``asyncio.to_thread``. The SDK has no base-URL option: to point it at the
-  simulator we set its ``_baseUrl``/``_contentUrl`` after construction (PROTOCOLS.md §1.5).
+  simulator we set its ``_baseUrl``/``_contentUrl`` after construction (docs/protocols.md §1.5).
 - :class:`AfricasTalkingHttpSender` speaks the same API with a pooled ``aiohttp`` session:
   real async and connection reuse, for production.
 
@@ -145,7 +145,7 @@ class AfricasTalkingSdkSender:
     ) -> None:
         self._service = SMSService(username, api_key)
         if base_url is not None:
-            # The SDK's only hook: private attributes read on every call (PROTOCOLS.md §1.5).
+            # The SDK's only hook: private attributes read on every call (docs/protocols.md §1.5).
             self._service._baseUrl = base_url  # noqa: SLF001
             self._service._contentUrl = base_url  # noqa: SLF001
         self._sender_id = sender_id

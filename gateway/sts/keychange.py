@@ -1,4 +1,4 @@
-"""Key-change token sets (KCT; SPEC.md §9): moving a meter to a new decoder key.
+"""Key-change token sets (KCT; docs/sts.md §9): moving a meter to a new decoder key.
 
 A key change is a set of class 2 tokens, encrypted with the meter's **current** decoder key,
 that carry the **new** key and its attributes. The meter installs the new key only when every

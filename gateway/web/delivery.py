@@ -1,7 +1,7 @@
 """SMS delivery reports from Africa's Talking, handed to the ledger.
 
 AT posts a form per status change (``id``, ``status``, ``phoneNumber``, ``networkCode``,
-``failureReason``, ``retryCount``; PROTOCOLS.md §1.2), possibly late, duplicated or out of
+``failureReason``, ``retryCount``; docs/protocols.md §1.2), possibly late, duplicated or out of
 order: the ledger's ``apply_delivery_report`` must tolerate all three. Unknown ids are the
 ledger's business too; this route answers 200 for anything it could read, 400 for what it
 could not, and 503 only when the ledger asks for a retry (``retryable``).

@@ -30,7 +30,7 @@ ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 PAYER = Msisdn("+256752123456")
 UGX_5000 = Money(5000, "UGX")
 
-# The callback shape Airtel's Open API documents (PROTOCOLS.md §3.2).
+# The callback shape Airtel's Open API documents (docs/protocols.md §3.2).
 DOC_CALLBACK = (
     b'{"transaction":{"id":"BBZMiscxy","message":"Paid UGX 5,000 to TECHNOLOGIES LIMITED '
     b'Charge UGX 140, Trans ID MP210603.1234.L06941.","status_code":"TS",'

@@ -40,7 +40,8 @@ ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 PAYER = Msisdn("+254708374149")
 KES_50 = Money(5000, "KES")
 
-# The STK callback samples from Daraja's MpesaExpressSimulate page (PROTOCOLS.md §2.2), verbatim.
+# The STK callback samples from Daraja's MpesaExpressSimulate page (docs/protocols.md §2.2),
+# verbatim.
 DOC_SUCCESS = (
     b'{"Body":{"stkCallback":{"MerchantRequestID":"29115-34620561-1","CheckoutRequestID":'
     b'"ws_CO_191220191020363925","ResultCode":0,"ResultDesc":"The service request is processed '
@@ -52,7 +53,7 @@ DOC_CANCELLED = (
     b'{"Body":{"stkCallback":{"MerchantRequestID":"29115-34620561-1","CheckoutRequestID":'
     b'"ws_CO_191220191020363925","ResultCode":1032,"ResultDesc":"Request cancelled by user"}}}'
 )
-# A C2B confirmation in the documented field set (PROTOCOLS.md §2.4): strings, masked MSISDN.
+# A C2B confirmation in the documented field set (docs/protocols.md §2.4): strings, masked MSISDN.
 DOC_C2B = json.dumps(
     {
         "TransactionType": "Pay Bill",

@@ -31,7 +31,7 @@ ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 PAYER = Msisdn("+256772123456")
 EUR_5 = Money(500, "EUR")
 
-# The status/callback body as MoMo documents it (PROTOCOLS.md §3.1): amount is a string.
+# The status/callback body as MoMo documents it (docs/protocols.md §3.1): amount is a string.
 DOC_CALLBACK = json.dumps(
     {
         "financialTransactionId": "363440463",

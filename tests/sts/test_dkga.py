@@ -1,4 +1,4 @@
-"""Decoder key generation (DKGA02, DKGA04) and the key attribute validators (SPEC.md §6)."""
+"""Decoder key generation (DKGA02, DKGA04) and the key attribute validators (docs/sts.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The meter emulator's acceptance rules (SPEC.md §9-§10), driven by the local engine."""
+"""The meter emulator's acceptance rules (docs/sts.md §9-§10), driven by the local engine."""
 
 from dataclasses import replace
 from datetime import UTC, datetime
