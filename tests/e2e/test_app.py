@@ -7,7 +7,7 @@ from aiohttp.test_utils import TestClient
 from gateway.app import RUNTIME, build_app
 from gateway.config import Config
 
-ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
 
 HOP = {
     "sessionId": "ATUid_app_test",

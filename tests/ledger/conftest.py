@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from ledger_support import TARIFF, FakeClock, meter_record
 
 from gateway.ledger import Ledger, LedgerUnavailable, open_postgres_ledger, open_sqlite_ledger
 from gateway.ledger.postgres import create_schema, drop_schema
+from tests.ledger.ledger_support import TARIFF, FakeClock, meter_record
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 POSTGRES_URL = "postgresql://127.0.0.1:5432/test"

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 from gateway.ledger import MeterNumber, MeterRecord
 from gateway.tariff import Tariff
+from tests.support.clock import UtcClock
 
-
-class FakeClock:
-    """A clock the test moves by hand (UTC, aware)."""
-
-    def __init__(self, start: datetime | None = None) -> None:
-        self.now = start or datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        """The current fake time."""
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward by ``seconds``."""
-        self.now += timedelta(seconds=seconds)
-
+FakeClock = UtcClock  # the suite's one fake clock (tests/support/clock.py)
 
 TARIFF = Tariff(
     tariff_id="domestic",

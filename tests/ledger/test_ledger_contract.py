@@ -7,7 +7,6 @@ import hashlib
 from datetime import timedelta
 
 import pytest
-from ledger_support import FakeClock, meter_record
 
 from gateway.ledger import (
     MAX_SAVED_METERS,
@@ -33,6 +32,7 @@ from gateway.ledger import (
 from gateway.money import Money
 from gateway.phone import Msisdn
 from gateway.sms import DeliveryReport, DeliveryState
+from tests.ledger.ledger_support import FakeClock, meter_record
 
 PHONE = Msisdn("+254712345678")
 METER = MeterNumber("01234567890")

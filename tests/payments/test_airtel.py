@@ -10,7 +10,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from payfakes import CallbackReceiver, FakeClock
 
 from gateway.money import Money
 from gateway.payments.airtel import AirtelProvider
@@ -24,6 +23,7 @@ from gateway.payments.base import (
 )
 from gateway.phone import Msisdn
 from gateway.sim.airtel import AirtelAction, AirtelSimulator
+from tests.payments.payfakes import CallbackReceiver, FakeClock
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 

@@ -13,7 +13,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from payfakes import CallbackReceiver, FakeClock
 from phonenumbers import is_valid_number, parse
 
 from gateway.money import Money
@@ -34,6 +33,7 @@ from gateway.payments.daraja import (
 )
 from gateway.phone import Msisdn
 from gateway.sim.daraja import CustomerAction, DarajaSimulator
+from tests.payments.payfakes import CallbackReceiver, FakeClock
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 

@@ -11,7 +11,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from payfakes import CallbackReceiver, FakeClock
 
 from gateway.money import Money
 from gateway.payments.base import (
@@ -25,6 +24,7 @@ from gateway.payments.base import (
 from gateway.payments.momo import MomoProvider, reference_for
 from gateway.phone import Msisdn
 from gateway.sim.momo import MomoSimulator, PayerAction
+from tests.payments.payfakes import CallbackReceiver, FakeClock
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 

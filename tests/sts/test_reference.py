@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import reference as ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +30,7 @@ from gateway.sts.errors import AmountNotEncodable, CrcMismatch, TokenFormatError
 from gateway.sts.keychange import KeyAttributes, key_change_fields
 from gateway.sts.tid import is_reserved, next_tid, tid_for
 from gateway.sts.tokens import build_token, decode_token, fields_from_json
+from tests.sts import reference as ref
 
 VECTORS = [
     json.loads(line)

@@ -13,17 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from vending_support import (
-    AMOUNT_FOR_TESTS,
-    PHONE,
-    VENDING_KEY,
-    FakeClock,
-    FakeProvider,
-    make_drn,
-    meter_record,
-    profile_of,
-    seed,
-)
 
 from gateway.ledger import (
     KeyChangeState,
@@ -44,6 +33,17 @@ from gateway.sts import (
     Verdict,
 )
 from gateway.vending import VendFailed, Vending
+from tests.vending.vending_support import (
+    AMOUNT_FOR_TESTS,
+    PHONE,
+    VENDING_KEY,
+    FakeClock,
+    FakeProvider,
+    make_drn,
+    meter_record,
+    profile_of,
+    seed,
+)
 
 NEW_KEY = VendingKey(sgc="123457", krn=2, dkga=4, base_date=2014, key=bytes.fromhex("5e7a" * 10))
 OLD_1993_KEY = VendingKey(

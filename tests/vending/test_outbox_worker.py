@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, World
-
 from gateway.ledger import OutboxState, Purchase, PurchaseState
 from gateway.sms import DeliveryReport, DeliveryState, SmsRejected, SmsUnavailable
 from gateway.sms.outbox import OutboxPolicy, OutboxWorker
+from tests.vending.vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, World
 
 
 async def vended(world: World, key: str = "k") -> Purchase:

@@ -8,7 +8,9 @@ import sqlite3
 from collections import defaultdict
 from pathlib import Path
 
-from vending_support import (
+from gateway.ledger import PurchaseState, open_sqlite_ledger
+from gateway.sts import MeterEmulator, Verdict
+from tests.vending.vending_support import (
     AMOUNT_FOR_TESTS,
     PHONE,
     VENDING_KEY,
@@ -20,9 +22,6 @@ from vending_support import (
     profile_of,
     seed,
 )
-
-from gateway.ledger import PurchaseState, open_sqlite_ledger
-from gateway.sts import MeterEmulator, Verdict
 
 
 async def test_thousand_confirmations_for_hundred_purchases(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ import dataclasses
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -43,6 +42,7 @@ from gateway.tariff import Tariff
 from gateway.vending import SagaPolicy, VendFailed, Vending
 from gateway.web.admin import COOKIE_NAME, StuckPolicy, admin_routes, setup_admin
 from gateway.web.middleware import context_middleware
+from tests.support.clock import UtcClock
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[[web.Application], Awaitable[Client]]
@@ -71,21 +71,6 @@ def make_drn(number: int) -> str:
     """A valid 11-digit DRN (Luhn check digit) from a serial number."""
     body = f"{number:010d}"
     return body + luhn_check_digit(body)
-
-
-class FakeClock:
-    """A clock the test moves by hand (UTC, aware)."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        """The current fake time."""
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward by ``seconds``."""
-        self.now += timedelta(seconds=seconds)
 
 
 class FakeProvider:
@@ -133,7 +118,7 @@ class Shop:
     ledger: Ledger
     vending: Vending
     provider: FakeProvider
-    clock: FakeClock
+    clock: UtcClock
     drns: list[str]
 
 
@@ -161,7 +146,7 @@ async def awaiting(shop: Shop, key: str, *, phone: Msisdn = OTHER_PHONE) -> Purc
 @pytest.fixture
 async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
     """A saga over a fresh ledger file with a tariff and two meters."""
-    clock = FakeClock()
+    clock = UtcClock()
     provider = FakeProvider()
     drns = [make_drn(7), make_drn(8)]
     async with open_sqlite_ledger(tmp_path / "ledger.db", clock=clock) as ledger:
