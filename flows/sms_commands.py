@@ -33,7 +33,7 @@ from flows.ports import (
     Refused,
 )
 from flows.validation import MeterProblem, parse_amount, parse_meter
-from gateway.phone import Msisdn
+from gateway.values.phone import Msisdn
 
 SMS_MAX_CHARS: Final = 306  # two concatenated GSM-7 segments (2 x 153)
 _SPLIT: Final = re.compile(r"[\s*#,\-]+")

@@ -48,6 +48,7 @@ from gateway.sms.africastalking import (
     LIVE_URL,
     AfricasTalkingHttpSender,
     AfricasTalkingSdkSender,
+    parse_delivery_report,
 )
 from gateway.sms.outbox import OutboxPolicy, OutboxWorker
 from gateway.sweeper import Sweeper
@@ -462,7 +463,13 @@ async def build_app(config: Config) -> web.Application:
             default_region=config.country,
         )
     )
-    app.add_routes(delivery_routes(runtime.outbox.apply_delivery_report, path=SMS_DELIVERY_PATH))
+    app.add_routes(
+        delivery_routes(
+            runtime.outbox.apply_delivery_report,
+            parse=parse_delivery_report,
+            path=SMS_DELIVERY_PATH,
+        )
+    )
     app.add_routes(
         payment_routes(
             runtime.providers,

@@ -1,10 +1,17 @@
-"""The transaction ledger: the ``Ledger`` port, its SQLite and PostgreSQL backends, sealed keys."""
+"""The transaction ledger: the ``Ledger`` port, its SQLite and PostgreSQL backends, sealed keys.
+
+Each backend, and its driver (aiosqlite, asyncpg), is imported when first used: importing the
+port (``gateway.ledger.base``) or this package loads neither.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import importlib
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 from gateway.ledger.base import (
     EARLY_REPORT_LIMIT,
@@ -55,8 +62,31 @@ from gateway.ledger.base import (
     new_purchase_id,
 )
 from gateway.ledger.keys import VendingKeyMaterial, open_vending_key, seal_vending_key
-from gateway.ledger.postgres import PostgresLedger, is_postgres_url, open_postgres_ledger
-from gateway.ledger.sqlite import SqliteLedger, open_sqlite_ledger, sqlite_path
+
+if TYPE_CHECKING:
+    from gateway.ledger.postgres import PostgresLedger, is_postgres_url, open_postgres_ledger
+    from gateway.ledger.sqlite import SqliteLedger, open_sqlite_ledger, sqlite_path
+
+#: The backends' names, by the module that defines them: imported on first use.
+_LAZY: Final[Mapping[str, str]] = {
+    "PostgresLedger": "gateway.ledger.postgres",
+    "is_postgres_url": "gateway.ledger.postgres",
+    "open_postgres_ledger": "gateway.ledger.postgres",
+    "SqliteLedger": "gateway.ledger.sqlite",
+    "open_sqlite_ledger": "gateway.ledger.sqlite",
+    "sqlite_path": "gateway.ledger.sqlite",
+}
+_POSTGRES_SCHEMES: Final = frozenset({"postgres", "postgresql"})
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401 - whatever the backend module defines
+    """A backend's name, importing that backend (and its driver) now."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 def _utc_now() -> datetime:
@@ -75,10 +105,14 @@ async def open_ledger(
         LedgerError: the URL names no supported backend.
         LedgerUnavailable, MigrationError: the database cannot be opened or brought up to date.
     """
-    if is_postgres_url(url):
+    if urlsplit(url).scheme in _POSTGRES_SCHEMES:  # gateway.ledger.postgres.is_postgres_url
+        from gateway.ledger.postgres import open_postgres_ledger  # noqa: PLC0415 - on first use
+
         async with open_postgres_ledger(url, clock=clock) as ledger:
             yield ledger
         return
+    from gateway.ledger.sqlite import open_sqlite_ledger, sqlite_path  # noqa: PLC0415
+
     async with open_sqlite_ledger(sqlite_path(url), clock=clock) as ledger:
         yield ledger
 
@@ -131,6 +165,7 @@ __all__ = [
     "VendingKeyMaterial",
     "VendingKeyUnreadable",
     "is_legal",
+    "is_postgres_url",
     "mask_name",
     "new_purchase_id",
     "open_ledger",

@@ -44,11 +44,11 @@ from africastalking.Service import AfricasTalkingException
 from africastalking.SMS import SMSService
 
 from gateway.phone import Msisdn, masked
+from gateway.sms import base
 from gateway.sms.base import (
     DeliveryReport,
     DeliveryState,
     SentMessage,
-    SmsError,
     SmsRejected,
     SmsUnavailable,
 )
@@ -73,12 +73,11 @@ _DELIVERY_STATES: Final = {
 }
 
 
-class MalformedDeliveryReport(SmsError):
-    """A delivery-report callback we cannot read; ``field`` names what is missing or wrong."""
+class MalformedDeliveryReport(base.MalformedDeliveryReport):
+    """An Africa's Talking delivery report we cannot read; ``field`` names what is wrong."""
 
     def __init__(self, message: str, *, field: str) -> None:
-        super().__init__(message, provider=PROVIDER)
-        self.field = field
+        super().__init__(message, field=field, provider=PROVIDER)
 
 
 def interpret_send_response(body: object, to: Msisdn) -> SentMessage:

@@ -17,11 +17,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import structlog
 
-from gateway.ledger import Ledger, OutboxMessage
-from gateway.sms.base import DeliveryReport, SmsError, SmsSender
+from gateway.sms.base import SmsError, SmsSender
+from gateway.values.messages import DeliveryReport, DeliveryState, OutboxMessage
 
 log = structlog.get_logger()
 
@@ -53,6 +54,43 @@ class OutboxPolicy:
     concurrency: int = 8
 
 
+class OutboxStore(Protocol):
+    """What the worker needs of the outbox's store (the ledger satisfies it).
+
+    The worker never imports the ledger: it names the five calls it makes, on the types of
+    ``gateway/values/messages.py`` (docs/architecture.md, "Who may import whom").
+    """
+
+    async def claim_outbox(
+        self, now: datetime, *, lease_until: datetime, limit: int = 50
+    ) -> list[OutboxMessage]:
+        """Claim due messages until ``lease_until`` (expired leases come back)."""
+        ...
+
+    async def outbox_sent(
+        self,
+        message_id: int,
+        *,
+        provider_message_id: str,
+        cost: str | None,
+        state: DeliveryState,
+    ) -> None:
+        """The provider took the message."""
+        ...
+
+    async def outbox_retry(self, message_id: int, *, next_try_at: datetime, error: str) -> None:
+        """Sending failed for now; try again at ``next_try_at``."""
+        ...
+
+    async def outbox_failed(self, message_id: int, *, error: str) -> None:
+        """Sending failed for good; an operator must look."""
+        ...
+
+    async def apply_delivery_report(self, report: DeliveryReport) -> OutboxMessage | None:
+        """Record a delivery report; None when the message id is unknown (yet)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutboxRun:
     """What one run did."""
@@ -66,7 +104,7 @@ class OutboxWorker:
     """Sends due outbox messages.
 
     Args:
-        ledger: holds the outbox.
+        ledger: holds the outbox (the ledger, through :class:`OutboxStore`).
         sender: the SMS adapter.
         clock: the time source (UTC, aware).
         jitter: returns a float in [0, 1): the randomness seam (tests pass a constant).
@@ -76,7 +114,7 @@ class OutboxWorker:
     def __init__(
         self,
         *,
-        ledger: Ledger,
+        ledger: OutboxStore,
         sender: SmsSender,
         clock: Callable[[], datetime] = _utc_now,
         jitter: Callable[[], float] = random.random,

@@ -49,17 +49,17 @@ import structlog
 from aiohttp import web
 
 from gateway.config import Secret
-from gateway.ledger import (
+from gateway.money import Money
+from gateway.operator import (
     Event,
-    Ledger,
     NotFound,
+    OperatorRecords,
     OutboxMessage,
     OutboxState,
     Purchase,
     PurchaseState,
     Vend,
 )
-from gateway.money import Money
 from gateway.phone import InvalidPhoneNumber, Msisdn, masked, parse_msisdn
 from gateway.vending import NothingToReprint, NotPaid, VendFailed
 
@@ -181,7 +181,7 @@ class StuckPolicy:
 class AdminSite:
     """Everything the admin handlers use, stored in the app under ``ADMIN`` by ``setup_admin``."""
 
-    ledger: Ledger
+    ledger: OperatorRecords
     vending: AdminSaga
     admin_token: Secret = field(repr=False)
     clock: Callable[[], datetime]
@@ -225,7 +225,7 @@ ADMIN_JINJA: Final = web.AppKey("admin_jinja2", jinja2.Environment)
 def setup_admin(
     app: web.Application,
     *,
-    ledger: Ledger,
+    ledger: OperatorRecords,
     vending: AdminSaga,
     admin_token: Secret,
     clock: Callable[[], datetime] = _utc_now,
@@ -239,7 +239,7 @@ def setup_admin(
 
     Args:
         app: the application the routes will be added to.
-        ledger: where purchases, events, vends and messages are read.
+        ledger: where purchases, events, vends and messages are read (the ledger).
         vending: the saga (reprints go through it, never around it).
         admin_token: the operator's secret; at least 16 characters.
         clock: UTC time source (ages of stuck purchases, session expiry).
