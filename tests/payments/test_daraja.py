@@ -252,6 +252,7 @@ _JSON = st.recursive(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(_JSON, st.sampled_from(["Body", "TransID", "Result"]))
 def test_arbitrary_json_raises_only_forged_callback(value: object, key: str) -> None:

@@ -442,6 +442,7 @@ def _run(lines: list[dict[str, Any]], *, decode: bool) -> tuple[int, list[dict[s
     return failures, [json.loads(text) for text in out.getvalue().splitlines()]
 
 
+@pytest.mark.slow
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=batch_lines())
 def test_batch_generate_matches_the_reference(case: tuple[dict[str, Any], dict[str, Any]]) -> None:
@@ -493,6 +494,7 @@ def test_batch_never_overrides_the_given_key_change_flags(fields: dict[str, Any]
     assert (block >> 51 & 1, block >> 50 & 1) == (fields["ro"], fields["three_kct"])
 
 
+@pytest.mark.slow
 def test_batch_process_matches_the_reference_both_ways(tmp_path: Path) -> None:
     """Hundreds of reference vectors through ``python -m gateway token batch`` and ``--decode``."""
     examples: list[tuple[dict[str, Any], dict[str, Any]]] = []

@@ -8,6 +8,8 @@ import sqlite3
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from gateway.ledger import PurchaseState, open_sqlite_ledger
 from gateway.sts import MeterEmulator, Verdict
 from tests.vending.vending_support import (
@@ -24,6 +26,7 @@ from tests.vending.vending_support import (
 )
 
 
+@pytest.mark.slow
 async def test_thousand_confirmations_for_hundred_purchases(tmp_path: Path) -> None:
     """1,000 shuffled concurrent notices for 100 purchases on 10 meters in one minute: 100 vends.
 
