@@ -7,8 +7,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from flows.messages.gsm7 import sms_segments
 from gateway.phone import Msisdn
-from gateway.sim.africastalking import AtSimulator, UssdSessionClosedError, sms_segments
+from gateway.sim.africastalking import AtSimulator, UssdSessionClosedError
 from gateway.sms.africastalking import AfricasTalkingSdkSender
 from tests.support.clock import SecondsClock
 
