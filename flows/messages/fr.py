@@ -87,4 +87,16 @@ MESSAGES: Final[dict[str, str]] = {
     "sms_amount_bad": "Montant incompris. Envoyez BUY compteur montant, ex. BUY 37012345676 500.",
     "sms_meters": "Vos compteurs: {meters}",
     "sms_lang_usage": "Envoyez LANG EN, LANG SW ou LANG FR.",
+    # The token SMS (flows/messages/tokens.py): full, terse, and with a key change first
+    "token_sms": (
+        "Code electricite {token}. {kwh} kWh pour {amount}. Compteur {meter}. Recu {receipt}."
+    ),
+    "token_sms_short": "Code {token} {kwh}kWh {amount} Cpt {meter} Recu {receipt}",
+    "token_sms_key_change": (
+        "Nouvelle cle compteur: entrez {kcts} d'abord, puis le code {token}. {kwh} kWh pour"
+        " {amount}. Compteur {meter}. Recu {receipt}."
+    ),
+    "token_sms_key_change_short": (
+        "Entrez {kcts} puis {token} {kwh}kWh {amount} Cpt {meter} Recu {receipt}"
+    ),
 }
