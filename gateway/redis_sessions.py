@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, TypeVar
 
@@ -35,6 +34,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway.errors import GatewayError
+from gateway.retry import backoff_s
 
 T = TypeVar("T")
 
@@ -128,7 +128,7 @@ class RedisSessionStore:
                         f"Redis session store did not answer {operation} ({exc})",
                         operation=operation,
                     ) from exc
-                delay = random.random() * min(0.2, self._backoff_s * 2.0 ** (attempt - 1))
+                delay = backoff_s(attempt - 1, base_s=self._backoff_s, cap_s=0.2, jitter="full")
                 log.info("session_store_retrying", operation=operation, attempt=attempt)
                 await asyncio.sleep(delay)
             except redis.exceptions.RedisError as exc:

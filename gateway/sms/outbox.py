@@ -21,6 +21,7 @@ from typing import Protocol
 
 import structlog
 
+from gateway.retry import backoff_s
 from gateway.sms.base import SmsError, SmsSender
 from gateway.values.messages import DeliveryReport, DeliveryState, OutboxMessage
 
@@ -133,8 +134,14 @@ class OutboxWorker:
         of many messages spread out but none comes back immediately.
         """
         policy = self._policy
-        capped = min(policy.max_delay_s, policy.base_delay_s * 2 ** max(0, attempts - 1))
-        return timedelta(seconds=capped / 2 + capped / 2 * self._jitter())
+        seconds = backoff_s(
+            attempts - 1,
+            base_s=policy.base_delay_s,
+            cap_s=policy.max_delay_s,
+            jitter="equal",
+            random=self._jitter,
+        )
+        return timedelta(seconds=seconds)
 
     async def run_once(self) -> OutboxRun:
         """Claim the due messages and send them; returns the counts. Never raises for a send."""
