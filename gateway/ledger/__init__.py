@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import AsyncIterator, Callable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -62,6 +62,7 @@ from gateway.ledger.base import (
     new_purchase_id,
 )
 from gateway.ledger.keys import VendingKeyMaterial, open_vending_key, seal_vending_key
+from gateway.values.clock import utc_now
 
 if TYPE_CHECKING:
     from gateway.ledger.postgres import PostgresLedger, is_postgres_url, open_postgres_ledger
@@ -89,13 +90,9 @@ def __getattr__(name: str) -> Any:  # noqa: ANN401 - whatever the backend module
     return value
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 @contextlib.asynccontextmanager
 async def open_ledger(
-    url: str, *, clock: Callable[[], datetime] = _utc_now
+    url: str, *, clock: Callable[[], datetime] = utc_now
 ) -> AsyncIterator[Ledger]:
     """Open the ledger named by ``url``, migrated; closed on exit.
 

@@ -16,20 +16,17 @@ import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import structlog
 
 from gateway.retry import backoff_s
 from gateway.sms.base import SmsError, SmsSender
+from gateway.values.clock import utc_now
 from gateway.values.messages import DeliveryReport, DeliveryState, OutboxMessage
 
 log = structlog.get_logger()
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,7 +114,7 @@ class OutboxWorker:
         *,
         ledger: OutboxStore,
         sender: SmsSender,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
         jitter: Callable[[], float] = random.random,
         policy: OutboxPolicy | None = None,
     ) -> None:
