@@ -139,6 +139,8 @@ class StatelessProvider:
     Any instance answers ``query_status`` the same way without shared state.
     """
 
+    idempotent_requests = False  # the saga guards unknown outcomes (as for STK)
+
     name = PROVIDER
 
     async def request_collection(self, request: CollectionRequest) -> CollectionStarted:

@@ -487,7 +487,7 @@ class Vending:
                 account_reference=purchase.meter,
                 description=f"Electricity {purchase.meter}",
             )
-            guarded = not getattr(provider, "idempotent_requests", False)
+            guarded = not provider.idempotent_requests
             if guarded:
                 if await self._collection_outcome_unknown(purchase_id):
                     # A prompt may be on the customer's phone already (we crashed after the

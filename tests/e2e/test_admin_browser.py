@@ -87,6 +87,8 @@ def _missing_browser() -> str | None:
 class PaidProvider:
     """A payment provider that accepts every collection and reports it paid."""
 
+    idempotent_requests = False  # the saga guards unknown outcomes (as for STK)
+
     name = "fakepay"
 
     async def request_collection(self, request: CollectionRequest) -> CollectionStarted:

@@ -132,6 +132,8 @@ class _Killed(BaseException):
 class _DiesAfterPush:
     """A provider whose process is killed right after the provider accepted the push."""
 
+    idempotent_requests = False  # the saga guards unknown outcomes (as for STK)
+
     def __init__(self, inner: DarajaProvider) -> None:
         self._inner = inner
 

@@ -49,6 +49,8 @@ AMOUNTS = [Money(11600, "KES"), Money(23200, "KES"), Money(5800, "KES")]
 class StatelessProvider:
     """Every collection succeeds with the amount requested, encoded in the reference."""
 
+    idempotent_requests = False  # the saga guards unknown outcomes (as for STK)
+
     name = "fakepay"
 
     async def request_collection(self, request: CollectionRequest) -> CollectionStarted:

@@ -93,6 +93,8 @@ class Settlement:
 class FakeProvider:
     """An in-memory payment provider: the test decides what each reference's status is."""
 
+    idempotent_requests = False  # the saga guards unknown outcomes (as for STK)
+
     def __init__(self, name: str = "fakepay") -> None:
         self.name = name
         self.requests: list[CollectionRequest] = []

@@ -76,6 +76,8 @@ def make_drn(number: int) -> str:
 class FakeProvider:
     """A payment provider whose status answers the test decides (SUCCEEDED once settled)."""
 
+    idempotent_requests = False  # the saga guards unknown outcomes (as for STK)
+
     name = "fakepay"
 
     def __init__(self) -> None:
