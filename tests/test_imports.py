@@ -38,7 +38,7 @@ LEDGER = ("gateway.ledger",)
 PAYMENTS = ("gateway.payments",)
 SMS = ("gateway.sms",)
 STS = ("gateway.sts",)
-VALUES = ("gateway.values", "gateway.errors")
+VALUES = ("gateway.values", "gateway.errors", "gateway.retry")
 #: The adapters behind the ports: only the composition root (and tests) pick one.
 ADAPTERS = (
     "gateway.ledger.sqlite",
