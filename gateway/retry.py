@@ -1,13 +1,14 @@
-"""Retry timings in one place: capped exponential backoff, with or without jitter.
+"""Scheduled retries in one place: capped exponential backoff, with or without jitter.
 
-Every "try again later" in the gateway waits ``base · 2^n`` seconds capped at ``cap`` (``n`` the
-number of earlier retries), optionally jittered so that many failures at once do not come back
-at once:
+A call retried at once, in the same await (the Redis session store), uses tenacity. Work retried
+later, when a row comes due again, stores the time of its next try; that time is ``base · 2^n``
+seconds from now capped at ``cap`` (``n`` the number of earlier retries), optionally jittered so
+that many failures at once do not come back at once:
 
-- ``full``: a random part of the whole delay (immediate call retries: Redis, PostgreSQL);
+- ``full``: a random part of the whole delay;
 - ``equal``: half the delay plus a random part of the other half (the outbox: spread out, never
   immediate);
-- none: the delay itself (the saga's deferred payment requests, which the sweeper schedules).
+- none: the delay itself (the saga's deferred payment requests, which the sweeper picks up).
 
 It imports nothing of ours, so every layer may use it.
 """
