@@ -31,6 +31,11 @@ The counts (any non-zero one fails the run):
 - ``meter_rejected``: tokens the meter emulator refuses (wrong key, CRC, TID used or old, unknown
   meter), and ``wrong_credit``: accepted tokens whose credit is not the kWh the SMS promised.
 
+Also reported, not failing: ``duplicate_token_sms``, the SMS beyond the first that carried a token
+already carried (a send repeated after a crash: harmless to the meter, which refuses a used TID,
+but the customer sees the token twice), and ``duplicate_gap_max_s``, the longest time between a
+token's first and last SMS (AT simulator clock).
+
 Usage: ``python bench/audit.py --sims SIMS.json --meters METERS.csv --key KEY.json [--json]``
 (``SIMS.json``: the JSON line ``gateway sim`` printed; ``KEY.json``: ``{"sgc", "krn", "dkga",
 "base_date", "key_hex"}``). Exit status 1 when any count is non-zero.
@@ -96,6 +101,7 @@ class TokenSeen:
     recipients: set[str] = field(default_factory=set)
     delivered_to: set[str] = field(default_factory=set)  # phones with a final Success report
     first_seen: float = float("inf")
+    last_seen: float = 0.0
     sms_count: int = 0
 
 
@@ -115,6 +121,9 @@ class AuditReport:
     undelivered_tokens: int = 0
     meter_rejected: int = 0
     wrong_credit: int = 0
+    duplicate_token_sms: int = 0  # SMS beyond the first carrying one token (not failing)
+    duplicate_gap_max_s: float = 0.0
+    paid_without_token_refs: list[str] = field(default_factory=list)  # their references
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -147,6 +156,13 @@ class AuditReport:
             out.extend(f"    e.g. {example}" for example in self.examples.get(name, [])[:3])
             if name == "paid_without_token" and self.charged_twice:
                 out.append(f"    of which charged twice for one purchase: {self.charged_twice}")
+        out.append(
+            f"duplicate token SMS     {self.duplicate_token_sms}"
+            f"  (longest gap {self.duplicate_gap_max_s} s; not failing)"
+        )
+        out.extend(
+            f"    e.g. {example}" for example in self.examples.get("duplicate_token_sms", [])[:3]
+        )
         out.append("AUDIT OK" if self.ok else "AUDIT FAILED")
         return out
 
@@ -210,6 +226,7 @@ def parse_tokens(messages: Iterable[Mapping[str, Any]]) -> dict[str, TokenSeen]:
         accepted = message.get("accepted_at")
         if isinstance(accepted, int | float):
             seen.first_seen = min(seen.first_seen, float(accepted))
+            seen.last_seen = max(seen.last_seen, float(accepted))
     return tokens
 
 
@@ -271,6 +288,7 @@ def _link(
     for charge in charges:
         got = per_charge[id(charge)]
         if not got:
+            report.paid_without_token_refs.append(charge.reference)
             report.note(
                 "paid_without_token",
                 f"{charge.provider} {charge.reference} {charge.amount_minor / 100:.2f}"
@@ -343,6 +361,22 @@ def _check_terms(
             )
 
 
+def _count_duplicates(tokens: Mapping[str, TokenSeen], report: AuditReport) -> None:
+    """SMS that carried a token a previous SMS carried already (not a failing count)."""
+    for token in tokens.values():
+        if token.sms_count < 2:
+            continue
+        report.duplicate_token_sms += token.sms_count - 1
+        gap = max(0.0, token.last_seen - token.first_seen) if token.last_seen else 0.0
+        report.duplicate_gap_max_s = max(report.duplicate_gap_max_s, round(gap, 1))
+        examples = report.examples.setdefault("duplicate_token_sms", [])
+        if len(examples) < 10:
+            examples.append(
+                f"token …{token.digits[-4:]} in {token.sms_count} SMS to"
+                f" {sorted(token.recipients)}, {gap:.1f} s apart"
+            )
+
+
 def _check_delivery(
     tokens: Mapping[str, TokenSeen], linked: Mapping[str, Charge], report: AuditReport
 ) -> None:
@@ -411,6 +445,7 @@ def audit(
     report.token_sms = sum(t.sms_count for t in tokens.values())
     report.distinct_tokens = len(tokens)
     linked = _link(charges, tokens, report)
+    _count_duplicates(tokens, report)
     _check_delivery(tokens, linked, report)
     if key_tokens:
         _key_into_meters(tokens, meters, vending_key, report)

@@ -61,7 +61,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -105,14 +105,18 @@ METER_COLUMNS: Final = (
 )
 
 
-def _load_auditor() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_audit", HERE / "audit.py")
+def _load_bench(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
     if spec is None or spec.loader is None:  # pragma: no cover - the file sits next to this one
-        raise ImportError("bench/audit.py not found")
+        raise ImportError(f"bench/{name}.py not found")
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_audit", module)
+    sys.modules.setdefault(f"bench_{name}", module)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_auditor() -> ModuleType:
+    return _load_bench("audit")
 
 
 # --- settings ------------------------------------------------------------------------------------
@@ -177,6 +181,10 @@ class LoadSettings:
     payment_deadline_s: int = 2
     session_store: str = "sqlite"  # the gateway's USSD session store (sqlite | memory)
     calm_drain: bool = True  # switch the chaos off when the load ends (the outage is over)
+    attacks: int = 0  # rounds of bench/attacks.py's forged callbacks during the load (0: none)
+    # "" → a SQLite file in the work directory; a postgresql:// URL → a fresh database created
+    # on that server for the run (and dropped after it).
+    database_url: str = ""
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -264,13 +272,79 @@ def write_fixtures(workdir: Path, meters: int) -> dict[str, Any]:
     }
 
 
-async def seed_tariff(data_dir: Path) -> None:
+async def seed_tariff(database_url: str) -> None:
     """Write the demo tariff the meters use, before they are imported.
 
     The gateway seeds it only at its first start, and no command writes tariffs yet.
     """
-    async with open_ledger(f"sqlite:///{data_dir / 'gateway.db'}") as ledger:
+    async with open_ledger(database_url) as ledger:
         await ledger.put_tariff(DEMO_TARIFF)
+
+
+def _is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+class LedgerReader:
+    """Read-only queries on the gateway's database, SQLite or PostgreSQL (``?`` placeholders)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pool: Any = None
+
+    async def rows(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        """The rows of ``sql`` (timestamps as the driver gives them: see ``epoch``)."""
+        if not _is_postgres(self.url):
+            return await asyncio.to_thread(self._sqlite_rows, sql, args)
+        if self._pool is None:
+            import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - PostgreSQL only
+
+            self._pool = await asyncpg.create_pool(self.url, min_size=0, max_size=2)
+        numbered = sql
+        for n in range(1, len(args) + 1):
+            numbered = numbered.replace("?", f"${n}", 1)
+        return [tuple(row) for row in await self._pool.fetch(numbered, *args)]
+
+    def _sqlite_rows(self, sql: str, args: Sequence[object]) -> list[tuple[Any, ...]]:
+        path = self.url.removeprefix("sqlite:///")
+        with contextlib.closing(
+            sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        ) as conn:
+            return [tuple(row) for row in conn.execute(sql, args)]
+
+    async def close(self) -> None:
+        """Close the PostgreSQL pool, if one was opened."""
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+def epoch(value: object) -> float:
+    """A ledger timestamp (ISO text from SQLite, a datetime from PostgreSQL) as epoch seconds."""
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return datetime.fromisoformat(str(value)).timestamp()
+
+
+@contextlib.asynccontextmanager
+async def run_database(settings: LoadSettings, workdir: Path) -> AsyncIterator[str]:
+    """The database URL of one run: a SQLite file, or a fresh PostgreSQL database dropped after."""
+    if not _is_postgres(settings.database_url):
+        yield f"sqlite:///{workdir / 'data' / 'gateway.db'}"
+        return
+    import asyncpg  # noqa: PLC0415 - PostgreSQL only
+
+    name = f"load_{secrets.token_hex(6)}"
+    base, _, _db = settings.database_url.rpartition("/")
+    admin = await asyncpg.connect(settings.database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{base}/{name}"
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 def free_port() -> int:
@@ -289,8 +363,16 @@ def free_port() -> int:
 class Processes:
     """The simulator and gateway processes of one run (started, killed, restarted, stopped)."""
 
-    def __init__(self, workdir: Path, fixtures: dict[str, Any], settings: LoadSettings) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        fixtures: dict[str, Any],
+        settings: LoadSettings,
+        database_url: str,
+    ) -> None:
         self.workdir = workdir
+        self.database_url = database_url
+        self.reader = LedgerReader(database_url)
         self.fixtures = fixtures
         self.settings = settings
         self.port = free_port()
@@ -363,6 +445,7 @@ class Processes:
             "GATEWAY_PAYMENT_DEADLINE_S": str(self.settings.payment_deadline_s),
             "GATEWAY_SWEEP_INTERVAL_S": str(self.settings.sweep_interval_s),
             "GATEWAY_SESSION_STORE": self.settings.session_store,
+            "GATEWAY_DATABASE_URL": self.database_url,
         }
 
     async def _gateway_command(self, *args: str) -> None:
@@ -648,14 +731,41 @@ class DrainOutcome:
     ended_at: float  # perf_counter
 
 
-def ledger_pending(db: Path) -> int:
+async def ledger_pending(reader: LedgerReader) -> int:
     """Paid purchases the gateway has not vended yet (its sweeper still has to), read-only."""
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
-        row = conn.execute(
-            "SELECT COUNT(*) FROM purchases p LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
-            " WHERE p.state = 'paid' AND v.vend_id IS NULL"
-        ).fetchone()
-    return int(row[0])
+    ((count,),) = await reader.rows(
+        "SELECT COUNT(*) FROM purchases p LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
+        " WHERE p.state = 'paid' AND v.vend_id IS NULL"
+    )
+    return int(count)
+
+
+#: Purchase states an operator's stuck lists show (gateway/web/admin.py); a paid purchase without
+#: its token in any other state (or with no purchase at all) is one nobody will look at.
+OPERATOR_SEES: Final = frozenset(
+    {"created", "awaiting_payment", "paid", "vended", "vend_failed", "refund_pending"}
+)
+#: ... and a paybill (c2b) purchase that ended unpaid: its confirmation said money moved.
+OPERATOR_SEES_PAYBILL: Final = frozenset({"payment_failed", "expired"})
+
+
+async def paid_unseen_by_operator(reader: LedgerReader, references: Sequence[str]) -> list[str]:
+    """Of charges no token carried, those whose purchase no operator list shows, read-only."""
+    unseen = []
+    for reference in references:
+        rows = await reader.rows(
+            "SELECT p.state, p.channel FROM purchases p WHERE p.provider_reference = ?"
+            " OR p.purchase_id IN (SELECT purchase_id FROM payments WHERE reference = ?)",
+            reference,
+            reference,
+        )
+        if not rows:
+            unseen.append(f"{reference}: no purchase")
+            continue
+        state, channel = rows[0]
+        if state not in OPERATOR_SEES and not (channel == "c2b" and state in OPERATOR_SEES_PAYBILL):
+            unseen.append(f"{reference}: {state}")
+    return unseen
 
 
 def drain_pending(report: Any, paid_not_vended: int) -> int:  # noqa: ANN401 - an AuditReport
@@ -689,10 +799,9 @@ async def _drain(
 ) -> tuple[Any, DrainOutcome]:
     """Wait until nothing is pending recovery (or ``timeout_s``); the last audit, how it ended."""
     began = time.perf_counter()
-    db = procs.workdir / "data" / "gateway.db"
     while True:
         report = await auditor.audit_running(procs.sims, meters, key, key_tokens=False)
-        pending = drain_pending(report, await asyncio.to_thread(ledger_pending, db))
+        pending = drain_pending(report, await ledger_pending(procs.reader))
         waited = time.perf_counter() - began
         if out is not None:
             out.write(f"\rdrain {waited:5.1f}s  purchases still pending recovery: {pending}   ")
@@ -711,28 +820,25 @@ async def _drain(
         await asyncio.sleep(2.0)
 
 
-def _ledger_figures(
-    db: Path, sms: Sequence[dict[str, Any]], window: tuple[float, float]
+async def _ledger_figures(
+    reader: LedgerReader, sms: Sequence[dict[str, Any]], window: tuple[float, float]
 ) -> dict[str, Any]:
     """Vends/s and payment-confirmed → SMS-accepted latency, from the ledger and the AT sim."""
     accepted = {m["message_id"]: m["accepted_at"] for m in sms if m.get("accepted_at")}
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        vend_times = [
-            datetime.fromisoformat(row[0]).timestamp()
-            for row in conn.execute("SELECT created_at FROM vends")
-        ]
-        confirmed = conn.execute(
-            "SELECT o.provider_message_id, MIN(e.at) FROM outbox o JOIN events e"
-            " ON e.purchase_id = o.purchase_id AND e.kind = 'payment_confirmed'"
-            " WHERE o.kind = 'token' AND o.provider_message_id IS NOT NULL"
-            " GROUP BY o.provider_message_id"
-        ).fetchall()
-        states = dict(conn.execute("SELECT state, COUNT(*) FROM purchases GROUP BY state"))
-    latencies = [
-        accepted[mid] - datetime.fromisoformat(at).timestamp()
-        for mid, at in confirmed
-        if mid in accepted
-    ]
+    vend_times = [epoch(row[0]) for row in await reader.rows("SELECT created_at FROM vends")]
+    confirmed = await reader.rows(
+        "SELECT o.provider_message_id, MIN(e.at) FROM outbox o JOIN events e"
+        " ON e.purchase_id = o.purchase_id AND e.kind = 'payment_confirmed'"
+        " WHERE o.kind = 'token' AND o.provider_message_id IS NOT NULL"
+        " GROUP BY o.provider_message_id"
+    )
+    states = {
+        str(state): int(count)
+        for state, count in await reader.rows(
+            "SELECT state, COUNT(*) FROM purchases GROUP BY state"
+        )
+    }
+    latencies = [accepted[mid] - epoch(at) for mid, at in confirmed if mid in accepted]
     first, last = window
     in_window = sum(1 for at in vend_times if first <= at <= last)
     span = last - first
@@ -761,12 +867,59 @@ async def run_load(settings: LoadSettings, *, out: TextIO | None = None) -> Load
             workdir.mkdir(parents=True, exist_ok=True)
         fixtures = write_fixtures(workdir, settings.meters)
         (workdir / "data").mkdir(parents=True, exist_ok=True)
-        await seed_tariff(workdir / "data")
-        procs = Processes(workdir, fixtures, settings)
-        try:
-            return await _run(settings, procs, fixtures, auditor, out)
-        finally:
-            await procs.stop()
+        async with run_database(settings, workdir) as database_url:
+            await seed_tariff(database_url)
+            procs = Processes(workdir, fixtures, settings, database_url)
+            try:
+                return await _run(settings, procs, fixtures, auditor, out)
+            finally:
+                await procs.stop()
+                await procs.reader.close()
+
+
+def _attacker(
+    settings: LoadSettings,
+    procs: Processes,
+    fixtures: dict[str, Any],
+    session: aiohttp.ClientSession,
+) -> Any:  # noqa: ANN401 - bench/attacks.py's Attacker, or None without --attacks
+    """The attacker of ``--attacks`` (bench/attacks.py), or None."""
+    if not settings.attacks:
+        return None
+    return _load_bench("attacks").Attacker(
+        session,
+        gateway_url=procs.gateway_url,
+        sims=procs.sims,
+        secret=fixtures["callback_secret"],
+        reader=procs.reader,
+        drns=fixtures["drns"],
+        seed=settings.seed + 2,
+    )
+
+
+def _attack_figures(
+    attacker: Any,  # noqa: ANN401 - bench/attacks.py's Attacker, or None
+    charges: Sequence[dict[str, Any]],
+    sms: Sequence[dict[str, Any]],
+    figures: dict[str, Any],
+) -> list[str]:
+    """Per attack case, tried and worked (into ``figures``); the line to print."""
+    if attacker is None:
+        return []
+    table = _load_bench("attacks").outcomes(attacker.log.tried, charges, sms)
+    figures["attacks"] = table
+    figures["attack_posts"] = dict(attacker.log.posts)
+    worked = ", ".join(f"{case} {row['succeeded']}/{row['tried']}" for case, row in table.items())
+    return [f"attacks     {worked} (worked/tried)"]
+
+
+def _audit_json(report: Any, unseen: Sequence[str]) -> dict[str, Any]:  # noqa: ANN401
+    """The auditor's report with ``paid_unseen_by_operator`` counted in (and in ``ok``)."""
+    audit_json: dict[str, Any] = {**report.to_json(), "paid_unseen_by_operator": len(unseen)}
+    if unseen:
+        audit_json["examples"]["paid_unseen_by_operator"] = list(unseen[:10])
+    audit_json["ok"] = bool(report.ok) and not unseen
+    return audit_json
 
 
 async def _run(
@@ -788,9 +941,12 @@ async def _run(
         done = asyncio.Event()
         began = time.perf_counter()
         procs.mark_cpu()
+        attacker = _attacker(settings, procs, fixtures, session)
         async with asyncio.TaskGroup() as group:
             group.create_task(_offer_load(customers, settings, done))
             group.create_task(_kill_loop(procs, customers.tally, settings, done))
+            if attacker is not None:
+                group.create_task(attacker.run(settings.attacks, done))
             if out is not None and settings.show_progress:
                 group.create_task(_ticker(customers.tally, began, done, out))
         load_s = time.perf_counter() - began
@@ -810,9 +966,11 @@ async def _run(
         async with session.get(procs.sims["africastalking"] + "/_sim/sms") as response:
             sms = await response.json()
         (procs.workdir / "sms.json").write_text(json.dumps(sms), encoding="utf-8")
+        all_charges: list[dict[str, Any]] = []
         for name in ("daraja", "momo", "airtel"):
             async with session.get(procs.sims[name] + "/_sim/ledger") as response:
                 charges = await response.json()
+            all_charges += charges
             (procs.workdir / f"{name}_ledger.json").write_text(json.dumps(charges), "utf-8")
         async with session.get(procs.sims["daraja"] + "/_sim/chaos") as response:
             chaos = await response.json()
@@ -842,10 +1000,18 @@ async def _run(
         "ussd_hop_errors": tally.hop_errors,
         "kills": tally.kills,
         "restart_p50_s": round(percentile(tally.restart_s, 0.5), 2),
+        # Token SMS repeated (the AT simulator's record), per 1,000 kills: what a kill costs.
+        "duplicate_token_sms": report.duplicate_token_sms,
+        "duplicate_token_sms_per_1000_kills": (
+            round(report.duplicate_token_sms * 1000 / tally.kills) if tally.kills else None
+        ),
     }
     window = (customers.first_at, customers.last_at)
-    figures.update(_ledger_figures(procs.workdir / "data" / "gateway.db", sms, window))
+    figures.update(await _ledger_figures(procs.reader, sms, window))
     figures.update(cpu)
+    unseen = await paid_unseen_by_operator(procs.reader, report.paid_without_token_refs)
+    audit_json = _audit_json(report, unseen)
+    attack_lines = _attack_figures(attacker, all_charges, sms, figures)
     lines = [
         f"load {figures['load_s']} s, drain {figures['drain_s']} s, kills {tally.kills}",
         (
@@ -879,7 +1045,14 @@ async def _run(
             f" {figures['paid_to_sms_p99_ms']} ms  ({figures['paid_to_sms_samples']} tokens)"
         ),
         f"chaos       {chaos['counts']}",
+        *attack_lines,
+        (
+            f"duplicates  {figures['duplicate_token_sms']} token SMS repeated"
+            f" ({figures['duplicate_token_sms_per_1000_kills']} per 1,000 kills)"
+        ),
         *report.lines(),
+        f"paid, unseen by an operator {len(unseen)}" + ("   <-- FAIL" if unseen else ""),
+        *(f"    e.g. {example}" for example in unseen[:3]),
     ]
     settings_json = {
         **{k: v for k, v in asdict(settings).items() if k not in {"workdir", "faults"}},
@@ -889,8 +1062,8 @@ async def _run(
         settings=settings_json,
         figures=figures,
         chaos=chaos,
-        audit=report.to_json(),
-        ok=bool(report.ok),
+        audit=audit_json,
+        ok=bool(audit_json["ok"]),
         lines=lines,
     )
 
@@ -933,6 +1106,20 @@ def parse_args(argv: Sequence[str] | None) -> tuple[LoadSettings, bool]:
     parser.add_argument(
         "--session-store", choices=["sqlite", "memory"], default="sqlite", help="USSD sessions"
     )
+    parser.add_argument(
+        "--attacks",
+        type=int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="ROUNDS",
+        help="forged callbacks during the load (bench/attacks.py), ROUNDS rounds (3)",
+    )
+    parser.add_argument(
+        "--database-url",
+        default="",
+        help="a postgresql:// server to run on (a fresh database per run); default SQLite",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
@@ -956,6 +1143,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[LoadSettings, bool]:
         seed=args.seed,
         session_store=args.session_store,
         calm_drain=not args.faulty_drain,
+        attacks=args.attacks,
+        database_url=args.database_url,
         mix=(args.mix[0], args.mix[1], args.mix[2]),
         workdir=args.workdir,
         show_progress=not args.json,

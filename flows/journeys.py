@@ -45,6 +45,7 @@ from flows.ports import (
     MeterInfo,
     MeterNumber,
     PurchaseRequest,
+    Quote,
     Refused,
     SaveOutcome,
 )
@@ -200,10 +201,21 @@ class AmountScreen:
                 "energy": str(quote.energy.amount_minor),
                 "tax": str(quote.tax.amount_minor),
                 "fees": str(quote.fees.amount_minor),
+                **_debt_args(quote),
                 # minted once: a resumed confirm screen reuses it, so a purchase is never doubled
                 "key": f"ussd:{ctx.session_id}:{ctx.hop}",
             },
         )
+
+
+def _debt_args(quote: Quote) -> dict[str, str]:
+    """The confirm screen's debt figures (none when the meter owes nothing)."""
+    if quote.debt_recovered is None or quote.debt_remaining is None:
+        return {}
+    return {
+        "debt": str(quote.debt_recovered.amount_minor),
+        "owing": str(quote.debt_remaining.amount_minor),
+    }
 
 
 class ConfirmScreen:
@@ -217,6 +229,12 @@ class ConfirmScreen:
             meter=args["meter"],
             units=format_units(int(args["units"])),
         )
+        if "debt" in args:  # shown in the body: never dropped for space, unlike the detail
+            body += "\n" + ctx.t(
+                "confirm_debt",
+                debt=format_money(_money(args, "debt")),
+                remaining=format_money(_money(args, "owing")),
+            )
         detail = ctx.t(
             "confirm_breakdown",
             energy=format_money(_money(args, "energy")),

@@ -57,6 +57,9 @@ class RefusalReason(StrEnum):
     UNKNOWN_METER = "unknown_meter"
     METER_BLOCKED = "meter_blocked"  # the utility stopped vending to this meter
     PURCHASE_PENDING = "purchase_pending"  # one purchase already awaits payment on this meter
+    ALL_TO_DEBT = (
+        "all_to_debt"  # the meter's debt recovery leaves too little; limit: least that buys
+    )
     UNAVAILABLE = "unavailable"  # a dependency is down; try again later
 
 
@@ -80,7 +83,8 @@ class MeterInfo:
 class Quote:
     """What ``amount`` buys on ``meter``: units in tenths of a kWh and where the money goes.
 
-    ``energy + tax + fees == amount``.
+    ``energy + tax + fees + debt_recovered == amount``. ``debt_recovered`` (what goes to the
+    meter's debt) and ``debt_remaining`` (what it still owes after) are None when it owes nothing.
     """
 
     meter: MeterNumber
@@ -89,6 +93,8 @@ class Quote:
     energy: Money
     tax: Money
     fees: Money
+    debt_recovered: Money | None = None
+    debt_remaining: Money | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
+import structlog
+
 from flows.engine import format_money, format_units
 from flows.journeys import refusal_notice
 from flows.messages import text as message
@@ -30,13 +32,18 @@ from flows.ports import (
     Language,
     MeterNumber,
     PurchaseRequest,
+    Quote,
     Refused,
 )
 from flows.validation import MeterProblem, parse_amount, parse_meter
+from gateway.values.money import Money
 from gateway.values.phone import Msisdn
+
+log = structlog.get_logger()
 
 SMS_MAX_CHARS: Final = 306  # two concatenated GSM-7 segments (2 x 153)
 _SPLIT: Final = re.compile(r"[\s*#,\-]+")
+_SPLIT_KEEP: Final = re.compile(r"([\s*#,\-]+)")
 
 
 class Command(StrEnum):
@@ -82,8 +89,26 @@ def _is_number(word: str) -> bool:
     return word.isascii() and word.replace(".", "", 1).isdigit()
 
 
+def _minus_before_last(text: str) -> bool:
+    """Whether the last word is written negative (``BUY 37012345676 -100``).
+
+    A single ``-`` between two numbers separates them (``buy-37012345676-500``); a ``-`` after a
+    space, ``*``, ``#`` or another dash (``… -100``, ``… - 100``, ``…*-100``) is a minus sign.
+    """
+    parts = _SPLIT_KEEP.split(text.strip())
+    if len(parts) < 3 or not parts[-1]:
+        return False
+    separator = parts[-2]
+    return "-" in separator and separator != "-"
+
+
 def parse_sms(text: str) -> ParsedSms:  # noqa: PLR0911 - one return per grammar rule
-    """Parse an SMS body; anything not understood is ``HELP``. Never raises."""
+    """Parse an SMS body; anything not understood is ``HELP``. Never raises.
+
+    A negative amount (``BUY 37012345676 -100``) is kept negative (``amount="-100"``), so the
+    purchase is refused with ``sms_amount_negative`` instead of the minus being read as a
+    separator.
+    """
     words = [w for w in _SPLIT.split(text.strip().upper()) if w]
     if not words:
         return ParsedSms(command=Command.HELP)
@@ -93,7 +118,8 @@ def parse_sms(text: str) -> ParsedSms:  # noqa: PLR0911 - one return per grammar
         return ParsedSms(command=Command.HELP)
     if command in {None, Command.BUY}:
         if len(rest) >= 2 and all(_is_number(w) for w in rest):
-            return ParsedSms(command=Command.BUY, meter="".join(rest[:-1]), amount=rest[-1])
+            sign = "-" if _minus_before_last(text) else ""
+            return ParsedSms(command=Command.BUY, meter="".join(rest[:-1]), amount=sign + rest[-1])
         return ParsedSms(command=Command.BUY if command else Command.HELP)
     if command is Command.TOKEN:
         meter = "".join(rest) if rest and all(_is_number(w) for w in rest) else None
@@ -171,6 +197,9 @@ class SmsCommands:
 
         if parsed.meter is None or parsed.amount is None:
             return reply("sms_amount_bad")
+        if parsed.amount.startswith("-"):
+            log.warning("sms_negative_amount_refused", amount=parsed.amount)
+            return reply("sms_amount_negative")
         meter = parse_meter(parsed.meter)
         if meter is MeterProblem.FORMAT:
             return reply("meter_bad_format")
@@ -201,13 +230,7 @@ class SmsCommands:
             notice = refusal_notice(outcome)
             return reply(notice.key, **notice.values)
         return SmsOutcome(
-            reply=message(
-                language,
-                "sms_paying",
-                amount=format_money(outcome.amount),
-                meter=meter,
-                units=format_units(quote.units_tenth_kwh),
-            ),
+            reply=_paying(language, meter, quote, outcome.amount),
             language=language,
             follow_up=outcome.follow_up,
         )
@@ -223,3 +246,22 @@ class SmsCommands:
         if resent is None:
             return SmsOutcome(reply=message(language, "token_none"), language=language)
         return SmsOutcome(reply=None, language=language)  # the token SMS is the answer
+
+
+def _paying(language: Language, meter: MeterNumber, quote: Quote, amount: Money) -> str:
+    """The reply to a purchase that was started: the amount, the units and any debt recovered."""
+    text = message(
+        language,
+        "sms_paying",
+        amount=format_money(amount),
+        meter=meter,
+        units=format_units(quote.units_tenth_kwh),
+    )
+    if quote.debt_recovered is not None and quote.debt_remaining is not None:
+        text += " " + message(
+            language,
+            "sms_debt",
+            debt=format_money(quote.debt_recovered),
+            remaining=format_money(quote.debt_remaining),
+        )
+    return text

@@ -49,7 +49,8 @@ class FakeToken:
 class FakeCustomerServices:
     """Meters, tariffs and per-phone data in dicts; every call is recorded in ``calls``.
 
-    Tariff: ``price_per_kwh_minor`` per kWh including a 16% tax and a flat fee.
+    Tariff: ``price_per_kwh_minor`` per kWh including a 16% tax and a flat fee. ``debts``: a
+    meter's (balance, rate in basis points): that share of each amount goes to the debt first.
     """
 
     meters: dict[MeterNumber, MeterInfo] = field(default_factory=dict)
@@ -67,6 +68,7 @@ class FakeCustomerServices:
     sms: list[tuple[Msisdn, str]] = field(default_factory=list)
     resent: list[tuple[Msisdn, MeterNumber]] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
+    debts: dict[MeterNumber, tuple[int, int]] = field(default_factory=dict)
 
     def add_meter(
         self,
@@ -106,7 +108,9 @@ class FakeCustomerServices:
             return Refused(reason=RefusalReason.BELOW_MINIMUM, limit=info.min_purchase)
         if amount > info.max_purchase:
             return Refused(reason=RefusalReason.ABOVE_MAXIMUM, limit=info.max_purchase)
-        net = amount.amount_minor - self.fee_minor
+        balance, rate = self.debts.get(meter, (0, 0))
+        recovered = min(balance, amount.amount_minor * rate // 10_000)
+        net = amount.amount_minor - recovered - self.fee_minor
         energy_minor = net * 100 // (100 + self.tax_percent)
         tax_minor = net - energy_minor
         units = max(0, energy_minor * 10 // self.price_per_kwh_minor)
@@ -117,6 +121,8 @@ class FakeCustomerServices:
             energy=Money(energy_minor, amount.currency),
             tax=Money(tax_minor, amount.currency),
             fees=Money(self.fee_minor, amount.currency),
+            debt_recovered=Money(recovered, amount.currency) if balance else None,
+            debt_remaining=Money(balance - recovered, amount.currency) if balance else None,
         )
 
     async def start_purchase(self, request: PurchaseRequest) -> PurchaseStarted | Refused:

@@ -13,20 +13,34 @@ Assumptions named here:
   process: a callback for a purchase from an earlier run gets 404 and the sweeper's status query
   recovers it, as it would a lost callback.
 - Without ``GATEWAY_ADMIN_TOKEN`` (demo only) a random admin token is made and printed.
+- The AT simulator mounted at ``/sim/africastalking`` (demo) shows every SMS, tokens included:
+  its pages answer loopback callers, others only with the admin token as a bearer token.
+- The data directory is private (0700) and every file in it 0600 (the ledger and its -wal/-shm,
+  sessions.db, master.key); files an earlier version left readable are tightened at start.
+- A SQLite ledger is created only on a first start: a missing ledger file in a data directory
+  that holds anything (``ledger.created``, written next to it, sessions, a master key) refuses
+  to start instead of silently beginning an empty ledger (history, TIDs and keys gone).
+  A PostgreSQL database with an empty schema is a first start and is migrated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
+import hmac
+import ipaddress
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from flows.engine import UssdEngine
 from flows.journeys import build_screens
@@ -36,8 +50,11 @@ from flows.sms_commands import SmsCommands
 from gateway.config import SIMULATED, Config, Mode, Secret
 from gateway.customer_services import SagaCustomerServices
 from gateway.demo_data import demo_master_key, seed_demo
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, LedgerMissing
 from gateway.ledger import Ledger, open_ledger
+from gateway.ledger.postgres import is_postgres_url
+from gateway.ledger.sqlite import sqlite_path
+from gateway.logging import register_secrets
 from gateway.metrics import Metrics, ledger_refresher
 from gateway.payments import PaymentProvider
 from gateway.payments.airtel import AirtelProvider
@@ -56,7 +73,7 @@ from gateway.vending import SagaPolicy, Vending, load_token_engine
 from gateway.web.admin import admin_routes, setup_admin
 from gateway.web.callbacks import payment_routes
 from gateway.web.delivery import delivery_routes
-from gateway.web.health import health_routes
+from gateway.web.health import cached, health_routes
 from gateway.web.keys import CONFIG, METRICS, METRICS_REFRESH, READINESS
 from gateway.web.middleware import context_middleware
 from gateway.web.sms import sms_routes
@@ -145,12 +162,15 @@ async def _start_simulators(
     from gateway.sim.momo import MomoSimulator  # noqa: PLC0415
 
     base = config.effective_public_url
+    at_api_key = secrets.token_urlsafe(18)  # not the simulator's well-known default
+    register_secrets(at_api_key)
     at = AtSimulator(
         ussd_url=base + USSD_PATH,
         ussd_events_url=base + USSD_EVENTS_PATH,
         delivery_url=base + SMS_DELIVERY_PATH,
         inbound_url=base + SMS_INBOUND_PATH,
         shortcode=config.shortcode,
+        api_key=at_api_key,
     )
     # C2B confirmations carry the payer's number in the clear here (Daraja's v1 behaviour), so
     # paybill tokens can be texted; v2 masks it, and then only a reprint reaches the customer.
@@ -299,9 +319,77 @@ async def _session_store(stack: contextlib.AsyncExitStack, config: Config) -> Se
         from gateway.redis_sessions import open_redis_session_store  # noqa: PLC0415
 
         return await stack.enter_async_context(open_redis_session_store(config.redis_url))
+    _create_private(config.data_dir / "sessions.db")
     sqlite_store = SqliteSessionStore.open(config.data_dir / "sessions.db")
     stack.callback(sqlite_store.close)
     return sqlite_store
+
+
+LEDGER_MARKER = "ledger.created"  # written in the data directory once a SQLite ledger exists
+_PRIVATE_DIR = 0o700
+_PRIVATE_FILE = 0o600
+
+
+_OWN_FILES = ("gateway.db", "sessions.db", "master.key", LEDGER_MARKER)  # and -wal, -shm
+
+
+def _private_data_dir(data_dir: Path) -> None:
+    """Create ``data_dir`` 0700 if missing; make it and the gateway's own files in it private.
+
+    Only the files the gateway writes there (``_OWN_FILES`` and their -wal/-shm) are tightened;
+    anything else an operator keeps in the directory is left alone.
+    """
+    data_dir.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
+    data_dir.chmod(_PRIVATE_DIR)
+    for entry in data_dir.iterdir():
+        own = entry.name.removesuffix("-wal").removesuffix("-shm") in _OWN_FILES
+        if own and entry.is_file() and not entry.is_symlink():
+            entry.chmod(_PRIVATE_FILE)
+
+
+def _ledger_must_exist(config: Config) -> Path | None:
+    """The SQLite ledger's path, after refusing a data directory that lost its ledger.
+
+    Only a first start, with an empty (or brand-new) data directory, creates a ledger.
+
+    Raises:
+        LedgerMissing: the ledger file is gone but the data directory shows the gateway ran.
+    """
+    url = config.effective_database_url
+    if is_postgres_url(url):
+        return None
+    path = sqlite_path(url)
+    if path.exists():
+        return path
+    data_dir = config.data_dir
+    left = sorted(e.name for e in data_dir.iterdir()) if data_dir.is_dir() else []
+    if left:
+        raise LedgerMissing(
+            f"the ledger {path} is missing but the data directory {data_dir} is not empty"
+            f" ({', '.join(left[:5])}): refusing to start an empty ledger over an existing"
+            " installation. Restore the ledger from a backup (docs/operations.md), or, for a"
+            " deliberate fresh start, move the data directory away."
+        )
+    return path
+
+
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty, mode 0600 whatever the umask, if it does not exist.
+
+    SQLite gives a database's -wal and -shm files the database file's mode.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE))
+
+
+def _mark_ledger(config: Config, path: Path) -> None:
+    """Note in the data directory that a ledger exists (so its loss is noticed at start)."""
+    marker = config.data_dir / LEDGER_MARKER
+    if marker.exists():
+        return
+    descriptor = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(f"{path}\n")
 
 
 def _secret(configured: Secret | None, config: Config, setting: str) -> Secret:
@@ -313,9 +401,12 @@ def _secret(configured: Secret | None, config: Config, setting: str) -> Secret:
 
 
 async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime:
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    ledger_path = _ledger_must_exist(config)  # before anything is written in the data directory
+    _private_data_dir(config.data_dir)
     callback_secret = _secret(config.callback_secret, config, "GATEWAY_CALLBACK_SECRET")
     admin_token = _secret(config.admin_token, config, "GATEWAY_ADMIN_TOKEN")
+    # From here on no log line, banner or error shows any of them (gateway.logging).
+    register_secrets(*config.secret_values(), callback_secret.reveal(), admin_token.reveal())
     base = config.effective_public_url
 
     def callback_url(provider: str, tail: str) -> str:
@@ -324,7 +415,13 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
     master_key = config.master_key_bytes()
     if master_key is None:
         master_key = demo_master_key(config.data_dir)
+        register_secrets(base64.b64encode(master_key).decode(), master_key.hex())
+    if ledger_path is not None:
+        ledger_path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(ledger_path)
     ledger = await stack.enter_async_context(open_ledger(config.effective_database_url))
+    if ledger_path is not None:
+        _mark_ledger(config, ledger_path)
     if config.mode is Mode.DEMO and await seed_demo(ledger, master_key):
         log.info("demo_data_seeded", database=config.effective_database_url)
     engine = await load_token_engine(ledger, master_key)
@@ -337,6 +434,9 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         await _start_simulators(stack, config, callback_secret) if config.uses_simulators else None
     )
     providers = _providers(config, session, sims, callback_url)
+    for provider in providers.values():
+        if isinstance(provider, DarajaProvider):  # Transaction Status results via the ledger
+            provider.status_store = ledger
     default_provider = "daraja" if config.payments == SIMULATED else config.payments
     metrics = Metrics()
     vending = Vending(
@@ -350,6 +450,7 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
             check_interval_s=float(config.payment_check_interval_s),
             payment_deadline_s=float(config.payment_expiry_s),
             ambiguous_recheck_s=float(config.ambiguous_recheck_s),
+            fbe_timezone=config.fbe_timezone,
         ),
     )
     sms = _sms_sender(config, session, sims)
@@ -404,6 +505,45 @@ async def _outbox_loop(outbox: OutboxWorker, stop: asyncio.Event) -> None:
                 await stop.wait()
 
 
+def _sim_guard(admin_token: Secret) -> Middleware:
+    """The mounted AT simulator's pages (every SMS, tokens included) for loopback callers only.
+
+    Its SMS API (``/version1/…``) checks AT's ``apiKey`` header itself (a random key per
+    process); everything else (``/sim/inbox``, ``/sim/sent``, ``/sim/sms``) answers a caller on
+    another host only with ``Authorization: Bearer <admin token>``, else 403.
+    """
+    expected = f"Bearer {admin_token.reveal()}".encode()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.removeprefix(AT_SIM_PREFIX).startswith("/version1/"):
+            return await handler(request)
+        if _is_loopback(request.remote):
+            return await handler(request)
+        presented = request.headers.get("Authorization", "").encode()
+        if hmac.compare_digest(presented, expected):
+            return await handler(request)
+        log.warning(
+            "sim_access_refused", security_event=True, remote=request.remote, path=request.path
+        )
+        return web.json_response(
+            {
+                "error": "the simulator's pages answer loopback callers, or others with"
+                " 'Authorization: Bearer <admin token>' (gateway phone --admin-token)"
+            },
+            status=403,
+        )
+
+    return guard
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
+
+
 def _background(runtime: Runtime) -> Callable[[web.Application], AsyncIterator[None]]:
     async def background(_app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
@@ -419,7 +559,15 @@ def _background(runtime: Runtime) -> Callable[[web.Application], AsyncIterator[N
 
 
 def _readiness(runtime: Runtime) -> dict[str, Callable[[], Awaitable[bool]]]:
+    url = runtime.config.effective_database_url
+    ledger_file = None if is_postgres_url(url) else sqlite_path(url)
+    opened = None if ledger_file is None else _identity(ledger_file)
+
     async def ledger_ready() -> bool:
+        # A deleted or replaced file still takes writes through the open descriptor: compare.
+        if ledger_file is not None and _identity(ledger_file) != opened:
+            raise LedgerMissing(f"the ledger file {ledger_file} was deleted or replaced")
+        await runtime.ledger.probe_write()  # a committed write, not just a read
         await runtime.ledger.lookup_meter("00000000000")
         return True
 
@@ -427,7 +575,16 @@ def _readiness(runtime: Runtime) -> dict[str, Callable[[], Awaitable[bool]]]:
         await runtime.sessions.get("readyz")
         return True
 
-    return {"ledger": ledger_ready, "sessions": sessions_ready}
+    return {"ledger": cached("ledger", ledger_ready), "sessions": sessions_ready}
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode), None when it is gone."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 async def build_app(config: Config) -> web.Application:
@@ -486,6 +643,7 @@ async def build_app(config: Config) -> web.Application:
 
         at = runtime.simulators.at
         assert isinstance(at, AtSimulator)  # noqa: S101 - narrowing for mypy
+        at.app.middlewares.append(_sim_guard(runtime.admin_token))
         app.add_subapp(AT_SIM_PREFIX, at.app)
     app.add_routes(admin_routes())
     app.cleanup_ctx.append(_background(runtime))

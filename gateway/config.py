@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
 
@@ -87,6 +89,7 @@ class Config:
     shortcode: str = "20880"  # SMS shortcode customers text
     country: str = "KE"  # default region for phone numbers
     currency: str = "KES"
+    fbe_timezone: str = "Africa/Nairobi"  # free basic electricity follows this zone's months
     payments: str = SIMULATED  # sim | daraja | momo | airtel
     sms: str = SIMULATED  # sim | africastalking
     session_store: str = "sqlite"  # memory | sqlite | redis
@@ -124,6 +127,31 @@ class Config:
     def uses_simulators(self) -> bool:
         """Whether any provider is simulated."""
         return SIMULATED in {self.payments, self.sms}
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, in the clear: for ``gateway.logging.register_secrets`` only.
+
+        The master key, admin token, callback secret, the database and Redis URL passwords,
+        and each provider's key, secret and secret-looking extras (passkey, security
+        credential, subscription key).
+        """
+        values = [
+            secret.reveal()
+            for secret in (self.master_key, self.admin_token, self.callback_secret)
+            if secret is not None
+        ]
+        for url in (self.database_url, self.redis_url):
+            password = _url_password(url)
+            values += [password, unquote(password)]  # as written in the URL, and decoded
+        for name in _PROVIDERS:
+            settings: ProviderSettings = getattr(self, name)
+            values += [settings.key.reveal(), settings.secret.reveal()]
+            values += [
+                value
+                for key, value in settings.extra.items()
+                if key in _SECRET_EXTRAS or key.endswith(("key", "secret", "password"))
+            ]
+        return [value for value in values if value]
 
     def master_key_bytes(self) -> bytes | None:
         """The 32-byte master key, decoded (validated at load)."""
@@ -172,6 +200,15 @@ _INT_RANGES: Final[Mapping[str, tuple[int, int]]] = {
 ALIASES: Final[Mapping[str, str]] = {"payment_deadline_s": "payment_first_check_s"}
 _PROVIDERS: Final = ("africastalking", "daraja", "momo", "airtel")
 _PROVIDER_FIELDS: Final = ("base_url", "username", "key", "secret")
+_SECRET_EXTRAS: Final = frozenset({"passkey", "security_credential", "subscription_key"})
+
+
+def _url_password(url: str) -> str:
+    """The password in ``scheme://user:password@host/…`` as written (percent-encoded), or ""."""
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -315,3 +352,9 @@ def _check(config: Config) -> None:  # noqa: C901 - one rule per line, read top 
         raise ConfigError("GATEWAY_AFRICASTALKING_KEY", "required to send SMS")
     if not config.currency.isalpha() or len(config.currency) != 3:
         raise ConfigError("GATEWAY_CURRENCY", f"not an ISO 4217 code: {config.currency!r}")
+    try:
+        ZoneInfo(config.fbe_timezone)
+    except (ValueError, ZoneInfoNotFoundError) as exc:
+        raise ConfigError(
+            "GATEWAY_FBE_TIMEZONE", f"not an IANA time zone: {config.fbe_timezone!r}"
+        ) from exc

@@ -38,13 +38,13 @@ from gateway.ledger import (
 from gateway.logging import get_logger
 from gateway.money import Money
 from gateway.phone import Msisdn
-from gateway.tariff import AmountAboveMaximum, AmountBelowMinimum, TariffError
+from gateway.tariff import AmountAboveMaximum, AmountAllToDebt, AmountBelowMinimum, TariffError
 from gateway.vending import MeterBlocked, NothingToReprint, UnknownMeter, Vending
 
 log = get_logger()
 
 
-def _refusal(exc: Exception) -> Refused:
+def _refusal(exc: Exception) -> Refused:  # noqa: PLR0911 - one answer per kind
     """The customer-facing reason for a saga, tariff or ledger refusal."""
     match exc:
         case UnknownMeter() | NotFound():
@@ -55,6 +55,12 @@ def _refusal(exc: Exception) -> Refused:
             return Refused(reason=RefusalReason.BELOW_MINIMUM, limit=exc.minimum)
         case AmountAboveMaximum():
             return Refused(reason=RefusalReason.ABOVE_MAXIMUM, limit=exc.maximum)
+        case AmountAllToDebt():
+            # No minimum: no amount the tariff accepts buys energy past the debt (call the utility).
+            return Refused(
+                reason=RefusalReason.ALL_TO_DEBT if exc.minimum else RefusalReason.METER_BLOCKED,
+                limit=exc.minimum,
+            )
         case TariffError():
             # Buys nothing after charges, or another currency: the minimum is the clear answer.
             return Refused(reason=RefusalReason.BELOW_MINIMUM)
@@ -100,6 +106,8 @@ class SagaCustomerServices:
             energy=priced.energy,
             tax=priced.vat,
             fees=priced.fixed_charge,
+            debt_recovered=priced.debt_recovered,
+            debt_remaining=priced.debt_remaining,
         )
 
     async def start_purchase(self, request: PurchaseRequest) -> PurchaseStarted | Refused:

@@ -3,6 +3,7 @@
 ```
 GatewayError                      gateway/errors.py
   ConfigError                     a setting is missing or malformed (names the setting)
+  LedgerMissing                   the ledger file is gone from a data directory in use
   PaymentError                    gateway/payments/base.py (provider, reference, retryable)
   LedgerError                     gateway/ledger/base.py
   SmsError                        gateway/sms/base.py
@@ -38,3 +39,7 @@ class ConfigError(GatewayError):
     def __init__(self, setting: str, problem: str) -> None:
         super().__init__(f"{setting}: {problem}")
         self.setting = setting
+
+
+class LedgerMissing(GatewayError):
+    """The ledger file is gone from a data directory that shows the gateway ran there before."""

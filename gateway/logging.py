@@ -3,6 +3,16 @@
 Redaction is a processor placed just before the renderer: values under secret-looking keys are
 replaced, and STS tokens (20 digits, grouped or not) are cut to their last four digits wherever they
 appear, so a stray ``log.info("cfg", config=config)`` or a token inside a message stays safe.
+
+Every configured secret value (database and Redis passwords, the callback secret, the admin
+token, the master key, provider keys: ``register_secrets``, fed by the composition root) is
+replaced by ``********`` wherever it appears in a log line, and so is the password of any URL
+(``scheme://user:password@host``); ``mask_secrets`` applies the same to text printed outside the
+logs (the start-up banner, error messages).
+
+The standard library's loggers (aiohttp's access and server logs, asyncpg, asyncio, ``warnings``)
+go through structlog's ``ProcessorFormatter`` into the same stream, with the same redaction and
+renderer: in JSON mode every line the process logs is one JSON object.
 """
 
 from __future__ import annotations
@@ -10,7 +20,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 from collections.abc import Mapping, MutableMapping
+from types import TracebackType
 from typing import Any, Final, TextIO
 
 import structlog
@@ -36,6 +48,42 @@ SECRET_KEYS: Final = frozenset(
 _SECRET_SUFFIXES: Final = ("_key", "_secret", "_password", "_token")
 _TOKEN_RE: Final = re.compile(r"(?<!\d)(?:\d{4}[ -]?){4}\d{4}(?!\d)")
 MASK: Final = "********"
+#: ``scheme://user:password@`` in any text: the password is masked, the user kept.
+_URL_PASSWORD_RE: Final = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
+_MIN_SECRET_CHARS: Final = 4  # shorter values would mask ordinary words and numbers
+_secrets: tuple[str, ...] = ()
+_secrets_lock = threading.Lock()
+
+
+def register_secrets(*values: str | None) -> None:
+    """Add configured secret values: each is masked wherever it appears in output from now on.
+
+    Values shorter than four characters are ignored (they would mask ordinary text); a URL's
+    password is masked by pattern anyway.
+    """
+    global _secrets  # noqa: PLW0603 - one process-wide set, read lock-free on the hot path
+    with _secrets_lock:
+        known = set(_secrets)
+        known.update(v for v in values if v and len(v) >= _MIN_SECRET_CHARS)
+        # Longest first, so a secret containing another is masked whole.
+        _secrets = tuple(sorted(known, key=len, reverse=True))
+
+
+def forget_secrets() -> None:
+    """Drop every registered secret (tests, or a process that reconfigures)."""
+    global _secrets  # noqa: PLW0603
+    with _secrets_lock:
+        _secrets = ()
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with every registered secret and every URL password replaced by ``********``."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    if "://" in text:
+        text = _URL_PASSWORD_RE.sub(lambda m: m.group("head") + MASK + "@", text)
+    return text
 
 
 def mask_token(digits: str) -> str:
@@ -53,9 +101,12 @@ def _is_secret_key(name: str) -> bool:
 
 def _scrub(value: object) -> object:
     if isinstance(value, str):
-        return _TOKEN_RE.sub(lambda m: mask_token(m.group(0)), value)
+        return mask_secrets(_TOKEN_RE.sub(lambda m: mask_token(m.group(0)), value))
     if isinstance(value, Mapping):
-        return {k: (MASK if _is_secret_key(str(k)) else _scrub(v)) for k, v in value.items()}
+        return {
+            mask_secrets(str(k)): (MASK if _is_secret_key(str(k)) else _scrub(v))
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
     if isinstance(value, bytes | bytearray):
@@ -78,19 +129,89 @@ def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> Event
     return event_dict
 
 
+def _renderer(*, json: bool) -> Processor:
+    if json:
+        return structlog.processors.JSONRenderer()
+    return structlog.dev.ConsoleRenderer(colors=False)
+
+
 def processors(*, json: bool) -> list[Processor]:
     """The processor chain, redaction just before the renderer."""
-    renderer: Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
-    )
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
         redact,
-        renderer,
+        _renderer(json=json),
     ]
+
+
+def _stdlib_name(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Name the standard library logger a line came from (``logger="aiohttp.access"``)."""
+    record = event_dict.get("_record")
+    if isinstance(record, logging.LogRecord):
+        event_dict.setdefault("logger", record.name)
+    return event_dict
+
+
+class _StdlibHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The root handler ``configure_logging`` installs (recognised and replaced on reconfigure)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the record, unless its stream was closed (a test's buffer, gone)."""
+        if getattr(self.stream, "closed", False):
+            return
+        super().emit(record)
+
+
+def _log_uncaught(
+    kind: type[BaseException], value: BaseException, tb: TracebackType | None
+) -> None:
+    """``sys.excepthook`` in JSON mode: an uncaught exception is one JSON line, not a traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    logging.getLogger("gateway").critical("uncaught_exception", exc_info=(kind, value, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None:
+        return
+    _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def _route_stdlib(stream: TextIO, *, json: bool, level: int) -> None:
+    """Send every standard library logger's records through structlog's chain to ``stream``."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            _stdlib_name,
+            structlog.stdlib.ExtraAdder(),
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            redact,
+            _renderer(json=json),
+        ],
+    )
+    handler = _StdlibHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    # Libraries below warning are chatty (asyncio debug, aiohttp access lines for every hit);
+    # the gateway's own level still applies to its structlog lines.
+    root.setLevel(max(level, logging.WARNING))
+    logging.captureWarnings(capture=False)  # re-installs the hook even if one replaced it
+    logging.captureWarnings(capture=True)
+    if json:
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_uncaught_in_thread
 
 
 def configure_logging(
@@ -98,8 +219,10 @@ def configure_logging(
     json: bool | None = None,
     level: str = "info",
     stream: TextIO | None = None,
-) -> None:
+) -> bool:
     """Configure structlog for the whole process (call once, from the composition root).
+
+    Returns whether lines are JSON.
 
     Args:
         json: JSON lines when True, the console renderer when False; None → JSON unless the
@@ -109,14 +232,15 @@ def configure_logging(
     """
     out = stream or sys.stdout
     as_json = (not out.isatty()) if json is None else json
+    threshold = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    _route_stdlib(out, json=as_json, level=threshold)
     structlog.configure(
         processors=processors(json=as_json),
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    return as_json
 
 
 class CachedLogger:

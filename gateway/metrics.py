@@ -92,6 +92,10 @@ class Metrics:
         """A durable vend step took ``seconds``."""
         self.vend_seconds.observe(seconds)
 
+    def security_event(self, kind: str) -> None:
+        """The saga saw a security event (``payment_receipt_reused`` …): counted by ``kind``."""
+        self.security_events.labels(kind=kind).inc()
+
 
 class LedgerStats(Protocol):
     """What ``/metrics`` reads from the ledger at scrape time."""

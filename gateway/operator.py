@@ -1,16 +1,18 @@
 """The operator's port: what the admin pages read of the ledger, and the records they show.
 
 ``gateway/web/admin.py`` never imports the ledger (docs/architecture.md, "Who may import whom"):
-it reads through :class:`OperatorRecords`, which the ledger satisfies, and changes nothing but
-through the saga (reprint, vend). The records and errors it needs are re-exported here.
+it reads through :class:`OperatorRecords`, which the ledger satisfies, and changes a purchase only
+through the saga (reprint, vend); the one thing it writes itself is the audit trail of the admin
+sign-in (security events). The records and errors it needs are re-exported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from gateway.ledger import (
+    DebtRecovery,
     Event,
     NotFound,
     OutboxMessage,
@@ -22,6 +24,7 @@ from gateway.ledger import (
 )
 
 __all__ = [
+    "DebtRecovery",
     "Event",
     "NotFound",
     "OperatorRecords",
@@ -66,4 +69,23 @@ class OperatorRecords(Protocol):
 
     async def timeline(self, purchase_id: str) -> list[Event]:
         """The purchase's events, oldest first."""
+        ...
+
+    async def get_debt_recovery(self, purchase_id: str) -> DebtRecovery | None:
+        """What the purchase's vend recovered, if anything."""
+        ...
+
+    async def events(self, *, kind: str | None = None, limit: int = 100) -> list[Event]:
+        """Recent events, newest first, optionally of one kind (security review)."""
+        ...
+
+    async def append_event(
+        self,
+        purchase_id: str | None,
+        kind: str,
+        *,
+        actor: str,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append an audit event (the admin sign-in's security events have no purchase)."""
         ...

@@ -13,11 +13,27 @@ the new one (TIDs from the new base date: from scratch on a 1993 → 2014 rollov
 records them with the meter's new key in the vend's transaction; the SMS lists the key-change
 tokens first. Planning also queues the meter's vend_failed purchases again (→ paid).
 
+Debt recovery: a meter that owes the utility (``Ledger.set_debt``) gives part of each purchase
+to the debt before energy is priced (``gateway.tariff.DebtTerms``). The quote plans it and the
+purchase keeps it; the vend recovers it in the vend's own transaction (never more than the debt
+then owes: should the debt have shrunk meanwhile, what is not recovered buys energy, priced under
+the purchase's tariff), and the token SMS says what was recovered and what remains.
+
+Free basic electricity (FBE): a tariff's monthly allowance (``Ledger.set_fbe_allowance``) comes
+as a second credit token, with its own TID and SMS, with the meter's first vend of the calendar
+month in ``SagaPolicy.fbe_timezone`` (Africa/Nairobi by default). The database allows one per
+meter and month. A vend that delivers a key change leaves the FBE to the next purchase.
+
 A callback is a claim: ``on_payment_notice`` records it and asks the provider (``query_status``)
-before anything is vended. Each step is one ledger transaction with its event row, and every
-step is safe to retry: a replayed vend returns the stored token and queues nothing. TIDs come
-from the meter row inside the vend transaction (compare-and-set), serialised per meter in this
-process, so two purchases for one meter in one minute get distinct, increasing TIDs.
+before anything is vended; a provider answer that contradicts it is a security event. A provider
+receipt pays for one purchase only: the ledger refuses a second claim of it (``ReceiptReused``),
+which leaves that purchase REFUND_PENDING for an operator, never vended. The receipt on a token
+comes only from the provider's records, never from a callback's word.
+
+Each step is one ledger transaction with its event row, and every step is safe to retry: a replayed
+vend returns the stored token and queues nothing. TIDs come from the meter row inside the vend
+transaction (compare-and-set), serialised per meter in this process, so two purchases for one meter
+in one minute get distinct, increasing TIDs.
 
 ```
 VendingError                 gateway.errors.GatewayError
@@ -38,15 +54,17 @@ import random
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
+from zoneinfo import ZoneInfo
 
 import structlog
 
 from gateway.errors import GatewayError
 from gateway.ledger import (
     ConfirmedPayment,
+    FbeDraft,
     IllegalTransition,
     KeyChange,
     Ledger,
@@ -60,6 +78,7 @@ from gateway.ledger import (
     Purchase,
     PurchaseDraft,
     PurchaseState,
+    ReceiptReused,
     TidConflict,
     Vend,
     VendContext,
@@ -72,12 +91,14 @@ from gateway.money import Money
 from gateway.payments import (
     CollectionRequest,
     CustomerPaymentRefusal,
+    ForgedCallback,
     PaymentError,
     PaymentNotice,
     PaymentProvider,
     PaymentState,
     PaymentStatus,
     ProviderReference,
+    ReceiptVerifier,
     ReconcilingProvider,
 )
 from gateway.phone import Msisdn
@@ -89,8 +110,9 @@ from gateway.sts import (
     TokenEngine,
     VendingKey,
     next_tid,
+    round_units_down,
 )
-from gateway.tariff import Quote, TariffError, quote
+from gateway.tariff import Quote, TariffError, price, quote
 
 __all__ = [
     "CUSTOMER_INITIATED_CHANNEL",
@@ -103,6 +125,7 @@ __all__ = [
     "VendFailed",
     "Vending",
     "VendingError",
+    "fbe_message",
     "load_token_engine",
     "reprint_token",
     "token_message",
@@ -133,6 +156,9 @@ _PAID_STATES: Final = frozenset(
         PurchaseState.REFUND_PENDING,
     }
 )
+#: Bytes of a callback body kept in the ledger: real callbacks are a few hundred bytes; its
+#: SHA-256 is taken over the whole body (issue 17: 50 unknown-reference posts of 900 KB).
+MAX_STORED_NOTICE: Final = 8192
 _PROFILE_CACHE: Final = 4096  # validated meter profiles kept (oldest dropped first)
 _GSM7_SINGLE: Final = 160
 _GSM7_DOUBLE: Final = 306
@@ -215,11 +241,40 @@ _SHORT_KEY_CHANGE_TEMPLATES: Final[Mapping[str, str]] = {
 }
 
 
+def _carried_units(units: int) -> int:
+    """The units a purchase's token carries, recorded and sent exactly (invariant 8).
+
+    Invariant 8 of docs/architecture.md: the units recorded, in the SMS and credited are one number.
+
+    Quotes only offer amounts a token carries; a purchase quoted before they did (above 16,383
+    units) is vended the largest such amount below its units, never more than was paid for.
+    """
+    return round_units_down(units)
+
+
+#: What a purchase gave to the meter's debt, appended to the token SMS.
+_DEBT_TEMPLATES: Final[Mapping[str, str]] = {
+    "en": " Debt recovered {recovered}, remaining {remaining}.",
+    "sw": " Deni lililolipwa {recovered}, deni lililobaki {remaining}.",
+    "fr": " Dette recouvree {recovered}, reste {remaining}.",
+}
+_SHORT_DEBT_TEMPLATES: Final[Mapping[str, str]] = {
+    "en": " Debt {recovered} bal {remaining}",
+    "sw": " Deni {recovered} baki {remaining}",
+    "fr": " Dette {recovered} reste {remaining}",
+}
+_FBE_TEMPLATES: Final[Mapping[str, str]] = {
+    "en": "Free basic electricity for {month}: token {token}. {kwh} kWh. Meter {meter}.",
+    "sw": "Umeme wa bure wa msingi wa {month}: tokeni {token}. kWh {kwh}. Mita {meter}.",
+    "fr": "Electricite de base gratuite {month}: code {token}. {kwh} kWh. Compteur {meter}.",
+}
+
+
 def _group(token: str) -> str:
     return "-".join(token[i : i + 4] for i in range(0, len(token), 4))
 
 
-def token_message(
+def token_message(  # noqa: PLR0913 - keyword-only: every part of the SMS by name
     *,
     token: str,
     units: int,
@@ -228,6 +283,8 @@ def token_message(
     receipt: str,
     language: str = "en",
     key_change_tokens: Sequence[str] = (),
+    debt_recovered: Money | None = None,
+    debt_remaining: Money | None = None,
 ) -> str:
     """The SMS that carries a token: token in groups of 4, kWh, amount, meter, receipt number.
 
@@ -245,6 +302,8 @@ def token_message(
         receipt: the provider's receipt number (our purchase id when the provider gave none).
         language: ``en``, ``sw`` or ``fr``.
         key_change_tokens: the key-change set (20 digits each), in order.
+        debt_recovered: what the purchase gave to the meter's debt; the text says so when given.
+        debt_remaining: what the meter still owes after it.
 
     Raises:
         ValueError: even the terse text exceeds two segments (absurdly long meter or receipt).
@@ -263,15 +322,31 @@ def token_message(
         if key_change_tokens
         else (_TEMPLATES, _SHORT_TEMPLATES)
     )
-    text = full[lang].format(**values)
+    debt, short_debt = "", ""
+    if debt_recovered is not None:
+        owed = {
+            "recovered": str(debt_recovered),
+            "remaining": str(debt_remaining or Money(0, debt_recovered.currency)),
+        }
+        debt = _DEBT_TEMPLATES[lang].format(**owed)
+        short_debt = _SHORT_DEBT_TEMPLATES[lang].format(**owed)
+    text = full[lang].format(**values) + debt
     if len(text) <= _GSM7_SINGLE:
         return text
-    terse = short[lang].format(**values)
+    terse = short[lang].format(**values) + short_debt
     # The fewest segments first, then the fuller text.
     for candidate in (terse, text) if len(terse) <= _GSM7_SINGLE else (text, terse):
         if len(candidate) <= _GSM7_DOUBLE:
             return candidate
     raise ValueError(f"token message of {len(terse)} characters exceeds two SMS segments")
+
+
+def fbe_message(*, token: str, units: int, month: str, meter: str, language: str = "en") -> str:
+    """The SMS that carries a month's free basic electricity token (one GSM-7 segment)."""
+    lang = language if language in _FBE_TEMPLATES else "en"
+    return _FBE_TEMPLATES[lang].format(
+        token=_group(token), kwh=f"{units // 10}.{units % 10}", month=month, meter=meter
+    )
 
 
 # -------------------------------------------------------------------------------------- the saga
@@ -289,6 +364,10 @@ class SagaObserver(Protocol):
 
     def vended(self, seconds: float) -> None:
         """A token was durably stored: seconds the vend step took (lock, token, write)."""
+        ...
+
+    def security_event(self, kind: str) -> None:
+        """The saga saw a security event of ``kind`` (``payment_receipt_reused`` …)."""
         ...
 
 
@@ -313,6 +392,10 @@ class SagaPolicy:
             came) is looked up in the provider's list of payments this long after it went out
             (the prompt's lifetime).
         reconcile_window_s: that lookup covers (attempt - before, attempt + after).
+        fbe_timezone: the IANA zone whose calendar months free basic electricity follows.
+        receipt_check_s: how long a vend waits for the provider's record of a receipt a callback
+            claimed (Daraja Transaction Status); without an answer the token goes out with our
+            purchase id as its receipt.
     """
 
     first_check_after_s: float = 20.0
@@ -324,6 +407,8 @@ class SagaPolicy:
     vend_attempts: int = 32
     reconcile_after_s: float = 90.0
     reconcile_window_s: tuple[float, float] = (60.0, 300.0)
+    fbe_timezone: str = "Africa/Nairobi"
+    receipt_check_s: float = 5.0
 
 
 class Vending:
@@ -366,6 +451,7 @@ class Vending:
             weakref.WeakValueDictionary()
         )
         self._profiles: dict[tuple[object, ...], MeterProfile] = {}
+        self._fbe_zone = ZoneInfo(self._policy.fbe_timezone)
 
     @property
     def ledger(self) -> Ledger:
@@ -390,8 +476,13 @@ class Vending:
             UnknownMeter, MeterBlocked: the meter cannot be sold to.
             TariffError: the amount is outside the tariff's range or currency.
         """
-        record = await self._sellable_meter(meter)
-        return quote(await self._ledger.get_tariff(record.tariff_id), amount)
+        return await self._price(await self._sellable_meter(meter), amount)
+
+    async def _price(self, record: MeterRecord, amount: Money) -> Quote:
+        """The quote under the meter's tariff, after the meter's debt recovery (if it owes)."""
+        tariff = await self._ledger.get_tariff(record.tariff_id)
+        debt = await self._ledger.get_debt(record.drn)
+        return quote(tariff, amount, debt=debt.terms if debt is not None else None)
 
     async def start_purchase(
         self,
@@ -413,7 +504,7 @@ class Vending:
         if provider_name not in self._providers:
             raise ValueError(f"unknown payment provider {provider_name!r}")
         record = await self._sellable_meter(meter)
-        priced = quote(await self._ledger.get_tariff(record.tariff_id), amount)
+        priced = await self._price(record, amount)
         purchase = await self._ledger.open_purchase(
             PurchaseDraft(
                 purchase_id=new_purchase_id(),
@@ -429,6 +520,7 @@ class Vending:
                 # sweeper requests it then, or expires the purchase at its deadline. Stored with
                 # the purchase in one transaction, so no crash can leave it unscheduled.
                 first_check_at=self._clock() + timedelta(seconds=self._policy.first_check_after_s),
+                debt_recovery_minor=priced.debt_recovered_minor,
             ),
             actor=channel,
         )
@@ -439,6 +531,7 @@ class Vending:
                 meter=meter,
                 amount=str(amount),
                 units=priced.units,
+                debt_recovered=str(priced.debt_recovered) if priced.debt_recovered else None,
             )
         return purchase
 
@@ -728,16 +821,17 @@ class Vending:
                 amount=notice.amount,
                 payer=notice.payer,
                 receipt=notice.receipt,
-                raw=notice.raw,
+                raw=notice.raw[:MAX_STORED_NOTICE],
                 payload_hash=notice.payload_hash,
             ),
             actor=f"callback:{notice.provider}",
         )
         if outcome.payload_conflict:
-            log.warning(
+            self._security_event(
                 "payment_notice_payload_conflict",
                 provider=notice.provider,
                 reference=notice.reference,
+                purchase_id=outcome.purchase_id,
             )
         purchase_id: str | None = outcome.purchase_id
         if purchase_id is None and notice.is_customer_initiated:
@@ -751,15 +845,21 @@ class Vending:
                 actor=f"callback:{notice.provider}",
                 data={"provider": notice.provider, "reference": notice.reference},
             )
-            log.warning(
-                "payment_notice_unknown", provider=notice.provider, reference=notice.reference
+            self._security_event(
+                "payment_notice_unknown",
+                provider=notice.provider,
+                reference=notice.reference,
+                claimed_state=notice.claimed_state.value,
+                stored_bytes=min(len(notice.raw), MAX_STORED_NOTICE),
             )
             return
         if not notice.claimed_state.is_final:
             return
         with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
             try:
-                await self.confirm(purchase_id)
+                await self.confirm(
+                    purchase_id, claimed=notice.claimed_state, claimed_receipt=notice.receipt
+                )
             except (GatewayError, StsError) as exc:
                 # Recorded; the sweeper finishes it. A notice is never refused for this.
                 log.warning("payment_notice_confirmation_deferred", error=str(exc))
@@ -842,12 +942,30 @@ class Vending:
         payer_ok = status.payer is None or purchase.phone is None or status.payer == purchase.phone
         return paid == purchase.amount and payer_ok, paid
 
-    async def confirm(self, purchase_id: str) -> Purchase:
+    async def confirm(
+        self,
+        purchase_id: str,
+        *,
+        claimed: PaymentState | None = None,
+        claimed_receipt: str | None = None,
+    ) -> Purchase:
         """Ask the provider what became of the purchase's payment, and act on its answer.
 
         Paid with the exact amount, currency and payer: PAID, then vended. Paid otherwise:
-        REFUND_PENDING and a security event (never vends). Failed: PAYMENT_FAILED. Pending:
-        unchanged. A success arriving after expiry still vends: money is never lost.
+        REFUND_PENDING and a security event (never vends). Paid with a receipt that already
+        pays for another purchase: REFUND_PENDING (an operator looks) and the security event
+        ``payment_receipt_reused``, never vended. Failed: PAYMENT_FAILED. Pending: unchanged. A
+        success arriving after expiry still vends: money is never lost.
+
+        ``claimed`` is what the callback that brought us here said: an answer of the provider
+        that contradicts it (success against failure, either way), a provider that does not
+        know the reference, or a failed customer-initiated payment (its confirmation said the
+        money moved) is the security event ``payment_callback_contradicted``.
+
+        The receipt on the vend and the token SMS comes from the provider's own records only:
+        the status answer's, else (Daraja STK, whose query has none) a receipt a callback claimed
+        (``claimed_receipt``, or the one kept with the payment) once the provider's record of it
+        (``ReceiptVerifier``) shows this payment's amount and payer; else our purchase id.
 
         Raises:
             PaymentError: the provider could not answer (``ProviderUnavailable``, retryable).
@@ -857,6 +975,8 @@ class Vending:
             context = await self._ledger.vend_context(purchase_id)
             purchase = context.purchase
             if purchase.state in _SETTLED:
+                if claimed_receipt is not None:
+                    await self._late_receipt(context, claimed_receipt)
                 return purchase
             if purchase.state is PurchaseState.PAID:
                 outcome = await self._vend_locked(purchase_id, purchase.meter, payment=None)
@@ -867,9 +987,22 @@ class Vending:
             }:
                 return purchase
             provider = self._providers[purchase.provider]
-            status = await provider.query_status(ProviderReference(purchase.provider_reference))
+            reference = purchase.provider_reference
+            try:
+                status = await provider.query_status(ProviderReference(reference))
+            except ForgedCallback as exc:
+                self._security_event(
+                    "payment_callback_contradicted",
+                    provider=provider.name,
+                    reference=reference,
+                    claimed=claimed.value if claimed else None,
+                    answer="unknown to the provider",
+                    reason=str(exc),
+                )
+                raise
+            self._check_claim(purchase, claimed, status)
             if status.state is PaymentState.SUCCEEDED:
-                return await self._on_success(context, status)
+                return await self._on_success(context, status, claimed_receipt)
             if status.state in _FAILED_CLAIMS and purchase.state in {
                 PurchaseState.CREATED,
                 PurchaseState.AWAITING_PAYMENT,
@@ -884,7 +1017,123 @@ class Vending:
                 )
             return purchase
 
-    async def _on_success(self, context: VendContext, status: PaymentStatus) -> Purchase:
+    def _check_claim(
+        self, purchase: Purchase, claimed: PaymentState | None, status: PaymentStatus
+    ) -> None:
+        """A security event when the provider's own answer contradicts what we were told."""
+        if not status.state.is_final:
+            return
+        paid = status.state is PaymentState.SUCCEEDED
+        if purchase.channel == CUSTOMER_INITIATED_CHANNEL and claimed is None:
+            claimed = PaymentState.SUCCEEDED  # its confirmation said the money moved
+        if claimed is None or not claimed.is_final or (claimed is PaymentState.SUCCEEDED) == paid:
+            return
+        self._security_event(
+            "payment_callback_contradicted",
+            provider=status.provider,
+            reference=status.reference,
+            claimed=claimed.value,
+            answer=status.state.value,
+            reason=status.reason,
+            channel=purchase.channel,
+        )
+
+    async def _on_success(
+        self, context: VendContext, status: PaymentStatus, claimed_receipt: str | None = None
+    ) -> Purchase:
+        if status.receipt is None:
+            receipt = await self._proven_receipt(
+                context.purchase, status.reference, (claimed_receipt, context.receipt)
+            )
+            status = replace(status, receipt=receipt)
+        try:
+            return await self._on_proven(context, status)
+        except ReceiptReused as exc:
+            return await self._receipt_reused(context.purchase, status, exc)
+
+    async def _late_receipt(self, context: VendContext, claimed: str) -> None:
+        """A receipt claimed after the vend (the real callback behind a forged one, say).
+
+        Once the provider's records prove it this payment's, it goes on the payment row, so
+        that it can pay for nothing else (a second claim: ``payment_receipt_reused``).
+        """
+        purchase, vend = context.purchase, context.vend
+        reference = purchase.provider_reference
+        if reference is None or (vend is not None and vend.receipt == claimed):
+            return
+        proven = await self._proven_receipt(purchase, reference, (claimed,))
+        if proven is None:
+            return
+        try:
+            await self._ledger.prove_receipt(purchase.provider, reference, proven)
+        except ReceiptReused as exc:
+            data = {"provider": exc.provider, "receipt": exc.receipt, "reference": reference}
+            self._security_event("payment_receipt_reused", **data)
+            await self._ledger.append_event(
+                purchase.purchase_id, "payment_receipt_reused", actor="saga", data=data
+            )
+
+    async def _proven_receipt(
+        self, purchase: Purchase, reference: str, claims: Sequence[str | None]
+    ) -> str | None:
+        """A receipt callbacks claimed, as the provider's own record proves it; None if none.
+
+        Each claim is looked up (``ReceiptVerifier``); one whose record is not a success of
+        this purchase's amount and payer is the security event ``payment_receipt_unproven``. A
+        lookup that fails leaves the claim unproven (the token goes out with our purchase id).
+        """
+        provider = self._providers.get(purchase.provider)
+        if not isinstance(provider, ReceiptVerifier):
+            return None
+        for claimed in dict.fromkeys(c for c in claims if c):
+            try:
+                async with asyncio.timeout(self._policy.receipt_check_s):
+                    record = await provider.verify_receipt(claimed)
+            except (PaymentError, TimeoutError) as exc:
+                log.warning("payment_receipt_unverified", receipt=claimed, error=repr(exc))
+                continue
+            payer_ok = (
+                record.payer is None or purchase.phone is None or (record.payer == purchase.phone)
+            )
+            if (
+                record.state is PaymentState.SUCCEEDED
+                and record.amount == purchase.amount
+                and payer_ok
+            ):
+                return record.receipt or claimed
+            self._security_event(
+                "payment_receipt_unproven",
+                provider=provider.name,
+                reference=reference,
+                receipt=claimed,
+                answer=record.state.value,
+                amount=str(record.amount) if record.amount else None,
+            )
+        return None
+
+    async def _receipt_reused(
+        self, purchase: Purchase, status: PaymentStatus, exc: ReceiptReused
+    ) -> Purchase:
+        """A proven receipt that already pays for another purchase: never vend; an operator."""
+        data = {
+            "provider": exc.provider,
+            "receipt": exc.receipt,
+            "reference": status.reference,
+            "channel": purchase.channel,
+        }
+        self._security_event("payment_receipt_reused", **data)
+        current = await self._ledger.get_purchase(purchase.purchase_id)
+        if current.state is PurchaseState.REFUND_PENDING or current.state in _SETTLED:
+            return current
+        return await self._ledger.transition(
+            purchase.purchase_id,
+            PurchaseState.REFUND_PENDING,
+            kind="payment_receipt_reused",
+            actor="saga",
+            data=data,
+        )
+
+    async def _on_proven(self, context: VendContext, status: PaymentStatus) -> Purchase:
         purchase = context.purchase
         matches, paid = self._matches(purchase, status)
         confirmed = ConfirmedPayment(
@@ -892,8 +1141,8 @@ class Vending:
             reference=status.reference,
             amount=paid,
             payer=status.payer,
-            # A status answer may carry no receipt (Daraja's STK Query): keep the callback's.
-            receipt=status.receipt or context.receipt,
+            # Only the provider's own records (the answer, or a verified claim: _on_success).
+            receipt=status.receipt,
         )
         if not matches:
             log.warning(
@@ -927,6 +1176,16 @@ class Vending:
             report(seconds)
         except Exception as exc:  # noqa: BLE001 - metrics must never break a purchase
             log.warning("saga_observer_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _security_event(self, kind: str, **fields: object) -> None:
+        """Log ``kind`` as a security event (``security_event=True``) and count it."""
+        log.warning(kind, security_event=True, **fields)
+        report = getattr(self._observer, "security_event", None)
+        if report is not None:
+            try:
+                report(kind)
+            except Exception as exc:  # noqa: BLE001 - metrics must never break a purchase
+                log.warning("saga_observer_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def check_payment(self, purchase_id: str) -> Purchase:
         """The sweeper's step for a purchase awaiting payment past its check time.
@@ -1089,8 +1348,19 @@ class Vending:
         if change is not None and not change.is_from(meter):
             log.warning("key_change_stale", meter=meter.drn, change_id=change.change_id)
             change = None
-        tid, token, kcts = await self._make_tokens(context, change, payment)
-        receipt = (payment.receipt if payment else None) or context.receipt or purchase.purchase_id
+        try:
+            units, recovered, balance = await self._debt_step(purchase)
+        except TariffError as exc:  # the tariff changed so much the purchase buys nothing now
+            reason = f"re-pricing after the debt changed: {exc}"
+            raise await self._vend_failed(purchase, payment, reason) from exc
+        units = _carried_units(units)
+        tid, token, kcts = await self._make_tokens(context, change, payment, units)
+        # The month's free basic electricity rides on this vend (not on a key change's).
+        fbe = None if kcts else await self._fbe_step(context, tid)
+        # Only a receipt the provider's records proved (the payment's): never a callback's claim.
+        proven = payment.receipt if payment else await self._confirmed_receipt(purchase)
+        receipt = proven or purchase.purchase_id
+        currency = purchase.amount.currency
         outcome = await self._ledger.record_vend(
             VendDraft(
                 purchase_id=purchase.purchase_id,
@@ -1098,20 +1368,27 @@ class Vending:
                 tid=tid,
                 expected_last_tid=meter.last_tid,
                 token=token,
-                units=purchase.units,
+                units=units,
                 receipt=receipt,
                 recipient=purchase.phone,
                 message=token_message(
                     token=token,
-                    units=purchase.units,
+                    units=units,
                     amount=purchase.amount,
                     meter=purchase.meter,
                     receipt=receipt,
                     language=context.language or "en",
                     key_change_tokens=kcts,
+                    debt_recovered=Money(recovered, currency) if balance is not None else None,
+                    debt_remaining=(
+                        Money(balance - recovered, currency) if balance is not None else None
+                    ),
                 ),
                 key_change_id=change.change_id if change is not None and kcts else None,
                 key_change_tokens=kcts,
+                debt_recovery_minor=recovered,
+                expected_debt_balance_minor=balance,
+                fbe=fbe,
             ),
             actor="saga",
             payment=payment,
@@ -1121,9 +1398,11 @@ class Vending:
                 "token_vended",
                 meter=purchase.meter,
                 tid=tid,
-                units=purchase.units,
+                units=units,
                 token=outcome.vend.masked_token,
                 key_change_tokens=len(kcts),
+                debt_recovered=recovered,
+                fbe_units=fbe.units if fbe is not None else 0,
             )
             if purchase.phone is None:
                 # C2B with a masked MSISDN: the message is HELD for an operator (never retried),
@@ -1139,10 +1418,78 @@ class Vending:
                 )
         return outcome
 
+    async def _debt_step(self, purchase: Purchase) -> tuple[int, int, int | None]:
+        """The units to vend, the debt recovery and the debt balance it is taken from.
+
+        The quote planned ``purchase.debt_recovery_minor``; the vend never recovers more than the
+        meter owes now. Should the debt have shrunk since (cleared, or recovered by another
+        purchase), the money not recovered buys energy: the purchase is priced again under its
+        tariff. The balance is None when nothing was planned (the meter owed nothing).
+        """
+        planned = purchase.debt_recovery_minor
+        if planned <= 0:
+            return purchase.units, 0, None
+        debt = await self._ledger.get_debt(purchase.meter)
+        same_currency = debt is not None and debt.balance.currency == purchase.amount.currency
+        balance = debt.balance.amount_minor if debt is not None and same_currency else 0
+        recovered = min(planned, balance)
+        if recovered == planned:
+            return purchase.units, recovered, balance
+        tariff = await self._ledger.get_tariff(purchase.tariff_id)
+        repriced = price(
+            tariff, purchase.amount, debt_recovered_minor=recovered, debt_balance_minor=balance
+        )
+        log.info(
+            "debt_recovery_reduced", planned=planned, recovered=recovered, units=repriced.units
+        )
+        return repriced.units, recovered, balance
+
+    async def _fbe_step(self, context: VendContext, credit_tid: int) -> FbeDraft | None:
+        """The month's free basic electricity token, when the meter has it due; else None.
+
+        Its TID follows the credit token's. An engine refusal leaves the FBE for a later vend.
+        """
+        meter = context.meter
+        month = self._clock().astimezone(self._fbe_zone).strftime("%Y-%m")
+        units = await self._ledger.fbe_due(meter.drn, month)
+        if units <= 0:
+            return None
+        try:
+            tid = next_tid(self._clock(), meter.base_date, credit_tid)
+            token = await self._engine.credit_token(self._profile(meter), units, tid)
+        except StsError as exc:
+            log.warning("fbe_deferred", meter=meter.drn, month=month, reason=str(exc))
+            return None
+        return FbeDraft(
+            month=month,
+            tid=tid,
+            token=token.digits,
+            units=units,
+            message=fbe_message(
+                token=token.digits,
+                units=units,
+                month=month,
+                meter=meter.drn,
+                language=context.language or "en",
+            ),
+        )
+
+    async def _confirmed_receipt(self, purchase: Purchase) -> str | None:
+        """The receipt the purchase's payment confirmation proved (its ``payment_confirmed``)."""
+        for event in reversed(await self._ledger.timeline(purchase.purchase_id)):
+            if event.kind == "payment_confirmed":
+                receipt = event.data.get("receipt")
+                return receipt if isinstance(receipt, str) and receipt else None
+        return None
+
     async def _make_tokens(
-        self, context: VendContext, change: KeyChange | None, payment: ConfirmedPayment | None
+        self,
+        context: VendContext,
+        change: KeyChange | None,
+        payment: ConfirmedPayment | None,
+        units: int,
     ) -> tuple[int, str, tuple[str, ...]]:
-        """The TID, the credit token and the key-change tokens (empty without a change).
+        """The TID, the credit token for ``units`` and the key-change tokens (none without one).
 
         With a pending key change, the key-change set is made under the meter's current key and
         the credit token under the new one, with a TID counted from the new base date (from
@@ -1162,7 +1509,7 @@ class Vending:
                 kcts = await self._engine.key_change_tokens(self._profile(meter), new_profile)
                 last_tid = None if change.rollover else meter.last_tid
                 tid = next_tid(self._clock(), new_meter.base_date, last_tid)
-                token = await self._engine.credit_token(new_profile, purchase.units, tid)
+                token = await self._engine.credit_token(new_profile, units, tid)
             except StsError as exc:
                 reason = f"key change {change.change_id}: {type(exc).__name__}: {exc}"
                 reasons.append(reason)
@@ -1172,7 +1519,7 @@ class Vending:
         try:
             profile = self._profile(meter)
             tid = next_tid(self._clock(), meter.base_date, meter.last_tid)
-            token = await self._engine.credit_token(profile, purchase.units, tid)
+            token = await self._engine.credit_token(profile, units, tid)
         except StsError as exc:
             reasons.append(f"{type(exc).__name__}: {exc}")
             raise await self._vend_failed(purchase, payment, "; ".join(reasons)) from exc
@@ -1271,6 +1618,9 @@ async def reprint_token(ledger: Ledger, purchase_id: str, *, actor: str) -> Outb
         purchase, vend = context.purchase, context.vend
         if vend is None:
             raise NothingToReprint(f"purchase {purchase_id} is {purchase.state}: no token yet")
+        recovery = (
+            await ledger.get_debt_recovery(purchase_id) if purchase.debt_recovery_minor else None
+        )
         text = token_message(
             token=vend.token,
             units=vend.units,
@@ -1279,6 +1629,8 @@ async def reprint_token(ledger: Ledger, purchase_id: str, *, actor: str) -> Outb
             receipt=vend.receipt or purchase.purchase_id,
             language=context.language or "en",
             key_change_tokens=vend.key_change_tokens,
+            debt_recovered=recovery.amount if recovery is not None else None,
+            debt_remaining=recovery.balance_after if recovery is not None else None,
         )
         message = await ledger.enqueue_message(
             purchase_id, kind=MessageKind.REPRINT, recipient=purchase.phone, body=text, actor=actor

@@ -92,3 +92,10 @@ def test_secrets_never_show_in_repr() -> None:
     assert KEY not in text
     assert "atsk_x" not in text
     assert "hunter2" not in text
+
+
+def test_fbe_timezone_must_be_an_iana_zone() -> None:
+    """A zone the system does not know stops the start, naming the setting."""
+    assert Config.load(env={"GATEWAY_FBE_TIMEZONE": "Africa/Lagos"}).fbe_timezone == "Africa/Lagos"
+    with pytest.raises(ConfigError, match="GATEWAY_FBE_TIMEZONE"):
+        Config.load(env={"GATEWAY_FBE_TIMEZONE": "Mars/Olympus"})

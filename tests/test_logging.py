@@ -1,11 +1,20 @@
 import io
 import json
+import logging
+import warnings
 
 import structlog
 from structlog.testing import capture_logs
 
 from gateway.config import Config, Secret
-from gateway.logging import configure_logging, get_logger, mask_token, redact
+from gateway.logging import (
+    configure_logging,
+    forget_secrets,
+    get_logger,
+    mask_token,
+    redact,
+    register_secrets,
+)
 
 TOKEN = "70630503470028726114"
 
@@ -73,3 +82,46 @@ def test_a_cached_logger_follows_every_reconfiguration() -> None:
     assert json.loads(first.getvalue())["token"] == "****-****-****-****-6114"
     assert [json.loads(line)["event"] for line in second.getvalue().splitlines()] == ["to_second"]
     assert [entry["event"] for entry in captured] == ["captured"]
+
+
+def test_registered_secrets_and_url_passwords_are_masked_anywhere() -> None:
+    """A configured secret inside any text (a callback URL, an error) never reaches the line."""
+    secret = "cb-0123456789abcdef"
+    register_secrets(secret)
+    try:
+        line = json.loads(
+            _render(
+                url=f"http://gw/payments/daraja/{secret}/stk",
+                error=ValueError(f"bad {secret}"),
+                dsn="postgresql://app:hunter2@db:5432/ledger",
+            )
+        )
+    finally:
+        forget_secrets()
+    assert line["url"] == "http://gw/payments/daraja/********/stk"
+    assert secret not in line["error"]
+    assert line["dsn"] == "postgresql://app:********@db:5432/ledger"
+
+
+def test_standard_library_loggers_write_json_through_the_same_redaction() -> None:
+    """asyncpg's, aiohttp's and ``warnings`` lines come out as JSON, secrets masked."""
+    stream = io.StringIO()
+    register_secrets("s3cret-value-42")
+    configure_logging(json=True, stream=stream)
+    try:
+        logging.getLogger("asyncpg.pool").warning("lost connection to %s", "s3cret-value-42")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("deprecated thing", DeprecationWarning, stacklevel=1)
+        logging.getLogger("aiohttp.server").error(
+            "Error handling request", exc_info=RuntimeError("boom")
+        )
+    finally:
+        structlog.reset_defaults()
+        forget_secrets()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert lines[0]["logger"] == "asyncpg.pool"
+    assert lines[0]["event"] == "lost connection to ********"
+    assert lines[0]["level"] == "warning"
+    assert any(line.get("logger") == "py.warnings" for line in lines)
+    assert "RuntimeError: boom" in lines[-1]["exception"]

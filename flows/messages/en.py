@@ -33,9 +33,11 @@ MESSAGES: Final[dict[str, str]] = {
     "refused_unknown_meter": "This meter is not registered.",
     "refused_meter_blocked": "This meter cannot be topped up now. Call the utility.",
     "refused_purchase_pending": "A purchase for this meter awaits payment. Finish it first.",
+    "refused_all_to_debt": "This meter's debt takes most of this amount. Buy at least {limit}.",
     "refused_unavailable": "Service is busy. Please try again later.",
     "confirm_title": "Buy {amount} for meter {meter}\n{units} kWh",
     "confirm_breakdown": "Energy {energy}, tax {tax}, fees {fees}",
+    "confirm_debt": "Debt recovered {debt}, left {remaining}",
     "confirm_pay": "Pay",
     "confirm_cancel": "Cancel",
     "paying": (
@@ -83,6 +85,10 @@ MESSAGES: Final[dict[str, str]] = {
     "sms_paying": (
         "You will get a payment prompt for {amount} for meter {meter} ({units} kWh). "
         "Enter your PIN to pay. Your token will come by SMS."
+    ),
+    "sms_debt": "Of this, {debt} goes to the meter's debt; {remaining} will remain.",
+    "sms_amount_negative": (
+        "The amount must be more than zero. Send BUY meter amount, e.g. BUY 37012345676 500."
     ),
     "sms_amount_bad": "Amount not understood. Send BUY meter amount, e.g. BUY 37012345676 500.",
     "sms_meters": "Your meters: {meters}",

@@ -33,9 +33,11 @@ MESSAGES: Final[dict[str, str]] = {
     "refused_unknown_meter": "Ce compteur est inconnu.",
     "refused_meter_blocked": "Ce compteur ne peut pas etre recharge. Appelez le distributeur.",
     "refused_purchase_pending": "Un achat pour ce compteur attend le paiement. Finissez-le.",
+    "refused_all_to_debt": "La dette du compteur prend ce montant. Achetez au moins {limit}.",
     "refused_unavailable": "Service occupe. Reessayez plus tard.",
     "confirm_title": "Acheter {amount} pour {meter}\n{units} kWh",
     "confirm_breakdown": "Energie {energy}, taxe {tax}, frais {fees}",
+    "confirm_debt": "Dette {debt}, reste {remaining}",
     "confirm_pay": "Payer",
     "confirm_cancel": "Annuler",
     "paying": (
@@ -83,6 +85,11 @@ MESSAGES: Final[dict[str, str]] = {
     "sms_paying": (
         "Vous recevrez une demande de paiement de {amount} pour le compteur {meter} "
         "({units} kWh). Entrez votre PIN. Le code arrive par SMS."
+    ),
+    "sms_debt": "Dont {debt} pour la dette du compteur; il restera {remaining}.",
+    "sms_amount_negative": (
+        "Le montant doit etre plus grand que zero. "
+        "Envoyez BUY compteur montant, ex. BUY 37012345676 500."
     ),
     "sms_amount_bad": "Montant incompris. Envoyez BUY compteur montant, ex. BUY 37012345676 500.",
     "sms_meters": "Vos compteurs: {meters}",

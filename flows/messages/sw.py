@@ -33,9 +33,11 @@ MESSAGES: Final[dict[str, str]] = {
     "refused_unknown_meter": "Mita hii haijasajiliwa.",
     "refused_meter_blocked": "Mita hii haiwezi kuongezewa sasa. Piga simu kwa shirika.",
     "refused_purchase_pending": "Kuna ununuzi wa mita hii unaosubiri malipo. Umalize kwanza.",
+    "refused_all_to_debt": "Deni la mita hii linachukua kiasi hiki. Nunua angalau {limit}.",
     "refused_unavailable": "Huduma ina shughuli nyingi. Jaribu tena baadaye.",
     "confirm_title": "Nunua {amount} kwa mita {meter}\n{units} kWh",
     "confirm_breakdown": "Umeme {energy}, kodi {tax}, ada {fees}",
+    "confirm_debt": "Deni {debt}, baki {remaining}",
     "confirm_pay": "Lipa",
     "confirm_cancel": "Ghairi",
     "paying": "Utapokea ombi la malipo la {amount}. Weka PIN yako kulipa. Tokeni itakuja kwa SMS.",
@@ -80,6 +82,10 @@ MESSAGES: Final[dict[str, str]] = {
     "sms_paying": (
         "Utapokea ombi la malipo la {amount} kwa mita {meter} ({units} kWh). "
         "Weka PIN yako kulipa. Tokeni itakuja kwa SMS."
+    ),
+    "sms_debt": "Kati ya hiki, {debt} kinalipa deni la mita; {remaining} kitabaki.",
+    "sms_amount_negative": (
+        "Kiasi lazima kiwe zaidi ya sifuri. Tuma BUY mita kiasi, mfano BUY 37012345676 500."
     ),
     "sms_amount_bad": "Kiasi hakieleweki. Tuma BUY mita kiasi, mfano BUY 37012345676 500.",
     "sms_meters": "Mita zako: {meters}",

@@ -13,7 +13,10 @@ key-change tokens (made under the old key) before the credit token (made under t
 in one SMS, and the meter record takes the new key's attributes in the same transaction. A
 change of base date (a 1993 key, whose TIDs ran out on 2024-11-24, moving to a 2014 key) sets
 the rollover flag (RO = 1); the meters' purchases waiting in ``vend_failed`` (a 1993 key past
-its range) are queued again and the sweeper vends them. The new key must be imported first
+its range) are queued again and the sweeper vends them. A rotation keeps the meters' decoder key
+only if it changes nothing: rotating a key to itself is refused, for DKGA02 with the reason (its
+decoder keys do not depend on the base date, so a rollover needs another KRN or SGC, else the
+meters would take their old tokens again). The new key must be imported first
 (``keys add``); running gateway instances load keys at start, so restart them after importing
 (until then a purchase is vended under the old key and the change stays pending).
 
@@ -261,6 +264,15 @@ def _rotation_keys(
             " `gateway keys add`",
         )
     if new is old:
+        if old.dkga == 2:  # DKGA02
+            raise ConfigError(
+                "--to-krn",
+                f"the new key is the old one (sgc={old.sgc} krn={old.krn}): DKGA02 does not"
+                " derive the decoder key from the base date, so a change of base date alone"
+                " gives each meter its current key with the rollover flag (RO = 1), and the"
+                " meters would accept their old tokens again; import the new base date's key"
+                " under another KRN (`gateway keys add --krn N`) and rotate to that KRN",
+            )
         raise ConfigError("--to-krn", "the new key is the old one")
     if (new.ea, new.dkga) != (old.ea, old.dkga):
         raise ConfigError(

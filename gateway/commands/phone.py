@@ -33,12 +33,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--number", default="+254711000001", help="this phone's number (E.164)")
     parser.add_argument("--code", default="*384*123#", help="USSD code to dial")
+    parser.add_argument(
+        "--admin-token",
+        default=None,
+        help="the gateway's admin token: needed only when the gateway runs on another host"
+        " (its simulator's SMS pages answer loopback callers without it)",
+    )
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     settings = PhoneSettings(
-        gateway_url=args.gateway, sim_url=args.sim, number=args.number, service_code=args.code
+        gateway_url=args.gateway,
+        sim_url=args.sim,
+        number=args.number,
+        service_code=args.code,
+        admin_token=args.admin_token,
     )
     phone = TerminalPhone(settings, stdin_line, print)
     try:

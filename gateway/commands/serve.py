@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
-from typing import TextIO
+from typing import Final, TextIO
 
 import structlog
 from aiohttp import web
@@ -16,7 +17,7 @@ from gateway.app import RUNTIME, Runtime, build_app, freeze_startup_heap, routes
 from gateway.commands._common import add_config_arguments, load_config
 from gateway.config import Config
 from gateway.errors import GatewayError
-from gateway.logging import configure_logging
+from gateway.logging import configure_logging, mask_secrets, register_secrets
 
 log = structlog.get_logger()
 
@@ -36,34 +37,45 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(handler=_serve)
 
 
+BANNER_END: Final = "-- end of banner: JSON log lines follow on stderr --"
+
+
 def banner(runtime: Runtime, out: TextIO) -> None:
-    """The first lines an operator reads: what runs, where, and how to try it."""
+    """The first lines an operator reads: what runs, where, and how to try it.
+
+    Plain text on stdout (the logs are on stderr), ending with ``BANNER_END``. Every configured
+    secret is masked (``********``): the database password, the callback secret inside the
+    callback URLs, API keys. One exception, on purpose: in demo mode an admin token the
+    gateway generated itself is shown, since the operator has no other way to learn it.
+    """
     config = runtime.config
-    print(f"sts-gateway {__version__} listening on {runtime.base_url}", file=out)
+    lines = [f"sts-gateway {__version__} listening on {runtime.base_url}"]
     if runtime.simulators is not None:
-        print(
-            "Running on SIMULATORS (demo mode): no real money moves and no real SMS is sent.",
-            file=out,
-        )
         sims = ", ".join(f"{name} {url}" for name, url in runtime.simulators.urls.items())
-        print(f"  simulators: {sims}", file=out)
-        print(
-            f"  try it:     gateway phone --gateway {runtime.base_url}"
-            f"   (dial {config.service_code})",
-            file=out,
-        )
-        print(
+        lines += [
+            "Running on SIMULATORS (demo mode): no real money moves and no real SMS is sent.",
+            f"  simulators: {sims}",
+            (
+                f"  try it:     gateway phone --gateway {runtime.base_url}"
+                f"   (dial {config.service_code})"
+            ),
             "  demo meters: 04000000010 04000000028 04000000036 (EA07), 04000000044 (EA11)",
-            file=out,
-        )
-        print(
-            f"  admin:      {runtime.base_url}/admin  token {runtime.admin_token.reveal()}",
-            file=out,
-        )
-    print(f"  database:   {config.effective_database_url}", file=out)
-    print("  routes:", file=out)
-    for url, purpose in routes_summary(runtime):
-        print(f"    {url:<72} {purpose}", file=out)
+        ]
+    for line in lines:
+        print(mask_secrets(line), file=out)
+    if runtime.simulators is not None:
+        if config.admin_token is None:  # generated: printed unmasked, the operator needs it
+            shown = f"token {runtime.admin_token.reveal()}"
+        else:
+            shown = "token as set in GATEWAY_ADMIN_TOKEN"
+        print(f"  admin:      {runtime.base_url}/admin  {shown}", file=out)
+    lines = [f"  database:   {config.effective_database_url}", "  routes:"]
+    lines += [f"    {url:<72} {purpose}" for url, purpose in routes_summary(runtime)]
+    if config.callback_secret is not None:
+        lines.append("  (******** in the callback URLs: the value of GATEWAY_CALLBACK_SECRET)")
+    lines.append(BANNER_END)
+    for line in lines:
+        print(mask_secrets(line), file=out)
     out.flush()
 
 
@@ -71,10 +83,12 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args, host=args.host, port=args.port)
     except GatewayError as exc:
-        print(f"gateway serve: {exc}", file=sys.stderr)
+        print(f"gateway serve: {mask_secrets(str(exc))}", file=sys.stderr)
         return 2
-    configure_logging(json=config.log_json, level=config.log_level, stream=sys.stderr)
-    return run(config, out=sys.stdout)
+    register_secrets(*config.secret_values())
+    os.umask(0o077)  # every file this process creates is private (ledger, sessions, keys)
+    as_json = configure_logging(json=config.log_json, level=config.log_level, stream=sys.stderr)
+    return run(config, out=sys.stdout, json_errors=as_json)
 
 
 async def serve(config: Config, out: TextIO) -> None:
@@ -98,17 +112,24 @@ async def serve(config: Config, out: TextIO) -> None:
         await runner.cleanup()
 
 
-def run(config: Config, *, out: TextIO) -> int:
+def _fail(message: str, *, json_errors: bool) -> int:
+    """Report a failed start (masked): a JSON log line when logs are JSON, plain text otherwise."""
+    if json_errors:
+        log.error("serve_failed", error=message)
+    else:
+        print(f"gateway serve: {mask_secrets(message)}", file=sys.stderr)
+    return 1
+
+
+def run(config: Config, *, out: TextIO, json_errors: bool = False) -> int:
     """Build the app and serve it until interrupted; the exit status."""
     try:
         asyncio.run(serve(config, out))
     except GatewayError as exc:
-        print(f"gateway serve: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), json_errors=json_errors)
     except OSError as exc:
         where = f"{config.host}:{config.port}"
-        print(f"gateway serve: cannot listen on {where}: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot listen on {where}: {exc}", json_errors=json_errors)
     except (KeyboardInterrupt, GracefulExit):
         return 0
     return 0

@@ -107,7 +107,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--three-kct",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="EA07 SGC section (default: sent when the SGC changes)",
+        help="EA07 3-token set with the SGC section, 3KCT = 1 (default: the two-token set)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_key_change)
@@ -425,7 +425,12 @@ def _key_change_body(args: argparse.Namespace) -> None:
     )
     new_key = _derive(args, args.new_vending_key or args.vending_key, new)
     fields = key_change_fields(
-        old=old, new=new, new_key=new_key, rollover=args.rollover, three_kct=args.three_kct
+        old=old,
+        new=new,
+        new_key=new_key,
+        rollover=args.rollover,
+        three_kct=args.three_kct,
+        old_key=meter.decoder_key,
     )
     images = [build_token(f, meter.cipher) for f in fields]
     _print(

@@ -17,6 +17,7 @@ LedgerError                  gateway.errors.GatewayError
   NotFound                   no such purchase / meter / tariff (what, key)
   IllegalTransition          purchase_id, current, requested: the state machine forbids it
   TidConflict                the meter's last TID moved since it was read: read again (retryable)
+    VendConflict             the meter's debt or free basic electricity moved since it was read
   SavedMetersFull            a phone already has the maximum number of saved meters
   VendingKeyUnreadable       the master key does not open a sealed vending key
   LedgerUnavailable          locked, disk full, I/O error: nothing was written (retryable)
@@ -38,7 +39,7 @@ from typing import Any, Final, Protocol
 from gateway.errors import GatewayError
 from gateway.money import Money
 from gateway.phone import Msisdn
-from gateway.tariff import Tariff
+from gateway.tariff import DebtTerms, Tariff
 
 # Re-exported from here too: these moved to gateway/values/, shared by the ledger and sms.
 from gateway.values.ids import MeterNumber as MeterNumber  # noqa: PLC0414
@@ -183,6 +184,9 @@ class PurchaseDraft:
     # When the sweeper should first look at it, stored with the purchase itself (so a crash
     # right after cannot leave it unswept); None: ``ORPHAN_CHECK_AFTER_S`` after creation.
     first_check_at: datetime | None = None
+    # What the quote gave to the meter's debt (``units`` were priced after it); the vend
+    # recovers it (never more than the debt then owed).
+    debt_recovery_minor: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -204,6 +208,7 @@ class Purchase:
     next_check_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    debt_recovery_minor: int = 0  # the recovery the quote planned (minor units of ``amount``)
 
 
 class PaymentRecordState(StrEnum):
@@ -292,6 +297,88 @@ class VendDraft:
     message: str = field(repr=False)
     key_change_id: int | None = None
     key_change_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # Debt recovery: ``debt_recovery_minor`` comes off the meter's debt, whose balance must still
+    # be ``expected_debt_balance_minor`` (compare-and-set, else ``VendConflict``).
+    debt_recovery_minor: int = 0
+    expected_debt_balance_minor: int | None = None
+    fbe: FbeDraft | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FbeDraft:
+    """The month's free basic electricity token, made with a purchase's vend.
+
+    Its TID follows the credit token's (the meter's ``last_tid`` becomes ``tid``); ``message`` is
+    its own SMS (kind ``fbe``). Never with a key change (``ValueError``): the meter is changing key.
+    """
+
+    month: str  # YYYY-MM in the FBE time zone
+    tid: int
+    token: str = field(repr=False)
+    units: int
+    message: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FbeIssue:
+    """A free basic electricity token issued: a vend of zero money with its own TID."""
+
+    meter: MeterNumber
+    month: str
+    purchase_id: PurchaseId
+    tid: int
+    token: str = field(repr=False)
+    units: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeterDebt:
+    """A meter's debt to the utility and how each purchase recovers it (``terms``)."""
+
+    meter: MeterNumber
+    balance: Money
+    rate_basis_points: int
+    min_per_purchase_minor: int = 0
+    cap_per_purchase_minor: int | None = None
+    recovered_total_minor: int = 0
+    updated_at: datetime
+
+    @property
+    def terms(self) -> DebtTerms:
+        """The recovery terms the quote applies."""
+        return DebtTerms(
+            balance_minor=self.balance.amount_minor,
+            currency=self.balance.currency,
+            rate_basis_points=self.rate_basis_points,
+            min_per_purchase_minor=self.min_per_purchase_minor,
+            cap_per_purchase_minor=self.cap_per_purchase_minor,
+        )
+
+
+def debt_event_data(debt: MeterDebt, before: MeterDebt | None, reason: str) -> dict[str, Any]:
+    """The data of a ``debt_set`` / ``debt_cleared`` event: the account before and after."""
+    return {
+        "meter": debt.meter,
+        "currency": debt.balance.currency,
+        "balance_before_minor": before.balance.amount_minor if before is not None else 0,
+        "balance_minor": debt.balance.amount_minor,
+        "rate_basis_points": debt.rate_basis_points,
+        "min_per_purchase_minor": debt.min_per_purchase_minor,
+        "cap_per_purchase_minor": debt.cap_per_purchase_minor,
+        "reason": reason,
+    }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DebtRecovery:
+    """What one purchase's vend recovered, and what the meter owed after it."""
+
+    purchase_id: PurchaseId
+    meter: MeterNumber
+    amount: Money
+    balance_after: Money
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -481,6 +568,15 @@ class SealedVendingKey:
 # ----------------------------------------------------------------------------------------- errors
 
 
+#: ``Ledger.answer_status_query``'s answers.
+STATUS_ACCEPTED: Final = "accepted"  # it answers an outstanding query of ours: stored, once
+STATUS_UNMATCHED: Final = "unmatched"  # no outstanding query has these ids (or already answered)
+STATUS_CONTRADICTED: Final = "contradicted"  # our query's ids, another transaction
+#: Status queries older than this are dropped when a new one is recorded (a result that late is
+#: unmatched: the query gave up after ``status_result_wait_s`` long before).
+STATUS_QUERY_KEEP_S: Final = 3600.0
+
+
 class LedgerError(GatewayError):
     """The ledger refused or could not perform an operation."""
 
@@ -501,6 +597,27 @@ class DuplicateError(LedgerError):
 
 class IdempotencyConflict(DuplicateError):
     """An idempotency key was reused for a request with different details."""
+
+
+#: The unique index (migration 0003) that lets a provider's receipt pay for one purchase only.
+RECEIPT_ONCE: Final = "payments_receipt_once"
+
+
+class ReceiptReused(DuplicateError):
+    """A provider's receipt already proves the payment of another payment row (another purchase).
+
+    Raised by ``mark_paid``, ``record_vend`` (with a payment) and ``mark_payment_mismatch``: the
+    transaction wrote nothing. ``key`` is ``provider:receipt``.
+    """
+
+    def __init__(self, provider: str, receipt: str) -> None:
+        super().__init__(
+            f"{provider} receipt {receipt} already pays for another purchase",
+            constraint=RECEIPT_ONCE,
+            key=f"{provider}:{receipt}",
+        )
+        self.provider = provider
+        self.receipt = receipt
 
 
 class NotFound(LedgerError):
@@ -533,6 +650,19 @@ class TidConflict(LedgerError):
         self.meter = meter
         self.expected = expected
         self.actual = actual
+
+
+class VendConflict(TidConflict):
+    """The meter's debt balance or this month's FBE moved since the vend read them: read again.
+
+    A ``TidConflict``, so the saga's retry loop reads the context again and makes new tokens.
+    """
+
+    def __init__(self, meter: str, what: str) -> None:
+        LedgerError.__init__(self, f"meter {meter}: {what} moved since it was read", retryable=True)
+        self.meter = meter
+        self.expected = None
+        self.actual = None
 
 
 class SavedMetersFull(LedgerError):
@@ -702,6 +832,47 @@ class Ledger(Protocol):
         """When the sweeper should next ask the provider about this purchase."""
         ...
 
+    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
+        """Record ``receipt`` as the one the provider's records prove for a confirmed payment.
+
+        It replaces whatever receipt a callback claimed for that payment row.
+
+        Raises:
+            ReceiptReused: the receipt already proves another payment.
+            NotFound: no payment row for (provider, reference).
+        """
+        ...
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a status query the provider acknowledged (Daraja Transaction Status). Idempotent.
+
+        Queries asked more than ``STATUS_QUERY_KEEP_S`` ago are dropped in the same write.
+        """
+        ...
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store an asynchronous result for the query it answers, once, in one transaction.
+
+        ``STATUS_ACCEPTED`` when ``conversation_id`` and ``originator_id`` are an unanswered
+        query of ``provider`` about ``transaction_id``; ``STATUS_CONTRADICTED`` (nothing stored)
+        when they are, but about another transaction; else ``STATUS_UNMATCHED``.
+        """
+        ...
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while (or if) it has none."""
+        ...
+
     async def due_for_check(self, now: datetime, *, limit: int = 100) -> list[Purchase]:
         """CREATED or AWAITING_PAYMENT purchases whose next status check is due."""
         ...
@@ -733,11 +904,19 @@ class Ledger(Protocol):
         change becomes APPLIED for this purchase, the vend keeps the key-change tokens, and
         ``key_changed`` is appended.
 
-        A purchase that has its vend already: returns it with ``replayed=True``, writes nothing.
+        With ``draft.debt_recovery_minor``, the same transaction takes it off the meter's debt
+        (compare-and-set on ``expected_debt_balance_minor``), writes the purchase's
+        ``debt_recoveries`` row and appends ``debt_recovered``. With ``draft.fbe``, it stores the
+        FBE token (UNIQUE (meter, month)), advances ``last_tid`` to its TID, queues its message
+        (kind ``fbe``) and appends ``fbe_issued``.
+
+        A purchase that has its vend already: returns it with ``replayed=True``, writes nothing
+        (so a replay never recovers debt or issues FBE again).
 
         Raises:
             TidConflict: the meter's last TID moved, or the key change is no longer pending: read
-                it again, make new tokens, retry.
+                it again, make new tokens, retry. ``VendConflict`` (a ``TidConflict``): the debt
+                balance moved, or the month's FBE was issued meanwhile.
             IllegalTransition: the purchase is not PAID (or VEND_FAILED), and ``payment`` cannot
                 make it so.
         """
@@ -749,6 +928,66 @@ class Ledger(Protocol):
 
     async def last_vend(self, phone: str, meter: str | None = None) -> Vend | None:
         """The newest vend bought from ``phone`` (for ``meter`` if given)."""
+        ...
+
+    # -- debt recovery and free basic electricity -----------------------------------------------
+
+    async def get_debt(self, meter: str) -> MeterDebt | None:
+        """The meter's debt account, if it ever had one (a cleared debt has balance 0)."""
+        ...
+
+    async def set_debt(
+        self,
+        meter: str,
+        *,
+        balance: Money,
+        rate_basis_points: int,
+        min_per_purchase_minor: int = 0,
+        cap_per_purchase_minor: int | None = None,
+        actor: str,
+        reason: str = "",
+    ) -> MeterDebt:
+        """Set the meter's debt balance and recovery terms; appends ``debt_set`` (old and new).
+
+        Raises:
+            NotFound: no such meter.
+            ValueError: the terms are invalid (``DebtTerms``'s rules).
+        """
+        ...
+
+    async def clear_debt(self, meter: str, *, actor: str, reason: str = "") -> MeterDebt:
+        """Write the meter's debt off (balance 0, terms kept); appends ``debt_cleared``.
+
+        Raises:
+            NotFound: the meter has no debt account.
+        """
+        ...
+
+    async def debt_recoveries(self, meter: str, *, limit: int = 50) -> list[DebtRecovery]:
+        """What the meter's vends recovered, newest first."""
+        ...
+
+    async def get_debt_recovery(self, purchase_id: str) -> DebtRecovery | None:
+        """What the purchase's vend recovered, if anything."""
+        ...
+
+    async def set_fbe_allowance(self, tariff_id: str, units_per_month: int, *, actor: str) -> None:
+        """The tariff's monthly free basic electricity in tenths of a kWh (0 stops it).
+
+        Appends ``fbe_allowance_set``. Raises ``NotFound`` (no such tariff).
+        """
+        ...
+
+    async def fbe_allowance(self, tariff_id: str) -> int:
+        """The tariff's monthly FBE units (0: none)."""
+        ...
+
+    async def fbe_due(self, meter: str, month: str) -> int:
+        """The FBE units the meter may still get in ``month`` (YYYY-MM): 0 if issued or none."""
+        ...
+
+    async def fbe_issues(self, meter: str, *, limit: int = 24) -> list[FbeIssue]:
+        """The meter's FBE tokens, newest first."""
         ...
 
     # -- key changes ----------------------------------------------------------------------------
@@ -891,6 +1130,14 @@ class Ledger(Protocol):
 
     async def purchase_counts(self) -> dict[str, int]:
         """How many purchases are in each state (every ``PurchaseState`` value, zeros included)."""
+        ...
+
+    async def probe_write(self) -> None:
+        """Commit a write that changes nothing (readiness: the write path works end to end).
+
+        Raises:
+            LedgerError: the database cannot take a write now (disk full, read-only, gone).
+        """
         ...
 
     async def outbox_stats(self, now: datetime) -> OutboxStats:

@@ -16,8 +16,8 @@ TIDs
     meter's row (``SELECT last_tid … FOR UPDATE``) and compares it with the TID the vend was
     computed from: two instances vending for one meter in the same minute are serialised there,
     the loser gets ``TidConflict`` (and nothing of its transaction stays, payment included) and
-    the saga makes a new token from the new last TID. ``UNIQUE (meter, tid)`` stays as the last
-    net.
+    the saga makes a new token from the new last TID. ``UNIQUE (meter, base_date, tid)`` stays
+    as the last net (a TID rollover starts TIDs again from a later base date).
 
 Idempotent inserts
     Inserts two instances may race on (one idempotency key, one provider reference) use
@@ -66,9 +66,17 @@ from gateway.ledger.base import (
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
+    RECEIPT_ONCE,
+    STATUS_ACCEPTED,
+    STATUS_CONTRADICTED,
+    STATUS_QUERY_KEEP_S,
+    STATUS_UNMATCHED,
     ConfirmedPayment,
+    DebtRecovery,
     DuplicateError,
     Event,
+    FbeDraft,
+    FbeIssue,
     IdempotencyConflict,
     IllegalTransition,
     KeyChange,
@@ -77,6 +85,7 @@ from gateway.ledger.base import (
     LedgerError,
     LedgerUnavailable,
     MessageKind,
+    MeterDebt,
     MeterInfo,
     MeterNumber,
     MeterRecord,
@@ -94,21 +103,24 @@ from gateway.ledger.base import (
     PurchaseDraft,
     PurchaseId,
     PurchaseState,
+    ReceiptReused,
     ReportRow,
     SavedMeter,
     SavedMetersFull,
     SealedVendingKey,
     TidConflict,
     Vend,
+    VendConflict,
     VendContext,
     VendDraft,
     VendOutcome,
+    debt_event_data,
     is_legal,
     mask_name,
 )
 from gateway.money import Money
 from gateway.phone import Msisdn
-from gateway.tariff import Tariff
+from gateway.tariff import DebtTerms, Tariff
 from gateway.values.messages import DeliveryReport, DeliveryState
 
 T = TypeVar("T")
@@ -299,6 +311,41 @@ def _purchase(row: Row) -> Purchase:
         next_check_at=row["next_check_at"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        debt_recovery_minor=row["debt_recovery_minor"],
+    )
+
+
+def _meter_debt(row: Row) -> MeterDebt:
+    return MeterDebt(
+        meter=MeterNumber(row["meter"]),
+        balance=Money(row["balance_minor"], row["currency"]),
+        rate_basis_points=row["rate_basis_points"],
+        min_per_purchase_minor=row["min_per_purchase_minor"],
+        cap_per_purchase_minor=row["cap_per_purchase_minor"],
+        recovered_total_minor=row["recovered_total_minor"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _debt_recovery(row: Row) -> DebtRecovery:
+    return DebtRecovery(
+        purchase_id=PurchaseId(row["purchase_id"]),
+        meter=MeterNumber(row["meter"]),
+        amount=Money(row["amount_minor"], row["currency"]),
+        balance_after=Money(row["balance_after_minor"], row["currency"]),
+        created_at=row["created_at"],
+    )
+
+
+def _fbe_issue(row: Row) -> FbeIssue:
+    return FbeIssue(
+        meter=MeterNumber(row["meter"]),
+        month=row["month"],
+        purchase_id=PurchaseId(row["purchase_id"]),
+        tid=row["tid"],
+        token=row["token"],
+        units=row["units"],
+        created_at=row["created_at"],
     )
 
 
@@ -761,8 +808,8 @@ class PostgresLedger:
             row = await conn.fetchrow(
                 "INSERT INTO purchases (purchase_id, channel, phone, meter, amount_minor,"
                 " currency, units, tariff_id, state, idempotency_key, provider, created_at,"
-                " updated_at, next_check_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13)"
+                " updated_at, next_check_at, debt_recovery_minor)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14)"
                 " ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
                 draft.purchase_id,
                 draft.channel,
@@ -777,6 +824,7 @@ class PostgresLedger:
                 draft.provider,
                 now,
                 draft.first_check_at or now + timedelta(seconds=ORPHAN_CHECK_AFTER_S),
+                draft.debt_recovery_minor,
             )
             if row is None:
                 existing = await conn.fetchrow(
@@ -795,6 +843,11 @@ class PostgresLedger:
                     "currency": draft.amount.currency,
                     "units": draft.units,
                     "provider": draft.provider,
+                    **(
+                        {"debt_recovery_minor": draft.debt_recovery_minor}
+                        if draft.debt_recovery_minor
+                        else {}
+                    ),
                 },
             )
             return _purchase(row)
@@ -1029,7 +1082,34 @@ class PostgresLedger:
     ) -> None:
         # One statement inserts the row, or settles it if it has no purchase or ours, under
         # the row's lock; nothing returned means another purchase owns the reference.
-        settled = await conn.fetchval(
+        try:
+            settled = await self._upsert_payment(conn, purchase_id, payment, state)
+        except asyncpg.exceptions.UniqueViolationError as exc:
+            if exc.constraint_name == RECEIPT_ONCE and payment.receipt is not None:
+                raise ReceiptReused(payment.provider, payment.receipt) from exc
+            raise
+        if settled is None:
+            owner = await conn.fetchval(
+                "SELECT purchase_id FROM payments WHERE provider = $1 AND reference = $2",
+                payment.provider,
+                payment.reference,
+            )
+            raise DuplicateError(
+                f"{payment.provider} reference {payment.reference} belongs to purchase"
+                f" {owner}, not {purchase_id}",
+                constraint="payments.provider_reference",
+                key=f"{payment.provider}:{payment.reference}",
+            )
+
+    async def _upsert_payment(
+        self,
+        conn: Connection,
+        purchase_id: str,
+        payment: ConfirmedPayment,
+        state: PaymentRecordState,
+    ) -> object:
+        """Insert or settle the payment row; None when another purchase owns the reference."""
+        return await conn.fetchval(
             "INSERT INTO payments (purchase_id, provider, reference, amount_minor, currency,"
             " state, payer, receipt, created_at, updated_at)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)"
@@ -1050,18 +1130,6 @@ class PostgresLedger:
             payment.receipt,
             self._clock(),
         )
-        if settled is None:
-            owner = await conn.fetchval(
-                "SELECT purchase_id FROM payments WHERE provider = $1 AND reference = $2",
-                payment.provider,
-                payment.reference,
-            )
-            raise DuplicateError(
-                f"{payment.provider} reference {payment.reference} belongs to purchase"
-                f" {owner}, not {purchase_id}",
-                constraint="payments.provider_reference",
-                key=f"{payment.provider}:{payment.reference}",
-            )
 
     async def _pay(self, conn: Connection, row: Row, payment: ConfirmedPayment, actor: str) -> Row:
         """Record the (locked) purchase ``row`` paid by ``payment``; the updated row.
@@ -1138,6 +1206,96 @@ class PostgresLedger:
             return _purchase(row)
 
         return await self._with_retry(op)
+
+    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
+        """Record the receipt the provider's records prove for a payment row."""
+
+        async def op(conn: Connection) -> None:
+            try:
+                updated = await conn.execute(
+                    "UPDATE payments SET receipt = $1, updated_at = $2"
+                    " WHERE provider = $3 AND reference = $4",
+                    receipt,
+                    self._clock(),
+                    provider,
+                    reference,
+                )
+            except asyncpg.exceptions.UniqueViolationError as exc:
+                if exc.constraint_name == RECEIPT_ONCE:
+                    raise ReceiptReused(provider, receipt) from exc
+                raise
+            if updated != "UPDATE 1":
+                raise NotFound("payment", f"{provider}:{reference}")
+
+        await self._with_retry(op, transaction=False)
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a status query the provider acknowledged. Idempotent."""
+
+        async def op(conn: Connection) -> None:
+            now = self._clock()
+            await conn.execute(
+                "DELETE FROM status_queries WHERE asked_at < $1",
+                now - timedelta(seconds=STATUS_QUERY_KEEP_S),
+            )
+            await conn.execute(
+                "INSERT INTO status_queries (conversation_id, originator_id, provider,"
+                " transaction_id, asked_at) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (conversation_id) DO NOTHING",
+                conversation_id,
+                originator_id,
+                provider,
+                transaction_id,
+                now,
+            )
+
+        await self._with_retry(op)
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store a result for the unanswered query it names, once (the row locked)."""
+
+        async def op(conn: Connection) -> str:
+            row = await conn.fetchrow(
+                "SELECT originator_id, provider, transaction_id, answered_at FROM status_queries"
+                " WHERE conversation_id = $1 FOR UPDATE",
+                conversation_id,
+            )
+            if (
+                row is None
+                or row["provider"] != provider
+                or row["originator_id"] != originator_id
+                or row["answered_at"] is not None
+            ):
+                return STATUS_UNMATCHED
+            if row["transaction_id"] != transaction_id:
+                return STATUS_CONTRADICTED
+            await conn.execute(
+                "UPDATE status_queries SET result = $1, answered_at = $2"
+                " WHERE conversation_id = $3",
+                result,
+                self._clock(),
+                conversation_id,
+            )
+            return STATUS_ACCEPTED
+
+        return await self._with_retry(op)
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while it has none."""
+        row = await self._fetchrow(
+            "SELECT result FROM status_queries WHERE conversation_id = $1", conversation_id
+        )
+        return None if row is None or row["result"] is None else bytes(row["result"])
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase."""
@@ -1217,14 +1375,16 @@ class PostgresLedger:
             now = self._clock()
             if change is not None:
                 await self._apply_key_change(conn, draft, change, now)
-            # One statement: the meter's TID advances, the vend and its token message are
-            # stored (every constraint still applies to each part).
+            # One statement: the meter's TID advances, the vend (under the meter's base date, the
+            # new one after the key change above) and its token message are stored (every
+            # constraint still applies to each part).
             vend = await conn.fetchrow(
-                "WITH advanced AS (UPDATE meters SET last_tid = $3 WHERE drn = $2),"
+                "WITH advanced AS (UPDATE meters SET last_tid = $13 WHERE drn = $2),"
                 " queued AS (INSERT INTO outbox (purchase_id, kind, recipient, body, state,"
                 " next_try_at, created_at, updated_at) VALUES ($1, $8, $9, $10, $11, $7, $7, $7))"
                 " INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
-                " key_change_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7, $12) RETURNING *",
+                " key_change_tokens, base_date) VALUES ($1, $2, $3, $4, $5, $6, $7, $12,"
+                " (SELECT base_date FROM meters WHERE drn = $2)) RETURNING *",
                 draft.purchase_id,
                 draft.meter,
                 draft.tid,
@@ -1237,7 +1397,9 @@ class PostgresLedger:
                 draft.message,
                 (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
                 " ".join(draft.key_change_tokens),
+                draft.fbe.tid if draft.fbe else draft.tid,
             )
+            await self._vend_extras(conn, draft, row["currency"], actor, now)
             row = await self._move(
                 conn,
                 row,
@@ -1254,6 +1416,261 @@ class PostgresLedger:
             return VendOutcome(vend=_vend(vend), replayed=False, purchase=_purchase(row))
 
         return await self._with_retry(op)
+
+    async def _vend_extras(
+        self, conn: Connection, draft: VendDraft, currency: str, actor: str, now: datetime
+    ) -> None:
+        """The vend's debt recovery and FBE token, when it carries them."""
+        if draft.debt_recovery_minor:
+            await self._recover_debt(conn, draft, currency, actor, now)
+        if draft.fbe is not None:
+            await self._issue_fbe(conn, draft, draft.fbe, actor, now)
+
+    async def _recover_debt(
+        self, conn: Connection, draft: VendDraft, currency: str, actor: str, now: datetime
+    ) -> None:
+        """Take the draft's recovery off the meter's debt (compare-and-set), with its row."""
+        recovered, expected = draft.debt_recovery_minor, draft.expected_debt_balance_minor
+        if expected is None or not 0 < recovered <= expected:
+            raise ValueError(f"cannot recover {recovered} of a debt of {expected}")
+        moved = await conn.fetchrow(
+            "UPDATE meter_debts SET balance_minor = balance_minor - $1,"
+            " recovered_total_minor = recovered_total_minor + $1, updated_at = $2"
+            " WHERE meter = $3 AND balance_minor = $4 AND currency = $5 RETURNING balance_minor",
+            recovered,
+            now,
+            draft.meter,
+            expected,
+            currency,
+        )
+        if moved is None:
+            raise VendConflict(draft.meter, "the debt balance")
+        await conn.execute(
+            "INSERT INTO debt_recoveries (purchase_id, meter, amount_minor, currency,"
+            " balance_after_minor, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            draft.purchase_id,
+            draft.meter,
+            recovered,
+            currency,
+            expected - recovered,
+            now,
+        )
+        await self._append(
+            conn,
+            draft.purchase_id,
+            "debt_recovered",
+            actor,
+            {
+                "meter": draft.meter,
+                "amount_minor": recovered,
+                "currency": currency,
+                "balance_before_minor": expected,
+                "balance_after_minor": expected - recovered,
+            },
+        )
+
+    async def _issue_fbe(
+        self, conn: Connection, draft: VendDraft, fbe: FbeDraft, actor: str, now: datetime
+    ) -> None:
+        """Store the month's FBE token and queue its message; the month's second is refused."""
+        if fbe.tid <= draft.tid or draft.key_change_id is not None:
+            raise ValueError("an FBE token follows the credit token's TID, never with a key change")
+        issued = await conn.fetchrow(
+            "INSERT INTO fbe_issues (meter, month, purchase_id, tid, token, units, created_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (meter, month) DO NOTHING"
+            " RETURNING issue_id",
+            draft.meter,
+            fbe.month,
+            draft.purchase_id,
+            fbe.tid,
+            fbe.token,
+            fbe.units,
+            now,
+        )
+        if issued is None:
+            raise VendConflict(draft.meter, f"free basic electricity for {fbe.month}")
+        await conn.execute(
+            "INSERT INTO outbox (purchase_id, kind, recipient, body, state, next_try_at,"
+            " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6, $6)",
+            draft.purchase_id,
+            MessageKind.FBE.value,
+            draft.recipient,
+            fbe.message,
+            (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
+            now,
+        )
+        await self._append(
+            conn,
+            draft.purchase_id,
+            "fbe_issued",
+            actor,
+            {
+                "meter": draft.meter,
+                "month": fbe.month,
+                "tid": fbe.tid,
+                "units": fbe.units,
+                "token_last4": fbe.token[-4:],
+            },
+        )
+
+    # -- debt recovery and free basic electricity -----------------------------------------------
+
+    async def get_debt(self, meter: str) -> MeterDebt | None:
+        """The meter's debt account, if it ever had one (a cleared debt has balance 0)."""
+        row = await self._fetchrow("SELECT * FROM meter_debts WHERE meter = $1", meter)
+        return _meter_debt(row) if row is not None else None
+
+    async def set_debt(
+        self,
+        meter: str,
+        *,
+        balance: Money,
+        rate_basis_points: int,
+        min_per_purchase_minor: int = 0,
+        cap_per_purchase_minor: int | None = None,
+        actor: str,
+        reason: str = "",
+    ) -> MeterDebt:
+        """Set the meter's debt balance and recovery terms; appends ``debt_set``."""
+        DebtTerms(
+            balance_minor=balance.amount_minor,
+            currency=balance.currency,
+            rate_basis_points=rate_basis_points,
+            min_per_purchase_minor=min_per_purchase_minor,
+            cap_per_purchase_minor=cap_per_purchase_minor,
+        )  # validates
+
+        async def op(conn: Connection) -> MeterDebt:
+            if await conn.fetchrow("SELECT 1 FROM meters WHERE drn = $1 FOR UPDATE", meter) is None:
+                raise NotFound("meter", meter)
+            old = await conn.fetchrow("SELECT * FROM meter_debts WHERE meter = $1", meter)
+            row = await conn.fetchrow(
+                "INSERT INTO meter_debts (meter, currency, balance_minor, rate_basis_points,"
+                " min_per_purchase_minor, cap_per_purchase_minor, updated_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (meter) DO UPDATE SET"
+                " currency = excluded.currency, balance_minor = excluded.balance_minor,"
+                " rate_basis_points = excluded.rate_basis_points,"
+                " min_per_purchase_minor = excluded.min_per_purchase_minor,"
+                " cap_per_purchase_minor = excluded.cap_per_purchase_minor,"
+                " updated_at = excluded.updated_at RETURNING *",
+                meter,
+                balance.currency,
+                balance.amount_minor,
+                rate_basis_points,
+                min_per_purchase_minor,
+                cap_per_purchase_minor,
+                self._clock(),
+            )
+            debt = _meter_debt(row)
+            before = _meter_debt(old) if old is not None else None
+            await self._append(conn, None, "debt_set", actor, debt_event_data(debt, before, reason))
+            return debt
+
+        return await self._with_retry(op)
+
+    async def clear_debt(self, meter: str, *, actor: str, reason: str = "") -> MeterDebt:
+        """Write the meter's debt off (balance 0, terms kept); appends ``debt_cleared``."""
+
+        async def op(conn: Connection) -> MeterDebt:
+            old = await conn.fetchrow(
+                "SELECT * FROM meter_debts WHERE meter = $1 FOR UPDATE", meter
+            )
+            if old is None:
+                raise NotFound("debt", meter)
+            row = await conn.fetchrow(
+                "UPDATE meter_debts SET balance_minor = 0, updated_at = $1 WHERE meter = $2"
+                " RETURNING *",
+                self._clock(),
+                meter,
+            )
+            debt = _meter_debt(row)
+            await self._append(
+                conn, None, "debt_cleared", actor, debt_event_data(debt, _meter_debt(old), reason)
+            )
+            return debt
+
+        return await self._with_retry(op)
+
+    async def debt_recoveries(self, meter: str, *, limit: int = 50) -> list[DebtRecovery]:
+        """What the meter's vends recovered, newest first."""
+        rows = await self._fetch(
+            "SELECT * FROM debt_recoveries WHERE meter = $1"
+            " ORDER BY created_at DESC, purchase_id DESC LIMIT $2",
+            meter,
+            limit,
+        )
+        return [_debt_recovery(row) for row in rows]
+
+    async def get_debt_recovery(self, purchase_id: str) -> DebtRecovery | None:
+        """What the purchase's vend recovered, if anything."""
+        row = await self._fetchrow(
+            "SELECT * FROM debt_recoveries WHERE purchase_id = $1", purchase_id
+        )
+        return _debt_recovery(row) if row is not None else None
+
+    async def set_fbe_allowance(self, tariff_id: str, units_per_month: int, *, actor: str) -> None:
+        """The tariff's monthly free basic electricity in tenths of a kWh (0 stops it)."""
+        if units_per_month < 0:
+            raise ValueError(f"FBE units cannot be negative, got {units_per_month}")
+
+        async def op(conn: Connection) -> None:
+            if await conn.fetchrow("SELECT 1 FROM tariffs WHERE tariff_id = $1", tariff_id) is None:
+                raise NotFound("tariff", tariff_id)
+            old = await conn.fetchrow(
+                "SELECT units_per_month FROM fbe_allowances WHERE tariff_id = $1 FOR UPDATE",
+                tariff_id,
+            )
+            if units_per_month == 0:
+                await conn.execute("DELETE FROM fbe_allowances WHERE tariff_id = $1", tariff_id)
+            else:
+                await conn.execute(
+                    "INSERT INTO fbe_allowances (tariff_id, units_per_month, updated_at)"
+                    " VALUES ($1, $2, $3) ON CONFLICT (tariff_id) DO UPDATE SET"
+                    " units_per_month = excluded.units_per_month,"
+                    " updated_at = excluded.updated_at",
+                    tariff_id,
+                    units_per_month,
+                    self._clock(),
+                )
+            await self._append(
+                conn,
+                None,
+                "fbe_allowance_set",
+                actor,
+                {
+                    "tariff_id": tariff_id,
+                    "units_per_month": units_per_month,
+                    "previous_units_per_month": old["units_per_month"] if old is not None else 0,
+                },
+            )
+
+        await self._with_retry(op)
+
+    async def fbe_allowance(self, tariff_id: str) -> int:
+        """The tariff's monthly FBE units (0: none)."""
+        row = await self._fetchrow(
+            "SELECT units_per_month FROM fbe_allowances WHERE tariff_id = $1", tariff_id
+        )
+        return int(row["units_per_month"]) if row is not None else 0
+
+    async def fbe_due(self, meter: str, month: str) -> int:
+        """The FBE units the meter may still get in ``month``: 0 if issued already, or none."""
+        row = await self._fetchrow(
+            "SELECT a.units_per_month FROM meters m"
+            " JOIN fbe_allowances a ON a.tariff_id = m.tariff_id"
+            " LEFT JOIN fbe_issues f ON f.meter = m.drn AND f.month = $1"
+            " WHERE m.drn = $2 AND f.issue_id IS NULL",
+            month,
+            meter,
+        )
+        return int(row["units_per_month"]) if row is not None else 0
+
+    async def fbe_issues(self, meter: str, *, limit: int = 24) -> list[FbeIssue]:
+        """The meter's FBE tokens, newest first."""
+        rows = await self._fetch(
+            "SELECT * FROM fbe_issues WHERE meter = $1 ORDER BY month DESC LIMIT $2", meter, limit
+        )
+        return [_fbe_issue(row) for row in rows]
 
     @staticmethod
     async def _pending_key_change(conn: Connection, draft: VendDraft, meter: Row) -> KeyChange:
@@ -1788,6 +2205,17 @@ class PostgresLedger:
             "SELECT language FROM customer_preferences WHERE phone = $1", phone
         )
         return cast("str", row["language"]) if row is not None else None
+
+    async def probe_write(self) -> None:
+        """Commit, in a transaction, a write that changes nothing (a read-only server refuses)."""
+
+        async def op(conn: Connection) -> None:
+            await conn.execute(
+                "UPDATE schema_migrations SET applied_at = applied_at"
+                " WHERE version = (SELECT max(version) FROM schema_migrations)"
+            )
+
+        await self._with_retry(op, transaction=True)
 
     async def set_language(self, phone: str, language: str) -> None:
         """Remember the phone's language code."""

@@ -67,9 +67,16 @@ from gateway.ledger.base import (
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
+    STATUS_ACCEPTED,
+    STATUS_CONTRADICTED,
+    STATUS_QUERY_KEEP_S,
+    STATUS_UNMATCHED,
     ConfirmedPayment,
+    DebtRecovery,
     DuplicateError,
     Event,
+    FbeDraft,
+    FbeIssue,
     IdempotencyConflict,
     IllegalTransition,
     KeyChange,
@@ -78,6 +85,7 @@ from gateway.ledger.base import (
     LedgerError,
     LedgerUnavailable,
     MessageKind,
+    MeterDebt,
     MeterInfo,
     MeterNumber,
     MeterRecord,
@@ -95,21 +103,24 @@ from gateway.ledger.base import (
     PurchaseDraft,
     PurchaseId,
     PurchaseState,
+    ReceiptReused,
     ReportRow,
     SavedMeter,
     SavedMetersFull,
     SealedVendingKey,
     TidConflict,
     Vend,
+    VendConflict,
     VendContext,
     VendDraft,
     VendOutcome,
+    debt_event_data,
     is_legal,
     mask_name,
 )
 from gateway.money import Money
 from gateway.phone import Msisdn
-from gateway.tariff import Tariff
+from gateway.tariff import DebtTerms, Tariff
 from gateway.values.messages import DeliveryReport, DeliveryState
 
 T = TypeVar("T")
@@ -502,6 +513,41 @@ def _purchase(row: sqlite3.Row) -> Purchase:
         next_check_at=_dt(row["next_check_at"]) if row["next_check_at"] else None,
         created_at=_dt(row["created_at"]),
         updated_at=_dt(row["updated_at"]),
+        debt_recovery_minor=row["debt_recovery_minor"],
+    )
+
+
+def _meter_debt(row: sqlite3.Row) -> MeterDebt:
+    return MeterDebt(
+        meter=MeterNumber(row["meter"]),
+        balance=Money(row["balance_minor"], row["currency"]),
+        rate_basis_points=row["rate_basis_points"],
+        min_per_purchase_minor=row["min_per_purchase_minor"],
+        cap_per_purchase_minor=row["cap_per_purchase_minor"],
+        recovered_total_minor=row["recovered_total_minor"],
+        updated_at=_dt(row["updated_at"]),
+    )
+
+
+def _debt_recovery(row: sqlite3.Row) -> DebtRecovery:
+    return DebtRecovery(
+        purchase_id=PurchaseId(row["purchase_id"]),
+        meter=MeterNumber(row["meter"]),
+        amount=Money(row["amount_minor"], row["currency"]),
+        balance_after=Money(row["balance_after_minor"], row["currency"]),
+        created_at=_dt(row["created_at"]),
+    )
+
+
+def _fbe_issue(row: sqlite3.Row) -> FbeIssue:
+    return FbeIssue(
+        meter=MeterNumber(row["meter"]),
+        month=row["month"],
+        purchase_id=PurchaseId(row["purchase_id"]),
+        tid=row["tid"],
+        token=row["token"],
+        units=row["units"],
+        created_at=_dt(row["created_at"]),
     )
 
 
@@ -980,7 +1026,8 @@ class SqliteLedger:
             conn.execute(
                 "INSERT INTO purchases (purchase_id, channel, phone, meter, amount_minor, currency,"
                 " units, tariff_id, state, idempotency_key, provider, created_at, updated_at,"
-                " next_check_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " next_check_at, debt_recovery_minor)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     draft.purchase_id,
                     draft.channel,
@@ -996,6 +1043,7 @@ class SqliteLedger:
                     now,
                     now,
                     orphan_check,
+                    draft.debt_recovery_minor,
                 ),
             )
             self._event(
@@ -1010,6 +1058,11 @@ class SqliteLedger:
                     "currency": draft.amount.currency,
                     "units": draft.units,
                     "provider": draft.provider,
+                    **(
+                        {"debt_recovery_minor": draft.debt_recovery_minor}
+                        if draft.debt_recovery_minor
+                        else {}
+                    ),
                 },
             )
             return _purchase(self._purchase_row(conn, draft.purchase_id))
@@ -1243,13 +1296,16 @@ class SqliteLedger:
             payment.receipt,
             now,
         )
-        updated = conn.execute(
-            "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
-            " receipt = COALESCE(?, receipt), updated_at = ?, purchase_id = ?"
-            " WHERE provider = ? AND reference = ?"
-            " AND (purchase_id IS NULL OR purchase_id = ?)",
-            (*values, purchase_id, payment.provider, payment.reference, purchase_id),
-        )
+        try:
+            updated = conn.execute(
+                "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
+                " receipt = COALESCE(?, receipt), updated_at = ?, purchase_id = ?"
+                " WHERE provider = ? AND reference = ?"
+                " AND (purchase_id IS NULL OR purchase_id = ?)",
+                (*values, purchase_id, payment.provider, payment.reference, purchase_id),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise self._receipt_reused(exc, payment) from exc
         if updated.rowcount == 1:
             return
         row = conn.execute(
@@ -1263,12 +1319,22 @@ class SqliteLedger:
                 constraint="payments.provider_reference",
                 key=f"{payment.provider}:{payment.reference}",
             )
-        conn.execute(
-            "INSERT INTO payments (amount_minor, currency, state, payer, receipt, updated_at,"
-            " purchase_id, provider, reference, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (*values, purchase_id, payment.provider, payment.reference, now),
-        )
+        try:
+            conn.execute(
+                "INSERT INTO payments (amount_minor, currency, state, payer, receipt, updated_at,"
+                " purchase_id, provider, reference, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*values, purchase_id, payment.provider, payment.reference, now),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise self._receipt_reused(exc, payment) from exc
+
+    @staticmethod
+    def _receipt_reused(exc: sqlite3.IntegrityError, payment: ConfirmedPayment) -> BaseException:
+        """``ReceiptReused`` when the receipt index refused the row, else the error as ours."""
+        if "payments.receipt" in str(exc) and payment.receipt is not None:
+            return ReceiptReused(payment.provider, payment.receipt)
+        return translate_error(exc)
 
     def _record_payment(
         self, conn: sqlite3.Connection, row: sqlite3.Row, payment: ConfirmedPayment, actor: str
@@ -1344,6 +1410,86 @@ class SqliteLedger:
             return _purchase(self._purchase_row(conn, purchase_id))
 
         return await self._write(op)
+
+    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
+        """Record the receipt the provider's records prove for a payment row."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            try:
+                updated = conn.execute(
+                    "UPDATE payments SET receipt = ?, updated_at = ?"
+                    " WHERE provider = ? AND reference = ?",
+                    (receipt, _ts(self._clock()), provider, reference),
+                )
+            except sqlite3.IntegrityError as exc:
+                if "payments.receipt" in str(exc):
+                    raise ReceiptReused(provider, receipt) from exc
+                raise
+            if updated.rowcount != 1:
+                raise NotFound("payment", f"{provider}:{reference}")
+
+        await self._write(op)
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a status query the provider acknowledged. Idempotent."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            now = self._clock()
+            conn.execute(
+                "DELETE FROM status_queries WHERE asked_at < ?",
+                (_ts(now - timedelta(seconds=STATUS_QUERY_KEEP_S)),),
+            )
+            conn.execute(
+                "INSERT INTO status_queries (conversation_id, originator_id, provider,"
+                " transaction_id, asked_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (conversation_id) DO NOTHING",
+                (conversation_id, originator_id, provider, transaction_id, _ts(now)),
+            )
+
+        await self._write(op)
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store a result for the unanswered query it names, once."""
+
+        def op(conn: sqlite3.Connection) -> str:
+            row = conn.execute(
+                "SELECT originator_id, provider, transaction_id, answered_at FROM status_queries"
+                " WHERE conversation_id = ?",
+                (conversation_id,),
+            ).fetchone()
+            if (
+                row is None
+                or row["provider"] != provider
+                or row["originator_id"] != originator_id
+                or row["answered_at"] is not None
+            ):
+                return STATUS_UNMATCHED
+            if row["transaction_id"] != transaction_id:
+                return STATUS_CONTRADICTED
+            conn.execute(
+                "UPDATE status_queries SET result = ?, answered_at = ? WHERE conversation_id = ?",
+                (result, _ts(self._clock()), conversation_id),
+            )
+            return STATUS_ACCEPTED
+
+        return await self._write(op)
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while it has none."""
+        row = await self._read_one(
+            "SELECT result FROM status_queries WHERE conversation_id = ?", (conversation_id,)
+        )
+        return None if row is None or row["result"] is None else bytes(row["result"])
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase."""
@@ -1458,13 +1604,16 @@ class SqliteLedger:
                     raise TidConflict(draft.meter, expected, expected)
                 moved = conn.execute(
                     "UPDATE meters SET last_tid = ? WHERE drn = ? AND last_tid IS ?",
-                    (draft.tid, draft.meter, expected),
+                    (draft.fbe.tid if draft.fbe else draft.tid, draft.meter, expected),
                 )
                 if moved.rowcount != 1:
                     self._tid_conflict(conn, draft)
             conn.execute(
+                # The TID counts from the meter's base date (the new one after a key change,
+                # applied above): one TID per (meter, base date, TID), schema 0004.
                 "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
-                " key_change_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " key_change_tokens, base_date) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+                " (SELECT base_date FROM meters WHERE drn = ?))",
                 (
                     draft.purchase_id,
                     draft.meter,
@@ -1474,6 +1623,7 @@ class SqliteLedger:
                     draft.receipt,
                     now,
                     " ".join(draft.key_change_tokens),
+                    draft.meter,
                 ),
             )
             conn.execute(
@@ -1508,6 +1658,7 @@ class SqliteLedger:
                     now,
                 ),
             )
+            self._vend_extras(conn, draft, row["currency"], actor, now)
             created = _dt(now)
             vend = Vend(
                 purchase_id=draft.purchase_id,
@@ -1529,6 +1680,248 @@ class SqliteLedger:
             return VendOutcome(vend=vend, replayed=False, purchase=purchase)
 
         return await self._write(op)
+
+    def _vend_extras(
+        self, conn: sqlite3.Connection, draft: VendDraft, currency: str, actor: str, now: str
+    ) -> None:
+        """The vend's debt recovery and FBE token, when it carries them."""
+        if draft.debt_recovery_minor:
+            self._recover_debt(conn, draft, currency, actor, now)
+        if draft.fbe is not None:
+            self._issue_fbe(conn, draft, draft.fbe, actor, now)
+
+    def _recover_debt(
+        self, conn: sqlite3.Connection, draft: VendDraft, currency: str, actor: str, now: str
+    ) -> None:
+        """Take the draft's recovery off the meter's debt (compare-and-set), with its row."""
+        recovered, expected = draft.debt_recovery_minor, draft.expected_debt_balance_minor
+        if expected is None or not 0 < recovered <= expected:
+            raise ValueError(f"cannot recover {recovered} of a debt of {expected}")
+        moved = conn.execute(
+            "UPDATE meter_debts SET balance_minor = balance_minor - ?,"
+            " recovered_total_minor = recovered_total_minor + ?, updated_at = ?"
+            " WHERE meter = ? AND balance_minor = ? AND currency = ?",
+            (recovered, recovered, now, draft.meter, expected, currency),
+        )
+        if moved.rowcount != 1:
+            raise VendConflict(draft.meter, "the debt balance")
+        conn.execute(
+            "INSERT INTO debt_recoveries (purchase_id, meter, amount_minor, currency,"
+            " balance_after_minor, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (draft.purchase_id, draft.meter, recovered, currency, expected - recovered, now),
+        )
+        self._event(
+            conn,
+            draft.purchase_id,
+            "debt_recovered",
+            actor,
+            {
+                "meter": draft.meter,
+                "amount_minor": recovered,
+                "currency": currency,
+                "balance_before_minor": expected,
+                "balance_after_minor": expected - recovered,
+            },
+        )
+
+    def _issue_fbe(
+        self, conn: sqlite3.Connection, draft: VendDraft, fbe: FbeDraft, actor: str, now: str
+    ) -> None:
+        """Store the month's FBE token and queue its message; the month's second is refused."""
+        if fbe.tid <= draft.tid or draft.key_change_id is not None:
+            raise ValueError("an FBE token follows the credit token's TID, never with a key change")
+        try:
+            conn.execute(
+                "INSERT INTO fbe_issues (meter, month, purchase_id, tid, token, units, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (draft.meter, fbe.month, draft.purchase_id, fbe.tid, fbe.token, fbe.units, now),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise VendConflict(draft.meter, f"free basic electricity for {fbe.month}") from exc
+        conn.execute(
+            "INSERT INTO outbox (purchase_id, kind, recipient, body, state, next_try_at,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                draft.purchase_id,
+                MessageKind.FBE.value,
+                draft.recipient,
+                fbe.message,
+                (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
+                now,
+                now,
+                now,
+            ),
+        )
+        self._event(
+            conn,
+            draft.purchase_id,
+            "fbe_issued",
+            actor,
+            {
+                "meter": draft.meter,
+                "month": fbe.month,
+                "tid": fbe.tid,
+                "units": fbe.units,
+                "token_last4": fbe.token[-4:],
+            },
+        )
+
+    # -- debt recovery and free basic electricity -----------------------------------------------
+
+    async def get_debt(self, meter: str) -> MeterDebt | None:
+        """The meter's debt account, if it ever had one (a cleared debt has balance 0)."""
+        row = await self._read_point("SELECT * FROM meter_debts WHERE meter = ?", (meter,))
+        return _meter_debt(row) if row is not None else None
+
+    async def set_debt(
+        self,
+        meter: str,
+        *,
+        balance: Money,
+        rate_basis_points: int,
+        min_per_purchase_minor: int = 0,
+        cap_per_purchase_minor: int | None = None,
+        actor: str,
+        reason: str = "",
+    ) -> MeterDebt:
+        """Set the meter's debt balance and recovery terms; appends ``debt_set``."""
+        DebtTerms(
+            balance_minor=balance.amount_minor,
+            currency=balance.currency,
+            rate_basis_points=rate_basis_points,
+            min_per_purchase_minor=min_per_purchase_minor,
+            cap_per_purchase_minor=cap_per_purchase_minor,
+        )  # validates
+
+        def op(conn: sqlite3.Connection) -> MeterDebt:
+            if conn.execute("SELECT 1 FROM meters WHERE drn = ?", (meter,)).fetchone() is None:
+                raise NotFound("meter", meter)
+            old = conn.execute("SELECT * FROM meter_debts WHERE meter = ?", (meter,)).fetchone()
+            before = _meter_debt(old) if old is not None else None
+            now = _ts(self._clock())
+            conn.execute(
+                "INSERT INTO meter_debts (meter, currency, balance_minor, rate_basis_points,"
+                " min_per_purchase_minor, cap_per_purchase_minor, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (meter) DO UPDATE SET"
+                " currency = excluded.currency, balance_minor = excluded.balance_minor,"
+                " rate_basis_points = excluded.rate_basis_points,"
+                " min_per_purchase_minor = excluded.min_per_purchase_minor,"
+                " cap_per_purchase_minor = excluded.cap_per_purchase_minor,"
+                " updated_at = excluded.updated_at",
+                (
+                    meter,
+                    balance.currency,
+                    balance.amount_minor,
+                    rate_basis_points,
+                    min_per_purchase_minor,
+                    cap_per_purchase_minor,
+                    now,
+                ),
+            )
+            row = conn.execute("SELECT * FROM meter_debts WHERE meter = ?", (meter,)).fetchone()
+            debt = _meter_debt(row)
+            self._event(conn, None, "debt_set", actor, debt_event_data(debt, before, reason))
+            return debt
+
+        return await self._write(op)
+
+    async def clear_debt(self, meter: str, *, actor: str, reason: str = "") -> MeterDebt:
+        """Write the meter's debt off (balance 0, terms kept); appends ``debt_cleared``."""
+
+        def op(conn: sqlite3.Connection) -> MeterDebt:
+            old = conn.execute("SELECT * FROM meter_debts WHERE meter = ?", (meter,)).fetchone()
+            if old is None:
+                raise NotFound("debt", meter)
+            before = _meter_debt(old)
+            conn.execute(
+                "UPDATE meter_debts SET balance_minor = 0, updated_at = ? WHERE meter = ?",
+                (_ts(self._clock()), meter),
+            )
+            row = conn.execute("SELECT * FROM meter_debts WHERE meter = ?", (meter,)).fetchone()
+            debt = _meter_debt(row)
+            self._event(conn, None, "debt_cleared", actor, debt_event_data(debt, before, reason))
+            return debt
+
+        return await self._write(op)
+
+    async def debt_recoveries(self, meter: str, *, limit: int = 50) -> list[DebtRecovery]:
+        """What the meter's vends recovered, newest first."""
+        rows = await self._read(
+            "SELECT * FROM debt_recoveries WHERE meter = ?"
+            " ORDER BY created_at DESC, purchase_id DESC LIMIT ?",
+            (meter, limit),
+        )
+        return [_debt_recovery(row) for row in rows]
+
+    async def get_debt_recovery(self, purchase_id: str) -> DebtRecovery | None:
+        """What the purchase's vend recovered, if anything."""
+        row = await self._read_point(
+            "SELECT * FROM debt_recoveries WHERE purchase_id = ?", (purchase_id,)
+        )
+        return _debt_recovery(row) if row is not None else None
+
+    async def set_fbe_allowance(self, tariff_id: str, units_per_month: int, *, actor: str) -> None:
+        """The tariff's monthly free basic electricity in tenths of a kWh (0 stops it)."""
+        if units_per_month < 0:
+            raise ValueError(f"FBE units cannot be negative, got {units_per_month}")
+
+        def op(conn: sqlite3.Connection) -> None:
+            if (
+                conn.execute("SELECT 1 FROM tariffs WHERE tariff_id = ?", (tariff_id,)).fetchone()
+                is None
+            ):
+                raise NotFound("tariff", tariff_id)
+            old = conn.execute(
+                "SELECT units_per_month FROM fbe_allowances WHERE tariff_id = ?", (tariff_id,)
+            ).fetchone()
+            if units_per_month == 0:
+                conn.execute("DELETE FROM fbe_allowances WHERE tariff_id = ?", (tariff_id,))
+            else:
+                conn.execute(
+                    "INSERT INTO fbe_allowances (tariff_id, units_per_month, updated_at)"
+                    " VALUES (?, ?, ?) ON CONFLICT (tariff_id) DO UPDATE SET"
+                    " units_per_month = excluded.units_per_month,"
+                    " updated_at = excluded.updated_at",
+                    (tariff_id, units_per_month, _ts(self._clock())),
+                )
+            self._event(
+                conn,
+                None,
+                "fbe_allowance_set",
+                actor,
+                {
+                    "tariff_id": tariff_id,
+                    "units_per_month": units_per_month,
+                    "previous_units_per_month": old[0] if old is not None else 0,
+                },
+            )
+
+        await self._write(op)
+
+    async def fbe_allowance(self, tariff_id: str) -> int:
+        """The tariff's monthly FBE units (0: none)."""
+        row = await self._read_point(
+            "SELECT units_per_month FROM fbe_allowances WHERE tariff_id = ?", (tariff_id,)
+        )
+        return int(row[0]) if row is not None else 0
+
+    async def fbe_due(self, meter: str, month: str) -> int:
+        """The FBE units the meter may still get in ``month``: 0 if issued already, or none."""
+        row = await self._read_point(
+            "SELECT a.units_per_month FROM meters m"
+            " JOIN fbe_allowances a ON a.tariff_id = m.tariff_id"
+            " LEFT JOIN fbe_issues f ON f.meter = m.drn AND f.month = ?"
+            " WHERE m.drn = ? AND f.issue_id IS NULL",
+            (month, meter),
+        )
+        return int(row[0]) if row is not None else 0
+
+    async def fbe_issues(self, meter: str, *, limit: int = 24) -> list[FbeIssue]:
+        """The meter's FBE tokens, newest first."""
+        rows = await self._read(
+            "SELECT * FROM fbe_issues WHERE meter = ? ORDER BY month DESC LIMIT ?", (meter, limit)
+        )
+        return [_fbe_issue(row) for row in rows]
 
     @staticmethod
     def _tid_conflict(conn: sqlite3.Connection, draft: VendDraft) -> NoReturn:
@@ -2069,6 +2462,17 @@ class SqliteLedger:
             "SELECT language FROM customer_preferences WHERE phone = ?", (phone,)
         )
         return cast("str", row["language"]) if row is not None else None
+
+    async def probe_write(self) -> None:
+        """Commit a write that changes nothing, through the writer thread (a WAL frame, fsync)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE schema_migrations SET applied_at = applied_at"
+                " WHERE version = (SELECT max(version) FROM schema_migrations)"
+            )
+
+        await self._write(op)
 
     async def set_language(self, phone: str, language: str) -> None:
         """Remember the phone's language code."""

@@ -19,7 +19,10 @@ from gateway.payments.base import (
     PaymentTimedOut,
     ProviderReference,
     ProviderUnavailable,
+    ReceiptVerifier,
     ReconcilingProvider,
+    StatusQueryStore,
+    StatusResultOutcome,
 )
 
 __all__ = [
@@ -41,5 +44,8 @@ __all__ = [
     "PaymentTimedOut",
     "ProviderReference",
     "ProviderUnavailable",
+    "ReceiptVerifier",
     "ReconcilingProvider",
+    "StatusQueryStore",
+    "StatusResultOutcome",
 ]

@@ -178,6 +178,49 @@ class PaymentProvider(Protocol):
         ...
 
 
+class StatusQueryStore(Protocol):
+    """Where asynchronous status queries and their results are kept (the ledger implements it).
+
+    With it, a result posted to any instance reaches whichever instance waits, and is accepted
+    only against the query the provider acknowledged, once.
+    """
+
+    async def record_status_query(
+        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
+    ) -> None:
+        """Keep a query the provider acknowledged with these ids. Idempotent."""
+        ...
+
+    async def answer_status_query(
+        self,
+        *,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> str:
+        """Store ``result`` for the query it names: ``"accepted"`` (stored, once).
+
+        ``"contradicted"`` when the ids are a query's but the transaction is another,
+        ``"unmatched"`` otherwise; nothing is stored for either.
+        """
+        ...
+
+    async def status_query_result(self, conversation_id: str) -> bytes | None:
+        """The stored result of a query, None while it has none."""
+        ...
+
+
+class StatusResultOutcome(StrEnum):
+    """What became of an asynchronous status result (Daraja Transaction Status ``Result``)."""
+
+    DELIVERED = "delivered"  # it answers an outstanding request of ours: handed to its query
+    HELD = "held"  # it may answer a request whose acknowledgement is still on its way: kept
+    UNMATCHED = "unmatched"  # no outstanding request of ours has its ids (late, or forged)
+    CONTRADICTED = "contradicted"  # its ids are our request's, its transaction is not
+
+
 @runtime_checkable
 class PaybillProvider(PaymentProvider, Protocol):
     """A provider customers can also pay on their own, naming an account (Daraja C2B paybill).
@@ -202,10 +245,29 @@ class PaybillProvider(PaymentProvider, Protocol):
         """The provider's expected answer to a confirmation."""
         ...
 
-    def deliver_status_result(self, body: bytes) -> bool:
-        """Hand an asynchronous status result to the ``query_status`` call waiting for it.
+    async def deliver_status_result(self, body: bytes) -> StatusResultOutcome:
+        """Hand an asynchronous status result to the ``query_status`` call that asked for it.
 
-        Returns whether a call was waiting. Raises ``ForgedCallback`` for a malformed body.
+        A result is bound to the exact request it answers (the provider's ids for our request,
+        one use only). Returns what became of it: anything but ``DELIVERED`` or ``HELD`` is a
+        security event for the route. Raises ``ForgedCallback`` for a malformed body.
+        """
+        ...
+
+
+@runtime_checkable
+class ReceiptVerifier(PaymentProvider, Protocol):
+    """A provider whose status answer may lack the receipt, but which can look one up.
+
+    Daraja's STK Query carries no receipt: the one an STK callback claims is a claim, and only
+    the provider's own record of it (Transaction Status) may put it on a token.
+    """
+
+    async def verify_receipt(self, receipt: str) -> PaymentStatus:
+        """The provider's own record of the payment ``receipt`` names (FAILED if it has none).
+
+        Raises:
+            ProviderUnavailable: the provider could not answer now, or is not set up for it.
         """
         ...
 

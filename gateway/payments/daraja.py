@@ -15,8 +15,17 @@ Confirmation (``query_status``):
   back **asynchronously** to ``status_result_url``. ``query_status`` sends the query and waits (up
   to ``status_result_wait_s``) for the callback route to hand the result to
   ``deliver_status_result``; a result that does not come in time is ``ProviderUnavailable``
-  (retryable), so the sweeper simply asks again. With several gateway instances the result may
-  reach another instance: the waiting one times out and the next sweep asks again.
+  (retryable), so the sweeper simply asks again.
+
+  The result route knows the callback secret, and so may an attacker: a result is bound to the
+  exact request that asked for it. Daraja's acknowledgement of our query names the request
+  (``ConversationID``, ``OriginatorConversationID``); a result is accepted only when both ids
+  are those of an outstanding query of this process, once, and its ``TransactionID`` (and
+  ``ReceiptNo``) is the transaction that query asked about. Anything else is ``UNMATCHED`` or
+  ``CONTRADICTED`` (security events for the route), never proof. With a ``status_store`` (the
+  ledger) the query and its result are kept there: a result posted to any instance is accepted
+  against the stored query, once, and the waiting instance reads it (a result reaching the
+  waiting instance itself wakes it at once; otherwise it looks every ``status_poll_s``).
 
 Retrying an STK push: Daraja has no idempotency key, so a push whose outcome is unknown (timeout
 after sending) is reported ``retryable=False``: a blind retry could prompt, and charge, twice.
@@ -31,7 +40,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Final
@@ -54,6 +63,8 @@ from gateway.payments.base import (
     ProviderReference,
     ProviderReply,
     ProviderUnavailable,
+    StatusQueryStore,
+    StatusResultOutcome,
     TokenCache,
     call_provider,
     remember,
@@ -106,6 +117,30 @@ _MINUTE: Final = timedelta(minutes=1)
 _PULL_SETTLE: Final = timedelta(minutes=1)
 _PULL_REFRESH_S: Final = 60.0
 _PULL_KEEP_MINUTES: Final = 24 * 60  # pulled minutes kept (the oldest dropped first)
+
+
+_HELD_RESULTS: Final = 64  # results kept while a query's acknowledgement is on its way
+
+
+@dataclass(frozen=True, slots=True)
+class _StatusRequest:
+    """One Transaction Status query of ours that Daraja acknowledged, waiting for its result."""
+
+    transaction_id: str
+    originator: str  # OriginatorConversationID of Daraja's acknowledgement
+    result: asyncio.Future[PaymentStatus]
+
+
+@dataclass(frozen=True, slots=True)
+class _ParsedResult:
+    """A Transaction Status ``Result``: the request's ids, the transaction, what it says."""
+
+    conversation: str
+    originator: str
+    transaction_id: str
+    receipt: str | None
+    outcome: PaymentStatus | PaymentError
+    raw: bytes = field(repr=False, default=b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +249,11 @@ class DarajaProvider:
         status_result_url, status_timeout_url: where Transaction Status results and queue
             timeouts go (``…/payments/daraja/<secret>/status/result`` and ``…/status/timeout``).
         status_result_wait_s: how long ``query_status`` waits for an asynchronous result.
+        status_store: where our acknowledged Transaction Status queries and their results are
+            kept (the ledger), so that a result posted to any instance reaches the one waiting;
+            without it, results bind to this process's queries only. Assignable after
+            construction (the composition root opens the ledger).
+        status_poll_s: how often a waiting query looks in ``status_store`` for its result.
         timeout_s: the deadline of every HTTP call.
         clock: monotonic seconds, for token expiry. now: the wall clock, for ``Timestamp``.
     """
@@ -240,6 +280,8 @@ class DarajaProvider:
         status_result_url: str | None = None,
         status_timeout_url: str | None = None,
         status_result_wait_s: float = 30.0,
+        status_store: StatusQueryStore | None = None,
+        status_poll_s: float = 0.25,
         timeout_s: float = 10.0,
         name: str = "daraja",
         clock: Callable[[], float] = time.monotonic,
@@ -259,6 +301,8 @@ class DarajaProvider:
         self._status_result_url = status_result_url
         self._status_timeout_url = status_timeout_url
         self._status_result_wait_s = status_result_wait_s
+        self.status_store = status_store
+        self._status_poll_s = status_poll_s
         self._timeout_s = timeout_s
         self._now = now or (lambda: datetime.now(EAT))
         self._clock = clock
@@ -267,7 +311,10 @@ class DarajaProvider:
         self._pull_lock = asyncio.Lock()
         self._started: dict[str, CollectionStarted] = {}  # purchase id → push already accepted
         self._requested: dict[str, Money] = {}  # CheckoutRequestID → amount we asked for
-        self._status_waiters: dict[str, set[asyncio.Future[PaymentStatus]]] = {}
+        # ConversationID → our acknowledged Transaction Status query waiting for its result
+        self._status_requests: dict[str, _StatusRequest] = {}
+        self._status_unacknowledged = 0  # queries sent whose acknowledgement is not read yet
+        self._held_results: dict[str, _ParsedResult] = {}  # ConversationID → result, meanwhile
 
     # -- OAuth -------------------------------------------------------------------------------
 
@@ -454,6 +501,23 @@ class DarajaProvider:
             reason=None if code == 0 else f"{code} {body.get('ResultDesc', '')}".strip(),
         )
 
+    async def verify_receipt(self, receipt: str) -> PaymentStatus:
+        """Daraja's own record of an M-Pesa receipt (Transaction Status): an STK callback's claim.
+
+        A string that is not a receipt at all is FAILED without asking.
+
+        Raises:
+            ProviderUnavailable: as ``query_status`` for a C2B receipt.
+        """
+        if not _RECEIPT.fullmatch(receipt) or receipt.startswith(STK_PREFIX):
+            return PaymentStatus(
+                provider=self.name,
+                reference=ProviderReference(receipt),
+                state=PaymentState.FAILED,
+                reason="not an M-Pesa receipt",
+            )
+        return await self._transaction_status(ProviderReference(receipt))
+
     async def _transaction_status(self, reference: ProviderReference) -> PaymentStatus:
         if not (
             self._initiator
@@ -480,34 +544,76 @@ class DarajaProvider:
             "Remarks": "reconciliation",
             "Occasion": "",
         }
-        waiter: asyncio.Future[PaymentStatus] = asyncio.get_running_loop().create_future()
-        self._status_waiters.setdefault(reference, set()).add(waiter)
+        # Until the query is acknowledged and recorded, a result for ids we do not know yet may
+        # be ours: it is held (deliver_status_result) and claimed below.
+        self._status_unacknowledged += 1
         try:
-            reply = await self._call(
-                "/mpesa/transactionstatus/v1/query", payload, idempotent=True, reference=reference
-            )
-            body = reply.json_object() or {}
-            if reply.status != 200 or str(body.get("ResponseCode")) != "0":
-                error = self._error(reply, reference, what="Transaction Status")
-                if isinstance(error, ProviderUnavailable):
-                    raise error
-                raise ProviderUnavailable(
-                    error.args[0], provider=self.name, reference=reference, retryable=False
-                ) from error
-            try:
-                async with asyncio.timeout(self._status_result_wait_s):
-                    return await waiter
-            except TimeoutError as exc:
-                raise ProviderUnavailable(
-                    "Transaction Status result did not arrive in time",
-                    provider=self.name,
-                    reference=reference,
-                ) from exc
+            conversation, request = await self._ask_status(payload, reference)
+            held = self._held_results.pop(conversation, None)
+            if held is not None:
+                try:
+                    await self._bind(held)
+                except BaseException:
+                    self._status_requests.pop(conversation, None)
+                    raise
         finally:
-            waiters = self._status_waiters.get(reference, set())
-            waiters.discard(waiter)
-            if not waiters:
-                self._status_waiters.pop(reference, None)
+            self._status_unacknowledged -= 1
+        try:
+            async with asyncio.timeout(self._status_result_wait_s):
+                return await self._status_answer(conversation, request)
+        except TimeoutError as exc:
+            raise ProviderUnavailable(
+                "Transaction Status result did not arrive in time",
+                provider=self.name,
+                reference=reference,
+            ) from exc
+        finally:
+            self._status_requests.pop(conversation, None)
+            if not self._status_unacknowledged:
+                self._held_results.clear()  # no query can claim them any more
+
+    async def _ask_status(
+        self, payload: Mapping[str, object], reference: ProviderReference
+    ) -> tuple[str, _StatusRequest]:
+        """Send the query; register (and store) it under Daraja's acknowledged ids."""
+        reply = await self._call(
+            "/mpesa/transactionstatus/v1/query", payload, idempotent=True, reference=reference
+        )
+        body = reply.json_object() or {}
+        if reply.status != 200 or str(body.get("ResponseCode")) != "0":
+            error = self._error(reply, reference, what="Transaction Status")
+            if isinstance(error, ProviderUnavailable):
+                raise error
+            raise ProviderUnavailable(
+                error.args[0], provider=self.name, reference=reference, retryable=False
+            ) from error
+        conversation = str(body.get("ConversationID") or "")
+        originator = str(body.get("OriginatorConversationID") or "")
+        if not conversation or not originator:
+            # Without the request's ids no result can be bound to it: never wait for one.
+            raise ProviderUnavailable(
+                "Transaction Status acknowledged without ConversationID/OriginatorConversationID",
+                provider=self.name,
+                reference=reference,
+            )
+        request = _StatusRequest(
+            transaction_id=reference,
+            originator=originator,
+            result=asyncio.get_running_loop().create_future(),
+        )
+        self._status_requests[conversation] = request
+        if self.status_store is not None:
+            try:
+                await self.status_store.record_status_query(
+                    provider=self.name,
+                    conversation_id=conversation,
+                    originator_id=originator,
+                    transaction_id=reference,
+                )
+            except BaseException:
+                del self._status_requests[conversation]
+                raise
+        return conversation, request
 
     # -- Pull Transactions (reconciliation of a push whose reference was lost) -----------------
 
@@ -650,11 +756,33 @@ class DarajaProvider:
         )
         return when.astimezone(UTC), status, str(row.get("billreference", ""))
 
-    def deliver_status_result(self, body: bytes) -> bool:
+    async def _status_answer(self, conversation: str, request: _StatusRequest) -> PaymentStatus:
+        """The query's result: handed over in this process, or (with a store) read from it."""
+        store = self.status_store
+        if store is None:
+            return await request.result
+        while True:
+            # The fast path: the result reached this instance. Else another may have stored it.
+            done, _ = await asyncio.wait({request.result}, timeout=self._status_poll_s)
+            if done:
+                return request.result.result()
+            raw = await store.status_query_result(conversation)
+            if raw is not None:
+                outcome = self._parse_status_result(raw).outcome
+                if isinstance(outcome, PaymentStatus):
+                    return outcome
+                raise outcome
+
+    async def deliver_status_result(self, body: bytes) -> StatusResultOutcome:
         """Hand a Transaction Status ``Result`` (posted to ``status_result_url``) to its query.
 
-        Returns whether a ``query_status`` call was waiting for it (the waiter is registered
-        before the query is sent, so a result cannot overtake it); other results are dropped.
+        Accepted (``DELIVERED``) only when its ``ConversationID`` and ``OriginatorConversationID``
+        are those Daraja acknowledged for an outstanding query of this process, and its
+        ``TransactionID`` (and ``ReceiptNo``, when given) is the transaction that query asked
+        about; the query is then answered, once. A result for ids we do not know while a query's
+        acknowledgement is still being read is ``HELD`` for it (a few, briefly). Otherwise
+        ``UNMATCHED`` (late, another instance's, or forged) or ``CONTRADICTED`` (our request's
+        ids, another transaction): never proof, and the query keeps waiting for the real one.
 
         A result saying our initiator setup is wrong reaches the waiting query as a
         non-retryable ``ProviderUnavailable``.
@@ -662,22 +790,51 @@ class DarajaProvider:
         Raises:
             ForgedCallback: the body is not a Transaction Status result.
         """
-        reference, outcome = self._parse_status_result(body)
-        waiters = [w for w in self._status_waiters.get(reference, set()) if not w.done()]
-        if not waiters:
-            return False  # late, or meant for another instance's query: that one asks again
-        for waiter in waiters:
-            if isinstance(outcome, PaymentStatus):
-                waiter.set_result(outcome)
-            else:
-                waiter.set_exception(outcome)
-        return True
+        parsed = self._parse_status_result(body)
+        outcome = await self._bind(parsed)
+        if outcome is StatusResultOutcome.UNMATCHED and self._status_unacknowledged:
+            # Perhaps for a query of ours whose acknowledgement is still being read: kept for it.
+            self._held_results.pop(parsed.conversation, None)
+            if len(self._held_results) < _HELD_RESULTS:
+                self._held_results[parsed.conversation] = parsed
+                return StatusResultOutcome.HELD
+        return outcome
 
-    def _parse_status_result(self, body: bytes) -> tuple[str, PaymentStatus | PaymentError]:
+    async def _bind(self, parsed: _ParsedResult) -> StatusResultOutcome:
+        """Accept ``parsed`` for the query it names (in the store, if any), once; hand it over."""
+        if parsed.receipt not in {None, parsed.transaction_id}:
+            return StatusResultOutcome.CONTRADICTED  # a receipt other than the transaction
+        request = self._status_requests.get(parsed.conversation)
+        if self.status_store is not None:
+            answer = await self.status_store.answer_status_query(
+                provider=self.name,
+                conversation_id=parsed.conversation,
+                originator_id=parsed.originator,
+                transaction_id=parsed.transaction_id,
+                result=parsed.raw,
+            )
+            if answer == "contradicted":
+                return StatusResultOutcome.CONTRADICTED
+            if answer != "accepted":
+                return StatusResultOutcome.UNMATCHED
+        elif request is None or request.result.done() or parsed.originator != request.originator:
+            return StatusResultOutcome.UNMATCHED
+        elif parsed.transaction_id != request.transaction_id:
+            return StatusResultOutcome.CONTRADICTED
+        if request is not None and not request.result.done():  # the waiting query is here
+            if isinstance(parsed.outcome, PaymentStatus):
+                request.result.set_result(parsed.outcome)
+            else:
+                request.result.set_exception(parsed.outcome)
+        return StatusResultOutcome.DELIVERED
+
+    def _parse_status_result(self, body: bytes) -> _ParsedResult:
         try:
             result = _json_object(body).get("Result")
             if not isinstance(result, dict):
                 raise _forged("no Result object")
+            conversation = _text(result, "ConversationID")
+            originator = _text(result, "OriginatorConversationID")
             reference = _text(result, "TransactionID", required=False)
             code = _integer(result.get("ResultCode"), "ResultCode")
             params = result.get("ResultParameters")
@@ -686,39 +843,56 @@ class DarajaProvider:
             for item in items if isinstance(items, list) else []:
                 if isinstance(item, dict) and isinstance(item.get("Key"), str):
                     values[str(item["Key"])] = item.get("Value")
-            reference = reference or str(values.get("ReceiptNo", ""))
+            receipt = str(values["ReceiptNo"]) if values.get("ReceiptNo") else None
+            reference = reference or receipt or ""
             if not reference:
                 raise _forged("Transaction Status result names no transaction")
-            desc = str(result.get("ResultDesc", ""))
-            if code in _INITIATOR_ERRORS:
-                return reference, ProviderUnavailable(
-                    f"Transaction Status refused our initiator: {code} {desc}",
-                    provider=self.name,
-                    reference=reference,
-                    retryable=False,
-                )
-            if code != 0:
-                return reference, PaymentStatus(
-                    provider=self.name,
-                    reference=ProviderReference(reference),
-                    state=PaymentState.FAILED,
-                    reason=f"{code} {desc}".strip(),
-                )
-            completed = str(values.get("TransactionStatus", "")) == "Completed"
-            debit = str(values.get("DebitPartyName", ""))
-            return reference, PaymentStatus(
-                provider=self.name,
-                reference=ProviderReference(reference),
-                state=PaymentState.SUCCEEDED if completed else PaymentState.FAILED,
-                amount=_kes(values.get("Amount"), "Amount"),
-                payer=_payer(debit.split(" - ", 1)[0].strip()),
-                receipt=str(values.get("ReceiptNo", reference)),
-                reason=None if completed else str(values.get("TransactionStatus", "")),
+            return _ParsedResult(
+                conversation=conversation,
+                originator=originator,
+                transaction_id=reference,
+                receipt=receipt,
+                outcome=self._status_outcome(reference, code, result, values),
+                raw=body,
             )
         except ForgedCallback:
             raise
         except (ValueError, TypeError, ArithmeticError) as exc:
             raise _forged(f"malformed Transaction Status result: {exc}") from exc
+
+    def _status_outcome(
+        self,
+        reference: str,
+        code: int,
+        result: Mapping[str, object],
+        values: Mapping[str, object],
+    ) -> PaymentStatus | PaymentError:
+        desc = str(result.get("ResultDesc", ""))
+        if code in _INITIATOR_ERRORS:
+            return ProviderUnavailable(
+                f"Transaction Status refused our initiator: {code} {desc}",
+                provider=self.name,
+                reference=reference,
+                retryable=False,
+            )
+        if code != 0:
+            return PaymentStatus(
+                provider=self.name,
+                reference=ProviderReference(reference),
+                state=PaymentState.FAILED,
+                reason=f"{code} {desc}".strip(),
+            )
+        completed = str(values.get("TransactionStatus", "")) == "Completed"
+        debit = str(values.get("DebitPartyName", ""))
+        return PaymentStatus(
+            provider=self.name,
+            reference=ProviderReference(reference),
+            state=PaymentState.SUCCEEDED if completed else PaymentState.FAILED,
+            amount=_kes(values.get("Amount"), "Amount"),
+            payer=_payer(debit.split(" - ", 1)[0].strip()),
+            receipt=str(values.get("ReceiptNo", reference)),
+            reason=None if completed else str(values.get("TransactionStatus", "")),
+        )
 
     # -- callbacks -----------------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ class PhoneSettings:
     network_code: str = "63902"
     app_timeout_s: float = 10.0
     user_timeout_s: float = 600.0  # people at a terminal read slower than AT allows
+    admin_token: str | None = None  # for a gateway on another host: its simulator asks for it
 
     @property
     def at_sim_url(self) -> str:
@@ -144,7 +145,11 @@ class TerminalPhone:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+            token = self._settings.admin_token
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=10),
+                headers={"Authorization": f"Bearer {token}"} if token else None,
+            )
         return self._http
 
     async def _inbox(self) -> None:

@@ -4,10 +4,19 @@ Messages are written to the outbox in the same transaction as the vend that prod
 token is never lost between the ledger and the network. The worker claims due messages with a
 lease (a crashed worker's claims come back when the lease ends: a message may be sent twice
 after a crash, never zero times; a resend carries the same token), sends them, and records the
-provider's message id and cost. A retryable failure (``SmsError.retryable``) is tried again
-after a capped, jittered exponential backoff; a refusal (``SmsRejected``) or too many attempts
-marks the message FAILED for an operator. Delivery reports update the message and, for a token
-message, move the purchase to DELIVERED.
+provider's message id and cost.
+
+A message is sent once unless a crash comes between the provider's acceptance and our record of
+it (Africa's Talking takes no idempotency key, docs/protocols.md §1.3): so a send only starts while
+its claim has time left for the send's deadline and the record (``record_margin_s``), a message
+that waited too long behind slow sends is left to its lease (never sent, it comes back then), and
+a failed write of an acceptance is tried again (``record_attempts``) rather than dropped, which
+would leave the message claimed and send it again when the lease ends.
+
+A retryable failure (``SmsError.retryable``) is tried again after a capped, jittered exponential
+backoff; a refusal (``SmsRejected``) or too many attempts marks the message FAILED for an
+operator. Delivery reports update the message and, for a token message, move the purchase to
+DELIVERED.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from typing import Protocol
 import structlog
 
 from gateway.retry import backoff_s
-from gateway.sms.base import SmsError, SmsSender
+from gateway.sms.base import SentMessage, SmsError, SmsSender
 from gateway.values.clock import utc_now
 from gateway.values.messages import DeliveryReport, DeliveryState, OutboxMessage
 
@@ -41,6 +50,10 @@ class OutboxPolicy:
         send_timeout_s: the bound on one send.
         batch: messages claimed per run.
         concurrency: sends in flight at once.
+        record_margin_s: the time a claim must have left, beyond ``send_timeout_s``, for a
+            send to start (the acceptance is recorded within the lease).
+        record_attempts: tries to record an accepted send before giving up (logged).
+        record_retry_s: the pause between those tries.
     """
 
     base_delay_s: float = 5.0
@@ -50,6 +63,9 @@ class OutboxPolicy:
     send_timeout_s: float = 30.0
     batch: int = 50
     concurrency: int = 8
+    record_margin_s: float = 5.0
+    record_attempts: int = 5
+    record_retry_s: float = 0.2
 
 
 class OutboxStore(Protocol):
@@ -96,6 +112,7 @@ class OutboxRun:
     sent: int = 0
     retried: int = 0
     failed: int = 0
+    deferred: int = 0  # left to their lease: too little of it was left to send and record
 
 
 class OutboxWorker:
@@ -160,6 +177,7 @@ class OutboxWorker:
             sent=outcomes.count("sent"),
             retried=outcomes.count("retried"),
             failed=outcomes.count("failed"),
+            deferred=outcomes.count("deferred"),
         )
 
     async def _send(self, message: OutboxMessage) -> str:
@@ -170,6 +188,13 @@ class OutboxWorker:
             if message.recipient is None:  # HELD messages are never claimed; be safe anyway
                 await self._ledger.outbox_failed(message.message_id, error="no recipient")
                 return "failed"
+            policy = self._policy
+            needed = timedelta(seconds=policy.send_timeout_s + policy.record_margin_s)
+            if self._clock() + needed > message.next_try_at:  # next_try_at: the lease's end
+                # Sent now, it might be recorded after the lease ends and another worker
+                # (or instance) has claimed and sent it again. Untouched, it comes back then.
+                log.warning("sms_send_deferred_to_lease_end", kind=message.kind.value)
+                return "deferred"
             try:
                 async with asyncio.timeout(self._policy.send_timeout_s):
                     sent = await self._sender.send(message.recipient, message.body)
@@ -180,12 +205,7 @@ class OutboxWorker:
             except Exception as exc:  # the outbox loop is an outermost edge: log, retry later
                 log.exception("sms_send_crashed", kind=message.kind.value)
                 return await self._after_failure(message, repr(exc), retryable=True)
-            await self._ledger.outbox_sent(
-                message.message_id,
-                provider_message_id=sent.provider_message_id,
-                cost=sent.cost,
-                state=sent.state,
-            )
+            await self._record_sent(message, sent)
             log.info(
                 "sms_sent",
                 kind=message.kind.value,
@@ -194,6 +214,29 @@ class OutboxWorker:
                 attempts=message.attempts,
             )
             return "sent"
+
+    async def _record_sent(self, message: OutboxMessage, sent: SentMessage) -> None:
+        """Record the provider's acceptance, trying again on a failed write.
+
+        Unrecorded, the message stays claimed and is sent a second time when its lease ends.
+        """
+        attempts = max(1, self._policy.record_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._ledger.outbox_sent(
+                    message.message_id,
+                    provider_message_id=sent.provider_message_id,
+                    cost=sent.cost,
+                    state=sent.state,
+                )
+            except Exception as exc:
+                if attempt == attempts:
+                    log.exception("sms_sent_not_recorded", attempts=attempt)
+                    raise
+                log.warning("sms_sent_record_retried", error=repr(exc), attempt=attempt)
+                await asyncio.sleep(self._policy.record_retry_s)
+            else:
+                return
 
     async def _after_failure(self, message: OutboxMessage, error: str, *, retryable: bool) -> str:
         if retryable and message.attempts < self._policy.max_attempts:

@@ -20,6 +20,7 @@ from gateway.sts.amount import (
     encode_units,
     round_currency,
     round_units,
+    round_units_down,
 )
 from gateway.sts.carrier import (
     extract_class,
@@ -197,6 +198,7 @@ __all__ = [
     "range_end",
     "round_currency",
     "round_units",
+    "round_units_down",
     "sta_decrypt",
     "sta_encrypt",
     "tid_for",

@@ -7,7 +7,9 @@ and 6): exponent ``e`` (bits 15..14) and mantissa ``m`` (bits 13..0) stand for::
 
 so the four ranges are contiguous, from 0 to 18 201 624 base units. Encoding rounds **up** (the
 customer gets at most one step more, never less) and may carry into the next exponent
-(180 223 encodes as e=2, m=0, i.e. 180 224).
+(180 223 encodes as e=2, m=0, i.e. 180 224). Above 16 383 not every amount is encodable (steps
+of 10, 100, 1000): a seller rounds what was paid for *down* with :func:`round_units_down`, so
+the token carries exactly the units sold.
 
 Currency amount (20 bits; class 0 subclasses 4-7): sign (1 = negative), 5-bit exponent and
 14-bit mantissa, in units of 0.00001 of the currency. Positive amounts round up, negative
@@ -98,6 +100,25 @@ def decode_units(field: int) -> int:
 def round_units(units: int) -> int:
     """The amount a token for ``units`` actually carries: the smallest encodable value >= units."""
     return decode_units(encode_units(units))
+
+
+def round_units_down(units: int) -> int:
+    """The largest encodable units amount not above ``units`` (what a seller may sell).
+
+    Every value from 0 to 16 383 is encodable; above, the steps are 10, 100 and 1000 units.
+    ``round_units(round_units_down(u)) == round_units_down(u) <= u`` for every ``u >= 0``.
+
+    Raises:
+        AmountNotEncodable: ``units`` is negative or above :data:`UNITS_MAX`.
+    """
+    if units < 0:
+        raise AmountNotEncodable("amount", units, "a units amount cannot be negative")
+    if units > UNITS_MAX:
+        raise AmountNotEncodable(
+            "amount", units, f"the largest encodable units amount is {UNITS_MAX} base units"
+        )
+    exponent, mantissa = _choose(units, UNITS_OFFSETS, round_up=False)
+    return mantissa * _POWERS[exponent] + UNITS_OFFSETS[exponent]
 
 
 def encode_currency(amount: int) -> int:

@@ -10,8 +10,10 @@ for class 1), ``sta_tables`` (``"sample"`` for the IEC example), and ``fields`` 
 
 What a line may look like, beyond the published vectors (a vendor's file is not ours):
 
-* keys (``decoder_key``, ``vending_key``) are hex by value: any case, an optional ``0x``,
-  leading zeros optional (padded to the algorithm's length);
+* keys are hex: any case, an optional ``0x``; a ``decoder_key`` by value, its leading zeros
+  optional (padded to the algorithm's length); a ``vending_key`` must have every digit of its
+  8 (DKGA02) or 20 (DKGA04) bytes: a shorter one is refused, never zero-padded, since a key
+  with a digit lost would derive another meter's key without any error;
 * ``sgc``, ``tariff_index``, ``iin`` and ``drn`` may be JSON numbers (zero-padded to 6, 2,
   6 or 4, and 11 or 13 digits); ``dkga``, ``ea``, ``key_type``, ``krn``, ``base_date`` may be
   digit strings (``"04"``, ``"EA07"``), a base date also its two digits (``14``); integer
@@ -77,6 +79,24 @@ def _hex_bytes(name: str, raw: object, length: int | None = None) -> bytes:
     elif len(text) % 2:
         text = "0" + text
     return bytes.fromhex(text)
+
+
+def _vending_key(raw: object, dkga: int) -> bytes:
+    """A vending key as bytes, with exactly the algorithm's length: never padded.
+
+    Raises:
+        InvalidKey: not hexadecimal, or shorter than the algorithm's key (a lost digit).
+    """
+    text = _hex_text("vending_key", raw)
+    length = _VENDING_KEY_BYTES.get(dkga)
+    if length is not None and len(text) < 2 * length:
+        raise InvalidKey(
+            "vending_key",
+            "<redacted>",
+            f"a DKGA{dkga:02d} vending key is {length} bytes ({2 * length} hex digits),"
+            f" got {len(text)} hex digits; a short key is not padded",
+        )
+    return _hex_bytes("vending_key", text)
 
 
 def _as_int(name: str, value: object, problem: str) -> int:
@@ -174,9 +194,7 @@ def decoder_key_of(line: Mapping[str, object]) -> bytes:
         base_date = _SHORT_BASE_DATES.get(base_date, base_date)  # "14" as DKGA04 hashes it
         return derive_decoder_key(
             dkga=dkga,
-            vending_key=_hex_bytes(
-                "vending_key", meter.get("vending_key"), _VENDING_KEY_BYTES.get(dkga)
-            ),
+            vending_key=_vending_key(meter.get("vending_key"), dkga),
             iin=iin,
             drn=drn,
             key_type=_meter_int(meter, "key_type"),

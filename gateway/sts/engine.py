@@ -193,6 +193,9 @@ class TokenEngine(Protocol):
         Raises:
             UnknownKey: no vending key for the old or the new SGC/KRN.
             InvalidField: the profiles are of different meters or algorithms.
+            InvalidKey: the new decoder key is the current one while the base date changes or
+                TIDs roll over (a DKGA02 change of base date alone): the meter would accept
+                its old tokens again.
         """
         ...
 
@@ -409,23 +412,25 @@ class LocalTokenEngine:
     ) -> list[Token]:
         """:meth:`key_change_tokens`, synchronously, with the set's options.
 
-        ``rollover`` forces RO (default: set when the base date changes); ``three_kct`` forces
-        the EA07 SGC section (default: sent when the SGC changes).
+        ``rollover`` forces RO (default: set when the base date changes); ``three_kct`` asks
+        for the EA07 SGC section, the 3-token set (default: the two-token set, also when the SGC
+        changes, as the STS 531-style sets do).
         """
         if (old.iin, old.drn) != (new.iin, new.drn):
             raise InvalidField(
                 "drn", new.drn, f"a key change is for one meter; the old profile is {old.drn}"
             )
         new_key = self._derive(new).decoder_key
+        current = self._meter_keys(old)
         fields = key_change_fields(
             old=old.key_attributes(),
             new=new.key_attributes(),
             new_key=new_key,
             rollover=rollover,
             three_kct=three_kct,
+            old_key=current.decoder_key,
         )
-        cipher = self._meter_keys(old).cipher
-        return [Token(token_digits(f, cipher)) for f in fields]
+        return [Token(token_digits(f, current.cipher)) for f in fields]
 
     async def key_change_tokens(self, old: MeterProfile, new: MeterProfile) -> list[Token]:
         """See :meth:`TokenEngine.key_change_tokens`."""

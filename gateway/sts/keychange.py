@@ -5,13 +5,26 @@ that carry the **new** key and its attributes. The meter installs the new key on
 section of the set has arrived:
 
 ```
-EA07  subclass 3 (KENHO KRN RO 3KCT KT NKHO) + 4 (KENLO TI NKLO)
-      + 8 (the new SGC) when the SGC changes: the "3-token SGC set", flagged by 3KCT = 1
-EA11  subclasses 3 + 4 + 8 (SGC low 12 bits, key bytes 4..7) + 9 (SGC high 12 bits, key bytes 8..11)
+EA07  subclass 3 (KENHO KRN RO 3KCT KT NKHO) + 4 (KENLO TI NKLO), 3KCT = 0, also when the SGC
+      changes (as the STS 531-style sets CTSA19.4, SGC 201457 -> 201461, and CTSA05's rollover
+      to SGC 203557 do: the SGC is part of the derived key, the meter needs no SGC section);
+      + 8 (the new SGC) only when asked (``three_kct=True``): the "3-token set", 3KCT = 1
+EA11  subclasses 3 + 4 + 8 (SGC low 12 bits, key bytes 4..7) + 9 (SGC high 12 bits, key bytes
+      8..11): always four, since sections 8 and 9 carry the middle of the 16-byte key
 ```
+
+A meter installs the new key when the set is complete. Sections are matched by the first
+section: a first section (subclass 3) starts a set and the meter drops any section it kept from
+before it, so a key is never assembled from two sets (see ``gateway.sts.meter``).
 
 RO (TID rollover) = 1 tells the meter to clear its TID store: it is set when the base date
 changes (the new key's TIDs start again from a later base date), or when asked.
+
+A rollover must come with a new decoder key. DKGA02 does not derive the key from the base date,
+so a DKGA02 change of base date alone gives the meter its current key back with RO = 1: the
+meter forgets its TIDs and accepts every token issued under that key again. Such a set is
+refused (:class:`~gateway.sts.errors.InvalidKey`), as is a change of base date that keeps the
+key: the KRN (a new vending key) or the SGC must change too.
 """
 
 from __future__ import annotations
@@ -77,6 +90,7 @@ def key_change_fields(
     new_key: bytes,
     rollover: bool | None = None,
     three_kct: bool | None = None,
+    old_key: bytes | None = None,
 ) -> list[TokenFields]:
     """The ordered contents of the key-change set that moves a meter from ``old`` to ``new``.
 
@@ -85,12 +99,16 @@ def key_change_fields(
         new: the attributes of the new key.
         new_key: the new decoder key, 8 bytes (EA07) or 16 bytes (EA11).
         rollover: RO; ``None`` sets it when the base date changes.
-        three_kct: EA07 only: whether to send the 3rd (SGC) section; ``None`` sends it when the
-            SGC changes. EA11 sets always have four sections.
+        three_kct: EA07 only: whether to send the 3rd (SGC) section (3KCT = 1); ``None`` or
+            ``False`` send the two-token set, also when the SGC changes (docs/sts.md §9, CTSA19.4).
+            EA11 sets always have four sections.
+        old_key: the meter's current decoder key, to refuse a rollover or a change of base
+            date that keeps it.
 
     Raises:
         InvalidField: the algorithm changes (a key change cannot move EA07 to EA11).
-        InvalidKey: ``new_key`` has the wrong length for the algorithm.
+        InvalidKey: ``new_key`` has the wrong length for the algorithm, or equals ``old_key``
+            while the set rolls TIDs over or changes the base date.
     """
     if encryption_algorithm(old.ea) is not encryption_algorithm(new.ea):
         raise InvalidField(
@@ -104,8 +122,22 @@ def key_change_fields(
             "new_key", "<redacted>", f"EA{new.ea:02d} needs a {length}-byte key, got {len(new_key)}"
         )
     ro = (old.base_date != new.base_date) if rollover is None else rollover
+    if old_key is not None and new_key == old_key and (ro or old.base_date != new.base_date):
+        raise InvalidKey(
+            "new_key",
+            "<redacted>",
+            "the new decoder key is the meter's current one"
+            + (
+                f" (base date {old.base_date} -> {new.base_date}: DKGA02 does not derive the key"
+                " from the base date)"
+                if old.base_date != new.base_date
+                else ""
+            )
+            + "; a rollover (RO = 1) under the same key would make the meter forget its TIDs"
+            " and accept its old tokens again: change the KRN or the SGC too",
+        )
     is_misty = encryption_algorithm(new.ea) is EncryptionAlgorithm.EA11
-    extra = False if is_misty else ((old.sgc != new.sgc) if three_kct is None else three_kct)
+    extra = False if is_misty else bool(three_kct)
     sections: list[TokenFields] = [
         KeySection1(
             kenho=new.ken >> 4,

@@ -13,11 +13,16 @@ the outcome. The checks run in the order public meter firmware uses [1]:
    the smallest;
 6. credit refused with a default key (KT 1, DDTK): ``KEY_TYPE_REFUSED``;
 7. key-change sections are not TID-checked. They are kept until the set is complete (EA07:
-   3 + 4, + 8 when 3KCT = 1; EA11: 3 + 4 + 8 + 9), then the new key and attributes are
+   3 + 4, + 8 when 3KCT = 1; EA11: 3 + 4 + 8 + 9). A first section (subclass 3) starts a set:
+   sections kept from before it (a set left incomplete) are dropped, so a key is never
+   assembled from two sets' sections (a key no token works under). A two-token EA07 set does
+   not tell the meter its new SGC (it is part of the derived key); the emulator keeps the SGC
+   it had. When the set is complete the new key and attributes are
    installed, and RO = 1 clears the TID store. A change to KT 0 is refused unless the key is
    KT 0, and KT 3 (common key) is refused by keypad meters. A complete set whose attributes
    cannot be a key's (KRN 0 or 10-15, TI above 99, SGC above 999999) is ``NOT_SUPPORTED``
-   and the old key stays.
+   and the old key stays, as is a rollover (RO = 1) to the key the meter already holds
+   (clearing the TID store under the same key would let every old token in again).
 
 What a real meter displays for each outcome is meter-specific ("Err", "Used", "Old" …).
 The emulator is an oracle for tests and engineering, not a certified meter.
@@ -209,6 +214,7 @@ class MeterEmulator:
             raise ValueError("a TID store holds at least one TID")
         self._sta_tables = sta_tables
         self._attributes = attributes
+        self._key = bytes(decoder_key)
         self._cipher: BlockCipher = make_cipher(attributes.ea, decoder_key, sta_tables=sta_tables)
         self._depth = tid_store_depth
         self._keypad = keypad
@@ -403,9 +409,9 @@ class MeterEmulator:
 
     def _key_section(self, fields: KeySection1 | KeySection2 | KeySectionExtra) -> MeterResponse:
         if isinstance(fields, KeySection1):
+            self._pending.clear()  # a new set begins: never mix it with an earlier one's sections
             refusal = self._refuse_key_type(fields.kt)
             if refusal is not None:
-                self._pending.clear()
                 return refusal
         if fields.subclass == 9 and not self._is_misty():
             return MeterResponse(
@@ -458,6 +464,14 @@ class MeterEmulator:
             if first.three_kct:
                 sgc = f"{unpack(STA_SGC_SECTION, self._payload(8))['sgc']:06d}"
         rollover = bool(first.ro)
+        if rollover and new_key == self._key:
+            self._pending.clear()
+            return MeterResponse(
+                verdict=Verdict.NOT_SUPPORTED,
+                reason="key-change set refused, the old key stays: a rollover (RO = 1) to the"
+                " key the meter already holds would clear its TIDs and let its old tokens in"
+                " again",
+            )
         try:
             attributes = KeyAttributes(
                 key_type=first.kt,
@@ -477,6 +491,7 @@ class MeterEmulator:
                 reason=f"key-change set refused, the old key stays: {exc}",
             )
         self._cipher = make_cipher(old.ea, new_key, sta_tables=self._sta_tables)
+        self._key = new_key
         self._attributes = attributes
         self._pending.clear()
         if rollover:

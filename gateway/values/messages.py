@@ -59,6 +59,7 @@ class MessageKind(StrEnum):
     TOKEN = "token"  # noqa: S105 - a message kind, not a secret; exactly one per vend
     REPRINT = "reprint"  # the same token again, on request
     REPLY = "reply"  # an answer to a customer's SMS command (no purchase needed)
+    FBE = "fbe"  # the month's free basic electricity token, sent with the purchase it came with
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -10,9 +10,21 @@ Server-rendered HTML (aiohttp-jinja2, autoescape on, no JavaScript), behind the 
 
 * ``Authorization: Bearer <token>`` for scripts; or
 * the login form at ``/admin/login``, which sets the ``gw_admin`` cookie (HttpOnly,
-  SameSite=Strict, Path=/admin, Secure over HTTPS). The cookie holds ``<issued>.<mac>`` where
-  ``mac`` is HMAC-SHA256 keyed by the admin token over the issue time: never the token itself. A
-  session lasts ``session_ttl_s``; changing the admin token ends every session.
+  SameSite=Strict, Path=/admin, Secure over HTTPS). The cookie holds ``<issued>.<id>.<mac>``
+  where ``id`` is random and ``mac`` is HMAC-SHA256 keyed by the admin token over both: never the
+  token itself. A session lasts ``session_ttl_s``; changing the admin token ends every session.
+  Logging out revokes the session on the server: an ``admin_session_revoked`` event in the
+  ledger, which every instance sharing the ledger checks, so a copy of the cookie is dead too.
+
+Failed credentials (a wrong bearer token, a wrong login) are counted per source address; past
+``AuthThrottle.limit`` failures within ``window_s`` that source gets 429 with ``Retry-After``
+until the window has passed, and the lock-out is a security event (logged, and appended to the
+ledger). The count is per instance. The source is the TCP peer, or, when the peer is a loopback
+or private address (the reverse proxy of ``deploy/``), the last ``X-Forwarded-For`` entry.
+
+After login the browser goes to ``next`` only if it is a local path under ``/admin`` of
+printable ASCII (no scheme, host, ``//``, backslash or control characters); anything else goes
+to ``/admin``.
 
 Every comparison is constant-time (``hmac.compare_digest``). A request without valid credentials
 gets 401 with ``WWW-Authenticate: Bearer``; a browser asking for a page is sent to the login form
@@ -35,7 +47,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
+import secrets
+import time
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -61,7 +77,7 @@ from gateway.operator import (
     Vend,
 )
 from gateway.phone import InvalidPhoneNumber, Msisdn, masked, parse_msisdn
-from gateway.vending import NothingToReprint, NotPaid, VendFailed
+from gateway.vending import CUSTOMER_INITIATED_CHANNEL, NothingToReprint, NotPaid, VendFailed
 
 __all__ = [
     "ADMIN",
@@ -88,6 +104,10 @@ _TOKEN_LIKE: Final = re.compile(r"(?<!\d)\d{4}(?:[ -]?\d{4}){4}(?!\d)")
 _STUCK_SCAN_LIMIT: Final = 1000
 _SEARCH_LIMIT: Final = 50
 _CLOCK_SKEW_S: Final = 60
+REVOKED_KIND: Final = "admin_session_revoked"
+#: Revocations read back per check: far more logouts than happen within a session's lifetime.
+_REVOCATIONS_READ: Final = 5000
+_SESSION_ID: Final = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _SECURITY_HEADERS: Final[Mapping[str, str]] = {
     "Cache-Control": "no-store",
     "Pragma": "no-cache",
@@ -140,13 +160,21 @@ _STUCK_STATES: Final[Mapping[StuckKind, tuple[PurchaseState, ...]]] = {
     StuckKind.AWAITING_PAYMENT: (PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT),
     StuckKind.PAID_NOT_VENDED: (PurchaseState.PAID,),
     StuckKind.VENDED_NOT_DELIVERED: (PurchaseState.VENDED,),
-    StuckKind.NEEDS_OPERATOR: (PurchaseState.VEND_FAILED, PurchaseState.REFUND_PENDING),
+    StuckKind.NEEDS_OPERATOR: (
+        PurchaseState.VEND_FAILED,
+        PurchaseState.REFUND_PENDING,
+        # Only a paybill (c2b) purchase: its confirmation said money moved (_needs_look).
+        PurchaseState.PAYMENT_FAILED,
+        PurchaseState.EXPIRED,
+    ),
 }
+#: A customer-initiated (paybill) purchase that ended unpaid: money may have been taken.
+_UNPAID_ENDS: Final = frozenset({PurchaseState.PAYMENT_FAILED, PurchaseState.EXPIRED})
 _STUCK_TITLES: Final[Mapping[StuckKind, str]] = {
     StuckKind.AWAITING_PAYMENT: "Awaiting payment too long",
     StuckKind.PAID_NOT_VENDED: "Paid, not vended",
     StuckKind.VENDED_NOT_DELIVERED: "Vended, not delivered",
-    StuckKind.NEEDS_OPERATOR: "Vend failed or refund pending",
+    StuckKind.NEEDS_OPERATOR: "Vend failed, refund pending or paybill payment unproven",
 }
 
 
@@ -188,6 +216,7 @@ class AdminSite:
     stuck: StuckPolicy
     region: str
     session_ttl_s: float
+    throttle: AuthThrottle
 
     def mac(self, purpose: str, message: str) -> str:
         """HMAC-SHA256, keyed by the admin token, over ``purpose|message`` (hex)."""
@@ -196,18 +225,39 @@ class AdminSite:
         ).hexdigest()
 
     def new_session(self, now_s: int) -> str:
-        """A fresh session cookie value issued at ``now_s`` (Unix seconds)."""
-        return f"{now_s}.{self.mac('session', str(now_s))}"
+        """A fresh session cookie value issued at ``now_s`` (Unix seconds), with a random id."""
+        session_id = secrets.token_urlsafe(18)
+        return f"{now_s}.{session_id}.{self.mac('session', f'{now_s}.{session_id}')}"
+
+    def session_id(self, cookie: str, now_s: int) -> str | None:
+        """The id of ``cookie`` if issued by ``new_session`` with this token, unexpired; else None.
+
+        Revocation is checked apart, in the ledger (``session_revoked``).
+        """
+        issued_text, _, rest = cookie.partition(".")
+        session_id, _, mac = rest.partition(".")
+        if not issued_text.isdigit() or len(issued_text) > 12 or not _SESSION_ID.match(session_id):
+            return None
+        issued = int(issued_text)
+        if not (now_s - self.session_ttl_s <= issued <= now_s + _CLOCK_SKEW_S):
+            return None
+        expected = self.mac("session", f"{issued_text}.{session_id}")
+        return session_id if hmac.compare_digest(mac.encode(), expected.encode()) else None
 
     def session_is_valid(self, cookie: str, now_s: int) -> bool:
         """Whether ``cookie`` was issued by ``new_session`` with this token and has not expired."""
-        issued_text, _, mac = cookie.partition(".")
-        if not issued_text.isdigit() or len(issued_text) > 12:
-            return False
-        issued = int(issued_text)
-        if not (now_s - self.session_ttl_s <= issued <= now_s + _CLOCK_SKEW_S):
-            return False
-        return hmac.compare_digest(mac.encode(), self.mac("session", issued_text).encode())
+        return self.session_id(cookie, now_s) is not None
+
+    async def session_revoked(self, session_id: str) -> bool:
+        """Whether a logout on any instance sharing the ledger revoked ``session_id``."""
+        events = await self.ledger.events(kind=REVOKED_KIND, limit=_REVOCATIONS_READ)
+        return any(event.data.get("session") == session_id for event in events)
+
+    async def revoke_session(self, session_id: str, *, remote: str | None) -> None:
+        """End ``session_id`` on every instance (an audit event in the ledger)."""
+        await self.ledger.append_event(
+            None, REVOKED_KIND, actor=_ACTOR, data={"session": session_id, "remote": remote}
+        )
 
     def token_matches(self, presented: str) -> bool:
         """Whether ``presented`` is the admin token (constant time)."""
@@ -218,11 +268,75 @@ class AdminSite:
         return self.mac("csrf", session)
 
 
+class AuthThrottle:
+    """Failed admin credentials counted per source; past ``limit`` in ``window_s``: refused.
+
+    In memory, per instance (several instances each allow ``limit``); at most ``max_sources``
+    sources are remembered, the least recently failing forgotten first.
+    """
+
+    def __init__(
+        self,
+        *,
+        limit: int = 10,
+        window_s: float = 60.0,
+        max_sources: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._max_sources = max_sources
+        self._clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, source: str, now: float) -> deque[float]:
+        failures = self._failures.get(source)
+        if failures is None:
+            return deque()
+        while failures and failures[0] <= now - self.window_s:
+            failures.popleft()
+        if not failures:
+            del self._failures[source]
+        return failures
+
+    def retry_after(self, source: str) -> int | None:
+        """Seconds until ``source`` may try again, or None if it may now."""
+        now = self._clock()
+        failures = self._recent(source, now)
+        if len(failures) < self.limit:
+            return None
+        return max(1, int(failures[-self.limit] + self.window_s - now + 0.999))
+
+    def failed(self, source: str) -> bool:
+        """Count one failure; True when it is the one that locks ``source`` out."""
+        now = self._clock()
+        failures = self._recent(source, now)
+        failures.append(now)
+        self._failures[source] = failures
+        self._failures.move_to_end(source)
+        while len(self._failures) > self._max_sources:
+            self._failures.popitem(last=False)
+        return len(failures) == self.limit
+
+
+def _source(request: web.Request) -> str:
+    """Who is trying: the TCP peer, or behind a local/private proxy its X-Forwarded-For."""
+    remote = request.remote or "unknown"
+    try:
+        proxied = ipaddress.ip_address(remote).is_private  # loopback is private too
+    except ValueError:
+        proxied = False
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    if proxied and forwarded:
+        return forwarded.rsplit(",", 1)[-1].strip()[:64] or remote
+    return remote
+
+
 ADMIN: Final = web.AppKey("admin", AdminSite)
 ADMIN_JINJA: Final = web.AppKey("admin_jinja2", jinja2.Environment)
 
 
-def setup_admin(
+def setup_admin(  # noqa: PLR0913 - every collaborator named, each with a default but two
     app: web.Application,
     *,
     ledger: OperatorRecords,
@@ -232,6 +346,7 @@ def setup_admin(
     stuck: StuckPolicy | None = None,
     region: str = "KE",
     session_ttl_s: float = 12 * 3600,
+    throttle: AuthThrottle | None = None,
 ) -> None:
     """Prepare ``app`` for the admin pages: their collaborators and the Jinja2 environment.
 
@@ -246,6 +361,7 @@ def setup_admin(
         stuck: when a purchase counts as stuck.
         region: default region for phone numbers typed without a country code.
         session_ttl_s: how long a login lasts.
+        throttle: how many failed credentials a source may present (default 10 a minute).
 
     Raises:
         ValueError: the admin token is shorter than 16 characters.
@@ -260,6 +376,7 @@ def setup_admin(
         stuck=stuck or StuckPolicy(),
         region=region,
         session_ttl_s=session_ttl_s,
+        throttle=throttle or AuthThrottle(),
     )
     aiohttp_jinja2.setup(
         app,
@@ -384,6 +501,7 @@ class _Operator:
 
     via: str  # "bearer" or "cookie"
     csrf: str | None
+    session_id: str | None = None
 
 
 _Page = Callable[[web.Request, _Operator], Awaitable[web.StreamResponse]]
@@ -393,7 +511,7 @@ def _now_s(site: AdminSite) -> int:
     return int(site.clock().timestamp())
 
 
-def _authenticate(request: web.Request) -> _Operator | bool | None:
+async def _authenticate(request: web.Request) -> _Operator | bool | None:
     """The operator, None when no credentials came, False when wrong ones came."""
     site = request.app[ADMIN]
     header = request.headers.get("Authorization", "")
@@ -405,18 +523,52 @@ def _authenticate(request: web.Request) -> _Operator | bool | None:
     cookie = request.cookies.get(COOKIE_NAME)
     if cookie is None:
         return None
-    if site.session_is_valid(cookie, _now_s(site)):
-        return _Operator(via="cookie", csrf=site.csrf_for(cookie))
-    return False
+    session_id = site.session_id(cookie, _now_s(site))
+    if session_id is None:
+        return False
+    if await site.session_revoked(session_id):
+        log.warning("admin_revoked_session_used", security_event=True, remote=request.remote)
+        return False
+    return _Operator(via="cookie", csrf=site.csrf_for(cookie), session_id=session_id)
+
+
+def _too_many(request: web.Request) -> web.Response | None:
+    """429 with Retry-After when the request's source is locked out; None otherwise."""
+    site = request.app[ADMIN]
+    source = _source(request)
+    wait_s = site.throttle.retry_after(source)
+    if wait_s is None:
+        return None
+    log.warning("admin_auth_throttled", security_event=True, source=source, retry_after=wait_s)
+    return web.Response(
+        status=429,
+        text=f"too many failed attempts: try again in {wait_s} s\n",
+        headers={**_SECURITY_HEADERS, "Retry-After": str(wait_s)},
+    )
+
+
+async def _failed(request: web.Request, kind: str) -> None:
+    """Count a failed credential; the failure that locks the source out is a ledger event."""
+    site = request.app[ADMIN]
+    source = _source(request)
+    log.warning(kind, security_event=True, path=request.path, source=source)
+    if site.throttle.failed(source):
+        data = {
+            "source": source,
+            "failures": site.throttle.limit,
+            "window_s": site.throttle.window_s,
+        }
+        log.warning("admin_auth_locked_out", security_event=True, **data)
+        await site.ledger.append_event(None, "admin_auth_locked_out", actor=_ACTOR, data=data)
 
 
 def _wants_html(request: web.Request) -> bool:
     return request.method == "GET" and "text/html" in request.headers.get("Accept", "")
 
 
-def _unauthorized(request: web.Request, *, wrong: bool) -> web.Response:
+async def _unauthorized(request: web.Request, *, wrong: bool) -> web.Response:
     if wrong:
-        log.warning("admin_auth_failed", path=request.path, remote=request.remote)
+        await _failed(request, "admin_auth_failed")
     if _wants_html(request):
         response = _see_other(f"/admin/login?next={quote(request.path_qs, safe='')}")
         if wrong:
@@ -433,9 +585,11 @@ def _guarded(page: _Page) -> Callable[[web.Request], Awaitable[web.StreamRespons
     """Wrap an admin page: credentials first, then the CSRF token on every cookie POST."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        operator = _authenticate(request)
+        if "Authorization" in request.headers and (refused := _too_many(request)) is not None:
+            return refused
+        operator = await _authenticate(request)
         if not isinstance(operator, _Operator):
-            return _unauthorized(request, wrong=operator is False)
+            return await _unauthorized(request, wrong=operator is False)
         if request.method == "POST" and operator.via == "cookie":
             form = await request.post()
             sent = form.get(_CSRF_FIELD)
@@ -457,11 +611,18 @@ def _guarded(page: _Page) -> Callable[[web.Request], Awaitable[web.StreamRespons
 
 
 def _safe_next(target: str | None) -> str:
-    """Where to go after login: only a path under /admin (never another site)."""
-    if not target:
+    """Where to go after login: only a local path under /admin (never another site).
+
+    Printable ASCII only: a CR or LF would split the ``Location`` header.
+    """
+    if not target or len(target) > 2000:
+        return "/admin"
+    if not (target.isascii() and target.isprintable()) or "\\" in target:
         return "/admin"
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not parts.path.startswith("/admin") or "\\" in target:
+    if parts.scheme or parts.netloc or target.startswith("//"):
+        return "/admin"
+    if parts.path != "/admin" and not parts.path.startswith("/admin/"):
         return "/admin"
     return target
 
@@ -478,11 +639,14 @@ async def _login_form(request: web.Request) -> web.Response:
 async def _login(request: web.Request) -> web.StreamResponse:
     """Check the token typed in the form; on success set the session cookie and go on."""
     site = request.app[ADMIN]
+    refused = _too_many(request)
+    if refused is not None:
+        return refused
     form = await request.post()
     presented = form.get("token")
     target = _safe_next(str(form.get("next") or ""))
     if not (isinstance(presented, str) and site.token_matches(presented.strip())):
-        log.warning("admin_login_failed", remote=request.remote)
+        await _failed(request, "admin_login_failed")
         return _render(
             request,
             "admin/login.html",
@@ -503,8 +667,11 @@ async def _login(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _logout_page(_request: web.Request, _operator: _Operator) -> web.StreamResponse:
-    """End the cookie session."""
+async def _logout_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
+    """End the cookie session, on the server too (a copy of the cookie no longer works)."""
+    if operator.session_id is not None:
+        await request.app[ADMIN].revoke_session(operator.session_id, remote=_source(request))
+        log.info("admin_logged_out", remote=request.remote)
     response = _see_other("/admin/login")
     response.del_cookie(COOKIE_NAME, path="/admin")
     return response
@@ -574,11 +741,16 @@ def _age_basis(kind: StuckKind, purchase: Purchase) -> datetime:
     return purchase.created_at if kind is StuckKind.AWAITING_PAYMENT else purchase.updated_at
 
 
+def _needs_look(purchase: Purchase) -> bool:
+    """False for an unpaid end nobody said was paid (a prompt the customer let go)."""
+    return purchase.state not in _UNPAID_ENDS or purchase.channel == CUSTOMER_INITIATED_CHANNEL
+
+
 async def _stuck(site: AdminSite, kind: StuckKind) -> tuple[list[Purchase], bool]:
     """The purchases stuck in ``kind``, oldest first, and whether the scan hit its limit."""
     cutoff = site.clock() - site.stuck.threshold(kind)
     rows = await site.ledger.find_purchases(states=_STUCK_STATES[kind], limit=_STUCK_SCAN_LIMIT)
-    stuck = [p for p in rows if _age_basis(kind, p) <= cutoff]
+    stuck = [p for p in rows if _age_basis(kind, p) <= cutoff and _needs_look(p)]
     stuck.sort(key=lambda p: _age_basis(kind, p))
     return stuck, len(rows) >= _STUCK_SCAN_LIMIT
 
@@ -669,11 +841,17 @@ async def _purchase_page(request: web.Request, operator: _Operator) -> web.Strea
     vend = await site.ledger.get_vend(purchase.purchase_id)
     messages = await site.ledger.outbox_for(purchase.purchase_id)
     events = await site.ledger.timeline(purchase.purchase_id)
+    debt_recovery = (
+        await site.ledger.get_debt_recovery(purchase.purchase_id)
+        if purchase.debt_recovery_minor
+        else None
+    )
     return _render(
         request,
         "admin/purchase.html",
         {
             "purchase": purchase,
+            "debt_recovery": debt_recovery,
             "phone_masked": masked(purchase.phone) if purchase.phone else None,
             "payment": payment,
             "vend": vend,

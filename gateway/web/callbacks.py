@@ -43,6 +43,7 @@ from gateway.payments.base import (
     PaymentEvents,
     PaymentNotice,
     PaymentProvider,
+    StatusResultOutcome,
 )
 from gateway.web.keys import METRICS
 
@@ -248,14 +249,28 @@ class _PaybillRoutes:
         return _answer(self._provider.customer_validation_answer(refusal))
 
     async def status_result(self, request: web.Request) -> web.StreamResponse:
-        """A Transaction Status result: handed to the ``query_status`` call waiting for it."""
+        """A Transaction Status result: handed to the query that asked for it, else an event.
+
+        Results bound to no outstanding query of ours are ``transaction_status_result_unmatched``
+        and those naming another transaction ``transaction_status_result_contradicted``.
+        """
         body = await request.read()
         try:
-            waited = self._provider.deliver_status_result(body)
+            outcome = await self._provider.deliver_status_result(body)
         except ForgedCallback as exc:
             self._forged(request, body, str(exc))
         else:
-            log.info("transaction_status_result_received", provider=self._name, waited=waited)
+            if outcome in {StatusResultOutcome.DELIVERED, StatusResultOutcome.HELD}:
+                log.info("transaction_status_result_received", provider=self._name, outcome=outcome)
+            else:
+                # No outstanding query of ours asked for it (or it names another transaction):
+                # never proof. A genuine late result lands here too; a burst is an attack.
+                _security_event(
+                    f"transaction_status_result_{outcome}",
+                    request,
+                    self._name,
+                    raw=_raw(body),
+                )
         return _answer(self._provider.acknowledgement())
 
     async def status_timeout(self, request: web.Request) -> web.StreamResponse:

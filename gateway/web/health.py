@@ -1,8 +1,15 @@
-"""``/healthz`` (the process answers), ``/readyz`` (its dependencies answer), ``/metrics``."""
+"""``/healthz`` (the process answers), ``/readyz`` (its dependencies answer), ``/metrics``.
+
+A readiness check may be expensive (the ledger's proves a committed write): ``cached`` wraps it
+so a balancer scraping many times a second runs it at most once per ``ttl_s``, one run shared by
+every request that arrives meanwhile, and logs when the answer changes.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
@@ -13,6 +20,45 @@ from gateway.web.keys import METRICS, METRICS_REFRESH, READINESS
 log = structlog.get_logger()
 
 _READINESS_TIMEOUT_S = 2.0
+
+
+Check = Callable[[], Awaitable[bool]]
+
+
+def cached(
+    name: str,
+    check: Check,
+    *,
+    ttl_s: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> Check:
+    """``check`` run at most once per ``ttl_s``; callers meanwhile share the last answer.
+
+    A failure (an exception) is an answer too: cached for ``ttl_s`` and raised again to each
+    caller. A change of answer is logged (``readiness_changed``) with the error.
+    """
+    state: dict[str, object] = {"at": None, "ok": None, "error": None}
+    lock = asyncio.Lock()
+
+    async def run() -> bool:
+        async with lock:
+            at = state["at"]
+            if not (isinstance(at, float) and clock() - at < ttl_s):
+                try:
+                    ok, error = bool(await check()), None
+                except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+                    ok, error = False, exc
+                if ok != state["ok"]:
+                    reason = None if error is None else f"{type(error).__name__}: {error}"
+                    log_method = log.info if ok else log.warning
+                    log_method("readiness_changed", check=name, ready=ok, error=reason)
+                state.update(at=clock(), ok=ok, error=error)
+        failure = state["error"]
+        if isinstance(failure, Exception):
+            raise failure
+        return bool(state["ok"])
+
+    return run
 
 
 async def healthz(_request: web.Request) -> web.Response:

@@ -119,6 +119,9 @@ def _variant(base: dict[str, Any], **changes: Any) -> str:
         (_variant(V006, meter__dkga=1), False, "DKGA01"),
         (_variant(V006, meter__dkga=3), False, "DKGA03"),
         (_variant(V464, meter__vending_key="abababababababaa"), False, "parity"),
+        (_variant(V006, meter__vending_key=VK[2:]), False, "20 bytes (40 hex digits), got 38"),
+        (_variant(V006, meter__vending_key=VK[:-1]), True, "20 bytes (40 hex digits), got 39"),
+        (_variant(V464, meter__vending_key="0" + VK[:14]), False, "8 bytes (16 hex digits)"),
         (_variant(V006, fields__amount=18201625), False, "largest encodable"),
         (_variant(V006, fields__tid=2**24), False, "24 bits"),
         (_variant(V006, token="7063050347002872611"), True, "20 digits"),
@@ -134,6 +137,9 @@ def _variant(base: dict[str, Any], **changes: Any) -> str:
         "dkga01",
         "dkga03",
         "dkga02-parity",
+        "dkga04-short-vending-key",
+        "dkga04-vending-key-digit-lost-decode",
+        "dkga02-short-vending-key",
         "amount",
         "tid",
         "short-token",
@@ -431,3 +437,18 @@ def test_batch_on_standard_input_survives_a_bad_byte_and_a_byte_order_mark() -> 
     assert first["token"] == V006["token"]
     assert second["id"] == "\ufffd"
     assert "error" in second
+
+
+def test_a_dkga02_change_of_base_date_alone_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """DKGA02 ignores the base date: 1993 -> 2014 alone would send the current key with RO = 1.
+
+    Issue 16: the meter would forget its TIDs and take its old tokens again; refused, naming why.
+    """
+    argv = ["token", "key-change", "--vending-key", "abababababababab", "--dkga", "2"]
+    argv += ["--drn", "00000000000", "--sgc", "123456", "--ti", "01", "--krn", "1"]
+    argv += ["--base-date", "1993", "--new-base-date", "2014", "--json"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "DKGA02 does not derive the key from the base date" in captured.err
+    assert main([*argv[:-3], "--new-krn", "2", *argv[-3:]]) == 0  # with a new KRN it is a new key

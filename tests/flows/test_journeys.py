@@ -65,6 +65,22 @@ async def test_buy_with_a_typed_meter_ends_with_the_payment_prompt_notice(
     assert world.services.prompts == [request.idempotency_key]
 
 
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_a_meter_in_debt_shows_the_recovery_on_the_confirm_screen(
+    world: UssdWorld, language: Language
+) -> None:
+    """KES 500 at 20 % to a KES 300 debt: KES 100 recovered, KES 200 left, 13.4 kWh."""
+    _speak(world, language)
+    t = _in(language)
+    world.services.debts[METER] = (30000, 2000)
+    phone = world.phone()
+    await phone.dial("1", METER, "500")
+    # KES 500 - 100 debt - 10 fee = 390; 390 / 1.16 = 336.20 energy; / 25 = 13.4 kWh
+    phone.sees("13.4 kWh", t("confirm_debt", debt="KES 100", remaining="KES 200"))
+    await phone.answer(phone.option(t("confirm_pay")))
+    phone.ends_with(t("paying", amount="KES 500"))
+
+
 async def test_the_payment_prompt_starts_only_after_the_reply_is_out(world: UssdWorld) -> None:
     """The END reply reaches the aggregator while the payment request is still blocked."""
     world.services.prompt_gate = asyncio.Event()

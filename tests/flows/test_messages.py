@@ -26,6 +26,8 @@ WORST_ARGS: Mapping[str, str] = {
     "energy": WORST_MINOR,
     "tax": WORST_MINOR,
     "fees": WORST_MINOR,
+    "debt": WORST_MINOR,
+    "owing": WORST_MINOR,
     "key": "ussd:x:1",
     "nickname": "W" * 12,
 }
@@ -40,6 +42,8 @@ WORST_VALUES: Mapping[str, str] = {
     "energy": "KES 1,234,567.89",
     "tax": "KES 1,234,567.89",
     "fees": "KES 1,234,567.89",
+    "debt": "KES 1,234,567.89",
+    "remaining": "KES 1,234,567.89",
     "name": "N" * 24,
     "area": "A" * 24,
     "code": "*384*12345*99#",
@@ -79,7 +83,9 @@ END_MESSAGES = [
 SMS_MESSAGES = [
     "sms_help",
     "sms_paying",
+    "sms_debt",
     "sms_amount_bad",
+    "sms_amount_negative",
     "sms_meters",
     "sms_lang_usage",
     "language_set",
@@ -170,3 +176,15 @@ def test_every_end_message_fits_one_ussd_page(language: Language, key: str) -> N
 def test_every_sms_reply_fits_two_segments(language: Language, key: str) -> None:
     """SMS replies fit two GSM-7 segments (306 characters) with the longest values."""
     assert len(CATALOGUES[language][key].format(**WORST_VALUES)) <= SMS_MAX_CHARS
+
+
+@pytest.mark.parametrize("language", list(Language))
+def test_the_paying_reply_with_its_debt_sentence_fits_two_segments(language: Language) -> None:
+    """The BUY reply for a meter in debt (``sms_paying`` then ``sms_debt``) fits 306 characters."""
+    catalogue = CATALOGUES[language]
+    text = (
+        catalogue["sms_paying"].format(**WORST_VALUES)
+        + " "
+        + catalogue["sms_debt"].format(**WORST_VALUES)
+    )
+    assert len(text) <= SMS_MAX_CHARS

@@ -12,11 +12,14 @@ import pytest
 
 from gateway.ledger import Ledger, LedgerUnavailable, open_postgres_ledger, open_sqlite_ledger
 from gateway.ledger.postgres import create_schema, drop_schema
-from tests.ledger.ledger_support import TARIFF, FakeClock, meter_record
-
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-POSTGRES_URL = "postgresql://127.0.0.1:5432/test"
-POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+from tests.ledger.ledger_support import (
+    BACKENDS,
+    POSTGRES_START,
+    POSTGRES_URL,
+    TARIFF,
+    FakeClock,
+    meter_record,
+)
 
 
 @contextlib.asynccontextmanager

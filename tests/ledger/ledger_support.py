@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.ledger import MeterNumber, MeterRecord
 from gateway.tariff import Tariff
 from tests.support.clock import UtcClock
 
 FakeClock = UtcClock  # the suite's one fake clock (tests/support/clock.py)
+
+#: The ledger backends every contract test runs on (PostgreSQL on 127.0.0.1:5432).
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+POSTGRES_URL = "postgresql://127.0.0.1:5432/test"
+POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 
 TARIFF = Tariff(
     tariff_id="domestic",

@@ -456,3 +456,12 @@ async def test_get_purchase_of_unknown_id_raises(ledger: Ledger) -> None:
     """An unknown purchase id raises NotFound naming it."""
     with pytest.raises(NotFound, match="PNOPE"):
         await ledger.get_purchase(PurchaseId("PNOPE"))
+
+
+async def test_probe_write_commits_and_changes_nothing(ledger: Ledger) -> None:
+    """Readiness's probe write succeeds on a working ledger, repeatedly, leaving no trace."""
+    before = await ledger.purchase_counts()
+    for _ in range(3):
+        await ledger.probe_write()
+    assert await ledger.purchase_counts() == before
+    assert await ledger.events() == []

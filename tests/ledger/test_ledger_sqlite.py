@@ -90,6 +90,23 @@ async def test_events_refuse_update_and_delete(tmp_path: Path) -> None:
         assert conn.execute("SELECT kind FROM events").fetchall() == [("something",)]
 
 
+async def test_events_of_one_kind_are_read_by_index(tmp_path: Path) -> None:
+    """Reading events by kind (admin session revocations, operator lists) never scans the table."""
+    path = tmp_path / "l.db"
+    async with open_sqlite_ledger(path):
+        pass
+    with sqlite3.connect(path) as conn:
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT * FROM events WHERE kind = ? ORDER BY event_id DESC"
+                " LIMIT 10",
+                ("admin_session_revoked",),
+            )
+        )
+    assert "USING INDEX events_kind" in plan, plan
+
+
 async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
     """Two hundred concurrent writes are committed in fewer transactions than writes."""
     async with open_sqlite_ledger(tmp_path / "l.db") as ledger:

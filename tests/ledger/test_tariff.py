@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from decimal import Decimal
 
 import pytest
@@ -13,10 +14,22 @@ from gateway.tariff import (
     AmountAboveMaximum,
     AmountBelowMinimum,
     AmountBuysNothing,
+    AmountBuysTooMuch,
     CurrencyMismatch,
     Tariff,
     quote,
 )
+
+
+def _carried(field: int) -> int:
+    """The units a 16-bit STS amount field carries, from docs/sts.md §3.1 (not from the engine)."""
+    exponent, mantissa = field >> 14, field & 0x3FFF
+    offset = sum(2**14 * 10 ** (n - 1) for n in range(1, exponent + 1))
+    return mantissa * 10**exponent + offset
+
+
+#: Every amount a token can carry, ascending.
+CARRIED = sorted({_carried(field) for field in range(1 << 16)})
 
 
 def tariff(price: int = 2500, vat: int = 1600, fixed: int = 0) -> Tariff:
@@ -55,19 +68,44 @@ def test_fixed_charge_comes_off_first() -> None:
     fixed=st.integers(min_value=0, max_value=5000),
 )
 @example(amount=11600, price=2500, vat=1600, fixed=0)
+@example(amount=3_500_000, price=1000, vat=1600, fixed=0)  # 30,172.4 units paid for
+@example(amount=10_000_000, price=300, vat=0, fixed=0)  # 333,333.3 units: steps of 100
+@example(amount=10_000_000, price=50, vat=0, fixed=0)  # 2,000,000 units: steps of 1000
 def test_units_never_exceed_what_was_paid(amount: int, price: int, vat: int, fixed: int) -> None:
-    """The units cost at most the amount paid, and one more unit would cost more than it."""
+    """Units a token carries, costing at most the amount; the next carried amount costs more."""
     try:
         q = quote(tariff(price, vat, fixed), Money(amount, "KES"))
-    except AmountBuysNothing:
+    except (AmountBuysNothing, AmountBuysTooMuch):
         return
     factor = 1 + Decimal(vat) / 10_000
 
     def cost(units: int) -> Decimal:
         return Decimal(units) * price / 10 * factor + fixed
 
-    assert cost(q.units) <= amount < cost(q.units + 1)
+    assert q.units in CARRIED
+    above = CARRIED[bisect.bisect_right(CARRIED, q.units)]
+    assert cost(q.units) <= amount < cost(above)
     assert q.energy.amount_minor + q.vat.amount_minor + q.fixed_charge.amount_minor == amount
+
+
+def test_a_quote_above_16383_units_is_what_the_token_carries() -> None:
+    """Issue 16: KES 35,000 at KES 10/kWh + 16 % VAT pays for 30,172 units: quoted 30,164.
+
+    A token carries 30,164 or 30,174 there (steps of 10 from 16,384): never 30,174.
+    """
+    q = quote(tariff(price=1000), Money(3_500_000, "KES"))
+    assert q.units == 16384 + (30172 - 16384) // 10 * 10
+    assert q.kwh == Decimal("3016.4")
+
+
+def test_an_amount_buying_more_than_a_token_carries_is_refused() -> None:
+    """Over 18,201,624 units (1,820,162.4 kWh) no token can carry it: refused with a reason."""
+    with pytest.raises(AmountBuysTooMuch, match="more than one token carries") as refused:
+        quote(tariff(price=1, vat=0), Money(2_000_000, "KES"))
+    most = refused.value.maximum
+    assert quote(tariff(price=1, vat=0), most).units <= 18_201_624
+    with pytest.raises(AmountBuysTooMuch):
+        quote(tariff(price=1, vat=0), Money(most.amount_minor + 1, "KES"))
 
 
 def test_range_and_currency_are_enforced() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -26,7 +26,9 @@ class CallbackReceiver:
     """An HTTP endpoint that records every callback; per-path hooks decide the answer."""
 
     received: list[Received] = field(default_factory=list)
-    hooks: dict[str, Callable[[bytes], tuple[int, bytes]]] = field(default_factory=dict)
+    hooks: dict[str, Callable[[bytes], tuple[int, bytes] | Awaitable[tuple[int, bytes]]]] = field(
+        default_factory=dict
+    )
     base_url: str = ""
 
     def bodies(self, path: str) -> list[bytes]:
@@ -42,5 +44,6 @@ class CallbackReceiver:
         body = await request.read()
         self.received.append(Received(request.method, request.path, body))
         hook = self.hooks.get(request.path)
-        status, answer = hook(body) if hook else (200, b'{"ResultCode":0}')
+        outcome = hook(body) if hook else (200, b'{"ResultCode":0}')
+        status, answer = outcome if isinstance(outcome, tuple) else await outcome
         return web.Response(status=status, body=answer, content_type="application/json")

@@ -127,8 +127,8 @@ async def daraja(
         clock=clock,
     )
 
-    def deliver(body: bytes) -> tuple[int, bytes]:
-        provider.deliver_status_result(body)
+    async def deliver(body: bytes) -> tuple[int, bytes]:
+        await provider.deliver_status_result(body)
         return 200, b'{"ResultCode":0}'
 
     receiver.hooks["/status/result"] = deliver
@@ -677,10 +677,12 @@ async def test_transaction_status_with_a_wrong_credential_is_not_retryable(
         status_result_url=receiver.url("/status/result"),
         status_timeout_url=receiver.url("/status/timeout"),
     )
-    receiver.hooks["/status/result"] = lambda body: (
-        provider.deliver_status_result(body) and 200,
-        b"{}",
-    )
+
+    async def deliver(body: bytes) -> tuple[int, bytes]:
+        await provider.deliver_status_result(body)
+        return 200, b"{}"
+
+    receiver.hooks["/status/result"] = deliver
     with pytest.raises(ProviderUnavailable) as caught:
         await provider.query_status(ProviderReference("ZZZZZZZZZZ"))
     assert not caught.value.retryable
@@ -741,7 +743,7 @@ async def test_concurrent_transaction_status_queries_both_get_the_result(daraja:
         daraja.provider.query_status(reference), daraja.provider.query_status(reference)
     )
     assert first.state is second.state is PaymentState.SUCCEEDED
-    assert daraja.provider._status_waiters == {}
+    assert daraja.provider._status_requests == {}
 
 
 async def test_query_with_wrong_credentials_is_a_configuration_fault(

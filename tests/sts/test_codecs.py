@@ -1,3 +1,4 @@
+import bisect
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -13,6 +14,7 @@ from gateway.sts.amount import (
     encode_units,
     round_currency,
     round_units,
+    round_units_down,
 )
 from gateway.sts.bits import Field, Layout, pack, unpack
 from gateway.sts.carrier import (
@@ -26,6 +28,7 @@ from gateway.sts.carrier import (
 from gateway.sts.crc import crc16, crc_field, reference_crc_field
 from gateway.sts.errors import AmountNotEncodable, InvalidField, TidRangeExhausted, TokenFormatError
 from gateway.sts.tid import TID_MAX, is_reserved, next_tid, range_end, tid_for
+from tests.sts import reference as ref
 
 # --- bits -------------------------------------------------------------------------------------
 
@@ -127,6 +130,34 @@ def test_units_are_never_encoded_below_the_request(units: int) -> None:
     assert carried >= units
     # Minimal: no other field value carries an amount in [units, carried).
     assert all(not units <= decode_units(f) < carried for f in (field - 1, field - 2) if f >= 0)
+
+
+#: Every amount a units field carries, by the reference's decoding of all 2**16 fields.
+ENCODABLE = sorted({ref.units_value(field) for field in range(1 << 16)})
+
+
+@given(st.integers(0, UNITS_MAX))
+@example(16384)
+@example(16393)
+@example(30172)  # KES 35,000 at KES 10/kWh + 16 % VAT: a token for it would carry 30,174
+@example(180223)
+@example(1818623)
+@example(UNITS_MAX)
+def test_units_round_down_to_the_largest_amount_a_token_carries(units: int) -> None:
+    """What a seller may sell: encodable (a token carries it exactly), <= units, and maximal."""
+    sold = round_units_down(units)
+    expected = ENCODABLE[bisect.bisect_right(ENCODABLE, units) - 1]
+    note(f"sold={sold} expected={expected}")
+    assert sold == expected <= units
+    assert ref.units_value(ref.units_field(sold)) == sold
+    assert round_units(sold) == sold
+
+
+def test_round_units_down_refuses_what_no_token_carries() -> None:
+    """Negative and above-maximum amounts are refused, as by ``encode_units``."""
+    for units in (-1, UNITS_MAX + 1):
+        with pytest.raises(AmountNotEncodable):
+            round_units_down(units)
 
 
 @given(st.integers(0, 0xFFFF))

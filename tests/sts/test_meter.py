@@ -11,8 +11,10 @@ from gateway.sts.amount import UNITS_MAX, round_currency, round_units
 from gateway.sts.carrier import extract_class, insert_class, to_digits
 from gateway.sts.cipher import make_cipher
 from gateway.sts.crc import crc_field
+from gateway.sts.dkga import derive_decoder_key
 from gateway.sts.engine import LocalTokenEngine, MeterProfile, VendingKey
-from gateway.sts.errors import TidRangeExhausted
+from gateway.sts.errors import InvalidKey, TidRangeExhausted
+from gateway.sts.keychange import key_change_fields
 from gateway.sts.meter import (
     CreditAdded,
     CreditCleared,
@@ -226,21 +228,34 @@ def test_key_change_installs_the_new_key_only_when_complete(
     assert meter.enter(engine.credit_token_sync(new, 1, _tid(2)).digits).accepted
 
 
-def test_sgc_change_is_a_three_token_set(engine: LocalTokenEngine, meter: MeterEmulator) -> None:
-    """An EA07 SGC change sends 3 + 4 + 8 with 3KCT set; the meter takes the new SGC."""
+def test_sgc_change_is_the_two_token_set(engine: LocalTokenEngine, meter: MeterEmulator) -> None:
+    """An EA07 SGC change is sections 3 + 4 with 3KCT = 0, as CTSA19.4 (v074) and CTSA05 do.
+
+    The SGC is part of the derived key: the meter takes the new key and credit under it.
+    """
     new = replace(METER, sgc="201461")
     tokens = engine.key_change_tokens_sync(METER, new)
-    assert len(tokens) == 3
+    answers = [meter.enter(t.digits) for t in tokens]
+    assert [a.verdict for a in answers] == [Verdict.KEY_CHANGE_PENDING, Verdict.ACCEPTED]
+    first = answers[0].token
+    assert first is not None
+    assert isinstance(first.fields, KeySection1)
+    assert first.fields.three_kct == 0
+    assert meter.enter(engine.credit_token_sync(new, 1, _tid()).digits).accepted
+
+
+def test_the_three_token_set_when_asked_carries_the_sgc(
+    engine: LocalTokenEngine, meter: MeterEmulator
+) -> None:
+    """``three_kct=True`` sends 3 + 4 + 8 with 3KCT = 1; the meter takes the new SGC."""
+    new = replace(METER, sgc="201461")
+    tokens = engine.key_change_tokens_sync(METER, new, three_kct=True)
     answers = [meter.enter(t.digits) for t in tokens]
     assert [a.verdict for a in answers] == [
         Verdict.KEY_CHANGE_PENDING,
         Verdict.KEY_CHANGE_PENDING,
         Verdict.ACCEPTED,
     ]
-    first = answers[0].token
-    assert first is not None
-    assert isinstance(first.fields, KeySection1)
-    assert first.fields.three_kct == 1
     assert meter.attributes.sgc == "201461"
     assert meter.enter(engine.credit_token_sync(new, 1, _tid()).digits).accepted
 
@@ -456,3 +471,135 @@ def test_a_key_change_set_with_impossible_attributes_is_refused_not_raised(
     assert last.verdict is (Verdict.ACCEPTED if valid else Verdict.NOT_SUPPORTED)
     old_key_works = meter.enter(build_token(ClearTamper(rnd=0, tid=_tid()), cipher).digits)
     assert old_key_works.accepted is not valid
+
+
+# --- a rollover to the key the meter holds (issue 16, point 3) ----------------------------------
+
+METER_1993 = MeterProfile(
+    drn="00000000000", sgc="123456", tariff_index="01", krn=1, dkga=2, base_date=1993
+)
+
+
+def test_a_rollover_to_the_current_key_is_refused_and_old_tokens_stay_used(
+    engine: LocalTokenEngine,
+) -> None:
+    """A DKGA02 1993 -> 2014 change alone derives the same key; with RO = 1 the meter refuses it.
+
+    Before, it cleared the TID store and took a token used before the change again.
+    """
+    meter = MeterEmulator.for_profile(METER_1993, VK_1993)
+    old_key = engine.decoder_key(METER_1993)
+    used = engine.credit_token_sync(METER_1993, 10, 16_000_000)
+    assert meter.enter(used.digits).accepted
+    old, new = METER_1993.key_attributes(), replace(METER_1993, base_date=2014).key_attributes()
+    same_key = derive_decoder_key(
+        dkga=2,
+        vending_key=VK_1993.key,
+        iin=METER_1993.iin,
+        drn=METER_1993.drn,
+        key_type=2,
+        sgc=new.sgc,
+        tariff_index=new.tariff_index,
+        krn=new.krn,
+        base_date=new.base_date,
+        ea=7,
+    )
+    assert same_key == old_key
+    cipher = make_cipher(7, old_key)
+    replay_set = [
+        build_token(f, cipher) for f in key_change_fields(old=old, new=new, new_key=same_key)
+    ]
+    answers = [meter.enter(image.digits) for image in replay_set]
+    assert [a.verdict for a in answers] == [Verdict.KEY_CHANGE_PENDING, Verdict.NOT_SUPPORTED]
+    assert "rollover" in answers[-1].reason
+    assert meter.attributes == old
+    assert meter.enter(used.digits).verdict is Verdict.USED
+
+
+def test_the_engine_refuses_to_build_a_rollover_to_the_current_key(
+    engine: LocalTokenEngine,
+) -> None:
+    """The engine and ``key_change_fields`` refuse it, naming the reason."""
+    with pytest.raises(InvalidKey, match="current one"):
+        engine.key_change_tokens_sync(METER, METER, rollover=True)
+    old_key = engine.decoder_key(METER_1993)
+    with pytest.raises(InvalidKey, match="DKGA02 does not derive the key from the base date"):
+        key_change_fields(
+            old=METER_1993.key_attributes(),
+            new=replace(METER_1993, base_date=2014).key_attributes(),
+            new_key=old_key,
+            old_key=old_key,
+        )
+    # A new key with RO = 1 is fine (the 2035 rollover of docs/sts.md §9); so is the same key
+    # without a rollover or a change of base date (a KEN change).
+    assert (
+        len(
+            engine.key_change_tokens_sync(
+                METER, replace(METER, sgc="203557", krn=6, base_date=2035)
+            )
+        )
+        >= 2
+    )
+    assert len(engine.key_change_tokens_sync(METER, replace(METER, ken=200))) == 2
+
+
+# --- key-change sets as the conformance-style sets make them (issue 16, point 4) ----------------
+
+VK = VK_2014.key  # abab…4567: the key of docs/sts.md §11 and of the STS 531-style sets
+
+
+def test_default_sets_are_the_published_two_token_sets() -> None:
+    """The published sets that change the SGC are two-token sets with 3KCT = 0.
+
+    docs/sts.md §9's CTSA05 rollover (SGC 201457 -> 203557, 2014 -> 2035, KRN 6, TI 02) and v074's
+    CTSA19.4 (SGC 201457 -> 201461, KRN 8).
+    """
+    engine = LocalTokenEngine(
+        [
+            VK_2014,
+            VendingKey(sgc="203557", krn=6, dkga=4, base_date=2035, key=VK),
+            VendingKey(sgc="201461", krn=8, dkga=4, base_date=2014, key=VK),
+        ]
+    )
+    rollover = replace(METER, sgc="203557", krn=6, base_date=2035, tariff_index="02")
+    assert [t.digits for t in engine.key_change_tokens_sync(METER, rollover)] == [
+        "65413070543688156280",
+        "27469374567476953413",
+    ]
+    first, _second = engine.key_change_tokens_sync(METER, replace(METER, sgc="201461", krn=8))
+    assert first.digits == "41266369345358295161"
+
+
+def test_a_key_is_never_assembled_from_two_sets(engine: LocalTokenEngine) -> None:
+    """Set A's second section left over, then set B: B's first section starts afresh.
+
+    Before, A's NKLO and B's NKHO made a key no token works under, installed at B's first
+    section; now the meter waits for B's second section and takes credit under B's key.
+    """
+    meter = MeterEmulator.for_profile(METER, VK_2014)
+    to_a, to_b = replace(METER, tariff_index="02"), replace(METER, tariff_index="03")
+    _a1, a2 = engine.key_change_tokens_sync(METER, to_a)
+    b1, b2 = engine.key_change_tokens_sync(METER, to_b)
+    assert meter.enter(a2.digits).verdict is Verdict.KEY_CHANGE_PENDING  # A's first one was lost
+    assert meter.enter(b1.digits).change == KeySectionStored(subclass=3, missing=(4,))
+    done = meter.enter(b2.digits)
+    assert isinstance(done.change, KeyChanged)
+    assert done.change.attributes == to_b.key_attributes()
+    assert meter.enter(engine.credit_token_sync(to_b, 1, _tid()).digits).verdict is (
+        Verdict.ACCEPTED
+    )
+
+
+def test_a_three_token_set_left_incomplete_never_mixes_into_the_next_set(
+    engine: LocalTokenEngine,
+) -> None:
+    """A 3-token set missing its SGC section, then a two-token set: only the latter is installed."""
+    meter = MeterEmulator.for_profile(METER, VK_2014)
+    moved = replace(METER, sgc="201461")
+    a1, a2, _a8 = engine.key_change_tokens_sync(METER, moved, three_kct=True)
+    to_b = replace(METER, tariff_index="03")
+    b1, b2 = engine.key_change_tokens_sync(METER, to_b)
+    verdicts = [meter.enter(t.digits).verdict for t in (a1, a2, b1)]
+    assert verdicts == [Verdict.KEY_CHANGE_PENDING] * 3
+    assert meter.enter(b2.digits).verdict is Verdict.ACCEPTED
+    assert meter.enter(engine.credit_token_sync(to_b, 1, _tid()).digits).accepted

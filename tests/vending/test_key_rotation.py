@@ -98,6 +98,9 @@ class Recorder:
         """Keep a vend latency."""
         self.into.append(("vended", seconds))
 
+    def security_event(self, kind: str) -> None:
+        """Security events are not what these tests keep."""
+
 
 async def _rig(tmp_path: Path, old_key: VendingKey, keys: list[VendingKey]) -> AsyncIterator[Rig]:
     clock = FakeClock()
@@ -261,6 +264,9 @@ async def test_a_failing_observer_never_breaks_a_purchase(rig: Rig) -> None:
         def vended(self, seconds: float) -> None:
             raise RuntimeError(seconds)
 
+        def security_event(self, kind: str) -> None:
+            raise RuntimeError(kind)
+
     rig.vending._observer = Broken()
     purchase = await rig.buy("x")
     assert purchase.state is PurchaseState.VENDED
@@ -268,8 +274,11 @@ async def test_a_failing_observer_never_breaks_a_purchase(rig: Rig) -> None:
     assert message.state is OutboxState.PENDING
 
 
-async def test_a_new_supply_group_and_tariff_index_take_three_tokens(tmp_path: Path) -> None:
-    """A rotation to another SGC and TI sends the 3-token set; the meter takes all of it."""
+async def test_a_new_supply_group_and_tariff_index_take_two_tokens(tmp_path: Path) -> None:
+    """A rotation to another SGC and TI sends the two-token set (3KCT = 0, as CTSA19.4 does).
+
+    The meter takes the new key (the SGC is part of it): the credit under it is accepted.
+    """
     other_group = VendingKey(
         sgc="600123", krn=1, dkga=4, base_date=2014, key=bytes.fromhex("7c3d" * 10)
     )
@@ -286,14 +295,64 @@ async def test_a_new_supply_group_and_tariff_index_take_three_tokens(tmp_path: P
         await rig.ledger.plan_key_rotation(rotation, actor="operator")
         purchase = await rig.buy("moved")
         *kcts, credit = await rig.sms_tokens(purchase)
-        assert len(kcts) == 3
+        assert len(kcts) == 2
         verdicts = [meter.enter(token).verdict for token in [*kcts, credit]]
-        assert verdicts == [
-            Verdict.KEY_CHANGE_PENDING,
-            Verdict.KEY_CHANGE_PENDING,
-            Verdict.ACCEPTED,
-            Verdict.ACCEPTED,
-        ]
-        assert (meter.attributes.sgc, meter.attributes.tariff_index) == ("600123", "07")
+        assert verdicts == [Verdict.KEY_CHANGE_PENDING, Verdict.ACCEPTED, Verdict.ACCEPTED]
+        assert meter.attributes.tariff_index == "07"
         stored = await rig.ledger.get_meter(rig.drn)
         assert (stored.sgc, stored.krn, stored.tariff_index) == ("600123", 1, "07")
+
+
+async def test_fbe_waits_for_the_purchase_after_a_key_change(rig: Rig) -> None:
+    """The vend delivering a key change carries no FBE; the next one does, under the new key."""
+    await rig.ledger.set_fbe_allowance("domestic", 50, actor="operator")
+    meter = emulator_for(await rig.ledger.get_meter(rig.drn), VENDING_KEY)
+    await rig.ledger.plan_key_rotation(TO_KRN_2, actor="operator")
+    rotated = await rig.buy("rotated")
+    assert await rig.ledger.fbe_issues(rig.drn) == []
+    for token in await rig.sms_tokens(rotated):
+        assert meter.enter(token).verdict in {Verdict.KEY_CHANGE_PENDING, Verdict.ACCEPTED}
+    later = await rig.buy("later")
+    (issue,) = await rig.ledger.fbe_issues(rig.drn)
+    assert issue.purchase_id == later.purchase_id
+    vend = await rig.ledger.get_vend(later.purchase_id)
+    assert vend is not None
+    for token, units in ((vend.token, 40), (issue.token, 50)):
+        response = meter.enter(token)
+        assert response.verdict is Verdict.ACCEPTED
+        assert isinstance(response.change, CreditAdded)
+        assert response.change.amount == units
+
+
+async def test_after_a_rollover_a_tid_equal_to_a_1993_one_is_vended(rig_1993: Rig) -> None:
+    """A 2014 TID equal to a TID vended under 1993 (21 years later) is a new token: vended.
+
+    Issue 16: ``UNIQUE (meter, tid)`` across base dates refused it (DuplicateError) and the paid
+    purchase waited a minute for the next TID.
+    """
+    rig = rig_1993
+    meter = emulator_for(await rig.ledger.get_meter(rig.drn), OLD_1993_KEY)
+    bought_at = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+    rig.clock.now = bought_at
+    old = await rig.buy("1993")
+    (old_token,) = await rig.sms_tokens(old)
+    assert meter.enter(old_token).accepted
+    old_vend = await rig.ledger.get_vend(old.purchase_id)
+    assert old_vend is not None
+
+    await rig.ledger.plan_key_rotation(TO_KRN_2, actor="operator")
+    rig.clock.now = datetime(2026, 3, 14, 9, 0, tzinfo=UTC)
+    rolled = await rig.buy("rollover")
+    assert [meter.enter(t).accepted for t in await rig.sms_tokens(rolled)] == [True] * 3
+
+    # The same number of minutes from 2014 as the old token's from 1993: the same TID.
+    rig.clock.now = datetime(2014, 1, 1, tzinfo=UTC) + (
+        bought_at - datetime(1993, 1, 1, tzinfo=UTC)
+    )
+    clash = await rig.buy("2045")
+    assert clash.state is PurchaseState.VENDED
+    vend = await rig.ledger.get_vend(clash.purchase_id)
+    assert vend is not None
+    assert vend.tid == old_vend.tid
+    (token,) = await rig.sms_tokens(clash)
+    assert meter.enter(token).verdict is Verdict.ACCEPTED

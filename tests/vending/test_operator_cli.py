@@ -188,3 +188,26 @@ def test_keys_rotate_refuses_a_key_not_imported_or_a_wrong_base_date(
     assert main([*rotate, "--base-date", "2035"]) == 1
     assert "base date 2014" in capsys.readouterr().err
     assert main(rotate) == 0
+
+
+def test_keys_rotate_refuses_a_dkga02_change_of_base_date_alone(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A DKGA02 key re-imported with base date 2014, rotated to itself: refused, naming why.
+
+    DKGA02 ignores the base date: the meters would get their current key with RO = 1 and
+    accept their old tokens again (issue 16).
+    """
+    for base_date in (1993, 2014):  # the same slot imported again with another base date
+        code = main(
+            ["keys", "add", "--database-url", db, "--sgc", "123457", "--krn", "1", "--dkga", "2",
+             "--base-date", str(base_date), "--key-hex", "abababababababab"]
+        )  # fmt: skip
+        assert code == 0
+    capsys.readouterr()
+    rotate = ["keys", "rotate", "--database-url", db, "--sgc", "123457", "--from-krn", "1",
+              "--to-krn", "1", "--all"]  # fmt: skip
+    assert main(rotate) == 1
+    error = capsys.readouterr().err
+    assert "DKGA02 does not derive the decoder key from the base date" in error
+    assert "another KRN" in error

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any, cast
 
-from gateway.ledger import OutboxState, Purchase, PurchaseState
-from gateway.sms import DeliveryReport, DeliveryState, SmsRejected, SmsUnavailable
+from gateway.ledger import Ledger, LedgerError, OutboxState, Purchase, PurchaseState
+from gateway.phone import Msisdn
+from gateway.sms import DeliveryReport, DeliveryState, SentMessage, SmsRejected, SmsUnavailable
 from gateway.sms.outbox import OutboxPolicy, OutboxWorker
 from tests.vending.vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, World
 
@@ -142,3 +147,91 @@ async def test_delivery_report_delivers_the_purchase(world: World) -> None:
     )
     unknown = DeliveryReport(provider_message_id="nope", state=DeliveryState.DELIVERED)
     assert await w.apply_delivery_report(unknown) is None
+
+
+class _SlowSender(FakeSender):
+    """Each send takes ``took_s`` of the fake clock; ``during`` runs inside the Nth send."""
+
+    def __init__(self, world: World, took_s: float, name: str = "slow") -> None:
+        super().__init__()
+        self._name = name
+        self._world = world
+        self._took_s = took_s
+        self.during: dict[int, Callable[[], Awaitable[object]]] = {}
+
+    async def send(self, to: Msisdn, text: str) -> SentMessage:
+        """Accept the message after ``took_s`` (meanwhile another instance may run)."""
+        sent = await super().send(to, text)
+        self._world.clock.advance(self._took_s)
+        hook = self.during.pop(len(self.sent), None)
+        if hook is not None:
+            await hook()
+        return dataclasses.replace(sent, provider_message_id=f"{self._name}_{len(self.sent)}")
+
+
+async def test_a_send_never_starts_so_late_that_its_lease_ends_before_it_is_recorded(
+    world: World,
+) -> None:
+    """A message queued behind slow sends is left to its lease, not sent as the lease runs out.
+
+    Instance A claims two messages (one send at a time); the first send is slow, so by the
+    time the second could start, its lease ends before the send's deadline would. Had A sent
+    it, instance B, claiming the expired lease during A's send, would have sent it too.
+    """
+    first, second = await vended(world, "k1"), await vended(world, "k2")
+    slow = _SlowSender(world, took_s=40)
+    other = _SlowSender(world, took_s=0, name="other")
+    a = worker(world, slow, batch=2, concurrency=1, lease_s=45, send_timeout_s=15)
+    b = worker(world, other, lease_s=45, send_timeout_s=15)
+    slow.during[2] = b.run_once  # B looks for due messages while A's second send is out
+    await a.run_once()
+    world.clock.advance(30)
+    await b.run_once()
+    texts = [text for _, text in slow.sent + other.sent]
+    assert len(texts) == len(set(texts)) == 2, texts
+    for purchase in (first, second):
+        (message,) = await world.ledger.outbox_for(purchase.purchase_id)
+        assert message.state is OutboxState.SENT
+
+
+class _FlakyLedger:
+    """The ledger, except that recording a sent message fails ``failures`` times first."""
+
+    def __init__(self, inner: Ledger, failures: int) -> None:
+        self._inner = inner
+        self.failures = failures
+
+    async def outbox_sent(self, message_id: int, **fields: Any) -> None:
+        """Fail while failures are left, then record."""
+        if self.failures:
+            self.failures -= 1
+            raise LedgerError("database is locked")
+        await self._inner.outbox_sent(message_id, **fields)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+async def test_an_accepted_send_whose_record_fails_once_is_recorded_not_sent_again(
+    world: World,
+) -> None:
+    """The provider took the message; a failed write of that fact is retried, not lost.
+
+    Lost, the message stays claimed and is sent a second time when its lease ends.
+    """
+    purchase = await vended(world)
+    sender = FakeSender()
+    w = OutboxWorker(
+        ledger=cast("Ledger", _FlakyLedger(world.ledger, failures=1)),
+        sender=sender,
+        clock=world.clock,
+        jitter=lambda: 0.5,
+        policy=OutboxPolicy(lease_s=45, record_retry_s=0.0),
+    )
+    with contextlib.suppress(LedgerError):
+        await w.run_once()
+    world.clock.advance(60)
+    await worker(world, sender).run_once()
+    assert len(sender.sent) == 1
+    (message,) = await world.ledger.outbox_for(purchase.purchase_id)
+    assert (message.state, message.provider_message_id) == (OutboxState.SENT, "ATXid_1")

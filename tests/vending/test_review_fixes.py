@@ -20,7 +20,11 @@ from tests.vending.vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, S
 async def test_the_callbacks_receipt_reaches_the_sms_when_the_status_has_none(
     world: World,
 ) -> None:
-    """An STK callback carries the M-Pesa receipt, the status query none: the SMS shows it."""
+    """An STK callback carries the M-Pesa receipt, the status query none: the SMS shows it.
+
+    Once the provider's own record of that receipt (``verify_receipt``) proves it is this
+    payment (issue 17, 6: a callback's receipt is a claim).
+    """
     purchase = await world.vending.start_purchase(
         channel="ussd",
         phone=PHONE,
@@ -33,6 +37,10 @@ async def test_the_callbacks_receipt_reaches_the_sms_when_the_status_has_none(
     assert reference is not None
     world.provider.settlements[reference] = Settlement(
         PaymentState.SUCCEEDED, AMOUNT_FOR_TESTS, PHONE, None
+    )
+    # The provider's record of the receipt (Daraja: Transaction Status).
+    world.provider.settlements["SKL5ABC123"] = Settlement(
+        PaymentState.SUCCEEDED, AMOUNT_FOR_TESTS, PHONE, "SKL5ABC123"
     )
     await world.vending.on_payment_notice(
         PaymentNotice(
@@ -51,6 +59,47 @@ async def test_the_callbacks_receipt_reaches_the_sms_when_the_status_has_none(
     vend = await world.ledger.get_vend(purchase.purchase_id)
     assert vend is not None
     assert vend.receipt == "SKL5ABC123"
+
+
+async def test_a_receipt_the_provider_does_not_prove_never_reaches_the_sms(
+    world: World,
+) -> None:
+    """A callback's receipt with no (or another) payment behind it: our purchase id instead."""
+    # A real receipt, but of another amount: not this payment's.
+    world.provider.settlements["OTHER12345"] = Settlement(
+        PaymentState.SUCCEEDED, Money(AMOUNT_FOR_TESTS.amount_minor + 100, "KES"), PHONE, None
+    )
+    for receipt in ("FAKE123456", "OTHER12345"):
+        purchase = await world.vending.start_purchase(
+            channel="ussd",
+            phone=PHONE,
+            meter=world.drns[0],
+            amount=AMOUNT_FOR_TESTS,
+            idempotency_key=f"stk-{receipt}",
+        )
+        purchase = await world.vending.request_payment(purchase.purchase_id)
+        reference = purchase.provider_reference
+        assert reference is not None
+        world.provider.settlements[reference] = Settlement(
+            PaymentState.SUCCEEDED, AMOUNT_FOR_TESTS, PHONE, None
+        )
+        await world.vending.on_payment_notice(
+            PaymentNotice(
+                provider=world.provider.name,
+                reference=ProviderReference(reference),
+                claimed_state=PaymentState.SUCCEEDED,
+                amount=AMOUNT_FOR_TESTS,
+                payer=PHONE,
+                receipt=receipt,
+                raw=json.dumps({"MpesaReceiptNumber": receipt}).encode(),
+            )
+        )
+        (message,) = await world.ledger.outbox_for(purchase.purchase_id)
+        assert receipt not in message.body
+        assert purchase.purchase_id in message.body
+        vend = await world.ledger.get_vend(purchase.purchase_id)
+        assert vend is not None
+        assert vend.receipt == purchase.purchase_id
 
 
 async def test_a_token_without_recipient_is_held_for_an_operator(world: World) -> None:

@@ -159,6 +159,18 @@ class FakeProvider:
             receipt=found.receipt,
         )
 
+    async def verify_receipt(self, receipt: str) -> PaymentStatus:
+        """The provider's record of a receipt: the settlement naming it, else FAILED."""
+        for reference, found in self.settlements.items():
+            if receipt in {found.receipt, reference} and found.state is PaymentState.SUCCEEDED:
+                return await self.query_status(ProviderReference(reference))
+        return PaymentStatus(
+            provider=self.name,
+            reference=ProviderReference(receipt),
+            state=PaymentState.FAILED,
+            reason="no such receipt",
+        )
+
     def acknowledgement(self) -> CallbackAck:
         """An empty 200."""
         return CallbackAck()

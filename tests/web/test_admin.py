@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -40,7 +41,13 @@ from gateway.sts import LocalTokenEngine, VendingKey
 from gateway.sts.pan import luhn_check_digit
 from gateway.tariff import Tariff
 from gateway.vending import SagaPolicy, VendFailed, Vending
-from gateway.web.admin import COOKIE_NAME, StuckPolicy, admin_routes, setup_admin
+from gateway.web.admin import (
+    COOKIE_NAME,
+    AuthThrottle,
+    StuckPolicy,
+    admin_routes,
+    setup_admin,
+)
 from gateway.web.middleware import context_middleware
 from tests.support.clock import UtcClock
 
@@ -382,6 +389,24 @@ async def test_purchase_page_masks_the_token_to_its_last_four_digits(
     assert vend.token[:4] + "-" + vend.token[4:8] not in html
 
 
+async def test_purchase_page_shows_the_debt_recovered_and_remaining(
+    client: Client, shop: Shop
+) -> None:
+    """A meter owing KES 500 at 10 %: the page shows what went to the debt and what remains."""
+    await shop.ledger.set_debt(
+        shop.drns[0], balance=Money(50000, "KES"), rate_basis_points=1000, actor="ops"
+    )
+    purchase = await buy(shop, "debt")
+    recovered = AMOUNT.amount_minor // 10
+    html = await (
+        await client.get(f"/admin/purchases/{purchase.purchase_id}", headers=BEARER)
+    ).text()
+    assert "Debt recovered" in html
+    assert str(Money(recovered, "KES")) in html
+    assert str(Money(50000 - recovered, "KES")) in html
+    assert "debt_recovered" in html  # the timeline's event
+
+
 async def test_unknown_purchase_is_a_404_page(client: Client) -> None:
     """A purchase id that does not exist answers 404."""
     response = await client.get("/admin/purchases/PZZZZZZZZZZZZ", headers=BEARER)
@@ -598,3 +623,118 @@ async def test_retry_vend_refuses_an_unpaid_purchase(client: Client, shop: Shop)
     response = await client.post(f"/admin/purchases/{purchase.purchase_id}/vend", headers=BEARER)
     assert response.status == 409
     assert await shop.ledger.get_vend(purchase.purchase_id) is None
+
+
+# ------------------------------------------------------------------------------- issue 17 (10)
+
+
+def _admin_app(shop: Shop) -> web.Application:
+    app = web.Application(middlewares=[context_middleware])
+    setup_admin(
+        app,
+        ledger=shop.ledger,
+        vending=shop.vending,
+        admin_token=Secret(ADMIN_TOKEN),
+        clock=shop.clock,
+    )
+    app.add_routes(admin_routes())
+    return app
+
+
+async def test_a_copied_cookie_is_dead_after_logout_on_every_instance(
+    client: Client, shop: Shop, aiohttp_client: ClientFactory
+) -> None:
+    """Logout revokes the session server-side, on every instance sharing the ledger.
+
+    A saved copy of the cookie fails here and on the other instance (before the fix it kept
+    working until it expired).
+    """
+    other = await aiohttp_client(_admin_app(shop))  # a second instance, same ledger
+    await login(client)
+    cookie = client.session.cookie_jar.filter_cookies(client.make_url("/admin"))[COOKIE_NAME]
+    copied = {"Cookie": f"{COOKIE_NAME}={cookie.value}"}
+    assert (await other.get("/admin", headers=copied)).status == 200
+    page = await (await client.get("/admin")).text()
+    response = await client.post(
+        "/admin/logout", data={"csrf": csrf_of(page)}, allow_redirects=False
+    )
+    assert response.status == 303
+    client.session.cookie_jar.clear()
+    assert (await client.get("/admin", headers=copied)).status == 401
+    assert (await other.get("/admin", headers=copied)).status == 401
+    (event,) = await shop.ledger.events(kind="admin_session_revoked")
+    assert event.data["session"] in cookie.value
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/admin\r\nSet-Cookie: evil=1",
+        "/admin\nLocation: https://evil.example",
+        "/admin\r",
+        "/admin/\x00",
+        "/admin/caf\u00e9",
+        "/administrator",
+    ],
+)
+async def test_login_with_an_unsafe_next_goes_to_admin(client: Client, target: str) -> None:
+    """CR/LF, control or non-ASCII characters in ``next`` give /admin.
+
+    Before the fix a CR/LF reached the Location header and the connection dropped.
+    """
+    response = await client.post(
+        "/admin/login", data={"token": ADMIN_TOKEN, "next": target}, allow_redirects=False
+    )
+    assert response.status == 303
+    assert response.headers["Location"] == "/admin"
+    form = await client.get("/admin/login", params={"next": target})
+    assert form.status == 200
+
+
+async def test_failed_logins_are_throttled_per_source(client: Client, shop: Shop) -> None:
+    """500 wrong tokens at once: ten are answered 401, the rest 429 with Retry-After.
+
+    The right token from that source waits too; another source is unaffected; the lock-out is
+    a security event in the ledger.
+    """
+    wrong = {"Authorization": "Bearer not-the-token"}
+    responses = await asyncio.gather(*(client.get("/admin", headers=wrong) for _ in range(500)))
+    statuses = [r.status for r in responses]
+    assert statuses.count(401) == 10
+    assert statuses.count(429) == 490
+    throttled = next(r for r in responses if r.status == 429)
+    assert 1 <= int(throttled.headers["Retry-After"]) <= 60
+    assert (await client.get("/admin", headers=BEARER)).status == 429
+    refused = await client.post("/admin/login", data={"token": ADMIN_TOKEN}, allow_redirects=False)
+    assert refused.status == 429
+    elsewhere = {**BEARER, "X-Forwarded-For": "198.51.100.7"}  # behind the local proxy
+    assert (await client.get("/admin", headers=elsewhere)).status == 200
+    (event,) = await shop.ledger.events(kind="admin_auth_locked_out")
+    assert event.data["source"] == "127.0.0.1"
+
+
+async def test_the_lock_out_ends_after_the_window(
+    shop: Shop, aiohttp_client: ClientFactory
+) -> None:
+    """Wrong logins through the form lock the source out for the window, then it may try again."""
+    now = [0.0]
+    app = web.Application(middlewares=[context_middleware])
+    setup_admin(
+        app,
+        ledger=shop.ledger,
+        vending=shop.vending,
+        admin_token=Secret(ADMIN_TOKEN),
+        throttle=AuthThrottle(limit=3, window_s=30, clock=lambda: now[0]),
+    )
+    app.add_routes(admin_routes())
+    client = await aiohttp_client(app)
+    for _ in range(3):
+        response = await client.post("/admin/login", data={"token": "guess"})
+        assert response.status == 401
+    locked = await client.post("/admin/login", data={"token": ADMIN_TOKEN}, allow_redirects=False)
+    assert locked.status == 429
+    assert locked.headers["Retry-After"] == "30"
+    now[0] = 30.5
+    assert (
+        await client.post("/admin/login", data={"token": ADMIN_TOKEN}, allow_redirects=False)
+    ).status == 303

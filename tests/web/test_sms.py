@@ -80,6 +80,14 @@ async def test_buy_by_sms_replies_then_prompts(world: World) -> None:
     assert calls.index("send_sms") < calls.index("request_prompt")  # reply first, then prompt
 
 
+async def test_a_negative_amount_by_sms_is_refused_and_charges_nothing(world: World) -> None:
+    """``BUY <meter> -100`` gets the negative-amount answer; no purchase, no prompt."""
+    assert await world.text(f"BUY {METER} -100", message_id="neg") == 200
+    assert world.replies() == [text(Language.EN, "sms_amount_negative")]
+    assert world.services.purchases == {}
+    assert world.services.prompts == []
+
+
 async def test_a_redelivered_sms_buys_once(world: World) -> None:
     """The same AT message id twice starts one purchase and sends one reply."""
     await world.text(f"BUY {METER} 500", message_id="dup")

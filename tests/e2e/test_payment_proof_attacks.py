@@ -1,0 +1,376 @@
+"""Issue 17, tried as an attacker would: a served gateway, the Daraja simulator as the provider.
+
+The attacker knows the callback secret (a secret in a URL leaks through proxies, logs and staff)
+and posts to the real routes over HTTP. Each test checks what the money and the meters saw: the
+simulator's own ledger of charges, the purchases' states and tokens, the security-event counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import socket
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import aiohttp
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+from aiohttp import web
+
+from gateway.app import RUNTIME, Runtime, build_app
+from gateway.config import Config
+from gateway.demo import serving
+from gateway.ledger import Purchase, PurchaseState
+from gateway.ledger.postgres import create_schema, drop_schema
+from gateway.money import Money
+from gateway.phone import Msisdn
+from gateway.sim.daraja import DarajaSimulator
+
+T = TypeVar("T")
+
+STK_METER = "04000000010"
+VICTIM_METER = "04000000028"
+PHONE = "+254712345678"
+
+
+POSTGRES = "postgresql://127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def gateway(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Runtime]:
+    """A demo gateway (every simulator) on SQLite or PostgreSQL, served on a loopback port."""
+    if request.param == "sqlite":
+        async with serving(tmp_path) as runtime:
+            yield runtime
+        return
+    schema = f"attacks_{secrets.token_hex(6)}"
+    try:
+        await create_schema(POSTGRES, schema)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"no PostgreSQL at {POSTGRES}: {exc}")
+    port = _free_port()
+    config = Config.load(
+        env={},
+        overrides={
+            "port": port,
+            "data_dir": tmp_path,
+            "log_level": "warning",
+            # asyncpg passes unknown URL parameters on as server settings
+            "database_url": f"{POSTGRES}?search_path={schema}",
+        },
+    )
+    runner = web.AppRunner(await build_app(config), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        yield runner.app[RUNTIME]
+    finally:
+        await runner.cleanup()
+        await drop_schema(POSTGRES, schema)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _daraja(runtime: Runtime) -> DarajaSimulator:
+    assert runtime.simulators is not None
+    sim = runtime.simulators.daraja
+    assert isinstance(sim, DarajaSimulator)
+    return sim
+
+
+async def _eventually(probe: Callable[[], Awaitable[T | None]], deadline_s: float = 20.0) -> T:
+    end = time.monotonic() + deadline_s
+    while True:
+        value = await probe()
+        if value is not None:
+            return value
+        assert time.monotonic() < end, "nothing happened in time"
+        await asyncio.sleep(0.05)
+
+
+async def _post(runtime: Runtime, tail: str, body: bytes) -> int:
+    url = runtime.callback_url("daraja", tail)
+    async with aiohttp.ClientSession() as session, session.post(url, data=body) as response:
+        await response.read()
+        return response.status
+
+
+async def _security_events(runtime: Runtime) -> dict[str, float]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(runtime.base_url + "/metrics") as response,
+    ):
+        text = await response.text()
+    pattern = r'^gateway_security_events_total\{kind="([a-z_]+)"\} ([0-9.]+)$'
+    return {kind: float(n) for kind, n in re.findall(pattern, text, flags=re.MULTILINE)}
+
+
+async def _settled(runtime: Runtime, meter: str) -> Purchase | None:
+    """The meter's one purchase once it left the payment states (None while it is in them)."""
+    purchases = await runtime.ledger.find_purchases(meter=meter, limit=10)
+    if not purchases:
+        return None
+    [purchase] = purchases
+    waiting = {PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT, PurchaseState.PAID}
+    return None if purchase.state in waiting else purchase
+
+
+def _c2b(sim: DarajaSimulator, trans_id: str, meter: str, amount_kes: int) -> bytes:
+    return json.dumps(
+        {
+            "TransactionType": "Pay Bill",
+            "TransID": trans_id,
+            "TransTime": "20261204120000",
+            "TransAmount": str(amount_kes),
+            "BusinessShortCode": sim.shortcode,
+            "BillRefNumber": meter,
+            "InvoiceNumber": "",
+            "OrgAccountBalance": "",
+            "ThirdPartyTransID": "",
+            "MSISDN": "25471****678",
+            "FirstName": "Mallory",
+            "MiddleName": "",
+            "LastName": "",
+        }
+    ).encode()
+
+
+def _status_result(trans_id: str, *, completed: bool, amount_kes: int) -> bytes:
+    """A Transaction Status result as an attacker writes it: right shape, made-up request ids."""
+    result: dict[str, object] = {
+        "ConversationID": "AG_20261204_00000000000000000001",
+        "OriginatorConversationID": "12345-1234567-1",
+        "ResultType": 0,
+        "TransactionID": trans_id,
+    }
+    if completed:
+        result |= {"ResultCode": 0, "ResultDesc": "The service request is processed successfully."}
+        result["ResultParameters"] = {
+            "ResultParameter": [
+                {"Key": "DebitPartyName", "Value": "254712345678 - Mallory"},
+                {"Key": "TransactionStatus", "Value": "Completed"},
+                {"Key": "Amount", "Value": amount_kes},
+                {"Key": "ReceiptNo", "Value": trans_id},
+            ]
+        }
+    else:
+        result |= {"ResultCode": 2032, "ResultDesc": "The transaction does not exist."}
+    return json.dumps({"Result": result}).encode()
+
+
+async def _stk_purchase_vended(runtime: Runtime) -> str:
+    """A genuine USSD purchase paid by STK push and vended; its M-Pesa receipt."""
+    purchase = await runtime.vending.start_purchase(
+        channel="ussd",
+        phone=Msisdn(PHONE),
+        meter=STK_METER,
+        amount=Money.of("100", "KES"),
+        idempotency_key="attack-1-genuine",
+    )
+    await runtime.vending.request_payment(purchase.purchase_id)
+
+    async def receipt() -> str | None:
+        context = await runtime.ledger.vend_context(purchase.purchase_id)
+        return context.vend.receipt if context.vend is not None else None
+
+    return await _eventually(receipt)
+
+
+async def test_a_vended_stk_receipt_reposted_as_c2b_never_vends_again(gateway: Runtime) -> None:
+    """(1) One payment, one token: the receipt re-posted as a C2B TransID is a security event."""
+    sim = _daraja(gateway)
+    receipt = await _stk_purchase_vended(gateway)
+    assert [c.receipt for c in sim.ledger()] == [receipt]
+
+    assert await _post(gateway, "c2b/confirmation", _c2b(sim, receipt, VICTIM_METER, 100)) == 200
+    second = await _eventually(lambda: _settled(gateway, VICTIM_METER))
+
+    assert second.state is PurchaseState.REFUND_PENDING
+    assert second.purchase_id in await _needs_operator(gateway)
+    assert await gateway.ledger.get_vend(second.purchase_id) is None
+    assert len(sim.ledger()) == 1  # one charge, one token
+    kinds = [e.kind for e in await gateway.ledger.timeline(second.purchase_id)]
+    assert "payment_receipt_reused" in kinds
+    assert (await _security_events(gateway)).get("payment_receipt_reused") == 1.0
+
+
+async def test_forged_status_results_do_not_pay_a_forged_confirmation(gateway: Runtime) -> None:
+    """(2) A made-up TransID with forged "Completed" results posted while the query waits."""
+    sim = _daraja(gateway)
+    sim.faults.callbacks.hold = True  # the genuine result waits: the forgeries come first
+    trans_id = "QZX1FAKE99"
+    confirmation = asyncio.create_task(
+        _post(gateway, "c2b/confirmation", _c2b(sim, trans_id, VICTIM_METER, 100))
+    )
+
+    async def result_held() -> bool | None:
+        return True if sim.courier.held else None
+
+    await _eventually(result_held)  # our query was sent; Daraja's result is on its way
+    forged = _status_result(trans_id, completed=True, amount_kes=100)
+    statuses = await asyncio.gather(*(_post(gateway, "status/result", forged) for _ in range(5)))
+    assert statuses == [200] * 5
+    await sim.release_callbacks()
+    sim.faults.callbacks.hold = False
+    assert await confirmation == 200
+
+    purchase = await _eventually(lambda: _settled(gateway, VICTIM_METER))
+    assert purchase.state is PurchaseState.PAYMENT_FAILED
+    assert await gateway.ledger.get_vend(purchase.purchase_id) is None
+    assert sim.ledger() == []  # no money ever moved
+    events = await _security_events(gateway)
+    assert events.get("transaction_status_result_unmatched") == 5.0
+    assert events.get("payment_callback_contradicted") == 1.0
+    assert purchase.purchase_id in await _needs_operator(gateway)  # a paybill payment unproven
+
+
+async def _needs_operator(runtime: Runtime) -> str:
+    headers = {"Authorization": f"Bearer {runtime.admin_token.reveal()}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(runtime.base_url + "/admin/stuck/needs_operator", headers=headers) as page,
+    ):
+        assert page.status == 200
+        return await page.text()
+
+
+async def test_a_forged_failure_does_not_fail_a_paid_c2b_purchase(gateway: Runtime) -> None:
+    """(3) A forged "failed" result while a real paybill payment is being confirmed."""
+    sim = _daraja(gateway)
+    sim.faults.callbacks.hold = True
+    outcome = await sim.pay_bill("254712345678", VICTIM_METER, 100)
+    assert outcome.accepted
+    assert sim.courier.held == 1  # the confirmation
+    delivering = asyncio.create_task(sim.release_callbacks())  # delivered: the gateway queries
+    await asyncio.sleep(0)  # the release took the confirmation
+    assert sim.courier.held == 0
+
+    async def result_held() -> bool | None:
+        return True if sim.courier.held else None
+
+    await _eventually(result_held)  # Daraja's result to our query, held
+    forged = _status_result(outcome.trans_id, completed=False, amount_kes=100)
+    assert await _post(gateway, "status/result", forged) == 200
+    await sim.release_callbacks()  # Daraja's own result
+    sim.faults.callbacks.hold = False
+    await delivering
+
+    purchase = await _eventually(lambda: _settled(gateway, VICTIM_METER))
+    assert purchase.state in {PurchaseState.VENDED, PurchaseState.DELIVERED}
+    vend = await gateway.ledger.get_vend(purchase.purchase_id)
+    assert vend is not None
+    assert vend.receipt == outcome.trans_id
+    assert (await _security_events(gateway)).get("transaction_status_result_unmatched") == 1.0
+
+
+async def test_unknown_references_and_conflicts_are_counted_and_capped(
+    gateway: Runtime, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """(8) Unknown-reference bodies are security events and stored only up to a cap."""
+    padding = "x" * 900_000
+    bodies = []
+    for n in range(3):
+        callback = {
+            "Body": {
+                "stkCallback": {
+                    "MerchantRequestID": f"1-{n}",
+                    "CheckoutRequestID": "ws_CO_000000000000000000001",
+                    "ResultCode": 1032,
+                    "ResultDesc": "Request cancelled by user",
+                    "Padding": padding,
+                }
+            }
+        }
+        bodies.append(json.dumps(callback).encode())
+    for body in bodies:
+        assert await _post(gateway, "stk", body) == 200
+    events = await _security_events(gateway)
+    assert events.get("payment_notice_unknown") == 3.0
+    assert events.get("payment_notice_payload_conflict") == 2.0
+    reference = "ws_CO_000000000000000000001"
+    if "sqlite" in request.node.callspec.id:
+        with sqlite3.connect(tmp_path / "gateway.db") as conn:
+            [(stored,)] = conn.execute(
+                "SELECT length(payload) FROM payments WHERE reference = ?", (reference,)
+            ).fetchall()
+    else:
+        base, schema = gateway.config.effective_database_url.split("?search_path=")
+        conn = await asyncpg.connect(base, server_settings={"search_path": schema})
+        try:
+            stored = await conn.fetchval(
+                "SELECT length(payload) FROM payments WHERE reference = $1", reference
+            )
+        finally:
+            await conn.close()
+    assert stored <= 8192
+
+
+async def test_a_forged_stk_receipt_never_reaches_the_token(gateway: Runtime) -> None:
+    """(6) A forged STK success, posted before the real callback, names a made-up receipt."""
+    sim = _daraja(gateway)
+    sim.faults.callbacks.hold = True  # the real STK callback waits behind the forgery
+    purchase = await gateway.vending.start_purchase(
+        channel="ussd",
+        phone=Msisdn(PHONE),
+        meter=STK_METER,
+        amount=Money.of("100", "KES"),
+        idempotency_key="attack-6-genuine",
+    )
+    purchase = await gateway.vending.request_payment(purchase.purchase_id)
+    assert purchase.provider_reference is not None
+
+    async def charged() -> bool | None:
+        return True if sim.ledger() and sim.courier.held else None
+
+    await _eventually(charged)  # the customer paid; M-Pesa's callback is held
+    [charge] = sim.ledger()
+    forged = {
+        "Body": {
+            "stkCallback": {
+                "MerchantRequestID": "29115-34620561-1",
+                "CheckoutRequestID": purchase.provider_reference,
+                "ResultCode": 0,
+                "ResultDesc": "The service request is processed successfully.",
+                "CallbackMetadata": {
+                    "Item": [
+                        {"Name": "Amount", "Value": 100},
+                        {"Name": "MpesaReceiptNumber", "Value": "FAKE123456"},
+                        {"Name": "TransactionDate", "Value": 20261204120000},
+                        {"Name": "PhoneNumber", "Value": 254712345678},
+                    ]
+                },
+            }
+        }
+    }
+    sim.faults.callbacks.hold = False  # Daraja's answers to our lookups flow
+    assert await _post(gateway, "stk", json.dumps(forged).encode()) == 200
+    await sim.release_callbacks()  # the real callback
+
+    async def vended() -> str | None:
+        context = await gateway.ledger.vend_context(purchase.purchase_id)
+        return context.vend.receipt if context.vend is not None else None
+
+    receipt = await _eventually(vended)
+    assert receipt in {charge.receipt, purchase.purchase_id}
+    [message] = await gateway.ledger.outbox_for(purchase.purchase_id)
+    assert "FAKE123456" not in message.body
+    assert len(sim.ledger()) == 1
+
+    # The real receipt, proven by the late real callback, still pays for nothing else (1 + 6).
+    await sim.settle()
+    c2b = _c2b(sim, charge.receipt, VICTIM_METER, 100)
+    assert await _post(gateway, "c2b/confirmation", c2b) == 200
+    second = await _eventually(lambda: _settled(gateway, VICTIM_METER))
+    assert second.state is PurchaseState.REFUND_PENDING
+    assert await gateway.ledger.get_vend(second.purchase_id) is None
