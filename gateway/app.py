@@ -51,7 +51,7 @@ from gateway.config import SIMULATED, Config, Mode, Secret
 from gateway.customer_services import SagaCustomerServices
 from gateway.demo_data import demo_master_key, seed_demo
 from gateway.errors import ConfigError, LedgerMissing
-from gateway.ledger import Ledger, open_ledger
+from gateway.ledger import Ledger, open_ledger, open_vending_key
 from gateway.ledger.postgres import is_postgres_url
 from gateway.ledger.sqlite import sqlite_path
 from gateway.logging import register_secrets
@@ -68,8 +68,9 @@ from gateway.sms.africastalking import (
     parse_delivery_report,
 )
 from gateway.sms.outbox import OutboxPolicy, OutboxWorker
+from gateway.sts import LocalTokenEngine, VendingKey
 from gateway.sweeper import Sweeper
-from gateway.vending import SagaPolicy, Vending, load_token_engine
+from gateway.vending import SagaPolicy, Vending
 from gateway.web.admin import admin_routes, setup_admin
 from gateway.web.callbacks import payment_routes
 from gateway.web.delivery import delivery_routes
@@ -134,6 +135,19 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+
+
+async def load_token_engine(ledger: Ledger, master_key: bytes) -> LocalTokenEngine:
+    """The embedded engine holding every vending key in the ledger, unsealed with ``master_key``.
+
+    Raises:
+        VendingKeyUnreadable: the master key does not open one of the keys (names it).
+    """
+    keys = [open_vending_key(sealed, master_key) for sealed in await ledger.vending_keys()]
+    return LocalTokenEngine(
+        VendingKey(sgc=k.sgc, krn=k.krn, dkga=k.dkga, base_date=k.base_date, key=k.key)
+        for k in keys
+    )
 
 
 def payment_callback_url(base: str, secret: Secret, provider: str, tail: str) -> str:

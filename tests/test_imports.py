@@ -33,7 +33,13 @@ COMPOSITION_ROOT = (
 SIMULATORS = ("gateway.sim",)
 WEB = ("gateway.web",)
 FLOWS = ("flows",)
-SAGA = ("gateway.vending", "gateway.customer_services", "gateway.sweeper", "gateway.operator")
+SAGA = (
+    "gateway.vending",
+    "gateway.unknown_collections",
+    "gateway.customer_services",
+    "gateway.sweeper",
+    "gateway.operator",
+)
 LEDGER = ("gateway.ledger",)
 PAYMENTS = ("gateway.payments",)
 SMS = ("gateway.sms",)
@@ -254,6 +260,20 @@ def test_no_import_cycle_between_modules() -> None:
 def test_no_import_cycle_between_packages() -> None:
     """No two packages (``gateway/ledger/``, ``gateway/sms/``, …) import each other."""
     assert _strongly_connected(_runtime_graph(_package_of)) == []
+
+
+def test_only_the_composition_root_builds_the_token_engine() -> None:
+    """``LocalTokenEngine`` is imported by ``gateway/sts/`` itself and the composition root only."""
+    found = []
+    for name, path in _modules().items():
+        if _under(name, STS + COMPOSITION_ROOT):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and any(
+                alias.name == "LocalTokenEngine" for alias in node.names
+            ):
+                found.append(f"{name}:{node.lineno}")
+    assert found == []
 
 
 def test_a_rule_breach_is_reported() -> None:

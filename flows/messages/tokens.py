@@ -1,8 +1,9 @@
 """The SMS that carries a token, in the customer's language, sized by GSM-7 segments.
 
 The templates are catalogue messages (``token_sms``, ``token_sms_short``, ``token_sms_key_change``,
-``token_sms_key_change_short`` in ``flows/messages/{en,sw,fr}.py``), so the catalogue tests see
-them; the length rule counts segments as the network does (``flows.messages.gsm7``).
+``token_sms_key_change_short``, ``token_sms_debt``, ``token_sms_debt_short`` and ``fbe_sms`` in
+``flows/messages/{en,sw,fr}.py``), so the catalogue tests see them; the length rule counts
+segments as the network does (``flows.messages.gsm7``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from flows.messages.gsm7 import segment_count
 from flows.ports import Language
 from gateway.values.money import Money
 
-__all__ = ["group_digits", "token_message"]
+__all__ = ["fbe_message", "group_digits", "token_message"]
 
 
 def group_digits(token: str) -> str:
@@ -29,7 +30,7 @@ def _language(language: str) -> Language:
         return Language.EN
 
 
-def token_message(
+def token_message(  # noqa: PLR0913 - keyword-only: every part of the SMS by name
     *,
     token: str,
     units: int,
@@ -38,6 +39,8 @@ def token_message(
     receipt: str,
     language: str = "en",
     key_change_tokens: Sequence[str] = (),
+    debt_recovered: Money | None = None,
+    debt_remaining: Money | None = None,
 ) -> str:
     """The SMS that carries a token: token in groups of 4, kWh, amount, meter, receipt number.
 
@@ -54,6 +57,8 @@ def token_message(
         receipt: the provider's receipt number (our purchase id when the provider gave none).
         language: ``en``, ``sw`` or ``fr``.
         key_change_tokens: the key-change set (20 digits each), in order.
+        debt_recovered: what the purchase gave to the meter's debt; the text says so when given.
+        debt_remaining: what the meter still owes after it.
 
     Raises:
         ValueError: even the terse text exceeds two segments (absurdly long meter or receipt).
@@ -72,12 +77,32 @@ def token_message(
         if key_change_tokens
         else ("token_sms", "token_sms_short")
     )
-    message = text(lang, full, **values)
+    debt, short_debt = "", ""
+    if debt_recovered is not None:
+        owed = {
+            "recovered": str(debt_recovered),
+            "remaining": str(debt_remaining or Money(0, debt_recovered.currency)),
+        }
+        debt = text(lang, "token_sms_debt", **owed)
+        short_debt = text(lang, "token_sms_debt_short", **owed)
+    message = text(lang, full, **values) + debt
     if segment_count(message) == 1:
         return message
-    terse = text(lang, short, **values)
+    terse = text(lang, short, **values) + short_debt
     # The fewest segments first, then the fuller text.
     for candidate in (terse, message) if segment_count(terse) == 1 else (message, terse):
         if segment_count(candidate) <= 2:
             return candidate
     raise ValueError(f"token message of {len(terse)} characters exceeds two SMS segments")
+
+
+def fbe_message(*, token: str, units: int, month: str, meter: str, language: str = "en") -> str:
+    """The SMS that carries a month's free basic electricity token (one GSM-7 segment)."""
+    return text(
+        _language(language),
+        "fbe_sms",
+        token=group_digits(token),
+        kwh=f"{units // 10}.{units % 10}",
+        month=month,
+        meter=meter,
+    )

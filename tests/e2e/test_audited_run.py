@@ -35,6 +35,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.app import load_token_engine
 from gateway.commands.sim import SimWorld, build_world, serve_world
 from gateway.demo_data import seed_demo
 from gateway.ledger import Purchase, PurchaseDraft, new_purchase_id, open_ledger
@@ -45,7 +46,7 @@ from gateway.phone import Msisdn
 from gateway.sim.daraja import DarajaSimulator
 from gateway.sts import LocalTokenEngine, MeterProfile, VendingKey
 from gateway.sweeper import Sweeper
-from gateway.vending import Vending, load_token_engine
+from gateway.vending import Vending
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
