@@ -264,15 +264,14 @@ def test_no_import_cycle_between_packages() -> None:
 
 def test_only_the_composition_root_builds_the_token_engine() -> None:
     """``LocalTokenEngine`` is imported by ``gateway/sts/`` itself and the composition root only."""
-    found = []
-    for name, path in _modules().items():
-        if _under(name, STS + COMPOSITION_ROOT):
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.ImportFrom) and any(
-                alias.name == "LocalTokenEngine" for alias in node.names
-            ):
-                found.append(f"{name}:{node.lineno}")
+    found = [
+        f"{name}:{node.lineno}"
+        for name, path in _modules().items()
+        if not _under(name, STS + COMPOSITION_ROOT)
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, ast.ImportFrom)
+        and any(alias.name == "LocalTokenEngine" for alias in node.names)
+    ]
     assert found == []
 
 
