@@ -462,7 +462,7 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         policy=SagaPolicy(
             first_check_after_s=float(config.payment_first_check_s),
             check_interval_s=float(config.payment_check_interval_s),
-            payment_deadline_s=float(config.payment_expiry_s),
+            payment_expiry_s=float(config.payment_expiry_s),
             ambiguous_recheck_s=float(config.ambiguous_recheck_s),
             fbe_timezone=config.fbe_timezone,
         ),

@@ -110,7 +110,7 @@ class UnknownCollections:
         """
         known: set[str] = set()
         unexplained = 0
-        oldest = purchase.created_at - timedelta(seconds=self._policy.payment_deadline_s)
+        oldest = purchase.created_at - timedelta(seconds=self._policy.payment_expiry_s)
         for other in await self._ledger.find_purchases(
             phone=purchase.phone, states=sorted(_PAID_STATES), limit=100
         ):

@@ -60,7 +60,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Final, Protocol
 from zoneinfo import ZoneInfo
 
@@ -106,6 +106,7 @@ from gateway.payments import (
     ReceiptVerifier,
 )
 from gateway.phone import Msisdn
+from gateway.retry import backoff_s
 from gateway.sts import (
     MeterProfile,
     StsError,
@@ -121,6 +122,7 @@ from gateway.unknown_collections import (
     UNKNOWN_COLLECTION_AMBIGUOUS,
     UnknownCollections,
 )
+from gateway.values.clock import UtcClock, utc_now
 
 __all__ = [
     "COLLECTION_ATTEMPTED",
@@ -154,10 +156,6 @@ CUSTOMER_INITIATED_CHANNEL: Final = "c2b"
 #: SHA-256 is taken over the whole body (issue 17: 50 unknown-reference posts of 900 KB).
 MAX_STORED_NOTICE: Final = 8192
 _PROFILE_CACHE: Final = 4096  # validated meter profiles kept (oldest dropped first)
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -255,7 +253,7 @@ class SagaPolicy:
         ambiguous_recheck_s: a push of unknown outcome whose lookup found several payments that
             could be it (``unknown_collection_ambiguous``, for an operator) is looked up again
             this often.
-        payment_deadline_s: after this long since creation an unpaid purchase expires (a later
+        payment_expiry_s: after this long since creation an unpaid purchase expires (a later
             confirmed success still vends).
         vend_attempts: how often a vend is retried when another writer moved the meter's TID.
         reconcile_after_s: a push whose outcome a crash left unknown (and whose callback never
@@ -273,7 +271,7 @@ class SagaPolicy:
     check_backoff_s: float = 15.0
     check_backoff_max_s: float = 300.0
     ambiguous_recheck_s: float = 300.0
-    payment_deadline_s: float = 900.0
+    payment_expiry_s: float = 3600.0
     vend_attempts: int = 32
     reconcile_after_s: float = 90.0
     reconcile_window_s: tuple[float, float] = (60.0, 300.0)
@@ -301,7 +299,7 @@ class Vending:
         engine: TokenEngine,
         providers: Mapping[str, PaymentProvider],
         default_provider: str,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: UtcClock = utc_now,
         policy: SagaPolicy | None = None,
         observer: SagaObserver | None = None,
     ) -> None:
@@ -419,8 +417,11 @@ class Vending:
 
     def _backoff(self, attempts: int) -> timedelta:
         policy = self._policy
-        seconds = min(policy.check_backoff_max_s, policy.check_backoff_s * 2 ** max(0, attempts))
-        return timedelta(seconds=seconds)
+        return timedelta(
+            seconds=backoff_s(
+                attempts, base_s=policy.check_backoff_s, cap_s=policy.check_backoff_max_s
+            )
+        )
 
     async def request_payment(self, purchase_id: str) -> Purchase:
         """Ask the purchase's provider to collect the money (the STK/MoMo prompt).
@@ -944,7 +945,7 @@ class Vending:
         purchase_id = purchase.purchase_id
         if purchase.state in {PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT}:
             now = self._clock()
-            deadline = purchase.created_at + timedelta(seconds=self._policy.payment_deadline_s)
+            deadline = purchase.created_at + timedelta(seconds=self._policy.payment_expiry_s)
             if now >= deadline:
                 log.info("purchase_expired")
                 return await self._ledger.transition(

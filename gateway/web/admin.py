@@ -77,6 +77,7 @@ from gateway.operator import (
     Vend,
 )
 from gateway.phone import InvalidPhoneNumber, Msisdn, masked, parse_msisdn
+from gateway.values.clock import UtcClock, utc_now
 from gateway.vending import CUSTOMER_INITIATED_CHANNEL, NothingToReprint, NotPaid, VendFailed
 
 __all__ = [
@@ -119,10 +120,6 @@ _SECURITY_HEADERS: Final[Mapping[str, str]] = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class AdminSaga(Protocol):
@@ -342,7 +339,7 @@ def setup_admin(  # noqa: PLR0913 - every collaborator named, each with a defaul
     ledger: OperatorRecords,
     vending: AdminSaga,
     admin_token: Secret,
-    clock: Callable[[], datetime] = _utc_now,
+    clock: UtcClock = utc_now,
     stuck: StuckPolicy | None = None,
     region: str = "KE",
     session_ttl_s: float = 12 * 3600,

@@ -211,7 +211,7 @@ def build_vending(ledger: Ledger, provider: FakeProvider, clock: FakeClock) -> V
         providers={provider.name: provider},
         default_provider=provider.name,
         clock=clock,
-        policy=SagaPolicy(payment_deadline_s=600),
+        policy=SagaPolicy(payment_expiry_s=600),
     )
 
 

@@ -177,7 +177,7 @@ async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
             providers={provider.name: provider},
             default_provider=provider.name,
             clock=clock,
-            policy=SagaPolicy(payment_deadline_s=3600),
+            policy=SagaPolicy(payment_expiry_s=3600),
         )
         yield Shop(ledger, vending, provider, clock, drns)
 
