@@ -252,6 +252,7 @@ class PgProxy:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+@pytest.mark.slow
 async def test_every_log_line_is_json_through_a_postgresql_outage(
     tmp_path: Path, schema: str
 ) -> None:
@@ -332,6 +333,7 @@ async def _becomes(http: aiohttp.ClientSession, base: str, status: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 async def test_a_deleted_ledger_is_not_ready_and_refuses_the_next_start(tmp_path: Path) -> None:
     """Delete the ledger under a running demo gateway: /readyz says 503; a restart refuses.
 
@@ -368,6 +370,7 @@ async def test_a_deleted_ledger_is_not_ready_and_refuses_the_next_start(tmp_path
     assert (data / "master.key").read_bytes() == key_before
 
 
+@pytest.mark.slow
 async def test_a_database_that_takes_no_writes_is_not_ready(tmp_path: Path, schema: str) -> None:
     """PostgreSQL answers reads but no write gets through (every table locked against writes).
 
