@@ -141,8 +141,8 @@ class Config:
             if secret is not None
         ]
         for url in (self.database_url, self.redis_url):
-            password = _url_password(url)
-            values += [password, unquote(password)]  # as written in the URL, and decoded
+            for password in _url_passwords(url):
+                values += [password, unquote(password)]  # as written in the URL, and decoded
         for name in _PROVIDERS:
             settings: ProviderSettings = getattr(self, name)
             values += [settings.key.reveal(), settings.secret.reveal()]
@@ -203,12 +203,22 @@ _PROVIDER_FIELDS: Final = ("base_url", "username", "key", "secret")
 _SECRET_EXTRAS: Final = frozenset({"passkey", "security_credential", "subscription_key"})
 
 
-def _url_password(url: str) -> str:
-    """The password in ``scheme://user:password@host/…`` as written (percent-encoded), or ""."""
+def _url_passwords(url: str) -> list[str]:
+    """The URL's passwords as written (percent-encoded), none when it has none.
+
+    ``scheme://user:password@host/…``, and any ``password`` (or ``sslpassword``) in its query
+    (``…/db?password=…``), which libpq, asyncpg and redis-py accept too.
+    """
     try:
-        return urlsplit(url).password or ""
+        parts = urlsplit(url)
+        found = [parts.password or ""]
     except ValueError:
-        return ""
+        return []
+    for pair in parts.query.split("&"):
+        name, _, value = pair.partition("=")
+        if name.lower().endswith("password"):
+            found.append(value)
+    return [value for value in found if value]
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

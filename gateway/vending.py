@@ -22,13 +22,19 @@ the purchase's tariff), and the token SMS says what was recovered and what remai
 Free basic electricity (FBE): a tariff's monthly allowance (``Ledger.set_fbe_allowance``) comes
 as a second credit token, with its own TID and SMS, with the meter's first vend of the calendar
 month in ``SagaPolicy.fbe_timezone`` (Africa/Nairobi by default). The database allows one per
-meter and month. A vend that delivers a key change leaves the FBE to the next purchase.
+meter and month. A vend that delivers a key change, or whose payer is unknown (a C2B payment with
+a masked MSISDN: its token SMS is held), leaves the FBE to the next purchase.
 
 A callback is a claim: ``on_payment_notice`` records it and asks the provider (``query_status``)
 before anything is vended; a provider answer that contradicts it is a security event. A provider
 receipt pays for one purchase only: the ledger refuses a second claim of it (``ReceiptReused``),
-which leaves that purchase REFUND_PENDING for an operator, never vended. The receipt on a token
-comes only from the provider's records, never from a callback's word.
+which leaves that purchase REFUND_PENDING for an operator, never vended (a push proven by our
+own query of it is vended without the disputed receipt instead). A claim may take a receipt only
+when the provider's record of it matches the claim (payer, amount, kind: a paybill payment or an
+STK push): a paybill confirmation is checked before it opens a purchase, and one the record
+contradicts takes nothing (``payment_claim_contradicted``), leaving the receipt to its own
+payment's claim. The receipt on a token comes only from the provider's records, never from a
+callback's word.
 
 Each step is one ledger transaction with its event row, and every step is safe to retry: a replayed
 vend returns the stored token and queues nothing. TIDs come from the meter row inside the vend
@@ -156,6 +162,26 @@ CUSTOMER_INITIATED_CHANNEL: Final = "c2b"
 #: SHA-256 is taken over the whole body (issue 17: 50 unknown-reference posts of 900 KB).
 MAX_STORED_NOTICE: Final = 8192
 _PROFILE_CACHE: Final = 4096  # validated meter profiles kept (oldest dropped first)
+
+
+def _claim_contradiction(
+    record: PaymentStatus, amount: Money | None, payer: Msisdn | None, *, customer: bool
+) -> str | None:
+    """How the provider's record of a paid receipt contradicts a claim on it; None if it does not.
+
+    Only a success record is compared (a failure is ``confirm``'s to handle): its kind of
+    payment (``customer``: one the payer started, a paybill payment; else our prompt's) when
+    the record says it, its amount, and its payer when both sides name one.
+    """
+    if record.state is not PaymentState.SUCCEEDED:
+        return None
+    if record.customer_initiated is not None and record.customer_initiated != customer:
+        return "a payment the payer started" if record.customer_initiated else "an STK push's"
+    if amount is not None and record.amount is not None and record.amount != amount:
+        return "another amount"
+    if payer is not None and record.payer is not None and record.payer != payer:
+        return "another payer"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -543,7 +569,11 @@ class Vending:
                 purchase_id=outcome.purchase_id,
             )
         purchase_id: str | None = outcome.purchase_id
+        record: PaymentStatus | None = None
         if purchase_id is None and notice.is_customer_initiated:
+            record = await self._customer_claim_record(notice)
+            if record is not None and await self._claim_refused(notice, record):
+                return  # takes nothing: the reference stays free for the payment's own claim
             purchase_id = await self._open_customer_payment(notice)
         if purchase_id is None:
             purchase_id = await self._unknown.adopt_unknown_collection(notice)
@@ -567,11 +597,53 @@ class Vending:
         with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
             try:
                 await self.confirm(
-                    purchase_id, claimed=notice.claimed_state, claimed_receipt=notice.receipt
+                    purchase_id,
+                    claimed=notice.claimed_state,
+                    claimed_receipt=notice.receipt,
+                    record=record,
                 )
             except (GatewayError, StsError) as exc:
                 # Recorded; the sweeper finishes it. A notice is never refused for this.
                 log.warning("payment_notice_confirmation_deferred", error=str(exc))
+
+    async def _customer_claim_record(self, notice: PaymentNotice) -> PaymentStatus | None:
+        """The provider's record of a C2B confirmation's receipt, asked before it opens a purchase.
+
+        None when it cannot be had now (or the notice claims no success): the claim then opens
+        its purchase and ``confirm`` asks again, checking the same (``_on_proven``).
+        """
+        provider = self._providers.get(notice.provider)
+        if provider is None or notice.claimed_state is not PaymentState.SUCCEEDED:
+            return None
+        try:
+            return await provider.query_status(notice.reference)
+        except PaymentError as exc:
+            log.warning("customer_payment_unchecked", reference=notice.reference, error=str(exc))
+            return None
+
+    async def _claim_refused(self, notice: PaymentNotice, record: PaymentStatus) -> bool:
+        """Whether the provider's record of the receipt contradicts a C2B confirmation's claim.
+
+        Checked before the claim opens a purchase, since the purchase takes the receipt: a
+        record of a paid receipt that is not a payment the payer started (an STK push's), or is
+        of another amount or payer, is the security event ``payment_claim_contradicted`` (an
+        event with no purchase) and the claim takes nothing; the payment's own confirmation
+        still can.
+        """
+        reason = _claim_contradiction(record, notice.amount, notice.payer, customer=True)
+        if reason is None:
+            return False
+        data = {
+            "provider": notice.provider,
+            "reference": notice.reference,
+            "account": notice.account_reference,
+            "reason": reason,
+        }
+        self._security_event("payment_claim_contradicted", **data)
+        await self._ledger.append_event(
+            None, "payment_claim_contradicted", actor=f"callback:{notice.provider}", data=data
+        )
+        return True
 
     async def _open_customer_payment(self, notice: PaymentNotice) -> str | None:
         """A customer-initiated payment (C2B paybill): open its purchase from the notice."""
@@ -657,14 +729,20 @@ class Vending:
         *,
         claimed: PaymentState | None = None,
         claimed_receipt: str | None = None,
+        record: PaymentStatus | None = None,
     ) -> Purchase:
         """Ask the provider what became of the purchase's payment, and act on its answer.
 
         Paid with the exact amount, currency and payer: PAID, then vended. Paid otherwise:
-        REFUND_PENDING and a security event (never vends). Paid with a receipt that already
-        pays for another purchase: REFUND_PENDING (an operator looks) and the security event
-        ``payment_receipt_reused``, never vended. Failed: PAYMENT_FAILED. Pending: unchanged. A
-        success arriving after expiry still vends: money is never lost.
+        REFUND_PENDING and a security event (never vends). A paybill purchase whose receipt the
+        provider's record shows to be another payer's, amount's or an STK push's: PAYMENT_FAILED
+        and the security event ``payment_claim_contradicted``; it takes nothing (the receipt
+        stays free). Paid with a receipt that already pays for another purchase:
+        REFUND_PENDING (an operator looks) and the security event ``payment_receipt_reused``,
+        never vended; except a push our own query proved paid (STK Query), which is vended
+        without the disputed receipt (the same event), never prompted again. Failed:
+        PAYMENT_FAILED. Pending: unchanged. A success arriving after expiry still vends: money
+        is never lost.
 
         ``claimed`` is what the callback that brought us here said: an answer of the provider
         that contradicts it (success against failure, either way), a provider that does not
@@ -674,7 +752,11 @@ class Vending:
         The receipt on the vend and the token SMS comes from the provider's own records only:
         the status answer's, else (Daraja STK, whose query has none) a receipt a callback claimed
         (``claimed_receipt``, or the one kept with the payment) once the provider's record of it
-        (``ReceiptVerifier``) shows this payment's amount and payer; else our purchase id.
+        (``ReceiptVerifier``) shows this payment's amount and payer, and the kind of payment
+        (a push's receipt for a push); else our purchase id.
+
+        ``record`` is the provider's answer for the purchase's reference when the caller has
+        just asked it (a paybill confirmation's check): it is not asked again.
 
         Raises:
             PaymentError: the provider could not answer (``ProviderUnavailable``, retryable).
@@ -698,7 +780,11 @@ class Vending:
             provider = self._providers[purchase.provider]
             reference = purchase.provider_reference
             try:
-                status = await provider.query_status(ProviderReference(reference))
+                status = (
+                    record
+                    if record is not None and record.reference == reference
+                    else await provider.query_status(ProviderReference(reference))
+                )
             except ForgedCallback as exc:
                 self._security_event(
                     "payment_callback_contradicted",
@@ -750,15 +836,27 @@ class Vending:
     async def _on_success(
         self, context: VendContext, status: PaymentStatus, claimed_receipt: str | None = None
     ) -> Purchase:
+        purchase = context.purchase
+        # Proven by our own query of our own request (STK Query: no receipt in the answer).
+        own_query = status.receipt is None and status.reference == purchase.provider_reference
         if status.receipt is None:
             receipt = await self._proven_receipt(
-                context.purchase, status.reference, (claimed_receipt, context.receipt)
+                purchase, status.reference, (claimed_receipt, context.receipt)
             )
             status = replace(status, receipt=receipt)
         try:
             return await self._on_proven(context, status)
         except ReceiptReused as exc:
-            return await self._receipt_reused(context.purchase, status, exc)
+            if not own_query:
+                return await self._receipt_reused(purchase, status, exc)
+            # The provider said our own request was paid: only the receipt a callback named is
+            # disputed. The purchase is paid and vended without it (never prompted again).
+            data = {"provider": exc.provider, "receipt": exc.receipt, "reference": status.reference}
+            self._security_event("payment_receipt_reused", **data)
+            await self._ledger.append_event(
+                purchase.purchase_id, "payment_receipt_reused", actor="saga", data=data
+            )
+            return await self._on_proven(context, replace(status, receipt=None))
 
     async def _late_receipt(self, context: VendContext, claimed: str) -> None:
         """A receipt claimed after the vend (the real callback behind a forged one, say).
@@ -801,13 +899,12 @@ class Vending:
             except (PaymentError, TimeoutError) as exc:
                 log.warning("payment_receipt_unverified", receipt=claimed, error=repr(exc))
                 continue
-            payer_ok = (
-                record.payer is None or purchase.phone is None or (record.payer == purchase.phone)
-            )
+            customer = purchase.channel == CUSTOMER_INITIATED_CHANNEL
             if (
                 record.state is PaymentState.SUCCEEDED
                 and record.amount == purchase.amount
-                and payer_ok
+                and _claim_contradiction(record, purchase.amount, purchase.phone, customer=customer)
+                is None
             ):
                 return record.receipt or claimed
             self._security_event(
@@ -844,6 +941,10 @@ class Vending:
 
     async def _on_proven(self, context: VendContext, status: PaymentStatus) -> Purchase:
         purchase = context.purchase
+        if purchase.channel == CUSTOMER_INITIATED_CHANNEL:
+            reason = _claim_contradiction(status, purchase.amount, purchase.phone, customer=True)
+            if reason is not None:
+                return await self._claim_contradicted(purchase, status, reason)
         matches, paid = self._matches(purchase, status)
         confirmed = ConfirmedPayment(
             provider=status.provider,
@@ -878,6 +979,35 @@ class Vending:
             seconds = max(0.0, (self._clock() - requested).total_seconds())
             self._observe(self._observer.payment_confirmed, seconds)
         return outcome.purchase
+
+    async def _claim_contradicted(
+        self, purchase: Purchase, status: PaymentStatus, reason: str
+    ) -> Purchase:
+        """A paybill purchase the provider's record contradicts: it takes nothing, never vends.
+
+        PAYMENT_FAILED (an operator sees it: its confirmation said money moved), the payment
+        row untouched (the receipt stays free), and the security event
+        ``payment_claim_contradicted``.
+        """
+        data = {
+            "provider": status.provider,
+            "reference": status.reference,
+            "account": purchase.meter,
+            "reason": reason,
+        }
+        self._security_event("payment_claim_contradicted", **data)
+        if purchase.state not in {PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT}:
+            await self._ledger.append_event(
+                purchase.purchase_id, "payment_claim_contradicted", actor="saga", data=data
+            )
+            return await self._ledger.get_purchase(purchase.purchase_id)
+        return await self._ledger.transition(
+            purchase.purchase_id,
+            PurchaseState.PAYMENT_FAILED,
+            kind="payment_claim_contradicted",
+            actor="saga",
+            data=data,
+        )
 
     @staticmethod
     def _observe(report: Callable[[float], None], seconds: float) -> None:
@@ -1057,15 +1187,12 @@ class Vending:
         if change is not None and not change.is_from(meter):
             log.warning("key_change_stale", meter=meter.drn, change_id=change.change_id)
             change = None
-        try:
-            units, recovered, balance = await self._debt_step(purchase)
-        except TariffError as exc:  # the tariff changed so much the purchase buys nothing now
-            reason = f"re-pricing after the debt changed: {exc}"
-            raise await self._vend_failed(purchase, payment, reason) from exc
+        units, recovered, balance = await self._debt_step(purchase)
         units = _carried_units(units)
         tid, token, kcts = await self._make_tokens(context, change, payment, units)
-        # The month's free basic electricity rides on this vend (not on a key change's).
-        fbe = None if kcts else await self._fbe_step(context, tid)
+        # The month's free basic electricity rides on this vend: not on a key change's, nor on
+        # one with no phone to send it to (its SMS would be held, and nothing reprints it).
+        fbe = None if kcts or purchase.phone is None else await self._fbe_step(context, tid)
         # Only a receipt the provider's records proved (the payment's): never a callback's claim.
         proven = payment.receipt if payment else await self._confirmed_receipt(purchase)
         receipt = proven or purchase.purchase_id
@@ -1133,7 +1260,9 @@ class Vending:
         The quote planned ``purchase.debt_recovery_minor``; the vend never recovers more than the
         meter owes now. Should the debt have shrunk since (cleared, or recovered by another
         purchase), the money not recovered buys energy: the purchase is priced again under its
-        tariff. The balance is None when nothing was planned (the meter owed nothing).
+        tariff, and never gets fewer units than its quote promised (the tariff may have changed
+        since: a dearer price, or one under which the amount buys nothing, still vends what was
+        quoted and paid for). The balance is None when nothing was planned (the meter owed nothing).
         """
         planned = purchase.debt_recovery_minor
         if planned <= 0:
@@ -1145,13 +1274,20 @@ class Vending:
         if recovered == planned:
             return purchase.units, recovered, balance
         tariff = await self._ledger.get_tariff(purchase.tariff_id)
-        repriced = price(
-            tariff, purchase.amount, debt_recovered_minor=recovered, debt_balance_minor=balance
-        )
-        log.info(
-            "debt_recovery_reduced", planned=planned, recovered=recovered, units=repriced.units
-        )
-        return repriced.units, recovered, balance
+        repriced = 0
+        try:
+            if tariff.currency == purchase.amount.currency:  # else the quote is all there is
+                repriced = price(
+                    tariff,
+                    purchase.amount,
+                    debt_recovered_minor=recovered,
+                    debt_balance_minor=balance,
+                ).units
+        except TariffError as exc:  # the tariff changed so much the amount buys nothing now
+            log.warning("debt_repricing_refused", reason=str(exc))
+        units = max(purchase.units, repriced)
+        log.info("debt_recovery_reduced", planned=planned, recovered=recovered, units=units)
+        return units, recovered, balance
 
     async def _fbe_step(self, context: VendContext, credit_tid: int) -> FbeDraft | None:
         """The month's free basic electricity token, when the meter has it due; else None.

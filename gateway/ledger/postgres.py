@@ -1108,7 +1108,11 @@ class PostgresLedger:
         payment: ConfirmedPayment,
         state: PaymentRecordState,
     ) -> object:
-        """Insert or settle the payment row; None when another purchase owns the reference."""
+        """Insert or settle the payment row; None when another purchase owns the reference.
+
+        The row's receipt becomes the one the provider's records proved (None: none), never a
+        callback's claim kept from ``record_notice``: a claim takes no receipt unproven.
+        """
         return await conn.fetchval(
             "INSERT INTO payments (purchase_id, provider, reference, amount_minor, currency,"
             " state, payer, receipt, created_at, updated_at)"
@@ -1116,7 +1120,7 @@ class PostgresLedger:
             " ON CONFLICT (provider, reference) DO UPDATE SET"
             " amount_minor = excluded.amount_minor, currency = excluded.currency,"
             " state = excluded.state, payer = excluded.payer,"
-            " receipt = COALESCE(excluded.receipt, payments.receipt),"
+            " receipt = excluded.receipt,"
             " updated_at = excluded.updated_at, purchase_id = excluded.purchase_id"
             " WHERE payments.purchase_id IS NULL OR payments.purchase_id = excluded.purchase_id"
             " RETURNING payment_id",

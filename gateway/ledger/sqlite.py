@@ -1287,6 +1287,8 @@ class SqliteLedger:
         payment: ConfirmedPayment,
         state: PaymentRecordState,
     ) -> None:
+        # The row's receipt becomes the one the provider's records proved (None: none), never a
+        # callback's claim kept from ``record_notice``: a claim takes no receipt unproven.
         now = _ts(self._clock())
         values = (
             payment.amount.amount_minor,
@@ -1299,7 +1301,7 @@ class SqliteLedger:
         try:
             updated = conn.execute(
                 "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
-                " receipt = COALESCE(?, receipt), updated_at = ?, purchase_id = ?"
+                " receipt = ?, updated_at = ?, purchase_id = ?"
                 " WHERE provider = ? AND reference = ?"
                 " AND (purchase_id IS NULL OR purchase_id = ?)",
                 (*values, purchase_id, payment.provider, payment.reference, purchase_id),

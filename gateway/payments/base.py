@@ -124,6 +124,9 @@ class PaymentStatus:
     payer: Msisdn | None = None
     receipt: str | None = None
     reason: str | None = None  # the provider's words for a failure, for operators
+    # What kind of payment the provider's record says it is: True a payment the payer started
+    # (paybill, C2B), False one our prompt started (STK push); None when the record does not say.
+    customer_initiated: bool | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -884,6 +884,8 @@ class DarajaProvider:
             )
         completed = str(values.get("TransactionStatus", "")) == "Completed"
         debit = str(values.get("DebitPartyName", ""))
+        # "Pay Bill Online" / "Buy Goods Online": an STK push; "Pay Bill", "Pay Utility" …: C2B.
+        reason_type = str(values.get("ReasonType") or "").strip().lower()
         return PaymentStatus(
             provider=self.name,
             reference=ProviderReference(reference),
@@ -892,6 +894,7 @@ class DarajaProvider:
             payer=_payer(debit.split(" - ", 1)[0].strip()),
             receipt=str(values.get("ReceiptNo", reference)),
             reason=None if completed else str(values.get("TransactionStatus", "")),
+            customer_initiated=("online" not in reason_type) if reason_type else None,
         )
 
     # -- callbacks -----------------------------------------------------------------------------

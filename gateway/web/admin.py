@@ -640,6 +640,11 @@ async def _login(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         return refused
     form = await request.post()
+    # Again after the form's read: guesses sent concurrently all passed the check above while
+    # their bodies came in; between this check and the failure's count nothing awaits.
+    refused = _too_many(request)
+    if refused is not None:
+        return refused
     presented = form.get("token")
     target = _safe_next(str(form.get("next") or ""))
     if not (isinstance(presented, str) and site.token_matches(presented.strip())):

@@ -12,8 +12,11 @@ was never prompted, now that its first check is stored with it); their tests now
 The push of unknown outcome whose callback is lost too (the open half of 62f5884) is found in
 Daraja's Pull Transactions by payer, amount and time; its former strict xfail guards that. A
 paybill purchase caught by a kill before its receipt was attached is never prompted
-(tests/vending/test_c2b_crash.py). The audited run is strict: its drain must end ``recovered``
-and every auditor count must be zero.
+(tests/vending/test_c2b_crash.py). The front-running replay the ``--attacks`` run found (a receipt
+posted as another meter's C2B TransID before its own confirmation or STK callback) is checked
+against Daraja's Transaction Status record (payer, amount, ReasonType) before it may take the
+receipt; its two former strict xfails guard that. The audited run is strict: its drain must end
+``recovered`` and every auditor count must be zero.
 """
 
 from __future__ import annotations
@@ -607,11 +610,6 @@ def test_auditor_counts_a_token_carried_twice_as_a_duplicate_sms_not_a_failure()
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (found by the --attacks run): a C2B TransID replayed for another meter before "
-    "Daraja's own confirmation arrives takes the receipt; the genuine purchase is refused",
-)
 async def test_a_c2b_receipt_replayed_before_its_own_confirmation_still_vends_for_the_payer(
     tmp_path: Path,
 ) -> None:
@@ -620,6 +618,7 @@ async def test_a_c2b_receipt_replayed_before_its_own_confirmation_still_vends_fo
     Found by ``bench/load.py --attacks`` in the strict audited run: the replay became a
     REFUND_PENDING purchase holding the receipt, and the genuine confirmation (delayed by the
     chaos) could not claim it: money taken, no token for the payer (``paid_without_token``).
+    (Was a strict xfail: Transaction Status names another payer, so the replay takes nothing.)
     """
     from gateway.demo import serving  # noqa: PLC0415 - only here
 
@@ -654,18 +653,14 @@ async def test_a_c2b_receipt_replayed_before_its_own_confirmation_still_vends_fo
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (found by the --attacks run): an STK receipt replayed as a C2B TransID before "
-    "the genuine STK callback is processed takes the receipt; the payer's purchase is not vended",
-)
 async def test_an_stk_receipt_replayed_before_its_own_callback_still_vends_for_the_payer(
     tmp_path: Path,
 ) -> None:
     """The payer's purchase gets its token even when an attacker posts the receipt as C2B first.
 
     Found by ``bench/load.py --attacks`` in the strict audited run: the payer's STK purchase was
-    left unpaid, prompted again, and charged a second time.
+    left unpaid, prompted again, and charged a second time. (Was a strict xfail: Transaction
+    Status says the receipt is an STK push's, "Pay Bill Online", so the replay takes nothing.)
     """
     from gateway.demo import serving  # noqa: PLC0415 - only here
 

@@ -596,6 +596,22 @@ async def test_c2b_to_a_known_meter_is_validated_confirmed_and_proven(daraja: Da
     assert status.amount == Money(20000, "KES")
     assert status.payer == PAYER
     assert status.receipt == outcome.trans_id
+    assert status.customer_initiated is True  # ReasonType "Pay Bill": from the SIM menu
+
+
+async def test_transaction_status_tells_a_push_receipt_from_a_paybill_one(daraja: Daraja) -> None:
+    """Daraja's ReasonType: "Pay Bill Online" is an STK push's receipt, not a paybill payment.
+
+    A claim that a push's receipt is a paybill payment (or the reverse) is then contradicted by
+    Daraja's own record (the saga's ``payment_claim_contradicted``).
+    """
+    await daraja.provider.request_collection(_request())
+    await daraja.sim.settle()
+    [charge] = daraja.sim.ledger()
+    record = await daraja.provider.verify_receipt(charge.receipt)
+    assert record.state is PaymentState.SUCCEEDED
+    assert record.payer == PAYER
+    assert record.customer_initiated is False
 
 
 async def test_c2b_to_an_unknown_meter_is_rejected_before_money_moves(daraja: Daraja) -> None:

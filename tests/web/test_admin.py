@@ -713,6 +713,47 @@ async def test_failed_logins_are_throttled_per_source(client: Client, shop: Shop
     assert event.data["source"] == "127.0.0.1"
 
 
+async def test_concurrent_wrong_logins_through_the_form_are_throttled_too(
+    shop: Shop, aiohttp_client: ClientFactory
+) -> None:
+    """Forty wrong tokens posted at once, their bodies arriving late: three 401s, the rest 429.
+
+    Each login reads its form before the token is checked; had the source's lock-out been
+    looked at only before that read, every guess in flight would pass it (forty guesses, not
+    three: a brute force only needs to send its guesses concurrently).
+    """
+    app = web.Application(middlewares=[context_middleware])
+    setup_admin(
+        app,
+        ledger=shop.ledger,
+        vending=shop.vending,
+        admin_token=Secret(ADMIN_TOKEN),
+        throttle=AuthThrottle(limit=3, window_s=60),
+    )
+    app.add_routes(admin_routes())
+    client = await aiohttp_client(app)
+    connections = [await asyncio.open_connection(client.host, client.port) for _ in range(40)]
+    for n, (_, writer) in enumerate(connections):
+        body = f"token=guess-{n:02d}".encode()
+        writer.write(
+            b"POST /admin/login HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\ntoken=" % len(body)
+        )
+        await writer.drain()
+    await asyncio.sleep(0.3)  # every handler has begun and waits for the rest of its form
+    for n, (_, writer) in enumerate(connections):
+        writer.write(f"guess-{n:02d}".encode())
+        await writer.drain()
+    statuses = []
+    for reader, writer in connections:
+        status_line = await reader.readline()
+        statuses.append(int(status_line.split()[1]))
+        writer.close()
+    assert statuses.count(401) == 3
+    assert statuses.count(429) == 37
+
+
 async def test_the_lock_out_ends_after_the_window(
     shop: Shop, aiohttp_client: ClientFactory
 ) -> None:
