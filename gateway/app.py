@@ -51,7 +51,7 @@ from gateway.config import SIMULATED, Config, Mode, Secret
 from gateway.customer_services import SagaCustomerServices
 from gateway.demo_data import demo_master_key, seed_demo
 from gateway.errors import ConfigError, LedgerMissing
-from gateway.ledger import Ledger, MeterNumber, open_ledger
+from gateway.ledger import Ledger, MeterNumber, open_ledger, open_vending_key
 from gateway.ledger.postgres import is_postgres_url
 from gateway.ledger.sqlite import sqlite_path
 from gateway.logging import register_secrets
@@ -65,10 +65,12 @@ from gateway.sms.africastalking import (
     LIVE_URL,
     AfricasTalkingHttpSender,
     AfricasTalkingSdkSender,
+    parse_delivery_report,
 )
 from gateway.sms.outbox import OutboxPolicy, OutboxWorker
+from gateway.sts import LocalTokenEngine, VendingKey
 from gateway.sweeper import Sweeper
-from gateway.vending import SagaPolicy, Vending, load_token_engine
+from gateway.vending import SagaPolicy, Vending
 from gateway.web.admin import admin_routes, setup_admin
 from gateway.web.callbacks import payment_routes
 from gateway.web.delivery import delivery_routes
@@ -133,6 +135,19 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+
+
+async def load_token_engine(ledger: Ledger, master_key: bytes) -> LocalTokenEngine:
+    """The embedded engine holding every vending key in the ledger, unsealed with ``master_key``.
+
+    Raises:
+        VendingKeyUnreadable: the master key does not open one of the keys (names it).
+    """
+    keys = [open_vending_key(sealed, master_key) for sealed in await ledger.vending_keys()]
+    return LocalTokenEngine(
+        VendingKey(sgc=k.sgc, krn=k.krn, dkga=k.dkga, base_date=k.base_date, key=k.key)
+        for k in keys
+    )
 
 
 def payment_callback_url(base: str, secret: Secret, provider: str, tail: str) -> str:
@@ -445,9 +460,9 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         providers=providers,
         default_provider=default_provider,
         policy=SagaPolicy(
-            first_check_after_s=float(config.payment_deadline_s),
+            first_check_after_s=float(config.payment_first_check_s),
             check_interval_s=float(config.payment_check_interval_s),
-            payment_deadline_s=float(config.payment_expiry_s),
+            payment_expiry_s=float(config.payment_expiry_s),
             ambiguous_recheck_s=float(config.ambiguous_recheck_s),
             fbe_timezone=config.fbe_timezone,
         ),
@@ -620,7 +635,13 @@ async def build_app(config: Config) -> web.Application:
             default_region=config.country,
         )
     )
-    app.add_routes(delivery_routes(runtime.outbox.apply_delivery_report, path=SMS_DELIVERY_PATH))
+    app.add_routes(
+        delivery_routes(
+            runtime.outbox.apply_delivery_report,
+            parse=parse_delivery_report,
+            path=SMS_DELIVERY_PATH,
+        )
+    )
     app.add_routes(
         payment_routes(
             runtime.providers,

@@ -22,20 +22,17 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import structlog
 
 from gateway.errors import GatewayError
 from gateway.ledger import PaymentChecks
 from gateway.sms.outbox import OutboxWorker
+from gateway.values.clock import utc_now
 from gateway.vending import Vending
 
 log = structlog.get_logger()
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,7 +67,7 @@ class Sweeper:
         vending: Vending,
         outbox: OutboxWorker | None,
         checks: PaymentChecks | None = None,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
         interval_s: float = 15.0,
         batch: int = 100,
         check_concurrency: int = 32,

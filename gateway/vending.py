@@ -50,6 +50,11 @@ VendingError                 gateway.errors.GatewayError
   NothingToReprint           the purchase has no token yet
 ```
 Tariff errors (``gateway.tariff``) pass through from ``quote`` and ``start_purchase``.
+
+Beside the saga: the recovery of collections whose outcome is unknown is
+``gateway/unknown_collections.py`` (the saga owns one ``UnknownCollections``); the token SMS is
+built by ``flows/messages/tokens.py`` from the message catalogues; the token engine is built by
+the composition root (``gateway/app.py``, ``load_token_engine``) and handed in.
 """
 
 from __future__ import annotations
@@ -61,12 +66,13 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Final, Protocol
 from zoneinfo import ZoneInfo
 
 import structlog
 
+from flows.messages.tokens import fbe_message, token_message
 from gateway.errors import GatewayError
 from gateway.ledger import (
     ConfirmedPayment,
@@ -91,7 +97,6 @@ from gateway.ledger import (
     VendDraft,
     VendOutcome,
     new_purchase_id,
-    open_vending_key,
 )
 from gateway.money import Money
 from gateway.payments import (
@@ -105,23 +110,31 @@ from gateway.payments import (
     PaymentStatus,
     ProviderReference,
     ReceiptVerifier,
-    ReconcilingProvider,
 )
 from gateway.phone import Msisdn
+from gateway.retry import backoff_s
 from gateway.sts import (
-    LocalTokenEngine,
     MeterProfile,
     StsError,
     Token,
     TokenEngine,
-    VendingKey,
     next_tid,
     round_units_down,
 )
 from gateway.tariff import Quote, TariffError, price, quote
+from gateway.unknown_collections import (
+    COLLECTION_ATTEMPTED,
+    COLLECTION_NOT_STARTED,
+    UNKNOWN_COLLECTION_AMBIGUOUS,
+    UnknownCollections,
+)
+from gateway.values.clock import UtcClock, utc_now
 
 __all__ = [
+    "COLLECTION_ATTEMPTED",
+    "COLLECTION_NOT_STARTED",
     "CUSTOMER_INITIATED_CHANNEL",
+    "UNKNOWN_COLLECTION_AMBIGUOUS",
     "MeterBlocked",
     "NotPaid",
     "NothingToReprint",
@@ -132,7 +145,6 @@ __all__ = [
     "Vending",
     "VendingError",
     "fbe_message",
-    "load_token_engine",
     "reprint_token",
     "token_message",
 ]
@@ -143,31 +155,13 @@ _FAILED_CLAIMS: Final = frozenset(
     {PaymentState.FAILED, PaymentState.CANCELLED, PaymentState.TIMED_OUT}
 )
 _SETTLED: Final = frozenset({PurchaseState.VENDED, PurchaseState.DELIVERED})
-# Event kinds that bracket a collection request to a provider without idempotency (Daraja STK):
-# "attempted" is written before the request, "not started" when the adapter says it did not
-# take effect. An "attempted" never followed by a reference means the outcome is unknown.
-COLLECTION_ATTEMPTED: Final = "collection_attempted"
-COLLECTION_NOT_STARTED: Final = "collection_not_started"
-# A push of unknown outcome whose provider lists several unclaimed payments that could be it.
-UNKNOWN_COLLECTION_AMBIGUOUS: Final = "unknown_collection_ambiguous"
 #: The channel of a purchase the customer paid on their own (Daraja C2B paybill). It is never
 #: prompted: the money has already moved, so a push would charge the customer twice.
 CUSTOMER_INITIATED_CHANNEL: Final = "c2b"
-_PAID_STATES: Final = frozenset(
-    {
-        PurchaseState.PAID,
-        PurchaseState.VENDED,
-        PurchaseState.DELIVERED,
-        PurchaseState.VEND_FAILED,
-        PurchaseState.REFUND_PENDING,
-    }
-)
 #: Bytes of a callback body kept in the ledger: real callbacks are a few hundred bytes; its
 #: SHA-256 is taken over the whole body (issue 17: 50 unknown-reference posts of 900 KB).
 MAX_STORED_NOTICE: Final = 8192
 _PROFILE_CACHE: Final = 4096  # validated meter profiles kept (oldest dropped first)
-_GSM7_SINGLE: Final = 160
-_GSM7_DOUBLE: Final = 306
 
 
 def _claim_contradiction(
@@ -188,10 +182,6 @@ def _claim_contradiction(
     if payer is not None and record.payer is not None and record.payer != payer:
         return "another payer"
     return None
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -239,138 +229,18 @@ class NothingToReprint(VendingError):
     """The purchase has no token to send again."""
 
 
-# ------------------------------------------------------------------------------------ the message
-
-_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": "Electricity token {token}. {kwh} kWh for {amount}. Meter {meter}. Receipt {receipt}.",
-    "sw": "Tokeni ya umeme {token}. kWh {kwh} kwa {amount}. Mita {meter}. Risiti {receipt}.",
-    "fr": "Code electricite {token}. {kwh} kWh pour {amount}. Compteur {meter}. Recu {receipt}.",
-}
-_SHORT_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": "Token {token} {kwh}kWh {amount} Mtr {meter} Rcpt {receipt}",
-    "sw": "Tokeni {token} {kwh}kWh {amount} Mita {meter} Risiti {receipt}",
-    "fr": "Code {token} {kwh}kWh {amount} Cpt {meter} Recu {receipt}",
-}
-#: With a key change: the key-change tokens come first, in order, then the credit token.
-_KEY_CHANGE_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": "New meter key: enter {kcts} first, then token {token}. {kwh} kWh for {amount}."
-    " Meter {meter}. Receipt {receipt}.",
-    "sw": "Ufunguo mpya wa mita: weka {kcts} kwanza, kisha tokeni {token}. kWh {kwh} kwa"
-    " {amount}. Mita {meter}. Risiti {receipt}.",
-    "fr": "Nouvelle cle compteur: entrez {kcts} d'abord, puis le code {token}. {kwh} kWh pour"
-    " {amount}. Compteur {meter}. Recu {receipt}.",
-}
-_SHORT_KEY_CHANGE_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": "Enter {kcts} then {token} {kwh}kWh {amount} Mtr {meter} Rcpt {receipt}",
-    "sw": "Weka {kcts} kisha {token} {kwh}kWh {amount} Mita {meter} Risiti {receipt}",
-    "fr": "Entrez {kcts} puis {token} {kwh}kWh {amount} Cpt {meter} Recu {receipt}",
-}
+# --------------------------------------------------------------------------------- units carried
 
 
 def _carried_units(units: int) -> int:
-    """The units a purchase's token carries, recorded and sent exactly (DESIGN.md invariant 8).
+    """The units a purchase's token carries, recorded and sent exactly (invariant 8).
+
+    Invariant 8 of docs/architecture.md: the units recorded, in the SMS and credited are one number.
 
     Quotes only offer amounts a token carries; a purchase quoted before they did (above 16,383
     units) is vended the largest such amount below its units, never more than was paid for.
     """
     return round_units_down(units)
-
-
-#: What a purchase gave to the meter's debt, appended to the token SMS.
-_DEBT_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": " Debt recovered {recovered}, remaining {remaining}.",
-    "sw": " Deni lililolipwa {recovered}, deni lililobaki {remaining}.",
-    "fr": " Dette recouvree {recovered}, reste {remaining}.",
-}
-_SHORT_DEBT_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": " Debt {recovered} bal {remaining}",
-    "sw": " Deni {recovered} baki {remaining}",
-    "fr": " Dette {recovered} reste {remaining}",
-}
-_FBE_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": "Free basic electricity for {month}: token {token}. {kwh} kWh. Meter {meter}.",
-    "sw": "Umeme wa bure wa msingi wa {month}: tokeni {token}. kWh {kwh}. Mita {meter}.",
-    "fr": "Electricite de base gratuite {month}: code {token}. {kwh} kWh. Compteur {meter}.",
-}
-
-
-def _group(token: str) -> str:
-    return "-".join(token[i : i + 4] for i in range(0, len(token), 4))
-
-
-def token_message(  # noqa: PLR0913 - keyword-only: every part of the SMS by name
-    *,
-    token: str,
-    units: int,
-    amount: Money,
-    meter: str,
-    receipt: str,
-    language: str = "en",
-    key_change_tokens: Sequence[str] = (),
-    debt_recovered: Money | None = None,
-    debt_remaining: Money | None = None,
-) -> str:
-    """The SMS that carries a token: token in groups of 4, kWh, amount, meter, receipt number.
-
-    Fits one GSM-7 segment (160 characters) when it can, falling back to a terse template, and
-    never needs more than two segments (306). Unknown languages fall back to English. The
-    channels' message catalogues may replace the templates; this is the one builder to reuse.
-    With ``key_change_tokens`` (a key rotation), they come first, in the order to key them in,
-    each grouped by 4, then the credit token: one message of at most two segments.
-
-    Args:
-        token: the 20 digits.
-        units: tenths of a kWh.
-        amount: what the customer paid.
-        meter: the meter number.
-        receipt: the provider's receipt number (our purchase id when the provider gave none).
-        language: ``en``, ``sw`` or ``fr``.
-        key_change_tokens: the key-change set (20 digits each), in order.
-        debt_recovered: what the purchase gave to the meter's debt; the text says so when given.
-        debt_remaining: what the meter still owes after it.
-
-    Raises:
-        ValueError: even the terse text exceeds two segments (absurdly long meter or receipt).
-    """
-    values = {
-        "token": _group(token),
-        "kwh": f"{units // 10}.{units % 10}",
-        "amount": str(amount),
-        "meter": meter,
-        "receipt": receipt,
-        "kcts": " ".join(_group(kct) for kct in key_change_tokens),
-    }
-    lang = language if language in _TEMPLATES else "en"
-    full, short = (
-        (_KEY_CHANGE_TEMPLATES, _SHORT_KEY_CHANGE_TEMPLATES)
-        if key_change_tokens
-        else (_TEMPLATES, _SHORT_TEMPLATES)
-    )
-    debt, short_debt = "", ""
-    if debt_recovered is not None:
-        owed = {
-            "recovered": str(debt_recovered),
-            "remaining": str(debt_remaining or Money(0, debt_recovered.currency)),
-        }
-        debt = _DEBT_TEMPLATES[lang].format(**owed)
-        short_debt = _SHORT_DEBT_TEMPLATES[lang].format(**owed)
-    text = full[lang].format(**values) + debt
-    if len(text) <= _GSM7_SINGLE:
-        return text
-    terse = short[lang].format(**values) + short_debt
-    # The fewest segments first, then the fuller text.
-    for candidate in (terse, text) if len(terse) <= _GSM7_SINGLE else (text, terse):
-        if len(candidate) <= _GSM7_DOUBLE:
-            return candidate
-    raise ValueError(f"token message of {len(terse)} characters exceeds two SMS segments")
-
-
-def fbe_message(*, token: str, units: int, month: str, meter: str, language: str = "en") -> str:
-    """The SMS that carries a month's free basic electricity token (one GSM-7 segment)."""
-    lang = language if language in _FBE_TEMPLATES else "en"
-    return _FBE_TEMPLATES[lang].format(
-        token=_group(token), kwh=f"{units // 10}.{units % 10}", month=month, meter=meter
-    )
 
 
 # -------------------------------------------------------------------------------------- the saga
@@ -409,7 +279,7 @@ class SagaPolicy:
         ambiguous_recheck_s: a push of unknown outcome whose lookup found several payments that
             could be it (``unknown_collection_ambiguous``, for an operator) is looked up again
             this often.
-        payment_deadline_s: after this long since creation an unpaid purchase expires (a later
+        payment_expiry_s: after this long since creation an unpaid purchase expires (a later
             confirmed success still vends).
         vend_attempts: how often a vend is retried when another writer moved the meter's TID.
         reconcile_after_s: a push whose outcome a crash left unknown (and whose callback never
@@ -427,7 +297,7 @@ class SagaPolicy:
     check_backoff_s: float = 15.0
     check_backoff_max_s: float = 300.0
     ambiguous_recheck_s: float = 300.0
-    payment_deadline_s: float = 900.0
+    payment_expiry_s: float = 3600.0
     vend_attempts: int = 32
     reconcile_after_s: float = 90.0
     reconcile_window_s: tuple[float, float] = (60.0, 300.0)
@@ -455,7 +325,7 @@ class Vending:
         engine: TokenEngine,
         providers: Mapping[str, PaymentProvider],
         default_provider: str,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: UtcClock = utc_now,
         policy: SagaPolicy | None = None,
         observer: SagaObserver | None = None,
     ) -> None:
@@ -475,6 +345,13 @@ class Vending:
             weakref.WeakValueDictionary()
         )
         self._profiles: dict[tuple[object, ...], MeterProfile] = {}
+        self._unknown = UnknownCollections(
+            ledger=ledger,
+            providers=self._providers,
+            policy=self._policy,
+            clock=clock,
+            on_success=self._on_success,
+        )
         self._fbe_zone = ZoneInfo(self._policy.fbe_timezone)
 
     @property
@@ -566,8 +443,11 @@ class Vending:
 
     def _backoff(self, attempts: int) -> timedelta:
         policy = self._policy
-        seconds = min(policy.check_backoff_max_s, policy.check_backoff_s * 2 ** max(0, attempts))
-        return timedelta(seconds=seconds)
+        return timedelta(
+            seconds=backoff_s(
+                attempts, base_s=policy.check_backoff_s, cap_s=policy.check_backoff_max_s
+            )
+        )
 
     async def request_payment(self, purchase_id: str) -> Purchase:
         """Ask the purchase's provider to collect the money (the STK/MoMo prompt).
@@ -604,9 +484,9 @@ class Vending:
                 account_reference=purchase.meter,
                 description=f"Electricity {purchase.meter}",
             )
-            guarded = not getattr(provider, "idempotent_requests", False)
+            guarded = not provider.idempotent_requests
             if guarded:
-                if await self._collection_outcome_unknown(purchase_id):
+                if await self._unknown.collection_outcome_unknown(purchase_id):
                     # A prompt may be on the customer's phone already (we crashed after the
                     # provider accepted it, before its reference was stored). Another push
                     # could charge twice: wait for its callback, matched by payer and amount.
@@ -661,175 +541,6 @@ class Vending:
                     purchase = await self.confirm(purchase_id)
             return purchase
 
-    async def _collection_outcome_unknown(self, purchase_id: str) -> bool:
-        """Whether a collection request went out and its outcome was never recorded."""
-        return await self._unknown_collection_since(purchase_id) is not None
-
-    async def _unknown_collection_since(self, purchase_id: str) -> datetime | None:
-        """When the collection request of unknown outcome went out; None if there is none."""
-        marks = [
-            event
-            for event in await self._ledger.timeline(purchase_id)
-            if event.kind in {COLLECTION_ATTEMPTED, COLLECTION_NOT_STARTED}
-        ]
-        if marks and marks[-1].kind == COLLECTION_ATTEMPTED:
-            return marks[-1].at
-        return None
-
-    async def _receipts_of_payer(self, purchase: Purchase) -> tuple[set[str], int]:
-        """The payer's other paid purchases of this amount: receipts known, and how many lack one.
-
-        Those without a receipt on record (confirmed by STK Query) cannot be told apart from a
-        payment found by payer and amount, so their count makes any match ambiguous.
-        """
-        known: set[str] = set()
-        unexplained = 0
-        oldest = purchase.created_at - timedelta(seconds=self._policy.payment_deadline_s)
-        for other in await self._ledger.find_purchases(
-            phone=purchase.phone, states=sorted(_PAID_STATES), limit=100
-        ):
-            if (
-                other.purchase_id == purchase.purchase_id
-                or other.provider != purchase.provider
-                or other.amount != purchase.amount
-            ):
-                continue
-            if other.provider_reference is not None:
-                known.add(other.provider_reference)
-            receipt = (await self._ledger.vend_context(other.purchase_id)).receipt
-            if receipt is not None:
-                known.add(receipt)
-            elif other.created_at >= oldest:
-                unexplained += 1
-        return known, unexplained
-
-    async def _unclaimed(
-        self, purchase: Purchase, found: Sequence[PaymentStatus]
-    ) -> tuple[dict[str, PaymentStatus], int]:
-        """The found payments no other purchase claimed (by reference), and the unexplained count.
-
-        The count is ``_receipts_of_payer``'s: the payer's paid purchases with no receipt.
-        """
-        if not found:
-            return {}, 0
-        known, unexplained = await self._receipts_of_payer(purchase)
-        candidates: dict[str, PaymentStatus] = {}
-        for status in found:
-            if status.reference in known or (status.receipt or "") in known:
-                continue
-            record = await self._ledger.get_payment(status.provider, status.reference)
-            if record is None or record.purchase_id in {None, purchase.purchase_id}:
-                candidates[status.reference] = status
-        return candidates, unexplained
-
-    async def _reconcile_unknown_collection(self, purchase: Purchase) -> Purchase | None:
-        """Find, in the provider's own list, the payment of a push whose outcome is unknown.
-
-        For a CREATED purchase without a reference whose push went out (outcome unknown) at
-        least ``reconcile_after_s`` ago, on a ``ReconcilingProvider``: its completed payments
-        by the purchase's payer of exactly its amount around the push, less those already tied
-        to another purchase. Exactly one: recorded paid with that record as the proof, and
-        vended. Several: an ``unknown_collection_ambiguous`` event for an operator. Returns
-        None when this does not apply (or found nothing), else the purchase as it now stands.
-
-        Raises:
-            PaymentError: the provider could not answer.
-        """
-        provider = self._providers[purchase.provider]
-        if (
-            not isinstance(provider, ReconcilingProvider)
-            or purchase.phone is None
-            or purchase.state is not PurchaseState.CREATED
-            or purchase.provider_reference is not None
-        ):
-            return None
-        attempted = await self._unknown_collection_since(purchase.purchase_id)
-        if attempted is None:
-            return None
-        if self._clock() < attempted + timedelta(seconds=self._policy.reconcile_after_s):
-            return None
-        before, after = self._policy.reconcile_window_s
-        found = await provider.find_payments(
-            purchase.phone,
-            purchase.amount,
-            attempted - timedelta(seconds=before),
-            attempted + timedelta(seconds=after),
-            account_reference=purchase.meter,  # what the push carried
-        )
-        candidates, unexplained = await self._unclaimed(purchase, found)
-        if not candidates:
-            return None
-        if len(candidates) > 1 or unexplained:
-            timeline = await self._ledger.timeline(purchase.purchase_id)
-            if not timeline or timeline[-1].kind != UNKNOWN_COLLECTION_AMBIGUOUS:
-                await self._ledger.append_event(
-                    purchase.purchase_id,
-                    UNKNOWN_COLLECTION_AMBIGUOUS,
-                    actor="saga",
-                    data={
-                        "provider": provider.name,
-                        "references": sorted(candidates),
-                        "unexplained_payments": unexplained,
-                    },
-                )
-            log.warning(
-                UNKNOWN_COLLECTION_AMBIGUOUS,
-                references=sorted(candidates),
-                unexplained_payments=unexplained,
-            )
-            return await self._ledger.get_purchase(purchase.purchase_id)
-        (status,) = candidates.values()
-        log.warning("unknown_collection_reconciled", reference=status.reference)
-        context = await self._ledger.vend_context(purchase.purchase_id)
-        # The provider's record is the proof: the payment row, the reference and PAID are
-        # written with the vend in one transaction (no window with a reference STK Query lacks).
-        return await self._on_success(context, status)
-
-    async def _adopt_unknown_collection(self, notice: PaymentNotice) -> str | None:
-        """Match a success for an unknown reference to our push whose reference was never stored.
-
-        Only a purchase still CREATED, of the same provider, payer and amount, whose push went
-        out with its outcome unknown, qualifies; exactly one must. The provider's status query
-        for the notice's reference is still the proof before anything vends.
-        """
-        if (
-            notice.is_customer_initiated
-            or notice.payer is None
-            or notice.claimed_state is not PaymentState.SUCCEEDED
-        ):
-            return None
-        candidates = [
-            purchase
-            for purchase in await self._ledger.find_purchases(
-                phone=notice.payer, states=[PurchaseState.CREATED], limit=20
-            )
-            if purchase.provider == notice.provider
-            and purchase.provider_reference is None
-            and (notice.amount is None or purchase.amount == notice.amount)
-            and await self._collection_outcome_unknown(purchase.purchase_id)
-        ]
-        if len(candidates) != 1:
-            if candidates:
-                log.warning(
-                    "unknown_collection_ambiguous",
-                    reference=notice.reference,
-                    candidates=[c.purchase_id for c in candidates],
-                )
-            return None
-        purchase = candidates[0]
-        await self._ledger.attach_payment(
-            purchase.purchase_id,
-            provider=notice.provider,
-            reference=notice.reference,
-            actor=f"callback:{notice.provider}",
-        )
-        log.warning(
-            "unknown_collection_adopted",
-            purchase_id=purchase.purchase_id,
-            reference=notice.reference,
-        )
-        return purchase.purchase_id
-
     async def on_payment_notice(self, notice: PaymentNotice) -> None:
         """Record a callback's claim, then confirm it with the provider before any vend.
 
@@ -865,7 +576,7 @@ class Vending:
                 return  # takes nothing: the reference stays free for the payment's own claim
             purchase_id = await self._open_customer_payment(notice)
         if purchase_id is None:
-            purchase_id = await self._adopt_unknown_collection(notice)
+            purchase_id = await self._unknown.adopt_unknown_collection(notice)
         if purchase_id is None:
             await self._ledger.append_event(
                 None,
@@ -1320,7 +1031,7 @@ class Vending:
 
         Retries a collection that never started; otherwise asks the provider. A push whose
         outcome a crash left unknown is looked up in the provider's list of payments once the
-        prompt's lifetime has passed (``_reconcile_unknown_collection``); while that lookup fails
+        prompt's lifetime has passed (``reconcile_unknown_collection``); while that lookup fails
         or is ambiguous the purchase never expires. Still unpaid past the payment deadline:
         EXPIRED. Otherwise the next check is due ``check_interval_s`` later (a deferred request
         backs off; an ambiguous lookup waits ``ambiguous_recheck_s``). Provider errors are
@@ -1333,7 +1044,7 @@ class Vending:
             if purchase.provider_reference is None:
                 purchase = await self.request_payment(purchase_id)
                 try:
-                    reconciled = await self._reconcile_unknown_collection(purchase)
+                    reconciled = await self._unknown.reconcile_unknown_collection(purchase)
                 except PaymentError as exc:
                     # Unknown whether money moved: never expire it on this check.
                     log.warning("unknown_collection_lookup_failed", error=str(exc))
@@ -1364,7 +1075,7 @@ class Vending:
         purchase_id = purchase.purchase_id
         if purchase.state in {PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT}:
             now = self._clock()
-            deadline = purchase.created_at + timedelta(seconds=self._policy.payment_deadline_s)
+            deadline = purchase.created_at + timedelta(seconds=self._policy.payment_expiry_s)
             if now >= deadline:
                 log.info("purchase_expired")
                 return await self._ledger.transition(
@@ -1771,16 +1482,3 @@ async def reprint_token(ledger: SagaLedger, purchase_id: str, *, actor: str) -> 
         )
         log.info("token_reprinted", token=vend.masked_token, actor=actor)
         return message
-
-
-async def load_token_engine(ledger: SagaLedger, master_key: bytes) -> LocalTokenEngine:
-    """The embedded engine holding every vending key in the ledger, unsealed with ``master_key``.
-
-    Raises:
-        VendingKeyUnreadable: the master key does not open one of the keys (names it).
-    """
-    keys = [open_vending_key(sealed, master_key) for sealed in await ledger.vending_keys()]
-    return LocalTokenEngine(
-        VendingKey(sgc=k.sgc, krn=k.krn, dkga=k.dkga, base_date=k.base_date, key=k.key)
-        for k in keys
-    )

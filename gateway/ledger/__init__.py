@@ -1,10 +1,17 @@
-"""The transaction ledger: its ports by role, one core of rules, SQLite and PostgreSQL dialects."""
+"""The transaction ledger: its ports by role, one core of rules, SQLite and PostgreSQL dialects.
+
+Each dialect, and its driver (aiosqlite, asyncpg), is imported when first used: importing the
+ports (``gateway.ledger.base``, ``gateway.ledger.ports``) or this package loads neither.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+import importlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 from gateway.ledger.base import (
     EARLY_REPORT_LIMIT,
@@ -77,17 +84,37 @@ from gateway.ledger.ports import (
     SagaLedger,
     StatusQueries,
 )
-from gateway.ledger.postgres import PostgresLedger, is_postgres_url, open_postgres_ledger
-from gateway.ledger.sqlite import SqliteLedger, open_sqlite_ledger, sqlite_path
+from gateway.values.clock import utc_now
+
+if TYPE_CHECKING:
+    from gateway.ledger.postgres import PostgresLedger, is_postgres_url, open_postgres_ledger
+    from gateway.ledger.sqlite import SqliteLedger, open_sqlite_ledger, sqlite_path
+
+#: The backends' names, by the module that defines them: imported on first use.
+_LAZY: Final[Mapping[str, str]] = {
+    "PostgresLedger": "gateway.ledger.postgres",
+    "is_postgres_url": "gateway.ledger.postgres",
+    "open_postgres_ledger": "gateway.ledger.postgres",
+    "SqliteLedger": "gateway.ledger.sqlite",
+    "open_sqlite_ledger": "gateway.ledger.sqlite",
+    "sqlite_path": "gateway.ledger.sqlite",
+}
+_POSTGRES_SCHEMES: Final = frozenset({"postgres", "postgresql"})
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
+def __getattr__(name: str) -> Any:  # noqa: ANN401 - whatever the backend module defines
+    """A backend's name, importing that backend (and its driver) now."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 @contextlib.asynccontextmanager
 async def open_ledger(
-    url: str, *, clock: Callable[[], datetime] = _utc_now
+    url: str, *, clock: Callable[[], datetime] = utc_now
 ) -> AsyncIterator[Ledger]:
     """Open the ledger named by ``url``, migrated; closed on exit.
 
@@ -97,10 +124,14 @@ async def open_ledger(
         LedgerError: the URL names no supported backend.
         LedgerUnavailable, MigrationError: the database cannot be opened or brought up to date.
     """
-    if is_postgres_url(url):
+    if urlsplit(url).scheme in _POSTGRES_SCHEMES:  # gateway.ledger.postgres.is_postgres_url
+        from gateway.ledger.postgres import open_postgres_ledger  # noqa: PLC0415 - on first use
+
         async with open_postgres_ledger(url, clock=clock) as ledger:
             yield ledger
         return
+    from gateway.ledger.sqlite import open_sqlite_ledger, sqlite_path  # noqa: PLC0415
+
     async with open_sqlite_ledger(sqlite_path(url), clock=clock) as ledger:
         yield ledger
 
@@ -173,6 +204,7 @@ __all__ = [
     "VendingKeyMaterial",
     "VendingKeyUnreadable",
     "is_legal",
+    "is_postgres_url",
     "mask_name",
     "new_purchase_id",
     "open_ledger",

@@ -35,18 +35,21 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, Final, NewType
+from typing import Any, Final
 
 from gateway.errors import GatewayError
 from gateway.money import Money
 from gateway.phone import Msisdn
 from gateway.tariff import DebtTerms
 
-PurchaseId = NewType("PurchaseId", str)
-"""Our handle for one purchase: ``P`` and 12 base-32 characters, short enough for an SMS."""
-
-MeterNumber = NewType("MeterNumber", str)
-"""A meter's decoder reference number (DRN), 11 or 13 digits as printed on the meter."""
+# Re-exported from here too: these moved to gateway/values/, shared by the ledger and sms.
+from gateway.values.ids import MeterNumber as MeterNumber  # noqa: PLC0414
+from gateway.values.ids import PurchaseId as PurchaseId  # noqa: PLC0414
+from gateway.values.messages import DeliveryReport as DeliveryReport  # noqa: PLC0414
+from gateway.values.messages import DeliveryState as DeliveryState  # noqa: PLC0414
+from gateway.values.messages import MessageKind as MessageKind  # noqa: PLC0414
+from gateway.values.messages import OutboxMessage as OutboxMessage  # noqa: PLC0414
+from gateway.values.messages import OutboxState as OutboxState  # noqa: PLC0414
 
 MAX_SAVED_METERS: Final = 5
 #: A new purchase is due for the sweeper this long after creation unless the saga schedules its
@@ -117,26 +120,6 @@ class MeterStatus(StrEnum):
 
     ACTIVE = "active"
     BLOCKED = "blocked"
-
-
-class OutboxState(StrEnum):
-    """Where an outgoing SMS stands."""
-
-    PENDING = "pending"  # due at ``next_try_at``
-    SENDING = "sending"  # claimed by a worker until ``next_try_at`` (the lease)
-    SENT = "sent"  # the provider took it
-    DELIVERED = "delivered"
-    FAILED = "failed"  # refused for good: needs an operator
-    HELD = "held"  # no recipient known (C2B without a phone): needs an operator
-
-
-class MessageKind(StrEnum):
-    """Why a message is in the outbox."""
-
-    TOKEN = "token"  # noqa: S105 - a message kind, not a secret; exactly one per vend
-    REPRINT = "reprint"  # the same token again, on request
-    REPLY = "reply"  # an answer to a customer's SMS command (no purchase needed)
-    FBE = "fbe"  # the month's free basic electricity token, sent with the purchase it came with
 
 
 # ---------------------------------------------------------------------------------------- records
@@ -444,25 +427,6 @@ class VendContext:
     receipt: str | None
     language: str | None
     key_change: KeyChange | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OutboxMessage:
-    """One SMS to send. ``body`` may hold a token: never log it."""
-
-    message_id: int
-    purchase_id: PurchaseId | None
-    kind: MessageKind
-    recipient: Msisdn | None
-    body: str = field(repr=False)
-    state: OutboxState
-    attempts: int
-    next_try_at: datetime
-    provider_message_id: str | None
-    cost: str | None
-    last_error: str | None
-    created_at: datetime
-    updated_at: datetime
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -90,8 +90,8 @@ from gateway.ledger.base import (
 )
 from gateway.money import Money
 from gateway.phone import Msisdn
-from gateway.sms.base import DeliveryReport, DeliveryState
 from gateway.tariff import DebtTerms, Tariff
+from gateway.values.messages import DeliveryReport, DeliveryState
 
 T = TypeVar("T")
 Clock = Callable[[], datetime]

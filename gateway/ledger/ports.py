@@ -61,8 +61,8 @@ from gateway.ledger.base import (
 )
 from gateway.money import Money
 from gateway.phone import Msisdn
-from gateway.sms.base import DeliveryReport, DeliveryState
 from gateway.tariff import Tariff
+from gateway.values.messages import DeliveryReport, DeliveryState
 
 
 class PaymentChecks(Protocol):

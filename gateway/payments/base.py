@@ -139,9 +139,18 @@ class CallbackAck:
 
 
 class PaymentProvider(Protocol):
-    """One mobile-money operator's collections API (an adapter per provider)."""
+    """One mobile-money operator's collections API (an adapter per provider).
+
+    Attributes:
+        name: the provider's name in purchases and callback routes.
+        idempotent_requests: whether a collection request may be sent again while its outcome
+            is unknown without charging twice (the provider dedupes it by our reference: MoMo,
+            Airtel). False for Daraja STK: the saga then never repeats an unknown request
+            (invariant 7).
+    """
 
     name: str
+    idempotent_requests: bool
 
     async def request_collection(self, request: CollectionRequest) -> CollectionStarted:
         """Ask the provider to prompt the payer. Safe to retry with the same request.

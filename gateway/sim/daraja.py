@@ -1,6 +1,6 @@
 """A faithful Daraja (M-Pesa) simulator: OAuth, STK push and query, C2B, Transaction Status.
 
-It speaks Daraja 3.0's wire formats (``PROTOCOLS.md`` §2, §6.3) on loopback so that
+It speaks Daraja 3.0's wire formats (``docs/protocols.md`` §2, §6.3) on loopback so that
 ``gateway.payments.daraja.DarajaProvider`` runs against it unchanged:
 
 - ``GET /oauth/v1/generate?grant_type=client_credentials`` (Basic auth; tokens expire by ``clock``;

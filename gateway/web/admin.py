@@ -65,18 +65,19 @@ import structlog
 from aiohttp import web
 
 from gateway.config import Secret
-from gateway.ledger import (
+from gateway.money import Money
+from gateway.operator import (
     Event,
-    Ledger,
     NotFound,
+    OperatorRecords,
     OutboxMessage,
     OutboxState,
     Purchase,
     PurchaseState,
     Vend,
 )
-from gateway.money import Money
 from gateway.phone import InvalidPhoneNumber, Msisdn, masked, parse_msisdn
+from gateway.values.clock import UtcClock, utc_now
 from gateway.vending import CUSTOMER_INITIATED_CHANNEL, NothingToReprint, NotPaid, VendFailed
 
 __all__ = [
@@ -119,10 +120,6 @@ _SECURITY_HEADERS: Final[Mapping[str, str]] = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class AdminSaga(Protocol):
@@ -209,7 +206,7 @@ class StuckPolicy:
 class AdminSite:
     """Everything the admin handlers use, stored in the app under ``ADMIN`` by ``setup_admin``."""
 
-    ledger: Ledger
+    ledger: OperatorRecords
     vending: AdminSaga
     admin_token: Secret = field(repr=False)
     clock: Callable[[], datetime]
@@ -339,10 +336,10 @@ ADMIN_JINJA: Final = web.AppKey("admin_jinja2", jinja2.Environment)
 def setup_admin(  # noqa: PLR0913 - every collaborator named, each with a default but two
     app: web.Application,
     *,
-    ledger: Ledger,
+    ledger: OperatorRecords,
     vending: AdminSaga,
     admin_token: Secret,
-    clock: Callable[[], datetime] = _utc_now,
+    clock: UtcClock = utc_now,
     stuck: StuckPolicy | None = None,
     region: str = "KE",
     session_ttl_s: float = 12 * 3600,
@@ -354,7 +351,7 @@ def setup_admin(  # noqa: PLR0913 - every collaborator named, each with a defaul
 
     Args:
         app: the application the routes will be added to.
-        ledger: where purchases, events, vends and messages are read.
+        ledger: where purchases, events, vends and messages are read (the ledger).
         vending: the saga (reprints go through it, never around it).
         admin_token: the operator's secret; at least 16 characters.
         clock: UTC time source (ages of stuck purchases, session expiry).

@@ -10,6 +10,7 @@ from gateway.ledger import DuplicateError, Ledger, SavedMetersFull
 from gateway.ledger.core import Steps, run
 from gateway.ledger.postgres import _postgres_text
 from gateway.ledger.sqlite import _sqlite_text
+from gateway.phone import Msisdn
 
 LOCKED = (
     "SELECT p.*, v.vend_id FROM purchases p LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
@@ -56,4 +57,4 @@ async def test_a_refusal_reaches_the_rules_as_our_error(ledger: Ledger) -> None:
     with pytest.raises(SavedMetersFull) as caught:
         await ledger._write(op)  # type: ignore[attr-defined]
     assert isinstance(caught.value.__cause__, DuplicateError)
-    assert await ledger.get_language("+254700000001") is None
+    assert await ledger.get_language(Msisdn("+254700000001")) is None

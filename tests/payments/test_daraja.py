@@ -13,7 +13,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from payfakes import CallbackReceiver, FakeClock
 from phonenumbers import is_valid_number, parse
 
 from gateway.money import Money
@@ -34,13 +33,15 @@ from gateway.payments.daraja import (
 )
 from gateway.phone import Msisdn
 from gateway.sim.daraja import CustomerAction, DarajaSimulator
+from tests.payments.payfakes import CallbackReceiver, FakeClock
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 
 PAYER = Msisdn("+254708374149")
 KES_50 = Money(5000, "KES")
 
-# The STK callback samples from Daraja's MpesaExpressSimulate page (PROTOCOLS.md §2.2), verbatim.
+# The STK callback samples from Daraja's MpesaExpressSimulate page (docs/protocols.md §2.2),
+# verbatim.
 DOC_SUCCESS = (
     b'{"Body":{"stkCallback":{"MerchantRequestID":"29115-34620561-1","CheckoutRequestID":'
     b'"ws_CO_191220191020363925","ResultCode":0,"ResultDesc":"The service request is processed '
@@ -52,7 +53,7 @@ DOC_CANCELLED = (
     b'{"Body":{"stkCallback":{"MerchantRequestID":"29115-34620561-1","CheckoutRequestID":'
     b'"ws_CO_191220191020363925","ResultCode":1032,"ResultDesc":"Request cancelled by user"}}}'
 )
-# A C2B confirmation in the documented field set (PROTOCOLS.md §2.4): strings, masked MSISDN.
+# A C2B confirmation in the documented field set (docs/protocols.md §2.4): strings, masked MSISDN.
 DOC_C2B = json.dumps(
     {
         "TransactionType": "Pay Bill",
@@ -251,6 +252,7 @@ _JSON = st.recursive(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(_JSON, st.sampled_from(["Body", "TransID", "Result"]))
 def test_arbitrary_json_raises_only_forged_callback(value: object, key: str) -> None:

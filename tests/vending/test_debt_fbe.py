@@ -13,19 +13,6 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vending_support import (
-    PHONE,
-    TARIFF,
-    VENDING_KEY,
-    FakeClock,
-    FakeProvider,
-    World,
-    build_vending,
-    make_drn,
-    meter_record,
-    profile_of,
-    seed,
-)
 
 from flows.ports import Quote, RefusalReason, Refused
 from gateway.customer_services import SagaCustomerServices
@@ -44,6 +31,19 @@ from gateway.payments import PaymentNotice, PaymentState, ProviderReference
 from gateway.sts import CreditAdded, LocalTokenEngine, MeterEmulator, Verdict
 from gateway.tariff import AmountAllToDebt
 from gateway.vending import Vending, fbe_message, token_message
+from tests.vending.vending_support import (
+    PHONE,
+    TARIFF,
+    VENDING_KEY,
+    FakeClock,
+    FakeProvider,
+    World,
+    build_vending,
+    make_drn,
+    meter_record,
+    profile_of,
+    seed,
+)
 
 _POSTGRES_URL = "postgresql://127.0.0.1:5432/test"
 
@@ -277,6 +277,7 @@ async def test_customer_services_pass_the_debt_and_the_all_to_debt_refusal_on(wo
     assert refused == Refused(reason=RefusalReason.ALL_TO_DEBT, limit=Money(10290, "KES"))
     priced = await services.quote(meter, Money(20000, "KES"))
     assert isinstance(priced, Quote)
+    assert priced.debt_recovered is not None
     assert (priced.debt_recovered, priced.debt_remaining) == (Money(10000, "KES"), Money(0, "KES"))
     assert priced.energy + priced.tax + priced.fees + priced.debt_recovered == Money(20000, "KES")
 
@@ -395,7 +396,7 @@ async def _race_three(world: World, other: Vending) -> None:
 
     One token per purchase, the debt recovered once per purchase and never past the balance, one
     FBE token, TIDs distinct and the meter's last TID the highest; each vend's units are its SMS's
-    and what the meter credits (DESIGN.md invariant 8).
+    and what the meter credits (docs/architecture.md, invariant 8).
     """
     await world.ledger.set_fbe_allowance("domestic", 50, actor="ops")
     await world.ledger.set_debt(

@@ -6,11 +6,10 @@ answer reports for a second purchase is refused exactly as a reused M-Pesa recei
 
 from __future__ import annotations
 
-from vending_support import AMOUNT_FOR_TESTS, PHONE, World
-
 from gateway.ledger import PaymentRecordState, PurchaseState
 from gateway.money import Money
 from gateway.payments import PaymentNotice, PaymentState, ProviderReference
+from tests.vending.vending_support import AMOUNT_FOR_TESTS, PHONE, World
 
 
 async def _prompted(world: World, key: str, meter: str) -> tuple[str, str]:

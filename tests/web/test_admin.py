@@ -7,7 +7,6 @@ import dataclasses
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -50,6 +49,7 @@ from gateway.web.admin import (
     setup_admin,
 )
 from gateway.web.middleware import context_middleware
+from tests.support.clock import UtcClock
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[[web.Application], Awaitable[Client]]
@@ -80,23 +80,10 @@ def make_drn(number: int) -> str:
     return body + luhn_check_digit(body)
 
 
-class FakeClock:
-    """A clock the test moves by hand (UTC, aware)."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        """The current fake time."""
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward by ``seconds``."""
-        self.now += timedelta(seconds=seconds)
-
-
 class FakeProvider:
     """A payment provider whose status answers the test decides (SUCCEEDED once settled)."""
+
+    idempotent_requests = False  # the saga guards unknown outcomes (as for STK)
 
     name = "fakepay"
 
@@ -140,7 +127,7 @@ class Shop:
     ledger: Ledger
     vending: Vending
     provider: FakeProvider
-    clock: FakeClock
+    clock: UtcClock
     drns: list[str]
 
 
@@ -168,7 +155,7 @@ async def awaiting(shop: Shop, key: str, *, phone: Msisdn = OTHER_PHONE) -> Purc
 @pytest.fixture
 async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
     """A saga over a fresh ledger file with a tariff and two meters."""
-    clock = FakeClock()
+    clock = UtcClock()
     provider = FakeProvider()
     drns = [make_drn(7), make_drn(8)]
     async with open_sqlite_ledger(tmp_path / "ledger.db", clock=clock) as ledger:
@@ -190,7 +177,7 @@ async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
             providers={provider.name: provider},
             default_provider=provider.name,
             clock=clock,
-            policy=SagaPolicy(payment_deadline_s=3600),
+            policy=SagaPolicy(payment_expiry_s=3600),
         )
         yield Shop(ledger, vending, provider, clock, drns)
 
