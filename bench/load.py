@@ -178,7 +178,7 @@ class LoadSettings:
     workdir: Path | None = None
     show_progress: bool = True
     sweep_interval_s: float = 0.5
-    payment_deadline_s: int = 2
+    payment_first_check_s: int = 2
     session_store: str = "sqlite"  # the gateway's USSD session store (sqlite | memory)
     calm_drain: bool = True  # switch the chaos off when the load ends (the outage is over)
     attacks: int = 0  # rounds of bench/attacks.py's forged callbacks during the load (0: none)
@@ -442,7 +442,7 @@ class Processes:
             "GATEWAY_AFRICASTALKING_USERNAME": at["username"],
             "GATEWAY_AFRICASTALKING_KEY": at["key"],
             "GATEWAY_AFRICASTALKING_CLIENT": "http",
-            "GATEWAY_PAYMENT_DEADLINE_S": str(self.settings.payment_deadline_s),
+            "GATEWAY_PAYMENT_FIRST_CHECK_S": str(self.settings.payment_first_check_s),
             "GATEWAY_SWEEP_INTERVAL_S": str(self.settings.sweep_interval_s),
             "GATEWAY_SESSION_STORE": self.settings.session_store,
             "GATEWAY_DATABASE_URL": self.database_url,

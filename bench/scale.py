@@ -139,6 +139,8 @@ class StatelessProvider:
     Any instance answers ``query_status`` the same way without shared state.
     """
 
+    idempotent_requests = False  # the saga guards unknown outcomes (as for STK)
+
     name = PROVIDER
 
     async def request_collection(self, request: CollectionRequest) -> CollectionStarted:
@@ -680,7 +682,7 @@ async def serve_scenario(  # noqa: PLR0915 - one measured run, read top to botto
                 "GATEWAY_AFRICASTALKING_BASE_URL": at_url + "/version1",
                 "GATEWAY_AFRICASTALKING_USERNAME": at.username,
                 "GATEWAY_AFRICASTALKING_KEY": at.api_key,
-                "GATEWAY_PAYMENT_DEADLINE_S": "2",
+                "GATEWAY_PAYMENT_FIRST_CHECK_S": "2",
                 "GATEWAY_SWEEP_INTERVAL_S": "0.5",
                 "GATEWAY_LOG_LEVEL": "error",
             }

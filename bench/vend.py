@@ -83,6 +83,8 @@ TARIFF = Tariff(
 class InstantProvider:
     """Every collection is paid at once, for the amount requested (kept in memory)."""
 
+    idempotent_requests = False  # the saga guards unknown outcomes (as for STK)
+
     name = "bench"
 
     def __init__(self) -> None:

@@ -35,8 +35,8 @@ import structlog
 
 from flows.messages import text as message
 from flows.ports import CustomerServices, FollowUp, Language, SessionStore
-from gateway.money import Money, currency_exponent
-from gateway.phone import Msisdn
+from gateway.values.money import Money, currency_exponent
+from gateway.values.phone import Msisdn
 
 log = structlog.get_logger()
 

@@ -50,7 +50,7 @@ from flows.ports import (
     SaveOutcome,
 )
 from flows.validation import MeterProblem, parse_amount, parse_meter, parse_nickname
-from gateway.money import Money
+from gateway.values.money import Money
 
 _NAME_MAX = 24  # masked names and areas are cut to keep every screen within one USSD page
 _LANGUAGE_NAMES = {Language.EN: "English", Language.SW: "Kiswahili", Language.FR: "Francais"}

@@ -2,8 +2,8 @@
 
 Flows (USSD menus and SMS commands) reach the ledger, the purchase saga and the SMS outbox only
 through :class:`CustomerServices`. ``gateway/app.py`` hands the flows an object that satisfies it;
-tests use :class:`flows.testing.FakeCustomerServices`. Value types come from ``gateway.money``
-(``Money``) and ``gateway.phone`` (``Msisdn``); nothing else of the gateway is imported here.
+tests use :class:`flows.testing.FakeCustomerServices`. Value types come from ``gateway/values/``
+(``Money``, ``Msisdn``, ``MeterNumber``); nothing else of the gateway is imported here.
 
 Session state lives behind :class:`SessionStore` (in memory and SQLite in ``flows.sessions``; a
 Redis store comes with the scale-out work and only needs these four methods).
@@ -18,12 +18,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NewType, Protocol
+from typing import Protocol
 
-from gateway.money import Money
-from gateway.phone import Msisdn
+from gateway.values import ids as values_ids
+from gateway.values.money import Money
+from gateway.values.phone import Msisdn
 
-MeterNumber = NewType("MeterNumber", str)
+MeterNumber = values_ids.MeterNumber
 """A meter number (the STS DRN, decoder reference number): 11 or 13 digits, Luhn check digit."""
 
 FollowUp = Callable[[], Awaitable[None]]

@@ -27,13 +27,11 @@ import concurrent.futures
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
-Clock = Callable[[], float]
-"""Seconds on a monotonic-enough scale; tests pass a fake one."""
+from gateway.values.clock import SecondsClock
 
 _SWEEP_EVERY: Final = 16  # writes between sweeps of expired keys
 _SWEEP_LIMIT: Final = 32  # at most this many expired keys removed per sweep (twice the writes)
@@ -51,7 +49,7 @@ class MemorySessionStore:
     to read as absent.
     """
 
-    def __init__(self, clock: Clock = time.time) -> None:
+    def __init__(self, clock: SecondsClock = time.time) -> None:
         self._clock = clock
         self._items: dict[str, tuple[str, float]] = {}
         self._writes = 0
@@ -144,7 +142,7 @@ class SqliteSessionStore:
     def __init__(
         self,
         connection: sqlite3.Connection,
-        clock: Clock = time.time,
+        clock: SecondsClock = time.time,
         busy_timeout_ms: int = 2000,
         path: Path | str | None = None,
     ) -> None:
@@ -165,7 +163,7 @@ class SqliteSessionStore:
 
     @classmethod
     def open(
-        cls, path: Path | str, *, clock: Clock = time.time, busy_timeout_ms: int = 2000
+        cls, path: Path | str, *, clock: SecondsClock = time.time, busy_timeout_ms: int = 2000
     ) -> SqliteSessionStore:
         """Open (creating if needed) the store in the SQLite file at ``path``.
 

@@ -36,8 +36,8 @@ from flows.ports import (
     Refused,
 )
 from flows.validation import MeterProblem, parse_amount, parse_meter
-from gateway.money import Money
-from gateway.phone import Msisdn
+from gateway.values.money import Money
+from gateway.values.phone import Msisdn
 
 log = structlog.get_logger()
 

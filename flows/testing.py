@@ -26,8 +26,8 @@ from flows.ports import (
     TokenResent,
 )
 from flows.validation import luhn_check_digit
-from gateway.money import Money
-from gateway.phone import Msisdn
+from gateway.values.money import Money
+from gateway.values.phone import Msisdn
 
 
 def make_meter_number(prefix: str) -> MeterNumber:

@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Final
 
 from flows.ports import MeterNumber
-from gateway.money import Money, currency_exponent
+from gateway.values.money import Money, currency_exponent
 
 METER_LENGTHS: Final = (11, 13)
 NICKNAME_MAX: Final = 12

@@ -51,7 +51,7 @@ from gateway.config import SIMULATED, Config, Mode, Secret
 from gateway.customer_services import SagaCustomerServices
 from gateway.demo_data import DEMO_METERS, demo_master_key, seed_demo
 from gateway.errors import ConfigError, LedgerMissing
-from gateway.ledger import Ledger, open_ledger
+from gateway.ledger import Ledger, MeterNumber, open_ledger, open_vending_key
 from gateway.ledger.postgres import is_postgres_url
 from gateway.ledger.sqlite import sqlite_path
 from gateway.ledger.vendor import VendorLedger, VendorSteps
@@ -66,11 +66,12 @@ from gateway.sms.africastalking import (
     LIVE_URL,
     AfricasTalkingHttpSender,
     AfricasTalkingSdkSender,
+    parse_delivery_report,
 )
 from gateway.sms.outbox import OutboxPolicy, OutboxWorker
-from gateway.sts import TokenEngine
+from gateway.sts import LocalTokenEngine, TokenEngine, VendingKey
 from gateway.sweeper import Sweeper
-from gateway.vending import SagaPolicy, Vending, load_token_engine
+from gateway.vending import SagaPolicy, Vending
 from gateway.vendor.sandbox import SANDBOX_VENDOR, SandboxEngine, seed_sandbox
 from gateway.vendor.service import VendorService
 from gateway.web.admin import admin_routes, setup_admin
@@ -139,6 +140,19 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+
+
+async def load_token_engine(ledger: Ledger, master_key: bytes) -> LocalTokenEngine:
+    """The embedded engine holding every vending key in the ledger, unsealed with ``master_key``.
+
+    Raises:
+        VendingKeyUnreadable: the master key does not open one of the keys (names it).
+    """
+    keys = [open_vending_key(sealed, master_key) for sealed in await ledger.vending_keys()]
+    return LocalTokenEngine(
+        VendingKey(sgc=k.sgc, krn=k.krn, dkga=k.dkga, base_date=k.base_date, key=k.key)
+        for k in keys
+    )
 
 
 def payment_callback_url(base: str, secret: Secret, provider: str, tail: str) -> str:
@@ -455,9 +469,9 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         providers=providers,
         default_provider=default_provider,
         policy=SagaPolicy(
-            first_check_after_s=float(config.payment_deadline_s),
+            first_check_after_s=float(config.payment_first_check_s),
             check_interval_s=float(config.payment_check_interval_s),
-            payment_deadline_s=float(config.payment_expiry_s),
+            payment_expiry_s=float(config.payment_expiry_s),
             ambiguous_recheck_s=float(config.ambiguous_recheck_s),
             fbe_timezone=config.fbe_timezone,
         ),
@@ -466,12 +480,13 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
     outbox = OutboxWorker(ledger=ledger, sender=sms, policy=OUTBOX_POLICY)
     sweeper = Sweeper(
         vending=vending,
+        checks=ledger,
         outbox=None,
         interval_s=config.sweep_interval_s,
         check_concurrency=config.payment_checks_in_flight,
     )
     sessions = await _session_store(stack, config)
-    services = SagaCustomerServices(vending)
+    services = SagaCustomerServices(vending, ledger)
     ussd = UssdEngine(
         services,
         sessions,
@@ -585,7 +600,7 @@ def _readiness(runtime: Runtime) -> dict[str, Callable[[], Awaitable[bool]]]:
         if ledger_file is not None and _identity(ledger_file) != opened:
             raise LedgerMissing(f"the ledger file {ledger_file} was deleted or replaced")
         await runtime.ledger.probe_write()  # a committed write, not just a read
-        await runtime.ledger.lookup_meter("00000000000")
+        await runtime.ledger.lookup_meter(MeterNumber("00000000000"))
         return True
 
     async def sessions_ready() -> bool:
@@ -637,7 +652,13 @@ async def build_app(config: Config) -> web.Application:
             default_region=config.country,
         )
     )
-    app.add_routes(delivery_routes(runtime.outbox.apply_delivery_report, path=SMS_DELIVERY_PATH))
+    app.add_routes(
+        delivery_routes(
+            runtime.outbox.apply_delivery_report,
+            parse=parse_delivery_report,
+            path=SMS_DELIVERY_PATH,
+        )
+    )
     app.add_routes(
         payment_routes(
             runtime.providers,

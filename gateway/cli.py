@@ -2,8 +2,8 @@
 
 Each command group lives in its own module under ``gateway/commands/`` and exposes
 ``register(subparsers)``; this module finds them, so adding a group never edits this file.
-Conventions (DESIGN.md): ``--json`` on every command that prints data; exit status non-zero on
-failure.
+Conventions (docs/architecture.md): ``--json`` on every command that prints data; exit status
+non-zero on failure.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ class Config:
     session_store: str = "sqlite"  # memory | sqlite | redis
     redis_url: str = "redis://127.0.0.1:6379/0"
     resume_window_s: int = 120
-    payment_deadline_s: int = 20  # a payment unconfirmed this long after its prompt is queried
+    payment_first_check_s: int = 20  # the first status query, this long after the prompt
     payment_check_interval_s: int = 30  # then it is queried again this often
     payment_expiry_s: int = 3600  # after this an unconfirmed purchase expires
     ambiguous_recheck_s: int = 300  # an ambiguous lost-push lookup is repeated this often
@@ -107,6 +107,11 @@ class Config:
     daraja: ProviderSettings = field(default_factory=ProviderSettings)
     momo: ProviderSettings = field(default_factory=ProviderSettings)
     airtel: ProviderSettings = field(default_factory=ProviderSettings)
+
+    @property
+    def payment_deadline_s(self) -> int:
+        """The old name of ``payment_first_check_s`` (it was never a deadline)."""
+        return self.payment_first_check_s
 
     @property
     def effective_database_url(self) -> str:
@@ -136,8 +141,8 @@ class Config:
             if secret is not None
         ]
         for url in (self.database_url, self.redis_url):
-            password = _url_password(url)
-            values += [password, unquote(password)]  # as written in the URL, and decoded
+            for password in _url_passwords(url):
+                values += [password, unquote(password)]  # as written in the URL, and decoded
         for name in _PROVIDERS:
             settings: ProviderSettings = getattr(self, name)
             values += [settings.key.reveal(), settings.secret.reveal()]
@@ -185,23 +190,35 @@ _WEEK_S: Final = 7 * 86400
 _INT_RANGES: Final[Mapping[str, tuple[int, int]]] = {
     "port": (0, 65535),
     "resume_window_s": (1, _WEEK_S),
-    "payment_deadline_s": (1, _WEEK_S),
+    "payment_first_check_s": (1, _WEEK_S),
     "payment_check_interval_s": (1, _WEEK_S),
     "payment_expiry_s": (1, _WEEK_S),
     "ambiguous_recheck_s": (1, _WEEK_S),
     "payment_checks_in_flight": (1, 1024),
 }
+#: Old setting names still accepted (TOML key or ``GATEWAY_*`` variable) → the setting's name.
+ALIASES: Final[Mapping[str, str]] = {"payment_deadline_s": "payment_first_check_s"}
 _PROVIDERS: Final = ("africastalking", "daraja", "momo", "airtel")
 _PROVIDER_FIELDS: Final = ("base_url", "username", "key", "secret")
 _SECRET_EXTRAS: Final = frozenset({"passkey", "security_credential", "subscription_key"})
 
 
-def _url_password(url: str) -> str:
-    """The password in ``scheme://user:password@host/…`` as written (percent-encoded), or ""."""
+def _url_passwords(url: str) -> list[str]:
+    """The URL's passwords as written (percent-encoded), none when it has none.
+
+    ``scheme://user:password@host/…``, and any ``password`` (or ``sslpassword``) in its query
+    (``…/db?password=…``), which libpq, asyncpg and redis-py accept too.
+    """
     try:
-        return urlsplit(url).password or ""
+        parts = urlsplit(url)
+        found = [parts.password or ""]
     except ValueError:
-        return ""
+        return []
+    for pair in parts.query.split("&"):
+        name, _, value = pair.partition("=")
+        if name.lower().endswith("password"):
+            found.append(value)
+    return [value for value in found if value]
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -257,10 +274,17 @@ def _one_of(name: str, value: Any, allowed: frozenset[str]) -> str:  # noqa: ANN
     return text
 
 
+def _renamed(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with old setting names (``ALIASES``) renamed; the new name wins over the old."""
+    renamed = {ALIASES.get(name, name): value for name, value in values.items()}
+    renamed.update({name: values[name] for name in ALIASES.values() if name in values})
+    return renamed
+
+
 def _build(values: dict[str, Any]) -> Config:  # noqa: C901, PLR0912 - one branch per setting kind
     kwargs: dict[str, Any] = {}
     providers: dict[str, dict[str, Any]] = {p: {} for p in _PROVIDERS}
-    for name, value in values.items():
+    for name, value in _renamed(values).items():
         provider = next((p for p in _PROVIDERS if name.startswith(f"{p}_")), None)
         if provider is not None:
             key = name.removeprefix(f"{provider}_")

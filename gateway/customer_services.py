@@ -28,6 +28,7 @@ from flows.ports import (
 )
 from gateway.errors import GatewayError
 from gateway.ledger import (
+    CustomerLedger,
     IdempotencyConflict,
     LedgerError,
     LedgerUnavailable,
@@ -35,6 +36,7 @@ from gateway.ledger import (
     NotFound,
     SavedMetersFull,
 )
+from gateway.ledger import MeterNumber as Drn
 from gateway.logging import get_logger
 from gateway.money import Money
 from gateway.phone import Msisdn
@@ -42,6 +44,11 @@ from gateway.tariff import AmountAboveMaximum, AmountAllToDebt, AmountBelowMinim
 from gateway.vending import MeterBlocked, NothingToReprint, UnknownMeter, Vending
 
 log = get_logger()
+
+
+def _drn(meter: MeterNumber) -> Drn:
+    """The flows' meter number as the ledger's."""
+    return Drn(meter)
 
 
 def _refusal(exc: Exception) -> Refused:  # noqa: PLR0911 - one answer per kind
@@ -69,19 +76,21 @@ def _refusal(exc: Exception) -> Refused:  # noqa: PLR0911 - one answer per kind
 
 
 class SagaCustomerServices:
-    """``flows.ports.CustomerServices`` over the saga (``Vending``) and its ledger.
+    """``flows.ports.CustomerServices`` over the saga (``Vending``) and the ledger.
 
     Args:
-        vending: the purchase saga.
+        vending: the purchase saga (purchases, tokens).
+        ledger: what the customer services read and keep for a phone (meters, saved meters,
+            language, replies); the saga's ledger.
     """
 
-    def __init__(self, vending: Vending) -> None:
+    def __init__(self, vending: Vending, ledger: CustomerLedger) -> None:
         self._vending = vending
-        self._ledger = vending.ledger
+        self._ledger = ledger
 
     async def lookup_meter(self, meter: MeterNumber) -> MeterInfo | None:
         """The meter with its masked name and the tariff's purchase range, or None."""
-        info = await self._ledger.lookup_meter(meter)
+        info = await self._ledger.lookup_meter(_drn(meter))
         if info is None:
             return None
         tariff = await self._ledger.get_tariff(info.tariff_id)
@@ -174,14 +183,14 @@ class SagaCustomerServices:
         saved_now = await self._ledger.saved_meters(phone)
         already = any(str(saved.meter) == str(meter) for saved in saved_now)
         try:
-            await self._ledger.save_meter(phone, meter, nickname=nickname)
+            await self._ledger.save_meter(phone, _drn(meter), nickname=nickname)
         except SavedMetersFull:
             return SaveOutcome.FULL
         return SaveOutcome.RENAMED if already else SaveOutcome.SAVED
 
     async def remove_meter(self, phone: Msisdn, meter: MeterNumber) -> None:
         """Forget a saved meter (nothing happens when it was not saved)."""
-        await self._ledger.remove_saved_meter(phone, meter)
+        await self._ledger.remove_saved_meter(phone, _drn(meter))
 
     async def language(self, phone: Msisdn) -> Language | None:
         """The phone's chosen language, if it chose one we still speak."""

@@ -84,7 +84,7 @@ async def seed_demo(ledger: Ledger, master_key: bytes) -> bool:
         added = True
     await ledger.put_tariff(DEMO_TARIFF)
     for meter in DEMO_METERS:
-        if await ledger.lookup_meter(meter.drn) is not None:
+        if await ledger.lookup_meter(MeterNumber(meter.drn)) is not None:
             continue
         await ledger.put_meter(
             MeterRecord(

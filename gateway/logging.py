@@ -7,8 +7,8 @@ appear, so a stray ``log.info("cfg", config=config)`` or a token inside a messag
 Every configured secret value (database and Redis passwords, the callback secret, the admin
 token, the master key, provider keys: ``register_secrets``, fed by the composition root) is
 replaced by ``********`` wherever it appears in a log line, and so is the password of any URL
-(``scheme://user:password@host``); ``mask_secrets`` applies the same to text printed outside the
-logs (the start-up banner, error messages).
+(``scheme://user:password@host``, ``…?password=…``); ``mask_secrets`` applies the same to text
+printed outside the logs (the start-up banner, error messages).
 
 The standard library's loggers (aiohttp's access and server logs, asyncpg, asyncio, ``warnings``)
 go through structlog's ``ProcessorFormatter`` into the same stream, with the same redaction and
@@ -50,6 +50,10 @@ _TOKEN_RE: Final = re.compile(r"(?<!\d)(?:\d{4}[ -]?){4}\d{4}(?!\d)")
 MASK: Final = "********"
 #: ``scheme://user:password@`` in any text: the password is masked, the user kept.
 _URL_PASSWORD_RE: Final = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
+#: ``?password=…`` (``&sslpassword=…``) in a URL's query: the value is masked, the name kept.
+_QUERY_PASSWORD_RE: Final = re.compile(r"(?P<head>[?&;][A-Za-z_]*password=)[^&#\s]+", re.IGNORECASE)
+#: Fields the processor chain itself adds before ``redact``: never data, never secret.
+_OWN_FIELDS: Final = frozenset({"timestamp", "level"})
 _MIN_SECRET_CHARS: Final = 4  # shorter values would mask ordinary words and numbers
 _secrets: tuple[str, ...] = ()
 _secrets_lock = threading.Lock()
@@ -83,6 +87,8 @@ def mask_secrets(text: str) -> str:
             text = text.replace(secret, MASK)
     if "://" in text:
         text = _URL_PASSWORD_RE.sub(lambda m: m.group("head") + MASK + "@", text)
+    if "password=" in text.lower():
+        text = _QUERY_PASSWORD_RE.sub(lambda m: m.group("head") + MASK, text)
     return text
 
 
@@ -120,6 +126,8 @@ def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> Event
     """Hide secrets and cut tokens to their last four digits (a structlog processor)."""
     for name in list(event_dict):
         value = event_dict[name]
+        if name in _OWN_FIELDS and isinstance(value, str):
+            continue  # the logger's own (a short secret like "2026" must not mask every line)
         if _is_secret_key(name):
             event_dict[name] = MASK
         elif name == "token" and value is not None:

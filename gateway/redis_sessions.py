@@ -8,10 +8,10 @@ expire in Redis itself (``PX``), so a session lives exactly as long as the engin
 
 Keys are namespaced (``prefix``), so several utilities or a test can share one Redis.
 
-Retries: ``get``, ``put`` and ``delete`` are idempotent and are retried on a dropped connection
-or a timeout with capped, jittered backoff. ``add`` is not retried: had the first ``SET NX``
-reached Redis before the connection broke, a retry would answer "already there" for our own
-write (and the SMS deduplication that uses it would drop a new message). It fails with
+Retries: ``get``, ``put`` and ``delete`` are idempotent and are retried (tenacity) on a dropped
+connection or a timeout with capped, jittered backoff. ``add`` is not retried: had the first
+``SET NX`` reached Redis before the connection broke, a retry would answer "already there" for our
+own write (and the SMS deduplication that uses it would drop a new message). It fails with
 ``SessionStoreUnavailable`` instead, and the caller's own retry (the aggregator's) decides.
 
 ```
@@ -21,16 +21,15 @@ SessionStoreUnavailable      gateway.errors.GatewayError: Redis did not answer (
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, TypeVar
 
 import redis.asyncio
 import redis.exceptions
 import structlog
+import tenacity
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -117,26 +116,34 @@ class RedisSessionStore:
     async def _run(
         self, operation: str, command: Callable[[], Awaitable[T]], *, retry: bool = True
     ) -> T:
-        attempt = 0
-        while True:
-            try:
-                return await command()
-            except _TRANSIENT as exc:
-                attempt += 1
-                if not retry or attempt >= self._attempts:
-                    raise SessionStoreUnavailable(
-                        f"Redis session store did not answer {operation} ({exc})",
-                        operation=operation,
-                    ) from exc
-                delay = random.random() * min(0.2, self._backoff_s * 2.0 ** (attempt - 1))
-                log.info("session_store_retrying", operation=operation, attempt=attempt)
-                await asyncio.sleep(delay)
-            except redis.exceptions.RedisError as exc:
-                raise SessionStoreUnavailable(
-                    f"Redis session store refused {operation} ({exc})",
-                    operation=operation,
-                    retryable=False,
-                ) from exc
+        def retrying(state: tenacity.RetryCallState) -> None:
+            log.info("session_store_retrying", operation=operation, attempt=state.attempt_number)
+
+        try:
+            async for attempt in tenacity.AsyncRetrying(
+                retry=tenacity.retry_if_exception_type(_TRANSIENT),
+                stop=tenacity.stop_after_attempt(self._attempts if retry else 1),
+                # Full jitter: a random wait up to backoff_s · 2^n, capped at 0.2 s.
+                wait=tenacity.wait_random_exponential(multiplier=self._backoff_s, max=0.2),
+                before_sleep=retrying,
+                reraise=True,
+            ):
+                with attempt:
+                    return await command()
+        except _TRANSIENT as exc:
+            raise SessionStoreUnavailable(
+                f"Redis session store did not answer {operation} ({exc})",
+                operation=operation,
+            ) from exc
+        except redis.exceptions.RedisError as exc:
+            raise SessionStoreUnavailable(
+                f"Redis session store refused {operation} ({exc})",
+                operation=operation,
+                retryable=False,
+            ) from exc
+        raise AssertionError(
+            "unreachable: tenacity either returns or re-raises"
+        )  # pragma: no cover
 
     async def get(self, key: str) -> str | None:
         """The value under ``key``, or None when absent or expired."""

@@ -22,19 +22,17 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import structlog
 
 from gateway.errors import GatewayError
+from gateway.ledger import PaymentChecks
 from gateway.sms.outbox import OutboxWorker
+from gateway.values.clock import utc_now
 from gateway.vending import Vending
 
 log = structlog.get_logger()
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,6 +51,8 @@ class Sweeper:
     Args:
         vending: the saga (it makes every state change).
         outbox: the SMS worker, or None when another task drives it.
+        checks: where the purchases due for a payment check are found (default: the saga's
+            ledger).
         clock: the time source (UTC, aware).
         interval_s: the pause between sweeps.
         batch: purchases handled per step and sweep.
@@ -66,13 +66,15 @@ class Sweeper:
         *,
         vending: Vending,
         outbox: OutboxWorker | None,
-        clock: Callable[[], datetime] = _utc_now,
+        checks: PaymentChecks | None = None,
+        clock: Callable[[], datetime] = utc_now,
         interval_s: float = 15.0,
         batch: int = 100,
         check_concurrency: int = 32,
         check_poll_s: float = 1.0,
     ) -> None:
         self._vending = vending
+        self._checks = checks if checks is not None else vending.ledger
         self._outbox = outbox
         self._clock = clock
         self._interval_s = interval_s
@@ -97,7 +99,6 @@ class Sweeper:
         return True
 
     async def _sweep(self, *, checks: bool) -> SweepReport:
-        ledger = self._vending.ledger
         vended = checked = sent = 0
         failed: list[str] = []
         try:
@@ -107,7 +108,7 @@ class Sweeper:
             log.warning("sweep_step_failed", step="vend", error=str(exc))
         if checks:
             try:
-                due = await ledger.due_for_check(self._clock(), limit=self._batch)
+                due = await self._checks.due_for_check(self._clock(), limit=self._batch)
                 gate = asyncio.Semaphore(self._check_concurrency)
 
                 async def check(purchase_id: str) -> None:
@@ -136,7 +137,7 @@ class Sweeper:
 
     async def _due_checks(self, room: int, busy: set[str]) -> list[str]:
         """Up to ``room`` (and more) purchases due for a check that are not ``busy``."""
-        due = await self._vending.ledger.due_for_check(self._clock(), limit=room + len(busy))
+        due = await self._checks.due_for_check(self._clock(), limit=room + len(busy))
         return [p.purchase_id for p in due if p.purchase_id not in busy]
 
     async def check_continuously(self, stop: asyncio.Event) -> None:

@@ -6,7 +6,7 @@ rounded *down* to 0.1 kWh (the STS credit unit), so a customer is never vended m
 Above 1,638.3 kWh (16,383 units) a token can only carry every 10th, 100th or 1000th unit (the
 STS amount's 14-bit mantissa and decimal exponent): the units are rounded down again, to the
 largest amount a token carries exactly, so the quote, the ledger, the SMS and the meter's credit
-are one number (DESIGN.md invariant 8).
+are one number (docs/architecture.md invariant 8).
 ``Decimal`` appears only inside this arithmetic; amounts in and out are integer minor units.
 
 ```

@@ -22,13 +22,19 @@ the purchase's tariff), and the token SMS says what was recovered and what remai
 Free basic electricity (FBE): a tariff's monthly allowance (``Ledger.set_fbe_allowance``) comes
 as a second credit token, with its own TID and SMS, with the meter's first vend of the calendar
 month in ``SagaPolicy.fbe_timezone`` (Africa/Nairobi by default). The database allows one per
-meter and month. A vend that delivers a key change leaves the FBE to the next purchase.
+meter and month. A vend that delivers a key change, or whose payer is unknown (a C2B payment with
+a masked MSISDN: its token SMS is held), leaves the FBE to the next purchase.
 
 A callback is a claim: ``on_payment_notice`` records it and asks the provider (``query_status``)
 before anything is vended; a provider answer that contradicts it is a security event. A provider
 receipt pays for one purchase only: the ledger refuses a second claim of it (``ReceiptReused``),
-which leaves that purchase REFUND_PENDING for an operator, never vended. The receipt on a token
-comes only from the provider's records, never from a callback's word.
+which leaves that purchase REFUND_PENDING for an operator, never vended (a push proven by our
+own query of it is vended without the disputed receipt instead). A claim may take a receipt only
+when the provider's record of it matches the claim (payer, amount, kind: a paybill payment or an
+STK push): a paybill confirmation is checked before it opens a purchase, and one the record
+contradicts takes nothing (``payment_claim_contradicted``), leaving the receipt to its own
+payment's claim. The receipt on a token comes only from the provider's records, never from a
+callback's word.
 
 Each step is one ledger transaction with its event row, and every step is safe to retry: a replayed
 vend returns the stored token and queues nothing. TIDs come from the meter row inside the vend
@@ -44,6 +50,11 @@ VendingError                 gateway.errors.GatewayError
   NothingToReprint           the purchase has no token yet
 ```
 Tariff errors (``gateway.tariff``) pass through from ``quote`` and ``start_purchase``.
+
+Beside the saga: the recovery of collections whose outcome is unknown is
+``gateway/unknown_collections.py`` (the saga owns one ``UnknownCollections``); the token SMS is
+built by ``flows/messages/tokens.py`` from the message catalogues; the token engine is built by
+the composition root (``gateway/app.py``, ``load_token_engine``) and handed in.
 """
 
 from __future__ import annotations
@@ -55,12 +66,13 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Final, Protocol
 from zoneinfo import ZoneInfo
 
 import structlog
 
+from flows.messages.tokens import fbe_message, token_message
 from gateway.errors import GatewayError
 from gateway.ledger import (
     ConfirmedPayment,
@@ -68,7 +80,6 @@ from gateway.ledger import (
     FloatDebit,
     IllegalTransition,
     KeyChange,
-    Ledger,
     LedgerError,
     MessageKind,
     MeterRecord,
@@ -80,13 +91,13 @@ from gateway.ledger import (
     PurchaseDraft,
     PurchaseState,
     ReceiptReused,
+    SagaLedger,
     TidConflict,
     Vend,
     VendContext,
     VendDraft,
     VendOutcome,
     new_purchase_id,
-    open_vending_key,
 )
 from gateway.money import Money
 from gateway.payments import (
@@ -100,23 +111,31 @@ from gateway.payments import (
     PaymentStatus,
     ProviderReference,
     ReceiptVerifier,
-    ReconcilingProvider,
 )
 from gateway.phone import Msisdn
+from gateway.retry import backoff_s
 from gateway.sts import (
-    LocalTokenEngine,
     MeterProfile,
     StsError,
     Token,
     TokenEngine,
-    VendingKey,
     next_tid,
     round_units_down,
 )
 from gateway.tariff import Quote, TariffError, price, quote
+from gateway.unknown_collections import (
+    COLLECTION_ATTEMPTED,
+    COLLECTION_NOT_STARTED,
+    UNKNOWN_COLLECTION_AMBIGUOUS,
+    UnknownCollections,
+)
+from gateway.values.clock import UtcClock, utc_now
 
 __all__ = [
+    "COLLECTION_ATTEMPTED",
+    "COLLECTION_NOT_STARTED",
     "CUSTOMER_INITIATED_CHANNEL",
+    "UNKNOWN_COLLECTION_AMBIGUOUS",
     "MeterBlocked",
     "NotPaid",
     "NothingToReprint",
@@ -127,7 +146,6 @@ __all__ = [
     "Vending",
     "VendingError",
     "fbe_message",
-    "load_token_engine",
     "reprint_token",
     "token_message",
 ]
@@ -138,35 +156,33 @@ _FAILED_CLAIMS: Final = frozenset(
     {PaymentState.FAILED, PaymentState.CANCELLED, PaymentState.TIMED_OUT}
 )
 _SETTLED: Final = frozenset({PurchaseState.VENDED, PurchaseState.DELIVERED})
-# Event kinds that bracket a collection request to a provider without idempotency (Daraja STK):
-# "attempted" is written before the request, "not started" when the adapter says it did not
-# take effect. An "attempted" never followed by a reference means the outcome is unknown.
-COLLECTION_ATTEMPTED: Final = "collection_attempted"
-COLLECTION_NOT_STARTED: Final = "collection_not_started"
-# A push of unknown outcome whose provider lists several unclaimed payments that could be it.
-UNKNOWN_COLLECTION_AMBIGUOUS: Final = "unknown_collection_ambiguous"
 #: The channel of a purchase the customer paid on their own (Daraja C2B paybill). It is never
 #: prompted: the money has already moved, so a push would charge the customer twice.
 CUSTOMER_INITIATED_CHANNEL: Final = "c2b"
-_PAID_STATES: Final = frozenset(
-    {
-        PurchaseState.PAID,
-        PurchaseState.VENDED,
-        PurchaseState.DELIVERED,
-        PurchaseState.VEND_FAILED,
-        PurchaseState.REFUND_PENDING,
-    }
-)
 #: Bytes of a callback body kept in the ledger: real callbacks are a few hundred bytes; its
 #: SHA-256 is taken over the whole body (issue 17: 50 unknown-reference posts of 900 KB).
 MAX_STORED_NOTICE: Final = 8192
 _PROFILE_CACHE: Final = 4096  # validated meter profiles kept (oldest dropped first)
-_GSM7_SINGLE: Final = 160
-_GSM7_DOUBLE: Final = 306
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
+def _claim_contradiction(
+    record: PaymentStatus, amount: Money | None, payer: Msisdn | None, *, customer: bool
+) -> str | None:
+    """How the provider's record of a paid receipt contradicts a claim on it; None if it does not.
+
+    Only a success record is compared (a failure is ``confirm``'s to handle): its kind of
+    payment (``customer``: one the payer started, a paybill payment; else our prompt's) when
+    the record says it, its amount, and its payer when both sides name one.
+    """
+    if record.state is not PaymentState.SUCCEEDED:
+        return None
+    if record.customer_initiated is not None and record.customer_initiated != customer:
+        return "a payment the payer started" if record.customer_initiated else "an STK push's"
+    if amount is not None and record.amount is not None and record.amount != amount:
+        return "another amount"
+    if payer is not None and record.payer is not None and record.payer != payer:
+        return "another payer"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -223,138 +239,18 @@ class NothingToReprint(VendingError):
     """The purchase has no token to send again."""
 
 
-# ------------------------------------------------------------------------------------ the message
-
-_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": "Electricity token {token}. {kwh} kWh for {amount}. Meter {meter}. Receipt {receipt}.",
-    "sw": "Tokeni ya umeme {token}. kWh {kwh} kwa {amount}. Mita {meter}. Risiti {receipt}.",
-    "fr": "Code electricite {token}. {kwh} kWh pour {amount}. Compteur {meter}. Recu {receipt}.",
-}
-_SHORT_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": "Token {token} {kwh}kWh {amount} Mtr {meter} Rcpt {receipt}",
-    "sw": "Tokeni {token} {kwh}kWh {amount} Mita {meter} Risiti {receipt}",
-    "fr": "Code {token} {kwh}kWh {amount} Cpt {meter} Recu {receipt}",
-}
-#: With a key change: the key-change tokens come first, in order, then the credit token.
-_KEY_CHANGE_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": "New meter key: enter {kcts} first, then token {token}. {kwh} kWh for {amount}."
-    " Meter {meter}. Receipt {receipt}.",
-    "sw": "Ufunguo mpya wa mita: weka {kcts} kwanza, kisha tokeni {token}. kWh {kwh} kwa"
-    " {amount}. Mita {meter}. Risiti {receipt}.",
-    "fr": "Nouvelle cle compteur: entrez {kcts} d'abord, puis le code {token}. {kwh} kWh pour"
-    " {amount}. Compteur {meter}. Recu {receipt}.",
-}
-_SHORT_KEY_CHANGE_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": "Enter {kcts} then {token} {kwh}kWh {amount} Mtr {meter} Rcpt {receipt}",
-    "sw": "Weka {kcts} kisha {token} {kwh}kWh {amount} Mita {meter} Risiti {receipt}",
-    "fr": "Entrez {kcts} puis {token} {kwh}kWh {amount} Cpt {meter} Recu {receipt}",
-}
+# --------------------------------------------------------------------------------- units carried
 
 
 def _carried_units(units: int) -> int:
-    """The units a purchase's token carries, recorded and sent exactly (DESIGN.md invariant 8).
+    """The units a purchase's token carries, recorded and sent exactly (invariant 8).
+
+    Invariant 8 of docs/architecture.md: the units recorded, in the SMS and credited are one number.
 
     Quotes only offer amounts a token carries; a purchase quoted before they did (above 16,383
     units) is vended the largest such amount below its units, never more than was paid for.
     """
     return round_units_down(units)
-
-
-#: What a purchase gave to the meter's debt, appended to the token SMS.
-_DEBT_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": " Debt recovered {recovered}, remaining {remaining}.",
-    "sw": " Deni lililolipwa {recovered}, deni lililobaki {remaining}.",
-    "fr": " Dette recouvree {recovered}, reste {remaining}.",
-}
-_SHORT_DEBT_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": " Debt {recovered} bal {remaining}",
-    "sw": " Deni {recovered} baki {remaining}",
-    "fr": " Dette {recovered} reste {remaining}",
-}
-_FBE_TEMPLATES: Final[Mapping[str, str]] = {
-    "en": "Free basic electricity for {month}: token {token}. {kwh} kWh. Meter {meter}.",
-    "sw": "Umeme wa bure wa msingi wa {month}: tokeni {token}. kWh {kwh}. Mita {meter}.",
-    "fr": "Electricite de base gratuite {month}: code {token}. {kwh} kWh. Compteur {meter}.",
-}
-
-
-def _group(token: str) -> str:
-    return "-".join(token[i : i + 4] for i in range(0, len(token), 4))
-
-
-def token_message(  # noqa: PLR0913 - keyword-only: every part of the SMS by name
-    *,
-    token: str,
-    units: int,
-    amount: Money,
-    meter: str,
-    receipt: str,
-    language: str = "en",
-    key_change_tokens: Sequence[str] = (),
-    debt_recovered: Money | None = None,
-    debt_remaining: Money | None = None,
-) -> str:
-    """The SMS that carries a token: token in groups of 4, kWh, amount, meter, receipt number.
-
-    Fits one GSM-7 segment (160 characters) when it can, falling back to a terse template, and
-    never needs more than two segments (306). Unknown languages fall back to English. The
-    channels' message catalogues may replace the templates; this is the one builder to reuse.
-    With ``key_change_tokens`` (a key rotation), they come first, in the order to key them in,
-    each grouped by 4, then the credit token: one message of at most two segments.
-
-    Args:
-        token: the 20 digits.
-        units: tenths of a kWh.
-        amount: what the customer paid.
-        meter: the meter number.
-        receipt: the provider's receipt number (our purchase id when the provider gave none).
-        language: ``en``, ``sw`` or ``fr``.
-        key_change_tokens: the key-change set (20 digits each), in order.
-        debt_recovered: what the purchase gave to the meter's debt; the text says so when given.
-        debt_remaining: what the meter still owes after it.
-
-    Raises:
-        ValueError: even the terse text exceeds two segments (absurdly long meter or receipt).
-    """
-    values = {
-        "token": _group(token),
-        "kwh": f"{units // 10}.{units % 10}",
-        "amount": str(amount),
-        "meter": meter,
-        "receipt": receipt,
-        "kcts": " ".join(_group(kct) for kct in key_change_tokens),
-    }
-    lang = language if language in _TEMPLATES else "en"
-    full, short = (
-        (_KEY_CHANGE_TEMPLATES, _SHORT_KEY_CHANGE_TEMPLATES)
-        if key_change_tokens
-        else (_TEMPLATES, _SHORT_TEMPLATES)
-    )
-    debt, short_debt = "", ""
-    if debt_recovered is not None:
-        owed = {
-            "recovered": str(debt_recovered),
-            "remaining": str(debt_remaining or Money(0, debt_recovered.currency)),
-        }
-        debt = _DEBT_TEMPLATES[lang].format(**owed)
-        short_debt = _SHORT_DEBT_TEMPLATES[lang].format(**owed)
-    text = full[lang].format(**values) + debt
-    if len(text) <= _GSM7_SINGLE:
-        return text
-    terse = short[lang].format(**values) + short_debt
-    # The fewest segments first, then the fuller text.
-    for candidate in (terse, text) if len(terse) <= _GSM7_SINGLE else (text, terse):
-        if len(candidate) <= _GSM7_DOUBLE:
-            return candidate
-    raise ValueError(f"token message of {len(terse)} characters exceeds two SMS segments")
-
-
-def fbe_message(*, token: str, units: int, month: str, meter: str, language: str = "en") -> str:
-    """The SMS that carries a month's free basic electricity token (one GSM-7 segment)."""
-    lang = language if language in _FBE_TEMPLATES else "en"
-    return _FBE_TEMPLATES[lang].format(
-        token=_group(token), kwh=f"{units // 10}.{units % 10}", month=month, meter=meter
-    )
 
 
 # -------------------------------------------------------------------------------------- the saga
@@ -393,7 +289,7 @@ class SagaPolicy:
         ambiguous_recheck_s: a push of unknown outcome whose lookup found several payments that
             could be it (``unknown_collection_ambiguous``, for an operator) is looked up again
             this often.
-        payment_deadline_s: after this long since creation an unpaid purchase expires (a later
+        payment_expiry_s: after this long since creation an unpaid purchase expires (a later
             confirmed success still vends).
         vend_attempts: how often a vend is retried when another writer moved the meter's TID.
         reconcile_after_s: a push whose outcome a crash left unknown (and whose callback never
@@ -411,7 +307,7 @@ class SagaPolicy:
     check_backoff_s: float = 15.0
     check_backoff_max_s: float = 300.0
     ambiguous_recheck_s: float = 300.0
-    payment_deadline_s: float = 900.0
+    payment_expiry_s: float = 3600.0
     vend_attempts: int = 32
     reconcile_after_s: float = 90.0
     reconcile_window_s: tuple[float, float] = (60.0, 300.0)
@@ -435,11 +331,11 @@ class Vending:
     def __init__(
         self,
         *,
-        ledger: Ledger,
+        ledger: SagaLedger,
         engine: TokenEngine,
         providers: Mapping[str, PaymentProvider],
         default_provider: str,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: UtcClock = utc_now,
         policy: SagaPolicy | None = None,
         observer: SagaObserver | None = None,
     ) -> None:
@@ -459,10 +355,17 @@ class Vending:
             weakref.WeakValueDictionary()
         )
         self._profiles: dict[tuple[object, ...], MeterProfile] = {}
+        self._unknown = UnknownCollections(
+            ledger=ledger,
+            providers=self._providers,
+            policy=self._policy,
+            clock=clock,
+            on_success=self._on_success,
+        )
         self._fbe_zone = ZoneInfo(self._policy.fbe_timezone)
 
     @property
-    def ledger(self) -> Ledger:
+    def ledger(self) -> SagaLedger:
         """The ledger the saga writes to (the operator surface reads it)."""
         return self._ledger
 
@@ -553,8 +456,11 @@ class Vending:
 
     def _backoff(self, attempts: int) -> timedelta:
         policy = self._policy
-        seconds = min(policy.check_backoff_max_s, policy.check_backoff_s * 2 ** max(0, attempts))
-        return timedelta(seconds=seconds)
+        return timedelta(
+            seconds=backoff_s(
+                attempts, base_s=policy.check_backoff_s, cap_s=policy.check_backoff_max_s
+            )
+        )
 
     async def request_payment(self, purchase_id: str) -> Purchase:
         """Ask the purchase's provider to collect the money (the STK/MoMo prompt).
@@ -591,9 +497,9 @@ class Vending:
                 account_reference=purchase.meter,
                 description=f"Electricity {purchase.meter}",
             )
-            guarded = not getattr(provider, "idempotent_requests", False)
+            guarded = not provider.idempotent_requests
             if guarded:
-                if await self._collection_outcome_unknown(purchase_id):
+                if await self._unknown.collection_outcome_unknown(purchase_id):
                     # A prompt may be on the customer's phone already (we crashed after the
                     # provider accepted it, before its reference was stored). Another push
                     # could charge twice: wait for its callback, matched by payer and amount.
@@ -648,175 +554,6 @@ class Vending:
                     purchase = await self.confirm(purchase_id)
             return purchase
 
-    async def _collection_outcome_unknown(self, purchase_id: str) -> bool:
-        """Whether a collection request went out and its outcome was never recorded."""
-        return await self._unknown_collection_since(purchase_id) is not None
-
-    async def _unknown_collection_since(self, purchase_id: str) -> datetime | None:
-        """When the collection request of unknown outcome went out; None if there is none."""
-        marks = [
-            event
-            for event in await self._ledger.timeline(purchase_id)
-            if event.kind in {COLLECTION_ATTEMPTED, COLLECTION_NOT_STARTED}
-        ]
-        if marks and marks[-1].kind == COLLECTION_ATTEMPTED:
-            return marks[-1].at
-        return None
-
-    async def _receipts_of_payer(self, purchase: Purchase) -> tuple[set[str], int]:
-        """The payer's other paid purchases of this amount: receipts known, and how many lack one.
-
-        Those without a receipt on record (confirmed by STK Query) cannot be told apart from a
-        payment found by payer and amount, so their count makes any match ambiguous.
-        """
-        known: set[str] = set()
-        unexplained = 0
-        oldest = purchase.created_at - timedelta(seconds=self._policy.payment_deadline_s)
-        for other in await self._ledger.find_purchases(
-            phone=purchase.phone, states=sorted(_PAID_STATES), limit=100
-        ):
-            if (
-                other.purchase_id == purchase.purchase_id
-                or other.provider != purchase.provider
-                or other.amount != purchase.amount
-            ):
-                continue
-            if other.provider_reference is not None:
-                known.add(other.provider_reference)
-            receipt = (await self._ledger.vend_context(other.purchase_id)).receipt
-            if receipt is not None:
-                known.add(receipt)
-            elif other.created_at >= oldest:
-                unexplained += 1
-        return known, unexplained
-
-    async def _unclaimed(
-        self, purchase: Purchase, found: Sequence[PaymentStatus]
-    ) -> tuple[dict[str, PaymentStatus], int]:
-        """The found payments no other purchase claimed (by reference), and the unexplained count.
-
-        The count is ``_receipts_of_payer``'s: the payer's paid purchases with no receipt.
-        """
-        if not found:
-            return {}, 0
-        known, unexplained = await self._receipts_of_payer(purchase)
-        candidates: dict[str, PaymentStatus] = {}
-        for status in found:
-            if status.reference in known or (status.receipt or "") in known:
-                continue
-            record = await self._ledger.get_payment(status.provider, status.reference)
-            if record is None or record.purchase_id in {None, purchase.purchase_id}:
-                candidates[status.reference] = status
-        return candidates, unexplained
-
-    async def _reconcile_unknown_collection(self, purchase: Purchase) -> Purchase | None:
-        """Find, in the provider's own list, the payment of a push whose outcome is unknown.
-
-        For a CREATED purchase without a reference whose push went out (outcome unknown) at
-        least ``reconcile_after_s`` ago, on a ``ReconcilingProvider``: its completed payments
-        by the purchase's payer of exactly its amount around the push, less those already tied
-        to another purchase. Exactly one: recorded paid with that record as the proof, and
-        vended. Several: an ``unknown_collection_ambiguous`` event for an operator. Returns
-        None when this does not apply (or found nothing), else the purchase as it now stands.
-
-        Raises:
-            PaymentError: the provider could not answer.
-        """
-        provider = self._providers[purchase.provider]
-        if (
-            not isinstance(provider, ReconcilingProvider)
-            or purchase.phone is None
-            or purchase.state is not PurchaseState.CREATED
-            or purchase.provider_reference is not None
-        ):
-            return None
-        attempted = await self._unknown_collection_since(purchase.purchase_id)
-        if attempted is None:
-            return None
-        if self._clock() < attempted + timedelta(seconds=self._policy.reconcile_after_s):
-            return None
-        before, after = self._policy.reconcile_window_s
-        found = await provider.find_payments(
-            purchase.phone,
-            purchase.amount,
-            attempted - timedelta(seconds=before),
-            attempted + timedelta(seconds=after),
-            account_reference=purchase.meter,  # what the push carried
-        )
-        candidates, unexplained = await self._unclaimed(purchase, found)
-        if not candidates:
-            return None
-        if len(candidates) > 1 or unexplained:
-            timeline = await self._ledger.timeline(purchase.purchase_id)
-            if not timeline or timeline[-1].kind != UNKNOWN_COLLECTION_AMBIGUOUS:
-                await self._ledger.append_event(
-                    purchase.purchase_id,
-                    UNKNOWN_COLLECTION_AMBIGUOUS,
-                    actor="saga",
-                    data={
-                        "provider": provider.name,
-                        "references": sorted(candidates),
-                        "unexplained_payments": unexplained,
-                    },
-                )
-            log.warning(
-                UNKNOWN_COLLECTION_AMBIGUOUS,
-                references=sorted(candidates),
-                unexplained_payments=unexplained,
-            )
-            return await self._ledger.get_purchase(purchase.purchase_id)
-        (status,) = candidates.values()
-        log.warning("unknown_collection_reconciled", reference=status.reference)
-        context = await self._ledger.vend_context(purchase.purchase_id)
-        # The provider's record is the proof: the payment row, the reference and PAID are
-        # written with the vend in one transaction (no window with a reference STK Query lacks).
-        return await self._on_success(context, status)
-
-    async def _adopt_unknown_collection(self, notice: PaymentNotice) -> str | None:
-        """Match a success for an unknown reference to our push whose reference was never stored.
-
-        Only a purchase still CREATED, of the same provider, payer and amount, whose push went
-        out with its outcome unknown, qualifies; exactly one must. The provider's status query
-        for the notice's reference is still the proof before anything vends.
-        """
-        if (
-            notice.is_customer_initiated
-            or notice.payer is None
-            or notice.claimed_state is not PaymentState.SUCCEEDED
-        ):
-            return None
-        candidates = [
-            purchase
-            for purchase in await self._ledger.find_purchases(
-                phone=notice.payer, states=[PurchaseState.CREATED], limit=20
-            )
-            if purchase.provider == notice.provider
-            and purchase.provider_reference is None
-            and (notice.amount is None or purchase.amount == notice.amount)
-            and await self._collection_outcome_unknown(purchase.purchase_id)
-        ]
-        if len(candidates) != 1:
-            if candidates:
-                log.warning(
-                    "unknown_collection_ambiguous",
-                    reference=notice.reference,
-                    candidates=[c.purchase_id for c in candidates],
-                )
-            return None
-        purchase = candidates[0]
-        await self._ledger.attach_payment(
-            purchase.purchase_id,
-            provider=notice.provider,
-            reference=notice.reference,
-            actor=f"callback:{notice.provider}",
-        )
-        log.warning(
-            "unknown_collection_adopted",
-            purchase_id=purchase.purchase_id,
-            reference=notice.reference,
-        )
-        return purchase.purchase_id
-
     async def on_payment_notice(self, notice: PaymentNotice) -> None:
         """Record a callback's claim, then confirm it with the provider before any vend.
 
@@ -845,10 +582,14 @@ class Vending:
                 purchase_id=outcome.purchase_id,
             )
         purchase_id: str | None = outcome.purchase_id
+        record: PaymentStatus | None = None
         if purchase_id is None and notice.is_customer_initiated:
+            record = await self._customer_claim_record(notice)
+            if record is not None and await self._claim_refused(notice, record):
+                return  # takes nothing: the reference stays free for the payment's own claim
             purchase_id = await self._open_customer_payment(notice)
         if purchase_id is None:
-            purchase_id = await self._adopt_unknown_collection(notice)
+            purchase_id = await self._unknown.adopt_unknown_collection(notice)
         if purchase_id is None:
             await self._ledger.append_event(
                 None,
@@ -869,11 +610,53 @@ class Vending:
         with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
             try:
                 await self.confirm(
-                    purchase_id, claimed=notice.claimed_state, claimed_receipt=notice.receipt
+                    purchase_id,
+                    claimed=notice.claimed_state,
+                    claimed_receipt=notice.receipt,
+                    record=record,
                 )
             except (GatewayError, StsError) as exc:
                 # Recorded; the sweeper finishes it. A notice is never refused for this.
                 log.warning("payment_notice_confirmation_deferred", error=str(exc))
+
+    async def _customer_claim_record(self, notice: PaymentNotice) -> PaymentStatus | None:
+        """The provider's record of a C2B confirmation's receipt, asked before it opens a purchase.
+
+        None when it cannot be had now (or the notice claims no success): the claim then opens
+        its purchase and ``confirm`` asks again, checking the same (``_on_proven``).
+        """
+        provider = self._providers.get(notice.provider)
+        if provider is None or notice.claimed_state is not PaymentState.SUCCEEDED:
+            return None
+        try:
+            return await provider.query_status(notice.reference)
+        except PaymentError as exc:
+            log.warning("customer_payment_unchecked", reference=notice.reference, error=str(exc))
+            return None
+
+    async def _claim_refused(self, notice: PaymentNotice, record: PaymentStatus) -> bool:
+        """Whether the provider's record of the receipt contradicts a C2B confirmation's claim.
+
+        Checked before the claim opens a purchase, since the purchase takes the receipt: a
+        record of a paid receipt that is not a payment the payer started (an STK push's), or is
+        of another amount or payer, is the security event ``payment_claim_contradicted`` (an
+        event with no purchase) and the claim takes nothing; the payment's own confirmation
+        still can.
+        """
+        reason = _claim_contradiction(record, notice.amount, notice.payer, customer=True)
+        if reason is None:
+            return False
+        data = {
+            "provider": notice.provider,
+            "reference": notice.reference,
+            "account": notice.account_reference,
+            "reason": reason,
+        }
+        self._security_event("payment_claim_contradicted", **data)
+        await self._ledger.append_event(
+            None, "payment_claim_contradicted", actor=f"callback:{notice.provider}", data=data
+        )
+        return True
 
     async def _open_customer_payment(self, notice: PaymentNotice) -> str | None:
         """A customer-initiated payment (C2B paybill): open its purchase from the notice."""
@@ -959,14 +742,20 @@ class Vending:
         *,
         claimed: PaymentState | None = None,
         claimed_receipt: str | None = None,
+        record: PaymentStatus | None = None,
     ) -> Purchase:
         """Ask the provider what became of the purchase's payment, and act on its answer.
 
         Paid with the exact amount, currency and payer: PAID, then vended. Paid otherwise:
-        REFUND_PENDING and a security event (never vends). Paid with a receipt that already
-        pays for another purchase: REFUND_PENDING (an operator looks) and the security event
-        ``payment_receipt_reused``, never vended. Failed: PAYMENT_FAILED. Pending: unchanged. A
-        success arriving after expiry still vends: money is never lost.
+        REFUND_PENDING and a security event (never vends). A paybill purchase whose receipt the
+        provider's record shows to be another payer's, amount's or an STK push's: PAYMENT_FAILED
+        and the security event ``payment_claim_contradicted``; it takes nothing (the receipt
+        stays free). Paid with a receipt that already pays for another purchase:
+        REFUND_PENDING (an operator looks) and the security event ``payment_receipt_reused``,
+        never vended; except a push our own query proved paid (STK Query), which is vended
+        without the disputed receipt (the same event), never prompted again. Failed:
+        PAYMENT_FAILED. Pending: unchanged. A success arriving after expiry still vends: money
+        is never lost.
 
         ``claimed`` is what the callback that brought us here said: an answer of the provider
         that contradicts it (success against failure, either way), a provider that does not
@@ -976,7 +765,11 @@ class Vending:
         The receipt on the vend and the token SMS comes from the provider's own records only:
         the status answer's, else (Daraja STK, whose query has none) a receipt a callback claimed
         (``claimed_receipt``, or the one kept with the payment) once the provider's record of it
-        (``ReceiptVerifier``) shows this payment's amount and payer; else our purchase id.
+        (``ReceiptVerifier``) shows this payment's amount and payer, and the kind of payment
+        (a push's receipt for a push); else our purchase id.
+
+        ``record`` is the provider's answer for the purchase's reference when the caller has
+        just asked it (a paybill confirmation's check): it is not asked again.
 
         Raises:
             PaymentError: the provider could not answer (``ProviderUnavailable``, retryable).
@@ -1000,7 +793,11 @@ class Vending:
             provider = self._providers[purchase.provider]
             reference = purchase.provider_reference
             try:
-                status = await provider.query_status(ProviderReference(reference))
+                status = (
+                    record
+                    if record is not None and record.reference == reference
+                    else await provider.query_status(ProviderReference(reference))
+                )
             except ForgedCallback as exc:
                 self._security_event(
                     "payment_callback_contradicted",
@@ -1052,15 +849,27 @@ class Vending:
     async def _on_success(
         self, context: VendContext, status: PaymentStatus, claimed_receipt: str | None = None
     ) -> Purchase:
+        purchase = context.purchase
+        # Proven by our own query of our own request (STK Query: no receipt in the answer).
+        own_query = status.receipt is None and status.reference == purchase.provider_reference
         if status.receipt is None:
             receipt = await self._proven_receipt(
-                context.purchase, status.reference, (claimed_receipt, context.receipt)
+                purchase, status.reference, (claimed_receipt, context.receipt)
             )
             status = replace(status, receipt=receipt)
         try:
             return await self._on_proven(context, status)
         except ReceiptReused as exc:
-            return await self._receipt_reused(context.purchase, status, exc)
+            if not own_query:
+                return await self._receipt_reused(purchase, status, exc)
+            # The provider said our own request was paid: only the receipt a callback named is
+            # disputed. The purchase is paid and vended without it (never prompted again).
+            data = {"provider": exc.provider, "receipt": exc.receipt, "reference": status.reference}
+            self._security_event("payment_receipt_reused", **data)
+            await self._ledger.append_event(
+                purchase.purchase_id, "payment_receipt_reused", actor="saga", data=data
+            )
+            return await self._on_proven(context, replace(status, receipt=None))
 
     async def _late_receipt(self, context: VendContext, claimed: str) -> None:
         """A receipt claimed after the vend (the real callback behind a forged one, say).
@@ -1103,13 +912,12 @@ class Vending:
             except (PaymentError, TimeoutError) as exc:
                 log.warning("payment_receipt_unverified", receipt=claimed, error=repr(exc))
                 continue
-            payer_ok = (
-                record.payer is None or purchase.phone is None or (record.payer == purchase.phone)
-            )
+            customer = purchase.channel == CUSTOMER_INITIATED_CHANNEL
             if (
                 record.state is PaymentState.SUCCEEDED
                 and record.amount == purchase.amount
-                and payer_ok
+                and _claim_contradiction(record, purchase.amount, purchase.phone, customer=customer)
+                is None
             ):
                 return record.receipt or claimed
             self._security_event(
@@ -1146,6 +954,10 @@ class Vending:
 
     async def _on_proven(self, context: VendContext, status: PaymentStatus) -> Purchase:
         purchase = context.purchase
+        if purchase.channel == CUSTOMER_INITIATED_CHANNEL:
+            reason = _claim_contradiction(status, purchase.amount, purchase.phone, customer=True)
+            if reason is not None:
+                return await self._claim_contradicted(purchase, status, reason)
         matches, paid = self._matches(purchase, status)
         confirmed = ConfirmedPayment(
             provider=status.provider,
@@ -1181,6 +993,35 @@ class Vending:
             self._observe(self._observer.payment_confirmed, seconds)
         return outcome.purchase
 
+    async def _claim_contradicted(
+        self, purchase: Purchase, status: PaymentStatus, reason: str
+    ) -> Purchase:
+        """A paybill purchase the provider's record contradicts: it takes nothing, never vends.
+
+        PAYMENT_FAILED (an operator sees it: its confirmation said money moved), the payment
+        row untouched (the receipt stays free), and the security event
+        ``payment_claim_contradicted``.
+        """
+        data = {
+            "provider": status.provider,
+            "reference": status.reference,
+            "account": purchase.meter,
+            "reason": reason,
+        }
+        self._security_event("payment_claim_contradicted", **data)
+        if purchase.state not in {PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT}:
+            await self._ledger.append_event(
+                purchase.purchase_id, "payment_claim_contradicted", actor="saga", data=data
+            )
+            return await self._ledger.get_purchase(purchase.purchase_id)
+        return await self._ledger.transition(
+            purchase.purchase_id,
+            PurchaseState.PAYMENT_FAILED,
+            kind="payment_claim_contradicted",
+            actor="saga",
+            data=data,
+        )
+
     @staticmethod
     def _observe(report: Callable[[float], None], seconds: float) -> None:
         try:
@@ -1203,7 +1044,7 @@ class Vending:
 
         Retries a collection that never started; otherwise asks the provider. A push whose
         outcome a crash left unknown is looked up in the provider's list of payments once the
-        prompt's lifetime has passed (``_reconcile_unknown_collection``); while that lookup fails
+        prompt's lifetime has passed (``reconcile_unknown_collection``); while that lookup fails
         or is ambiguous the purchase never expires. Still unpaid past the payment deadline:
         EXPIRED. Otherwise the next check is due ``check_interval_s`` later (a deferred request
         backs off; an ambiguous lookup waits ``ambiguous_recheck_s``). Provider errors are
@@ -1226,7 +1067,7 @@ class Vending:
             if purchase.provider_reference is None:
                 purchase = await self.request_payment(purchase_id)
                 try:
-                    reconciled = await self._reconcile_unknown_collection(purchase)
+                    reconciled = await self._unknown.reconcile_unknown_collection(purchase)
                 except PaymentError as exc:
                     # Unknown whether money moved: never expire it on this check.
                     log.warning("unknown_collection_lookup_failed", error=str(exc))
@@ -1257,7 +1098,7 @@ class Vending:
         purchase_id = purchase.purchase_id
         if purchase.state in {PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT}:
             now = self._clock()
-            deadline = purchase.created_at + timedelta(seconds=self._policy.payment_deadline_s)
+            deadline = purchase.created_at + timedelta(seconds=self._policy.payment_expiry_s)
             if now >= deadline:
                 log.info("purchase_expired")
                 return await self._ledger.transition(
@@ -1394,16 +1235,17 @@ class Vending:
         if change is not None and not change.is_from(meter):
             log.warning("key_change_stale", meter=meter.drn, change_id=change.change_id)
             change = None
-        try:
-            units, recovered, balance = await self._debt_step(purchase)
-        except TariffError as exc:  # the tariff changed so much the purchase buys nothing now
-            reason = f"re-pricing after the debt changed: {exc}"
-            raise await self._vend_failed(purchase, payment, reason) from exc
+        units, recovered, balance = await self._debt_step(purchase)
         units = _carried_units(units)
         tid, token, kcts = await self._make_tokens(context, change, payment, units)
-        # The month's free basic electricity rides on this vend (not on a key change's).
-        # (Not on a vendor's sale: its answer carries the tokens it paid for, see the vendor API.)
-        fbe = None if kcts or float_debit else await self._fbe_step(context, tid)
+        # The month's free basic electricity rides on this vend: not on a key change's, nor on
+        # one with no phone to send it to (its SMS would be held, and nothing reprints it), nor on
+        # a vendor's sale (its answer carries the tokens it paid for, see the vendor API).
+        fbe = (
+            None
+            if kcts or purchase.phone is None or float_debit
+            else await self._fbe_step(context, tid)
+        )
         # Only a receipt the provider's records proved (the payment's): never a callback's claim.
         proven = payment.receipt if payment else await self._confirmed_receipt(purchase)
         receipt = proven or purchase.purchase_id
@@ -1472,7 +1314,9 @@ class Vending:
         The quote planned ``purchase.debt_recovery_minor``; the vend never recovers more than the
         meter owes now. Should the debt have shrunk since (cleared, or recovered by another
         purchase), the money not recovered buys energy: the purchase is priced again under its
-        tariff. The balance is None when nothing was planned (the meter owed nothing).
+        tariff, and never gets fewer units than its quote promised (the tariff may have changed
+        since: a dearer price, or one under which the amount buys nothing, still vends what was
+        quoted and paid for). The balance is None when nothing was planned (the meter owed nothing).
         """
         planned = purchase.debt_recovery_minor
         if planned <= 0:
@@ -1484,13 +1328,20 @@ class Vending:
         if recovered == planned:
             return purchase.units, recovered, balance
         tariff = await self._ledger.get_tariff(purchase.tariff_id)
-        repriced = price(
-            tariff, purchase.amount, debt_recovered_minor=recovered, debt_balance_minor=balance
-        )
-        log.info(
-            "debt_recovery_reduced", planned=planned, recovered=recovered, units=repriced.units
-        )
-        return repriced.units, recovered, balance
+        repriced = 0
+        try:
+            if tariff.currency == purchase.amount.currency:  # else the quote is all there is
+                repriced = price(
+                    tariff,
+                    purchase.amount,
+                    debt_recovered_minor=recovered,
+                    debt_balance_minor=balance,
+                ).units
+        except TariffError as exc:  # the tariff changed so much the amount buys nothing now
+            log.warning("debt_repricing_refused", reason=str(exc))
+        units = max(purchase.units, repriced)
+        log.info("debt_recovery_reduced", planned=planned, recovered=recovered, units=units)
+        return units, recovered, balance
 
     async def _fbe_step(self, context: VendContext, credit_tid: int) -> FbeDraft | None:
         """The month's free basic electricity token, when the meter has it due; else None.
@@ -1652,7 +1503,7 @@ def _digits(tokens: Sequence[Token]) -> list[str]:
     return [token.digits for token in tokens]
 
 
-async def reprint_token(ledger: Ledger, purchase_id: str, *, actor: str) -> OutboxMessage:
+async def reprint_token(ledger: SagaLedger, purchase_id: str, *, actor: str) -> OutboxMessage:
     """Queue the purchase's stored token again (XMLVend reprint): the same token, never a new one.
 
     Needs only the ledger, so the operator CLI can use it; the running outbox worker sends it.
@@ -1685,16 +1536,3 @@ async def reprint_token(ledger: Ledger, purchase_id: str, *, actor: str) -> Outb
         )
         log.info("token_reprinted", token=vend.masked_token, actor=actor)
         return message
-
-
-async def load_token_engine(ledger: Ledger, master_key: bytes) -> LocalTokenEngine:
-    """The embedded engine holding every vending key in the ledger, unsealed with ``master_key``.
-
-    Raises:
-        VendingKeyUnreadable: the master key does not open one of the keys (names it).
-    """
-    keys = [open_vending_key(sealed, master_key) for sealed in await ledger.vending_keys()]
-    return LocalTokenEngine(
-        VendingKey(sgc=k.sgc, krn=k.krn, dkga=k.dkga, base_date=k.base_date, key=k.key)
-        for k in keys
-    )

@@ -125,3 +125,38 @@ def test_standard_library_loggers_write_json_through_the_same_redaction() -> Non
     assert lines[0]["level"] == "warning"
     assert any(line.get("logger") == "py.warnings" for line in lines)
     assert "RuntimeError: boom" in lines[-1]["exception"]
+
+
+def test_a_password_in_a_url_query_is_masked_and_registered() -> None:
+    """``postgresql://app@db/ledger?password=…`` (libpq, asyncpg, redis-py accept it) is masked.
+
+    The banner prints the database URL whole: the password must not ride in its query string.
+    """
+    config = Config(
+        database_url="postgresql://app@db:5432/ledger?sslmode=require&password=hunter22%21",
+        redis_url="redis://cache:6379/0?PassWord=s3cr3t-redis",
+    )
+    assert "hunter22!" in config.secret_values()
+    assert "hunter22%21" in config.secret_values()
+    assert "s3cr3t-redis" in config.secret_values()
+    line = json.loads(
+        _render(dsn=config.database_url, redis="redis://cache/0?db=1&password=other-pw")
+    )
+    assert line["dsn"] == "postgresql://app@db:5432/ledger?sslmode=require&password=********"
+    assert line["redis"] == "redis://cache/0?db=1&password=********"
+
+
+def test_a_short_secret_never_masks_the_lines_own_timestamp_or_level() -> None:
+    """A 4-character secret equal to the year (or ``info``) leaves every line parseable.
+
+    The timestamp and the level are the logger's own, never data: a weak password ``2026``
+    masked the year of every timestamp (``********-12-04T…``) and broke log ingestion.
+    """
+    register_secrets("2026", "info")
+    try:
+        line = json.loads(_render(note="paid 2026 with info"))
+    finally:
+        forget_secrets()
+    assert line["note"] == "paid ******** with ********"
+    assert line["level"] == "info"
+    assert "*" not in line["timestamp"]

@@ -27,6 +27,6 @@ def test_ruff_format_is_clean() -> None:
 
 
 def test_mypy_strict_is_clean() -> None:
-    """``mypy --strict`` over ``gateway`` and ``flows`` reports no error."""
+    """``mypy --strict`` over ``gateway``, ``flows`` and ``tests`` reports no error."""
     result = _run(sys.executable, "-m", "mypy")
     assert result.returncode == 0, result.stdout + result.stderr

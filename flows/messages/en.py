@@ -93,4 +93,19 @@ MESSAGES: Final[dict[str, str]] = {
     "sms_amount_bad": "Amount not understood. Send BUY meter amount, e.g. BUY 37012345676 500.",
     "sms_meters": "Your meters: {meters}",
     "sms_lang_usage": "Send LANG EN, LANG SW or LANG FR.",
+    # The token SMS (flows/messages/tokens.py): full, terse, with a key change first, with debt
+    "token_sms": (
+        "Electricity token {token}. {kwh} kWh for {amount}. Meter {meter}. Receipt {receipt}."
+    ),
+    "token_sms_short": "Token {token} {kwh}kWh {amount} Mtr {meter} Rcpt {receipt}",
+    "token_sms_key_change": (
+        "New meter key: enter {kcts} first, then token {token}. {kwh} kWh for {amount}."
+        " Meter {meter}. Receipt {receipt}."
+    ),
+    "token_sms_key_change_short": (
+        "Enter {kcts} then {token} {kwh}kWh {amount} Mtr {meter} Rcpt {receipt}"
+    ),
+    "token_sms_debt": " Debt recovered {recovered}, remaining {remaining}.",
+    "token_sms_debt_short": " Debt {recovered} bal {remaining}",
+    "fbe_sms": "Free basic electricity for {month}: token {token}. {kwh} kWh. Meter {meter}.",
 }

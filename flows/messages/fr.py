@@ -94,4 +94,19 @@ MESSAGES: Final[dict[str, str]] = {
     "sms_amount_bad": "Montant incompris. Envoyez BUY compteur montant, ex. BUY 37012345676 500.",
     "sms_meters": "Vos compteurs: {meters}",
     "sms_lang_usage": "Envoyez LANG EN, LANG SW ou LANG FR.",
+    # The token SMS (flows/messages/tokens.py): full, terse, with a key change first, with debt
+    "token_sms": (
+        "Code electricite {token}. {kwh} kWh pour {amount}. Compteur {meter}. Recu {receipt}."
+    ),
+    "token_sms_short": "Code {token} {kwh}kWh {amount} Cpt {meter} Recu {receipt}",
+    "token_sms_key_change": (
+        "Nouvelle cle compteur: entrez {kcts} d'abord, puis le code {token}. {kwh} kWh pour"
+        " {amount}. Compteur {meter}. Recu {receipt}."
+    ),
+    "token_sms_key_change_short": (
+        "Entrez {kcts} puis {token} {kwh}kWh {amount} Cpt {meter} Recu {receipt}"
+    ),
+    "token_sms_debt": " Dette recouvree {recovered}, reste {remaining}.",
+    "token_sms_debt_short": " Dette {recovered} reste {remaining}",
+    "fbe_sms": "Electricite de base gratuite {month}: code {token}. {kwh} kWh. Compteur {meter}.",
 }

@@ -90,4 +90,17 @@ MESSAGES: Final[dict[str, str]] = {
     "sms_amount_bad": "Kiasi hakieleweki. Tuma BUY mita kiasi, mfano BUY 37012345676 500.",
     "sms_meters": "Mita zako: {meters}",
     "sms_lang_usage": "Tuma LANG EN, LANG SW au LANG FR.",
+    # The token SMS (flows/messages/tokens.py): full, terse, with a key change first, with debt
+    "token_sms": "Tokeni ya umeme {token}. kWh {kwh} kwa {amount}. Mita {meter}. Risiti {receipt}.",
+    "token_sms_short": "Tokeni {token} {kwh}kWh {amount} Mita {meter} Risiti {receipt}",
+    "token_sms_key_change": (
+        "Ufunguo mpya wa mita: weka {kcts} kwanza, kisha tokeni {token}. kWh {kwh} kwa"
+        " {amount}. Mita {meter}. Risiti {receipt}."
+    ),
+    "token_sms_key_change_short": (
+        "Weka {kcts} kisha {token} {kwh}kWh {amount} Mita {meter} Risiti {receipt}"
+    ),
+    "token_sms_debt": " Deni lililolipwa {recovered}, deni lililobaki {remaining}.",
+    "token_sms_debt_short": " Deni {recovered} baki {remaining}",
+    "fbe_sms": "Umeme wa bure wa msingi wa {month}: tokeni {token}. kWh {kwh}. Mita {meter}.",
 }

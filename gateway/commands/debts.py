@@ -115,7 +115,8 @@ def _units(text: str) -> int:
         raise ValueError(f"--kwh: {exc}") from exc
     if carried != units:  # above 1,638.3 kWh a token carries only every 10th, 100th… unit
         raise ValueError(
-            f"--kwh: a token carries {_kwh(carried)} kWh, not {text} (DESIGN.md invariant 8)"
+            f"--kwh: a token carries {_kwh(carried)} kWh, not {text}"
+            " (docs/architecture.md, invariant 8)"
         )
     return units
 

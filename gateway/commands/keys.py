@@ -44,6 +44,7 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.ledger import (
     KeyRotation,
     Ledger,
+    MeterNumber,
     PurchaseState,
     SealedVendingKey,
     VendingKeyMaterial,
@@ -221,7 +222,7 @@ def _list(args: argparse.Namespace) -> int:
     return _run("list", work())
 
 
-def _meter_list(path: Path) -> list[str]:
+def _meter_list(path: Path) -> list[MeterNumber]:
     """Meter numbers from a file: one per line; blank lines and ``#`` comments are skipped.
 
     Raises:
@@ -235,7 +236,7 @@ def _meter_list(path: Path) -> list[str]:
     for line in text.splitlines():
         drn = line.split("#", 1)[0].strip().strip(",")
         if drn:
-            meters.append(drn)
+            meters.append(MeterNumber(drn))
     return meters
 
 

@@ -1,7 +1,7 @@
 """``gateway token …``: STS tokens from the command line, for engineers and conformance checks.
 
 ```
-gateway token batch [FILE] [--decode]        JSON lines in, JSON lines out (VECTORS.md contract)
+gateway token batch [FILE] [--decode]        JSON lines in and out (docs/sts-vectors.md)
 gateway token credit  KEY… --kwh 12.5        a credit token (or --units N, --subclass S)
 gateway token decode  TOKEN [KEY…]           what a token says (class 1 needs no key)
 gateway token decoder-key KEY…               the meter's decoder key (hex)
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     commands = parser.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
 
-    p = commands.add_parser("batch", help="JSON lines in, JSON lines out (VECTORS.md)")
+    p = commands.add_parser("batch", help="JSON lines in, JSON lines out (docs/sts-vectors.md)")
     p.add_argument("file", nargs="?", default="-", help="JSON Lines file (default: stdin)")
     p.add_argument("--decode", action="store_true", help="decode tokens instead of generating")
     p.set_defaults(handler=_batch)
@@ -261,7 +261,7 @@ def _open_lines(path: str) -> Iterator[str]:
 
 
 def run_batch(lines: Iterable[str], out: TextIO | IO[str], *, decode: bool) -> int:
-    """Process JSON lines per VECTORS.md, writing one JSON line per input line to ``out``.
+    """Process JSON lines per docs/sts-vectors.md, writing one JSON line per input line to ``out``.
 
     Blank lines are skipped. Returns the number of lines that failed.
     """

@@ -1,10 +1,17 @@
-"""The transaction ledger: the ``Ledger`` port, its SQLite and PostgreSQL backends, sealed keys."""
+"""The transaction ledger: its ports by role, one core of rules, SQLite and PostgreSQL dialects.
+
+Each dialect, and its driver (aiosqlite, asyncpg), is imported when first used: importing the
+ports (``gateway.ledger.base``, ``gateway.ledger.ports``) or this package loads neither.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+import importlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 from gateway.ledger.base import (
     EARLY_REPORT_LIMIT,
@@ -27,7 +34,6 @@ from gateway.ledger.base import (
     KeyChange,
     KeyChangeState,
     KeyRotation,
-    Ledger,
     LedgerError,
     LedgerUnavailable,
     MessageKind,
@@ -66,17 +72,50 @@ from gateway.ledger.base import (
     new_purchase_id,
 )
 from gateway.ledger.keys import VendingKeyMaterial, open_vending_key, seal_vending_key
-from gateway.ledger.postgres import PostgresLedger, is_postgres_url, open_postgres_ledger
-from gateway.ledger.sqlite import SqliteLedger, open_sqlite_ledger, sqlite_path
+from gateway.ledger.ports import (
+    CustomerLedger,
+    Ledger,
+    LedgerStats,
+    MessageQueue,
+    OperatorReads,
+    OutboxLedger,
+    PaymentChecks,
+    PurchaseReads,
+    Registry,
+    SagaLedger,
+    StatusQueries,
+)
+from gateway.values.clock import utc_now
+
+if TYPE_CHECKING:
+    from gateway.ledger.postgres import PostgresLedger, is_postgres_url, open_postgres_ledger
+    from gateway.ledger.sqlite import SqliteLedger, open_sqlite_ledger, sqlite_path
+
+#: The backends' names, by the module that defines them: imported on first use.
+_LAZY: Final[Mapping[str, str]] = {
+    "PostgresLedger": "gateway.ledger.postgres",
+    "is_postgres_url": "gateway.ledger.postgres",
+    "open_postgres_ledger": "gateway.ledger.postgres",
+    "SqliteLedger": "gateway.ledger.sqlite",
+    "open_sqlite_ledger": "gateway.ledger.sqlite",
+    "sqlite_path": "gateway.ledger.sqlite",
+}
+_POSTGRES_SCHEMES: Final = frozenset({"postgres", "postgresql"})
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
+def __getattr__(name: str) -> Any:  # noqa: ANN401 - whatever the backend module defines
+    """A backend's name, importing that backend (and its driver) now."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 @contextlib.asynccontextmanager
 async def open_ledger(
-    url: str, *, clock: Callable[[], datetime] = _utc_now
+    url: str, *, clock: Callable[[], datetime] = utc_now
 ) -> AsyncIterator[Ledger]:
     """Open the ledger named by ``url``, migrated; closed on exit.
 
@@ -86,10 +125,14 @@ async def open_ledger(
         LedgerError: the URL names no supported backend.
         LedgerUnavailable, MigrationError: the database cannot be opened or brought up to date.
     """
-    if is_postgres_url(url):
+    if urlsplit(url).scheme in _POSTGRES_SCHEMES:  # gateway.ledger.postgres.is_postgres_url
+        from gateway.ledger.postgres import open_postgres_ledger  # noqa: PLC0415 - on first use
+
         async with open_postgres_ledger(url, clock=clock) as ledger:
             yield ledger
         return
+    from gateway.ledger.sqlite import open_sqlite_ledger, sqlite_path  # noqa: PLC0415
+
     async with open_sqlite_ledger(sqlite_path(url), clock=clock) as ledger:
         yield ledger
 
@@ -104,6 +147,7 @@ __all__ = [
     "STATUS_UNMATCHED",
     "TRANSITIONS",
     "ConfirmedPayment",
+    "CustomerLedger",
     "DebtRecovery",
     "DuplicateError",
     "Event",
@@ -117,8 +161,10 @@ __all__ = [
     "KeyRotation",
     "Ledger",
     "LedgerError",
+    "LedgerStats",
     "LedgerUnavailable",
     "MessageKind",
+    "MessageQueue",
     "MeterDebt",
     "MeterInfo",
     "MeterNumber",
@@ -128,22 +174,29 @@ __all__ = [
     "NotFound",
     "NoticeOutcome",
     "NoticeRecord",
+    "OperatorReads",
+    "OutboxLedger",
     "OutboxMessage",
     "OutboxState",
     "OutboxStats",
+    "PaymentChecks",
     "PaymentRecord",
     "PaymentRecordState",
     "PostgresLedger",
     "Purchase",
     "PurchaseDraft",
     "PurchaseId",
+    "PurchaseReads",
     "PurchaseState",
     "ReceiptReused",
+    "Registry",
     "ReportRow",
+    "SagaLedger",
     "SavedMeter",
     "SavedMetersFull",
     "SealedVendingKey",
     "SqliteLedger",
+    "StatusQueries",
     "TidConflict",
     "Vend",
     "VendConflict",
@@ -153,6 +206,7 @@ __all__ = [
     "VendingKeyMaterial",
     "VendingKeyUnreadable",
     "is_legal",
+    "is_postgres_url",
     "mask_name",
     "new_purchase_id",
     "open_ledger",

@@ -1,10 +1,11 @@
-"""The ledger port: the ``Ledger`` protocol, its records and its error tree.
+"""The ledger's records and its error tree (its ports, by role, are in ``ports.py``).
 
 The ledger is the durable, idempotent log every purchase lives in. Each method is one transaction
 and safe to retry; constraints do the guarding (UNIQUE idempotency key per purchase, UNIQUE
 (provider, reference) per payment, UNIQUE purchase per vend, UNIQUE (meter, TID) per vend, one
-token message per purchase, append-only events). Backends (SQLite now, PostgreSQL next) share the
-schema and pass the same contract tests (``tests/ledger/test_contract.py``).
+token message per purchase, append-only events). The rules live once in ``core.py``; the SQLite
+and PostgreSQL dialects share the schema and pass the same contract tests
+(``tests/ledger/test_ledger_contract.py``).
 
 The ledger enforces *which* purchase transitions are legal (``TRANSITIONS``) and applies them
 atomically with their event row; *when* to move a purchase is the saga's business
@@ -29,24 +30,26 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, Final, NewType, Protocol
+from typing import Any, Final
 
 from gateway.errors import GatewayError
 from gateway.money import Money
 from gateway.phone import Msisdn
-from gateway.sms.base import DeliveryReport, DeliveryState
-from gateway.tariff import DebtTerms, Tariff
+from gateway.tariff import DebtTerms
 
-PurchaseId = NewType("PurchaseId", str)
-"""Our handle for one purchase: ``P`` and 12 base-32 characters, short enough for an SMS."""
-
-MeterNumber = NewType("MeterNumber", str)
-"""A meter's decoder reference number (DRN), 11 or 13 digits as printed on the meter."""
+# Re-exported from here too: these moved to gateway/values/, shared by the ledger and sms.
+from gateway.values.ids import MeterNumber as MeterNumber  # noqa: PLC0414
+from gateway.values.ids import PurchaseId as PurchaseId  # noqa: PLC0414
+from gateway.values.messages import DeliveryReport as DeliveryReport  # noqa: PLC0414
+from gateway.values.messages import DeliveryState as DeliveryState  # noqa: PLC0414
+from gateway.values.messages import MessageKind as MessageKind  # noqa: PLC0414
+from gateway.values.messages import OutboxMessage as OutboxMessage  # noqa: PLC0414
+from gateway.values.messages import OutboxState as OutboxState  # noqa: PLC0414
 
 MAX_SAVED_METERS: Final = 5
 #: A new purchase is due for the sweeper this long after creation unless the saga schedules its
@@ -117,26 +120,6 @@ class MeterStatus(StrEnum):
 
     ACTIVE = "active"
     BLOCKED = "blocked"
-
-
-class OutboxState(StrEnum):
-    """Where an outgoing SMS stands."""
-
-    PENDING = "pending"  # due at ``next_try_at``
-    SENDING = "sending"  # claimed by a worker until ``next_try_at`` (the lease)
-    SENT = "sent"  # the provider took it
-    DELIVERED = "delivered"
-    FAILED = "failed"  # refused for good: needs an operator
-    HELD = "held"  # no recipient known (C2B without a phone): needs an operator
-
-
-class MessageKind(StrEnum):
-    """Why a message is in the outbox."""
-
-    TOKEN = "token"  # noqa: S105 - a message kind, not a secret; exactly one per vend
-    REPRINT = "reprint"  # the same token again, on request
-    REPLY = "reply"  # an answer to a customer's SMS command (no purchase needed)
-    FBE = "fbe"  # the month's free basic electricity token, sent with the purchase it came with
 
 
 # ---------------------------------------------------------------------------------------- records
@@ -462,25 +445,6 @@ class VendContext:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class OutboxMessage:
-    """One SMS to send. ``body`` may hold a token: never log it."""
-
-    message_id: int
-    purchase_id: PurchaseId | None
-    kind: MessageKind
-    recipient: Msisdn | None
-    body: str = field(repr=False)
-    state: OutboxState
-    attempts: int
-    next_try_at: datetime
-    provider_message_id: str | None
-    cost: str | None
-    last_error: str | None
-    created_at: datetime
-    updated_at: datetime
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
     """One append-only audit row: who did what to which purchase, when."""
 
@@ -741,457 +705,3 @@ class LedgerUnavailable(LedgerError):
 
 class MigrationError(LedgerError):
     """The schema could not be brought up to date."""
-
-
-# ------------------------------------------------------------------------------------------- port
-
-
-class Ledger(Protocol):
-    """The durable transaction log. Every method is one transaction and safe to retry.
-
-    Raises (every method): ``LedgerUnavailable`` when the database cannot take the operation now
-    (nothing was written); other ``LedgerError``s as stated.
-    """
-
-    async def close(self) -> None:
-        """Finish queued writes and close the connections."""
-        ...
-
-    # -- reference data -------------------------------------------------------------------------
-
-    async def put_tariff(self, tariff: Tariff) -> None:
-        """Insert or replace a tariff."""
-        ...
-
-    async def get_tariff(self, tariff_id: str) -> Tariff:
-        """The tariff. Raises ``NotFound``."""
-        ...
-
-    async def put_meter(self, meter: MeterRecord) -> None:
-        """Insert or update a meter's registration; its ``last_tid`` is kept when it exists."""
-        ...
-
-    async def get_meter(self, drn: str) -> MeterRecord:
-        """The meter with everything the token engine needs. Raises ``NotFound``."""
-        ...
-
-    async def lookup_meter(self, drn: str) -> MeterInfo | None:
-        """What a channel may show about a meter (masked name), or None if unknown."""
-        ...
-
-    async def put_vending_key(self, key: SealedVendingKey) -> None:
-        """Store a sealed vending key; replaces the one with the same (sgc, krn)."""
-        ...
-
-    async def vending_keys(self) -> list[SealedVendingKey]:
-        """Every sealed vending key."""
-        ...
-
-    # -- purchases ------------------------------------------------------------------------------
-
-    async def open_purchase(self, draft: PurchaseDraft, *, actor: str) -> Purchase:
-        """Open a purchase in CREATED; the same idempotency key returns the same purchase.
-
-        Raises:
-            IdempotencyConflict: the key was used for another phone, meter or amount.
-            NotFound: the meter or tariff does not exist.
-        """
-        ...
-
-    async def get_purchase(self, purchase_id: str) -> Purchase:
-        """The purchase. Raises ``NotFound``."""
-        ...
-
-    async def find_purchases(
-        self,
-        *,
-        phone: str | None = None,
-        meter: str | None = None,
-        states: Sequence[PurchaseState] | None = None,
-        limit: int = 20,
-    ) -> list[Purchase]:
-        """Purchases matching every given filter, newest first."""
-        ...
-
-    async def transition(
-        self,
-        purchase_id: str,
-        to: PurchaseState,
-        *,
-        kind: str,
-        actor: str,
-        data: Mapping[str, Any] | None = None,
-    ) -> Purchase:
-        """Move a purchase to ``to`` and append the event ``kind``, in one transaction.
-
-        Already in ``to``: returns it unchanged and appends nothing (a retry is harmless).
-
-        Raises:
-            IllegalTransition: ``TRANSITIONS`` forbids the move from the current state.
-            NotFound: no such purchase.
-        """
-        ...
-
-    async def attach_payment(
-        self, purchase_id: str, *, provider: str, reference: str, actor: str
-    ) -> Purchase:
-        """Record that the provider accepted the collection. Idempotent.
-
-        Writes the pending payment row, the reference on the purchase, and CREATED →
-        AWAITING_PAYMENT.
-
-        Raises:
-            DuplicateError: the reference already belongs to another purchase.
-        """
-        ...
-
-    async def record_notice(self, notice: NoticeRecord, *, actor: str) -> NoticeOutcome:
-        """Keep a callback's claim (raw body and its hash) and say which purchase it concerns.
-
-        A reference never seen creates a pending payment row with no purchase. Appends a
-        ``payment_notice`` event (or ``notice_payload_conflict`` when the body differs from the
-        first one seen for that reference).
-        """
-        ...
-
-    async def get_payment(self, provider: str, reference: str) -> PaymentRecord | None:
-        """The payment row for (provider, reference), if any."""
-        ...
-
-    async def mark_paid(
-        self, purchase_id: str, payment: ConfirmedPayment, *, actor: str
-    ) -> Purchase:
-        """A proven payment: payment row SUCCEEDED and the purchase PAID, one transaction.
-
-        Already PAID, VENDED, DELIVERED or VEND_FAILED: unchanged, nothing appended.
-
-        Raises:
-            IllegalTransition: the purchase is in a state that cannot become paid.
-        """
-        ...
-
-    async def mark_payment_mismatch(
-        self, purchase_id: str, payment: ConfirmedPayment, *, expected: Money, actor: str
-    ) -> Purchase:
-        """A proven payment of the wrong amount, currency or payer. Never vends.
-
-        The payment row becomes MISMATCHED, the purchase REFUND_PENDING, and a security event
-        ``amount_mismatch`` is appended.
-        """
-        ...
-
-    async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
-        """When the sweeper should next ask the provider about this purchase."""
-        ...
-
-    async def prove_receipt(self, provider: str, reference: str, receipt: str) -> None:
-        """Record ``receipt`` as the one the provider's records prove for a confirmed payment.
-
-        It replaces whatever receipt a callback claimed for that payment row.
-
-        Raises:
-            ReceiptReused: the receipt already proves another payment.
-            NotFound: no payment row for (provider, reference).
-        """
-        ...
-
-    async def record_status_query(
-        self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
-    ) -> None:
-        """Keep a status query the provider acknowledged (Daraja Transaction Status). Idempotent.
-
-        Queries asked more than ``STATUS_QUERY_KEEP_S`` ago are dropped in the same write.
-        """
-        ...
-
-    async def answer_status_query(
-        self,
-        *,
-        provider: str,
-        conversation_id: str,
-        originator_id: str,
-        transaction_id: str,
-        result: bytes,
-    ) -> str:
-        """Store an asynchronous result for the query it answers, once, in one transaction.
-
-        ``STATUS_ACCEPTED`` when ``conversation_id`` and ``originator_id`` are an unanswered
-        query of ``provider`` about ``transaction_id``; ``STATUS_CONTRADICTED`` (nothing stored)
-        when they are, but about another transaction; else ``STATUS_UNMATCHED``.
-        """
-        ...
-
-    async def status_query_result(self, conversation_id: str) -> bytes | None:
-        """The stored result of a query, None while (or if) it has none."""
-        ...
-
-    async def due_for_check(self, now: datetime, *, limit: int = 100) -> list[Purchase]:
-        """CREATED or AWAITING_PAYMENT purchases whose next status check is due."""
-        ...
-
-    async def paid_not_vended(self, *, limit: int = 100) -> list[Purchase]:
-        """PAID purchases without a vend, oldest first (the sweeper finishes them)."""
-        ...
-
-    # -- vends ----------------------------------------------------------------------------------
-
-    async def vend_context(self, purchase_id: str) -> VendContext:
-        """The purchase, its meter, vend, receipt and language in one read. Raises ``NotFound``."""
-        ...
-
-    async def record_vend(
-        self, draft: VendDraft, *, actor: str, payment: ConfirmedPayment | None = None
-    ) -> VendOutcome:
-        """Store a vend in one transaction.
-
-        With ``payment``, the purchase is first recorded paid exactly as ``mark_paid`` does, in
-        the same transaction (a proven payment and its token become durable together). Then the
-        meter's TID advances (compare-and-set on ``expected_last_tid``), the vend row is
-        inserted, PAID → VENDED, the token message goes to the outbox, ``token_vended`` is
-        appended.
-
-        With ``draft.key_change_id``, the same transaction applies the meter's pending key change:
-        the meter row takes the new key's attributes, ``last_tid`` becomes the draft's TID
-        (counted from the new base date: on a rollover it may be lower than the old one), the
-        change becomes APPLIED for this purchase, the vend keeps the key-change tokens, and
-        ``key_changed`` is appended.
-
-        With ``draft.debt_recovery_minor``, the same transaction takes it off the meter's debt
-        (compare-and-set on ``expected_debt_balance_minor``), writes the purchase's
-        ``debt_recoveries`` row and appends ``debt_recovered``. With ``draft.fbe``, it stores the
-        FBE token (UNIQUE (meter, month)), advances ``last_tid`` to its TID, queues its message
-        (kind ``fbe``) and appends ``fbe_issued``.
-
-        A purchase that has its vend already: returns it with ``replayed=True``, writes nothing
-        (so a replay never recovers debt or issues FBE again).
-
-        Raises:
-            TidConflict: the meter's last TID moved, or the key change is no longer pending: read
-                it again, make new tokens, retry. ``VendConflict`` (a ``TidConflict``): the debt
-                balance moved, or the month's FBE was issued meanwhile.
-            IllegalTransition: the purchase is not PAID (or VEND_FAILED), and ``payment`` cannot
-                make it so.
-        """
-        ...
-
-    async def get_vend(self, purchase_id: str) -> Vend | None:
-        """The purchase's vend, if it has one."""
-        ...
-
-    async def last_vend(self, phone: str, meter: str | None = None) -> Vend | None:
-        """The newest vend bought from ``phone`` (for ``meter`` if given)."""
-        ...
-
-    # -- debt recovery and free basic electricity -----------------------------------------------
-
-    async def get_debt(self, meter: str) -> MeterDebt | None:
-        """The meter's debt account, if it ever had one (a cleared debt has balance 0)."""
-        ...
-
-    async def set_debt(
-        self,
-        meter: str,
-        *,
-        balance: Money,
-        rate_basis_points: int,
-        min_per_purchase_minor: int = 0,
-        cap_per_purchase_minor: int | None = None,
-        actor: str,
-        reason: str = "",
-    ) -> MeterDebt:
-        """Set the meter's debt balance and recovery terms; appends ``debt_set`` (old and new).
-
-        Raises:
-            NotFound: no such meter.
-            ValueError: the terms are invalid (``DebtTerms``'s rules).
-        """
-        ...
-
-    async def clear_debt(self, meter: str, *, actor: str, reason: str = "") -> MeterDebt:
-        """Write the meter's debt off (balance 0, terms kept); appends ``debt_cleared``.
-
-        Raises:
-            NotFound: the meter has no debt account.
-        """
-        ...
-
-    async def debt_recoveries(self, meter: str, *, limit: int = 50) -> list[DebtRecovery]:
-        """What the meter's vends recovered, newest first."""
-        ...
-
-    async def get_debt_recovery(self, purchase_id: str) -> DebtRecovery | None:
-        """What the purchase's vend recovered, if anything."""
-        ...
-
-    async def set_fbe_allowance(self, tariff_id: str, units_per_month: int, *, actor: str) -> None:
-        """The tariff's monthly free basic electricity in tenths of a kWh (0 stops it).
-
-        Appends ``fbe_allowance_set``. Raises ``NotFound`` (no such tariff).
-        """
-        ...
-
-    async def fbe_allowance(self, tariff_id: str) -> int:
-        """The tariff's monthly FBE units (0: none)."""
-        ...
-
-    async def fbe_due(self, meter: str, month: str) -> int:
-        """The FBE units the meter may still get in ``month`` (YYYY-MM): 0 if issued or none."""
-        ...
-
-    async def fbe_issues(self, meter: str, *, limit: int = 24) -> list[FbeIssue]:
-        """The meter's FBE tokens, newest first."""
-        ...
-
-    # -- key changes ----------------------------------------------------------------------------
-
-    async def meters_on_key(
-        self, sgc: str, krn: int, *, meters: Sequence[str] | None = None
-    ) -> list[MeterRecord]:
-        """The meters whose key is (``sgc``, ``krn``), among ``meters`` if given, by DRN."""
-        ...
-
-    async def plan_key_rotation(
-        self, rotation: KeyRotation, *, meters: Sequence[str] | None = None, actor: str
-    ) -> list[KeyChange]:
-        """Plan a pending key change for each meter on the rotation's old key (among ``meters``).
-
-        One transaction. A meter's earlier pending change is SUPERSEDED by the new one; meters
-        not on (``rotation.sgc``, ``rotation.from_krn``) are left alone. The planned meters'
-        VEND_FAILED purchases (a 1993 key past its TID range …) go back to PAID with a
-        ``vend_retry_queued`` event: the sweeper vends them, the first one delivering the key
-        change. Appends one ``key_rotation_planned`` event. Returns the planned changes, by DRN.
-        """
-        ...
-
-    async def key_changes(self, meter: str) -> list[KeyChange]:
-        """The meter's key changes, oldest first (at most one is PENDING)."""
-        ...
-
-    # -- outbox ---------------------------------------------------------------------------------
-
-    async def enqueue_message(
-        self,
-        purchase_id: str | None,
-        *,
-        kind: MessageKind,
-        recipient: str | None,
-        body: str,
-        actor: str,
-    ) -> OutboxMessage:
-        """Queue an SMS now (reprints); token messages are queued by ``record_vend``."""
-        ...
-
-    async def claim_outbox(
-        self, now: datetime, *, lease_until: datetime, limit: int = 50
-    ) -> list[OutboxMessage]:
-        """Claim due messages until ``lease_until``.
-
-        Due PENDING messages, and SENDING ones whose lease expired: a crashed worker's claims
-        come back when the lease ends.
-        """
-        ...
-
-    async def outbox_sent(
-        self,
-        message_id: int,
-        *,
-        provider_message_id: str,
-        cost: str | None,
-        state: DeliveryState,
-    ) -> None:
-        """The provider took the message; a delivery report that came first is applied now."""
-        ...
-
-    async def outbox_retry(self, message_id: int, *, next_try_at: datetime, error: str) -> None:
-        """Sending failed for now; try again at ``next_try_at``."""
-        ...
-
-    async def outbox_failed(self, message_id: int, *, error: str) -> None:
-        """Sending failed for good; an operator must look."""
-        ...
-
-    async def apply_delivery_report(self, report: DeliveryReport) -> OutboxMessage | None:
-        """Record a delivery report; a delivered token message moves its purchase to DELIVERED.
-
-        Unknown message ids return None, and the report is kept (bounded, for
-        ``EARLY_REPORT_TTL_S``): the provider may report before ``outbox_sent`` recorded the id
-        (Africa's Talking posts "Sent" at once), and ``outbox_sent`` applies it then. A final
-        state is never overwritten.
-        """
-        ...
-
-    async def outbox_for(self, purchase_id: str) -> list[OutboxMessage]:
-        """The purchase's messages, oldest first."""
-        ...
-
-    # -- events ---------------------------------------------------------------------------------
-
-    async def append_event(
-        self,
-        purchase_id: str | None,
-        kind: str,
-        *,
-        actor: str,
-        data: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Append an audit event (security events may have no purchase)."""
-        ...
-
-    async def timeline(self, purchase_id: str) -> list[Event]:
-        """The purchase's events, oldest first."""
-        ...
-
-    async def events(self, *, kind: str | None = None, limit: int = 100) -> list[Event]:
-        """Recent events, newest first, optionally of one kind (security review)."""
-        ...
-
-    # -- channels -------------------------------------------------------------------------------
-
-    async def save_meter(self, phone: str, meter: str, *, nickname: str = "") -> SavedMeter:
-        """Keep a meter for a phone (renames it if kept already).
-
-        Raises:
-            SavedMetersFull: the phone keeps ``MAX_SAVED_METERS`` meters already.
-            NotFound: no such meter.
-        """
-        ...
-
-    async def saved_meters(self, phone: str) -> list[SavedMeter]:
-        """The phone's saved meters, oldest first."""
-        ...
-
-    async def remove_saved_meter(self, phone: str, meter: str) -> bool:
-        """Forget a saved meter; False if it was not saved."""
-        ...
-
-    async def get_language(self, phone: str) -> str | None:
-        """The phone's chosen language code, if any."""
-        ...
-
-    async def set_language(self, phone: str, language: str) -> None:
-        """Remember the phone's language code."""
-        ...
-
-    # -- reports --------------------------------------------------------------------------------
-
-    async def daily_report(self, day: date) -> list[ReportRow]:
-        """Counts and sums of the purchases created on ``day`` (UTC), by provider and state."""
-        ...
-
-    # -- metrics --------------------------------------------------------------------------------
-
-    async def purchase_counts(self) -> dict[str, int]:
-        """How many purchases are in each state (every ``PurchaseState`` value, zeros included)."""
-        ...
-
-    async def probe_write(self) -> None:
-        """Commit a write that changes nothing (readiness: the write path works end to end).
-
-        Raises:
-            LedgerError: the database cannot take a write now (disk full, read-only, gone).
-        """
-        ...
-
-    async def outbox_stats(self, now: datetime) -> OutboxStats:
-        """The outbox backlog (pending or sending), its oldest message's age, and held ones."""
-        ...

@@ -1,11 +1,12 @@
 """The vendor API's ledger part: vendors, terminals, keys, floats and idempotent vendor requests.
 
 Every operation is written once as steps over SQL both databases speak (``?`` placeholders;
-``FOR UPDATE`` where PostgreSQL must lock a row, which SQLite's single writer does not need), in
-the form of the ledger core's steps: a generator yields ``(kind, sql, params)`` and is sent the
-result (the first row or None, every row, or how many rows changed). ``VendorSteps`` is mixed into
-each backend, which drives the steps in one transaction (``_vendor_write``) or a read
-(``_vendor_read``) and says how it stores a timestamp (``_stamp``).
+``FOR UPDATE`` where PostgreSQL must lock a row), as the ledger core's steps
+(``gateway/ledger/core.py``): a generator yields ``(kind, sql, params)`` and is sent the result
+(the first row or None, every row, or how many rows changed). ``LedgerCore`` is a
+``VendorSteps``, so both dialects drive these steps in one transaction (``_write``) or a read
+(``_read``) like the core's own, and the core's ``record_vend`` takes a vendor sale's float debit
+(``_debit_float``) inside its transaction.
 
 A float moves only with a ``float_movements`` row in the same transaction, and only three ways: a
 top-up (once per reference), a vend's debit (once per purchase, inside ``record_vend``'s
@@ -334,12 +335,12 @@ class VendorSteps:
     def _stamp(self, moment: datetime) -> object:
         raise NotImplementedError
 
-    async def _vendor_write(self, op: Callable[..., Steps], /, *args: object) -> Any:  # noqa: ANN401 - the steps' result
-        """Run ``op(*args)``'s steps in one transaction (a rerun makes them afresh)."""
+    async def _write(self, op: Callable[..., Steps], /, *args: object, atomic: bool = True) -> Any:  # noqa: ANN401 - the steps' result
+        """Run ``op(*args)``'s steps in one transaction (``LedgerCore``'s dialects)."""
         raise NotImplementedError
 
-    async def _vendor_read(self, op: Callable[..., Steps], /, *args: object) -> Any:  # noqa: ANN401 - the steps' result
-        """Run ``op(*args)``'s steps as a read."""
+    async def _read(self, op: Callable[..., Steps], /, *args: object, hot: bool = False) -> Any:  # noqa: ANN401 - the steps' result
+        """Run ``op(*args)``'s steps as a read (``LedgerCore``'s dialects)."""
         raise NotImplementedError
 
     def _vendor_event(
@@ -351,7 +352,7 @@ class VendorSteps:
 
     async def add_vendor(self, draft: VendorDraft, *, actor: str) -> Vendor:
         """Register a vendor with an empty float. Raises ``DuplicateError`` if the id is taken."""
-        result: Vendor = await self._vendor_write(self._add_vendor, draft, actor)
+        result: Vendor = await self._write(self._add_vendor, draft, actor)
         return result
 
     def _add_vendor(self, draft: VendorDraft, actor: str) -> Steps:
@@ -393,7 +394,7 @@ class VendorSteps:
 
     async def get_vendor(self, vendor_id: str) -> Vendor:
         """The vendor. Raises ``NotFound``."""
-        result: Vendor = await self._vendor_read(self._get_vendor, vendor_id)
+        result: Vendor = await self._read(self._get_vendor, vendor_id)
         return result
 
     @staticmethod
@@ -405,7 +406,7 @@ class VendorSteps:
 
     async def list_vendors(self) -> list[Vendor]:
         """Every vendor, by id."""
-        result: list[Vendor] = await self._vendor_read(self._list_vendors)
+        result: list[Vendor] = await self._read(self._list_vendors)
         return result
 
     @staticmethod
@@ -417,7 +418,7 @@ class VendorSteps:
         self, vendor_id: str, status: VendorStatus, *, actor: str
     ) -> Vendor:
         """Suspend or reactivate a vendor, with its event. Raises ``NotFound``."""
-        result: Vendor = await self._vendor_write(self._set_vendor_status, vendor_id, status, actor)
+        result: Vendor = await self._write(self._set_vendor_status, vendor_id, status, actor)
         return result
 
     def _set_vendor_status(self, vendor_id: str, status: VendorStatus, actor: str) -> Steps:
@@ -440,7 +441,7 @@ class VendorSteps:
         self, vendor_id: str, terminal_id: str, *, label: str = "", rate_per_minute: int = 60
     ) -> Terminal:
         """Register a vendor's terminal. Raises ``NotFound``, ``DuplicateError``."""
-        result: Terminal = await self._vendor_write(
+        result: Terminal = await self._write(
             self._add_terminal, vendor_id, terminal_id, label, rate_per_minute
         )
         return result
@@ -472,7 +473,7 @@ class VendorSteps:
 
     async def terminals(self, vendor_id: str) -> list[Terminal]:
         """The vendor's terminals, by id."""
-        result: list[Terminal] = await self._vendor_read(self._terminals, vendor_id)
+        result: list[Terminal] = await self._read(self._terminals, vendor_id)
         return result
 
     @staticmethod
@@ -484,7 +485,7 @@ class VendorSteps:
 
     async def add_vendor_key(self, key: VendorKey, *, actor: str) -> None:
         """Store a key (its derived signing key only), with its event. Raises ``NotFound``."""
-        await self._vendor_write(self._add_vendor_key, key, actor)
+        await self._write(self._add_vendor_key, key, actor)
 
     def _add_vendor_key(self, key: VendorKey, actor: str) -> Steps:
         yield from self._get_vendor(key.vendor_id)
@@ -507,7 +508,7 @@ class VendorSteps:
 
     async def revoke_vendor_key(self, key_id: str, *, actor: str) -> None:
         """Revoke a key (rotation: add the new one first). Raises ``NotFound``."""
-        await self._vendor_write(self._revoke_vendor_key, key_id, actor)
+        await self._write(self._revoke_vendor_key, key_id, actor)
 
     def _revoke_vendor_key(self, key_id: str, actor: str) -> Steps:
         changed = yield run(
@@ -521,7 +522,7 @@ class VendorSteps:
 
     async def get_vendor_key(self, key_id: str) -> VendorKey | None:
         """The key (revoked ones too: ``active`` says), or None."""
-        result: VendorKey | None = await self._vendor_read(self._get_vendor_key, key_id)
+        result: VendorKey | None = await self._read(self._get_vendor_key, key_id)
         return result
 
     @staticmethod
@@ -531,7 +532,7 @@ class VendorSteps:
 
     async def vendor_keys(self, vendor_id: str) -> list[VendorKey]:
         """The vendor's keys, oldest first."""
-        result: list[VendorKey] = await self._vendor_read(self._vendor_keys, vendor_id)
+        result: list[VendorKey] = await self._read(self._vendor_keys, vendor_id)
         return result
 
     @staticmethod
@@ -546,9 +547,7 @@ class VendorSteps:
 
         Forgets the nonces seen before ``forget_before`` (outside the signature window).
         """
-        result: bool = await self._vendor_write(
-            self._remember_nonce, vendor_id, nonce, forget_before
-        )
+        result: bool = await self._write(self._remember_nonce, vendor_id, nonce, forget_before)
         return result
 
     def _remember_nonce(self, vendor_id: str, nonce: str, forget_before: datetime) -> Steps:
@@ -575,7 +574,7 @@ class VendorSteps:
         """
         if amount_minor <= 0:
             raise ValueError(f"a top-up must be positive, not {amount_minor}")
-        result: FloatMovement = await self._vendor_write(
+        result: FloatMovement = await self._write(
             self._top_up, vendor_id, amount_minor, reference, actor
         )
         return result
@@ -726,7 +725,7 @@ class VendorSteps:
             TokenAlreadyIssued: the purchase has its vend: nothing is refunded.
             NotFound: no such purchase of this vendor.
         """
-        result: FloatMovement | None = await self._vendor_write(
+        result: FloatMovement | None = await self._write(
             self._refund, vendor_id, purchase_id, actor
         )
         return result
@@ -794,7 +793,7 @@ class VendorSteps:
         self, vendor_id: str, *, since: datetime, until: datetime
     ) -> list[FloatMovement]:
         """The vendor's float movements in [since, until), oldest first."""
-        result: list[FloatMovement] = await self._vendor_read(
+        result: list[FloatMovement] = await self._read(
             self._float_movements, vendor_id, since, until
         )
         return result
@@ -811,7 +810,7 @@ class VendorSteps:
 
     async def float_balance_at(self, vendor_id: str, moment: datetime) -> int:
         """The float just before ``moment`` (0 before its first movement)."""
-        result: int = await self._vendor_read(self._balance_at, vendor_id, moment)
+        result: int = await self._read(self._balance_at, vendor_id, moment)
         return result
 
     def _balance_at(self, vendor_id: str, moment: datetime) -> Steps:
@@ -839,7 +838,7 @@ class VendorSteps:
         A run whose lease ended (its process died) is taken over: the caller resumes it, and
         every step after is idempotent (the purchase by its own key, the vend by its purchase).
         """
-        result: RequestClaim = await self._vendor_write(
+        result: RequestClaim = await self._write(
             self._claim, vendor_id, idempotency_key, request_hash, terminal_id, lease_s
         )
         return result
@@ -892,7 +891,7 @@ class VendorSteps:
         self, vendor_id: str, idempotency_key: str, purchase_id: str
     ) -> None:
         """Link the request to the purchase it opened (idempotent)."""
-        await self._vendor_write(self._attach, vendor_id, idempotency_key, purchase_id)
+        await self._write(self._attach, vendor_id, idempotency_key, purchase_id)
 
     def _attach(self, vendor_id: str, key: str, purchase_id: str) -> Steps:
         yield run(
@@ -908,7 +907,7 @@ class VendorSteps:
         self, vendor_id: str, idempotency_key: str, *, status_code: int, response: bytes
     ) -> VendorRequest:
         """Store the answer, once: a request already answered keeps its first answer."""
-        result: VendorRequest = await self._vendor_write(
+        result: VendorRequest = await self._write(
             self._finish, vendor_id, idempotency_key, status_code, response
         )
         return result
@@ -932,7 +931,7 @@ class VendorSteps:
 
     async def release_vendor_request(self, vendor_id: str, idempotency_key: str) -> None:
         """End a run's lease early (it stopped before money moved: the key may be sent again)."""
-        await self._vendor_write(self._release, vendor_id, idempotency_key)
+        await self._write(self._release, vendor_id, idempotency_key)
 
     def _release(self, vendor_id: str, key: str) -> Steps:
         yield run(
@@ -948,7 +947,7 @@ class VendorSteps:
         self, vendor_id: str, *, idempotency_key: str | None = None, purchase_id: str | None = None
     ) -> VendorRequest | None:
         """The vendor's request by its key or by the purchase (vend id) it opened; None if none."""
-        result: VendorRequest | None = await self._vendor_read(
+        result: VendorRequest | None = await self._read(
             self._get_request, vendor_id, idempotency_key, purchase_id
         )
         return result
@@ -1072,46 +1071,3 @@ class VendorLedger(Protocol):
     ) -> VendorRequest | None:
         """As ``VendorSteps.get_vendor_request``."""
         ...
-
-
-# ------------------------------------------------------------------------------------ the drivers
-# Until the ledger core lands, each backend drives the steps itself (the core's dialects will).
-
-
-def drive_sqlite(conn: Any, steps: Steps) -> Any:  # noqa: ANN401 - sqlite3 objects, the result
-    """Run ``steps`` on a ``sqlite3`` connection (inside the writer's transaction)."""
-    result: object = None
-    while True:
-        try:
-            kind, sql, params = steps.send(result)
-        except StopIteration as stop:
-            return stop.value
-        cursor = conn.execute(sql.replace(" FOR UPDATE", ""), params)
-        if kind == RUN:
-            result = cursor.rowcount
-        else:
-            found = cursor.fetchall()
-            result = found if kind == ROWS else (found[0] if found else None)
-
-
-def _dollar(sql: str) -> str:
-    parts = sql.split("?")
-    return "".join(part + (f"${n}" if n < len(parts) else "") for n, part in enumerate(parts, 1))
-
-
-async def drive_postgres(conn: Any, steps: Steps) -> Any:  # noqa: ANN401 - asyncpg objects
-    """Run ``steps`` on an ``asyncpg`` connection (inside the caller's transaction)."""
-    result: object = None
-    while True:
-        try:
-            kind, sql, params = steps.send(result)
-        except StopIteration as stop:
-            return stop.value
-        sql = _dollar(sql)
-        if kind == RUN:
-            status: str = await conn.execute(sql, *params)
-            result = int(status.rsplit(" ", 1)[-1])
-        elif kind == ROWS:
-            result = await conn.fetch(sql, *params)
-        else:
-            result = await conn.fetchrow(sql, *params)

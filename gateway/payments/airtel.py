@@ -1,6 +1,6 @@
 """Airtel Money collections (Open API): USSD push, its status, and its callback.
 
-Formats from ``PROTOCOLS.md`` §3.2, which marks them practitioner-sourced: treat the result-code
+Formats from docs/protocols.md §3.2, which marks them practitioner-sourced: treat the result-code
 tables below as [P/I] until checked against Airtel's portal. The subscriber ``msisdn`` is the
 national number without country code; the ``transaction.id`` is ours, so we use the purchase id:
 a retry reuses it and Airtel refuses the duplicate (``ESB000041``), which we read as "already

@@ -124,6 +124,9 @@ class PaymentStatus:
     payer: Msisdn | None = None
     receipt: str | None = None
     reason: str | None = None  # the provider's words for a failure, for operators
+    # What kind of payment the provider's record says it is: True a payment the payer started
+    # (paybill, C2B), False one our prompt started (STK push); None when the record does not say.
+    customer_initiated: bool | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,9 +139,18 @@ class CallbackAck:
 
 
 class PaymentProvider(Protocol):
-    """One mobile-money operator's collections API (an adapter per provider)."""
+    """One mobile-money operator's collections API (an adapter per provider).
+
+    Attributes:
+        name: the provider's name in purchases and callback routes.
+        idempotent_requests: whether a collection request may be sent again while its outcome
+            is unknown without charging twice (the provider dedupes it by our reference: MoMo,
+            Airtel). False for Daraja STK: the saga then never repeats an unknown request
+            (invariant 7).
+    """
 
     name: str
+    idempotent_requests: bool
 
     async def request_collection(self, request: CollectionRequest) -> CollectionStarted:
         """Ask the provider to prompt the payer. Safe to retry with the same request.

@@ -1,6 +1,6 @@
 """Safaricom M-Pesa Daraja: STK push (M-Pesa Express), C2B paybill, STK query, Transaction Status.
 
-Wire formats are Daraja 3.0's (``PROTOCOLS.md`` §2). Daraja's words stay in this module:
+Wire formats are Daraja 3.0's (``docs/protocols.md`` §2). Daraja's words stay in this module:
 ``CheckoutRequestID`` (an STK push, our ``ProviderReference`` for it), ``TransID`` (a C2B payment's
 M-Pesa receipt, the reference of a customer-initiated payment), ``BillRefNumber`` (the account
 number the customer typed on the SIM menu: the meter number).
@@ -84,7 +84,8 @@ MAX_AMOUNT_KES: Final = 250_000
 STK_PREFIX: Final = "ws_CO_"
 """Every ``CheckoutRequestID`` starts so; anything else we are asked about is a C2B ``TransID``."""
 
-# STK ResultCode → our state (PROTOCOLS.md §2.2, the official table). Unlisted non-zero → FAILED.
+# STK ResultCode → our state (docs/protocols.md §2.2, the official table); unlisted non-zero
+# is FAILED.
 _RESULT_STATES: Final[Mapping[int, PaymentState]] = {
     0: PaymentState.SUCCEEDED,
     1032: PaymentState.CANCELLED,  # cancelled by user
@@ -96,7 +97,7 @@ _RESULT_STATES: Final[Mapping[int, PaymentState]] = {
 _RETRYABLE_ERRORS: Final = frozenset({"500.003.02", "500.003.03", "500.003.1001", "503.001.01"})
 _INVALID_TOKEN: Final = "404.001.03"  # noqa: S105 - an error code, not a secret
 
-# C2B validation reject codes (PROTOCOLS.md §2.4).
+# C2B validation reject codes (docs/protocols.md §2.4).
 _REJECT_CODES: Final[Mapping[str, str]] = {
     CustomerPaymentRefusal.INVALID_PAYER: "C2B00011",
     CustomerPaymentRefusal.UNKNOWN_ACCOUNT: "C2B00012",
@@ -883,6 +884,8 @@ class DarajaProvider:
             )
         completed = str(values.get("TransactionStatus", "")) == "Completed"
         debit = str(values.get("DebitPartyName", ""))
+        # "Pay Bill Online" / "Buy Goods Online": an STK push; "Pay Bill", "Pay Utility" …: C2B.
+        reason_type = str(values.get("ReasonType") or "").strip().lower()
         return PaymentStatus(
             provider=self.name,
             reference=ProviderReference(reference),
@@ -891,6 +894,7 @@ class DarajaProvider:
             payer=_payer(debit.split(" - ", 1)[0].strip()),
             receipt=str(values.get("ReceiptNo", reference)),
             reason=None if completed else str(values.get("TransactionStatus", "")),
+            customer_initiated=("online" not in reason_type) if reason_type else None,
         )
 
     # -- callbacks -----------------------------------------------------------------------------

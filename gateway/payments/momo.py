@@ -1,4 +1,4 @@
-"""MTN MoMo Collection: request-to-pay, its status, and its callback (``PROTOCOLS.md`` §3.1).
+"""MTN MoMo Collection: request-to-pay, its status, and its callback (``docs/protocols.md`` §3.1).
 
 Idempotency is MoMo's own: the ``X-Reference-Id`` we choose *is* the resource id. We derive it as
 a UUIDv5 of our purchase id (``reference_for``), so a retried request can never create a second

@@ -1,6 +1,6 @@
 """An Africa's Talking look-alike on loopback: USSD driver, SMS API, callbacks.
 
-It speaks AT's real wire formats (PROTOCOLS.md §1, §6.1, §6.2), so the production adapters run
+It speaks AT's real wire formats (docs/protocols.md §1, §6.1, §6.2), so the production adapters run
 against it unchanged:
 
 - **USSD**: :meth:`AtSimulator.dial` drives our USSD route the way AT does: form POST with
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 import secrets
 import time
@@ -42,6 +41,8 @@ from typing import Any, Final
 import aiohttp
 import structlog
 from aiohttp import web
+
+from flows.messages.gsm7 import is_gsm7, sms_segments
 
 log = structlog.get_logger()
 
@@ -64,26 +65,7 @@ STATUS_NAMES: Final[Mapping[int, str]] = {
     502: "RejectedByGateway",
 }
 _E164: Final = re.compile(r"^\+\d{1,3}\d{3,}$")  # the SDK's own check
-_GSM7_BASIC: Final = frozenset(
-    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
-    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
-)
-_GSM7_EXTENDED: Final = frozenset("^{}\\[~]|€\f")
 COST_PER_SEGMENT_MINOR: Final = 80  # "KES 0.8000"
-
-
-def sms_segments(text: str) -> tuple[str, int]:
-    """The encoding AT would use for ``text`` (``GSM-7`` or ``UCS-2``) and its segment count."""
-    if all(ch in _GSM7_BASIC or ch in _GSM7_EXTENDED for ch in text):
-        septets = sum(2 if ch in _GSM7_EXTENDED else 1 for ch in text)
-        return "GSM-7", 1 if septets <= 160 else math.ceil(septets / 153)
-    units = len(text.encode("utf-16-le")) // 2
-    return "UCS-2", 1 if units <= 70 else math.ceil(units / 67)
-
-
-def is_gsm7(text: str) -> bool:
-    """Whether every character of ``text`` is in the GSM-7 basic or extension table."""
-    return all(ch in _GSM7_BASIC or ch in _GSM7_EXTENDED for ch in text)
 
 
 def _now_text() -> str:

@@ -1,4 +1,4 @@
-"""An Airtel Money collections simulator (``PROTOCOLS.md`` §3.2, §6.5).
+"""An Airtel Money collections simulator (``docs/protocols.md`` §3.2, §6.5).
 
 - ``POST /auth/oauth2/token`` (JSON client credentials; short ``expires_in``, 180 s by default);
 - ``POST /merchant/v1/payments/``: Bearer token, ``X-Country``/``X-Currency`` matching the wallet,

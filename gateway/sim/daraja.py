@@ -1,6 +1,6 @@
 """A faithful Daraja (M-Pesa) simulator: OAuth, STK push and query, C2B, Transaction Status.
 
-It speaks Daraja 3.0's wire formats (``PROTOCOLS.md`` §2, §6.3) on loopback so that
+It speaks Daraja 3.0's wire formats (``docs/protocols.md`` §2, §6.3) on loopback so that
 ``gateway.payments.daraja.DarajaProvider`` runs against it unchanged:
 
 - ``GET /oauth/v1/generate?grant_type=client_credentials`` (Basic auth; tokens expire by ``clock``;
@@ -17,7 +17,9 @@ It speaks Daraja 3.0's wire formats (``PROTOCOLS.md`` §2, §6.3) on loopback so
   ``ResponseType`` default) then confirmation, the MSISDN masked as Daraja does;
 - ``POST /mpesa/transactionstatus/v1/query``: acknowledgement, then the ``Result`` posted to
   ``ResultURL``. A receipt it never issued answers ``ResultCode`` 2032 (our choice [I]: the real
-  code for an unknown receipt is not documented in the pages we read);
+  code for an unknown receipt is not documented in the pages we read). Its ``ReasonType`` tells
+  the kind of payment, as Daraja's does: ``Pay Bill Online`` for an STK push, ``Pay Bill`` for a
+  payment from the SIM menu;
 - ``GET /_sim/ledger`` (money actually taken), ``GET /_sim/callbacks`` (deliveries), and the
   demo's controls: ``GET|POST /_sim/faults``, ``POST /_sim/callbacks/release``,
   ``POST /_sim/customers`` (``{"msisdn", "action"}``), ``POST /_sim/prompts/answer|expire``,
@@ -722,6 +724,7 @@ class DarajaSimulator(ProviderSimulator):
             result["ResultCode"] = 0
             result["ResultDesc"] = "The service request is processed successfully."
             stamp = int(self._stamp())
+            reason_type = "Pay Bill" if charge.reference == charge.receipt else "Pay Bill Online"
             result["ResultParameters"] = {
                 "ResultParameter": [
                     {"Key": "DebitPartyName", "Value": f"{charge.msisdn} - John Doe"},
@@ -731,7 +734,8 @@ class DarajaSimulator(ProviderSimulator):
                     {"Key": "DebitAccountType", "Value": "MMF Account For Customer"},
                     {"Key": "DebitPartyCharges", "Value": ""},
                     {"Key": "TransactionReason", "Value": ""},
-                    {"Key": "ReasonType", "Value": "Pay Bill Online"},
+                    # An STK push is "Pay Bill Online"; a payment from the SIM menu "Pay Bill".
+                    {"Key": "ReasonType", "Value": reason_type},
                     {"Key": "TransactionStatus", "Value": "Completed"},
                     {"Key": "FinalisedTime", "Value": stamp},
                     {"Key": "Amount", "Value": charge.amount_minor / 100},

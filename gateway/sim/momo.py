@@ -1,4 +1,4 @@
-"""A faithful MTN MoMo Collection simulator (``PROTOCOLS.md`` §3.1, §6.4).
+"""A faithful MTN MoMo Collection simulator (``docs/protocols.md`` §3.1, §6.4).
 
 - provisioning as in the sandbox: ``POST /v1_0/apiuser`` (``X-Reference-Id``,
   ``providerCallbackHost``), ``GET /v1_0/apiuser/{id}``, ``POST /v1_0/apiuser/{id}/apikey``;

@@ -2,7 +2,7 @@
 
 - :class:`AfricasTalkingSdkSender` uses the official synchronous ``africastalking`` SDK
   (2.0.3) through ``asyncio.to_thread``. The SDK has no base-URL option: to point it at the
-  simulator we set its ``_baseUrl``/``_contentUrl`` after construction (PROTOCOLS.md §1.5).
+  simulator we set its ``_baseUrl``/``_contentUrl`` after construction (docs/protocols.md §1.5).
 - :class:`AfricasTalkingHttpSender` speaks the same API with a pooled ``aiohttp`` session:
   real async and connection reuse, for production.
 
@@ -44,11 +44,11 @@ from africastalking.Service import AfricasTalkingException
 from africastalking.SMS import SMSService
 
 from gateway.phone import Msisdn, masked
+from gateway.sms import base
 from gateway.sms.base import (
     DeliveryReport,
     DeliveryState,
     SentMessage,
-    SmsError,
     SmsRejected,
     SmsUnavailable,
 )
@@ -73,12 +73,11 @@ _DELIVERY_STATES: Final = {
 }
 
 
-class MalformedDeliveryReport(SmsError):
-    """A delivery-report callback we cannot read; ``field`` names what is missing or wrong."""
+class MalformedDeliveryReport(base.MalformedDeliveryReport):
+    """An Africa's Talking delivery report we cannot read; ``field`` names what is wrong."""
 
     def __init__(self, message: str, *, field: str) -> None:
-        super().__init__(message, provider=PROVIDER)
-        self.field = field
+        super().__init__(message, field=field, provider=PROVIDER)
 
 
 def interpret_send_response(body: object, to: Msisdn) -> SentMessage:
@@ -145,7 +144,7 @@ class AfricasTalkingSdkSender:
     ) -> None:
         self._service = SMSService(username, api_key)
         if base_url is not None:
-            # The SDK's only hook: private attributes read on every call (PROTOCOLS.md §1.5).
+            # The SDK's only hook: private attributes read on every call (docs/protocols.md §1.5).
             self._service._baseUrl = base_url  # noqa: SLF001
             self._service._contentUrl = base_url  # noqa: SLF001
         self._sender_id = sender_id

@@ -9,27 +9,16 @@ SmsError                     gateway.errors.GatewayError; provider, retryable
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.errors import GatewayError
 from gateway.phone import Msisdn
 
-
-class DeliveryState(StrEnum):
-    """What the network says about a message (Africa's Talking delivery-report vocabulary)."""
-
-    QUEUED = "queued"  # accepted by the provider, not yet handed to the network
-    SENT = "sent"  # handed to the network
-    DELIVERED = "delivered"  # the handset has it
-    FAILED = "failed"  # final failure reported by the network
-    REJECTED = "rejected"  # the provider refused it
-
-    @property
-    def is_final(self) -> bool:
-        """Whether no later report can change this state."""
-        return self in {DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.REJECTED}
+# Re-exported from here too: these moved to gateway/values/, shared by the ledger and sms.
+from gateway.values.messages import DeliveryReport as DeliveryReport  # noqa: PLC0414
+from gateway.values.messages import DeliveryState as DeliveryState  # noqa: PLC0414
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -39,16 +28,6 @@ class SentMessage:
     provider_message_id: str
     state: DeliveryState = DeliveryState.SENT
     cost: str | None = None  # as the provider states it, e.g. "KES 0.8000"; never used as money
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeliveryReport:
-    """A delivery report for a message we sent."""
-
-    provider_message_id: str
-    state: DeliveryState
-    failure_reason: str | None = None
-    raw: bytes = field(default=b"", repr=False)
 
 
 class SmsSender(Protocol):
@@ -81,3 +60,27 @@ class SmsUnavailable(SmsError):
 
     def __init__(self, message: str, *, provider: str, retryable: bool = True) -> None:
         super().__init__(message, provider=provider, retryable=retryable)
+
+
+class MalformedDeliveryReport(SmsError):
+    """A delivery-report callback we cannot read; ``field`` names what is missing or wrong."""
+
+    def __init__(self, message: str, *, field: str, provider: str) -> None:
+        super().__init__(message, provider=provider)
+        self.field = field
+
+
+class DeliveryReportParser(Protocol):
+    """Reads one provider's delivery-report callback (its form fields) into a ``DeliveryReport``.
+
+    The composition root hands the delivery route the parser of the configured adapter, so the
+    web layer never imports an adapter.
+    """
+
+    def __call__(self, form: Mapping[str, str], *, raw: bytes = b"") -> DeliveryReport:
+        """The report the form describes.
+
+        Raises:
+            MalformedDeliveryReport: a field is missing or malformed.
+        """
+        ...

@@ -7,7 +7,7 @@ after a crash, never zero times; a resend carries the same token), sends them, a
 provider's message id and cost.
 
 A message is sent once unless a crash comes between the provider's acceptance and our record of
-it (Africa's Talking takes no idempotency key, PROTOCOLS.md §1.3): so a send only starts while
+it (Africa's Talking takes no idempotency key, docs/protocols.md §1.3): so a send only starts while
 its claim has time left for the send's deadline and the record (``record_margin_s``), a message
 that waited too long behind slow sends is left to its lease (never sent, it comes back then), and
 a failed write of an acceptance is tried again (``record_attempts``) rather than dropped, which
@@ -25,18 +25,17 @@ import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from typing import Protocol
 
 import structlog
 
-from gateway.ledger import Ledger, OutboxMessage
-from gateway.sms.base import DeliveryReport, SentMessage, SmsError, SmsSender
+from gateway.retry import backoff_s
+from gateway.sms.base import SentMessage, SmsError, SmsSender
+from gateway.values.clock import utc_now
+from gateway.values.messages import DeliveryReport, DeliveryState, OutboxMessage
 
 log = structlog.get_logger()
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +68,43 @@ class OutboxPolicy:
     record_retry_s: float = 0.2
 
 
+class OutboxStore(Protocol):
+    """What the worker needs of the outbox's store (the ledger satisfies it).
+
+    The worker never imports the ledger: it names the five calls it makes, on the types of
+    ``gateway/values/messages.py`` (docs/architecture.md, "Who may import whom").
+    """
+
+    async def claim_outbox(
+        self, now: datetime, *, lease_until: datetime, limit: int = 50
+    ) -> list[OutboxMessage]:
+        """Claim due messages until ``lease_until`` (expired leases come back)."""
+        ...
+
+    async def outbox_sent(
+        self,
+        message_id: int,
+        *,
+        provider_message_id: str,
+        cost: str | None,
+        state: DeliveryState,
+    ) -> None:
+        """The provider took the message."""
+        ...
+
+    async def outbox_retry(self, message_id: int, *, next_try_at: datetime, error: str) -> None:
+        """Sending failed for now; try again at ``next_try_at``."""
+        ...
+
+    async def outbox_failed(self, message_id: int, *, error: str) -> None:
+        """Sending failed for good; an operator must look."""
+        ...
+
+    async def apply_delivery_report(self, report: DeliveryReport) -> OutboxMessage | None:
+        """Record a delivery report; None when the message id is unknown (yet)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutboxRun:
     """What one run did."""
@@ -83,7 +119,7 @@ class OutboxWorker:
     """Sends due outbox messages.
 
     Args:
-        ledger: holds the outbox.
+        ledger: holds the outbox (the ledger, through :class:`OutboxStore`).
         sender: the SMS adapter.
         clock: the time source (UTC, aware).
         jitter: returns a float in [0, 1): the randomness seam (tests pass a constant).
@@ -93,9 +129,9 @@ class OutboxWorker:
     def __init__(
         self,
         *,
-        ledger: Ledger,
+        ledger: OutboxStore,
         sender: SmsSender,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
         jitter: Callable[[], float] = random.random,
         policy: OutboxPolicy | None = None,
     ) -> None:
@@ -112,8 +148,14 @@ class OutboxWorker:
         of many messages spread out but none comes back immediately.
         """
         policy = self._policy
-        capped = min(policy.max_delay_s, policy.base_delay_s * 2 ** max(0, attempts - 1))
-        return timedelta(seconds=capped / 2 + capped / 2 * self._jitter())
+        seconds = backoff_s(
+            attempts - 1,
+            base_s=policy.base_delay_s,
+            cap_s=policy.max_delay_s,
+            jitter="equal",
+            random=self._jitter,
+        )
+        return timedelta(seconds=seconds)
 
     async def run_once(self) -> OutboxRun:
         """Claim the due messages and send them; returns the counts. Never raises for a send."""

@@ -1,4 +1,4 @@
-"""Transfer amounts: the exponent/mantissa encodings of IEC 62055-41 (SPEC.md §3.1).
+"""Transfer amounts: the exponent/mantissa encodings of IEC 62055-41 (docs/sts.md §3.1).
 
 Units amount (16 bits; class 0 subclasses 0-3, and the power limits of class 2 subclasses 0
 and 6): exponent ``e`` (bits 15..14) and mantissa ``m`` (bits 13..0) stand for::
@@ -30,7 +30,7 @@ MANTISSA_MAX: Final = 2**MANTISSA_BITS - 1  # 16383
 UNITS_AMOUNT: Final = Layout("amount", Field("exponent", 2), Field("mantissa", 14))
 
 #: The 20-bit currency amount value (sign, exponent, mantissa) before it is spread over the
-#: block (SPEC.md §3.1: S and e4..e2 sit in the RND nibble, e1 e0 and m in the amount field).
+#: block (docs/sts.md §3.1: S and e4..e2 sit in the RND nibble, e1 e0 and m in the amount field).
 CURRENCY_AMOUNT: Final = Layout(
     "currency amount", Field("sign", 1), Field("exponent", 5), Field("mantissa", 14)
 )

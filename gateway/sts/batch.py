@@ -1,4 +1,4 @@
-"""One line of the ``gateway token batch`` contract (VECTORS.md), without any I/O.
+"""One line of the ``gateway token batch`` contract (docs/sts-vectors.md), without any I/O.
 
 Each function takes one decoded JSON object and returns the JSON object to write, or raises an
 :class:`~gateway.sts.errors.StsError` whose message is the line's ``error`` sentence. The
@@ -70,7 +70,7 @@ def _hex_text(name: str, raw: object) -> str:
 def _hex_bytes(name: str, raw: object, length: int | None = None) -> bytes:
     """A hex key as bytes; one given without its leading zeros is padded to ``length`` bytes.
 
-    Hex values compare by value (VECTORS.md), so ``abc12def3456789`` is the 8-byte key
+    Hex values compare by value (docs/sts-vectors.md), so ``abc12def3456789`` is the 8-byte key
     ``0abc12def3456789``. Without a known ``length`` an odd number of digits gets one zero.
     """
     text = _hex_text(name, raw)

@@ -1,7 +1,7 @@
 """Bit-field layouts written as data, and the one pack/unpack pair that reads them.
 
 A :class:`Layout` lists its fields most-significant first, in the order IEC 62055-41 draws them
-(SPEC.md §2-§3), so a table in the standard and a layout here read the same way::
+(docs/sts.md §2-§3), so a table in the standard and a layout here read the same way::
 
     CREDIT = Layout(
         "credit",

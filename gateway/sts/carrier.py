@@ -1,4 +1,4 @@
-"""The numeric token carrier: 64-bit block ⇄ 66-bit token ⇄ 20 digits (SPEC.md §7).
+"""The numeric token carrier: 64-bit block ⇄ 66-bit token ⇄ 20 digits (docs/sts.md §7).
 
 The two class bits are not encrypted. After encryption they are put into bits 28 and 27 of the
 64-bit cipher block, and the two bits they displace move to bits 65 and 64 ("class-bit

@@ -1,4 +1,4 @@
-"""Choosing the block cipher of an encryption algorithm (EA) code (SPEC.md §5).
+"""Choosing the block cipher of an encryption algorithm (EA) code (docs/sts.md §5).
 
 ```
 EA07  STA, the Standard Transfer Algorithm   8-byte decoder key    gateway.sts.ea07

@@ -1,4 +1,4 @@
-"""The token CRC (IEC 62055-41; SPEC.md §4).
+"""The token CRC (IEC 62055-41; docs/sts.md §4).
 
 The CRC is CRC-16 with polynomial x^16 + x^15 + x^2 + 1, processed reflected (0xA001), initial
 value 0xFFFF and no final XOR (the parameters known as CRC-16/MODBUS). Its input is the 50-bit

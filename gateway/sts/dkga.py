@@ -1,4 +1,4 @@
-"""Decoder key generation (DKGA, SPEC.md §6.2-§6.4) and validation of the meter key attributes.
+"""Decoder key generation (DKGA, docs/sts.md §6.2-§6.4) and validation of the meter key attributes.
 
 The decoder key (DK) of a meter is derived from the vending key (VK) of its supply group and the
 meter's identity and key attributes:

@@ -1,4 +1,4 @@
-"""EA07, the Standard Transfer Algorithm (STA) of IEC 62055-41 (SPEC.md §5.1).
+"""EA07, the Standard Transfer Algorithm (STA) of IEC 62055-41 (docs/sts.md §5.1).
 
 STA is a 16-round substitution-permutation cipher on a 64-bit block with a 64-bit key. Each
 round substitutes the 16 nibbles with one of two 4-bit S-boxes (S1 where bit ``4i+3`` of the

@@ -1,4 +1,4 @@
-"""EA11: MISTY1 (RFC 2994) as STS uses it (SPEC.md §5.2).
+"""EA11: MISTY1 (RFC 2994) as STS uses it (docs/sts.md §5.2).
 
 128-bit key, 64-bit block, the recommended 8 rounds with FL layers. The 16-byte decoder key is the
 MISTY1 key byte for byte; the 64-bit data block is the 8 big-endian bytes of the integer.

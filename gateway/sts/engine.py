@@ -177,7 +177,7 @@ class TokenEngine(Protocol):
         """A class 0 credit token of ``units`` for ``meter`` with identifier ``tid``.
 
         ``units`` is in base units of the subclass (0.1 kWh for electricity, subclass 0;
-        0.00001 currency units for subclasses 4-7); it is rounded up (SPEC.md §3.1).
+        0.00001 currency units for subclasses 4-7); it is rounded up (docs/sts.md §3.1).
 
         Raises:
             UnknownKey: no vending key for the meter's SGC and KRN.
@@ -188,7 +188,7 @@ class TokenEngine(Protocol):
         ...
 
     async def key_change_tokens(self, old: MeterProfile, new: MeterProfile) -> list[Token]:
-        """The ordered key-change set moving a meter from ``old`` to ``new`` (SPEC.md §9).
+        """The ordered key-change set moving a meter from ``old`` to ``new`` (docs/sts.md §9).
 
         Raises:
             UnknownKey: no vending key for the old or the new SGC/KRN.
@@ -267,7 +267,7 @@ class LocalTokenEngine:
         self._cache: OrderedDict[MeterProfile, _MeterKeys] = OrderedDict()
         self._cache_size = cache_size
         self._sta_tables = sta_tables
-        # RND only makes tokens for equal contents differ; it is not a secret (SPEC.md §2).
+        # RND only makes tokens for equal contents differ; it is not a secret (docs/sts.md §2).
         self._rnd = rnd if rnd is not None else partial(random.Random().getrandbits, 4)
 
     def __repr__(self) -> str:

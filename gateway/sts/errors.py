@@ -67,7 +67,7 @@ class CrcMismatch(StsError):
 
 
 class KeyExpired(StsError):
-    """The token's TID is past the key's expiry: ``tid >> 16`` exceeds the KEN (SPEC.md §8).
+    """The token's TID is past the key's expiry: ``tid >> 16`` exceeds the KEN (docs/sts.md §8).
 
     Attributes:
         tid: the token identifier.

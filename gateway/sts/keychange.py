@@ -1,4 +1,4 @@
-"""Key-change token sets (KCT; SPEC.md §9): moving a meter to a new decoder key.
+"""Key-change token sets (KCT; docs/sts.md §9): moving a meter to a new decoder key.
 
 A key change is a set of class 2 tokens, encrypted with the meter's **current** decoder key,
 that carry the **new** key and its attributes. The meter installs the new key only when every
@@ -100,7 +100,7 @@ def key_change_fields(
         new_key: the new decoder key, 8 bytes (EA07) or 16 bytes (EA11).
         rollover: RO; ``None`` sets it when the base date changes.
         three_kct: EA07 only: whether to send the 3rd (SGC) section (3KCT = 1); ``None`` or
-            ``False`` send the two-token set, also when the SGC changes (SPEC.md §9, CTSA19.4).
+            ``False`` send the two-token set, also when the SGC changes (docs/sts.md §9, CTSA19.4).
             EA11 sets always have four sections.
         old_key: the meter's current decoder key, to refuse a rollover or a change of base
             date that keeps it.

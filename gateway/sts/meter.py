@@ -1,4 +1,4 @@
-"""A meter emulator: decodes tokens and applies a meter's acceptance rules (SPEC.md §9-§10).
+"""A meter emulator: decodes tokens and applies a meter's acceptance rules (docs/sts.md §9-§10).
 
 It holds a decoder key and the key's attributes, a TID store and the registers a prepayment
 meter keeps, and answers every token with a :class:`MeterResponse` whose :class:`Verdict` names

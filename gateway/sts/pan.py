@@ -1,4 +1,4 @@
-"""Meter identity: IIN, DRN and PAN (SPEC.md §6.1).
+"""Meter identity: IIN, DRN and PAN (docs/sts.md §6.1).
 
 * **IIN** (issuer identification number): 6 digits, normally ``600727``; the legacy 4-digit
   IIN ``0000`` also exists.

@@ -1,4 +1,4 @@
-"""Token identifiers (TID): minutes since the key's base date (IEC 62055-41; SPEC.md §8).
+"""Token identifiers (TID): minutes since the key's base date (IEC 62055-41; docs/sts.md §8).
 
 A TID is the number of whole minutes from 00:00 on 1 January of the base date (1993, 2014 or
 2035, an attribute of the vending key) to the time the token is issued, in 24 bits. A meter

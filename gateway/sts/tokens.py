@@ -1,4 +1,4 @@
-"""What a token says, per class and subclass, and its 64-bit data block (SPEC.md §2-§3, §7, §9).
+"""What a token says, per class and subclass, and its 64-bit data block (docs/sts.md §2-§3, §7, §9).
 
 Every token is ``class(2) | subclass(4) | payload(44) | CRC(16)``. The 64-bit data block
 (subclass, payload, CRC) is encrypted with the decoder key for classes 0 and 2; class 1 goes in
@@ -7,7 +7,7 @@ field first, and one :func:`~gateway.sts.bits.pack`/:func:`~gateway.sts.bits.unp
 them all. The CRC slot is named ``_crc``: it is computed (:mod:`gateway.sts.crc`), never given.
 
 Token contents are frozen dataclasses, one per shape (:data:`TokenFields`). Their ``to_json``
-and :func:`fields_from_json` use the ``fields`` shapes of ``VECTORS.md``.
+and :func:`fields_from_json` use the ``fields`` shapes of ``docs/sts-vectors.md``.
 
 Vocabulary: RND a random nibble; TID the token identifier (minutes since the base date, see
 :mod:`gateway.sts.tid`); KEN key expiry number (split in KENHO/KENLO, high/low nibbles);
@@ -92,7 +92,7 @@ KEY_CHANGE_SUBCLASSES: Final = frozenset({3, 4, 8, 9})
 #: ClearCredit register value meaning "every register".
 ALL_REGISTERS: Final = 0xFFFF
 
-# --- Layouts of the 64-bit data block, most significant field first (SPEC.md §3) ------------
+# --- Layouts of the 64-bit data block, most significant field first (docs/sts.md §3) ------------
 
 #: Class 0 subclasses 0-3 and class 2 subclasses 0, 1, 2, 5, 6, 7, 10: RND TID value.
 RND_TID_VALUE: Final = Layout(
@@ -208,7 +208,7 @@ def _subclass_in(name: str, subclass: int, allowed: Collection[int]) -> None:
 class UnitsCredit:
     """Class 0 subclasses 0-3: a credit of ``amount`` base units (0.1 kWh, 0.1 m³, 0.1 min).
 
-    When encoded, ``amount`` is rounded up to the next encodable value (SPEC.md §3.1).
+    When encoded, ``amount`` is rounded up to the next encodable value (docs/sts.md §3.1).
     """
 
     TOKEN_CLASS: ClassVar[int] = TokenClass.TRANSFER_CREDIT
@@ -231,7 +231,7 @@ class UnitsCredit:
         }
 
     def to_json(self) -> dict[str, object]:
-        """The ``fields`` object of VECTORS.md."""
+        """The ``fields`` object of docs/sts-vectors.md."""
         return {
             "class": 0,
             "subclass": self.subclass,
@@ -266,13 +266,13 @@ class CurrencyCredit:
         }
 
     def to_json(self) -> dict[str, object]:
-        """The ``fields`` object of VECTORS.md."""
+        """The ``fields`` object of docs/sts-vectors.md."""
         return {"class": 0, "subclass": self.subclass, "tid": self.tid, "amount": self.amount}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MeterTest:
-    """Class 1 subclasses 0/1: InitiateMeterTest/Display, not encrypted (SPEC.md §3.2).
+    """Class 1 subclasses 0/1: InitiateMeterTest/Display, not encrypted (docs/sts.md §3.2).
 
     ``control``: all ones = every test; bit n-1 = test/display n (1 load switch, 2 display,
     3 cumulative registers, 4 KRN and KT, 5 TI, … 18 DRN).
@@ -295,7 +295,7 @@ class MeterTest:
         }
 
     def to_json(self) -> dict[str, object]:
-        """The ``fields`` object of VECTORS.md (``control`` in hex)."""
+        """The ``fields`` object of docs/sts-vectors.md (``control`` in hex)."""
         width = 9 if self.subclass == MeterTestSubclass.SHORT_MANUFACTURER_CODE else 7
         return {
             "class": 1,
@@ -331,7 +331,7 @@ class PowerLimit:
         }
 
     def to_json(self) -> dict[str, object]:
-        """The ``fields`` object of VECTORS.md."""
+        """The ``fields`` object of docs/sts-vectors.md."""
         return {
             "class": 2,
             "subclass": self.subclass,
@@ -364,7 +364,7 @@ class ClearCredit:
         }
 
     def to_json(self) -> dict[str, object]:
-        """The ``fields`` object of VECTORS.md."""
+        """The ``fields`` object of docs/sts-vectors.md."""
         return {
             "class": 2,
             "subclass": self.subclass,
@@ -395,7 +395,7 @@ class RegisterSetting:
         return {"subclass": self.subclass, "rnd": self.rnd, "tid": self.tid, "value": self.value}
 
     def to_json(self) -> dict[str, object]:
-        """The ``fields`` object of VECTORS.md."""
+        """The ``fields`` object of docs/sts-vectors.md."""
         return {
             "class": 2,
             "subclass": self.subclass,
@@ -422,7 +422,7 @@ class ClearTamper:
         return {"subclass": self.subclass, "rnd": self.rnd, "tid": self.tid, "value": 0}
 
     def to_json(self) -> dict[str, object]:
-        """The ``fields`` object of VECTORS.md."""
+        """The ``fields`` object of docs/sts-vectors.md."""
         return {"class": 2, "subclass": self.subclass, "rnd": self.rnd, "tid": self.tid}
 
 
@@ -458,7 +458,7 @@ class KeySection1:
         }
 
     def to_json(self) -> dict[str, object]:
-        """The ``fields`` object of VECTORS.md (``nkho`` in hex)."""
+        """The ``fields`` object of docs/sts-vectors.md (``nkho`` in hex)."""
         return {
             "class": 2,
             "subclass": self.subclass,
@@ -492,7 +492,7 @@ class KeySection2:
         return {"subclass": self.subclass, "kenlo": self.kenlo, "ti": self.ti, "nklo": self.nklo}
 
     def to_json(self) -> dict[str, object]:
-        """The ``fields`` object of VECTORS.md (``nklo`` in hex)."""
+        """The ``fields`` object of docs/sts-vectors.md (``nklo`` in hex)."""
         return {
             "class": 2,
             "subclass": self.subclass,
@@ -541,7 +541,7 @@ class KeySectionExtra:
         return {"subclass": self.subclass, "payload": self.payload}
 
     def to_json(self) -> dict[str, object]:
-        """The ``fields`` object of VECTORS.md (``payload`` in hex, 11 digits)."""
+        """The ``fields`` object of docs/sts-vectors.md (``payload`` in hex, 11 digits)."""
         return {"class": 2, "subclass": self.subclass, "payload": _hex(self.payload, 11)}
 
 
@@ -682,7 +682,7 @@ def is_supported(token_class: int, subclass: int) -> bool:
 
 
 def fields_from_json(data: Mapping[str, object]) -> TokenFields:
-    """Token contents from a VECTORS.md ``fields`` object (hex fields as strings or integers).
+    """Token contents from a docs/sts-vectors.md ``fields`` object (hex as strings or integers).
 
     A missing ``rnd`` is taken as 0.
 

@@ -67,7 +67,7 @@ async def seed_sandbox(ledger: Ledger, vendors: VendorLedger, *, template: str) 
         (SLOW_METER, "Slow Engine", MeterStatus.ACTIVE),
         (BLOCKED_METER, "Blocked Meter", MeterStatus.BLOCKED),
     ):
-        if await ledger.lookup_meter(drn) is None:
+        if await ledger.lookup_meter(MeterNumber(drn)) is None:
             await ledger.put_meter(
                 MeterRecord(
                     drn=MeterNumber(drn),

@@ -36,6 +36,7 @@ from gateway.ledger import (
     IdempotencyConflict,
     Ledger,
     LedgerError,
+    MeterNumber,
     MeterStatus,
     NotFound,
     mask_name,
@@ -46,6 +47,7 @@ from gateway.ledger.vendor import (
     InsufficientFloat,
     MovementKind,
     RequestState,
+    Terminal,
     TokenAlreadyIssued,
     Vendor,
     VendorDraft,
@@ -68,6 +70,22 @@ from gateway.vending import (
 from gateway.vendor import signing
 
 log = structlog.get_logger()
+
+#: The ledger's vendor value types, for the web layer (which never imports the ledger).
+__all__ = [
+    "Answer",
+    "Caller",
+    "Problem",
+    "RateLimiter",
+    "Registered",
+    "Statement",
+    "Terminal",
+    "Vendor",
+    "VendorService",
+    "add_vendor_key",
+    "register_vendor",
+    "vendor_statement",
+]
 
 PROBLEM_TYPE: Final = "https://sts-gateway.invalid/problems/"
 #: How long a run holds its key before another request may resume it.
@@ -587,7 +605,7 @@ class VendorService:
         if not isinstance(accepts, bool):
             raise Problem(400, "invalid_request", "accept_key_change: true or false")
         if not accepts and any(
-            c.state.value == "pending" for c in await self._ledger.key_changes(meter)
+            c.state.value == "pending" for c in await self._ledger.key_changes(MeterNumber(meter))
         ):
             # The terminal cannot print key-change tokens: nothing is sold, nothing moves.
             raise Problem(

@@ -56,7 +56,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 from urllib.parse import quote, urlsplit
 
 import aiohttp_jinja2
@@ -65,20 +65,23 @@ import structlog
 from aiohttp import web
 
 from gateway.config import Secret
-from gateway.ledger import (
+from gateway.money import Money
+from gateway.operator import (
     Event,
-    Ledger,
     NotFound,
+    OperatorRecords,
     OutboxMessage,
     OutboxState,
     Purchase,
     PurchaseState,
     Vend,
 )
-from gateway.ledger.vendor import VendorSteps
-from gateway.money import Money
 from gateway.phone import InvalidPhoneNumber, Msisdn, masked, parse_msisdn
+from gateway.values.clock import UtcClock, utc_now
 from gateway.vending import CUSTOMER_INITIATED_CHANNEL, NothingToReprint, NotPaid, VendFailed
+
+if TYPE_CHECKING:
+    from gateway.vendor.service import Terminal, Vendor
 
 __all__ = [
     "ADMIN",
@@ -120,10 +123,6 @@ _SECURITY_HEADERS: Final[Mapping[str, str]] = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class AdminSaga(Protocol):
@@ -206,11 +205,24 @@ class StuckPolicy:
         return timedelta(seconds=seconds)
 
 
+@runtime_checkable
+class VendorListing(Protocol):
+    """What the vendors page reads (the ledger's vendor port has it: gateway/ledger/vendor.py)."""
+
+    async def list_vendors(self) -> list[Vendor]:
+        """Every vendor, by id."""
+        ...
+
+    async def terminals(self, vendor_id: str) -> list[Terminal]:
+        """A vendor's terminals."""
+        ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdminSite:
     """Everything the admin handlers use, stored in the app under ``ADMIN`` by ``setup_admin``."""
 
-    ledger: Ledger
+    ledger: OperatorRecords
     vending: AdminSaga
     admin_token: Secret = field(repr=False)
     clock: Callable[[], datetime]
@@ -340,10 +352,10 @@ ADMIN_JINJA: Final = web.AppKey("admin_jinja2", jinja2.Environment)
 def setup_admin(  # noqa: PLR0913 - every collaborator named, each with a default but two
     app: web.Application,
     *,
-    ledger: Ledger,
+    ledger: OperatorRecords,
     vending: AdminSaga,
     admin_token: Secret,
-    clock: Callable[[], datetime] = _utc_now,
+    clock: UtcClock = utc_now,
     stuck: StuckPolicy | None = None,
     region: str = "KE",
     session_ttl_s: float = 12 * 3600,
@@ -355,7 +367,7 @@ def setup_admin(  # noqa: PLR0913 - every collaborator named, each with a defaul
 
     Args:
         app: the application the routes will be added to.
-        ledger: where purchases, events, vends and messages are read.
+        ledger: where purchases, events, vends and messages are read (the ledger).
         vending: the saga (reprints go through it, never around it).
         admin_token: the operator's secret; at least 16 characters.
         clock: UTC time source (ages of stuck purchases, session expiry).
@@ -645,6 +657,11 @@ async def _login(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         return refused
     form = await request.post()
+    # Again after the form's read: guesses sent concurrently all passed the check above while
+    # their bodies came in; between this check and the failure's count nothing awaits.
+    refused = _too_many(request)
+    if refused is not None:
+        return refused
     presented = form.get("token")
     target = _safe_next(str(form.get("next") or ""))
     if not (isinstance(presented, str) and site.token_matches(presented.strip())):
@@ -829,7 +846,7 @@ async def _vendors_page(request: web.Request, operator: _Operator) -> web.Stream
     """
     ledger = request.app[ADMIN].ledger
     rows: list[dict[str, Any]] = []
-    if isinstance(ledger, VendorSteps):
+    if isinstance(ledger, VendorListing):
         for v in await ledger.list_vendors():
             terminals = await ledger.terminals(v.vendor_id)
             rows.append(

@@ -1,7 +1,7 @@
 """SMS delivery reports from Africa's Talking, handed to the ledger.
 
 AT posts a form per status change (``id``, ``status``, ``phoneNumber``, ``networkCode``,
-``failureReason``, ``retryCount``; PROTOCOLS.md §1.2), possibly late, duplicated or out of
+``failureReason``, ``retryCount``; docs/protocols.md §1.2), possibly late, duplicated or out of
 order: the ledger's ``apply_delivery_report`` must tolerate all three. Unknown ids are the
 ledger's business too; this route answers 200 for anything it could read, 400 for what it
 could not, and 503 only when the ledger asks for a retry (``retryable``).
@@ -19,8 +19,7 @@ import structlog
 from aiohttp import web
 
 from gateway.errors import GatewayError
-from gateway.sms.africastalking import MalformedDeliveryReport, parse_delivery_report
-from gateway.sms.base import DeliveryReport
+from gateway.sms.base import DeliveryReport, DeliveryReportParser, MalformedDeliveryReport
 
 log = structlog.get_logger()
 
@@ -29,9 +28,16 @@ ApplyReport = Callable[[DeliveryReport], Awaitable[object]]
 
 
 def delivery_routes(
-    apply: ApplyReport, *, path: str = "/sms/africastalking/delivery"
+    apply: ApplyReport,
+    *,
+    parse: DeliveryReportParser,
+    path: str = "/sms/africastalking/delivery",
 ) -> list[web.RouteDef]:
-    """The delivery-report route; ``apply`` records each parsed report."""
+    """The delivery-report route; ``parse`` reads each report, ``apply`` records it.
+
+    ``parse`` is the SMS adapter's parser (``gateway.sms.africastalking.parse_delivery_report``),
+    handed over by the composition root.
+    """
 
     async def delivery(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -41,7 +47,7 @@ def delivery_routes(
             return web.Response(status=400, text="unreadable body\n")
         fields = {key: value for key, value in form.items() if isinstance(value, str)}
         try:
-            report = parse_delivery_report(fields, raw=raw[:4096])
+            report = parse(fields, raw=raw[:4096])
         except MalformedDeliveryReport as exc:
             log.warning("delivery_report_malformed", field=exc.field)
             return web.Response(status=400, text=f"{exc.field} missing or malformed\n")

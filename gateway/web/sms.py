@@ -1,7 +1,7 @@
 """Inbound SMS from Africa's Talking: acknowledge at once, answer by SMS afterwards.
 
 AT posts each incoming message as a form (``from``, ``to``, ``text``, ``id``, ``date``,
-``linkId``, ``networkCode``; PROTOCOLS.md §1.2). The route answers 200 straight away; the
+``linkId``, ``networkCode``; docs/protocols.md §1.2). The route answers 200 straight away; the
 command runs as a follow-up, its reply is queued through ``CustomerServices.send_sms`` (the
 outbox), and only then does any payment prompt start. AT's ``id`` deduplicates redeliveries
 (kept in the session store for ``dedupe_ttl_s``) and keys the purchase, so one SMS never buys

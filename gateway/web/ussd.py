@@ -2,7 +2,7 @@
 
 A dialect turns an aggregator's request into a :class:`flows.engine.UssdHop` and the engine's
 :class:`flows.engine.UssdReply` into the aggregator's response. Africa's Talking is the first
-(PROTOCOLS.md §1.1): a form POST with ``sessionId``, ``phoneNumber``, ``serviceCode``,
+(docs/protocols.md §1.1): a form POST with ``sessionId``, ``phoneNumber``, ``serviceCode``,
 ``networkCode`` and the cumulative ``text``; the answer is ``text/plain`` ``CON …`` or ``END …``.
 Hubtel, Nalo and Arkesel (JSON, last input only) fit the same :class:`UssdDialect` shape.
 
@@ -187,7 +187,7 @@ def _field(form: Mapping[str, str], name: str, *, limit: int = _MAX_FIELD) -> st
 
 
 class AfricasTalkingUssd:
-    """Africa's Talking: form POST in, ``text/plain`` ``CON``/``END`` out (PROTOCOLS.md §1.1)."""
+    """Africa's Talking: a form POST in, ``CON``/``END`` text out (docs/protocols.md §1.1)."""
 
     name = "africastalking"
 

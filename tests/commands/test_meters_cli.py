@@ -112,6 +112,7 @@ def meters(draw: st.DrawFn) -> MeterRecord:
     )
 
 
+@pytest.mark.slow
 @given(st.lists(meters(), max_size=8, unique_by=lambda m: m.drn))
 def test_written_meters_parse_back_to_the_same_records(records: list[MeterRecord]) -> None:
     """Any valid registrations written as CSV read back as exactly those registrations."""

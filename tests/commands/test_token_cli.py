@@ -1,4 +1,4 @@
-"""``gateway token …``: the batch contract of VECTORS.md and the engineer commands."""
+"""``gateway token …``: the batch contract of docs/sts-vectors.md and the engineer commands."""
 
 import io
 import json
@@ -196,20 +196,20 @@ def test_credit_rounds_kwh_up(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_decoder_key_command(capsys: pytest.CaptureFixture[str]) -> None:
-    """`decoder-key` prints the DKGA04 key of SPEC.md §6.3."""
+    """`decoder-key` prints the DKGA04 key of docs/sts.md §6.3."""
     assert main(["token", "decoder-key", *METER]) == 0
     assert capsys.readouterr().out.strip() == "87f3ecbb2e46b48f"
 
 
 def test_key_change_command_reproduces_ctsa05(capsys: pytest.CaptureFixture[str]) -> None:
-    """TI 01 -> 02 gives the two CTSA05 step 1 tokens of SPEC.md §9."""
+    """TI 01 -> 02 gives the two CTSA05 step 1 tokens of docs/sts.md §9."""
     assert main(["token", "key-change", *METER, "--new-ti", "02", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tokens"] == ["06510894141453018386", "22979178279997208272"]
 
 
 def test_key_change_rollover_sets_ro(capsys: pytest.CaptureFixture[str]) -> None:
-    """Moving to base date 2035, KRN 6, SGC 203557 (two tokens) gives SPEC.md §9's RO=1 pair."""
+    """Moving to base date 2035, KRN 6, SGC 203557 (two tokens) gives docs/sts.md §9's RO=1 pair."""
     argv = ["token", "key-change", *METER, "--new-ti", "02", "--new-krn", "6"]
     argv += ["--new-sgc", "203557", "--new-base-date", "2035", "--no-three-kct", "--json"]
     assert main(argv) == 0

@@ -48,7 +48,7 @@ BACKUP_UNIT = DEPLOY / "systemd" / "sts-gateway-backup.service"
 BACKUP_TIMER = DEPLOY / "systemd" / "sts-gateway-backup.timer"
 CONTAINERFILE = DEPLOY / "Containerfile"
 
-# The inbound routes of the gateway (DESIGN.md "Running it" and gateway/web/), with each route's
+# The inbound routes of the gateway (docs/architecture.md, gateway/web/), with each route's
 # caller allowlist in the proxy (None: open to anyone). <secret> stands for the callback secret,
 # <page> for an admin page. test_every_route_declared_in_gateway_web_is_listed keeps it complete.
 ROUTES: dict[str, str | None] = {

@@ -39,7 +39,7 @@ from gateway.web.middleware import context_middleware
 if TYPE_CHECKING:
     from playwright.async_api import Browser
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -86,6 +86,8 @@ def _missing_browser() -> str | None:
 
 class PaidProvider:
     """A payment provider that accepts every collection and reports it paid."""
+
+    idempotent_requests = False  # the saga guards unknown outcomes (as for STK)
 
     name = "fakepay"
 

@@ -6,8 +6,9 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import RUNTIME, build_app
 from gateway.config import Config
+from gateway.ledger import MeterNumber
 
-ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
 
 HOP = {
     "sessionId": "ATUid_app_test",
@@ -41,7 +42,7 @@ async def test_demo_mode_seeds_meters_and_a_vending_key(
     app = await build_app(Config.load(env={}, overrides={"data_dir": tmp_path}))
     await aiohttp_client(app)
     ledger = app[RUNTIME].ledger
-    assert await ledger.lookup_meter("04000000010") is not None
+    assert await ledger.lookup_meter(MeterNumber("04000000010")) is not None
     assert len(await ledger.vending_keys()) == 1
     assert (tmp_path / "master.key").stat().st_mode & 0o777 == 0o600
 

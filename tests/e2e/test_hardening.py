@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import pytest
 
 from gateway.ledger.postgres import create_schema, drop_schema
@@ -149,6 +149,7 @@ async def schema() -> AsyncIterator[str]:
 # ------------------------------------------------------------------------------ 4. secrets
 
 
+@pytest.mark.slow
 async def test_no_configured_secret_appears_in_any_output_of_a_full_run(
     tmp_path: Path, schema: str
 ) -> None:
@@ -199,6 +200,7 @@ async def test_no_configured_secret_appears_in_any_output_of_a_full_run(
     assert quote(password) not in output
 
 
+@pytest.mark.slow
 async def test_the_demo_banner_shows_a_generated_admin_token_only(tmp_path: Path) -> None:
     """Demo without ``GATEWAY_ADMIN_TOKEN`` prints the one it made: the operator needs it."""
     async with serve(tmp_path / "data", _clean_env()) as served:
@@ -252,6 +254,7 @@ class PgProxy:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+@pytest.mark.slow
 async def test_every_log_line_is_json_through_a_postgresql_outage(
     tmp_path: Path, schema: str
 ) -> None:
@@ -290,6 +293,7 @@ async def test_every_log_line_is_json_through_a_postgresql_outage(
 # ------------------------------------------------------------------- 12. files at rest private
 
 
+@pytest.mark.slow
 async def test_data_files_are_private(tmp_path: Path) -> None:
     """The data directory is 0700; the ledger, its WAL, sessions and the master key 0600."""
     data = tmp_path / "data"
@@ -332,6 +336,7 @@ async def _becomes(http: aiohttp.ClientSession, base: str, status: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 async def test_a_deleted_ledger_is_not_ready_and_refuses_the_next_start(tmp_path: Path) -> None:
     """Delete the ledger under a running demo gateway: /readyz says 503; a restart refuses.
 
@@ -368,6 +373,7 @@ async def test_a_deleted_ledger_is_not_ready_and_refuses_the_next_start(tmp_path
     assert (data / "master.key").read_bytes() == key_before
 
 
+@pytest.mark.slow
 async def test_a_database_that_takes_no_writes_is_not_ready(tmp_path: Path, schema: str) -> None:
     """PostgreSQL answers reads but no write gets through (every table locked against writes).
 
@@ -409,6 +415,7 @@ def _lan_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
+@pytest.mark.slow
 async def test_the_demo_sms_inbox_is_not_open_to_the_network(tmp_path: Path) -> None:
     """From another host the simulator's inbox (tokens in clear) needs the admin token.
 
@@ -461,6 +468,7 @@ async def test_the_demo_sms_inbox_is_not_open_to_the_network(tmp_path: Path) -> 
 # ----------------------------------------------------------- 9. negative amounts, every channel
 
 
+@pytest.mark.slow
 async def test_negative_amounts_are_refused_in_every_channel(tmp_path: Path) -> None:
     """SMS ``BUY <meter> -100``, USSD ``-100`` and a C2B validation for -100 buy nothing."""
     secret = "cb-" + secrets.token_hex(12)

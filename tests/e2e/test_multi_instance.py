@@ -425,7 +425,7 @@ def production_env(
         "GATEWAY_AFRICASTALKING_BASE_URL": at_url + "/version1",
         "GATEWAY_AFRICASTALKING_USERNAME": at.username,
         "GATEWAY_AFRICASTALKING_KEY": at.api_key,
-        "GATEWAY_PAYMENT_DEADLINE_S": "2",
+        "GATEWAY_PAYMENT_FIRST_CHECK_S": "2",
         "GATEWAY_SWEEP_INTERVAL_S": "0.5",
     }
     return env

@@ -26,7 +26,7 @@ from aiohttp import web
 from gateway.app import RUNTIME, Runtime, build_app
 from gateway.config import Config
 from gateway.demo import serving
-from gateway.ledger import Purchase, PurchaseState
+from gateway.ledger import ConfirmedPayment, PaymentRecordState, Purchase, PurchaseState
 from gateway.ledger.postgres import create_schema, drop_schema
 from gateway.money import Money
 from gateway.phone import Msisdn
@@ -188,21 +188,39 @@ async def _stk_purchase_vended(runtime: Runtime) -> str:
 
 
 async def test_a_vended_stk_receipt_reposted_as_c2b_never_vends_again(gateway: Runtime) -> None:
-    """(1) One payment, one token: the receipt re-posted as a C2B TransID is a security event."""
+    """(1) One payment, one token: the receipt re-posted as a C2B TransID is a security event.
+
+    Daraja's record of the receipt (Transaction Status ``ReasonType`` "Pay Bill Online") says it
+    is an STK push's, not a paybill payment: the claim is refused before it opens a purchase.
+    """
     sim = _daraja(gateway)
     receipt = await _stk_purchase_vended(gateway)
     assert [c.receipt for c in sim.ledger()] == [receipt]
 
     assert await _post(gateway, "c2b/confirmation", _c2b(sim, receipt, VICTIM_METER, 100)) == 200
-    second = await _eventually(lambda: _settled(gateway, VICTIM_METER))
 
-    assert second.state is PurchaseState.REFUND_PENDING
-    assert second.purchase_id in await _needs_operator(gateway)
-    assert await gateway.ledger.get_vend(second.purchase_id) is None
+    await _claim_took_nothing(gateway, receipt)
     assert len(sim.ledger()) == 1  # one charge, one token
-    kinds = [e.kind for e in await gateway.ledger.timeline(second.purchase_id)]
-    assert "payment_receipt_reused" in kinds
-    assert (await _security_events(gateway)).get("payment_receipt_reused") == 1.0
+
+
+async def _claim_took_nothing(runtime: Runtime, receipt: str) -> None:
+    """A C2B claim on ``receipt`` for VICTIM_METER was refused and holds no receipt.
+
+    Refused before it opened a purchase; or, when Daraja's record could not be had then (a
+    Transaction Status result that did not arrive in time), at its confirmation: PAYMENT_FAILED
+    for an operator, its payment row never settled.
+    """
+    [event] = await runtime.ledger.events(kind="payment_claim_contradicted")
+    assert event.data["reference"] == receipt
+    assert (await _security_events(runtime)).get("payment_claim_contradicted") == 1.0
+    opened = await runtime.ledger.find_purchases(meter=VICTIM_METER, limit=10)
+    for purchase in opened:
+        assert purchase.state is PurchaseState.PAYMENT_FAILED
+        assert await runtime.ledger.get_vend(purchase.purchase_id) is None
+        assert purchase.purchase_id in await _needs_operator(runtime)
+        record = await runtime.ledger.get_payment("daraja", receipt)
+        assert record is not None
+        assert record.state is PaymentRecordState.PENDING
 
 
 async def test_forged_status_results_do_not_pay_a_forged_confirmation(gateway: Runtime) -> None:
@@ -371,6 +389,145 @@ async def test_a_forged_stk_receipt_never_reaches_the_token(gateway: Runtime) ->
     await sim.settle()
     c2b = _c2b(sim, charge.receipt, VICTIM_METER, 100)
     assert await _post(gateway, "c2b/confirmation", c2b) == 200
-    second = await _eventually(lambda: _settled(gateway, VICTIM_METER))
-    assert second.state is PurchaseState.REFUND_PENDING
-    assert await gateway.ledger.get_vend(second.purchase_id) is None
+    await _claim_took_nothing(gateway, charge.receipt)
+
+
+async def _stk_purchase_charged(runtime: Runtime, key: str) -> tuple[Purchase, str]:
+    """A USSD purchase the payer paid by STK push, its callback held; (purchase, receipt)."""
+    sim = _daraja(runtime)
+    sim.faults.callbacks.hold = True
+    purchase = await runtime.vending.start_purchase(
+        channel="ussd",
+        phone=Msisdn(PHONE),
+        meter=STK_METER,
+        amount=Money.of("100", "KES"),
+        idempotency_key=key,
+    )
+    purchase = await runtime.vending.request_payment(purchase.purchase_id)
+
+    async def charged() -> str | None:
+        charges = [c for c in sim.ledger() if c.reference == purchase.provider_reference]
+        return charges[0].receipt if charges and sim.courier.held else None
+
+    receipt = await _eventually(charged)
+    sim.faults.callbacks.hold = False  # Daraja's answers to our lookups flow
+    return purchase, receipt
+
+
+async def _vended_receipt(runtime: Runtime, purchase_id: str) -> str:
+    async def vended() -> str | None:
+        context = await runtime.ledger.vend_context(purchase_id)
+        return context.vend.receipt if context.vend is not None else None
+
+    return await _eventually(vended)
+
+
+async def test_an_stk_receipt_replayed_as_c2b_by_its_payer_and_amount_takes_nothing(
+    gateway: Runtime,
+) -> None:
+    """The exact copy of the STK front-run: same amount, Daraja's masked payer, another meter.
+
+    Only the kind of payment tells it apart: Daraja's record of the receipt says "Pay Bill
+    Online" (an STK push), and a paybill confirmation must name a paybill payment. Before: the
+    replay vended the attacker's meter with the payer's money and the payer's own purchase went
+    to refund (two purchases, one charge).
+    """
+    sim = _daraja(gateway)
+    purchase, receipt = await _stk_purchase_charged(gateway, "copy-stk")
+
+    assert await _post(gateway, "c2b/confirmation", _c2b(sim, receipt, VICTIM_METER, 100)) == 200
+    await sim.release_callbacks()  # the genuine STK callback
+
+    assert await _vended_receipt(gateway, purchase.purchase_id) == receipt
+    await _claim_took_nothing(gateway, receipt)
+    assert len(sim.ledger()) == 1
+
+
+async def test_a_paybill_receipt_named_by_a_forged_stk_callback_stays_the_payers(
+    gateway: Runtime,
+) -> None:
+    """A forged STK success naming the payer's own paybill receipt (same payer and amount).
+
+    Daraja's record of that receipt is a paybill payment ("Pay Bill"), not a push: it does not
+    prove the push's receipt. Before: the push took the paybill receipt, and the paybill
+    payment's own confirmation was refused as a reused receipt (money taken, no token).
+    """
+    sim = _daraja(gateway)
+    purchase, receipt = await _stk_purchase_charged(gateway, "forged-stk")
+    sim.faults.callbacks.hold = True
+    paybill = await sim.pay_bill("254712345678", VICTIM_METER, 100)
+    assert paybill.accepted
+    sim.faults.callbacks.hold = False
+    forged = {
+        "Body": {
+            "stkCallback": {
+                "MerchantRequestID": "29115-34620561-1",
+                "CheckoutRequestID": purchase.provider_reference,
+                "ResultCode": 0,
+                "ResultDesc": "The service request is processed successfully.",
+                "CallbackMetadata": {
+                    "Item": [
+                        {"Name": "Amount", "Value": 100},
+                        {"Name": "MpesaReceiptNumber", "Value": paybill.trans_id},
+                        {"Name": "TransactionDate", "Value": 20261204120000},
+                        {"Name": "PhoneNumber", "Value": 254712345678},
+                    ]
+                },
+            }
+        }
+    }
+    assert await _post(gateway, "stk", json.dumps(forged).encode()) == 200
+    await sim.release_callbacks()  # the STK callback and the paybill confirmation
+
+    # Never the paybill receipt (``payment_receipt_unproven``, or unverified if the lookup is slow).
+    assert await _vended_receipt(gateway, purchase.purchase_id) in {receipt, purchase.purchase_id}
+
+    async def paybill_vended() -> Purchase | None:
+        found = await gateway.ledger.find_purchases(meter=VICTIM_METER, limit=5)
+        return found[0] if found and await gateway.ledger.get_vend(found[0].purchase_id) else None
+
+    paid = await _eventually(paybill_vended)
+    assert await _vended_receipt(gateway, paid.purchase_id) == paybill.trans_id
+    assert len(sim.ledger()) == 2
+
+
+async def test_a_push_its_own_query_proves_paid_vends_whatever_became_of_its_receipt(
+    gateway: Runtime,
+) -> None:
+    """STK Query says our push was paid; its receipt already proves another payment row.
+
+    However the receipt got there, the push's own query is the proof of this payment: it vends
+    without the disputed receipt (``payment_receipt_reused``), never refunds or prompts again.
+    """
+    sim = _daraja(gateway)
+    purchase, receipt = await _stk_purchase_charged(gateway, "disputed-receipt")
+    other = await gateway.vending.start_purchase(
+        channel="ussd",
+        phone=Msisdn("+254790000001"),
+        meter=VICTIM_METER,
+        amount=Money.of("100", "KES"),
+        idempotency_key="disputed-other",
+    )
+    await gateway.ledger.attach_payment(
+        other.purchase_id, provider="daraja", reference="ws_CO_OTHER", actor="test"
+    )
+    await gateway.ledger.mark_paid(
+        other.purchase_id,
+        ConfirmedPayment(
+            provider="daraja",
+            reference="ws_CO_OTHER",
+            amount=Money.of("100", "KES"),
+            payer=Msisdn("+254790000001"),
+            receipt=receipt,
+        ),
+        actor="test",
+    )
+    await sim.release_callbacks()  # the genuine STK callback
+
+    assert await _vended_receipt(gateway, purchase.purchase_id) == purchase.purchase_id
+    after = await gateway.ledger.get_purchase(purchase.purchase_id)
+    assert after.state in {PurchaseState.VENDED, PurchaseState.DELIVERED}
+    kinds = [e.kind for e in await gateway.ledger.timeline(purchase.purchase_id)]
+    assert "payment_receipt_reused" in kinds
+    assert len(sim.push_requests) == 1
+    assert len(sim.ledger()) == 1

@@ -1,12 +1,12 @@
 import pytest
 from aiohttp import web
-from journey_world import METER, METER_13, AiohttpClient, FakeClock, UssdWorld
 
 from flows.engine import UssdEngine
 from flows.journeys import build_screens
 from flows.sessions import MemorySessionStore
 from flows.testing import FakeCustomerServices
 from gateway.web.ussd import FollowUps, ussd_routes
+from tests.flows.journey_world import METER, METER_13, AiohttpClient, FakeClock, UssdWorld
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def services() -> FakeCustomerServices:
 @pytest.fixture
 async def world(services: FakeCustomerServices, aiohttp_client: AiohttpClient) -> UssdWorld:
     """The USSD route over HTTP with a fake clock and in-memory sessions."""
-    clock = FakeClock()
+    clock = FakeClock(1_000_000.0)
     engine = UssdEngine(
         services, MemorySessionStore(clock), build_screens(), resume_window_s=120, clock=clock
     )

@@ -9,6 +9,9 @@ from aiohttp.test_utils import TestClient
 from flows.engine import UssdEngine
 from flows.testing import FakeCustomerServices, UssdTester, make_meter_number
 from gateway.web.ussd import FollowUps
+from tests.support.clock import SecondsClock
+
+FakeClock = SecondsClock  # the suite's one fake clock (tests/support/clock.py)
 
 PHONE = "+254711000001"
 METER = make_meter_number("3701234567")
@@ -16,21 +19,6 @@ METER_13 = make_meter_number("012345678901")
 UNKNOWN_METER = make_meter_number("9999999999")
 
 AiohttpClient = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
-
-
-class FakeClock:
-    """Seconds that move only when a test says so."""
-
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        """The current fake time."""
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward."""
-        self.now += seconds
 
 
 @dataclass

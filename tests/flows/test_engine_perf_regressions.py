@@ -12,20 +12,10 @@ from flows.ports import Language
 from flows.sessions import MemorySessionStore, SqliteSessionStore
 from flows.testing import FakeCustomerServices, make_meter_number
 from gateway.phone import Msisdn
+from tests.support.clock import SecondsClock
 
 PHONE = Msisdn("+254711000001")
 METER = make_meter_number("3701234567")
-
-
-class Clock:
-    """Fake seconds."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        """The current fake time."""
-        return self.now
 
 
 class CountingStore(MemorySessionStore):
@@ -132,7 +122,7 @@ async def test_a_hop_after_the_dial_reads_once_and_writes_once() -> None:
 
 async def test_the_memory_store_sweeps_expired_keys_and_keeps_live_ones() -> None:
     """After enough writes, every expired key is gone from memory and every live one remains."""
-    clock = Clock()
+    clock = SecondsClock()
     store = MemorySessionStore(clock)
     for i in range(192):
         await store.put(f"old{i}", "v", 10)
@@ -145,7 +135,7 @@ async def test_the_memory_store_sweeps_expired_keys_and_keeps_live_ones() -> Non
 
 async def test_the_sqlite_store_sweeps_expired_rows_and_keeps_live_ones(tmp_path: Path) -> None:
     """After enough writes, every expired row is deleted from the file and every live one stays."""
-    clock = Clock()
+    clock = SecondsClock()
     store = SqliteSessionStore.open(tmp_path / "s.db", clock=clock)
     try:
         for i in range(192):

@@ -4,7 +4,6 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
-from journey_world import METER, METER_13, PHONE, UNKNOWN_METER, UssdWorld
 
 from flows.engine import UssdHop
 from flows.messages import text
@@ -12,6 +11,7 @@ from flows.ports import Language, SavedMeter
 from flows.testing import FakeCustomerServices, FakeToken, make_meter_number
 from gateway.money import Money
 from gateway.phone import Msisdn
+from tests.flows.journey_world import METER, METER_13, PHONE, UNKNOWN_METER, UssdWorld
 
 LANGUAGES = list(Language)
 

@@ -26,22 +26,12 @@ from flows.sessions import MemorySessionStore, SqliteSessionStore
 from flows.testing import FakeCustomerServices, UssdTester, make_meter_number
 from gateway.phone import Msisdn
 from gateway.redis_sessions import RedisSessionStore, SessionStoreUnavailable, ttl_ms
+from tests.support.clock import SecondsClock
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_START = (
     'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no'
 )
-
-
-class Clock:
-    """Fake seconds for the stores that take a clock."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        """The current fake time."""
-        return self.now
 
 
 @dataclass
@@ -89,7 +79,7 @@ def redis_time_machine(
 @contextlib.asynccontextmanager
 async def open_backend(kind: str, tmp_path: Path) -> AsyncIterator[Backend]:
     """A fresh store of ``kind`` (memory, sqlite, redis) with its time machine; cleaned up."""
-    clock = Clock()
+    clock = SecondsClock()
 
     async def move_clock(seconds: float) -> None:
         clock.now += seconds
@@ -295,7 +285,7 @@ async def test_a_ussd_journey_alternating_between_two_instances_is_unbroken() ->
     """Hops spread over two engines sharing Redis read exactly as on one engine in memory."""
     client = await redis_client_or_skip()
     prefix = f"test:{uuid.uuid4().hex}:"
-    clock = Clock()
+    clock = SecondsClock()
     meter = make_meter_number("3701234567")
 
     def world() -> FakeCustomerServices:

@@ -8,27 +8,19 @@ import pytest
 
 from flows.ports import SessionStore
 from flows.sessions import MemorySessionStore, SqliteSessionStore
-
-
-class Clock:
-    """Fake seconds."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        """The current fake time."""
-        return self.now
+from tests.support.clock import SecondsClock
 
 
 @pytest.fixture
-def clock() -> Clock:
+def clock() -> SecondsClock:
     """A fake clock shared by the store under test."""
-    return Clock()
+    return SecondsClock(100.0)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[SessionStore]:
+def store(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: SecondsClock
+) -> Iterator[SessionStore]:
     """Each SessionStore implementation (the same contract for all)."""
     if request.param == "memory":
         yield MemorySessionStore(clock)
@@ -46,14 +38,16 @@ async def test_put_then_get_returns_the_value(store: SessionStore) -> None:
     assert await store.get("k") == "v2"
 
 
-async def test_expired_values_read_as_absent(store: SessionStore, clock: Clock) -> None:
+async def test_expired_values_read_as_absent(store: SessionStore, clock: SecondsClock) -> None:
     """After its ttl a value is gone."""
     await store.put("k", "v", 10)
     clock.now += 10.5
     assert await store.get("k") is None
 
 
-async def test_add_stores_only_when_absent_or_expired(store: SessionStore, clock: Clock) -> None:
+async def test_add_stores_only_when_absent_or_expired(
+    store: SessionStore, clock: SecondsClock
+) -> None:
     """Add is set-if-absent: refused while the key lives, allowed once it expired."""
     assert await store.add("k", "first", 10)
     assert not await store.add("k", "second", 10)
@@ -71,7 +65,7 @@ async def test_delete_removes_and_tolerates_absence(store: SessionStore) -> None
     assert await store.get("k") is None
 
 
-async def test_two_sqlite_connections_share_state(tmp_path: Path, clock: Clock) -> None:
+async def test_two_sqlite_connections_share_state(tmp_path: Path, clock: SecondsClock) -> None:
     """Two worker processes' stores on one file see each other's sessions."""
     first = SqliteSessionStore.open(tmp_path / "s.db", clock=clock)
     second = SqliteSessionStore.open(tmp_path / "s.db", clock=clock)

@@ -9,7 +9,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from ledger_support import (
+
+from gateway.ledger import Ledger, LedgerUnavailable, open_postgres_ledger, open_sqlite_ledger
+from gateway.ledger.postgres import create_schema, drop_schema
+from tests.ledger.ledger_support import (
     BACKENDS,
     POSTGRES_START,
     POSTGRES_URL,
@@ -17,9 +20,6 @@ from ledger_support import (
     FakeClock,
     meter_record,
 )
-
-from gateway.ledger import Ledger, LedgerUnavailable, open_postgres_ledger, open_sqlite_ledger
-from gateway.ledger.postgres import create_schema, drop_schema
 
 
 @contextlib.asynccontextmanager

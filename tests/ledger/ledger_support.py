@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 import pytest
 
 from gateway.ledger import MeterNumber, MeterRecord
 from gateway.tariff import Tariff
+from tests.support.clock import UtcClock
+
+FakeClock = UtcClock  # the suite's one fake clock (tests/support/clock.py)
 
 #: The ledger backends every contract test runs on (PostgreSQL on 127.0.0.1:5432).
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 POSTGRES_URL = "postgresql://127.0.0.1:5432/test"
 POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
-
-
-class FakeClock:
-    """A clock the test moves by hand (UTC, aware)."""
-
-    def __init__(self, start: datetime | None = None) -> None:
-        self.now = start or datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        """The current fake time."""
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward by ``seconds``."""
-        self.now += timedelta(seconds=seconds)
-
 
 TARIFF = Tariff(
     tariff_id="domestic",

@@ -7,7 +7,6 @@ import hashlib
 from datetime import timedelta
 
 import pytest
-from ledger_support import FakeClock, meter_record
 
 from gateway.ledger import (
     MAX_SAVED_METERS,
@@ -33,6 +32,7 @@ from gateway.ledger import (
 from gateway.money import Money
 from gateway.phone import Msisdn
 from gateway.sms import DeliveryReport, DeliveryState
+from tests.ledger.ledger_support import FakeClock, meter_record
 
 PHONE = Msisdn("+254712345678")
 METER = MeterNumber("01234567890")
@@ -400,12 +400,12 @@ async def test_meter_lookup_masks_the_name_and_keeps_last_tid(ledger: Ledger) ->
     assert info is not None
     assert info.masked_name == "A****** O*****"
     assert (await ledger.get_meter(METER)).last_tid == 42
-    assert await ledger.lookup_meter("00000000000") is None
+    assert await ledger.lookup_meter(MeterNumber("00000000000")) is None
 
 
 async def test_saved_meters_are_capped_per_phone(ledger: Ledger) -> None:
     """A phone keeps at most MAX_SAVED_METERS meters; renaming and removing work."""
-    drns = [f"0555000000{i}" for i in range(MAX_SAVED_METERS + 1)]
+    drns = [MeterNumber(f"0555000000{i}") for i in range(MAX_SAVED_METERS + 1)]
     for drn in drns:
         await ledger.put_meter(meter_record(drn))
     for drn in drns[:MAX_SAVED_METERS]:

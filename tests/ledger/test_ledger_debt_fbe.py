@@ -8,7 +8,6 @@ import itertools
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ledger_support import TARIFF, meter_record
 
 from gateway.ledger import (
     ConfirmedPayment,
@@ -27,6 +26,7 @@ from gateway.ledger import (
 )
 from gateway.money import Money
 from gateway.phone import Msisdn
+from tests.ledger.ledger_support import TARIFF, meter_record
 
 PHONE = Msisdn("+254712345678")
 METER = MeterNumber("01234567890")

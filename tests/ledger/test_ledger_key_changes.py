@@ -10,7 +10,6 @@ import hashlib
 from datetime import timedelta
 
 import pytest
-from ledger_support import FakeClock, meter_record
 
 from gateway.ledger import (
     ConfirmedPayment,
@@ -31,6 +30,7 @@ from gateway.ledger import (
 from gateway.money import Money
 from gateway.phone import Msisdn
 from gateway.sms import DeliveryReport, DeliveryState
+from tests.ledger.ledger_support import FakeClock, meter_record
 
 PHONE = Msisdn("+254712345678")
 METER = MeterNumber("01234567890")
@@ -105,7 +105,7 @@ async def test_rotation_plans_one_pending_change_per_meter_on_the_old_key(ledger
     assert (change.from_krn, change.krn, change.state) == (1, 2, KeyChangeState.PENDING)
     assert (change.sgc, change.tariff_index, change.base_date) == ("123457", "01", 2014)
     assert not change.rollover
-    assert await ledger.key_changes("01234567892") == []
+    assert await ledger.key_changes(MeterNumber("01234567892")) == []
     assert [m.drn for m in await ledger.meters_on_key("123457", 1, meters=[OTHER])] == [OTHER]
     assert [e.data["meters"] for e in await ledger.events(kind="key_rotation_planned")] == [2]
 
@@ -271,8 +271,14 @@ async def test_an_early_report_expires(ledger: Ledger, clock: FakeClock) -> None
     assert stored.state is OutboxState.SENT
 
 
-async def test_the_notice_receipt_survives_a_status_answer_without_one(ledger: Ledger) -> None:
-    """A callback's receipt stays on the payment when the proving status answer has none."""
+async def test_a_notice_receipt_is_not_kept_when_the_proving_answer_has_none(
+    ledger: Ledger,
+) -> None:
+    """Only the provider's records supply a receipt (issue 17 point 6): a callback's claim is not.
+
+    (Before issue 17 the callback's receipt stayed on the payment when the proving status answer
+    had none, so a forged callback could put its receipt on a real token SMS.)
+    """
     purchase = await ledger.open_purchase(
         PurchaseDraft(
             purchase_id=new_purchase_id(),
@@ -308,8 +314,7 @@ async def test_the_notice_receipt_survives_a_status_answer_without_one(ledger: L
     await ledger.mark_paid(purchase.purchase_id, proven, actor="saga")
     stored = await ledger.get_payment("fakepay", "R")
     assert stored is not None
-    assert stored.receipt == "QKX1ABC"
-    assert (await ledger.vend_context(purchase.purchase_id)).receipt == "QKX1ABC"
+    assert stored.receipt is None
 
 
 async def test_a_proven_payment_leaves_a_failed_vend_as_it_is(ledger: Ledger) -> None:

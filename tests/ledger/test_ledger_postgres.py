@@ -19,7 +19,6 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
-from ledger_support import TARIFF, FakeClock, meter_record
 
 from gateway.ledger import (
     ConfirmedPayment,
@@ -49,6 +48,7 @@ from gateway.ledger.postgres import (
 from gateway.ledger.sqlite import migration_scripts as sqlite_migration_scripts
 from gateway.money import Money
 from gateway.phone import Msisdn
+from tests.ledger.ledger_support import TARIFF, FakeClock, meter_record
 
 pytestmark = pytest.mark.postgres
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from ledger_support import FakeClock
-from test_ledger_contract import draft, payment, vend_draft
 
 from gateway.ledger import (
     STATUS_ACCEPTED,
@@ -24,6 +22,8 @@ from gateway.ledger import (
     PurchaseState,
     ReceiptReused,
 )
+from tests.ledger.ledger_support import FakeClock
+from tests.ledger.test_ledger_contract import draft, payment, vend_draft
 
 
 async def _awaiting(ledger: Ledger, key: str, reference: str) -> str:

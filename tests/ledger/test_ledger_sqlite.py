@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from ledger_support import TARIFF, FakeClock, meter_record
 
 from gateway.ledger import (
     ConfirmedPayment,
@@ -27,6 +26,7 @@ from gateway.ledger import (
 from gateway.ledger.sqlite import SqliteLedger, migration_scripts
 from gateway.money import Money
 from gateway.phone import Msisdn
+from tests.ledger.ledger_support import TARIFF, FakeClock, meter_record
 
 
 def draft(key: str, amount: int = 5000) -> PurchaseDraft:

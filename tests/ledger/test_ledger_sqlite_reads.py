@@ -5,9 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from ledger_support import TARIFF, meter_record
-
 from gateway.ledger import MeterNumber, open_sqlite_ledger
+from tests.ledger.ledger_support import TARIFF, meter_record
 
 
 async def test_a_point_read_sees_the_acknowledged_write(tmp_path: Path) -> None:

@@ -12,18 +12,32 @@ import contextlib
 import os
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
-from ledger_support import BACKENDS, POSTGRES_START, POSTGRES_URL, TARIFF, FakeClock, meter_record
-from test_ledger_key_changes import KCT, METER, OTHER, ROTATION, paid_purchase, vend_draft
 
 from gateway.ledger import Ledger, LedgerUnavailable, open_postgres_ledger, open_sqlite_ledger
 from gateway.ledger import postgres as postgres_backend
 from gateway.ledger import sqlite as sqlite_backend
+from tests.ledger.ledger_support import (
+    BACKENDS,
+    POSTGRES_START,
+    POSTGRES_URL,
+    TARIFF,
+    FakeClock,
+    meter_record,
+)
+from tests.ledger.test_ledger_key_changes import (
+    KCT,
+    METER,
+    OTHER,
+    ROTATION,
+    paid_purchase,
+    vend_draft,
+)
 
 #: A TID late in the 1993 range; the 2014 range reaches it in 2025-11 (11 years later).
 TID = 6_000_000
@@ -136,7 +150,7 @@ async def database(
         await postgres_backend.drop_schema(POSTGRES_URL, schema)
 
 
-def _vend_rows(rows: list[tuple[str, str, int]]) -> str:
+def _vend_rows(rows: Sequence[tuple[str, str, int]]) -> str:
     return ", ".join(
         f"('{pid}', '{drn}', {tid}, '{tid:020d}', 172, 'R', '2025-01-01T00:00:00.000000+00:00')"
         for pid, drn, tid in rows

@@ -22,7 +22,7 @@ from gateway.tariff import (
 
 
 def _carried(field: int) -> int:
-    """The units a 16-bit STS amount field carries, from SPEC.md §3.1 (not from the engine)."""
+    """The units a 16-bit STS amount field carries, from docs/sts.md §3.1 (not from the engine)."""
     exponent, mantissa = field >> 14, field & 0x3FFF
     offset = sum(2**14 * 10 ** (n - 1) for n in range(1, exponent + 1))
     return mantissa * 10**exponent + offset

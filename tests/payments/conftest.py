@@ -8,7 +8,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from payfakes import CallbackReceiver, FakeClock
+
+from tests.payments.payfakes import CallbackReceiver, FakeClock
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 

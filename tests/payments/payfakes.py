@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from tests.support.clock import SecondsClock
+
+FakeClock = SecondsClock  # the suite's one fake clock (tests/support/clock.py)
+
 
 @dataclass
 class Received:
@@ -43,18 +47,3 @@ class CallbackReceiver:
         outcome = hook(body) if hook else (200, b'{"ResultCode":0}')
         status, answer = outcome if isinstance(outcome, tuple) else await outcome
         return web.Response(status=status, body=answer, content_type="application/json")
-
-
-@dataclass
-class FakeClock:
-    """Monotonic seconds that move only when a test says so."""
-
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        """The current time."""
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward."""
-        self.now += seconds

@@ -10,7 +10,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from payfakes import CallbackReceiver, FakeClock
 
 from gateway.money import Money
 from gateway.payments.airtel import AirtelProvider
@@ -24,13 +23,14 @@ from gateway.payments.base import (
 )
 from gateway.phone import Msisdn
 from gateway.sim.airtel import AirtelAction, AirtelSimulator
+from tests.payments.payfakes import CallbackReceiver, FakeClock
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 
 PAYER = Msisdn("+256752123456")
 UGX_5000 = Money(5000, "UGX")
 
-# The callback shape Airtel's Open API documents (PROTOCOLS.md §3.2).
+# The callback shape Airtel's Open API documents (docs/protocols.md §3.2).
 DOC_CALLBACK = (
     b'{"transaction":{"id":"BBZMiscxy","message":"Paid UGX 5,000 to TECHNOLOGIES LIMITED '
     b'Charge UGX 140, Trans ID MP210603.1234.L06941.","status_code":"TS",'

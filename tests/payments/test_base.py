@@ -3,7 +3,6 @@ from typing import cast
 
 import aiohttp
 import pytest
-from payfakes import FakeClock
 
 from gateway.payments.airtel import AirtelProvider
 from gateway.payments.base import (
@@ -15,6 +14,7 @@ from gateway.payments.base import (
 )
 from gateway.payments.daraja import DarajaProvider
 from gateway.payments.momo import MomoProvider
+from tests.payments.payfakes import FakeClock
 
 
 def test_memory_forgets_the_oldest_beyond_its_limit() -> None:

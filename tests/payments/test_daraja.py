@@ -13,7 +13,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from payfakes import CallbackReceiver, FakeClock
 from phonenumbers import is_valid_number, parse
 
 from gateway.money import Money
@@ -34,13 +33,15 @@ from gateway.payments.daraja import (
 )
 from gateway.phone import Msisdn
 from gateway.sim.daraja import CustomerAction, DarajaSimulator
+from tests.payments.payfakes import CallbackReceiver, FakeClock
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 
 PAYER = Msisdn("+254708374149")
 KES_50 = Money(5000, "KES")
 
-# The STK callback samples from Daraja's MpesaExpressSimulate page (PROTOCOLS.md §2.2), verbatim.
+# The STK callback samples from Daraja's MpesaExpressSimulate page (docs/protocols.md §2.2),
+# verbatim.
 DOC_SUCCESS = (
     b'{"Body":{"stkCallback":{"MerchantRequestID":"29115-34620561-1","CheckoutRequestID":'
     b'"ws_CO_191220191020363925","ResultCode":0,"ResultDesc":"The service request is processed '
@@ -52,7 +53,7 @@ DOC_CANCELLED = (
     b'{"Body":{"stkCallback":{"MerchantRequestID":"29115-34620561-1","CheckoutRequestID":'
     b'"ws_CO_191220191020363925","ResultCode":1032,"ResultDesc":"Request cancelled by user"}}}'
 )
-# A C2B confirmation in the documented field set (PROTOCOLS.md §2.4): strings, masked MSISDN.
+# A C2B confirmation in the documented field set (docs/protocols.md §2.4): strings, masked MSISDN.
 DOC_C2B = json.dumps(
     {
         "TransactionType": "Pay Bill",
@@ -251,6 +252,7 @@ _JSON = st.recursive(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(_JSON, st.sampled_from(["Body", "TransID", "Result"]))
 def test_arbitrary_json_raises_only_forged_callback(value: object, key: str) -> None:
@@ -594,6 +596,22 @@ async def test_c2b_to_a_known_meter_is_validated_confirmed_and_proven(daraja: Da
     assert status.amount == Money(20000, "KES")
     assert status.payer == PAYER
     assert status.receipt == outcome.trans_id
+    assert status.customer_initiated is True  # ReasonType "Pay Bill": from the SIM menu
+
+
+async def test_transaction_status_tells_a_push_receipt_from_a_paybill_one(daraja: Daraja) -> None:
+    """Daraja's ReasonType: "Pay Bill Online" is an STK push's receipt, not a paybill payment.
+
+    A claim that a push's receipt is a paybill payment (or the reverse) is then contradicted by
+    Daraja's own record (the saga's ``payment_claim_contradicted``).
+    """
+    await daraja.provider.request_collection(_request())
+    await daraja.sim.settle()
+    [charge] = daraja.sim.ledger()
+    record = await daraja.provider.verify_receipt(charge.receipt)
+    assert record.state is PaymentState.SUCCEEDED
+    assert record.payer == PAYER
+    assert record.customer_initiated is False
 
 
 async def test_c2b_to_an_unknown_meter_is_rejected_before_money_moves(daraja: Daraja) -> None:

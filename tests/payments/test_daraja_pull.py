@@ -14,7 +14,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from payfakes import CallbackReceiver, FakeClock
 
 from gateway.money import Money
 from gateway.payments import ReconcilingProvider
@@ -22,6 +21,7 @@ from gateway.payments.base import CollectionRequest, PaymentState
 from gateway.payments.daraja import DarajaProvider
 from gateway.phone import Msisdn
 from gateway.sim.daraja import CustomerAction, DarajaSimulator
+from tests.payments.payfakes import CallbackReceiver, FakeClock
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 

@@ -16,12 +16,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from payfakes import CallbackReceiver
 
 from gateway.ledger import Ledger, open_sqlite_ledger
 from gateway.payments import PaymentState, ProviderReference, StatusResultOutcome
 from gateway.payments.daraja import DarajaProvider
 from gateway.sim.daraja import DarajaSimulator
+from tests.payments.payfakes import CallbackReceiver
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 

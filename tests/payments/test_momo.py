@@ -11,7 +11,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from payfakes import CallbackReceiver, FakeClock
 
 from gateway.money import Money
 from gateway.payments.base import (
@@ -25,13 +24,14 @@ from gateway.payments.base import (
 from gateway.payments.momo import MomoProvider, reference_for
 from gateway.phone import Msisdn
 from gateway.sim.momo import MomoSimulator, PayerAction
+from tests.payments.payfakes import CallbackReceiver, FakeClock
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 
 PAYER = Msisdn("+256772123456")
 EUR_5 = Money(500, "EUR")
 
-# The status/callback body as MoMo documents it (PROTOCOLS.md §3.1): amount is a string.
+# The status/callback body as MoMo documents it (docs/protocols.md §3.1): amount is a string.
 DOC_CALLBACK = json.dumps(
     {
         "financialTransactionId": "363440463",

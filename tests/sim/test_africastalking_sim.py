@@ -7,22 +7,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from flows.messages.gsm7 import sms_segments
 from gateway.phone import Msisdn
-from gateway.sim.africastalking import AtSimulator, UssdSessionClosedError, sms_segments
+from gateway.sim.africastalking import AtSimulator, UssdSessionClosedError
 from gateway.sms.africastalking import AfricasTalkingSdkSender
+from tests.support.clock import SecondsClock
 
 PHONE = "+254711000001"
-
-
-class Clock:
-    """Fake seconds."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        """The current fake time."""
-        return self.now
 
 
 class App:
@@ -51,7 +42,7 @@ class App:
 
 
 @pytest.fixture
-async def world() -> AsyncIterator[tuple[AtSimulator, App, Clock]]:
+async def world() -> AsyncIterator[tuple[AtSimulator, App, SecondsClock]]:
     """The simulator pointed at a stand-in app on loopback, with a fake clock."""
     app = App()
     web_app = web.Application()
@@ -61,7 +52,7 @@ async def world() -> AsyncIterator[tuple[AtSimulator, App, Clock]]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    clock = Clock()
+    clock = SecondsClock(0.0)
     sim = AtSimulator(
         ussd_url=f"{base}/ussd", ussd_events_url=f"{base}/events", clock=clock, app_timeout_s=0.3
     )
@@ -73,7 +64,7 @@ async def world() -> AsyncIterator[tuple[AtSimulator, App, Clock]]:
 
 
 async def test_text_accumulates_answers_joined_by_star(
-    world: tuple[AtSimulator, App, Clock],
+    world: tuple[AtSimulator, App, SecondsClock],
 ) -> None:
     """The first hop has empty text; each later one carries every answer joined by '*'."""
     sim, app, _ = world
@@ -89,7 +80,9 @@ async def test_text_accumulates_answers_joined_by_star(
     assert app.hops[0]["networkCode"] == "63902"
 
 
-async def test_extra_code_segments_prefill_the_text(world: tuple[AtSimulator, App, Clock]) -> None:
+async def test_extra_code_segments_prefill_the_text(
+    world: tuple[AtSimulator, App, SecondsClock],
+) -> None:
     """Dialling *384*123*1*2# sends serviceCode *384*123# and text '1*2' on the first hop."""
     sim, app, _ = world
     await sim.dial(PHONE, "*384*123*1*2#")
@@ -97,7 +90,7 @@ async def test_extra_code_segments_prefill_the_text(world: tuple[AtSimulator, Ap
 
 
 async def test_end_closes_the_session_and_reports_success(
-    world: tuple[AtSimulator, App, Clock],
+    world: tuple[AtSimulator, App, SecondsClock],
 ) -> None:
     """An END reply ends the session; AT then posts status Success with the input path."""
     sim, app, _ = world
@@ -113,7 +106,7 @@ async def test_end_closes_the_session_and_reports_success(
         await session.answer("1")
 
 
-async def test_a_slow_app_loses_the_session(world: tuple[AtSimulator, App, Clock]) -> None:
+async def test_a_slow_app_loses_the_session(world: tuple[AtSimulator, App, SecondsClock]) -> None:
     """A reply slower than AT's deadline ends the session as Failed."""
     sim, app, _ = world
     app.gate = asyncio.Event()
@@ -132,7 +125,7 @@ async def test_a_slow_app_loses_the_session(world: tuple[AtSimulator, App, Clock
     ],
 )
 async def test_a_malformed_reply_fails_the_session(
-    world: tuple[AtSimulator, App, Clock], reply: Callable[[dict[str, str]], web.Response]
+    world: tuple[AtSimulator, App, SecondsClock], reply: Callable[[dict[str, str]], web.Response]
 ) -> None:
     """No CON/END prefix, an empty body or an HTTP error ends the session as Failed."""
     sim, app, _ = world
@@ -142,7 +135,9 @@ async def test_a_malformed_reply_fails_the_session(
     assert session.status == "Failed"
 
 
-async def test_long_or_non_gsm_replies_are_flagged(world: tuple[AtSimulator, App, Clock]) -> None:
+async def test_long_or_non_gsm_replies_are_flagged(
+    world: tuple[AtSimulator, App, SecondsClock],
+) -> None:
     """A reply over 182 characters is cut and flagged; a non-GSM-7 character is flagged."""
     sim, app, _ = world
     app.reply = lambda _form: web.Response(text="CON " + "x" * 200 + "\u2019")
@@ -152,7 +147,7 @@ async def test_long_or_non_gsm_replies_are_flagged(world: tuple[AtSimulator, App
 
 
 async def test_an_idle_customer_times_out_as_incomplete(
-    world: tuple[AtSimulator, App, Clock],
+    world: tuple[AtSimulator, App, SecondsClock],
 ) -> None:
     """Answering after the customer's 60 s budget ends the session as Incomplete instead."""
     sim, app, clock = world
@@ -164,7 +159,9 @@ async def test_an_idle_customer_times_out_as_incomplete(
     assert app.events[-1]["status"] == "Incomplete"
 
 
-async def test_a_new_dial_ends_the_old_session(world: tuple[AtSimulator, App, Clock]) -> None:
+async def test_a_new_dial_ends_the_old_session(
+    world: tuple[AtSimulator, App, SecondsClock],
+) -> None:
     """A handset has one session: dialling again reports the old one Incomplete."""
     sim, app, _ = world
     first, _ = await sim.dial(PHONE)
@@ -175,7 +172,7 @@ async def test_a_new_dial_ends_the_old_session(world: tuple[AtSimulator, App, Cl
     assert app.events[-1]["sessionId"] == first.session_id
 
 
-async def test_hang_up_reports_incomplete(world: tuple[AtSimulator, App, Clock]) -> None:
+async def test_hang_up_reports_incomplete(world: tuple[AtSimulator, App, SecondsClock]) -> None:
     """Cancelling on the handset sends no hop and reports Incomplete."""
     sim, app, _ = world
     session, _ = await sim.dial(PHONE)

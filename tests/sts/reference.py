@@ -1,4 +1,4 @@
-"""A second, deliberately plain STS implementation written from SPEC.md alone (test helper).
+"""A second, deliberately plain STS implementation written from docs/sts.md alone (test helper).
 
 Nothing here is imported by the product, and nothing of the product is imported here except
 the MISTY1 block cipher (:class:`gateway.sts.ea11.Misty1Cipher`, itself checked against the
@@ -239,7 +239,7 @@ def _bits(value: int, width: int, name: str) -> int:
 def payload_of(  # noqa: C901, PLR0911 - one branch per SPEC §3 row, on purpose
     fields: dict[str, object], ea: int | None
 ) -> tuple[int, int, int, bool]:
-    """(class, subclass, 44-bit payload, currency?) for a VECTORS.md ``fields`` object."""
+    """(class, subclass, 44-bit payload, currency?) for a docs/sts-vectors.md ``fields`` object."""
     c = int(fields["class"])  # type: ignore[call-overload]
     s = int(fields["subclass"])  # type: ignore[call-overload]
 
@@ -418,7 +418,7 @@ def dkga04(  # noqa: PLR0913, PLR0917 - the SPEC's inputs in its order
 
 
 def decoder_key(meter: dict[str, object], ea: int) -> bytes:
-    """DK for a VECTORS.md ``meter`` object."""
+    """DK for a docs/sts-vectors.md ``meter`` object."""
     vk = bytes.fromhex(str(meter["vending_key"]))
     args = (
         vk,

@@ -2,7 +2,6 @@ import bisect
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-import reference as ref
 from hypothesis import example, given, note
 from hypothesis import strategies as st
 
@@ -29,6 +28,7 @@ from gateway.sts.carrier import (
 from gateway.sts.crc import crc16, crc_field, reference_crc_field
 from gateway.sts.errors import AmountNotEncodable, InvalidField, TidRangeExhausted, TokenFormatError
 from gateway.sts.tid import TID_MAX, is_reserved, next_tid, range_end, tid_for
+from tests.sts import reference as ref
 
 # --- bits -------------------------------------------------------------------------------------
 
@@ -103,7 +103,7 @@ def test_table_crc_equals_the_reference_crc(head: int, currency: bool) -> None:
     ],
 )
 def test_units_round_up_across_exponent_boundaries(units: int, carried: int) -> None:
-    """Encoding rounds up, carrying into the next exponent (SPEC.md §3.1 boundary cases)."""
+    """Encoding rounds up, carrying into the next exponent (docs/sts.md §3.1 boundary cases)."""
     assert round_units(units) == carried
 
 
@@ -200,7 +200,7 @@ def test_currency_above_the_maximum_is_refused() -> None:
 
 
 def test_class_transposition_matches_the_iec_sample_example() -> None:
-    """Cipher block C45ED1619406DF95 of class 0 becomes 0x2C45ED1618406DF95 (SPEC.md §5.1)."""
+    """Cipher block C45ED1619406DF95 of class 0 becomes 0x2C45ED1618406DF95 (docs/sts.md §5.1)."""
     token = insert_class(0xC45ED1619406DF95, 0)
     assert token == 0x2C45ED1618406DF95
     assert to_digits(token) == "51043465443420856213"
@@ -250,7 +250,7 @@ def test_grouping_and_masking() -> None:
 
 
 def test_tid_counts_minutes_since_the_base_date() -> None:
-    """2014-03-01 13:00 is TID 85740 on the 2014 base date (SPEC.md §11)."""
+    """2014-03-01 13:00 is TID 85740 on the 2014 base date (docs/sts.md §11)."""
     assert tid_for(datetime(2014, 3, 1, 13, 0, tzinfo=UTC), 2014) == 85740
 
 
@@ -286,7 +286,7 @@ def test_same_minute_tokens_get_consecutive_tids() -> None:
 
 
 def test_1993_range_ended_in_november_2024() -> None:
-    """The 1993 base date's last TID minute is 2024-11-24 20:15 (SPEC.md §8)."""
+    """The 1993 base date's last TID minute is 2024-11-24 20:15 (docs/sts.md §8)."""
     assert range_end(1993) == datetime(2024, 11, 24, 20, 15, tzinfo=UTC)
     assert tid_for(range_end(1993), 1993) == TID_MAX
 

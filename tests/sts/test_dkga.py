@@ -1,4 +1,4 @@
-"""Decoder key generation (DKGA02, DKGA04) and the key attribute validators (SPEC.md §6)."""
+"""Decoder key generation (DKGA02, DKGA04) and the key attribute validators (docs/sts.md §6)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 from Crypto.Cipher import DES
 from hypothesis import given
 from hypothesis import strategies as st
-from test_ea07 import VECTORS
 
 from gateway.sts.dkga import (
     derive_decoder_key,
@@ -21,6 +20,7 @@ from gateway.sts.dkga import (
     validate_tariff_index,
 )
 from gateway.sts.errors import InvalidField, InvalidKey, UnsupportedAlgorithm
+from tests.sts.test_ea07 import VECTORS
 
 DKGA02_VK = bytes.fromhex("abababababababab")  # odd parity: 0xab has five bits set
 DKGA04_VK = bytes.fromhex("abababababababab949494949494949401234567")

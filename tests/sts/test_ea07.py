@@ -1,7 +1,7 @@
 """EA07 (STA): public vectors, the IEC sample-table example, and a bit-by-bit reference.
 
-The reference below follows SPEC.md §5.1 literally, one bit at a time, and is deliberately slow and
-obvious; the table-driven cipher in ``gateway.sts.ea07`` is checked against it with hypothesis.
+The reference below follows docs/sts.md §5.1 literally, one bit at a time, and is deliberately slow
+and obvious; the table-driven cipher in ``gateway.sts.ea07`` is checked against it with hypothesis.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_ea07 import MASK64, load_vectors, token_of
 
 from gateway.sts.cipher import (
     EncryptionAlgorithm,
@@ -21,6 +20,7 @@ from gateway.sts.cipher import (
 from gateway.sts.ea07 import StaCipher, StaTables, sta_encrypt
 from gateway.sts.ea11 import _FI_IN, _FI_OUT, _S7, _S9, Misty1Cipher, _fi_reference
 from gateway.sts.errors import InvalidKey, UnsupportedAlgorithm
+from tests.sts.test_ea07 import MASK64, load_vectors, token_of
 
 RFC_KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
 

@@ -52,7 +52,7 @@ async def test_credit_token_decodes_to_the_rounded_amount() -> None:
 
 
 def test_worked_example_token() -> None:
-    """SPEC.md §11: 0.1 kWh at TID 85740 with RND 5 is 70630503470028726114."""
+    """docs/sts.md §11: 0.1 kWh at TID 85740 with RND 5 is 70630503470028726114."""
     engine = LocalTokenEngine([VK], rnd=lambda: 5)
     assert engine.credit_token_sync(METER, 1, 85740).digits == "70630503470028726114"
 
@@ -128,7 +128,7 @@ async def test_management_token_refuses_key_change_subclasses() -> None:
 
 
 async def test_key_change_tokens_for_a_ti_change_match_ctsa05() -> None:
-    """TI 01 -> 02 gives SPEC.md §9's two tokens (CTSA05 step 1)."""
+    """TI 01 -> 02 gives docs/sts.md §9's two tokens (CTSA05 step 1)."""
     tokens = await LocalTokenEngine([VK]).key_change_tokens(
         METER, replace(METER, tariff_index="02")
     )

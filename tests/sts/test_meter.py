@@ -1,4 +1,4 @@
-"""The meter emulator's acceptance rules (SPEC.md §9-§10), driven by the local engine."""
+"""The meter emulator's acceptance rules (docs/sts.md §9-§10), driven by the local engine."""
 
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -530,7 +530,7 @@ def test_the_engine_refuses_to_build_a_rollover_to_the_current_key(
             new_key=old_key,
             old_key=old_key,
         )
-    # A new key with RO = 1 is fine (the 2035 rollover of SPEC.md §9); so is the same key
+    # A new key with RO = 1 is fine (the 2035 rollover of docs/sts.md §9); so is the same key
     # without a rollover or a change of base date (a KEN change).
     assert (
         len(
@@ -545,13 +545,13 @@ def test_the_engine_refuses_to_build_a_rollover_to_the_current_key(
 
 # --- key-change sets as the conformance-style sets make them (issue 16, point 4) ----------------
 
-VK = VK_2014.key  # abab…4567: the key of SPEC.md §11 and of the STS 531-style sets
+VK = VK_2014.key  # abab…4567: the key of docs/sts.md §11 and of the STS 531-style sets
 
 
 def test_default_sets_are_the_published_two_token_sets() -> None:
     """The published sets that change the SGC are two-token sets with 3KCT = 0.
 
-    SPEC.md §9's CTSA05 rollover (SGC 201457 -> 203557, 2014 -> 2035, KRN 6, TI 02) and v074's
+    docs/sts.md §9's CTSA05 rollover (SGC 201457 -> 203557, 2014 -> 2035, KRN 6, TI 02) and v074's
     CTSA19.4 (SGC 201457 -> 201461, KRN 8).
     """
     engine = LocalTokenEngine(

@@ -1,4 +1,4 @@
-"""Meter identity: Luhn check digits, IIN, DRN and PAN (SPEC.md §6.1 examples)."""
+"""Meter identity: Luhn check digits, IIN, DRN and PAN (docs/sts.md §6.1 examples)."""
 
 from __future__ import annotations
 

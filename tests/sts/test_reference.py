@@ -1,10 +1,10 @@
-"""The engine against a second, independent implementation of SPEC.md (``reference.py``).
+"""The engine against a second, independent implementation of docs/sts.md (``reference.py``).
 
 First the yardstick is checked against every public vector; then hypothesis compares the
 product with it for every class/subclass over the whole field ranges (amount and currency
 boundaries, TID 0 and 2**24-1, RND, KEN, control all-ones, 4-digit IIN meters, EA07 with real
 and sample tables, EA11), in both directions, through the library and through the
-``gateway token batch`` contract of VECTORS.md (in-process and as a real process).
+``gateway token batch`` contract of docs/sts-vectors.md (in-process and as a real process).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import reference as ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +30,7 @@ from gateway.sts.errors import AmountNotEncodable, CrcMismatch, TokenFormatError
 from gateway.sts.keychange import KeyAttributes, key_change_fields
 from gateway.sts.tid import is_reserved, next_tid, tid_for
 from gateway.sts.tokens import build_token, decode_token, fields_from_json
+from tests.sts import reference as ref
 
 VECTORS = [
     json.loads(line)
@@ -46,7 +46,7 @@ def _tables(name: object) -> ref.Tables:
 
 
 def _same(actual: dict[str, Any], expected: dict[str, Any]) -> bool:
-    """VECTORS.md comparison: same keys, hex strings by value, everything else exactly."""
+    """docs/sts-vectors.md comparison: same keys, hex strings by value, everything else exactly."""
     if actual.keys() != expected.keys():
         return False
     return all(
@@ -140,7 +140,7 @@ currency = st.builds(
 
 
 def _hex(width_bits: int) -> st.SearchStrategy[str]:
-    """A hex field value in any case, padded or not (VECTORS.md: compared by value)."""
+    """A hex field value in any case, padded or not (docs/sts-vectors.md: compared by value)."""
     return st.builds(
         lambda v, upper, pad: (
             (f"{v:0{(width_bits + 3) // 4}x}" if pad else f"{v:x}").upper()
@@ -282,7 +282,7 @@ def test_currency_amount_beyond_the_largest_magnitude_is_refused(amount: int) ->
 
 @st.composite
 def meters(draw: st.DrawFn) -> tuple[dict[str, Any], int]:
-    """A VECTORS.md ``meter`` object (DKGA02 with odd-parity VK, or DKGA04) and its EA."""
+    """A docs/sts-vectors.md ``meter`` object (DKGA02 with odd-parity VK, or DKGA04) and its EA."""
     dkga = draw(st.sampled_from([2, 4]))
     iin = draw(st.sampled_from(["600727", "0000", "123456"]))
     length = 10 if len(iin) == 6 else 12
@@ -442,6 +442,7 @@ def _run(lines: list[dict[str, Any]], *, decode: bool) -> tuple[int, list[dict[s
     return failures, [json.loads(text) for text in out.getvalue().splitlines()]
 
 
+@pytest.mark.slow
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=batch_lines())
 def test_batch_generate_matches_the_reference(case: tuple[dict[str, Any], dict[str, Any]]) -> None:
@@ -493,6 +494,7 @@ def test_batch_never_overrides_the_given_key_change_flags(fields: dict[str, Any]
     assert (block >> 51 & 1, block >> 50 & 1) == (fields["ro"], fields["three_kct"])
 
 
+@pytest.mark.slow
 def test_batch_process_matches_the_reference_both_ways(tmp_path: Path) -> None:
     """Hundreds of reference vectors through ``python -m gateway token batch`` and ``--decode``."""
     examples: list[tuple[dict[str, Any], dict[str, Any]]] = []

@@ -38,7 +38,7 @@ WITH_FIELDS = [v for v in VECTORS if "fields" in v]
 
 
 def _same_fields(actual: dict[str, Any], expected: dict[str, Any]) -> bool:
-    """Compare VECTORS.md ``fields``: hex strings by value, the rest exactly."""
+    """Compare docs/sts-vectors.md ``fields``: hex strings by value, the rest exactly."""
     if actual.keys() != expected.keys():
         return False
     for key, want in expected.items():

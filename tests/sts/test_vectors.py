@@ -44,7 +44,7 @@ def _cipher(vector: dict[str, Any]) -> BlockCipher | None:
 
 
 def _same_fields(actual: dict[str, Any], expected: dict[str, Any]) -> bool:
-    """VECTORS.md: hex fields compare by value (any padding, any case), the rest exactly."""
+    """docs/sts-vectors.md: hex fields compare by value (any padding or case), the rest exactly."""
     if actual.keys() != expected.keys():
         return False
     return all(

@@ -6,7 +6,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from vending_support import (
+
+from gateway.ledger import open_sqlite_ledger
+from gateway.sts import LocalTokenEngine
+from tests.vending.vending_support import (
     VENDING_KEY,
     FakeClock,
     FakeProvider,
@@ -15,9 +18,6 @@ from vending_support import (
     make_drn,
     seed,
 )
-
-from gateway.ledger import open_sqlite_ledger
-from gateway.sts import LocalTokenEngine
 
 
 @pytest.fixture

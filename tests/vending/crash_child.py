@@ -1,10 +1,10 @@
 """The process the crash test kills: a saga on a file database while confirmations stream in.
 
-Run as ``python crash_child.py DB RUN``. It sweeps once (recovery), prints ``ready``, then opens
-purchases ten at a time, each requested, claimed paid by a callback and confirmed; it prints one
-line per finished purchase until it is killed. The provider is deterministic and needs no state
-(the amount is encoded in the reference), so a restarted process or the parent's sweep gets the
-same answers.
+Run as ``python -m tests.vending.crash_child DB RUN`` from the repository root. It sweeps once
+(recovery), prints ``ready``, then opens purchases ten at a time, each requested, claimed paid by a
+callback and confirmed; it prints one line per finished purchase until it is killed. The provider
+is deterministic and needs no state (the amount is encoded in the reference), so a restarted
+process or the parent's sweep gets the same answers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import structlog
-from vending_support import PHONE, TARIFF, VENDING_KEY, FakeSender, make_drn, meter_record
 
 from gateway.ledger import Ledger, open_sqlite_ledger
 from gateway.money import Money
@@ -34,6 +33,14 @@ from gateway.sms.outbox import OutboxWorker
 from gateway.sts import LocalTokenEngine
 from gateway.sweeper import Sweeper
 from gateway.vending import SagaPolicy, Vending
+from tests.vending.vending_support import (
+    PHONE,
+    TARIFF,
+    VENDING_KEY,
+    FakeSender,
+    make_drn,
+    meter_record,
+)
 
 DRNS = [make_drn(900 + i) for i in range(4)]
 AMOUNTS = [Money(11600, "KES"), Money(23200, "KES"), Money(5800, "KES")]
@@ -41,6 +48,8 @@ AMOUNTS = [Money(11600, "KES"), Money(23200, "KES"), Money(5800, "KES")]
 
 class StatelessProvider:
     """Every collection succeeds with the amount requested, encoded in the reference."""
+
+    idempotent_requests = False  # the saga guards unknown outcomes (as for STK)
 
     name = "fakepay"
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 
-from vending_support import PHONE, World
-
 from gateway.ledger import Purchase, PurchaseState
 from gateway.money import Money
 from gateway.payments import PaymentNotice, PaymentState, ProviderReference
 from gateway.sweeper import Sweeper
+from tests.vending.vending_support import PHONE, World
 
 AMOUNT = Money(11600, "KES")
 TRANS_ID = "RKTQDM7W6S"

@@ -4,21 +4,48 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vending_support import PHONE, VENDING_KEY, World, make_drn, meter_record, profile_of
 
 from flows.ports import Quote, RefusalReason, Refused
 from gateway.customer_services import SagaCustomerServices
-from gateway.ledger import MessageKind, MeterNumber, Purchase, PurchaseState
+from gateway.ledger import (
+    ConfirmedPayment,
+    LedgerUnavailable,
+    MessageKind,
+    MeterNumber,
+    Purchase,
+    PurchaseState,
+    open_postgres_ledger,
+)
+from gateway.ledger.postgres import create_schema, drop_schema
 from gateway.money import Money
-from gateway.sts import CreditAdded, MeterEmulator, Verdict
+from gateway.payments import PaymentNotice, PaymentState, ProviderReference
+from gateway.sts import CreditAdded, LocalTokenEngine, MeterEmulator, Verdict
 from gateway.tariff import AmountAllToDebt
-from gateway.vending import fbe_message, token_message
+from gateway.vending import Vending, fbe_message, token_message
+from tests.vending.vending_support import (
+    PHONE,
+    TARIFF,
+    VENDING_KEY,
+    FakeClock,
+    FakeProvider,
+    World,
+    build_vending,
+    make_drn,
+    meter_record,
+    profile_of,
+    seed,
+)
+
+_POSTGRES_URL = "postgresql://127.0.0.1:5432/test"
 
 # KES 145 with 20 % to the debt: KES 29 recovered, KES 116 buys 4.0 kWh (KES 25/kWh + 16 % VAT).
 AMOUNT = Money(14500, "KES")
@@ -93,6 +120,51 @@ async def test_a_debt_cleared_before_the_vend_gives_the_money_to_energy(world: W
     assert await world.ledger.get_debt_recovery(purchase.purchase_id) is None
 
 
+@pytest.mark.parametrize(
+    ("price_per_kwh_minor", "fixed_charge_minor", "units"),
+    [
+        (2500, 0, 50),  # the tariff kept: KES 145 / 1.16 / 25 = 5.0 kWh
+        (5000, 0, 40),  # the price doubled: 2.5 kWh now, but 4.0 was quoted and paid for
+        (2500, 20000, 40),  # a fixed charge above the amount: it would buy nothing now
+    ],
+)
+async def test_a_debt_shrunk_and_a_tariff_changed_before_the_vend_never_give_less_than_quoted(
+    world: World, price_per_kwh_minor: int, fixed_charge_minor: int, units: int
+) -> None:
+    """Quoted 4.0 kWh (KES 29 to the debt); the debt is cleared and the tariff changes; paid.
+
+    Less went to the debt than planned, so the purchase buys at least what its quote promised:
+    never fewer units than quoted (nor a vend failure of a paid purchase), the SMS says them.
+    """
+    await world.ledger.set_debt(
+        world.drns[0], balance=Money(50000, "KES"), rate_basis_points=2000, actor="ops"
+    )
+    purchase = await world.vending.start_purchase(
+        channel="ussd", phone=PHONE, meter=world.drns[0], amount=AMOUNT, idempotency_key="t"
+    )
+    assert purchase.units == 40
+    await world.ledger.clear_debt(world.drns[0], actor="ops")
+    await world.ledger.put_tariff(
+        replace(
+            TARIFF,
+            price_per_kwh_minor=price_per_kwh_minor,
+            fixed_charge_minor=fixed_charge_minor,
+            max_purchase_minor=3_500_000,
+        )
+    )
+    purchase = await world.vending.request_payment(purchase.purchase_id)
+    assert purchase.provider_reference is not None
+    world.provider.settle(purchase.provider_reference, amount=AMOUNT)
+    confirmed = await world.vending.confirm(purchase.purchase_id)
+    assert confirmed.state is PurchaseState.VENDED
+    vend = await world.ledger.get_vend(purchase.purchase_id)
+    assert vend is not None
+    assert vend.units == units
+    (message,) = await world.ledger.outbox_for(purchase.purchase_id)
+    assert f"{units // 10}.{units % 10} kWh" in message.body
+    assert isinstance(emulator(world).enter(vend.token).change, CreditAdded)
+
+
 async def test_an_amount_that_would_all_go_to_the_debt_is_refused(world: World) -> None:
     """At 100 % recovery of KES 100 owed, KES 50 is refused with the least amount that buys."""
     await world.ledger.set_debt(
@@ -130,6 +202,37 @@ async def test_fbe_comes_with_the_first_purchase_of_the_month_only(world: World)
     assert later.tid > issue.tid  # the FBE token's TID is never reused
 
 
+async def test_fbe_waits_for_a_purchase_with_a_phone_to_send_it_to(world: World) -> None:
+    """A C2B payment with a masked MSISDN vends a HELD token, but leaves the month's FBE.
+
+    The FBE token's SMS would be held with no reprint for it (an operator reads out only the
+    credit token), and the month's FBE would be spent: the next purchase from a phone gets it.
+    """
+    await world.ledger.set_fbe_allowance("domestic", 50, actor="ops")
+    world.provider.settle("RKTMASKED2", amount=Money(11600, "KES"), payer=None)
+    await world.vending.on_payment_notice(
+        PaymentNotice(
+            provider=world.provider.name,
+            reference=ProviderReference("RKTMASKED2"),
+            claimed_state=PaymentState.SUCCEEDED,
+            amount=Money(11600, "KES"),
+            payer=None,  # Daraja v2 masks the MSISDN: 25470****149
+            account_reference=world.drns[0],
+            is_customer_initiated=True,
+            raw=b'{"TransID":"RKTMASKED2","MSISDN":"25470****149"}',
+        )
+    )
+    (held,) = await world.ledger.find_purchases(meter=world.drns[0])
+    assert held.state is PurchaseState.VENDED
+    assert [m.kind for m in await world.ledger.outbox_for(held.purchase_id)] == [MessageKind.TOKEN]
+    assert await world.ledger.fbe_issues(world.drns[0]) == []
+    purchase = await bought(world, "after-c2b", Money(11600, "KES"))
+    (issue,) = await world.ledger.fbe_issues(world.drns[0])
+    assert issue.purchase_id == purchase.purchase_id
+    kinds = [m.kind for m in await world.ledger.outbox_for(purchase.purchase_id)]
+    assert kinds == [MessageKind.TOKEN, MessageKind.FBE]
+
+
 async def test_fbe_month_is_the_utility_timezone_month(world: World) -> None:
     """At 22:30 UTC on 31 March it is already April in Nairobi (UTC+3): the April allowance."""
     await world.ledger.set_fbe_allowance("domestic", 50, actor="ops")
@@ -165,7 +268,7 @@ def test_messages_in_every_language_fit() -> None:
 
 async def test_customer_services_pass_the_debt_and_the_all_to_debt_refusal_on(world: World) -> None:
     """The channels' quote carries the debt figures; a too-small amount is refused with a limit."""
-    services = SagaCustomerServices(world.vending)
+    services = SagaCustomerServices(world.vending, world.ledger)
     meter = MeterNumber(world.drns[0])
     await world.ledger.set_debt(
         meter, balance=Money(10000, "KES"), rate_basis_points=10000, actor="o"
@@ -174,6 +277,7 @@ async def test_customer_services_pass_the_debt_and_the_all_to_debt_refusal_on(wo
     assert refused == Refused(reason=RefusalReason.ALL_TO_DEBT, limit=Money(10290, "KES"))
     priced = await services.quote(meter, Money(20000, "KES"))
     assert isinstance(priced, Quote)
+    assert priced.debt_recovered is not None
     assert (priced.debt_recovered, priced.debt_remaining) == (Money(10000, "KES"), Money(0, "KES"))
     assert priced.energy + priced.tax + priced.fees + priced.debt_recovered == Money(20000, "KES")
 
@@ -255,3 +359,100 @@ async def test_two_purchases_planned_against_one_small_debt_never_overrecover(
     assert recovered == [1100, 2900]
     vends = [await world.ledger.get_vend(p) for p in opened]
     assert sorted(v.units for v in vends if v is not None) == [40, 46]
+
+
+async def test_two_instances_vend_one_meter_debt_and_fbe_once_units_agree(world: World) -> None:
+    """Two saga instances (own locks) on one SQLite ledger: see ``_race_three``."""
+    await _race_three(world, build_vending(world.ledger, world.provider, world.clock))
+
+
+@pytest.mark.postgres
+async def test_two_instances_on_postgres_vend_debt_and_fbe_once() -> None:
+    """Two saga instances, each with its own PostgreSQL pool on one schema: see ``_race_three``."""
+    schema = f"t_{uuid.uuid4().hex}"
+    try:
+        await create_schema(_POSTGRES_URL, schema)
+    except LedgerUnavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL at {_POSTGRES_URL} does not answer ({exc})")
+    clock, provider = FakeClock(), FakeProvider()
+    try:
+        async with (
+            open_postgres_ledger(_POSTGRES_URL, clock=clock, schema=schema, max_size=4) as one,
+            open_postgres_ledger(_POSTGRES_URL, clock=clock, schema=schema, max_size=4) as two,
+        ):
+            drns = [make_drn(i) for i in range(1, 4)]
+            await seed(one, drns)
+            vending = build_vending(one, provider, clock)
+            world = World(one, vending, provider, clock, LocalTokenEngine([VENDING_KEY]), drns)
+            await _race_three(world, build_vending(two, provider, clock))
+    finally:
+        await drop_schema(_POSTGRES_URL, schema)
+
+
+async def _race_three(world: World, other: Vending) -> None:
+    """Two saga instances race on three paid purchases of one meter, each vended three times.
+
+    One token per purchase, the debt recovered once per purchase and never past the balance, one
+    FBE token, TIDs distinct and the meter's last TID the highest; each vend's units are its SMS's
+    and what the meter credits (docs/architecture.md, invariant 8).
+    """
+    await world.ledger.set_fbe_allowance("domestic", 50, actor="ops")
+    await world.ledger.set_debt(
+        world.drns[0], balance=Money(7000, "KES"), rate_basis_points=2000, actor="ops"
+    )
+    opened = []
+    for key in ("r1", "r2", "r3"):
+        purchase = await world.vending.start_purchase(
+            channel="ussd", phone=PHONE, meter=world.drns[0], amount=AMOUNT, idempotency_key=key
+        )
+        purchase = await world.vending.request_payment(purchase.purchase_id)
+        assert purchase.provider_reference is not None
+        world.provider.settle(purchase.provider_reference, amount=AMOUNT)
+        await world.ledger.mark_paid(
+            purchase.purchase_id,
+            ConfirmedPayment(
+                provider="fakepay",
+                reference=purchase.provider_reference,
+                amount=AMOUNT,
+                payer=None,
+                receipt="RC" + key,
+            ),
+            actor="test",
+        )
+        opened.append(purchase.purchase_id)
+    await asyncio.gather(
+        *(saga.vend(p) for p in opened for saga in (world.vending, other, world.vending))
+    )
+    debt = await world.ledger.get_debt(world.drns[0])
+    assert debt is not None
+    recovered = sorted(
+        r.amount.amount_minor for r in await world.ledger.debt_recoveries(world.drns[0])
+    )
+    assert recovered == [1200, 2900, 2900]
+    assert (debt.balance.amount_minor, debt.recovered_total_minor) == (0, 7000)
+    (fbe,) = await world.ledger.fbe_issues(world.drns[0])
+    meter = emulator(world)
+    tids = [fbe.tid]
+    for purchase_id in opened:
+        vend = await world.ledger.get_vend(purchase_id)
+        assert vend is not None
+        tids.append(vend.tid)
+        messages = await world.ledger.outbox_for(purchase_id)
+        token_sms = [m for m in messages if m.kind is MessageKind.TOKEN]
+        assert len(token_sms) == 1
+        assert f"{vend.units // 10}.{vend.units % 10}" in token_sms[0].body
+        response = meter.enter(vend.token)
+        assert isinstance(response.change, CreditAdded)
+        assert response.change.amount == vend.units
+        kinds = [e.kind for e in await world.ledger.timeline(purchase_id)]
+        assert kinds.count("debt_recovered") == 1
+    assert len(set(tids)) == len(tids)
+    record = await world.ledger.get_meter(world.drns[0])
+    assert record.last_tid == max(tids)
+    fbe_sms = [
+        m for p in opened for m in await world.ledger.outbox_for(p) if m.kind is MessageKind.FBE
+    ]
+    assert len(fbe_sms) == 1
+    assert isinstance(meter.enter(fbe.token).change, CreditAdded)

@@ -8,7 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-from vending_support import (
+
+from gateway.cli import main
+from gateway.ledger import open_sqlite_ledger
+from tests.vending.vending_support import (
     AMOUNT_FOR_TESTS,
     PHONE,
     FakeClock,
@@ -17,9 +20,6 @@ from vending_support import (
     make_drn,
     seed,
 )
-
-from gateway.cli import main
-from gateway.ledger import open_sqlite_ledger
 
 MASTER = base64.b64encode(bytes(range(32))).decode()
 

@@ -8,12 +8,11 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, cast
 
-from vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, World
-
 from gateway.ledger import Ledger, LedgerError, OutboxState, Purchase, PurchaseState
 from gateway.phone import Msisdn
 from gateway.sms import DeliveryReport, DeliveryState, SentMessage, SmsRejected, SmsUnavailable
 from gateway.sms.outbox import OutboxPolicy, OutboxWorker
+from tests.vending.vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, World
 
 
 async def vended(world: World, key: str = "k") -> Purchase:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from vending_support import PHONE, World
-
 from gateway.ledger import PurchaseState
 from gateway.money import Money
 from gateway.payments import CollectionRequest, CollectionStarted, PaymentNotice, PaymentState
+from tests.vending.vending_support import PHONE, World
 
 AMOUNT = Money(11600, "KES")
 

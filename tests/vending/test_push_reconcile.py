@@ -14,16 +14,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from vending_support import (
-    PHONE,
-    VENDING_KEY,
-    FakeClock,
-    FakeProvider,
-    World,
-    build_vending,
-    make_drn,
-    seed,
-)
 
 from gateway.ledger import PurchaseState, open_sqlite_ledger
 from gateway.money import Money
@@ -38,6 +28,16 @@ from gateway.payments import (
 from gateway.phone import Msisdn
 from gateway.sts import LocalTokenEngine
 from gateway.vending import UNKNOWN_COLLECTION_AMBIGUOUS
+from tests.vending.vending_support import (
+    PHONE,
+    VENDING_KEY,
+    FakeClock,
+    FakeProvider,
+    World,
+    build_vending,
+    make_drn,
+    seed,
+)
 
 AMOUNT = Money(11600, "KES")
 

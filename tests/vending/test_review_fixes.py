@@ -6,7 +6,6 @@ import json
 from datetime import timedelta
 
 import aiohttp
-from vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, Settlement, World
 
 from gateway.ledger import OutboxState, PurchaseState
 from gateway.money import Money
@@ -15,6 +14,7 @@ from gateway.payments.daraja import DarajaProvider
 from gateway.phone import Msisdn
 from gateway.sms import DeliveryReport, DeliveryState, SentMessage
 from gateway.sms.outbox import OutboxPolicy, OutboxWorker
+from tests.vending.vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, Settlement, World
 
 
 async def test_the_callbacks_receipt_reaches_the_sms_when_the_status_has_none(

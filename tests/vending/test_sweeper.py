@@ -7,7 +7,6 @@ import sqlite3
 from datetime import timedelta
 
 import pytest
-from vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, World
 
 from gateway.ledger import (
     ConfirmedPayment,
@@ -21,6 +20,7 @@ from gateway.phone import Msisdn
 from gateway.sms import SentMessage
 from gateway.sms.outbox import OutboxWorker
 from gateway.sweeper import Sweeper
+from tests.vending.vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, World
 
 
 async def awaiting(world: World, key: str = "k") -> Purchase:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from vending_support import AMOUNT_FOR_TESTS, PHONE, World
-
 from gateway.ledger import LedgerUnavailable, Purchase, PurchaseState
 from gateway.payments import PaymentStatus, ProviderReference
 from gateway.sweeper import Sweeper
+from tests.vending.vending_support import AMOUNT_FOR_TESTS, PHONE, World
 
 
 async def _two_prompted(world: World, *keys: str) -> list[Purchase]:

@@ -1,4 +1,4 @@
-"""DESIGN.md invariant 8 end to end, over the whole STS units range (issue 16, point 1).
+"""docs/architecture.md invariant 8 end to end, over the whole STS units range (issue 16, point 1).
 
 The customer confirms a quote on the USSD screen, pays, and gets a token by SMS: the units on
 the confirm screen, the units the ledger records, the units in the SMS and the units the meter
@@ -9,7 +9,7 @@ units a token carries only every 10th, 100th or 1000th unit, so this is where th
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 
 import pytest
@@ -17,7 +17,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from vending_support import VENDING_KEY, World, make_drn, meter_record, profile_of
 
 from flows.engine import UssdEngine
 from flows.journeys import build_screens
@@ -30,6 +29,7 @@ from gateway.phone import Msisdn
 from gateway.sts import CreditAdded, MeterEmulator, Verdict
 from gateway.tariff import Tariff
 from gateway.web.ussd import FollowUps, ussd_routes
+from tests.vending.vending_support import VENDING_KEY, World, make_drn, meter_record, profile_of
 
 AiohttpClient = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
 PHONE = "+254711000001"
@@ -70,12 +70,14 @@ async def ussd(world: World, aiohttp_client: AiohttpClient) -> UssdTester:
     await world.ledger.put_tariff(BULK)
     await world.ledger.put_meter(meter_record(METER, tariff_id=BULK.tariff_id))
     follow_ups = FollowUps()
-    engine = UssdEngine(SagaCustomerServices(world.vending), MemorySessionStore(), build_screens())
+    engine = UssdEngine(
+        SagaCustomerServices(world.vending, world.ledger), MemorySessionStore(), build_screens()
+    )
     app = web.Application()
     app.add_routes(ussd_routes(engine, follow_ups))
     client = await aiohttp_client(app)
 
-    async def post(form: dict[str, str]) -> tuple[int, str]:
+    async def post(form: Mapping[str, str]) -> tuple[int, str]:
         response = await client.post("/ussd/africastalking", data=form)
         body = await response.text()
         await follow_ups.drain()
@@ -163,5 +165,5 @@ async def test_a_purchase_quoted_before_the_fix_is_vended_what_its_token_carries
         vend.token
     )
     assert isinstance(response.change, CreditAdded)
-    carried = 16_384 + (30_172 - 16_384) // 10 * 10  # SPEC.md §3.1: steps of 10 from 16,384
+    carried = 16_384 + (30_172 - 16_384) // 10 * 10  # docs/sts.md §3.1: steps of 10 from 16,384
     assert vend.units == _units(message.body) == response.change.amount == carried

@@ -8,7 +8,11 @@ import sqlite3
 from collections import defaultdict
 from pathlib import Path
 
-from vending_support import (
+import pytest
+
+from gateway.ledger import PurchaseState, open_sqlite_ledger
+from gateway.sts import MeterEmulator, Verdict
+from tests.vending.vending_support import (
     AMOUNT_FOR_TESTS,
     PHONE,
     VENDING_KEY,
@@ -21,10 +25,8 @@ from vending_support import (
     seed,
 )
 
-from gateway.ledger import PurchaseState, open_sqlite_ledger
-from gateway.sts import MeterEmulator, Verdict
 
-
+@pytest.mark.slow
 async def test_thousand_confirmations_for_hundred_purchases(tmp_path: Path) -> None:
     """1,000 shuffled concurrent notices for 100 purchases on 10 meters in one minute: 100 vends.
 

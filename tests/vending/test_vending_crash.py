@@ -12,11 +12,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from crash_child import build
 
 from gateway.ledger import open_sqlite_ledger
+from tests.vending.crash_child import build
 
-CHILD = Path(__file__).with_name("crash_child.py")
+ROOT = Path(__file__).resolve().parents[2]
 KILLS = 50
 
 
@@ -63,11 +63,11 @@ async def recover(path: Path) -> int:
 def run_child(path: Path, run: str, progress_lines: int) -> None:
     """Start the child, let it finish ``progress_lines`` purchases, then SIGKILL it."""
     child = subprocess.Popen(
-        [sys.executable, str(CHILD), str(path), run],
+        [sys.executable, "-m", "tests.vending.crash_child", str(path), run],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=CHILD.parent,
+        cwd=ROOT,
     )
     watchdog = threading.Timer(60, child.kill)  # a hung child fails the test, never hangs it
     watchdog.start()

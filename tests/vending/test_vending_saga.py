@@ -8,7 +8,6 @@ import pytest
 import structlog
 from hypothesis import given
 from hypothesis import strategies as st
-from vending_support import PHONE, VENDING_KEY, World, make_drn, meter_record, profile_of
 
 from gateway.ledger import (
     MessageKind,
@@ -35,6 +34,14 @@ from gateway.vending import (
     UnknownMeter,
     VendFailed,
     token_message,
+)
+from tests.vending.vending_support import (
+    PHONE,
+    VENDING_KEY,
+    World,
+    make_drn,
+    meter_record,
+    profile_of,
 )
 
 AMOUNT = Money(11600, "KES")  # KES 116 at KES 25/kWh + 16 % VAT: 4.0 kWh, 40 units

@@ -25,7 +25,15 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from vending_support import (
+
+from gateway.errors import GatewayError
+from gateway.ledger import SqliteLedger
+from gateway.money import Money
+from gateway.payments import PaymentNotice, PaymentState
+from gateway.sms.outbox import OutboxWorker
+from gateway.sweeper import Sweeper
+from gateway.vending import Vending
+from tests.vending.vending_support import (
     AMOUNT_FOR_TESTS,
     PHONE,
     FakeClock,
@@ -35,14 +43,6 @@ from vending_support import (
     make_drn,
     seed,
 )
-
-from gateway.errors import GatewayError
-from gateway.ledger import SqliteLedger
-from gateway.money import Money
-from gateway.payments import PaymentNotice, PaymentState
-from gateway.sms.outbox import OutboxWorker
-from gateway.sweeper import Sweeper
-from gateway.vending import Vending
 
 T = TypeVar("T")
 DRNS = [make_drn(700 + i) for i in range(2)]

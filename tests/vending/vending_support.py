@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
 from gateway.ledger import Ledger, MeterNumber, MeterRecord
 from gateway.money import Money
@@ -26,6 +25,9 @@ from gateway.sts import LocalTokenEngine, MeterProfile, VendingKey
 from gateway.sts.pan import luhn_check_digit
 from gateway.tariff import Tariff
 from gateway.vending import SagaPolicy, Vending
+from tests.support.clock import UtcClock
+
+FakeClock = UtcClock  # the suite's one fake clock (tests/support/clock.py)
 
 PHONE = Msisdn("+254712345678")
 AMOUNT_FOR_TESTS = Money(11600, "KES")  # KES 116 at KES 25/kWh + 16 % VAT: 40 units
@@ -78,21 +80,6 @@ def profile_of(meter: MeterRecord) -> MeterProfile:
     )
 
 
-class FakeClock:
-    """A clock the test moves by hand (UTC, aware)."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        """The current fake time."""
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward by ``seconds``."""
-        self.now += timedelta(seconds=seconds)
-
-
 @dataclass
 class Settlement:
     """What the fake provider says about one reference."""
@@ -105,6 +92,8 @@ class Settlement:
 
 class FakeProvider:
     """An in-memory payment provider: the test decides what each reference's status is."""
+
+    idempotent_requests = False  # the saga guards unknown outcomes (as for STK)
 
     def __init__(self, name: str = "fakepay") -> None:
         self.name = name
@@ -222,7 +211,7 @@ def build_vending(ledger: Ledger, provider: FakeProvider, clock: FakeClock) -> V
         providers={provider.name: provider},
         default_provider=provider.name,
         clock=clock,
-        policy=SagaPolicy(payment_deadline_s=600),
+        policy=SagaPolicy(payment_expiry_s=600),
     )
 
 

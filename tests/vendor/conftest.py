@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-# The saga's helpers (the tariff, meters with valid DRNs, the vending key) are shared.
-sys.path.insert(0, str(Path(__file__).parents[1] / "vending"))
-sys.path.insert(0, str(Path(__file__).parents[1] / "ledger"))
-
-from vendor_support import BACKENDS, VendorWorld, vendor_world
+from tests.vendor.vendor_support import BACKENDS, VendorWorld, vendor_world
 
 
 @pytest.fixture

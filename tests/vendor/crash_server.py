@@ -1,7 +1,8 @@
 """The process the vendor crash test kills: the vendor API on a SQLite file, on a given port.
 
-Run as ``python crash_server.py DB PORT``. Prints ``ready`` once it serves, then serves vends
-(with a short lease, so a request a kill interrupted is resumed quickly) until it is killed.
+Run as ``python -m tests.vendor.crash_server DB PORT`` from the repository root. Prints
+``ready`` once it serves, then serves vends (with a short lease, so a request a kill interrupted
+is resumed quickly) until it is killed.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "vending"))
 
-from vending_support import VENDING_KEY, FakeProvider
-
 from gateway.ledger import open_sqlite_ledger
 from gateway.ledger.vendor import VendorLedger
 from gateway.sts import LocalTokenEngine
 from gateway.vending import SagaPolicy, Vending
 from gateway.vendor.service import VendorService
 from gateway.web.vendor import vendor_routes
+from tests.vending.vending_support import VENDING_KEY, FakeProvider
 
 LEASE_S = 1.0
 

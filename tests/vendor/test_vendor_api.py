@@ -7,15 +7,15 @@ import dataclasses
 import json
 
 import pytest
-from vending_support import VENDING_KEY, profile_of
-from vendor_support import VendorWorld, unix
 
-from gateway.ledger import KeyRotation, MeterStatus, PurchaseState
+from gateway.ledger import KeyRotation, MeterNumber, MeterStatus, PurchaseState
 from gateway.ledger.vendor import VendorStatus
 from gateway.sts import MeterEmulator, Verdict
 from gateway.vendor import signing
 from gateway.vendor.service import register_vendor
 from gateway.vendor_client import VendorClient
+from tests.vending.vending_support import VENDING_KEY, profile_of
+from tests.vendor.vendor_support import VendorWorld, unix
 
 PROBLEM = "application/problem+json"
 
@@ -284,7 +284,7 @@ async def test_a_pending_key_change_comes_first_and_the_meter_takes_it(world: Ve
     drn = world.drns[2]
     record = await world.ledger.get_meter(drn)
     rotation = KeyRotation(sgc="123457", from_krn=1, to_krn=2, to_base_date=2014)
-    await world.ledger.plan_key_rotation(rotation, meters=[drn], actor="test")
+    await world.ledger.plan_key_rotation(rotation, meters=[MeterNumber(drn)], actor="test")
     meter = MeterEmulator.for_profile(profile_of(record), VENDING_KEY)
     async with world.client() as client:
         assert (await client.confirm_meter(drn)).json()["key_change_pending"] is True

@@ -19,14 +19,14 @@ from typing import cast
 
 import aiohttp
 import pytest
-from vending_support import make_drn, seed
 
 from gateway.ledger import open_sqlite_ledger
 from gateway.ledger.vendor import VendorLedger
 from gateway.vendor.service import register_vendor
 from gateway.vendor_client import VendorClient
+from tests.vending.vending_support import make_drn, seed
 
-SERVER = Path(__file__).with_name("crash_server.py")
+ROOT = Path(__file__).resolve().parents[2]
 KILLS = 5
 SALES = 60
 DRNS = [make_drn(700 + i) for i in range(4)]
@@ -41,11 +41,11 @@ def _port() -> int:
 
 def _start(path: Path, port: int) -> subprocess.Popen[str]:
     child = subprocess.Popen(
-        [sys.executable, str(SERVER), str(path), str(port)],
+        [sys.executable, "-m", "tests.vendor.crash_server", str(path), str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=SERVER.parent,
+        cwd=ROOT,
     )
     assert child.stdout is not None
     line = child.stdout.readline()

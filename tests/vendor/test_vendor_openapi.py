@@ -6,14 +6,13 @@ import json
 import re
 from pathlib import Path
 
-from vendor_support import VendorWorld
-
 from gateway.vendor.service import VendorService
 from gateway.web.vendor import openapi_document, vendor_routes
+from tests.vendor.vendor_support import VendorWorld
 
 
 def _served(service: VendorService) -> set[tuple[str, str]]:
-    return {(route.method.lower(), route.path) for route in vendor_routes(service)}  # type: ignore[attr-defined]
+    return {(route.method.lower(), route.path) for route in vendor_routes(service)}
 
 
 def _documented() -> set[tuple[str, str]]:

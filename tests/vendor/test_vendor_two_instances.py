@@ -18,8 +18,6 @@ from typing import cast
 
 import pytest
 from aiohttp import web
-from ledger_support import POSTGRES_URL
-from vending_support import VENDING_KEY, FakeProvider, make_drn, seed
 
 from gateway.ledger import Ledger, LedgerUnavailable, open_postgres_ledger
 from gateway.ledger.postgres import create_schema, drop_schema
@@ -29,6 +27,8 @@ from gateway.vending import SagaPolicy, Vending
 from gateway.vendor.service import VendorService, register_vendor
 from gateway.vendor_client import VendorClient
 from gateway.web.vendor import vendor_routes
+from tests.ledger.ledger_support import POSTGRES_URL
+from tests.vending.vending_support import VENDING_KEY, FakeProvider, make_drn, seed
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 

@@ -14,8 +14,6 @@ from typing import cast
 
 import pytest
 from aiohttp import web
-from ledger_support import BACKENDS, POSTGRES_URL, FakeClock
-from vending_support import VENDING_KEY, FakeProvider, make_drn, seed
 
 from gateway.ledger import Ledger, LedgerUnavailable, open_postgres_ledger, open_sqlite_ledger
 from gateway.ledger.postgres import create_schema, drop_schema
@@ -25,6 +23,8 @@ from gateway.vending import SagaPolicy, Vending
 from gateway.vendor.service import RateLimiter, VendorService
 from gateway.vendor_client import VendorClient
 from gateway.web.vendor import vendor_routes
+from tests.ledger.ledger_support import BACKENDS, POSTGRES_URL, FakeClock
+from tests.vending.vending_support import VENDING_KEY, FakeProvider, make_drn, seed
 
 __all__ = ["BACKENDS", "NEW_KEY", "SlowEngine", "VendorWorld", "unix", "vendor_world"]
 
@@ -119,7 +119,7 @@ async def vendor_world(tmp_path: Path, backend: object) -> AsyncIterator[VendorW
             providers={provider.name: provider},
             default_provider=provider.name,
             clock=clock,
-            policy=SagaPolicy(payment_deadline_s=600),
+            policy=SagaPolicy(payment_expiry_s=600),
         )
         vendors = cast("VendorLedger", ledger)
         service = VendorService(

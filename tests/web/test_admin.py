@@ -7,7 +7,6 @@ import dataclasses
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import cast
 
@@ -53,6 +52,7 @@ from gateway.web.admin import (
     setup_admin,
 )
 from gateway.web.middleware import context_middleware
+from tests.support.clock import UtcClock
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[[web.Application], Awaitable[Client]]
@@ -83,23 +83,10 @@ def make_drn(number: int) -> str:
     return body + luhn_check_digit(body)
 
 
-class FakeClock:
-    """A clock the test moves by hand (UTC, aware)."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        """The current fake time."""
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward by ``seconds``."""
-        self.now += timedelta(seconds=seconds)
-
-
 class FakeProvider:
     """A payment provider whose status answers the test decides (SUCCEEDED once settled)."""
+
+    idempotent_requests = False  # the saga guards unknown outcomes (as for STK)
 
     name = "fakepay"
 
@@ -143,7 +130,7 @@ class Shop:
     ledger: Ledger
     vending: Vending
     provider: FakeProvider
-    clock: FakeClock
+    clock: UtcClock
     drns: list[str]
 
 
@@ -171,7 +158,7 @@ async def awaiting(shop: Shop, key: str, *, phone: Msisdn = OTHER_PHONE) -> Purc
 @pytest.fixture
 async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
     """A saga over a fresh ledger file with a tariff and two meters."""
-    clock = FakeClock()
+    clock = UtcClock()
     provider = FakeProvider()
     drns = [make_drn(7), make_drn(8)]
     async with open_sqlite_ledger(tmp_path / "ledger.db", clock=clock) as ledger:
@@ -193,7 +180,7 @@ async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
             providers={provider.name: provider},
             default_provider=provider.name,
             clock=clock,
-            policy=SagaPolicy(payment_deadline_s=3600),
+            policy=SagaPolicy(payment_expiry_s=3600),
         )
         yield Shop(ledger, vending, provider, clock, drns)
 
@@ -727,6 +714,47 @@ async def test_failed_logins_are_throttled_per_source(client: Client, shop: Shop
     assert (await client.get("/admin", headers=elsewhere)).status == 200
     (event,) = await shop.ledger.events(kind="admin_auth_locked_out")
     assert event.data["source"] == "127.0.0.1"
+
+
+async def test_concurrent_wrong_logins_through_the_form_are_throttled_too(
+    shop: Shop, aiohttp_client: ClientFactory
+) -> None:
+    """Forty wrong tokens posted at once, their bodies arriving late: three 401s, the rest 429.
+
+    Each login reads its form before the token is checked; had the source's lock-out been
+    looked at only before that read, every guess in flight would pass it (forty guesses, not
+    three: a brute force only needs to send its guesses concurrently).
+    """
+    app = web.Application(middlewares=[context_middleware])
+    setup_admin(
+        app,
+        ledger=shop.ledger,
+        vending=shop.vending,
+        admin_token=Secret(ADMIN_TOKEN),
+        throttle=AuthThrottle(limit=3, window_s=60),
+    )
+    app.add_routes(admin_routes())
+    client = await aiohttp_client(app)
+    connections = [await asyncio.open_connection(client.host, client.port) for _ in range(40)]
+    for n, (_, writer) in enumerate(connections):
+        body = f"token=guess-{n:02d}".encode()
+        writer.write(
+            b"POST /admin/login HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\ntoken=" % len(body)
+        )
+        await writer.drain()
+    await asyncio.sleep(0.3)  # every handler has begun and waits for the rest of its form
+    for n, (_, writer) in enumerate(connections):
+        writer.write(f"guess-{n:02d}".encode())
+        await writer.drain()
+    statuses = []
+    for reader, writer in connections:
+        status_line = await reader.readline()
+        statuses.append(int(status_line.split()[1]))
+        writer.close()
+    assert statuses.count(401) == 3
+    assert statuses.count(429) == 37
 
 
 async def test_the_lock_out_ends_after_the_window(

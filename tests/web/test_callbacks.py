@@ -36,7 +36,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 SECRET = "s3cr3t-path-segment-0123456789"
 KNOWN_METER = "37012345678"
 
-# Documented shapes (PROTOCOLS.md §2.2, §2.4, §3.1, §3.2).
+# Documented shapes (docs/protocols.md §2.2, §2.4, §3.1, §3.2).
 STK_SUCCESS = (
     b'{"Body":{"stkCallback":{"MerchantRequestID":"29115-34620561-1","CheckoutRequestID":'
     b'"ws_CO_191220191020363925","ResultCode":0,"ResultDesc":"The service request is processed '

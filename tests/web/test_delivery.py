@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from gateway.errors import GatewayError
 from gateway.phone import Msisdn
 from gateway.sim.africastalking import AtSimulator, DeliveryPlan
-from gateway.sms.africastalking import AfricasTalkingHttpSender
+from gateway.sms.africastalking import AfricasTalkingHttpSender, parse_delivery_report
 from gateway.sms.base import DeliveryReport, DeliveryState
 from gateway.web.delivery import delivery_routes
 
@@ -38,7 +38,7 @@ async def setup(
     """The delivery route, and the AT simulator reporting to it."""
     recorder = Recorder()
     app = web.Application()
-    app.add_routes(delivery_routes(recorder))
+    app.add_routes(delivery_routes(recorder, parse=parse_delivery_report))
     client = await aiohttp_client(app)
 
     async def instant(_: float) -> None:

@@ -9,7 +9,7 @@ from gateway.web.health import health_routes
 from gateway.web.keys import CONFIG, METRICS, READINESS
 from gateway.web.middleware import context_middleware
 
-ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
 
 
 def _app(checks: dict[str, Callable[[], Awaitable[bool]]]) -> web.Application:

@@ -1,0 +1,1 @@
+"""Fakes and helpers shared by the test packages (one fake clock for the whole suite)."""
