@@ -49,11 +49,12 @@ from flows.sessions import MemorySessionStore, SqliteSessionStore
 from flows.sms_commands import SmsCommands
 from gateway.config import SIMULATED, Config, Mode, Secret
 from gateway.customer_services import SagaCustomerServices
-from gateway.demo_data import demo_master_key, seed_demo
+from gateway.demo_data import DEMO_METERS, demo_master_key, seed_demo
 from gateway.errors import ConfigError, LedgerMissing
 from gateway.ledger import Ledger, MeterNumber, open_ledger, open_vending_key
 from gateway.ledger.postgres import is_postgres_url
 from gateway.ledger.sqlite import sqlite_path
+from gateway.ledger.vendor import VendorLedger, VendorSteps
 from gateway.logging import register_secrets
 from gateway.metrics import Metrics, ledger_refresher
 from gateway.payments import PaymentProvider
@@ -68,9 +69,11 @@ from gateway.sms.africastalking import (
     parse_delivery_report,
 )
 from gateway.sms.outbox import OutboxPolicy, OutboxWorker
-from gateway.sts import LocalTokenEngine, VendingKey
+from gateway.sts import LocalTokenEngine, TokenEngine, VendingKey
 from gateway.sweeper import Sweeper
 from gateway.vending import SagaPolicy, Vending
+from gateway.vendor.sandbox import SANDBOX_VENDOR, SandboxEngine, seed_sandbox
+from gateway.vendor.service import VendorService
 from gateway.web.admin import admin_routes, setup_admin
 from gateway.web.callbacks import payment_routes
 from gateway.web.delivery import delivery_routes
@@ -79,6 +82,7 @@ from gateway.web.keys import CONFIG, METRICS, METRICS_REFRESH, READINESS
 from gateway.web.middleware import context_middleware
 from gateway.web.sms import sms_routes
 from gateway.web.ussd import FollowUps, ussd_routes
+from gateway.web.vendor import vendor_routes
 
 log = structlog.get_logger()
 
@@ -122,6 +126,7 @@ class Runtime:
     metrics: Metrics
     callback_secret: Secret
     admin_token: Secret
+    vendor: VendorService
     simulators: Simulators | None = None
 
     @property
@@ -438,7 +443,11 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         _mark_ledger(config, ledger_path)
     if config.mode is Mode.DEMO and await seed_demo(ledger, master_key):
         log.info("demo_data_seeded", database=config.effective_database_url)
-    engine = await load_token_engine(ledger, master_key)
+    engine: TokenEngine = await load_token_engine(ledger, master_key)
+    if config.mode is Mode.DEMO:  # the vendor API's sandbox: demo-shop, a slow and a blocked meter
+        if await seed_sandbox(ledger, _vendor_port(ledger), template=DEMO_METERS[0].drn):
+            log.info("vendor_sandbox_seeded", vendor=SANDBOX_VENDOR)
+        engine = SandboxEngine(engine)
 
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=200), timeout=aiohttp.ClientTimeout(total=30)
@@ -500,8 +509,16 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         metrics=metrics,
         callback_secret=callback_secret,
         admin_token=admin_token,
+        vendor=VendorService(vending, ledger, _vendor_port(ledger)),
         simulators=sims,
     )
+
+
+def _vendor_port(ledger: Ledger) -> VendorLedger:
+    """The ledger's vendor port (both backends have it)."""
+    if not isinstance(ledger, VendorSteps):
+        raise TypeError(f"{type(ledger).__name__} has no vendor port")
+    return ledger
 
 
 async def _outbox_loop(outbox: OutboxWorker, stop: asyncio.Event) -> None:
@@ -661,6 +678,7 @@ async def build_app(config: Config) -> web.Application:
         at.app.middlewares.append(_sim_guard(runtime.admin_token))
         app.add_subapp(AT_SIM_PREFIX, at.app)
     app.add_routes(admin_routes())
+    app.add_routes(vendor_routes(runtime.vendor))
     app.cleanup_ctx.append(_background(runtime))
     app.cleanup_ctx.append(runtime.follow_ups.cleanup_ctx)
 
@@ -684,6 +702,7 @@ def routes_summary(runtime: Runtime) -> list[tuple[str, str]]:
         (runtime.callback_url("momo", "callback"), "MTN MoMo callback"),
         (runtime.callback_url("airtel", "callback"), "Airtel Money callback"),
         (runtime.base_url + "/admin", "operator admin page"),
+        (runtime.base_url + "/vendor/v1/openapi.json", "vendor API (banks, agents, sales points)"),
         (runtime.base_url + "/healthz", "liveness"),
         (runtime.base_url + "/readyz", "readiness"),
         (runtime.base_url + "/metrics", "Prometheus metrics"),

@@ -8,6 +8,10 @@ with its simulators. Then, as a customer would:
 2. SMS: the phone texts ``BUY <meter> <amount>`` to the shortcode; the same follows.
 3. C2B paybill: the customer pays from the SIM menu with the meter number as the account; the
    gateway validates, confirms, vends and texts the token.
+4. C2B paybill to an unknown meter: refused at validation, before money moves.
+5. Sales point (the vendor API's sandbox, ``demo-shop``): a shop terminal confirms the meter,
+   quotes, sells with an idempotency key, times out (the sandbox's slow meter), asks for the
+   last response, gets the token, sends the sale again and gets the same bytes (one debit).
 
 Each party's view is printed; a step that does not happen within its deadline fails the run.
 The meter is ``gateway.sts.MeterEmulator``, keyed from the same vending key the engine uses.
@@ -35,6 +39,14 @@ from gateway.ledger.keys import open_vending_key
 from gateway.sim.africastalking import AtSimulator, SimSms
 from gateway.sim.daraja import DarajaSimulator
 from gateway.sts import MeterEmulator, MeterProfile, VendingKey, Verdict
+from gateway.vendor.sandbox import (
+    SANDBOX_KEY_ID,
+    SANDBOX_SECRET,
+    SANDBOX_TERMINAL,
+    SANDBOX_VENDOR,
+    SLOW_METER,
+)
+from gateway.vendor_client import VendorClient, VendorReply
 
 _TOKEN_RE = re.compile(r"(\d{4})[- ](\d{4})[- ](\d{4})[- ](\d{4})[- ](\d{4})")
 STEP_DEADLINE_S = 15.0
@@ -237,6 +249,57 @@ class Demo:
         if len(self.daraja.ledger()) != before:
             raise DemoFailedError("money was taken for an unknown meter")
 
+    async def sales_point(self, drn: str, amount_minor: int) -> ScenarioResult:
+        """A shop terminal sells over the vendor API, times out, asks for the last response."""
+        print(
+            "\n== 5. Sales point: a shop terminal sells a token over the vendor API", file=self.out
+        )
+        base, key = self.runtime.base_url, "till-1-sale-0001"
+        vendors = self.runtime.vendor.vendors
+        before = (await vendors.get_vendor(SANDBOX_VENDOR)).balance_minor
+        async with VendorClient(
+            base, SANDBOX_KEY_ID, SANDBOX_SECRET, terminal=SANDBOX_TERMINAL, timeout_s=1.0
+        ) as terminal:
+            meter = (await terminal.confirm_meter(drn)).json()
+            self.say("terminal", f"meter {drn}: {meter['name']}, {meter['area']}, "
+                     f"can sell: {meter['can_sell']}")  # fmt: skip
+            quote = (await terminal.quote(drn, amount_minor)).json()
+            self.say("terminal", f"quote KES {amount_minor // 100}: {quote['units']} kWh, "
+                     f"float pays KES {quote['float_debit_minor'] / 100:.2f}")  # fmt: skip
+            try:
+                await terminal.vend(drn, amount_minor, idempotency_key=key)
+                raise DemoFailedError("the sandbox's slow meter answered within 1 s")
+            except TimeoutError:
+                self.say("terminal", f"vend (Idempotency-Key {key}): no answer after 1 s")
+
+            async def answered() -> VendorReply | None:
+                reply = await terminal.last_response(idempotency_key=key)
+                return reply if reply.status == 201 else None
+
+            last = await _eventually("the vend's last response", answered)
+            again = await terminal.vend(drn, amount_minor, idempotency_key=key)
+        sold = last.json()
+        token = sold["tokens"][-1]["token"]
+        if again.body != last.body:
+            raise DemoFailedError("the same sale sent again did not return the stored answer")
+        debited = before - (await vendors.get_vendor(SANDBOX_VENDOR)).balance_minor
+        if debited != sold["float_debit_minor"]:
+            raise DemoFailedError(f"the float moved by {debited}, not one debit")
+        grouped = "-".join(token[i : i + 4] for i in range(0, 20, 4))
+        receipt = f"Token {grouped}. {sold['units']} kWh. Meter {drn}. Receipt {sold['receipt']}."
+        self.say("terminal", f"last response: {sold['status']}, prints: {receipt}")
+        self.say("terminal", "sends the sale again: the same answer, the float debited once")
+        emulator = await self.meter(drn)
+        response = emulator.enter(token)
+        if response.verdict is not Verdict.ACCEPTED:
+            raise DemoFailedError(f"meter {drn} refused the vendor's token: {response.reason}")
+        credit = emulator.credit.get(0, 0)
+        self.say("meter", f"{drn}: token accepted, credit now {credit / 10:.1f} kWh")
+        return ScenarioResult(
+            name="vendor", token=token, kwh=sold["units"], credit_kwh=f"{credit / 10:.1f}",
+            sms_text=receipt,
+        )  # fmt: skip
+
 
 @contextlib.asynccontextmanager
 async def serving(data_dir: Path | None = None) -> AsyncIterator[Runtime]:
@@ -267,5 +330,6 @@ async def run_demo(out: TextIO, *, data_dir: Path | None = None) -> DemoReport:
         report.results.append(await demo.sms("+254722000111", "04000000028", "200"))
         report.results.append(await demo.paybill("+254733000222", "04000000036", 150))
         await demo.unknown_meter("+254733000222")
+        report.results.append(await demo.sales_point(SLOW_METER, 10_000))
         print(f"\nAll scenarios passed (supply group {DEMO_SGC}).", file=out)
         return report

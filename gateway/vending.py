@@ -77,6 +77,7 @@ from gateway.errors import GatewayError
 from gateway.ledger import (
     ConfirmedPayment,
     FbeDraft,
+    FloatDebit,
     IllegalTransition,
     KeyChange,
     LedgerError,
@@ -185,6 +186,15 @@ def _claim_contradiction(
 
 
 # ------------------------------------------------------------------------------------------ errors
+
+
+#: The channel of a vendor API sale (``gateway/vendor/``), paid from the vendor's float.
+VENDOR_CHANNEL: Final = "vendor"
+#: The "provider" of a vendor sale: the vendor's prepaid float (no collection is ever requested).
+FLOAT_PROVIDER: Final = "float"
+#: A vendor sale still open this long after it started was abandoned (its vendor never retried):
+#: the payment checker closes it (nothing was debited).
+VENDOR_ABANDON_S: Final = 3600
 
 
 class VendingError(GatewayError):
@@ -402,7 +412,10 @@ class Vending:
             IdempotencyConflict: the key was used for a different request.
         """
         provider_name = provider or self._default_provider
-        if provider_name not in self._providers:
+        first_check = timedelta(seconds=self._policy.first_check_after_s)
+        if channel == VENDOR_CHANNEL:  # paid from a vendor's float, with its vend
+            provider_name, first_check = FLOAT_PROVIDER, timedelta(seconds=VENDOR_ABANDON_S)
+        elif provider_name not in self._providers:
             raise ValueError(f"unknown payment provider {provider_name!r}")
         record = await self._sellable_meter(meter)
         priced = await self._price(record, amount)
@@ -420,7 +433,7 @@ class Vending:
                 # Should the caller never get to request_payment (a crash in between), the
                 # sweeper requests it then, or expires the purchase at its deadline. Stored with
                 # the purchase in one transaction, so no crash can leave it unscheduled.
-                first_check_at=self._clock() + timedelta(seconds=self._policy.first_check_after_s),
+                first_check_at=self._clock() + first_check,
                 debt_recovery_minor=priced.debt_recovered_minor,
             ),
             actor=channel,
@@ -1041,6 +1054,16 @@ class Vending:
             purchase = await self._ledger.get_purchase(purchase_id)
             if purchase.state not in {PurchaseState.CREATED, PurchaseState.AWAITING_PAYMENT}:
                 return purchase
+            if purchase.channel == VENDOR_CHANNEL:
+                # A vendor sale is paid from its float with its vend, or never: one still open
+                # at its check time was abandoned (no money moved); it is closed.
+                return await self._ledger.transition(
+                    purchase_id,
+                    PurchaseState.EXPIRED,
+                    kind="vendor_sale_abandoned",
+                    actor="sweeper",
+                    data={},
+                )
             if purchase.provider_reference is None:
                 purchase = await self.request_payment(purchase_id)
                 try:
@@ -1130,6 +1153,24 @@ class Vending:
             outcome = await self._vend_locked(purchase_id, context.purchase.meter, payment=None)
             return outcome.vend
 
+    async def vend_from_float(self, purchase_id: str, debit: FloatDebit) -> VendOutcome:
+        """A vendor sale's vend: the float's debit, the vend and its tokens in one transaction.
+
+        A purchase that has its vend returns it (``replayed``): never a second debit.
+
+        Raises:
+            InsufficientFloat, VendorSuspended: refused, nothing written (the purchase stays
+                CREATED: the same sale may be tried again).
+            VendFailed: the engine refused (nothing debited).
+        """
+        with structlog.contextvars.bound_contextvars(purchase_id=purchase_id):
+            context = await self._ledger.vend_context(purchase_id)
+            if context.vend is not None:
+                return VendOutcome(vend=context.vend, replayed=True, purchase=context.purchase)
+            return await self._vend_locked(
+                purchase_id, context.purchase.meter, payment=None, float_debit=debit
+            )
+
     async def _vend_locked(
         self,
         purchase_id: str,
@@ -1137,8 +1178,11 @@ class Vending:
         *,
         payment: ConfirmedPayment | None,
         context: VendContext | None = None,
+        float_debit: FloatDebit | None = None,
     ) -> VendOutcome:
         """The vend step under the meter's lock; with ``payment``, paid and vended at once.
+
+        With ``float_debit`` (a vendor sale), the vendor's float pays in the vend's transaction.
 
         The lock serialises this process's vends per meter; the ledger's compare-and-set on the
         meter's last TID guards against other writers (and against ``context`` having gone
@@ -1151,7 +1195,7 @@ class Vending:
         async with lock:
             for attempt in range(self._policy.vend_attempts):
                 try:
-                    outcome = await self._vend_once(purchase_id, payment, context)
+                    outcome = await self._vend_once(purchase_id, payment, context, float_debit)
                 except TidConflict as exc:
                     # Another writer (another process) took the meter's next TID: read again.
                     # A short jittered pause breaks the symmetry between two retrying writers.
@@ -1169,14 +1213,18 @@ class Vending:
             )
 
     async def _vend_once(
-        self, purchase_id: str, payment: ConfirmedPayment | None, context: VendContext | None
+        self,
+        purchase_id: str,
+        payment: ConfirmedPayment | None,
+        context: VendContext | None,
+        float_debit: FloatDebit | None = None,
     ) -> VendOutcome:
         if context is None:
             context = await self._ledger.vend_context(purchase_id)
         purchase, meter = context.purchase, context.meter
         if context.vend is not None:
             return VendOutcome(vend=context.vend, replayed=True, purchase=purchase)
-        if payment is None and purchase.state not in {
+        if (payment is None and float_debit is None) and purchase.state not in {
             PurchaseState.PAID,
             PurchaseState.VEND_FAILED,
         }:
@@ -1191,8 +1239,13 @@ class Vending:
         units = _carried_units(units)
         tid, token, kcts = await self._make_tokens(context, change, payment, units)
         # The month's free basic electricity rides on this vend: not on a key change's, nor on
-        # one with no phone to send it to (its SMS would be held, and nothing reprints it).
-        fbe = None if kcts or purchase.phone is None else await self._fbe_step(context, tid)
+        # one with no phone to send it to (its SMS would be held, and nothing reprints it), nor on
+        # a vendor's sale (its answer carries the tokens it paid for, see the vendor API).
+        fbe = (
+            None
+            if kcts or purchase.phone is None or float_debit
+            else await self._fbe_step(context, tid)
+        )
         # Only a receipt the provider's records proved (the payment's): never a callback's claim.
         proven = payment.receipt if payment else await self._confirmed_receipt(purchase)
         receipt = proven or purchase.purchase_id
@@ -1225,6 +1278,7 @@ class Vending:
                 debt_recovery_minor=recovered,
                 expected_debt_balance_minor=balance,
                 fbe=fbe,
+                float_debit=float_debit,
             ),
             actor="saga",
             payment=payment,
@@ -1240,7 +1294,7 @@ class Vending:
                 debt_recovered=recovered,
                 fbe_units=fbe.units if fbe is not None else 0,
             )
-            if purchase.phone is None:
+            if purchase.phone is None and float_debit is None:
                 # C2B with a masked MSISDN: the message is HELD for an operator (never retried),
                 # the token stays for reprint.
                 log.warning(

@@ -276,6 +276,18 @@ class NoticeOutcome:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FloatDebit:
+    """What a vendor sale takes off the float, in ``record_vend``'s transaction.
+
+    ``amount_minor`` is the debit (the sale less the vendor's commission), > 0.
+    """
+
+    vendor_id: str
+    amount_minor: int
+    commission_minor: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class VendDraft:
     """A token made for a paid purchase, to be stored with its message in one transaction.
 
@@ -303,6 +315,9 @@ class VendDraft:
     debt_recovery_minor: int = 0
     expected_debt_balance_minor: int | None = None
     fbe: FbeDraft | None = None
+    # A vendor sale: the float pays, in the same transaction (the purchase goes PAID with the
+    # debit; ``InsufficientFloat`` refuses the whole vend). With no recipient, no SMS is queued.
+    float_debit: FloatDebit | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

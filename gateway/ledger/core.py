@@ -88,6 +88,7 @@ from gateway.ledger.base import (
     is_legal,
     mask_name,
 )
+from gateway.ledger.vendor import VendorSteps
 from gateway.money import Money
 from gateway.phone import Msisdn
 from gateway.tariff import DebtTerms, Tariff
@@ -465,7 +466,7 @@ def _not_owner(provider: str, reference: str, owner: object, purchase_id: str) -
 # ------------------------------------------------------------------------------------- the core
 
 
-class LedgerCore:
+class LedgerCore(VendorSteps):
     """Every ``Ledger`` method, once; a dialect subclass runs the steps (see the module doc).
 
     A dialect provides ``_write`` (the steps in one transaction: the SQLite writer's batch, a
@@ -1324,9 +1325,7 @@ class LedgerCore:
             existing = yield one("SELECT * FROM vends WHERE purchase_id = ?", draft.purchase_id)
             if existing is not None:
                 return VendOutcome(vend=vend_of(existing), replayed=True, purchase=purchase_of(row))
-        if payment is not None and current not in _PAID_OR_LATER:
-            row = yield from self._pay(row, payment, actor, move=False)
-            current = PurchaseState.PAID
+        row, current = yield from self._paid_for_vend(row, draft, actor, payment)
         if not is_legal(current, PurchaseState.VENDED):
             raise IllegalTransition(draft.purchase_id, current, PurchaseState.VENDED)
         expected = draft.expected_last_tid
@@ -1346,6 +1345,8 @@ class LedgerCore:
                 yield from self._tid_conflict(draft)
         # The TID counts from the meter's base date (the new one after a key change, applied
         # above): one TID per (meter, base date, TID), schema 0004.
+        # A vendor's sale with no customer phone queues no SMS: the vendor prints the token.
+        message = draft.recipient is not None or draft.float_debit is None
         yield batch(
             run(
                 "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
@@ -1381,16 +1382,22 @@ class LedgerCore:
                 },
                 now,
             ),
-            run(
-                _QUEUE_MESSAGE,
-                draft.purchase_id,
-                MessageKind.TOKEN.value,
-                draft.recipient,
-                draft.message,
-                (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
-                now,
-                now,
-                now,
+            *(
+                [
+                    run(
+                        _QUEUE_MESSAGE,
+                        draft.purchase_id,
+                        MessageKind.TOKEN.value,
+                        draft.recipient,
+                        draft.message,
+                        (OutboxState.PENDING if draft.recipient else OutboxState.HELD).value,
+                        now,
+                        now,
+                        now,
+                    )
+                ]
+                if message
+                else []
             ),
         )
         if draft.debt_recovery_minor or draft.fbe is not None:
@@ -1413,6 +1420,22 @@ class LedgerCore:
             or (payment.reference if payment else None),
         )
         return VendOutcome(vend=vend, replayed=False, purchase=purchase)
+
+    def _paid_for_vend(
+        self, row: Row, draft: VendDraft, actor: str, payment: ConfirmedPayment | None
+    ) -> Steps[tuple[Row, PurchaseState]]:
+        """The payment that comes with a vend (a provider's, or a vendor's float debit)."""
+        current = PurchaseState(row["state"])
+        if current in _PAID_OR_LATER:
+            return row, current
+        if payment is not None:
+            row = yield from self._pay(row, payment, actor, move=False)
+            return row, PurchaseState.PAID
+        if draft.float_debit is not None:
+            # A vendor's sale: the float pays in this transaction (gateway/ledger/vendor.py).
+            yield from self._debit_float(row, draft.float_debit, actor)
+            return row, PurchaseState.PAID
+        return row, current
 
     def _vend_extras(self, draft: VendDraft, currency: str, actor: str, now: object) -> Steps[None]:
         """The vend's debt recovery and FBE token, when it carries them."""

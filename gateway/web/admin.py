@@ -56,7 +56,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 from urllib.parse import quote, urlsplit
 
 import aiohttp_jinja2
@@ -79,6 +79,9 @@ from gateway.operator import (
 from gateway.phone import InvalidPhoneNumber, Msisdn, masked, parse_msisdn
 from gateway.values.clock import UtcClock, utc_now
 from gateway.vending import CUSTOMER_INITIATED_CHANNEL, NothingToReprint, NotPaid, VendFailed
+
+if TYPE_CHECKING:
+    from gateway.vendor.service import Terminal, Vendor
 
 __all__ = [
     "ADMIN",
@@ -200,6 +203,19 @@ class StuckPolicy:
             StuckKind.NEEDS_OPERATOR: self.needs_operator_s,
         }[kind]
         return timedelta(seconds=seconds)
+
+
+@runtime_checkable
+class VendorListing(Protocol):
+    """What the vendors page reads (the ledger's vendor port has it: gateway/ledger/vendor.py)."""
+
+    async def list_vendors(self) -> list[Vendor]:
+        """Every vendor, by id."""
+        ...
+
+    async def terminals(self, vendor_id: str) -> list[Terminal]:
+        """A vendor's terminals."""
+        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -395,6 +411,7 @@ def admin_routes() -> list[web.RouteDef]:
         web.post("/admin/login", _login),
         web.post("/admin/logout", _logout),
         web.get("/admin/stuck/{kind}", _stuck_list, name="admin_stuck"),
+        web.get("/admin/vendors", _vendors_list, name="admin_vendors"),
         web.get("/admin/purchases/{purchase_id}", _purchase, name="admin_purchase"),
         web.post("/admin/purchases/{purchase_id}/reprint", _reprint),
         web.post("/admin/purchases/{purchase_id}/vend", _retry_vend),
@@ -822,6 +839,30 @@ async def _stuck_page(request: web.Request, operator: _Operator) -> web.StreamRe
     )
 
 
+async def _vendors_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
+    """The vendors (vendor API): status, float, credit limit, commission, terminals.
+
+    Read-only: operators register, suspend and top up with ``gateway vendors``.
+    """
+    ledger = request.app[ADMIN].ledger
+    rows: list[dict[str, Any]] = []
+    if isinstance(ledger, VendorListing):
+        for v in await ledger.list_vendors():
+            terminals = await ledger.terminals(v.vendor_id)
+            rows.append(
+                {
+                    "vendor": v,
+                    "float": _money(Money(v.balance_minor, v.currency)),
+                    "credit_limit": _money(Money(v.credit_limit_minor, v.currency)),
+                    "commission": f"{v.commission_bp / 100:g} %",
+                    "terminals": ", ".join(t.terminal_id for t in terminals),
+                }
+            )
+    return _render(
+        request, "admin/vendors.html", {"rows": rows}, csrf=operator.csrf, via=operator.via
+    )
+
+
 async def _purchase_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
     """One purchase: its details, payment, token (masked), messages and timeline of events."""
     site = request.app[ADMIN]
@@ -948,6 +989,7 @@ async def _retry_vend_page(request: web.Request, operator: _Operator) -> web.Str
 
 _index = _guarded(_index_page)
 _stuck_list = _guarded(_stuck_page)
+_vendors_list = _guarded(_vendors_page)
 _purchase = _guarded(_purchase_page)
 _reprint = _guarded(_reprint_page)
 _retry_vend = _guarded(_retry_vend_page)

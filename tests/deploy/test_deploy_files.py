@@ -68,6 +68,7 @@ ROUTES: dict[str, str | None] = {
     "/metrics": "PROXY_OPERATOR_NETWORKS",
     "/admin": "PROXY_OPERATOR_NETWORKS",
     "/admin/<page>": "PROXY_OPERATOR_NETWORKS",
+    "/vendor/v1/<page>": "PROXY_VENDOR_SOURCES",
 }
 
 
@@ -550,7 +551,12 @@ def test_allowlist_defaults_fail_closed() -> None:
     """No allowlist's default opens a route wider than a /16, and unknown providers get TEST-NET."""
     text = CADDYFILE.read_text(encoding="utf-8")
     defaults = dict(re.findall(r"\{\$(PROXY_[A-Z_]+):([^}]*)\}", text))
-    for name in ("PROXY_MOMO_SOURCES", "PROXY_AIRTEL_SOURCES", "PROXY_AT_SOURCES"):
+    for name in (
+        "PROXY_MOMO_SOURCES",
+        "PROXY_AIRTEL_SOURCES",
+        "PROXY_AT_SOURCES",
+        "PROXY_VENDOR_SOURCES",
+    ):
         assert defaults[name].split() == ["192.0.2.1/32"], name
     for name, value in defaults.items():
         if name.endswith(("_SOURCES", "_NETWORKS")):

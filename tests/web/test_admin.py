@@ -8,6 +8,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 import structlog
@@ -26,6 +27,7 @@ from gateway.ledger import (
     Vend,
     open_sqlite_ledger,
 )
+from gateway.ledger.vendor import VendorLedger, VendorStatus
 from gateway.money import Money
 from gateway.payments import (
     CallbackAck,
@@ -41,6 +43,7 @@ from gateway.sts import LocalTokenEngine, VendingKey
 from gateway.sts.pan import luhn_check_digit
 from gateway.tariff import Tariff
 from gateway.vending import SagaPolicy, VendFailed, Vending
+from gateway.vendor.service import register_vendor
 from gateway.web.admin import (
     COOKIE_NAME,
     AuthThrottle,
@@ -779,3 +782,28 @@ async def test_the_lock_out_ends_after_the_window(
     assert (
         await client.post("/admin/login", data={"token": ADMIN_TOKEN}, allow_redirects=False)
     ).status == 303
+
+
+# --------------------------------------------------------------------------------------- vendors
+
+
+async def test_vendors_page_lists_floats_and_needs_the_token(client: Client, shop: Shop) -> None:
+    """Each vendor with its status, float and terminals; no key material; guarded like the rest."""
+    vendors = cast("VendorLedger", shop.ledger)
+    made = await register_vendor(
+        vendors, "corner", name="Corner <shop>", currency="KES", commission_bp=250,
+        terminals=("till-1",), actor="test",
+    )  # fmt: skip
+    await vendors.top_up_float("corner", 123_450, reference="B1", actor="test")
+    await vendors.set_vendor_status("corner", VendorStatus.SUSPENDED, actor="test")
+    assert (await client.get("/admin/vendors")).status == 401
+    response = await client.get("/admin/vendors", headers=BEARER)
+    html = await response.text()
+    assert response.status == 200
+    assert "Corner &lt;shop&gt;" in html
+    assert "KES 1,234.50" in html
+    assert "suspended" in html
+    assert "2.5 %" in html
+    assert "till-1" in html
+    assert made.key.secret not in html
+    assert made.key.signing_key not in html

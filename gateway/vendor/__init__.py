@@ -1,0 +1,1 @@
+"""The vendor API for banks, agents and sales points (``/vendor/v1``): signing and its rules."""
