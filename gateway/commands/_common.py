@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from gateway.config import Config
+from gateway.money import Money
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,3 +37,18 @@ def load_config(args: argparse.Namespace, **overrides: object) -> Config:
         **overrides,
     }
     return Config.load(env=os.environ, file=getattr(args, "config", None), overrides=flags)
+
+
+def minor_units(flag: str, text: str, currency: str) -> int:
+    """``text`` (major units, e.g. ``"1500.50"``) as minor units of ``currency``, never negative.
+
+    Raises:
+        ValueError: not an amount of ``currency``, or negative; the message names ``flag``.
+    """
+    try:
+        value = Money.of(text, currency).amount_minor
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from exc
+    if value < 0:
+        raise ValueError(f"{flag}: cannot be negative: {text!r}")
+    return value

@@ -27,7 +27,7 @@ import sys
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from gateway.commands._common import add_config_arguments, load_config
+from gateway.commands._common import add_config_arguments, load_config, minor_units
 from gateway.errors import GatewayError
 from gateway.ledger import DebtRecovery, FbeIssue, Ledger, MeterDebt, NotFound, open_ledger
 from gateway.money import Money
@@ -89,16 +89,6 @@ def _basis_points(flag: str, percent: str) -> int:
     if not value.is_finite() or value != value.to_integral_value() or not 0 <= value <= 10_000:
         raise ValueError(f"{flag}: 0 to 100 with at most two decimals: {percent!r}")
     return int(value)
-
-
-def _minor(flag: str, text: str, currency: str) -> int:
-    try:
-        value = Money.of(text, currency).amount_minor
-    except ValueError as exc:
-        raise ValueError(f"{flag}: {exc}") from exc
-    if value < 0:
-        raise ValueError(f"{flag}: cannot be negative: {text!r}")
-    return value
 
 
 def _units(text: str) -> int:
@@ -186,13 +176,13 @@ def _set(args: argparse.Namespace) -> int:
             cap = args.cap_per_purchase
             return await ledger.set_debt(
                 meter.drn,
-                balance=Money(_minor("--balance", args.balance, currency), currency),
+                balance=Money(minor_units("--balance", args.balance, currency), currency),
                 rate_basis_points=rate,
-                min_per_purchase_minor=_minor(
+                min_per_purchase_minor=minor_units(
                     "--min-per-purchase", args.min_per_purchase, currency
                 ),
                 cap_per_purchase_minor=(
-                    _minor("--cap-per-purchase", cap, currency) if cap is not None else None
+                    minor_units("--cap-per-purchase", cap, currency) if cap is not None else None
                 ),
                 actor=_ACTOR,
                 reason=args.reason,

@@ -27,7 +27,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from gateway.commands._common import add_config_arguments, load_config
+from gateway.commands._common import add_config_arguments, load_config, minor_units
 from gateway.errors import GatewayError
 from gateway.ledger import Ledger, NotFound, open_ledger
 from gateway.ledger.vendor import Vendor, VendorLedger, VendorStatus, VendorSteps
@@ -95,16 +95,6 @@ def _port(ledger: Ledger) -> VendorLedger:
     return ledger
 
 
-def _minor(flag: str, text: str, currency: str) -> int:
-    try:
-        value = Money.of(text, currency).amount_minor
-    except ValueError as exc:
-        raise ValueError(f"{flag}: {exc}") from exc
-    if value < 0:
-        raise ValueError(f"{flag}: cannot be negative: {text!r}")
-    return value
-
-
 def _basis_points(percent: str) -> int:
     try:
         value = Decimal(percent) * 100
@@ -165,7 +155,7 @@ def _add(args: argparse.Namespace) -> int:
             args.vendor,
             name=args.name,
             currency=args.currency,
-            credit_limit_minor=_minor("--credit-limit", args.credit_limit, args.currency),
+            credit_limit_minor=minor_units("--credit-limit", args.credit_limit, args.currency),
             commission_bp=_basis_points(args.commission_percent),
             ip_allowlist=tuple(args.allow_ip),
             terminals=tuple(args.terminal),
@@ -219,7 +209,7 @@ def _suspend(args: argparse.Namespace) -> int:
 def _top_up(args: argparse.Namespace) -> int:
     async def work(vendors: VendorLedger) -> dict[str, Any]:
         vendor = await vendors.get_vendor(args.vendor)
-        amount = _minor("AMOUNT", args.amount, vendor.currency)
+        amount = minor_units("AMOUNT", args.amount, vendor.currency)
         if amount == 0:
             raise ValueError("AMOUNT: a top-up is more than zero")
         moved = await vendors.top_up_float(
