@@ -84,6 +84,7 @@ from gateway.ledger import (
     MessageKind,
     MeterRecord,
     MeterStatus,
+    Minted,
     NotFound,
     NoticeRecord,
     OutboxMessage,
@@ -348,6 +349,8 @@ class Vending:
         self._clock = clock
         self._policy = policy or SagaPolicy()
         self._observer = observer
+        #: TID compare-and-sets this saga lost (another writer took the TID; read again).
+        self.tid_conflicts = 0
         self._meter_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
@@ -1200,6 +1203,7 @@ class Vending:
                     # Another writer (another process) took the meter's next TID: read again.
                     # A short jittered pause breaks the symmetry between two retrying writers.
                     log.info("vend_tid_conflict", meter=exc.meter, attempt=attempt)
+                    self.tid_conflicts += 1
                     context = None
                     await asyncio.sleep(random.random() * 0.002 * (attempt + 1))
                 else:
@@ -1237,52 +1241,67 @@ class Vending:
             change = None
         units, recovered, balance = await self._debt_step(purchase)
         units = _carried_units(units)
-        tid, token, kcts = await self._make_tokens(context, change, payment, units)
-        # The month's free basic electricity rides on this vend: not on a key change's, nor on
-        # one with no phone to send it to (its SMS would be held, and nothing reprints it), nor on
-        # a vendor's sale (its answer carries the tokens it paid for, see the vendor API).
-        fbe = (
-            None
-            if kcts or purchase.phone is None or float_debit
-            else await self._fbe_step(context, tid)
-        )
         # Only a receipt the provider's records proved (the payment's): never a callback's claim.
         proven = payment.receipt if payment else await self._confirmed_receipt(purchase)
         receipt = proven or purchase.purchase_id
         currency = purchase.amount.currency
-        outcome = await self._ledger.record_vend(
-            VendDraft(
-                purchase_id=purchase.purchase_id,
-                meter=purchase.meter,
-                tid=tid,
-                expected_last_tid=meter.last_tid,
+        # The month's free basic electricity rides on this vend: not on a key change's, nor on
+        # one with no phone to send it to (its SMS would be held, and nothing reprints it), nor on
+        # a vendor's sale (its answer carries the tokens it paid for, see the vendor API).
+        fbe_possible = purchase.phone is not None and not float_debit
+
+        def message(token: str, kcts: tuple[str, ...]) -> str:
+            return token_message(
                 token=token,
                 units=units,
+                amount=purchase.amount,
+                meter=purchase.meter,
                 receipt=receipt,
-                recipient=purchase.phone,
-                message=token_message(
-                    token=token,
-                    units=units,
-                    amount=purchase.amount,
-                    meter=purchase.meter,
-                    receipt=receipt,
-                    language=context.language or "en",
-                    key_change_tokens=kcts,
-                    debt_recovered=Money(recovered, currency) if balance is not None else None,
-                    debt_remaining=(
-                        Money(balance - recovered, currency) if balance is not None else None
-                    ),
-                ),
-                key_change_id=change.change_id if change is not None and kcts else None,
+                language=context.language or "en",
                 key_change_tokens=kcts,
-                debt_recovery_minor=recovered,
-                expected_debt_balance_minor=balance,
-                fbe=fbe,
-                float_debit=float_debit,
-            ),
-            actor="saga",
-            payment=payment,
+                debt_recovered=Money(recovered, currency) if balance is not None else None,
+                debt_remaining=(
+                    Money(balance - recovered, currency) if balance is not None else None
+                ),
+            )
+
+        draft = VendDraft(
+            purchase_id=purchase.purchase_id,
+            meter=purchase.meter,
+            tid=0,
+            expected_last_tid=None,
+            token="",
+            units=units,
+            receipt=receipt,
+            recipient=purchase.phone,
+            message="",
+            debt_recovery_minor=recovered,
+            expected_debt_balance_minor=balance,
+            float_debit=float_debit,
         )
+        if self._ledger.mints_under_lock and change is None:
+            outcome, fbe = await self._record_minted(
+                context, draft, payment, message, fbe_possible=fbe_possible
+            )
+        else:
+            tid, token, kcts = await self._make_tokens(context, change, payment, units)
+            fbe = None if kcts or not fbe_possible else await self._fbe_step(context, tid)
+            outcome = await self._ledger.record_vend(
+                replace(
+                    draft,
+                    tid=tid,
+                    expected_last_tid=meter.last_tid,
+                    token=token,
+                    message=message(token, kcts),
+                    key_change_id=change.change_id if change is not None and kcts else None,
+                    key_change_tokens=kcts,
+                    fbe=fbe,
+                ),
+                actor="saga",
+                payment=payment,
+            )
+        tid = outcome.vend.tid
+        kcts = outcome.vend.key_change_tokens
         if not outcome.replayed:
             log.info(
                 "token_vended",
@@ -1307,6 +1326,38 @@ class Vending:
                     data={"reason": "the payment named no phone number (masked MSISDN)"},
                 )
         return outcome
+
+    async def _record_minted(
+        self,
+        context: VendContext,
+        draft: VendDraft,
+        payment: ConfirmedPayment | None,
+        message: Callable[[str, tuple[str, ...]], str],
+        *,
+        fbe_possible: bool,
+    ) -> tuple[VendOutcome, FbeDraft | None]:
+        """The vend with its tokens made under the meter's row lock; the FBE token it carried.
+
+        The TID is taken from the meter's row, locked in the vend's own transaction
+        (PostgreSQL): instances vending for one meter take turns and never conflict.
+        """
+        fbe_units = await self._fbe_units_due(context.meter) if fbe_possible else (0, "")
+        minted: list[Minted] = []  # the last one is what committed (a retry mints again)
+
+        async def mint(locked: MeterRecord) -> Minted:
+            tid, token = await self._credit_token(locked, draft.units)
+            fbe = await self._fbe_token(context, locked, tid, *fbe_units)
+            minted.append(Minted(tid=tid, token=token, message=message(token, ()), fbe=fbe))
+            return minted[-1]
+
+        try:
+            outcome = await self._ledger.record_vend(
+                replace(draft, mint=mint), actor="saga", payment=payment
+            )
+        except StsError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            raise await self._vend_failed(context.purchase, payment, reason) from exc
+        return outcome, minted[-1].fbe if minted and not outcome.replayed else None
 
     async def _debt_step(self, purchase: Purchase) -> tuple[int, int, int | None]:
         """The units to vend, the debt recovery and the debt balance it is taken from.
@@ -1348,9 +1399,24 @@ class Vending:
 
         Its TID follows the credit token's. An engine refusal leaves the FBE for a later vend.
         """
-        meter = context.meter
+        units, month = await self._fbe_units_due(context.meter)
+        return await self._fbe_token(context, context.meter, credit_tid, units, month)
+
+    async def _fbe_units_due(self, meter: MeterRecord) -> tuple[int, str]:
+        """The free units the meter has due this month (0: none), and the month (YYYY-MM)."""
         month = self._clock().astimezone(self._fbe_zone).strftime("%Y-%m")
-        units = await self._ledger.fbe_due(meter.drn, month)
+        return max(0, await self._ledger.fbe_due(meter.drn, month)), month
+
+    async def _credit_token(self, meter: MeterRecord, units: int) -> tuple[int, str]:
+        """The TID after the meter's last and the credit token for ``units`` (raises StsError)."""
+        tid = next_tid(self._clock(), meter.base_date, meter.last_tid)
+        token = await self._engine.credit_token(self._profile(meter), units, tid)
+        return tid, token.digits
+
+    async def _fbe_token(
+        self, context: VendContext, meter: MeterRecord, credit_tid: int, units: int, month: str
+    ) -> FbeDraft | None:
+        """The FBE token for ``units`` (none when 0), its TID after ``credit_tid``."""
         if units <= 0:
             return None
         try:
@@ -1416,13 +1482,11 @@ class Vending:
             else:
                 return tid, token.digits, tuple(_digits(kcts))
         try:
-            profile = self._profile(meter)
-            tid = next_tid(self._clock(), meter.base_date, meter.last_tid)
-            token = await self._engine.credit_token(profile, units, tid)
+            tid, token_digits = await self._credit_token(meter, units)
         except StsError as exc:
             reasons.append(f"{type(exc).__name__}: {exc}")
             raise await self._vend_failed(purchase, payment, "; ".join(reasons)) from exc
-        return tid, token.digits, ()
+        return tid, token_digits, ()
 
     def _profile(self, meter: MeterRecord) -> MeterProfile:
         """The engine's view of the meter, validated once per set of key attributes."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from enum import StrEnum
@@ -294,6 +294,13 @@ class VendDraft:
     ``expected_last_tid`` is the meter's ``last_tid`` the TID was computed from: the write is
     refused with ``TidConflict`` if it has moved, so a TID is never reused.
 
+    With ``mint`` (a ledger whose ``mints_under_lock`` is true: PostgreSQL), the TID, token,
+    message and FBE token are not made beforehand: the write locks the meter's row, awaits
+    ``mint(meter as locked)`` and stores what it returns (``Minted``). The TID is taken from the
+    locked row, so writers of one meter on any number of instances take turns on the row lock
+    and never conflict; ``tid``, ``token``, ``message`` and ``expected_last_tid`` are then
+    ignored (pass 0, "", "" and None). Never with a key change (``key_change_id``).
+
     With ``key_change_id`` (the meter's pending ``KeyChange``), ``key_change_tokens`` were made
     under the meter's current key and ``token`` under the new one: the write applies the change
     (the meter row takes the new key's attributes) in the same transaction.
@@ -318,6 +325,17 @@ class VendDraft:
     # A vendor sale: the float pays, in the same transaction (the purchase goes PAID with the
     # debit; ``InsufficientFloat`` refuses the whole vend). With no recipient, no SMS is queued.
     float_debit: FloatDebit | None = None
+    mint: Callable[[MeterRecord], Awaitable[Minted]] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Minted:
+    """What a ``VendDraft``'s ``mint`` made under the meter's row lock."""
+
+    tid: int
+    token: str = field(repr=False)
+    message: str = field(repr=False)
+    fbe: FbeDraft | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

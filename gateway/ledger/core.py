@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, NoReturn, Protocol, TypeVar
 
@@ -55,12 +55,14 @@ from gateway.ledger.base import (
     KeyChange,
     KeyChangeState,
     KeyRotation,
+    LedgerError,
     MessageKind,
     MeterDebt,
     MeterInfo,
     MeterNumber,
     MeterRecord,
     MeterStatus,
+    Minted,
     NotFound,
     NoticeOutcome,
     NoticeRecord,
@@ -115,6 +117,7 @@ ROWS: Final = 1
 RUN: Final = 2
 LOCK: Final = 3
 BATCH: Final = 4
+CALL: Final = 5
 
 
 Stmt = tuple[int, str, tuple[object, ...]]
@@ -157,6 +160,15 @@ def batch(*stmts: Stmt) -> Stmt:
 def lock(name: str) -> Stmt:
     """A lock on ``name`` held until the transaction ends (writers of one name take turns)."""
     return (LOCK, "", (name,))
+
+
+def call(fn: Callable[..., Awaitable[object]], *args: object) -> Stmt:
+    """Await ``fn(*args)`` inside the transaction, between two statements; its result.
+
+    Only a dialect whose transactions may wait on the event loop runs it (PostgreSQL: the row
+    locks taken so far are held meanwhile); SQLite's writer thread cannot (``mints_under_lock``).
+    """
+    return (CALL, "", (fn, *args))
 
 
 # ------------------------------------------------------------------------------------ row mapping
@@ -474,6 +486,10 @@ class LedgerCore(VendorSteps):
     BEGIN/COMMIT), ``_read`` (the steps on a read connection; ``hot`` marks the few indexed
     rows a USSD hop or a vend reads) and ``_stamp`` (a timestamp as the database stores it).
     """
+
+    #: Whether a write may await between statements (``call``), holding its row locks: a
+    #: ``VendDraft`` with ``mint`` then makes its token under the meter's lock (PostgreSQL).
+    mints_under_lock: bool = False
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
@@ -1328,26 +1344,28 @@ class LedgerCore(VendorSteps):
         row, current = yield from self._paid_for_vend(row, draft, actor, payment)
         if not is_legal(current, PurchaseState.VENDED):
             raise IllegalTransition(draft.purchase_id, current, PurchaseState.VENDED)
-        expected = draft.expected_last_tid
+        advance: list[Stmt] = []
         created, now = self._now()
-        if draft.key_change_id is not None:
+        if draft.mint is not None:
+            draft = yield from self._mint_under_lock(draft)
+            # The row is locked by this transaction since the mint: its TID cannot have moved.
+            advance.append(
+                run(
+                    "UPDATE meters SET last_tid = ? WHERE drn = ?",
+                    draft.fbe.tid if draft.fbe else draft.tid,
+                    draft.meter,
+                )
+            )
+        elif draft.key_change_id is not None:
             yield from self._apply_key_change(draft, now)
         else:
-            if expected is not None and draft.tid <= expected:
-                raise TidConflict(draft.meter, expected, expected)
-            moved = yield run(
-                "UPDATE meters SET last_tid = ? WHERE drn = ? AND last_tid IS NOT DISTINCT FROM ?",
-                draft.fbe.tid if draft.fbe else draft.tid,  # an FBE token's TID follows
-                draft.meter,
-                expected,
-            )
-            if moved != 1:
-                yield from self._tid_conflict(draft)
+            yield from self._advance_tid(draft)
         # The TID counts from the meter's base date (the new one after a key change, applied
         # above): one TID per (meter, base date, TID), schema 0004.
         # A vendor's sale with no customer phone queues no SMS: the vendor prints the token.
         message = draft.recipient is not None or draft.float_debit is None
         yield batch(
+            *advance,
             run(
                 "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
                 " key_change_tokens, base_date) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
@@ -1420,6 +1438,47 @@ class LedgerCore(VendorSteps):
             or (payment.reference if payment else None),
         )
         return VendOutcome(vend=vend, replayed=False, purchase=purchase)
+
+    def _advance_tid(self, draft: VendDraft) -> Steps[None]:
+        """The meter's ``last_tid`` becomes the draft's, if still the one it was made from."""
+        expected = draft.expected_last_tid
+        if expected is not None and draft.tid <= expected:
+            raise TidConflict(draft.meter, expected, expected)
+        moved = yield run(
+            "UPDATE meters SET last_tid = ? WHERE drn = ? AND last_tid IS NOT DISTINCT FROM ?",
+            draft.fbe.tid if draft.fbe else draft.tid,  # an FBE token's TID follows
+            draft.meter,
+            expected,
+        )
+        if moved != 1:
+            yield from self._tid_conflict(draft)
+
+    @staticmethod
+    def _mint_under_lock(draft: VendDraft) -> Steps[VendDraft]:
+        """Lock the meter's row, have ``draft.mint`` make the tokens from it; the full draft.
+
+        The purchase is locked before the meter (the order every writer keeps). The lock is
+        held until the vend commits: another instance's vend of this meter waits here, then
+        reads the TID this one stored, so TIDs never conflict and none is skipped.
+        """
+        assert draft.mint is not None  # noqa: S101 - the contract
+        assert draft.key_change_id is None  # noqa: S101 - the contract
+        locked = yield one("SELECT * FROM meters WHERE drn = ? FOR UPDATE", draft.meter)
+        if locked is None:
+            raise NotFound("meter", draft.meter)
+        meter = meter_of(locked)
+        minted: Minted = yield call(draft.mint, meter)
+        if meter.last_tid is not None and minted.tid <= meter.last_tid:
+            raise LedgerError(f"minted TID {minted.tid} is not after the meter's {meter.last_tid}")
+        return dataclasses.replace(
+            draft,
+            tid=minted.tid,
+            token=minted.token,
+            message=minted.message,
+            fbe=minted.fbe,
+            expected_last_tid=meter.last_tid,
+            mint=None,
+        )
 
     def _paid_for_vend(
         self, row: Row, draft: VendDraft, actor: str, payment: ConfirmedPayment | None

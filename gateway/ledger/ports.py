@@ -126,6 +126,11 @@ class SagaLedger(PaymentChecks, PurchaseReads, MessageQueue, Protocol):
     The saga also schedules the checks the sweeper finds (``PaymentChecks``).
     """
 
+    @property
+    def mints_under_lock(self) -> bool:
+        """Whether ``record_vend`` takes a ``VendDraft.mint`` (tokens made under the meter lock)."""
+        ...
+
     async def get_meter(self, drn: str) -> MeterRecord:
         """The meter with everything the token engine needs. Raises ``NotFound``."""
         ...

@@ -14,13 +14,16 @@ Transactions
     purchase wait for each other instead of both acting, and never deadlock on each other.
 
 TIDs
-    ``record_vend`` (with the proven payment, when given, in the same transaction) advances the
-    meter's ``last_tid`` with a compare-and-set on the TID the vend was computed from (the
-    ``UPDATE`` locks the row; a second writer waits, then finds it moved): two instances vending
-    for one meter in the same minute are serialised there, the loser gets ``TidConflict`` (and
-    nothing of its transaction stays, payment included) and the saga makes a new token from the
-    new last TID. ``UNIQUE (meter, base_date, tid)`` stays as the last net (a TID rollover
-    starts TIDs again from a later base date).
+    The saga's vends come with a ``mint`` (``mints_under_lock``): ``record_vend`` locks the
+    purchase, then the meter's row (``SELECT … FOR UPDATE``), awaits the token engine with the
+    TID that follows the locked row's ``last_tid``, and writes the meter's new ``last_tid``, the
+    vend, its events and its message in one fused statement before its one ``COMMIT``. Writers
+    of one meter on any number of instances take turns on the row lock: no compare-and-set
+    fails, no vend is made twice, and a vend that fails or dies rolls its TID back with
+    everything else (no gap; a gap would be harmless, the meter takes increasing TIDs). A key
+    change (rare) still makes its tokens first and advances the TID with a compare-and-set
+    (``TidConflict`` to the loser, who makes new tokens). ``UNIQUE (meter, base_date, tid)``
+    stays as the last net (a TID rollover starts TIDs again from a later base date).
 
 Idempotent inserts
     Inserts two instances may race on (one idempotency key, one provider reference) use
@@ -68,7 +71,18 @@ import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type informat
 import structlog
 
 from gateway.ledger.base import DuplicateError, LedgerError, LedgerUnavailable, MigrationError
-from gateway.ledger.core import BATCH, LOCK, ROWS, RUN, Clock, LedgerCore, Operation, Steps, Stmt
+from gateway.ledger.core import (
+    BATCH,
+    CALL,
+    LOCK,
+    ROWS,
+    RUN,
+    Clock,
+    LedgerCore,
+    Operation,
+    Steps,
+    Stmt,
+)
 from gateway.ledger.migrations import packaged_migrations
 
 T = TypeVar("T")
@@ -269,6 +283,10 @@ async def _drive(conn: Connection, steps: Steps[T]) -> T:
                     kind = stmts[-1][0]
                     sql = _fused(tuple(each for _, each, _ in stmts))
                     params = tuple(value for _, _, values in stmts for value in values)
+                if kind == CALL:  # the core awaits its own work here, the locks held
+                    fn = cast("Callable[..., Awaitable[object]]", params[0])
+                    stmt = steps.send(await fn(*params[1:]))
+                    continue
                 if kind == LOCK:
                     result = await conn.execute(_LOCK_NAME, *params)
                 elif kind == RUN:
@@ -301,6 +319,8 @@ class PostgresLedger(LedgerCore):
         clock: the time source for every timestamp (UTC, aware).
         retry: how transient failures are retried.
     """
+
+    mints_under_lock = True
 
     def __init__(
         self, pool: Pool, *, clock: Clock = _utc_now, retry: RetryPolicy | None = None

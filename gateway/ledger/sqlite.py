@@ -72,7 +72,18 @@ from gateway.ledger.base import (
     LedgerUnavailable,
     MigrationError,
 )
-from gateway.ledger.core import BATCH, LOCK, ROWS, RUN, Clock, LedgerCore, Operation, Steps, Stmt
+from gateway.ledger.core import (
+    BATCH,
+    CALL,
+    LOCK,
+    ROWS,
+    RUN,
+    Clock,
+    LedgerCore,
+    Operation,
+    Steps,
+    Stmt,
+)
 from gateway.ledger.migrations import packaged_migrations
 
 T = TypeVar("T")
@@ -462,6 +473,9 @@ def _drive(conn: sqlite3.Connection, steps: Steps[T]) -> T:
         while True:
             kind, sql, params = stmt
             result: object = None
+            if kind == CALL:  # nothing may be awaited in the writer thread (mints_under_lock)
+                stmt = steps.throw(LedgerError("SQLite's writer cannot await inside a write"))
+                continue
             if kind != LOCK:
                 try:
                     if kind == BATCH:  # one by one; the last answers
