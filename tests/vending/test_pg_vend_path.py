@@ -134,8 +134,8 @@ async def test_two_instances_vend_one_meter_set_without_a_tid_conflict(schema: s
 async def test_a_vend_that_dies_holding_the_meter_lock_leaves_nothing(schema: str) -> None:
     """A vend whose connection drops while it holds the meter's lock leaves nothing.
 
-    All of it rolls back (the TID included), the other instance's vend of that meter goes on, and the dead one,
-    run again, is vended once with the next TID: no TID used twice, none lost.
+    All of it rolls back (the TID included), the other instance's vend of that meter goes on,
+    and the dead one, run again, is vended once with the next TID: no TID used twice, none lost.
     """
     clock = FakeClock()
     provider = FakeProvider()
