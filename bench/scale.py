@@ -74,7 +74,8 @@ from gateway.ledger import (
     open_sqlite_ledger,
     seal_vending_key,
 )
-from gateway.ledger.postgres import create_schema, drop_schema, is_postgres_url
+from gateway.ledger.postgres import PostgresLedger, create_schema, drop_schema, is_postgres_url
+from gateway.ledger.sqlite import SqliteLedger
 from gateway.logging import configure_logging
 from gateway.money import Money
 from gateway.payments import (
@@ -227,8 +228,19 @@ async def serve_instance(args: argparse.Namespace) -> None:
                 return web.json_response({"error": str(exc)}, status=503)
             return web.json_response({"ok": True})
 
+        async def stats(_request: web.Request) -> web.Response:
+            """What this instance counted: lost TID compare-and-sets, commits (or batches)."""
+            if isinstance(ledger, PostgresLedger):
+                commits = ledger.commits
+            elif isinstance(ledger, SqliteLedger):
+                commits = ledger.write_stats[0]
+            else:
+                commits = -1
+            return web.json_response({"tid_conflicts": vending.tid_conflicts, "commits": commits})
+
         app = web.Application()
         app.router.add_post("/notices", notices)
+        app.router.add_get("/stats", stats)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, args.host, args.port)
@@ -292,6 +304,64 @@ async def start_instances(
 
 
 # --- the driver --------------------------------------------------------------------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used (``/proc/<pid>/stat``); 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14, 15)
+
+
+async def backend_pids(url: str, application_name: str) -> list[int]:
+    """The PostgreSQL backends serving connections named ``application_name``."""
+    conn = await asyncpg.connect(url)
+    try:
+        found = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1", application_name
+        )
+    finally:
+        await conn.close()
+    return [int(row["pid"]) for row in found]
+
+
+async def instance_stats(ports: list[int]) -> list[dict[str, int]]:
+    """Every instance's ``/stats``."""
+    async with aiohttp.ClientSession() as session:
+        answers = []
+        for port in ports:
+            async with session.get(f"http://127.0.0.1:{port}/stats") as response:
+                answers.append(await response.json())
+    return answers
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds of the instance processes and of their PostgreSQL backends over a run."""
+
+    url: str
+    application_name: str
+    instance_pids: list[int]
+    before: dict[int, float]
+
+    @classmethod
+    async def start(cls, url: str, application_name: str, pids: list[int]) -> CpuMeter:
+        """Read every process's CPU now (backends opened later count from zero)."""
+        backends = await backend_pids(url, application_name) if is_postgres_url(url) else []
+        return cls(url, application_name, pids, {p: cpu_seconds(p) for p in [*pids, *backends]})
+
+    async def stop(self) -> tuple[float, float]:
+        """(instances' CPU seconds, backends' CPU seconds) since ``start``."""
+        backends = (
+            await backend_pids(self.url, self.application_name) if is_postgres_url(self.url) else []
+        )
+        gateway = sum(cpu_seconds(p) - self.before.get(p, 0.0) for p in self.instance_pids)
+        database = sum(cpu_seconds(p) - self.before.get(p, 0.0) for p in backends)
+        return gateway, database
 
 
 async def prepare(
@@ -471,14 +541,22 @@ async def scenario(
             opened = await prepare(
                 ledger, purchases=args.purchases, meters=args.meters, run=uuid.uuid4().hex[:8]
             )
-        async with start_instances(instances, url, schema, pool=args.pool) as running:
+        name = f"bench-{uuid.uuid4().hex[:8]}"
+        async with start_instances(
+            instances, url, schema, pool=args.pool, application_name=name
+        ) as running:
+            ports = [instance.port for instance in running]
+            counted_before = await instance_stats(ports)
+            meter = await CpuMeter.start(url, name, [i.process.pid for i in running])
             delivery = await deliver(
                 [reference for _, reference in opened],
-                [instance.port for instance in running],
+                ports,
                 copies=args.deliveries,
                 concurrency=args.concurrency,
                 rng=random.Random(args.seed),
             )
+            gateway_cpu_s, database_cpu_s = await meter.stop()
+            counted_after = await instance_stats(ports)
         async with open_any_ledger(url, schema) as ledger:
             swept = await build_vending(ledger).finish_paid(limit=args.purchases)
         found = await audit(url, schema)
@@ -486,10 +564,20 @@ async def scenario(
         if schema:
             await drop_schema(url, schema)
     latencies = sorted(delivery.latencies_s)
+    vends = args.purchases
+
+    def counted(key: str) -> int:
+        return sum(a[key] - b[key] for a, b in zip(counted_after, counted_before, strict=True))
+
     return {
         "scenario": label,
         "instances": instances,
         "purchases": args.purchases,
+        "gateway_cpu_us_per_vend": round(gateway_cpu_s / vends * 1e6),
+        "database_cpu_us_per_vend": round(database_cpu_s / vends * 1e6),
+        "cpu_us_per_vend": round((gateway_cpu_s + database_cpu_s) / vends * 1e6),
+        "commits_per_vend": round(counted("commits") / vends, 2),
+        "tid_conflicts_per_1000": round(counted("tid_conflicts") * 1000 / vends, 1),
         "deliveries": len(latencies),
         "seconds": round(delivery.seconds, 3),
         "vends_per_s": round(args.purchases / delivery.seconds, 1),
@@ -747,6 +835,13 @@ async def main(args: argparse.Namespace) -> int:
                 f"  p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms"
                 f"  swept {result['finished_by_sweep']}  {verdict}"
             )
+            print(
+                f"{'':12}CPU per vend {result['cpu_us_per_vend']:6d} us"
+                f" (gateway {result['gateway_cpu_us_per_vend']} us"
+                f" + database backends {result['database_cpu_us_per_vend']} us)"
+                f"  commits per vend {result['commits_per_vend']}"
+                f"  TID conflicts per 1,000 vends {result['tid_conflicts_per_1000']}"
+            )
         if args.serve_purchases:
             print(
                 f"real gateway serve: {args.serve_purchases} USSD purchases, MoMo callbacks"
@@ -769,6 +864,8 @@ async def main(args: argparse.Namespace) -> int:
                     f"  p99 {served['p99_ms']:8.1f} ms  {verdict}"
                 )
     by_key = {(r["scenario"], r["instances"]): r["vends_per_s"] for r in results}
+    runs = {(r["scenario"], r["instances"]): r for r in results}
+    sqlite_run = runs.get(("sqlite", 1))
     serve_key = {(r["scenario"], r["instances"]): r["purchases_per_s"] for r in serve_results}
     summary: dict[str, Any] = {
         "bench": "scale",
@@ -778,6 +875,18 @@ async def main(args: argparse.Namespace) -> int:
         "postgres_2_vends_per_s": by_key[("postgres", 2)],
         "postgres_2_over_1": round(by_key[("postgres", 2)] / by_key[("postgres", 1)], 2),
         "sqlite_1_vends_per_s": by_key.get(("sqlite", 1)),
+        "pg_cpu_us_per_vend": runs[("postgres", 1)]["cpu_us_per_vend"],
+        "pg_2_cpu_us_per_vend": runs[("postgres", 2)]["cpu_us_per_vend"],
+        "sqlite_cpu_us_per_vend": sqlite_run["cpu_us_per_vend"] if sqlite_run else None,
+        "pg_over_sqlite_cpu": (
+            round(runs[("postgres", 1)]["cpu_us_per_vend"] / sqlite_run["cpu_us_per_vend"], 2)
+            if sqlite_run
+            else None
+        ),
+        "pg_commits_per_vend": runs[("postgres", 1)]["commits_per_vend"],
+        "tid_conflicts_per_1000": max(
+            r["tid_conflicts_per_1000"] for r in results if r["scenario"] == "postgres"
+        ),
         "serve_postgres_1_purchases_per_s": serve_key.get(("serve-postgres", 1)),
         "serve_postgres_2_purchases_per_s": serve_key.get(("serve-postgres", 2)),
         "serve_sqlite_1_purchases_per_s": serve_key.get(("serve-sqlite", 1)),

@@ -67,7 +67,7 @@ async def schema() -> AsyncIterator[str]:
 async def _open_paid(
     vending: Vending, provider: FakeProvider, drns: list[str], n: int
 ) -> list[str]:
-    ids = []
+    ids: list[str] = []
     for i in range(n):
         purchase = await vending.start_purchase(
             channel="ussd",
