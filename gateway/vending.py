@@ -1341,7 +1341,7 @@ class Vending:
         The TID is taken from the meter's row, locked in the vend's own transaction
         (PostgreSQL): instances vending for one meter take turns and never conflict.
         """
-        fbe_units = await self._fbe_units_due(context.meter) if fbe_possible else (0, "")
+        fbe_units = await self._fbe_units_due(context) if fbe_possible else (0, "")
         minted: list[Minted] = []  # the last one is what committed (a retry mints again)
 
         async def mint(locked: MeterRecord) -> Minted:
@@ -1399,13 +1399,15 @@ class Vending:
 
         Its TID follows the credit token's. An engine refusal leaves the FBE for a later vend.
         """
-        units, month = await self._fbe_units_due(context.meter)
+        units, month = await self._fbe_units_due(context)
         return await self._fbe_token(context, context.meter, credit_tid, units, month)
 
-    async def _fbe_units_due(self, meter: MeterRecord) -> tuple[int, str]:
+    async def _fbe_units_due(self, context: VendContext) -> tuple[int, str]:
         """The free units the meter has due this month (0: none), and the month (YYYY-MM)."""
         month = self._clock().astimezone(self._fbe_zone).strftime("%Y-%m")
-        return max(0, await self._ledger.fbe_due(meter.drn, month)), month
+        if context.fbe_allowance <= 0:  # its tariff grants none: nothing to read
+            return 0, month
+        return max(0, await self._ledger.fbe_due(context.meter.drn, month)), month
 
     async def _credit_token(self, meter: MeterRecord, units: int) -> tuple[int, str]:
         """The TID after the meter's last and the credit token for ``units`` (raises StsError)."""

@@ -451,7 +451,8 @@ class VendContext:
     """Everything a vend needs, read at once.
 
     The purchase, its meter, its vend if it has one, the payment's receipt number, the phone's
-    language and the meter's pending key change (the next vend delivers it).
+    language, the meter's pending key change (the next vend delivers it) and the free basic
+    electricity units a month its tariff grants (0: none, so nothing more is read for FBE).
     """
 
     purchase: Purchase
@@ -460,6 +461,7 @@ class VendContext:
     receipt: str | None
     language: str | None
     key_change: KeyChange | None = None
+    fbe_allowance: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -421,13 +421,22 @@ VEND_CONTEXT: Final = (
     + ", "
     + ", ".join(f"v.{column} AS v_{column}" for column in _VEND_COLUMNS)
     + ", v.key_change_tokens AS v_key_change_tokens,"
-    " pay.receipt AS pay_receipt, pref.language AS language"
+    " pay.receipt AS pay_receipt, pref.language AS language,"
+    " fa.units_per_month AS fbe_allowance"
     " FROM purchases p JOIN meters m ON m.drn = p.meter"
+    " LEFT JOIN fbe_allowances fa ON fa.tariff_id = m.tariff_id"
     " LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
     " LEFT JOIN payments pay ON pay.provider = p.provider AND pay.reference = p.provider_reference"
     " LEFT JOIN customer_preferences pref ON pref.phone = p.phone"
     " LEFT JOIN key_changes kc ON kc.meter = p.meter AND kc.state = 'pending'"
     " WHERE p.purchase_id = ?"
+)
+_LOCK_PURCHASE_AND_METER: Final = (
+    "SELECT p.*, v.vend_id, "  # noqa: S608 - built from our constant column names
+    + ", ".join(f"m.{column} AS m_{column}" for column in _METER_COLUMNS)
+    + " FROM purchases p JOIN meters m ON m.drn = p.meter"
+    " LEFT JOIN vends v ON v.purchase_id = p.purchase_id WHERE p.purchase_id = ?"
+    " FOR UPDATE OF p, m"
 )
 _PURCHASE: Final = "SELECT * FROM purchases WHERE purchase_id = ?"
 _LOCK_PURCHASE: Final = "SELECT * FROM purchases WHERE purchase_id = ? FOR UPDATE"
@@ -458,6 +467,10 @@ _VENDED_OR_LATER: Final = frozenset({PurchaseState.VENDED, PurchaseState.DELIVER
 _PAID_OR_LATER: Final = frozenset(
     {PurchaseState.PAID, PurchaseState.VENDED, PurchaseState.DELIVERED, PurchaseState.VEND_FAILED}
 )
+
+
+class _NotFirstNotice(LedgerError):
+    """``_first_notice`` does not apply: roll it back, take the full path (never escapes)."""
 
 
 def _receipt_refusal(exc: DuplicateError, provider: str, receipt: str | None) -> DuplicateError:
@@ -904,8 +917,97 @@ class LedgerCore(VendorSteps):
         return purchase_of(row)
 
     async def record_notice(self, notice: NoticeRecord, *, actor: str) -> NoticeOutcome:
-        """Keep a callback's claim and say which purchase it concerns."""
-        return await self._write(self._record_notice, notice, actor)
+        """Keep a callback's claim and say which purchase it concerns.
+
+        A copy of a notice already kept (the same payload, byte for byte: providers send their
+        callbacks again, balancers duplicate them) costs one statement, its audit line: no
+        transaction, no row lock. Anything else takes the full path.
+        """
+        repeated = await self._write(self._repeated_notice, notice, actor, atomic=False)
+        if repeated is not None:
+            return repeated
+        try:
+            return await self._write(self._first_notice, notice, actor)
+        except _NotFirstNotice:
+            return await self._write(self._record_notice, notice, actor)
+
+    def _first_notice(self, notice: NoticeRecord, actor: str) -> Steps[NoticeOutcome]:
+        """The first notice of a collection we asked for (its row attached, no payload yet).
+
+        One statement after ``BEGIN``: the audit line and the payload kept. Anything else (no
+        row, a payload there already, another writer first) raises ``_NotFirstNotice``: the
+        transaction is rolled back and the full path runs.
+        """
+        _, now = self._now()
+        data = {
+            "provider": notice.provider,
+            "reference": notice.reference,
+            "claimed_state": notice.claimed_state,
+            "duplicate": False,
+            "payload_hash": notice.payload_hash,
+        }
+        kept = yield batch(
+            run(
+                "INSERT INTO events (purchase_id, kind, actor, data, at)"
+                " SELECT purchase_id, 'payment_notice', ?, ?, ? FROM payments"
+                " WHERE provider = ? AND reference = ? AND payload_hash IS NULL",
+                actor,
+                to_json(data),
+                now,
+                notice.provider,
+                notice.reference,
+            ),
+            # The callback's receipt is kept: a status answer may carry none (Daraja STK).
+            one(
+                "UPDATE payments SET payload = ?, payload_hash = ?, updated_at = ?,"
+                " receipt = COALESCE(receipt, ?) WHERE provider = ? AND reference = ?"
+                " AND payload_hash IS NULL RETURNING purchase_id",
+                notice.raw,
+                notice.payload_hash,
+                now,
+                notice.receipt,
+                notice.provider,
+                notice.reference,
+            ),
+        )
+        if kept is None:
+            raise _NotFirstNotice("not the first notice of an attached collection")
+        purchase_id = kept["purchase_id"]
+        return NoticeOutcome(
+            purchase_id=PurchaseId(purchase_id) if purchase_id else None,
+            is_duplicate=False,
+            payload_conflict=False,
+        )
+
+    def _repeated_notice(self, notice: NoticeRecord, actor: str) -> Steps[NoticeOutcome | None]:
+        """The audit line of a copy of a kept notice; None (nothing written) for anything else."""
+        _, now = self._now()
+        data = {
+            "provider": notice.provider,
+            "reference": notice.reference,
+            "claimed_state": notice.claimed_state,
+            "duplicate": True,
+            "payload_hash": notice.payload_hash,
+        }
+        row = yield one(
+            "INSERT INTO events (purchase_id, kind, actor, data, at)"
+            " SELECT purchase_id, 'payment_notice', ?, ?, ? FROM payments"
+            " WHERE provider = ? AND reference = ? AND payload_hash = ? RETURNING purchase_id",
+            actor,
+            to_json(data),
+            now,
+            notice.provider,
+            notice.reference,
+            notice.payload_hash,
+        )
+        if row is None:
+            return None
+        purchase_id = row["purchase_id"]
+        return NoticeOutcome(
+            purchase_id=PurchaseId(purchase_id) if purchase_id else None,
+            is_duplicate=True,
+            payload_conflict=False,
+        )
 
     def _record_notice(self, notice: NoticeRecord, actor: str) -> Steps[NoticeOutcome]:
         _, now = self._now()
@@ -1307,6 +1409,7 @@ class LedgerCore(VendorSteps):
             receipt=row["pay_receipt"],
             language=row["language"],
             key_change=key_change_of(row, "kc_") if row["kc_change_id"] is not None else None,
+            fbe_allowance=row["fbe_allowance"] or 0,
         )
 
     async def record_vend(
@@ -1325,12 +1428,126 @@ class LedgerCore(VendorSteps):
     def _record_vend(
         self, draft: VendDraft, actor: str, payment: ConfirmedPayment | None
     ) -> Steps[VendOutcome]:
+        if draft.mint is not None:
+            return (yield from self._record_minted_vend(draft, actor, payment))
         row = yield one(
             "SELECT p.*, v.vend_id FROM purchases p"
             " LEFT JOIN vends v ON v.purchase_id = p.purchase_id WHERE p.purchase_id = ?"
             " FOR UPDATE OF p",
             draft.purchase_id,
         )
+        replayed = yield from self._replayed_vend(draft, row)
+        if replayed is not None:
+            return replayed
+        row, current = yield from self._paid_for_vend(row, draft, actor, payment)
+        if not is_legal(current, PurchaseState.VENDED):
+            raise IllegalTransition(draft.purchase_id, current, PurchaseState.VENDED)
+        created, now = self._now()
+        if draft.key_change_id is not None:
+            yield from self._apply_key_change(draft, now)
+        else:
+            yield from self._advance_tid(draft)
+        return (yield from self._store_vend(draft, row, current, actor, payment, created, now))
+
+    def _record_minted_vend(
+        self, draft: VendDraft, actor: str, payment: ConfirmedPayment | None
+    ) -> Steps[VendOutcome]:
+        """The vend whose tokens are made under the meter's row lock (``VendDraft.mint``).
+
+        Four round trips on PostgreSQL: ``BEGIN``; the purchase and its meter locked in one
+        statement (purchase first, the order every writer keeps); the mint; one fused statement
+        with the payment settled (when it is the purchase's own attached collection, the common
+        case), the meter's new last TID, the vend, the state, the events and the message; and
+        ``COMMIT``. The lock is held until the commit: another instance's vend of this meter
+        waits, then reads the TID this one stored, so TIDs never conflict and none is skipped.
+        """
+        assert draft.key_change_id is None  # noqa: S101 - the contract: no mint with a key change
+        mint = draft.mint
+        assert mint is not None  # noqa: S101 - the caller's branch
+        row = yield one(_LOCK_PURCHASE_AND_METER, draft.purchase_id)
+        replayed = yield from self._replayed_vend(draft, row)
+        if replayed is not None:
+            return replayed
+        current = PurchaseState(row["state"])
+        settle: list[Stmt] = []
+        confirmed_from: PurchaseState | None = None
+        if (
+            payment is not None
+            and current not in _PAID_OR_LATER
+            and row["provider"] == payment.provider
+            and row["provider_reference"] == payment.reference
+        ):
+            # The purchase's own attached collection: its row is there and is this purchase's
+            # (``attach_payment``), so settling it joins the final statement.
+            if not is_legal(current, PurchaseState.PAID):
+                raise IllegalTransition(draft.purchase_id, current, PurchaseState.PAID)
+            settle = [self._settle_attached(draft.purchase_id, payment)]
+            confirmed_from, current = current, PurchaseState.PAID
+        else:
+            row, current = yield from self._paid_for_vend(row, draft, actor, payment)
+        if not is_legal(current, PurchaseState.VENDED):
+            raise IllegalTransition(draft.purchase_id, current, PurchaseState.VENDED)
+        meter = meter_of(row, "m_")
+        minted: Minted = yield call(mint, meter)
+        if meter.last_tid is not None and minted.tid <= meter.last_tid:
+            raise LedgerError(f"minted TID {minted.tid} is not after the meter's {meter.last_tid}")
+        draft = dataclasses.replace(
+            draft,
+            tid=minted.tid,
+            token=minted.token,
+            message=minted.message,
+            fbe=minted.fbe,
+            expected_last_tid=meter.last_tid,
+            mint=None,
+        )
+        advance = run(
+            "UPDATE meters SET last_tid = ? WHERE drn = ?",
+            draft.fbe.tid if draft.fbe else draft.tid,
+            draft.meter,
+        )
+        created, now = self._now()
+        try:
+            return (
+                yield from self._store_vend(
+                    draft,
+                    row,
+                    current,
+                    actor,
+                    payment,
+                    created,
+                    now,
+                    first=[*settle, advance],
+                    confirmed_from=confirmed_from,
+                )
+            )
+        except DuplicateError as exc:
+            if settle and payment is not None:
+                raise _receipt_refusal(exc, payment.provider, payment.receipt) from exc
+            raise
+
+    def _settle_attached(self, purchase_id: str, payment: ConfirmedPayment) -> Stmt:
+        """The attached payment row settled, as one statement of the vend's final batch.
+
+        Its ``payment_confirmed`` event is written with the vend's (``_vend_events``).
+        """
+        _, now = self._now()
+        return run(
+            "UPDATE payments SET amount_minor = ?, currency = ?, state = ?, payer = ?,"
+            " receipt = ?, updated_at = ? WHERE provider = ? AND reference = ?"
+            " AND purchase_id = ?",
+            payment.amount.amount_minor,
+            payment.amount.currency,
+            PaymentRecordState.SUCCEEDED.value,
+            payment.payer,
+            payment.receipt,
+            now,
+            payment.provider,
+            payment.reference,
+            purchase_id,
+        )
+
+    def _replayed_vend(self, draft: VendDraft, row: Row | None) -> Steps[VendOutcome | None]:
+        """The purchase's stored vend when it has one (a replay), else None."""
         if row is None:
             raise NotFound("purchase", draft.purchase_id)
         current = PurchaseState(row["state"])
@@ -1341,31 +1558,32 @@ class LedgerCore(VendorSteps):
             existing = yield one("SELECT * FROM vends WHERE purchase_id = ?", draft.purchase_id)
             if existing is not None:
                 return VendOutcome(vend=vend_of(existing), replayed=True, purchase=purchase_of(row))
-        row, current = yield from self._paid_for_vend(row, draft, actor, payment)
-        if not is_legal(current, PurchaseState.VENDED):
-            raise IllegalTransition(draft.purchase_id, current, PurchaseState.VENDED)
-        advance: list[Stmt] = []
-        created, now = self._now()
-        if draft.mint is not None:
-            draft = yield from self._mint_under_lock(draft)
-            # The row is locked by this transaction since the mint: its TID cannot have moved.
-            advance.append(
-                run(
-                    "UPDATE meters SET last_tid = ? WHERE drn = ?",
-                    draft.fbe.tid if draft.fbe else draft.tid,
-                    draft.meter,
-                )
-            )
-        elif draft.key_change_id is not None:
-            yield from self._apply_key_change(draft, now)
-        else:
-            yield from self._advance_tid(draft)
+        return None
+
+    def _store_vend(  # noqa: PLR0913 - the vend's parts, all from _record_vend
+        self,
+        draft: VendDraft,
+        row: Row,
+        current: PurchaseState,
+        actor: str,
+        payment: ConfirmedPayment | None,
+        created: datetime,
+        now: object,
+        *,
+        first: Sequence[Stmt] = (),
+        confirmed_from: PurchaseState | None = None,
+    ) -> Steps[VendOutcome]:
+        """The vend, the state VENDED, its events and its message: one batch after ``first``.
+
+        ``confirmed_from``: ``first`` settled ``payment`` from that state (``_record_minted_vend``);
+        its ``payment_confirmed`` event goes in the same statement, before ``token_vended``.
+        """
         # The TID counts from the meter's base date (the new one after a key change, applied
         # above): one TID per (meter, base date, TID), schema 0004.
         # A vendor's sale with no customer phone queues no SMS: the vendor prints the token.
         message = draft.recipient is not None or draft.float_debit is None
         yield batch(
-            *advance,
+            *first,
             run(
                 "INSERT INTO vends (purchase_id, meter, tid, token, units, receipt, created_at,"
                 " key_change_tokens, base_date) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
@@ -1386,20 +1604,7 @@ class LedgerCore(VendorSteps):
                 now,
                 draft.purchase_id,
             ),
-            self._event(
-                draft.purchase_id,
-                "token_vended",
-                actor,
-                {
-                    "meter": draft.meter,
-                    "tid": draft.tid,
-                    "units": draft.units,
-                    "token_last4": draft.token[-4:],
-                    "from": current,
-                    "to": PurchaseState.VENDED,
-                },
-                now,
-            ),
+            self._vend_events(draft, current, actor, payment, now, confirmed_from),
             *(
                 [
                     run(
@@ -1439,6 +1644,58 @@ class LedgerCore(VendorSteps):
         )
         return VendOutcome(vend=vend, replayed=False, purchase=purchase)
 
+    def _vend_events(
+        self,
+        draft: VendDraft,
+        current: PurchaseState,
+        actor: str,
+        payment: ConfirmedPayment | None,
+        now: object,
+        confirmed_from: PurchaseState | None,
+    ) -> Stmt:
+        """``token_vended``, after ``payment_confirmed`` when paid in this statement: one insert.
+
+        One multi-row ``INSERT`` keeps the two events in order (the fused batch's clauses run in
+        no set order).
+        """
+        vended = (
+            draft.purchase_id,
+            "token_vended",
+            actor,
+            to_json(
+                {
+                    "meter": draft.meter,
+                    "tid": draft.tid,
+                    "units": draft.units,
+                    "token_last4": draft.token[-4:],
+                    "from": current,
+                    "to": PurchaseState.VENDED,
+                }
+            ),
+            now,
+        )
+        if confirmed_from is None or payment is None:
+            return run(_EVENT, *vended)
+        confirmed = (
+            draft.purchase_id,
+            "payment_confirmed",
+            actor,
+            to_json(
+                {
+                    "provider": payment.provider,
+                    "reference": payment.reference,
+                    "receipt": payment.receipt,
+                    "amount_minor": payment.amount.amount_minor,
+                    "currency": payment.amount.currency,
+                    "late": confirmed_from in {PurchaseState.EXPIRED, PurchaseState.PAYMENT_FAILED},
+                    "from": confirmed_from,
+                    "to": PurchaseState.PAID,
+                }
+            ),
+            now,
+        )
+        return run(_EVENT + ", (?, ?, ?, ?, ?)", *confirmed, *vended)
+
     def _advance_tid(self, draft: VendDraft) -> Steps[None]:
         """The meter's ``last_tid`` becomes the draft's, if still the one it was made from."""
         expected = draft.expected_last_tid
@@ -1452,33 +1709,6 @@ class LedgerCore(VendorSteps):
         )
         if moved != 1:
             yield from self._tid_conflict(draft)
-
-    @staticmethod
-    def _mint_under_lock(draft: VendDraft) -> Steps[VendDraft]:
-        """Lock the meter's row, have ``draft.mint`` make the tokens from it; the full draft.
-
-        The purchase is locked before the meter (the order every writer keeps). The lock is
-        held until the vend commits: another instance's vend of this meter waits here, then
-        reads the TID this one stored, so TIDs never conflict and none is skipped.
-        """
-        assert draft.mint is not None  # noqa: S101 - the contract
-        assert draft.key_change_id is None  # noqa: S101 - the contract
-        locked = yield one("SELECT * FROM meters WHERE drn = ? FOR UPDATE", draft.meter)
-        if locked is None:
-            raise NotFound("meter", draft.meter)
-        meter = meter_of(locked)
-        minted: Minted = yield call(draft.mint, meter)
-        if meter.last_tid is not None and minted.tid <= meter.last_tid:
-            raise LedgerError(f"minted TID {minted.tid} is not after the meter's {meter.last_tid}")
-        return dataclasses.replace(
-            draft,
-            tid=minted.tid,
-            token=minted.token,
-            message=minted.message,
-            fbe=minted.fbe,
-            expected_last_tid=meter.last_tid,
-            mint=None,
-        )
 
     def _paid_for_vend(
         self, row: Row, draft: VendDraft, actor: str, payment: ConfirmedPayment | None
