@@ -243,6 +243,10 @@ class NothingToReprint(VendingError):
 # --------------------------------------------------------------------------------- units carried
 
 
+#: Meters whose last stored TID a saga remembers (oldest forgotten first).
+_STORED_TIDS: Final = 10_000
+
+
 def _carried_units(units: int) -> int:
     """The units a purchase's token carries, recorded and sent exactly (invariant 8).
 
@@ -351,6 +355,9 @@ class Vending:
         self._observer = observer
         #: TID compare-and-sets this saga lost (another writer took the TID; read again).
         self.tid_conflicts = 0
+        #: The last TID this process stored per meter (bounded): a context read before it is
+        #: stale, and is read again rather than losing a compare-and-set.
+        self._stored_tids: dict[str, int] = {}
         self._meter_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
@@ -1196,6 +1203,13 @@ class Vending:
         if lock.locked():
             context = None  # another vend of this meter goes first: its TID makes ours stale
         async with lock:
+            stored = self._stored_tids.get(meter)
+            if (
+                context is not None
+                and stored is not None
+                and (context.meter.last_tid or 0) < stored
+            ):
+                context = None  # read before this process's last vend of the meter: stale
             for attempt in range(self._policy.vend_attempts):
                 try:
                     outcome = await self._vend_once(purchase_id, payment, context, float_debit)
@@ -1207,14 +1221,21 @@ class Vending:
                     context = None
                     await asyncio.sleep(random.random() * 0.002 * (attempt + 1))
                 else:
-                    if not outcome.replayed and self._observer is not None:
-                        self._observe(self._observer.vended, time.perf_counter() - started)
+                    if not outcome.replayed:
+                        self._remember_tid(meter, outcome.vend)
+                        if self._observer is not None:
+                            self._observe(self._observer.vended, time.perf_counter() - started)
                     return outcome
             raise LedgerError(
                 f"purchase {purchase_id}: the meter's TID kept moving during"
                 f" {self._policy.vend_attempts} attempts",
                 retryable=True,
             )
+
+    def _remember_tid(self, meter: str, vend: Vend) -> None:
+        if len(self._stored_tids) >= _STORED_TIDS and meter not in self._stored_tids:
+            self._stored_tids.pop(next(iter(self._stored_tids)))
+        self._stored_tids[meter] = vend.tid
 
     async def _vend_once(
         self,
