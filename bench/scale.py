@@ -530,9 +530,14 @@ async def audit(url: str, schema: str | None) -> Audit:
 
 
 async def scenario(
-    label: str, url: str, *, instances: int, args: argparse.Namespace
+    label: str, url: str, *, instances: int, args: argparse.Namespace, kill_at: float = 0.0
 ) -> dict[str, Any]:
-    """One measured run on a fresh database; its figures."""
+    """One measured run on a fresh database; its figures.
+
+    ``kill_at`` > 0: the first instance is SIGKILLed once that fraction of the confirmations
+    has been answered; the balancer sends what it was handling on to the others (its CPU and
+    counters are then not reported, the audit is).
+    """
     schema = f"bench_{uuid.uuid4().hex[:12]}" if is_postgres_url(url) else None
     if schema:
         await create_schema(url, schema)
@@ -548,15 +553,24 @@ async def scenario(
             ports = [instance.port for instance in running]
             counted_before = await instance_stats(ports)
             meter = await CpuMeter.start(url, name, [i.process.pid for i in running])
+            kill_after = int(args.purchases * args.deliveries * kill_at) if kill_at else None
+
+            def maybe_kill(answered: int) -> None:
+                if answered == kill_after and running[0].process.returncode is None:
+                    running[0].process.send_signal(signal.SIGKILL)
+
             delivery = await deliver(
                 [reference for _, reference in opened],
                 ports,
                 copies=args.deliveries,
                 concurrency=args.concurrency,
                 rng=random.Random(args.seed),
+                on_answered=maybe_kill if kill_after else None,
             )
             gateway_cpu_s, database_cpu_s = await meter.stop()
-            counted_after = await instance_stats(ports)
+            if kill_after:  # the dead process's CPU and counters are gone with it
+                gateway_cpu_s = database_cpu_s = 0.0
+            counted_after = await instance_stats(ports) if not kill_after else counted_before
         async with open_any_ledger(url, schema) as ledger:
             swept = await build_vending(ledger).finish_paid(limit=args.purchases)
         found = await audit(url, schema)
@@ -572,6 +586,7 @@ async def scenario(
     return {
         "scenario": label,
         "instances": instances,
+        "killed_one": bool(kill_at),
         "purchases": args.purchases,
         "gateway_cpu_us_per_vend": round(gateway_cpu_s / vends * 1e6),
         "database_cpu_us_per_vend": round(database_cpu_s / vends * 1e6),
@@ -842,6 +857,17 @@ async def main(args: argparse.Namespace) -> int:
                 f"  commits per vend {result['commits_per_vend']}"
                 f"  TID conflicts per 1,000 vends {result['tid_conflicts_per_1000']}"
             )
+        if args.kill:
+            killed = await scenario(
+                "postgres-kill", args.database_url, instances=2, args=args, kill_at=0.3
+            )
+            results.append(killed)
+            verdict = "exactly-once OK" if not killed["problems"] else "; ".join(killed["problems"])
+            print(
+                f"postgres x2, one SIGKILLed at 30%: {killed['vends_per_s']:.1f} vends/s"
+                f"  failed over {killed['failed_over']}"
+                f"  finished by the recovery sweep {killed['finished_by_sweep']}  {verdict}"
+            )
         if args.serve_purchases:
             print(
                 f"real gateway serve: {args.serve_purchases} USSD purchases, MoMo callbacks"
@@ -887,6 +913,9 @@ async def main(args: argparse.Namespace) -> int:
         "tid_conflicts_per_1000": max(
             r["tid_conflicts_per_1000"] for r in results if r["scenario"] == "postgres"
         ),
+        "killed_one_exactly_once": next(
+            (not r["problems"] for r in results if r["scenario"] == "postgres-kill"), None
+        ),
         "serve_postgres_1_purchases_per_s": serve_key.get(("serve-postgres", 1)),
         "serve_postgres_2_purchases_per_s": serve_key.get(("serve-postgres", 2)),
         "serve_sqlite_1_purchases_per_s": serve_key.get(("serve-sqlite", 1)),
@@ -916,6 +945,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pool", type=int, default=8, help="ledger connections per instance")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip-sqlite", action="store_true")
+    parser.add_argument(
+        "--no-kill",
+        dest="kill",
+        action="store_false",
+        help="skip the run that SIGKILLs one of two PostgreSQL instances mid-load",
+    )
     parser.add_argument(
         "--serve-purchases",
         type=int,
