@@ -25,6 +25,7 @@ from gateway.vending import SagaPolicy, Vending
 from gateway.vendor.service import VendorService
 from gateway.web.vendor import vendor_routes
 from tests.vending.vending_support import VENDING_KEY, FakeProvider
+from tests.vendor.vendor_support import MASTER_KEY
 
 LEASE_S = 1.0
 
@@ -41,7 +42,12 @@ async def serve(path: Path, port: int) -> None:
             policy=SagaPolicy(),
         )
         service = VendorService(
-            vending, ledger, cast("VendorLedger", ledger), lease_s=LEASE_S, engine_wait_s=30
+            vending,
+            ledger,
+            cast("VendorLedger", ledger),
+            lease_s=LEASE_S,
+            engine_wait_s=30,
+            master_key=MASTER_KEY,
         )
         app = web.Application()
         app.add_routes(vendor_routes(service))

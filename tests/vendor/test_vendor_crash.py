@@ -25,6 +25,7 @@ from gateway.ledger.vendor import VendorLedger
 from gateway.vendor.service import register_vendor
 from gateway.vendor_client import VendorClient
 from tests.vending.vending_support import make_drn, seed
+from tests.vendor.vendor_support import MASTER_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 KILLS = 5
@@ -59,7 +60,13 @@ async def _prepare(path: Path) -> tuple[str, str]:
         vendors = cast("VendorLedger", ledger)
         key = (
             await register_vendor(
-                vendors, "shop", name="Shop", currency="KES", rate_per_minute=10**6, actor="t"
+                vendors,
+                "shop",
+                name="Shop",
+                currency="KES",
+                rate_per_minute=10**6,
+                actor="t",
+                master_key=MASTER_KEY,
             )
         ).key
         await vendors.top_up_float("shop", 10**9, reference="T", actor="t")

@@ -792,7 +792,7 @@ async def test_vendors_page_lists_floats_and_needs_the_token(client: Client, sho
     vendors = cast("VendorLedger", shop.ledger)
     made = await register_vendor(
         vendors, "corner", name="Corner <shop>", currency="KES", commission_bp=250,
-        terminals=("till-1",), actor="test",
+        terminals=("till-1",), actor="test", master_key=bytes(32),
     )  # fmt: skip
     await vendors.top_up_float("corner", 123_450, reference="B1", actor="test")
     await vendors.set_vendor_status("corner", VendorStatus.SUSPENDED, actor="test")
