@@ -687,7 +687,12 @@ async def build_app(config: Config) -> web.Application:
         )
     )
     setup_admin(
-        app, ledger=runtime.ledger, vending=runtime.vending, admin_token=runtime.admin_token
+        app,
+        ledger=runtime.ledger,
+        vending=runtime.vending,
+        admin_token=runtime.admin_token,
+        vendors=runtime.vendor,
+        currency=config.currency,
     )
     if runtime.simulators is not None:
         from gateway.sim.africastalking import AtSimulator  # noqa: PLC0415

@@ -75,6 +75,7 @@ log = structlog.get_logger()
 __all__ = [
     "Answer",
     "Caller",
+    "FloatMovement",
     "LocalRateLimiter",
     "Problem",
     "RateLimiter",
@@ -474,6 +475,8 @@ class VendorService:
         """Add to the float once per ``reference`` (``VendorLedger.top_up_float``)."""
         if not reference.strip():
             raise ValueError("a top-up has a reference (the bank transfer's)")
+        if amount_minor <= 0:
+            raise ValueError("a top-up is more than zero")
         return await self._vendors.top_up_float(
             vendor_id, amount_minor, reference=reference.strip(), actor=actor
         )
