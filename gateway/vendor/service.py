@@ -355,11 +355,16 @@ async def rotate_vendor_key(
 ) -> tuple[VendorKey, signing.NewKey]:
     """A new key with the old one's vendor, scopes and terminal; the old one ends after ``overlap``.
 
-    Returns the old key (as it was) and the new one (its secret shown once). Raises ``NotFound``.
+    Returns the old key (as it was) and the new one (its secret shown once).
+
+    Raises:
+        NotFound: no such key valid now. ValueError: it was rotated already (rotate the new one).
     """
     old = await vendors.get_vendor_key(key_id)
     if old is None or not old.valid_at(now):
         raise NotFound("active vendor key", key_id)
+    if old.replaced_by is not None:
+        raise ValueError(f"key {key_id} was rotated already (to {old.replaced_by})")
     made = signing.new_key()
     await vendors.rotate_vendor_key(
         key_id,

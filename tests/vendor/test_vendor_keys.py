@@ -108,6 +108,8 @@ async def test_rotation_keeps_the_old_key_for_the_overlap_only(world: VendorWorl
     old, made = await world.service.rotate_key(
         world.key_id, overlap=timedelta(hours=1), actor="ops"
     )
+    with pytest.raises(ValueError, match="rotated already"):  # within the overlap: rotate the new
+        await world.service.rotate_key(world.key_id, overlap=timedelta(hours=1), actor="ops")
     assert old.key_id == world.key_id
     rotated = await world.vendors.get_vendor_key(world.key_id)
     new = await world.vendors.get_vendor_key(made.key_id)

@@ -11,11 +11,14 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio
 from aiohttp import web
 
+from gateway.app import _rate_limiter as app_rate_limiter
+from gateway.config import Config
 from gateway.vendor.limits import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.vendor.service import VendorService, register_vendor
 from gateway.vendor_client import VendorClient, VendorReply
@@ -198,3 +201,21 @@ async def test_redis_down_falls_back_to_the_in_process_bucket() -> None:
         await limiter.aclose()
     assert waits[:3] == [0, 0, 0]
     assert waits[3] > 0
+
+
+@pytest.mark.redis
+async def test_the_gateway_with_redis_limits_in_redis_and_without_in_process(
+    tmp_path: Path,
+) -> None:
+    """The composition root: ``session_store = "redis"`` → Redis buckets; otherwise local."""
+    await (await redis_client_or_skip()).aclose()
+    async with contextlib.AsyncExitStack() as stack:
+        with_redis = Config.load(
+            env={}, overrides={"data_dir": tmp_path, "session_store": "redis",
+                               "redis_url": REDIS_URL},
+        )  # fmt: skip
+        limiter = await app_rate_limiter(stack, with_redis)
+        assert isinstance(limiter, RedisRateLimiter)
+        assert await limiter.admit([(f"{{{uuid.uuid4().hex}}}:v", 5)]) == 0
+        local = await app_rate_limiter(stack, Config.load(env={}, overrides={"data_dir": tmp_path}))
+        assert isinstance(local, LocalRateLimiter)
