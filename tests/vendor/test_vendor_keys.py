@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 
-from gateway.ledger import NotFound, open_sqlite_ledger
-from gateway.ledger.sqlite import migration_scripts
-from gateway.ledger.vendor import VendorLedger
+from gateway.ledger import (
+    LedgerUnavailable,
+    NotFound,
+    open_postgres_ledger,
+    open_sqlite_ledger,
+)
+from gateway.ledger import postgres as postgres_backend
+from gateway.ledger import sqlite as sqlite_backend
+from gateway.ledger.postgres import create_schema, drop_schema
+from gateway.ledger.vendor import VendorDraft, VendorLedger
 from gateway.vendor import sealing, signing
 from gateway.vendor.service import reseal_vendor_keys
 from gateway.vendor_client import VendorClient
+from tests.ledger.ledger_support import POSTGRES_URL
 from tests.vendor.vendor_support import VendorWorld, unix
 
 
@@ -52,43 +65,88 @@ async def test_a_wrong_master_key_refuses_the_start(world: VendorWorld) -> None:
         await reseal_vendor_keys(world.vendors, bytes(32))
 
 
-async def test_schema_8_keys_are_resealed_at_start_and_keep_working(tmp_path: Path) -> None:
-    """A schema-8 row (the signing key in the clear) migrates to 10, is sealed, still verifies."""
-    path = tmp_path / "old.db"
-    made = signing.new_key()
-    with sqlite3.connect(path) as conn:  # the ledger as schema 8 left it
-        conn.execute(
-            "CREATE TABLE schema_migrations"
-            " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
-        )
-        for version, name, sql in migration_scripts():
-            if version > 8:
-                break
-            conn.executescript(sql)
-            conn.execute(
-                "INSERT INTO schema_migrations VALUES (?, ?, '2026-01-01T00:00:00+00:00')",
-                (version, name),
+@contextlib.asynccontextmanager
+async def _schema_or_skip() -> AsyncIterator[str]:
+    schema = f"t_{uuid.uuid4().hex}"
+    try:
+        await create_schema(POSTGRES_URL, schema)
+    except LedgerUnavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL at {POSTGRES_URL} does not answer ({exc})")
+    try:
+        yield schema
+    finally:
+        await drop_schema(POSTGRES_URL, schema)
+
+
+@contextlib.asynccontextmanager
+async def _ledger(
+    backend: str, where: str, *, upto: int | None = None
+) -> AsyncIterator[VendorLedger]:
+    """The ledger at ``where``, migrated only up to ``upto`` when given (as an old release)."""
+    module: Any = postgres_backend if backend == "postgres" else sqlite_backend
+    scripts = module.migration_scripts
+    with pytest.MonkeyPatch.context() as patch:
+        if upto is not None:
+            patch.setattr(
+                module, "migration_scripts", lambda: [s for s in scripts() if s[0] <= upto]
             )
-        conn.execute(
-            "INSERT INTO vendors (vendor_id, name, currency, created_at, updated_at)"
-            " VALUES ('old', 'Old', 'KES', ?, ?)",
-            ("2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00"),
+        opening = (
+            open_postgres_ledger(POSTGRES_URL, schema=where, max_size=2)
+            if backend == "postgres"
+            else open_sqlite_ledger(Path(where))
         )
-        conn.execute(
-            "INSERT INTO vendor_keys (key_id, vendor_id, signing_key, scopes, created_at)"
-            " VALUES (?, 'old', ?, 'meters statement vend', '2026-01-01T00:00:00+00:00')",
-            (made.key_id, made.signing_key),
-        )
+        async with opening as ledger:
+            yield cast("VendorLedger", ledger)
+
+
+async def _sql(backend: str, where: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    if backend == "sqlite":
+        with contextlib.closing(sqlite3.connect(where)) as conn, conn:
+            return [tuple(r) for r in conn.execute(sql.replace("$1", "?").replace("$2", "?"), args)]
+    conn = await asyncpg.connect(POSTGRES_URL, server_settings={"search_path": where})
+    try:
+        return [tuple(r) for r in await conn.fetch(sql, *args)]
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_schema_8_keys_are_resealed_at_start_and_keep_working(
+    backend: str, tmp_path: Path
+) -> None:
+    """A schema-8 row (the signing key in the clear) migrates to 10, is sealed, still verifies."""
+    made = signing.new_key()
     master = bytes(range(1, 33))
-    async with open_sqlite_ledger(path) as ledger:
-        vendors = cast("VendorLedger", ledger)
-        before = await vendors.get_vendor_key(made.key_id)
-        assert before is not None
-        assert before.legacy_signing_key == made.signing_key
-        assert before.scopes == {"meters", "read", "statement", "vend"}  # 'read' added
-        assert await reseal_vendor_keys(vendors, master) == 1
-        assert await reseal_vendor_keys(vendors, master) == 0
-        after = await vendors.get_vendor_key(made.key_id)
+    async with contextlib.AsyncExitStack() as stack:
+        where = (
+            await stack.enter_async_context(_schema_or_skip())
+            if backend == "postgres"
+            else str(tmp_path / "old.db")
+        )
+        async with _ledger(backend, where, upto=8) as old:  # the ledger as schema 8 left it
+            await old.add_vendor(
+                VendorDraft(vendor_id="old", name="Old", currency="KES"), actor="t"
+            )
+        await _sql(
+            backend, where,
+            "INSERT INTO vendor_keys (key_id, vendor_id, signing_key, scopes, created_at)"
+            " VALUES ($1, 'old', $2, 'meters statement vend', CURRENT_TIMESTAMP)",
+            made.key_id, made.signing_key,
+        )  # fmt: skip
+        async with _ledger(backend, where) as vendors:  # migration 0010 on open
+            before = await vendors.get_vendor_key(made.key_id)
+            assert before is not None
+            assert before.legacy_signing_key == made.signing_key
+            assert before.sealed_key is None
+            assert before.scopes == {"meters", "read", "statement", "vend"}  # 'read' added
+            assert await reseal_vendor_keys(vendors, master) == 1
+            assert await reseal_vendor_keys(vendors, master) == 0
+            after = await vendors.get_vendor_key(made.key_id)
+        rows = await _sql(backend, where, "SELECT * FROM vendor_keys")
     assert after is not None
     assert after.legacy_signing_key is None
     assert after.sealed_key is not None
@@ -97,10 +155,10 @@ async def test_schema_8_keys_are_resealed_at_start_and_keep_working(tmp_path: Pa
         after.sealed_key, key_id=made.key_id, vendor_id="old", master_key=master
     )
     assert opened == made.signing_key
-    with sqlite3.connect(path) as conn:
-        dump = "\n".join(conn.iterdump())
-    assert made.signing_key not in dump
-    assert made.secret not in dump
+    stored = repr(rows)
+    assert made.signing_key not in stored
+    assert made.secret not in stored
+    assert bytes.fromhex(made.signing_key) not in after.sealed_key
 
 
 async def test_rotation_keeps_the_old_key_for_the_overlap_only(world: VendorWorld) -> None:
