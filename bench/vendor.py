@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -113,7 +114,8 @@ async def _measure(
         assert isinstance(ledger, VendorSteps)  # noqa: S101 - both backends have the port
         vendors: VendorLedger = ledger
         cls = VendorService if signed else UnsignedService
-        service = cls(vending, ledger, vendors, engine_wait_s=30.0)
+        # Keys are sealed under a master key (fresh per run); the signed run unseals each time.
+        service = cls(vending, ledger, vendors, engine_wait_s=30.0, master_key=os.urandom(32))
         registered = await service.register(
             "bench", name="Bench", currency="KES", terminals=("t1",), rate_per_minute=10**9,
             actor="bench",

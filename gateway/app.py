@@ -72,8 +72,9 @@ from gateway.sms.outbox import OutboxPolicy, OutboxWorker
 from gateway.sts import LocalTokenEngine, TokenEngine, VendingKey
 from gateway.sweeper import Sweeper
 from gateway.vending import SagaPolicy, Vending
+from gateway.vendor.limits import LocalRateLimiter, RateLimiter, open_redis_rate_limiter
 from gateway.vendor.sandbox import SANDBOX_VENDOR, SandboxEngine, seed_sandbox
-from gateway.vendor.service import VendorService
+from gateway.vendor.service import VendorService, reseal_vendor_keys
 from gateway.web.admin import admin_routes, setup_admin
 from gateway.web.callbacks import payment_routes
 from gateway.web.delivery import delivery_routes
@@ -344,6 +345,13 @@ async def _session_store(stack: contextlib.AsyncExitStack, config: Config) -> Se
     return sqlite_store
 
 
+async def _rate_limiter(stack: contextlib.AsyncExitStack, config: Config) -> RateLimiter:
+    """The vendor API's rate limits: in Redis with Redis (every instance), else in-process."""
+    if config.session_store == "redis":
+        return await stack.enter_async_context(open_redis_rate_limiter(config.redis_url))
+    return LocalRateLimiter()
+
+
 LEDGER_MARKER = "ledger.created"  # written in the data directory once a SQLite ledger exists
 _PRIVATE_DIR = 0o700
 _PRIVATE_FILE = 0o600
@@ -444,8 +452,13 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
     if config.mode is Mode.DEMO and await seed_demo(ledger, master_key):
         log.info("demo_data_seeded", database=config.effective_database_url)
     engine: TokenEngine = await load_token_engine(ledger, master_key)
+    # Vendor keys: seal any a schema-8 ledger kept in the clear; refuse a master key that does
+    # not open them (as for the vending keys).
+    await reseal_vendor_keys(_vendor_port(ledger), master_key)
     if config.mode is Mode.DEMO:  # the vendor API's sandbox: demo-shop, a slow and a blocked meter
-        if await seed_sandbox(ledger, _vendor_port(ledger), template=DEMO_METERS[0].drn):
+        if await seed_sandbox(
+            ledger, _vendor_port(ledger), template=DEMO_METERS[0].drn, master_key=master_key
+        ):
             log.info("vendor_sandbox_seeded", vendor=SANDBOX_VENDOR)
         engine = SandboxEngine(engine)
 
@@ -509,7 +522,13 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
         metrics=metrics,
         callback_secret=callback_secret,
         admin_token=admin_token,
-        vendor=VendorService(vending, ledger, _vendor_port(ledger)),
+        vendor=VendorService(
+            vending,
+            ledger,
+            _vendor_port(ledger),
+            limiter=await _rate_limiter(stack, config),
+            master_key=master_key,
+        ),
         simulators=sims,
     )
 
@@ -668,7 +687,12 @@ async def build_app(config: Config) -> web.Application:
         )
     )
     setup_admin(
-        app, ledger=runtime.ledger, vending=runtime.vending, admin_token=runtime.admin_token
+        app,
+        ledger=runtime.ledger,
+        vending=runtime.vending,
+        admin_token=runtime.admin_token,
+        vendors=runtime.vendor,
+        currency=config.currency,
     )
     if runtime.simulators is not None:
         from gateway.sim.africastalking import AtSimulator  # noqa: PLC0415

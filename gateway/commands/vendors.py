@@ -8,10 +8,18 @@ gateway vendors suspend VENDOR [--resume] [--json]  stop (or resume) its sales
 gateway vendors top-up VENDOR AMOUNT --reference REF [--json]  add to its float, once per REF
 gateway vendors statement VENDOR [--day YYYY-MM-DD] [--format text|csv|jsonl]  a day's float
 gateway vendors key VENDOR [--scope S]... [--terminal T] [--revoke KEY_ID] [--json]
+gateway vendors keys VENDOR [--json]              its keys: id, scopes, fingerprint, status
+gateway vendors rotate-key KEY_ID [--overlap-hours 24] [--json]  a new key; the old one ends
+gateway vendors add-terminal VENDOR TERMINAL [--label L] [--rate-per-minute 60] [--json]
 ```
 
-``add`` and ``key`` print the new key's secret once: it is never stored (the ledger keeps only
-the signing key derived from it) and cannot be shown again. Amounts are in major units of the
+``add``, ``key`` and ``rotate-key`` print the new key's secret once: it is never stored (the
+ledger keeps the signing key derived from it sealed under the master key, ``GATEWAY_MASTER_KEY``,
+or in demo mode the data directory's ``master.key``) and cannot be shown again. ``rotate-key``
+gives the new key the old one's scopes and terminal; the old one keeps working for the overlap
+(0: it stops now), so the vendor can move its clients. Scopes: ``meters`` (meter confirm),
+``vend`` (quote, vend, reversal, and reading its vends back), ``read`` (last response and
+reprint only), ``statement``. Amounts are in major units of the
 vendor's currency, stored as integer minor units (more decimals than the currency has are
 refused). Every change is an event with the actor ``operator:cli``. Exit status: 0 done,
 1 refused (no such vendor, a duplicate), 2 bad arguments.
@@ -23,24 +31,33 @@ import argparse
 import asyncio
 import json
 import sys
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from gateway.commands._common import add_config_arguments, load_config, minor_units
-from gateway.errors import GatewayError
+from gateway.config import Config, Mode
+from gateway.demo_data import demo_master_key
+from gateway.errors import ConfigError, GatewayError
 from gateway.ledger import Ledger, NotFound, open_ledger
-from gateway.ledger.vendor import Vendor, VendorLedger, VendorStatus, VendorSteps
+from gateway.ledger.vendor import Vendor, VendorKey, VendorLedger, VendorStatus, VendorSteps
 from gateway.money import Money
 from gateway.vendor import signing
-from gateway.vendor.service import add_vendor_key, register_vendor, vendor_statement
+from gateway.vendor.service import (
+    add_terminal,
+    add_vendor_key,
+    register_vendor,
+    rotate_vendor_key,
+    vendor_statement,
+)
 from gateway.vendor.statement import render_statement, statement_records
 
 _ACTOR = "operator:cli"
+_SEALS = frozenset({"add", "key", "rotate-key"})  # the commands that seal a new key
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``gateway vendors add|list|suspend|top-up|statement|key``."""
+    """Add ``gateway vendors`` and its commands (the module doc)."""
     parser = subparsers.add_parser("vendors", help="vendors selling from a prepaid float")
     commands = parser.add_subparsers(dest="vendors_command", metavar="COMMAND", required=True)
     add = commands.add_parser("add", help="register a vendor (prints its first key once)")
@@ -82,11 +99,37 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     key = commands.add_parser("key", help="add a key (prints its secret once) or revoke one")
     add_config_arguments(key)
     key.add_argument("vendor", metavar="VENDOR")
-    key.add_argument("--scope", action="append", default=[], help="meters, vend, statement")
+    key.add_argument("--scope", action="append", default=[], help="meters, vend, read, statement")
     key.add_argument("--terminal", default=None, help="bind the key to one terminal")
     key.add_argument("--revoke", default=None, metavar="KEY_ID", help="revoke this key instead")
     key.add_argument("--json", action="store_true", help="print as JSON")
     key.set_defaults(handler=_key)
+    _register_more(commands)
+
+
+def _register_more(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``keys``, ``rotate-key`` and ``add-terminal``."""
+    keys = commands.add_parser("keys", help="a vendor's keys (never their secrets)")
+    add_config_arguments(keys)
+    keys.add_argument("vendor", metavar="VENDOR")
+    keys.add_argument("--json", action="store_true", help="print as JSON")
+    keys.set_defaults(handler=_keys)
+    rotate = commands.add_parser("rotate-key", help="replace a key (prints the new secret once)")
+    add_config_arguments(rotate)
+    rotate.add_argument("key_id", metavar="KEY_ID")
+    rotate.add_argument(
+        "--overlap-hours", default="24", help="how long the old key keeps working (0: not at all)"
+    )
+    rotate.add_argument("--json", action="store_true", help="print as JSON")
+    rotate.set_defaults(handler=_rotate)
+    terminal = commands.add_parser("add-terminal", help="register a vendor's terminal")
+    add_config_arguments(terminal)
+    terminal.add_argument("vendor", metavar="VENDOR")
+    terminal.add_argument("terminal", metavar="TERMINAL")
+    terminal.add_argument("--label", default="", help="what the operator calls it")
+    terminal.add_argument("--rate-per-minute", type=int, default=60, help="requests a minute")
+    terminal.add_argument("--json", action="store_true", help="print as JSON")
+    terminal.set_defaults(handler=_add_terminal)
 
 
 def _port(ledger: Ledger) -> VendorLedger:
@@ -135,9 +178,21 @@ def _fail(command: str, exc: Exception, status: int = 1) -> int:
     return status
 
 
+def _master_key(config: Config) -> bytes:
+    """The master key the keys are sealed under (as ``gateway serve`` finds it)."""
+    master = config.master_key_bytes()
+    if master is not None:
+        return master
+    if config.mode is Mode.DEMO:
+        return demo_master_key(config.data_dir)
+    raise ConfigError("GATEWAY_MASTER_KEY", "is not set: it seals the vendor keys")
+
+
 def _run(command: str, work: Any, args: argparse.Namespace) -> tuple[int, Any]:  # noqa: ANN401 - each command's result
     async def run() -> object:
-        async with open_ledger(load_config(args).effective_database_url) as ledger:
+        config = load_config(args)
+        async with open_ledger(config.effective_database_url) as ledger:
+            args.master_key = _master_key(config) if args.vendors_command in _SEALS else None
             return await work(_port(ledger))
 
     try:
@@ -161,6 +216,7 @@ def _add(args: argparse.Namespace) -> int:
             terminals=tuple(args.terminal),
             rate_per_minute=args.rate_per_minute,
             actor=_ACTOR,
+            master_key=args.master_key,
         )
         return {
             **_describe(registered.vendor),
@@ -268,6 +324,7 @@ def _key(args: argparse.Namespace) -> int:
             scopes=frozenset(args.scope) or signing.SCOPES,
             terminal=args.terminal,
             actor=_ACTOR,
+            master_key=args.master_key,
         )
         return {
             "vendor_id": args.vendor,
@@ -279,6 +336,103 @@ def _key(args: argparse.Namespace) -> int:
         }
 
     status, described = _run("key", work, args)
+    if status == 0:
+        _print(described, as_json=args.json)
+    return status
+
+
+def _describe_key(key: VendorKey) -> dict[str, Any]:
+    return {
+        "key_id": key.key_id,
+        "scopes": sorted(key.scopes),
+        "terminal": key.terminal_id,
+        "fingerprint": key.key_hash[:16] if key.key_hash else None,
+        "status": "active" if key.active else "revoked",
+        "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+        "replaced_by": key.replaced_by,
+        "sealed": key.sealed_key is not None,
+    }
+
+
+def _keys(args: argparse.Namespace) -> int:
+    async def work(vendors: VendorLedger) -> list[VendorKey]:
+        await vendors.get_vendor(args.vendor)
+        return await vendors.vendor_keys(args.vendor)
+
+    status, found = _run("keys", work, args)
+    if status:
+        return status
+    if args.json:
+        print(json.dumps([_describe_key(k) for k in found]))
+        return 0
+    for key in found:
+        d = _describe_key(key)
+        ends = f" until {d['expires_at']}" if d["expires_at"] else ""
+        print(
+            f"{d['key_id']:<22} {d['status']:<8} fp={d['fingerprint']} "
+            f"scopes={','.join(d['scopes'])} terminal={d['terminal'] or '-'}{ends}"
+        )
+    return 0
+
+
+def _overlap(text: str) -> timedelta:
+    try:
+        hours = Decimal(text)
+    except InvalidOperation as exc:
+        raise ValueError(f"--overlap-hours: not a number: {text!r}") from exc
+    if not hours.is_finite() or not 0 <= hours <= 24 * 90:
+        raise ValueError(f"--overlap-hours: 0 to 2160 (90 days): {text!r}")
+    return timedelta(hours=float(hours))
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    async def work(vendors: VendorLedger) -> dict[str, Any]:
+        old, made = await rotate_vendor_key(
+            vendors,
+            args.key_id,
+            overlap=_overlap(args.overlap_hours),
+            master_key=args.master_key,
+            now=datetime.now(UTC),
+            actor=_ACTOR,
+        )
+        ended = await vendors.get_vendor_key(old.key_id)
+        return {
+            "vendor_id": old.vendor_id,
+            "key_id": made.key_id,
+            "secret": made.secret,
+            "scopes": sorted(old.scopes),
+            "terminal": old.terminal_id,
+            "old_key_id": old.key_id,
+            "old_key_expires_at": ended.expires_at.isoformat()
+            if ended and ended.expires_at
+            else None,
+            "note": "the secret is shown once: give it to the vendor now",
+        }
+
+    status, described = _run("rotate-key", work, args)
+    if status == 0:
+        _print(described, as_json=args.json)
+    return status
+
+
+def _add_terminal(args: argparse.Namespace) -> int:
+    async def work(vendors: VendorLedger) -> dict[str, Any]:
+        made = await add_terminal(
+            vendors,
+            args.vendor,
+            args.terminal,
+            label=args.label,
+            rate_per_minute=args.rate_per_minute,
+        )
+        return {
+            "vendor_id": made.vendor_id,
+            "terminal": made.terminal_id,
+            "label": made.label,
+            "rate_per_minute": made.rate_per_minute,
+            "status": made.status.value,
+        }
+
+    status, described = _run("add-terminal", work, args)
     if status == 0:
         _print(described, as_json=args.json)
     return status

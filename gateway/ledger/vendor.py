@@ -134,15 +134,29 @@ class Terminal:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VendorKey:
-    """An API key: ``signing_key`` is derived from the secret shown once (never the secret)."""
+    """An API key: its signing key sealed under the master key, and that key's hash.
+
+    The secret shown once is never stored, nor the signing key derived from it in the clear
+    (``gateway/vendor/sealing.py``). ``legacy_signing_key`` is a schema-8 row's clear signing key
+    until the gateway's start re-seals it (migration 0010). A key replaced by a rotation stays
+    valid until ``expires_at``.
+    """
 
     key_id: str
     vendor_id: str
-    signing_key: str = field(repr=False)
+    sealed_key: bytes | None = field(repr=False)
+    key_hash: str | None
     scopes: frozenset[str]
     terminal_id: str | None
     active: bool = True
     created_at: datetime | None = None
+    expires_at: datetime | None = None
+    replaced_by: str | None = None
+    legacy_signing_key: str | None = field(default=None, repr=False)
+
+    def valid_at(self, moment: datetime) -> bool:
+        """Active, and not past the end of a rotation's overlap."""
+        return self.active and (self.expires_at is None or moment < self.expires_at)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -263,14 +277,20 @@ def terminal_of(row: Row) -> Terminal:
 
 def key_of(row: Row) -> VendorKey:
     """A ``vendor_keys`` row."""
+    sealed = row["sealed_key"]
+    expires = row["expires_at"]
     return VendorKey(
         key_id=row["key_id"],
         vendor_id=row["vendor_id"],
-        signing_key=row["signing_key"],
+        sealed_key=bytes(sealed) if sealed is not None else None,
+        key_hash=row["key_hash"],
         scopes=frozenset(row["scopes"].split()),
         terminal_id=row["terminal_id"],
         active=row["status"] == "active",
         created_at=when(row["created_at"]),
+        expires_at=when(expires) if expires is not None else None,
+        replaced_by=row["replaced_by"],
+        legacy_signing_key=row["signing_key"],
     )
 
 
@@ -484,17 +504,20 @@ class VendorSteps:
         return [terminal_of(row) for row in found]
 
     async def add_vendor_key(self, key: VendorKey, *, actor: str) -> None:
-        """Store a key (its derived signing key only), with its event. Raises ``NotFound``."""
+        """Store a key (sealed, with its hash), with its event. Raises ``NotFound``."""
         await self._write(self._add_vendor_key, key, actor)
 
     def _add_vendor_key(self, key: VendorKey, actor: str) -> Steps:
+        if key.sealed_key is None or key.key_hash is None:
+            raise ValueError(f"vendor key {key.key_id}: only a sealed key is stored")
         yield from self._get_vendor(key.vendor_id)
         yield run(
-            "INSERT INTO vendor_keys (key_id, vendor_id, signing_key, scopes, terminal_id,"
-            " status, created_at) VALUES (?, ?, ?, ?, ?, 'active', ?)",
+            "INSERT INTO vendor_keys (key_id, vendor_id, sealed_key, key_hash, scopes,"
+            " terminal_id, status, created_at) VALUES (?, ?, ?, ?, ?, ?, 'active', ?)",
             key.key_id,
             key.vendor_id,
-            key.signing_key,
+            key.sealed_key,
+            key.key_hash,
             " ".join(sorted(key.scopes)),
             key.terminal_id,
             self._stamp(self._clock()),
@@ -503,8 +526,81 @@ class VendorSteps:
             None,
             "vendor_key_added",
             actor,
-            {"vendor_id": key.vendor_id, "key_id": key.key_id, "scopes": sorted(key.scopes)},
+            {
+                "vendor_id": key.vendor_id,
+                "key_id": key.key_id,
+                "scopes": sorted(key.scopes),
+                "fingerprint": key.key_hash[:16],
+            },
         )
+
+    async def rotate_vendor_key(
+        self, old_key_id: str, new: VendorKey, *, expires_at: datetime, actor: str
+    ) -> None:
+        """Add ``new`` and let the old key run until ``expires_at``, in one transaction.
+
+        Raises:
+            NotFound: no active key ``old_key_id`` of ``new``'s vendor.
+        """
+        await self._write(self._rotate_vendor_key, old_key_id, new, expires_at, actor)
+
+    def _rotate_vendor_key(
+        self, old_key_id: str, new: VendorKey, expires_at: datetime, actor: str
+    ) -> Steps:
+        old = yield one("SELECT * FROM vendor_keys WHERE key_id = ? FOR UPDATE", old_key_id)
+        if old is None or old["vendor_id"] != new.vendor_id or old["status"] != "active":
+            raise NotFound("active vendor key", old_key_id)
+        yield from self._add_vendor_key(new, actor)
+        now = self._clock()
+        yield run(
+            "UPDATE vendor_keys SET expires_at = ?, replaced_by = ? WHERE key_id = ?",
+            self._stamp(max(now, expires_at)),
+            new.key_id,
+            old_key_id,
+        )
+        yield self._vendor_event(
+            None,
+            "vendor_key_rotated",
+            actor,
+            {
+                "vendor_id": new.vendor_id,
+                "key_id": old_key_id,
+                "replaced_by": new.key_id,
+                "expires_at": max(now, expires_at).isoformat(),
+            },
+        )
+
+    async def reseal_vendor_key(self, key_id: str, *, sealed_key: bytes, key_hash: str) -> bool:
+        """Replace a schema-8 row's clear signing key by its sealed form; False if done already."""
+        result: bool = await self._write(self._reseal_vendor_key, key_id, sealed_key, key_hash)
+        return result
+
+    def _reseal_vendor_key(self, key_id: str, sealed_key: bytes, key_hash: str) -> Steps:
+        changed = yield run(
+            "UPDATE vendor_keys SET sealed_key = ?, key_hash = ?, signing_key = NULL"
+            " WHERE key_id = ? AND signing_key IS NOT NULL",
+            sealed_key,
+            key_hash,
+            key_id,
+        )
+        if changed == 1:
+            yield self._vendor_event(
+                None,
+                "vendor_key_resealed",
+                "gateway",
+                {"key_id": key_id, "fingerprint": key_hash[:16]},
+            )
+        return changed == 1
+
+    async def all_vendor_keys(self) -> list[VendorKey]:
+        """Every vendor key, by id (the start's re-seal and check)."""
+        result: list[VendorKey] = await self._read(self._all_vendor_keys)
+        return result
+
+    @staticmethod
+    def _all_vendor_keys() -> Steps:
+        found = yield rows("SELECT * FROM vendor_keys ORDER BY key_id")
+        return [key_of(row) for row in found]
 
     async def revoke_vendor_key(self, key_id: str, *, actor: str) -> None:
         """Revoke a key (rotation: add the new one first). Raises ``NotFound``."""
@@ -1002,6 +1098,20 @@ class VendorLedger(Protocol):
 
     async def revoke_vendor_key(self, key_id: str, *, actor: str) -> None:
         """As ``VendorSteps.revoke_vendor_key``."""
+        ...
+
+    async def rotate_vendor_key(
+        self, old_key_id: str, new: VendorKey, *, expires_at: datetime, actor: str
+    ) -> None:
+        """As ``VendorSteps.rotate_vendor_key``."""
+        ...
+
+    async def reseal_vendor_key(self, key_id: str, *, sealed_key: bytes, key_hash: str) -> bool:
+        """As ``VendorSteps.reseal_vendor_key``."""
+        ...
+
+    async def all_vendor_keys(self) -> list[VendorKey]:
+        """As ``VendorSteps.all_vendor_keys``."""
         ...
 
     async def get_vendor_key(self, key_id: str) -> VendorKey | None:

@@ -56,7 +56,9 @@ class SandboxEngine:
         return await self._engine.management_token(meter, subclass, tid, value)
 
 
-async def seed_sandbox(ledger: Ledger, vendors: VendorLedger, *, template: str) -> bool:
+async def seed_sandbox(
+    ledger: Ledger, vendors: VendorLedger, *, template: str, master_key: bytes
+) -> bool:
     """``demo-shop``, its key and float, and the two fault meters (keyed like ``template``).
 
     True if anything was added (idempotent: a second call adds nothing).
@@ -93,12 +95,14 @@ async def seed_sandbox(ledger: Ledger, vendors: VendorLedger, *, template: str) 
             commission_bp=200,
             terminals=(SANDBOX_TERMINAL,),
             actor="sandbox",
+            master_key=master_key,
         )
         await add_vendor_key(
             vendors,
             SANDBOX_VENDOR,
             scopes=SCOPES,
             actor="sandbox",
+            master_key=master_key,
             new=NewKey(key_id=SANDBOX_KEY_ID, secret=SANDBOX_SECRET),
         )
         await vendors.top_up_float(

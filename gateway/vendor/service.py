@@ -20,8 +20,7 @@ import asyncio
 import hashlib
 import ipaddress
 import json
-import math
-import time
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -67,7 +66,8 @@ from gateway.vending import (
     VendFailed,
     Vending,
 )
-from gateway.vendor import signing
+from gateway.vendor import sealing, signing
+from gateway.vendor.limits import Bucket, LocalRateLimiter, RateLimiter, retry_after
 
 log = structlog.get_logger()
 
@@ -75,15 +75,22 @@ log = structlog.get_logger()
 __all__ = [
     "Answer",
     "Caller",
+    "FloatMovement",
+    "LocalRateLimiter",
     "Problem",
     "RateLimiter",
     "Registered",
     "Statement",
     "Terminal",
     "Vendor",
+    "VendorKey",
     "VendorService",
+    "VendorStatus",
+    "add_terminal",
     "add_vendor_key",
     "register_vendor",
+    "reseal_vendor_keys",
+    "rotate_vendor_key",
     "vendor_statement",
 ]
 
@@ -160,29 +167,6 @@ class Caller:
     key: VendorKey
 
 
-class RateLimiter:
-    """Token buckets per name: ``rate`` requests a minute, bursts up to ``rate``.
-
-    Per process: with N instances behind a balancer each admits its own share.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def admit(self, name: str, rate_per_minute: int) -> float:
-        """0 if admitted (a token taken), else the seconds until one is available."""
-        now = self._clock()
-        capacity = float(rate_per_minute)
-        tokens, last = self._buckets.get(name, (capacity, now))
-        tokens = min(capacity, tokens + (now - last) * rate_per_minute / 60.0)
-        if tokens >= 1.0:
-            self._buckets[name] = (tokens - 1.0, now)
-            return 0.0
-        self._buckets[name] = (tokens, now)
-        return (1.0 - tokens) * 60.0 / rate_per_minute
-
-
 def _allowed(remote: str | None, allowlist: tuple[str, ...]) -> bool:
     if not allowlist:
         return True
@@ -245,6 +229,7 @@ async def register_vendor(  # noqa: PLR0913 - a vendor's terms
     *,
     name: str,
     currency: str,
+    master_key: bytes,
     credit_limit_minor: int = 0,
     commission_bp: int = 0,
     ip_allowlist: tuple[str, ...] = (),
@@ -257,8 +242,10 @@ async def register_vendor(  # noqa: PLR0913 - a vendor's terms
     Raises:
         ValueError: a term is malformed. DuplicateError: the vendor exists.
     """
-    if not vendor_id or not all(c.isalnum() or c in "-_" for c in vendor_id):
-        raise ValueError(f"a vendor id is letters, digits, '-' and '_': {vendor_id!r}")
+    if not _ID.fullmatch(vendor_id):
+        raise ValueError(f"a vendor id is 1-40 letters, digits, '-' and '_': {vendor_id!r}")
+    if not name.strip():
+        raise ValueError("a vendor has a name")
     if not 0 <= commission_bp <= BASIS_POINTS:
         raise ValueError(f"commission is 0 to 10,000 basis points, not {commission_bp}")
     if credit_limit_minor < 0:
@@ -267,11 +254,13 @@ async def register_vendor(  # noqa: PLR0913 - a vendor's terms
         raise ValueError(f"a rate limit is positive: {rate_per_minute}")
     for entry in ip_allowlist:
         ipaddress.ip_network(entry, strict=False)  # ValueError names it
+    for terminal in terminals:
+        _check_terminal_id(terminal)
     Money(0, currency)  # ValueError for a malformed currency
     vendor = await vendors.add_vendor(
         VendorDraft(
             vendor_id=vendor_id,
-            name=name,
+            name=name.strip(),
             currency=currency,
             credit_limit_minor=credit_limit_minor,
             commission_bp=commission_bp,
@@ -282,8 +271,58 @@ async def register_vendor(  # noqa: PLR0913 - a vendor's terms
     )
     for terminal in terminals:
         await vendors.add_terminal(vendor_id, terminal)
-    key = await add_vendor_key(vendors, vendor_id, scopes=signing.SCOPES, actor=actor)
+    key = await add_vendor_key(
+        vendors, vendor_id, scopes=signing.SCOPES, actor=actor, master_key=master_key
+    )
     return Registered(vendor=vendor, key=key)
+
+
+_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def _check_terminal_id(terminal: str) -> None:
+    if not _ID.fullmatch(terminal):
+        raise ValueError(f"a terminal id is 1-40 letters, digits, '-' and '_': {terminal!r}")
+
+
+async def add_terminal(
+    vendors: VendorLedger,
+    vendor_id: str,
+    terminal: str,
+    *,
+    label: str = "",
+    rate_per_minute: int = 60,
+) -> Terminal:
+    """Register a terminal of the vendor. Raises ValueError, NotFound, DuplicateError."""
+    _check_terminal_id(terminal)
+    if rate_per_minute <= 0:
+        raise ValueError(f"a rate limit is positive: {rate_per_minute}")
+    return await vendors.add_terminal(
+        vendor_id, terminal, label=label, rate_per_minute=rate_per_minute
+    )
+
+
+def _check_scopes(scopes: frozenset[str]) -> None:
+    unknown = scopes - signing.SCOPES
+    if unknown or not scopes:
+        raise ValueError(f"scopes are among {sorted(signing.SCOPES)}: {sorted(unknown)}")
+
+
+def _sealed(
+    made: signing.NewKey, vendor_id: str, scopes: frozenset[str], terminal: str | None,
+    master_key: bytes,
+) -> VendorKey:  # fmt: skip
+    signing_key = made.signing_key
+    return VendorKey(
+        key_id=made.key_id,
+        vendor_id=vendor_id,
+        sealed_key=sealing.seal_signing_key(
+            signing_key, key_id=made.key_id, vendor_id=vendor_id, master_key=master_key
+        ),
+        key_hash=sealing.fingerprint(signing_key),
+        scopes=scopes,
+        terminal_id=terminal,
+    )
 
 
 async def add_vendor_key(
@@ -291,26 +330,76 @@ async def add_vendor_key(
     vendor_id: str,
     *,
     scopes: frozenset[str],
+    master_key: bytes,
     terminal: str | None = None,
     actor: str,
     new: signing.NewKey | None = None,
 ) -> signing.NewKey:
-    """A new key for the vendor (rotation: add, move the clients, revoke the old one)."""
-    unknown = scopes - signing.SCOPES
-    if unknown or not scopes:
-        raise ValueError(f"scopes are among {sorted(signing.SCOPES)}: {sorted(unknown)}")
+    """A new key for the vendor, stored sealed under ``master_key`` (the secret shown once)."""
+    _check_scopes(scopes)
     made = new or signing.new_key()
     await vendors.add_vendor_key(
-        VendorKey(
-            key_id=made.key_id,
-            vendor_id=vendor_id,
-            signing_key=made.signing_key,
-            scopes=scopes,
-            terminal_id=terminal,
-        ),
-        actor=actor,
+        _sealed(made, vendor_id, scopes, terminal, master_key), actor=actor
     )
     return made
+
+
+async def rotate_vendor_key(
+    vendors: VendorLedger,
+    key_id: str,
+    *,
+    overlap: timedelta,
+    master_key: bytes,
+    now: datetime,
+    actor: str,
+) -> tuple[VendorKey, signing.NewKey]:
+    """A new key with the old one's vendor, scopes and terminal; the old one ends after ``overlap``.
+
+    Returns the old key (as it was) and the new one (its secret shown once).
+
+    Raises:
+        NotFound: no such key valid now. ValueError: it was rotated already (rotate the new one).
+    """
+    old = await vendors.get_vendor_key(key_id)
+    if old is None or not old.valid_at(now):
+        raise NotFound("active vendor key", key_id)
+    if old.replaced_by is not None:
+        raise ValueError(f"key {key_id} was rotated already (to {old.replaced_by})")
+    made = signing.new_key()
+    await vendors.rotate_vendor_key(
+        key_id,
+        _sealed(made, old.vendor_id, old.scopes, old.terminal_id, master_key),
+        expires_at=now + overlap,
+        actor=actor,
+    )
+    return old, made
+
+
+async def reseal_vendor_keys(vendors: VendorLedger, master_key: bytes) -> int:
+    """At start: seal schema-8 keys kept in the clear, and check every sealed key opens.
+
+    Returns how many were sealed now. Raises ``VendorKeyUnreadable`` (wrong master key).
+    """
+    resealed = 0
+    for key in await vendors.all_vendor_keys():
+        if key.sealed_key is not None:
+            sealing.open_signing_key(
+                key.sealed_key, key_id=key.key_id, vendor_id=key.vendor_id, master_key=master_key
+            )
+            continue
+        if key.legacy_signing_key is None:  # pragma: no cover - the schema's CHECK forbids it
+            continue
+        sealed = sealing.seal_signing_key(
+            key.legacy_signing_key, key_id=key.key_id, vendor_id=key.vendor_id,
+            master_key=master_key,
+        )  # fmt: skip
+        if await vendors.reseal_vendor_key(
+            key.key_id, sealed_key=sealed, key_hash=sealing.fingerprint(key.legacy_signing_key)
+        ):
+            resealed += 1
+    if resealed:
+        log.info("vendor_keys_resealed", count=resealed)
+    return resealed
 
 
 async def vendor_statement(vendors: VendorLedger, vendor_id: str, day: date) -> Statement:
@@ -339,6 +428,7 @@ class VendorService:
         lease_s: float = LEASE_S,
         engine_wait_s: float = ENGINE_WAIT_S,
         limiter: RateLimiter | None = None,
+        master_key: bytes,
     ) -> None:
         self._vending = vending
         self._ledger = ledger
@@ -346,8 +436,9 @@ class VendorService:
         self._clock = clock
         self._lease_s = lease_s
         self.engine_wait_s = engine_wait_s
-        self._limiter = limiter or RateLimiter()
+        self._limiter: RateLimiter = limiter or LocalRateLimiter()
         self._running: set[asyncio.Task[Answer]] = set()
+        self._master_key = master_key
 
     @property
     def vendors(self) -> VendorLedger:
@@ -357,12 +448,59 @@ class VendorService:
     # -- operators ------------------------------------------------------------------------------
 
     async def register(self, vendor_id: str, **terms: Any) -> Registered:  # noqa: ANN401 - as register_vendor
-        """As ``register_vendor``."""
-        return await register_vendor(self._vendors, vendor_id, **terms)
+        """As ``register_vendor``, sealing under the gateway's master key."""
+        return await register_vendor(self._vendors, vendor_id, master_key=self._master_key, **terms)
 
     async def add_key(self, vendor_id: str, **options: Any) -> signing.NewKey:  # noqa: ANN401 - as add_vendor_key
-        """As ``add_vendor_key``."""
-        return await add_vendor_key(self._vendors, vendor_id, **options)
+        """As ``add_vendor_key``, sealing under the gateway's master key."""
+        return await add_vendor_key(
+            self._vendors, vendor_id, master_key=self._master_key, **options
+        )
+
+    async def rotate_key(
+        self, key_id: str, *, overlap: timedelta, actor: str
+    ) -> tuple[VendorKey, signing.NewKey]:
+        """As ``rotate_vendor_key``."""
+        return await rotate_vendor_key(
+            self._vendors, key_id, overlap=overlap, master_key=self._master_key,
+            now=self._clock(), actor=actor,
+        )  # fmt: skip
+
+    async def add_terminal(
+        self, vendor_id: str, terminal: str, *, label: str = "", rate_per_minute: int = 60
+    ) -> Terminal:
+        """As ``add_terminal``."""
+        return await add_terminal(
+            self._vendors, vendor_id, terminal, label=label, rate_per_minute=rate_per_minute
+        )
+
+    async def top_up(
+        self, vendor_id: str, amount_minor: int, *, reference: str, actor: str
+    ) -> FloatMovement:
+        """Add to the float once per ``reference`` (``VendorLedger.top_up_float``)."""
+        if not reference.strip():
+            raise ValueError("a top-up has a reference (the bank transfer's)")
+        if amount_minor <= 0:
+            raise ValueError("a top-up is more than zero")
+        return await self._vendors.top_up_float(
+            vendor_id, amount_minor, reference=reference.strip(), actor=actor
+        )
+
+    async def set_status(self, vendor_id: str, status: VendorStatus, *, actor: str) -> Vendor:
+        """Suspend or resume a vendor."""
+        return await self._vendors.set_vendor_status(vendor_id, status, actor=actor)
+
+    async def list_vendors(self) -> list[Vendor]:
+        """Every vendor, by id."""
+        return await self._vendors.list_vendors()
+
+    async def terminals(self, vendor_id: str) -> list[Terminal]:
+        """A vendor's terminals."""
+        return await self._vendors.terminals(vendor_id)
+
+    async def keys(self, vendor_id: str) -> list[VendorKey]:
+        """A vendor's keys (sealed: ids, scopes, fingerprints, status)."""
+        return await self._vendors.vendor_keys(vendor_id)
 
     async def statement(self, vendor_id: str, day: date) -> Statement:
         """As ``vendor_statement``."""
@@ -378,26 +516,28 @@ class VendorService:
         target: str,
         body: bytes,
         remote: str | None,
-        scope: str,
+        scopes: frozenset[str],
     ) -> Caller:
         """Verify a signed request: key, vendor, address, terminal, signature, nonce, rate, scope.
+
+        ``scopes``: the route's; the key needs one of them.
 
         Raises:
             Problem: 401 ``signature_invalid`` / ``timestamp_skew`` / ``replayed_request``,
                 403 ``vendor_suspended`` / ``ip_not_allowed`` / ``unknown_terminal`` /
-                ``scope_missing``, 429 ``rate_limited`` (with ``Retry-After``).
+                ``scope_denied``, 429 ``rate_limited`` (with ``Retry-After``).
         """
         try:
             signed = signing.parse_headers(headers)
         except signing.SignatureError as exc:
             raise Problem(401, exc.code, exc.detail) from exc
         key = await self._vendors.get_vendor_key(signed.key_id)
-        if key is None or not key.active:
-            raise Problem(401, "signature_invalid", "unknown or revoked key")
+        if key is None or not key.valid_at(self._clock()):
+            raise Problem(401, "signature_invalid", "unknown, revoked or expired key")
         try:
             signing.verify(
                 signed,
-                signing_key=key.signing_key,
+                signing_key=self._signing_key(key),
                 method=method,
                 target=target,
                 body=body,
@@ -411,16 +551,14 @@ class VendorService:
         if not _allowed(remote, vendor.ip_allowlist):
             raise Problem(403, "ip_not_allowed", "this address is not on the vendor's allowlist")
         terminal = await self._terminal(vendor, key, signed.terminal)
-        wait = self._limiter.admit("v:" + vendor.vendor_id, vendor.rate_per_minute)
-        if not wait and terminal is not None:
-            rate = next(
-                t.rate_per_minute
-                for t in await self._vendors.terminals(vendor.vendor_id)
-                if t.terminal_id == terminal
-            )
-            wait = self._limiter.admit(f"t:{vendor.vendor_id}:{terminal}", rate)
+        # One hash tag per vendor: both buckets in one Redis slot (one atomic script, clusters).
+        buckets: list[Bucket] = [(f"{{{vendor.vendor_id}}}:v", vendor.rate_per_minute)]
+        if terminal is not None:
+            buckets.append((f"{{{vendor.vendor_id}}}:t:{terminal.terminal_id}",
+                            terminal.rate_per_minute))  # fmt: skip
+        wait = await self._limiter.admit(buckets)
         if wait:
-            retry = str(math.ceil(wait))
+            retry = retry_after(wait)
             raise Problem(
                 429, "rate_limited", f"too many requests: retry in {retry} s",
                 headers={"Retry-After": retry},
@@ -430,11 +568,26 @@ class VendorService:
             vendor.vendor_id, signed.nonce, forget_before=window
         ):
             raise Problem(401, "replayed_request", "this nonce was used already")
-        if scope not in key.scopes:
-            raise Problem(403, "scope_missing", f"this key may not use {scope!r}")
-        return Caller(vendor=vendor, terminal=terminal, key=key)
+        if not key.scopes & scopes:
+            wanted = " or ".join(sorted(scopes))
+            raise Problem(403, "scope_denied", f"this key has no {wanted} scope for this route")
+        return Caller(vendor=vendor, terminal=terminal.terminal_id if terminal else None, key=key)
 
-    async def _terminal(self, vendor: Vendor, key: VendorKey, named: str) -> str | None:
+    def _signing_key(self, key: VendorKey) -> str:
+        if key.sealed_key is None:  # a schema-8 row not yet re-sealed (the start does it)
+            if key.legacy_signing_key is None:  # pragma: no cover - the schema's CHECK forbids it
+                raise Problem(401, "signature_invalid", "unknown, revoked or expired key")
+            return key.legacy_signing_key
+        try:
+            return sealing.open_signing_key(
+                key.sealed_key, key_id=key.key_id, vendor_id=key.vendor_id,
+                master_key=self._master_key,
+            )  # fmt: skip
+        except sealing.VendorKeyUnreadable as exc:
+            log.error("vendor_key_unreadable", key_id=key.key_id)  # noqa: TRY400 - no trace needed
+            raise Problem(401, "signature_invalid", "unknown, revoked or expired key") from exc
+
+    async def _terminal(self, vendor: Vendor, key: VendorKey, named: str) -> Terminal | None:
         terminal = named or key.terminal_id
         if key.terminal_id is not None and terminal != key.terminal_id:
             raise Problem(403, "unknown_terminal", "this key is bound to another terminal")
@@ -444,7 +597,7 @@ class VendorService:
         found = known.get(terminal)
         if found is None or found.status is not VendorStatus.ACTIVE:
             raise Problem(403, "unknown_terminal", f"no active terminal {terminal!r}")
-        return terminal
+        return found
 
     # -- meter confirm and quote ----------------------------------------------------------------
 

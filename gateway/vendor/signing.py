@@ -4,7 +4,8 @@ Pure (no I/O): the gateway verifies with it, ``gateway.vendor_client`` signs wit
 
 A vendor key has a public id (``vk_…``) and a secret (``vsk_…``) shown once, at creation. Neither
 side signs with the secret itself: both derive the signing key ``HMAC-SHA256(secret, LABEL)``,
-and the ledger stores only that derived key (never the secret). A request carries:
+and the ledger stores only that derived key, sealed under the gateway's master key
+(``gateway/vendor/sealing.py``; never the secret). A request carries:
 
 - ``X-STS-Key``: the key id; ``X-STS-Terminal``: the terminal (optional);
 - ``X-STS-Timestamp``: Unix seconds (at most ``MAX_SKEW_S`` from the gateway's clock);
@@ -48,8 +49,9 @@ COVERED: Final = (
 )
 NONCE_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{16,64}")
 KEY_ID_PATTERN: Final = re.compile(r"vk_[A-Za-z0-9]{8,40}")
-#: What a key may be allowed to do.
-SCOPES: Final = frozenset({"meters", "vend", "statement"})
+#: What a key may be allowed to do: confirm meters; quote, vend and reverse; read its vends back
+#: (last response, reprint); fetch statements. A route names the scopes that admit it.
+SCOPES: Final = frozenset({"meters", "vend", "read", "statement"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,7 @@ class NewKey:
 
     @property
     def signing_key(self) -> str:
-        """The derived key the ledger keeps (hex)."""
+        """The derived key the gateway verifies with (hex; the ledger keeps it sealed)."""
         return derive_signing_key(self.secret)
 
 

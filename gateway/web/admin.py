@@ -55,6 +55,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 from urllib.parse import quote, urlsplit
@@ -65,6 +66,7 @@ import structlog
 from aiohttp import web
 
 from gateway.config import Secret
+from gateway.errors import GatewayError
 from gateway.money import Money
 from gateway.operator import (
     Event,
@@ -79,9 +81,10 @@ from gateway.operator import (
 from gateway.phone import InvalidPhoneNumber, Msisdn, masked, parse_msisdn
 from gateway.values.clock import UtcClock, utc_now
 from gateway.vending import CUSTOMER_INITIATED_CHANNEL, NothingToReprint, NotPaid, VendFailed
+from gateway.vendor.service import VendorStatus
 
 if TYPE_CHECKING:
-    from gateway.vendor.service import Terminal, Vendor
+    from gateway.vendor.service import FloatMovement, Registered, Terminal, Vendor
 
 __all__ = [
     "ADMIN",
@@ -218,6 +221,24 @@ class VendorListing(Protocol):
         ...
 
 
+class VendorOperations(VendorListing, Protocol):
+    """What the vendors page does (``gateway.vendor.service.VendorService`` has it)."""
+
+    async def register(self, vendor_id: str, **terms: Any) -> Registered:  # noqa: ANN401 - as register_vendor
+        """Register a vendor, its terminals and a first key (its secret shown once)."""
+        ...
+
+    async def top_up(
+        self, vendor_id: str, amount_minor: int, *, reference: str, actor: str
+    ) -> FloatMovement:
+        """Add to the float, once per reference."""
+        ...
+
+    async def set_status(self, vendor_id: str, status: VendorStatus, *, actor: str) -> Vendor:
+        """Suspend or resume a vendor."""
+        ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdminSite:
     """Everything the admin handlers use, stored in the app under ``ADMIN`` by ``setup_admin``."""
@@ -230,6 +251,8 @@ class AdminSite:
     region: str
     session_ttl_s: float
     throttle: AuthThrottle
+    vendors: VendorOperations | None = None
+    currency: str = "KES"
 
     def mac(self, purpose: str, message: str) -> str:
         """HMAC-SHA256, keyed by the admin token, over ``purpose|message`` (hex)."""
@@ -360,6 +383,8 @@ def setup_admin(  # noqa: PLR0913 - every collaborator named, each with a defaul
     region: str = "KE",
     session_ttl_s: float = 12 * 3600,
     throttle: AuthThrottle | None = None,
+    vendors: VendorOperations | None = None,
+    currency: str = "KES",
 ) -> None:
     """Prepare ``app`` for the admin pages: their collaborators and the Jinja2 environment.
 
@@ -375,6 +400,9 @@ def setup_admin(  # noqa: PLR0913 - every collaborator named, each with a defaul
         region: default region for phone numbers typed without a country code.
         session_ttl_s: how long a login lasts.
         throttle: how many failed credentials a source may present (default 10 a minute).
+        vendors: the vendor API's operations (register, top up, suspend on the vendors page);
+            without them the page only lists.
+        currency: the registration form's default currency.
 
     Raises:
         ValueError: the admin token is shorter than 16 characters.
@@ -390,6 +418,8 @@ def setup_admin(  # noqa: PLR0913 - every collaborator named, each with a defaul
         region=region,
         session_ttl_s=session_ttl_s,
         throttle=throttle or AuthThrottle(),
+        vendors=vendors,
+        currency=currency,
     )
     aiohttp_jinja2.setup(
         app,
@@ -412,6 +442,9 @@ def admin_routes() -> list[web.RouteDef]:
         web.post("/admin/logout", _logout),
         web.get("/admin/stuck/{kind}", _stuck_list, name="admin_stuck"),
         web.get("/admin/vendors", _vendors_list, name="admin_vendors"),
+        web.post("/admin/vendors", _vendor_register),
+        web.post("/admin/vendors/{vendor_id}/top-up", _vendor_top_up),
+        web.post("/admin/vendors/{vendor_id}/status", _vendor_status),
         web.get("/admin/purchases/{purchase_id}", _purchase, name="admin_purchase"),
         web.post("/admin/purchases/{purchase_id}/reprint", _reprint),
         web.post("/admin/purchases/{purchase_id}/vend", _retry_vend),
@@ -839,16 +872,12 @@ async def _stuck_page(request: web.Request, operator: _Operator) -> web.StreamRe
     )
 
 
-async def _vendors_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
-    """The vendors (vendor API): status, float, credit limit, commission, terminals.
-
-    Read-only: operators register, suspend and top up with ``gateway vendors``.
-    """
-    ledger = request.app[ADMIN].ledger
+async def _vendor_rows(site: AdminSite) -> list[dict[str, Any]]:
+    listing = site.vendors if site.vendors is not None else site.ledger
     rows: list[dict[str, Any]] = []
-    if isinstance(ledger, VendorListing):
-        for v in await ledger.list_vendors():
-            terminals = await ledger.terminals(v.vendor_id)
+    if isinstance(listing, VendorListing):
+        for v in await listing.list_vendors():
+            terminals = await listing.terminals(v.vendor_id)
             rows.append(
                 {
                     "vendor": v,
@@ -858,9 +887,175 @@ async def _vendors_page(request: web.Request, operator: _Operator) -> web.Stream
                     "terminals": ", ".join(t.terminal_id for t in terminals),
                 }
             )
+    return rows
+
+
+async def _render_vendors(
+    request: web.Request,
+    operator: _Operator,
+    *,
+    error: str | None = None,
+    status: int = 200,
+    form: Mapping[str, str] | None = None,
+) -> web.Response:
+    site = request.app[ADMIN]
     return _render(
-        request, "admin/vendors.html", {"rows": rows}, csrf=operator.csrf, via=operator.via
+        request,
+        "admin/vendors.html",
+        {
+            "rows": await _vendor_rows(site),
+            "manage": site.vendors is not None,
+            "currency": site.currency,
+            "error": error,
+            "form": dict(form or {}),
+        },
+        status=status,
+        csrf=operator.csrf,
+        via=operator.via,
     )
+
+
+async def _vendors_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
+    """The vendors (vendor API): status, float, credit limit, commission, terminals.
+
+    With the vendor operations: register a vendor (its key's secret shown once), top up a
+    float, suspend or resume; ``gateway vendors`` does the same and more (keys, terminals).
+    """
+    return await _render_vendors(request, operator)
+
+
+def _field(form: Mapping[str, Any], name: str, limit: int = 200) -> str:
+    value = form.get(name, "")
+    return value.strip()[:limit] if isinstance(value, str) else ""
+
+
+def _minor(text: str, currency: str, what: str) -> int:
+    try:
+        value = Money.of(text or "0", currency).amount_minor
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from exc
+    if value < 0:
+        raise ValueError(f"{what}: cannot be negative")
+    return value
+
+
+def _basis_points(text: str) -> int:
+    try:
+        value = Decimal(text or "0") * 100
+    except InvalidOperation as exc:
+        raise ValueError(f"commission: not a number: {text!r}") from exc
+    if not value.is_finite() or value != value.to_integral_value() or not 0 <= value <= 10_000:
+        raise ValueError("commission: 0 to 100 %, two decimals at most")
+    return int(value)
+
+
+async def _vendor_register_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
+    """Register a vendor from the form; show its first key's secret once."""
+    site = request.app[ADMIN]
+    if site.vendors is None:
+        return await _render_vendors(
+            request, operator, error="vendor operations are off", status=404
+        )
+    form = await request.post()
+    kept = {name: _field(form, name) for name in _VENDOR_FIELDS}
+    currency = (kept["currency"] or site.currency).upper()
+    try:
+        registered = await site.vendors.register(
+            kept["vendor_id"],
+            name=kept["name"],
+            currency=currency,
+            credit_limit_minor=_minor(kept["credit_limit"], currency, "credit limit"),
+            commission_bp=_basis_points(kept["commission_percent"]),
+            ip_allowlist=tuple(kept["allow_ip"].replace(",", " ").split()),
+            terminals=tuple(kept["terminals"].replace(",", " ").split()),
+            rate_per_minute=int(kept["rate_per_minute"] or "600"),
+            actor=_ACTOR,
+        )
+    except ValueError as exc:
+        return await _render_vendors(request, operator, error=str(exc), status=400, form=kept)
+    except GatewayError as exc:  # DuplicateError: the id is taken
+        return await _render_vendors(request, operator, error=str(exc), status=409, form=kept)
+    log.info(
+        "admin_vendor_registered", vendor=registered.vendor.vendor_id, key_id=registered.key.key_id
+    )
+    return _render(
+        request,
+        "admin/vendor_registered.html",
+        {
+            "vendor": registered.vendor,
+            "key_id": registered.key.key_id,
+            "secret": registered.key.secret,
+        },
+        status=201,
+        csrf=operator.csrf,
+        via=operator.via,
+    )
+
+
+_VENDOR_FIELDS: Final = (
+    "vendor_id",
+    "name",
+    "currency",
+    "credit_limit",
+    "commission_percent",
+    "allow_ip",
+    "terminals",
+    "rate_per_minute",
+)
+
+
+async def _vendor_top_up_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
+    """Add to a vendor's float (once per reference), then back to the list."""
+    site = request.app[ADMIN]
+    vendor_id = request.match_info["vendor_id"]
+    if site.vendors is None:
+        return await _render_vendors(
+            request, operator, error="vendor operations are off", status=404
+        )
+    form = await request.post()
+    known = {v.vendor_id: v for v in await site.vendors.list_vendors()}
+    if vendor_id not in known:
+        return await _render_vendors(request, operator, error=f"no vendor {vendor_id}", status=404)
+    vendor = known[vendor_id]
+    try:
+        amount = _minor(_field(form, "amount"), vendor.currency, "amount")
+        moved = await site.vendors.top_up(
+            vendor_id, amount, reference=_field(form, "reference", 100), actor=_ACTOR
+        )
+    except ValueError as exc:
+        return await _render_vendors(request, operator, error=str(exc), status=400)
+    except GatewayError as exc:  # the reference was used for another amount
+        return await _render_vendors(request, operator, error=str(exc), status=409)
+    log.info(
+        "admin_vendor_topped_up",
+        vendor=vendor_id,
+        amount_minor=moved.amount_minor,
+        reference=moved.reference,
+    )
+    return _see_other("/admin/vendors")
+
+
+async def _vendor_status_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
+    """Suspend (``action=suspend``) or resume (``action=resume``) a vendor's sales."""
+    site = request.app[ADMIN]
+    vendor_id = request.match_info["vendor_id"]
+    if site.vendors is None:
+        return await _render_vendors(
+            request, operator, error="vendor operations are off", status=404
+        )
+    form = await request.post()
+    action = _field(form, "action")
+    if action not in {"suspend", "resume"}:
+        return await _render_vendors(
+            request, operator, error="action: suspend or resume", status=400
+        )
+    target = VendorStatus.SUSPENDED if action == "suspend" else VendorStatus.ACTIVE
+    try:
+        await site.vendors.set_status(vendor_id, target, actor=_ACTOR)
+    except NotFound:
+        return await _render_vendors(request, operator, error=f"no vendor {vendor_id}", status=404)
+    log.info("admin_vendor_status", vendor=vendor_id, status=target.value)
+    return _see_other("/admin/vendors")
 
 
 async def _purchase_page(request: web.Request, operator: _Operator) -> web.StreamResponse:
@@ -990,6 +1185,9 @@ async def _retry_vend_page(request: web.Request, operator: _Operator) -> web.Str
 _index = _guarded(_index_page)
 _stuck_list = _guarded(_stuck_page)
 _vendors_list = _guarded(_vendors_page)
+_vendor_register = _guarded(_vendor_register_page)
+_vendor_top_up = _guarded(_vendor_top_up_page)
+_vendor_status = _guarded(_vendor_status_page)
 _purchase = _guarded(_purchase_page)
 _reprint = _guarded(_reprint_page)
 _retry_vend = _guarded(_retry_vend_page)

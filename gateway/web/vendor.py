@@ -80,6 +80,22 @@ async def _read_body(request: web.Request) -> bytes:
 def _signed(
     service: VendorService, scope: str, handler: Handler
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``handler`` behind the signature check for keys with one of ``scope``'s scopes."""
+    return _signed_any(service, ROUTE_SCOPES[scope], handler)
+
+
+#: The scopes that admit each kind of route (a key needs one of them).
+ROUTE_SCOPES: Final[dict[str, frozenset[str]]] = {
+    "meters": frozenset({"meters"}),
+    "vend": frozenset({"vend"}),
+    "read": frozenset({"read", "vend"}),
+    "statement": frozenset({"statement"}),
+}
+
+
+def _signed_any(
+    service: VendorService, scopes: frozenset[str], handler: Handler
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     """``handler`` behind the signature check, its problems as ``application/problem+json``."""
 
     async def handle(request: web.Request) -> web.Response:
@@ -91,7 +107,7 @@ def _signed(
                 target=request.raw_path,
                 body=body,
                 remote=_client_address(request),
-                scope=scope,
+                scopes=scopes,
             )
             answer = await handler(request, caller, body)
         except Problem as problem:
@@ -151,17 +167,24 @@ async def _openapi(_request: web.Request) -> web.Response:
     return web.Response(body=openapi_document(), content_type="application/json")
 
 
+#: The signed routes: method, path under ``PREFIX``, the scope kind (``ROUTE_SCOPES``), handler.
+SIGNED_ROUTES: Final = (
+    ("GET", "/meters/{meter}", "meters", "meter"),
+    ("POST", "/quotes", "vend", "quote"),
+    ("POST", "/vends", "vend", "vend"),
+    ("GET", "/vends", "read", "by_key"),
+    ("GET", "/vends/{vend_id}", "read", "by_id"),
+    ("GET", "/vends/{vend_id}/reprint", "read", "reprint"),
+    ("POST", "/vends/{vend_id}/reversal", "vend", "reversal"),
+    ("GET", "/statements/{day}", "statement", "statement"),
+)
+
+
 def vendor_routes(service: VendorService) -> list[web.RouteDef]:
     """The vendor API's routes over ``service``."""
     h = _Handlers(service)
-    return [
-        web.get(f"{PREFIX}/openapi.json", _openapi),
-        web.get(f"{PREFIX}/meters/{{meter}}", _signed(service, "meters", h.meter)),
-        web.post(f"{PREFIX}/quotes", _signed(service, "vend", h.quote)),
-        web.post(f"{PREFIX}/vends", _signed(service, "vend", h.vend)),
-        web.get(f"{PREFIX}/vends", _signed(service, "vend", h.by_key)),
-        web.get(f"{PREFIX}/vends/{{vend_id}}", _signed(service, "vend", h.by_id)),
-        web.get(f"{PREFIX}/vends/{{vend_id}}/reprint", _signed(service, "vend", h.reprint)),
-        web.post(f"{PREFIX}/vends/{{vend_id}}/reversal", _signed(service, "vend", h.reversal)),
-        web.get(f"{PREFIX}/statements/{{day}}", _signed(service, "statement", h.statement)),
-    ]
+    routes = [web.get(f"{PREFIX}/openapi.json", _openapi)]
+    for method, path, scope, name in SIGNED_ROUTES:
+        handler = _signed(service, scope, getattr(h, name))
+        routes.append(web.route(method, PREFIX + path, handler))
+    return routes

@@ -1,13 +1,13 @@
 """``gateway vendors``: register, list, suspend, top up, statement, keys; exact money, exits."""
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from gateway.cli import main
-from gateway.vendor import signing
+from gateway.vendor import sealing, signing
 
 
 @pytest.fixture
@@ -24,10 +24,10 @@ def _json(capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
     return loaded
 
 
-def test_add_shows_the_secret_once_and_stores_only_its_derived_key(
+def test_add_shows_the_secret_once_and_stores_its_key_sealed(
     flags: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """``add`` prints the key's secret; the database holds the derived key, never the secret."""
+    """``add`` prints the key's secret; the database holds neither it nor its derived key."""
     terms = ["--name", "Corner shop", "--commission-percent", "2.5", "--credit-limit", "100.50"]
     assert main(["vendors", "add", "shop", *terms, "--terminal", "till-1", "--json", *flags]) == 0
     added = _json(capsys)
@@ -38,7 +38,10 @@ def test_add_shows_the_secret_once_and_stores_only_its_derived_key(
     assert secret.startswith("vsk_")
     database = (tmp_path / "gateway.db").read_bytes()
     assert secret.encode() not in database
-    assert signing.derive_signing_key(secret).encode() in database
+    derived = signing.derive_signing_key(secret)
+    assert derived.encode() not in database
+    assert bytes.fromhex(derived) not in database
+    assert sealing.fingerprint(derived).encode() in database  # the hash beside the sealed key
     assert main(["vendors", "add", "shop", "--name", "again", *flags]) == 1
     assert "exists" in capsys.readouterr().err
 
@@ -90,3 +93,50 @@ def test_keys_are_added_scoped_and_revoked(
     assert main(["vendors", "key", "shop", "--revoke", "vk_0000000000000000", *flags]) == 1
     assert main(["vendors", "key", "shop", "--revoke", str(made["key_id"]), "--json", *flags]) == 0
     assert _json(capsys)["status"] == "revoked"
+
+
+def test_keys_are_listed_and_rotated_with_an_overlap(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """rotate-key: a new key, the old scopes and terminal; the old key ends after the overlap."""
+    assert main(["vendors", "add", "shop", "--name", "Shop", "--terminal", "t1", *flags]) == 0
+    capsys.readouterr()
+    key = ["vendors", "key", "shop", "--scope", "read", "--terminal", "t1", "--json", *flags]
+    assert main(key) == 0
+    old = _json(capsys)
+    before = datetime.now(UTC)
+    rotate = ["vendors", "rotate-key", str(old["key_id"]), "--overlap-hours", "2", "--json"]
+    assert main([*rotate, *flags]) == 0
+    rotated = _json(capsys)
+    assert str(rotated["secret"]).startswith("vsk_")
+    assert (rotated["scopes"], rotated["terminal"]) == (["read"], "t1")
+    ends = datetime.fromisoformat(str(rotated["old_key_expires_at"]))
+    assert before + timedelta(hours=2) <= ends <= datetime.now(UTC) + timedelta(hours=2)
+    assert main(["vendors", "keys", "shop", "--json", *flags]) == 0
+    listed = {k["key_id"]: k for k in json.loads(capsys.readouterr().out)}
+    assert len(listed) == 3
+    assert listed[str(old["key_id"])]["replaced_by"] == rotated["key_id"]
+    assert all(k["sealed"] and len(k["fingerprint"]) == 16 for k in listed.values())
+    assert str(rotated["secret"]) not in json.dumps(listed)
+    assert main(["vendors", "rotate-key", "vk_0000000000000000", *flags]) == 1
+    assert main(["vendors", "rotate-key", str(old["key_id"]), "--overlap-hours", "x", *flags]) == 2
+    now = ["vendors", "rotate-key", str(rotated["key_id"]), "--overlap-hours", "0", "--json"]
+    assert main([*now, *flags]) == 0
+    capsys.readouterr()
+    assert main([*now, *flags]) == 1  # the key ended at once: nothing left to rotate
+
+
+def test_add_terminal(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """add-terminal registers a till with its rate; a duplicate or a bad id is refused."""
+    assert main(["vendors", "add", "shop", "--name", "Shop", *flags]) == 0
+    capsys.readouterr()
+    add = ["vendors", "add-terminal", "shop", "till-3", "--label", "Front", "--json"]
+    assert main([*add, "--rate-per-minute", "30", *flags]) == 0
+    assert _json(capsys) == {
+        "vendor_id": "shop", "terminal": "till-3", "label": "Front", "rate_per_minute": 30,
+        "status": "active",
+    }  # fmt: skip
+    assert main([*add, *flags]) == 1
+    assert main(["vendors", "add-terminal", "shop", "till 4", *flags]) == 2
+    assert main(["vendors", "add-terminal", "nobody", "till-4", *flags]) == 1
+    assert main(["vendors", "add-terminal", "shop", "t5", "--rate-per-minute", "0", *flags]) == 2

@@ -29,6 +29,7 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
+from typing import cast
 
 import aiohttp
 import asyncpg  # type: ignore[import-untyped]
@@ -45,8 +46,11 @@ from gateway.ledger import (
     seal_vending_key,
 )
 from gateway.ledger.postgres import create_schema, drop_schema
+from gateway.ledger.vendor import VendorLedger
 from gateway.sim.africastalking import AtSimulator
 from gateway.sim.momo import MomoSimulator
+from gateway.vendor.service import register_vendor
+from gateway.vendor_client import VendorClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -527,3 +531,46 @@ async def test_two_gateway_serve_processes_sell_each_token_once(
         assert len(texts) == 1, (phone, texts)
         grouped = "-".join(tokens[phone][i : i + 4] for i in range(0, 20, 4))
         assert grouped in texts[0]
+
+
+async def test_two_gateway_serve_processes_share_the_vendor_rate_limits(
+    schema: str, tmp_path: Path
+) -> None:
+    """Two ``gateway serve`` with one Redis: a vendor's per-minute rate holds across both.
+
+    A vendor allowed 6 requests a minute (one token every 10 s) sends 14 signed meter confirms,
+    alternating between the instances: 6 are admitted in all (each process alone would admit 6),
+    the rest answer 429 ``rate_limited`` with ``Retry-After``, from both instances.
+    """
+    await require_redis()
+    harness = load_harness()
+    master_key = os.urandom(32)
+    meters = [harness.make_drn(8200)]
+    await seed_production_ledger(schema, harness, meters, master_key)
+    async with open_postgres_ledger(URL, schema=schema) as ledger:
+        made = await register_vendor(
+            cast("VendorLedger", ledger), f"v{uuid.uuid4().hex[:8]}", name="Kiosk",
+            currency="KES", rate_per_minute=6, actor="test", master_key=master_key,
+        )  # fmt: skip
+    momo = MomoSimulator(currency="KES")
+    async with contextlib.AsyncExitStack() as stack:
+        at = AtSimulator(delivery_url="http://127.0.0.1:9/unused")
+        stack.push_async_callback(at.close)
+        momo_url = await serve_on_loopback(stack, momo.app)
+        at_url = await serve_on_loopback(stack, at.app)
+        env = production_env(schema, master_key, "http://127.0.0.1:9", momo, momo_url, at, at_url)
+        ports = [await start_gateway(stack, env, tmp_path / name) for name in ("a", "b")]
+        clients = [
+            await stack.enter_async_context(
+                VendorClient(f"http://127.0.0.1:{port}", made.key.key_id, made.key.secret)
+            )
+            for port in ports
+        ]
+        replies = [await clients[n % 2].confirm_meter(meters[0]) for n in range(14)]
+    admitted = [n for n, reply in enumerate(replies) if reply.status == 200]
+    refused = [n for n, reply in enumerate(replies) if reply.status == 429]
+    assert len(admitted) == 6, [r.status for r in replies]
+    assert len(admitted) + len(refused) == 14
+    assert {n % 2 for n in refused} == {0, 1}  # both instances refused: one bucket
+    assert all(replies[n].problem == "rate_limited" for n in refused)
+    assert all(int(replies[n].headers["Retry-After"]) >= 1 for n in refused)

@@ -127,7 +127,8 @@ async def test_vendor_registry_terminals_keys(ledger: Ledger) -> None:
     key = VendorKey(
         key_id="vk_1",
         vendor_id="shop",
-        signing_key="ab" * 32,
+        sealed_key=b"\x01" * 60,
+        key_hash="cd" * 32,
         scopes=frozenset({"vend"}),
         terminal_id="till-1",
     )
@@ -137,6 +138,8 @@ async def test_vendor_registry_terminals_keys(ledger: Ledger) -> None:
     assert stored.active
     assert stored.scopes == {"vend"}
     assert stored.terminal_id == "till-1"
+    assert (stored.sealed_key, stored.key_hash) == (b"\x01" * 60, "cd" * 32)
+    assert stored.legacy_signing_key is None
     await vendors.revoke_vendor_key("vk_1", actor="test")
     revoked = await vendors.get_vendor_key("vk_1")
     assert revoked is not None

@@ -112,7 +112,7 @@ async def test_revoked_keys_suspended_vendors_and_unknown_terminals(world: Vendo
     ) as new:
         assert (await new.confirm_meter(world.drns[0])).status == 200
         # Scoped: this key may confirm meters, not sell.
-        assert (await new.quote(world.drns[0], 5000)).problem == "scope_missing"
+        assert (await new.quote(world.drns[0], 5000)).problem == "scope_denied"
 
 
 async def test_rate_limits_answer_429_with_retry_after(world: VendorWorld) -> None:
@@ -329,7 +329,7 @@ async def test_the_ip_allowlist_admits_only_its_networks(world: VendorWorld) -> 
     ):
         made = await register_vendor(
             world.vendors, vendor_id, name=vendor_id, currency="KES", ip_allowlist=(network,),
-            actor="test",
+            actor="test", master_key=world.master_key,
         )  # fmt: skip
         async with VendorClient(
             world.url, made.key.key_id, made.key.secret, clock=unix(world.clock)

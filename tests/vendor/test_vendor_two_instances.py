@@ -29,6 +29,7 @@ from gateway.vendor_client import VendorClient
 from gateway.web.vendor import vendor_routes
 from tests.ledger.ledger_support import POSTGRES_URL
 from tests.vending.vending_support import VENDING_KEY, FakeProvider, make_drn, seed
+from tests.vendor.vendor_support import MASTER_KEY
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -64,7 +65,13 @@ async def _instance(schema: str) -> AsyncIterator[tuple[Ledger, str]]:
             default_provider=provider.name,
             policy=SagaPolicy(),
         )
-        service = VendorService(vending, ledger, cast("VendorLedger", ledger), engine_wait_s=60)
+        service = VendorService(
+            vending,
+            ledger,
+            cast("VendorLedger", ledger),
+            engine_wait_s=60,
+            master_key=MASTER_KEY,
+        )
         app = web.Application()
         app.add_routes(vendor_routes(service))
         runner = web.AppRunner(app, access_log=None)
@@ -88,7 +95,13 @@ async def test_duplicated_keys_across_two_instances_vend_once() -> None:
         await seed(first, drns)
         key = (
             await register_vendor(
-                vendors, "bank", name="Bank", currency="KES", rate_per_minute=10**6, actor="t"
+                vendors,
+                "bank",
+                name="Bank",
+                currency="KES",
+                rate_per_minute=10**6,
+                actor="t",
+                master_key=MASTER_KEY,
             )
         ).key
         await vendors.top_up_float("bank", 10**9, reference="T", actor="t")

@@ -7,26 +7,28 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from gateway.ledger import Ledger, LedgerUnavailable, open_postgres_ledger, open_sqlite_ledger
 from gateway.ledger.postgres import create_schema, drop_schema
 from gateway.ledger.vendor import VendorLedger
 from gateway.sts import LocalTokenEngine, MeterProfile, Token, VendingKey
 from gateway.vending import SagaPolicy, Vending
-from gateway.vendor.service import RateLimiter, VendorService
+from gateway.vendor.service import LocalRateLimiter, VendorService
 from gateway.vendor_client import VendorClient
 from gateway.web.vendor import vendor_routes
 from tests.ledger.ledger_support import BACKENDS, POSTGRES_URL, FakeClock
 from tests.vending.vending_support import VENDING_KEY, FakeProvider, make_drn, seed
+from tests.vendor.openapi_check import Exchange, problems
 
-__all__ = ["BACKENDS", "NEW_KEY", "SlowEngine", "VendorWorld", "unix", "vendor_world"]
+__all__ = ["BACKENDS", "MASTER_KEY", "NEW_KEY", "SlowEngine", "VendorWorld", "unix", "vendor_world"]
 
 
 def unix(clock: FakeClock) -> Callable[[], float]:
@@ -37,6 +39,9 @@ def unix(clock: FakeClock) -> Callable[[], float]:
 
     return now
 
+
+#: The master key the test worlds seal vendor keys under.
+MASTER_KEY = bytes(range(32))
 
 #: A second key revision the engine holds, for key changes.
 NEW_KEY = VendingKey(sgc="123457", krn=2, dkga=4, base_date=2014, key=bytes.fromhex("5e7a" * 10))
@@ -69,6 +74,8 @@ class VendorWorld:
     key_id: str
     secret: str
     drns: list[str]
+    master_key: bytes = MASTER_KEY
+    exchanges: list[Exchange] = field(default_factory=list)
 
     def client(self, *, terminal: str = "till-1", secret: str | None = None) -> VendorClient:
         """A client signing as ``shop``'s first key, on the world's clock."""
@@ -79,6 +86,29 @@ class VendorWorld:
             terminal=terminal,
             clock=unix(self.clock),
         )
+
+
+def recorder(exchanges: list[Exchange]) -> Middleware:
+    """A middleware keeping every vendor API response (for ``openapi_check.problems``)."""
+
+    @web.middleware
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        resource = request.match_info.route.resource
+        if resource is not None and isinstance(response, web.Response):
+            exchanges.append(
+                Exchange(
+                    method=request.method,
+                    path=resource.canonical,
+                    status=response.status,
+                    content_type=response.content_type,
+                    headers=dict(response.headers),
+                    body=bytes(response.body) if isinstance(response.body, bytes) else b"",
+                )
+            )
+        return response
+
+    return record
 
 
 @contextlib.asynccontextmanager
@@ -129,7 +159,8 @@ async def vendor_world(tmp_path: Path, backend: object) -> AsyncIterator[VendorW
             clock=clock,
             lease_s=5.0,
             engine_wait_s=2.0,
-            limiter=RateLimiter(clock=unix(clock)),
+            limiter=LocalRateLimiter(clock=unix(clock)),
+            master_key=MASTER_KEY,
         )
         registered = await service.register(
             "shop",
@@ -140,7 +171,8 @@ async def vendor_world(tmp_path: Path, backend: object) -> AsyncIterator[VendorW
             actor="test",
         )
         await vendors.top_up_float("shop", 100_000, reference="BANK-1", actor="test")
-        app = web.Application()
+        exchanges: list[Exchange] = []
+        app = web.Application(middlewares=[recorder(exchanges)])
         app.add_routes(vendor_routes(service))
         runner = web.AppRunner(app)
         await runner.setup()
@@ -159,6 +191,10 @@ async def vendor_world(tmp_path: Path, backend: object) -> AsyncIterator[VendorW
                 key_id=registered.key.key_id,
                 secret=registered.key.secret,
                 drns=drns,
+                exchanges=exchanges,
             )
         finally:
             await runner.cleanup()
+        # Every answer the test got conforms to the OpenAPI document (status, media, schema).
+        nonconforming = [problem for exchange in exchanges for problem in problems(exchange)]
+        assert not nonconforming, "\n".join(nonconforming)

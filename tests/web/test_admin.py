@@ -43,7 +43,9 @@ from gateway.sts import LocalTokenEngine, VendingKey
 from gateway.sts.pan import luhn_check_digit
 from gateway.tariff import Tariff
 from gateway.vending import SagaPolicy, VendFailed, Vending
-from gateway.vendor.service import register_vendor
+from gateway.vendor.sealing import open_signing_key
+from gateway.vendor.service import VendorService, register_vendor
+from gateway.vendor.signing import derive_signing_key
 from gateway.web.admin import (
     COOKIE_NAME,
     AuthThrottle,
@@ -792,7 +794,7 @@ async def test_vendors_page_lists_floats_and_needs_the_token(client: Client, sho
     vendors = cast("VendorLedger", shop.ledger)
     made = await register_vendor(
         vendors, "corner", name="Corner <shop>", currency="KES", commission_bp=250,
-        terminals=("till-1",), actor="test",
+        terminals=("till-1",), actor="test", master_key=bytes(32),
     )  # fmt: skip
     await vendors.top_up_float("corner", 123_450, reference="B1", actor="test")
     await vendors.set_vendor_status("corner", VendorStatus.SUSPENDED, actor="test")
@@ -807,3 +809,117 @@ async def test_vendors_page_lists_floats_and_needs_the_token(client: Client, sho
     assert "till-1" in html
     assert made.key.secret not in html
     assert made.key.signing_key not in html
+    assert "Register a vendor" not in html  # no vendor operations: the page only lists
+
+
+@pytest.fixture
+async def vendor_admin(shop: Shop, aiohttp_client: ClientFactory) -> Client:
+    """The admin routes with the vendor operations (register, top up, suspend)."""
+    app = web.Application(middlewares=[context_middleware])
+    vendors = VendorService(
+        shop.vending, shop.ledger, cast("VendorLedger", shop.ledger), clock=shop.clock,
+        master_key=VENDOR_MASTER_KEY,
+    )  # fmt: skip
+    setup_admin(
+        app,
+        ledger=shop.ledger,
+        vending=shop.vending,
+        admin_token=Secret(ADMIN_TOKEN),
+        clock=shop.clock,
+        vendors=vendors,
+    )
+    app.add_routes(admin_routes())
+    return await aiohttp_client(app)
+
+
+VENDOR_MASTER_KEY = bytes(range(32))
+
+
+async def test_vendors_are_registered_from_the_page_with_the_secret_shown_once(
+    vendor_admin: Client, shop: Shop
+) -> None:
+    """The form registers a vendor (CSRF checked); the page shows its key once; stored sealed."""
+    await login(vendor_admin)
+    page = await (await vendor_admin.get("/admin/vendors")).text()
+    assert 'action="/admin/vendors"' in page
+    form = {
+        "vendor_id": "agent-7", "name": "Agent <7>", "currency": "KES", "credit_limit": "500",
+        "commission_percent": "1.5", "terminals": "pos-1 pos-2", "allow_ip": "",
+        "rate_per_minute": "120",
+    }  # fmt: skip
+    forged = await vendor_admin.post("/admin/vendors", data=form)
+    assert forged.status == 403
+    done = await vendor_admin.post("/admin/vendors", data={**form, "csrf": csrf_of(page)})
+    html = await done.text()
+    assert done.status == 201
+    vendors = cast("VendorLedger", shop.ledger)
+    (key,) = await vendors.vendor_keys("agent-7")
+    secret = re.search(r'class="secret">(vsk_[A-Za-z0-9_-]+)<', html)
+    assert secret is not None
+    assert key.key_id in html
+    assert key.sealed_key is not None
+    opened = open_signing_key(
+        key.sealed_key, key_id=key.key_id, vendor_id="agent-7", master_key=VENDOR_MASTER_KEY
+    )
+    assert opened == derive_signing_key(secret.group(1))
+    vendor = await vendors.get_vendor("agent-7")
+    assert (vendor.credit_limit_minor, vendor.commission_bp, vendor.rate_per_minute) == (
+        50_000, 150, 120,
+    )  # fmt: skip
+    assert [t.terminal_id for t in await vendors.terminals("agent-7")] == ["pos-1", "pos-2"]
+    listing = await (await vendor_admin.get("/admin/vendors")).text()
+    assert "Agent &lt;7&gt;" in listing
+    assert secret.group(1) not in listing  # shown once
+    again = await vendor_admin.post("/admin/vendors", data={**form, "csrf": csrf_of(page)})
+    assert again.status == 409
+    bad = {**form, "vendor_id": "x1", "commission_percent": "150", "csrf": csrf_of(page)}
+    refused = await vendor_admin.post("/admin/vendors", data=bad)
+    assert refused.status == 400
+    assert "commission" in await refused.text()
+    assert [v.vendor_id for v in await vendors.list_vendors()] == ["agent-7"]
+
+
+async def test_floats_are_topped_up_once_per_reference_and_vendors_suspended_from_the_page(
+    vendor_admin: Client, shop: Shop
+) -> None:
+    """Top-up (major units, once per reference), suspend and resume, each behind CSRF."""
+    vendors = cast("VendorLedger", shop.ledger)
+    await register_vendor(
+        vendors, "corner", name="Corner", currency="KES", actor="test",
+        master_key=VENDOR_MASTER_KEY,
+    )  # fmt: skip
+    await login(vendor_admin)
+    csrf = csrf_of(await (await vendor_admin.get("/admin/vendors")).text())
+    url = "/admin/vendors/corner/top-up"
+    paid = {"amount": "1500.50", "reference": "BANK-9", "csrf": csrf}
+    assert (await vendor_admin.post(url, data={**paid, "csrf": "0" * 64})).status == 403
+    first = await vendor_admin.post(url, data=paid, allow_redirects=False)
+    repeat = await vendor_admin.post(url, data=paid, allow_redirects=False)
+    assert (first.status, repeat.status) == (303, 303)
+    other = await vendor_admin.post(url, data={**paid, "amount": "10"})
+    assert other.status == 409
+    for amount in ("-5", "0", "1.001", "lots"):
+        wrong = await vendor_admin.post(url, data={**paid, "amount": amount, "reference": "B2"})
+        assert wrong.status == 400, amount
+    assert (await vendor_admin.post("/admin/vendors/nobody/top-up", data=paid)).status == 404
+    assert (await vendors.get_vendor("corner")).balance_minor == 150_050
+    status_url = "/admin/vendors/corner/status"
+    stop = await vendor_admin.post(
+        status_url, data={"action": "suspend", "csrf": csrf}, allow_redirects=False
+    )
+    assert stop.status == 303
+    assert (await vendors.get_vendor("corner")).status is VendorStatus.SUSPENDED
+    await vendor_admin.post(status_url, data={"action": "resume", "csrf": csrf})
+    assert (await vendors.get_vendor("corner")).status is VendorStatus.ACTIVE
+    events = await shop.ledger.events(kind="float_top_up")
+    assert [e.actor for e in events] == ["admin-web"]
+
+
+async def test_without_the_vendor_operations_the_page_only_lists(client: Client) -> None:
+    """No vendor operations given: no forms, and the POSTs answer 404."""
+    page = await (await client.get("/admin/vendors", headers=BEARER)).text()
+    assert 'action="/admin/vendors"' not in page
+    posted = await client.post(
+        "/admin/vendors", data={"vendor_id": "x", "name": "x"}, headers=BEARER
+    )
+    assert posted.status == 404
