@@ -927,16 +927,21 @@ class LedgerCore(VendorSteps):
         if repeated is not None:
             return repeated
         try:
-            return await self._write(self._first_notice, notice, actor)
+            # One statement where a statement may modify in its WITH clauses (PostgreSQL):
+            # atomic alone, no BEGIN/COMMIT; else one transaction of two.
+            return await self._write(
+                self._first_notice, notice, actor, atomic=not self.mints_under_lock
+            )
         except _NotFirstNotice:
             return await self._write(self._record_notice, notice, actor)
 
     def _first_notice(self, notice: NoticeRecord, actor: str) -> Steps[NoticeOutcome]:
         """The first notice of a collection we asked for (its row attached, no payload yet).
 
-        One statement after ``BEGIN``: the audit line and the payload kept. Anything else (no
-        row, a payload there already, another writer first) raises ``_NotFirstNotice``: the
-        transaction is rolled back and the full path runs.
+        The payload kept and its audit line: on PostgreSQL one statement (the line inserted
+        from the kept row, so it exists only if the row was kept), on SQLite two in one
+        transaction. Anything else (no row, a payload there already, another writer first)
+        raises ``_NotFirstNotice``: nothing stays, and the full path runs.
         """
         _, now = self._now()
         data = {
@@ -946,30 +951,43 @@ class LedgerCore(VendorSteps):
             "duplicate": False,
             "payload_hash": notice.payload_hash,
         }
-        kept = yield batch(
-            run(
-                "INSERT INTO events (purchase_id, kind, actor, data, at)"
-                " SELECT purchase_id, 'payment_notice', ?, ?, ? FROM payments"
-                " WHERE provider = ? AND reference = ? AND payload_hash IS NULL",
+        # The callback's receipt is kept: a status answer may carry none (Daraja STK).
+        keep = (
+            "UPDATE payments SET payload = ?, payload_hash = ?, updated_at = ?,"
+            " receipt = COALESCE(receipt, ?) WHERE provider = ? AND reference = ?"
+            " AND payload_hash IS NULL RETURNING purchase_id"
+        )
+        kept_params = (
+            notice.raw,
+            notice.payload_hash,
+            now,
+            notice.receipt,
+            notice.provider,
+            notice.reference,
+        )
+        audit = "INSERT INTO events (purchase_id, kind, actor, data, at)"
+        if self.mints_under_lock:  # PostgreSQL: the audit line exists only if the row was kept
+            kept = yield one(
+                f"WITH kept AS ({keep}) {audit} SELECT purchase_id, 'payment_notice', ?, ?, ?"  # noqa: S608 - constants
+                " FROM kept RETURNING purchase_id",
+                *kept_params,
                 actor,
                 to_json(data),
                 now,
-                notice.provider,
-                notice.reference,
-            ),
-            # The callback's receipt is kept: a status answer may carry none (Daraja STK).
-            one(
-                "UPDATE payments SET payload = ?, payload_hash = ?, updated_at = ?,"
-                " receipt = COALESCE(receipt, ?) WHERE provider = ? AND reference = ?"
-                " AND payload_hash IS NULL RETURNING purchase_id",
-                notice.raw,
-                notice.payload_hash,
-                now,
-                notice.receipt,
-                notice.provider,
-                notice.reference,
-            ),
-        )
+            )
+        else:  # SQLite, one by one in one transaction (rolled back when nothing was kept)
+            kept = yield batch(
+                run(
+                    f"{audit} SELECT purchase_id, 'payment_notice', ?, ?, ? FROM payments"  # noqa: S608 - constants
+                    " WHERE provider = ? AND reference = ? AND payload_hash IS NULL",
+                    actor,
+                    to_json(data),
+                    now,
+                    notice.provider,
+                    notice.reference,
+                ),
+                one(keep, *kept_params),
+            )
         if kept is None:
             raise _NotFirstNotice("not the first notice of an attached collection")
         purchase_id = kept["purchase_id"]
