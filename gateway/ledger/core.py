@@ -438,6 +438,24 @@ _LOCK_PURCHASE_AND_METER: Final = (
     " LEFT JOIN vends v ON v.purchase_id = p.purchase_id WHERE p.purchase_id = ?"
     " FOR UPDATE OF p, m"
 )
+_KEEP_NOTICE: Final = (
+    "UPDATE payments SET payload = ?, payload_hash = ?, updated_at = ?,"
+    " receipt = COALESCE(receipt, ?) WHERE provider = ? AND reference = ?"
+    " AND payload_hash IS NULL RETURNING purchase_id"
+)
+#: PostgreSQL only (``modifies_in_with``): see ``LedgerCore._notice_once``.
+_NOTICE_ONCE: Final = (
+    "WITH kept AS ("  # noqa: S608 - built from our constants
+    + _KEEP_NOTICE
+    + ", false AS duplicate),"
+    " seen AS (SELECT purchase_id, true AS duplicate FROM payments"
+    " WHERE provider = ? AND reference = ? AND payload_hash = ?),"
+    " hit AS (SELECT * FROM kept UNION ALL SELECT * FROM seen)"
+    " INSERT INTO events (purchase_id, kind, actor, data, at)"
+    " SELECT purchase_id, 'payment_notice', ?,"
+    " CASE WHEN duplicate THEN ?::jsonb ELSE ?::jsonb END, ? FROM hit"
+    " RETURNING purchase_id, data = ?::jsonb AS duplicate"
+)
 _PURCHASE: Final = "SELECT * FROM purchases WHERE purchase_id = ?"
 _LOCK_PURCHASE: Final = "SELECT * FROM purchases WHERE purchase_id = ? FOR UPDATE"
 _METER: Final = "SELECT * FROM meters WHERE drn = ?"
@@ -503,6 +521,9 @@ class LedgerCore(VendorSteps):
     #: Whether a write may await between statements (``call``), holding its row locks: a
     #: ``VendDraft`` with ``mint`` then makes its token under the meter's lock (PostgreSQL).
     mints_under_lock: bool = False
+    #: Whether one statement may modify rows in its ``WITH`` clauses and use what they return
+    #: (PostgreSQL): some rules then take one statement where SQLite takes a transaction.
+    modifies_in_with: bool = False
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
@@ -923,25 +944,27 @@ class LedgerCore(VendorSteps):
         callbacks again, balancers duplicate them) costs one statement, its audit line: no
         transaction, no row lock. Anything else takes the full path.
         """
+        if self.modifies_in_with:  # PostgreSQL: both common cases in one statement
+            done = await self._write(self._notice_once, notice, actor, atomic=False)
+            if done is not None:
+                return done
+            return await self._write(self._record_notice, notice, actor)
         repeated = await self._write(self._repeated_notice, notice, actor, atomic=False)
         if repeated is not None:
             return repeated
         try:
-            # One statement where a statement may modify in its WITH clauses (PostgreSQL):
-            # atomic alone, no BEGIN/COMMIT; else one transaction of two.
-            return await self._write(
-                self._first_notice, notice, actor, atomic=not self.mints_under_lock
-            )
+            return await self._write(self._first_notice, notice, actor)
         except _NotFirstNotice:
             return await self._write(self._record_notice, notice, actor)
 
-    def _first_notice(self, notice: NoticeRecord, actor: str) -> Steps[NoticeOutcome]:
-        """The first notice of a collection we asked for (its row attached, no payload yet).
+    def _notice_once(self, notice: NoticeRecord, actor: str) -> Steps[NoticeOutcome | None]:
+        """PostgreSQL: a repeated or first notice in one statement; None (nothing written) else.
 
-        The payload kept and its audit line: on PostgreSQL one statement (the line inserted
-        from the kept row, so it exists only if the row was kept), on SQLite two in one
-        transaction. Anything else (no row, a payload there already, another writer first)
-        raises ``_NotFirstNotice``: nothing stays, and the full path runs.
+        A repeated notice gets its audit line; the first notice of an attached collection is
+        kept with its audit line. The statement sees one snapshot: the payload is kept only
+        where none was (a concurrent first notice makes it keep nothing: the full path then
+        sorts it out), and the audit line is inserted from what was kept or found, so it never
+        exists alone.
         """
         _, now = self._now()
         data = {
@@ -951,43 +974,70 @@ class LedgerCore(VendorSteps):
             "duplicate": False,
             "payload_hash": notice.payload_hash,
         }
-        # The callback's receipt is kept: a status answer may carry none (Daraja STK).
-        keep = (
-            "UPDATE payments SET payload = ?, payload_hash = ?, updated_at = ?,"
-            " receipt = COALESCE(receipt, ?) WHERE provider = ? AND reference = ?"
-            " AND payload_hash IS NULL RETURNING purchase_id"
-        )
-        kept_params = (
+        first, repeated = to_json(data), to_json({**data, "duplicate": True})
+        row = yield one(
+            _NOTICE_ONCE,
             notice.raw,
             notice.payload_hash,
             now,
             notice.receipt,
             notice.provider,
             notice.reference,
+            notice.provider,
+            notice.reference,
+            notice.payload_hash,
+            actor,
+            repeated,
+            first,
+            now,
+            repeated,
         )
-        audit = "INSERT INTO events (purchase_id, kind, actor, data, at)"
-        if self.mints_under_lock:  # PostgreSQL: the audit line exists only if the row was kept
-            kept = yield one(
-                f"WITH kept AS ({keep}) {audit} SELECT purchase_id, 'payment_notice', ?, ?, ?"  # noqa: S608 - constants
-                " FROM kept RETURNING purchase_id",
-                *kept_params,
+        if row is None:
+            return None
+        purchase_id = row["purchase_id"]
+        return NoticeOutcome(
+            purchase_id=PurchaseId(purchase_id) if purchase_id else None,
+            is_duplicate=bool(row["duplicate"]),
+            payload_conflict=False,
+        )
+
+    def _first_notice(self, notice: NoticeRecord, actor: str) -> Steps[NoticeOutcome]:
+        """The first notice of a collection we asked for (its row attached, no payload yet).
+
+        The payload kept and its audit line, two statements in one transaction (SQLite; the
+        PostgreSQL ledger takes ``_notice_once``). Anything else (no row, a payload there
+        already) raises ``_NotFirstNotice``: nothing stays, and the full path runs.
+        """
+        _, now = self._now()
+        data = {
+            "provider": notice.provider,
+            "reference": notice.reference,
+            "claimed_state": notice.claimed_state,
+            "duplicate": False,
+            "payload_hash": notice.payload_hash,
+        }
+        kept = yield batch(
+            run(
+                "INSERT INTO events (purchase_id, kind, actor, data, at)"
+                " SELECT purchase_id, 'payment_notice', ?, ?, ? FROM payments"
+                " WHERE provider = ? AND reference = ? AND payload_hash IS NULL",
                 actor,
                 to_json(data),
                 now,
-            )
-        else:  # SQLite, one by one in one transaction (rolled back when nothing was kept)
-            kept = yield batch(
-                run(
-                    f"{audit} SELECT purchase_id, 'payment_notice', ?, ?, ? FROM payments"  # noqa: S608 - constants
-                    " WHERE provider = ? AND reference = ? AND payload_hash IS NULL",
-                    actor,
-                    to_json(data),
-                    now,
-                    notice.provider,
-                    notice.reference,
-                ),
-                one(keep, *kept_params),
-            )
+                notice.provider,
+                notice.reference,
+            ),
+            # The callback's receipt is kept: a status answer may carry none (Daraja STK).
+            one(
+                _KEEP_NOTICE,
+                notice.raw,
+                notice.payload_hash,
+                now,
+                notice.receipt,
+                notice.provider,
+                notice.reference,
+            ),
+        )
         if kept is None:
             raise _NotFirstNotice("not the first notice of an attached collection")
         purchase_id = kept["purchase_id"]

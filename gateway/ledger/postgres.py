@@ -321,6 +321,7 @@ class PostgresLedger(LedgerCore):
     """
 
     mints_under_lock = True
+    modifies_in_with = True
 
     def __init__(
         self, pool: Pool, *, clock: Clock = _utc_now, retry: RetryPolicy | None = None
