@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import os
 import random
 import uuid
@@ -25,6 +26,7 @@ from gateway.ledger import (
     LedgerUnavailable,
     MeterRecord,
     Minted,
+    NoticeRecord,
     PurchaseState,
     VendDraft,
     VendOutcome,
@@ -213,3 +215,57 @@ async def test_a_gap_in_tids_is_harmless(schema: str) -> None:
     vends = await _vends(schema)
     assert vends[1]["tid"] >= vends[0]["tid"] + 8
     _assert_meters_accept(vends)
+
+
+def _notice(reference: str, raw: bytes) -> NoticeRecord:
+    return NoticeRecord(
+        provider="fakepay",
+        reference=reference,
+        claimed_state="succeeded",
+        amount=AMOUNT_FOR_TESTS,
+        payer=PHONE,
+        receipt="RCPT1",
+        raw=raw,
+        payload_hash=hashlib.sha256(raw).hexdigest(),
+    )
+
+
+async def test_copies_of_a_notice_racing_on_two_instances_keep_it_once(schema: str) -> None:
+    """30 copies of a purchase's first notice at once on two pools, plus 3 altered copies.
+
+    The one-statement notice path and the full path behind it agree: exactly one copy is
+    kept as the first, the other exact copies are duplicates, every altered copy is a payload
+    conflict, and every copy has its audit line.
+    """
+    clock = FakeClock()
+    provider = FakeProvider()
+    drn = make_drn(980)
+    async with (
+        open_postgres_ledger(URL, schema=schema, clock=clock, max_size=8) as first,
+        open_postgres_ledger(URL, schema=schema, clock=clock, max_size=8, migrate=False) as second,
+    ):
+        await seed(first, [drn])
+        saga = build_vending(first, provider, clock)
+        (purchase_id,) = await _open_paid(saga, provider, [drn], 1)
+        reference = provider.reference_for(purchase_id)
+        genuine, altered = _notice(reference, b'{"ok": 1}'), _notice(reference, b'{"ok": 2}')
+        copies = [genuine] * 30 + [altered] * 3
+        random.Random(5).shuffle(copies)
+        outcomes = await asyncio.gather(
+            *(
+                (first, second)[i % 2].record_notice(copy, actor="callback:fakepay")
+                for i, copy in enumerate(copies)
+            )
+        )
+        timeline = await first.timeline(purchase_id)
+    kept = [o for o, c in zip(outcomes, copies, strict=True) if not o.is_duplicate]
+    assert len(kept) == 1
+    assert {o.purchase_id for o in outcomes} == {purchase_id}
+    conflicts = sum(o.payload_conflict for o in outcomes)
+    # Copies conflict with whichever payload was kept first: the genuine one (the 3 altered
+    # copies conflict), or an altered copy that won the race (the 30 genuine copies conflict,
+    # the 2 other altered ones are duplicates of it).
+    winner = copies[[o.is_duplicate for o in outcomes].index(False)]
+    assert conflicts == sum(copy.payload_hash != winner.payload_hash for copy in copies)
+    notices = [e for e in timeline if e.kind in {"payment_notice", "notice_payload_conflict"}]
+    assert len(notices) == len(copies)
