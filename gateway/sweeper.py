@@ -73,7 +73,7 @@ class Sweeper:
             (a provider's deadline), short enough that a crashed worker's checks come back soon.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - every knob is keyword-only with a default
         self,
         *,
         vending: Vending,

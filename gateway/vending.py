@@ -1499,7 +1499,9 @@ class Vending:
         done = 0
         now = self._clock()
         lease_until = now + timedelta(seconds=lease_s)
-        claimed = await self._ledger.claim_paid_not_vended(now, lease_until=lease_until, limit=limit)
+        claimed = await self._ledger.claim_paid_not_vended(
+            now, lease_until=lease_until, limit=limit
+        )
         for purchase in claimed:
             try:
                 await self.vend(purchase.purchase_id)

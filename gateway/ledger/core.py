@@ -1303,9 +1303,7 @@ class LedgerCore(VendorSteps):
         purchase (a vend is exactly-once through the ledger anyway; this saves the duplicate
         work). A purchase whose recovery failed comes back when its lease lapses.
         """
-        return await self._write(
-            self._claim_paid_not_vended, now, lease_until, limit, atomic=False
-        )
+        return await self._write(self._claim_paid_not_vended, now, lease_until, limit, atomic=False)
 
     def _claim_paid_not_vended(
         self, now: datetime, lease_until: datetime, limit: int
