@@ -670,6 +670,38 @@ class LedgerCore(VendorSteps):
             None, "vending_key_stored", "operator", {"sgc": key.sgc, "krn": key.krn}, now
         )
 
+    async def add_vending_key(self, key: SealedVendingKey) -> bool:
+        """Store a sealed vending key unless one with its (sgc, krn) exists; True if stored.
+
+        Never replaces: two instances seeding one empty database at once both call this, one
+        key wins, and both then read the winner (``vending_keys``).
+        """
+        return await self._write(self._add_vending_key, key)
+
+    def _add_vending_key(self, key: SealedVendingKey) -> Steps[bool]:
+        _, now = self._now()
+        added = yield one(
+            "INSERT INTO vending_keys (sgc, krn, key_type, ea, dkga, base_date, nonce,"
+            " ciphertext, tag, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (sgc, krn) DO NOTHING RETURNING sgc",
+            key.sgc,
+            key.krn,
+            key.key_type,
+            key.ea,
+            key.dkga,
+            key.base_date,
+            key.nonce,
+            key.ciphertext,
+            key.tag,
+            now,
+        )
+        if added is None:
+            return False
+        yield self._event(
+            None, "vending_key_stored", "operator", {"sgc": key.sgc, "krn": key.krn}, now
+        )
+        return True
+
     async def vending_keys(self) -> list[SealedVendingKey]:
         """Every sealed vending key."""
         return await self._read(self._vending_keys)

@@ -467,6 +467,10 @@ class Registry(Protocol):
         """Store a sealed vending key; replaces the one with the same (sgc, krn)."""
         ...
 
+    async def add_vending_key(self, key: SealedVendingKey) -> bool:
+        """Store a sealed vending key unless its (sgc, krn) exists (never replaces); True if so."""
+        ...
+
     async def meters_on_key(
         self, sgc: str, krn: int, *, meters: Sequence[MeterNumber] | None = None
     ) -> list[MeterRecord]:

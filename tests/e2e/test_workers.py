@@ -1,4 +1,4 @@
-"""``gateway serve --workers 2`` on PostgreSQL and Redis: one port, two workers, one survives a kill.
+"""``gateway serve --workers 2`` on PostgreSQL and Redis: one port, two workers, one killed.
 
 Production configuration (PostgreSQL, Redis sessions, MTN MoMo and Africa's Talking simulated on
 loopback, out of the gateway). Both workers answer on the one port (``X-Gateway-Worker`` tells
@@ -172,6 +172,34 @@ async def ledger_view(schema: str) -> tuple[Counter[str], dict[str, str], Counte
     return vends, references, texts
 
 
+async def replaced(base: str, victim: int) -> set[int]:
+    """The workers answering once the parent replaced ``victim``: two again, without it."""
+    async with asyncio.timeout(60):
+        while True:
+            now = set(await answering_workers(base, tries=30))
+            if victim not in now and len(now) == 2:
+                return now
+            await asyncio.sleep(0.5)
+
+
+async def settled(
+    schema: str, momo: MomoSimulator, at: AtSimulator
+) -> tuple[set[str | None], Counter[str], Counter[str], Counter[str]]:
+    """Once every charged purchase is vended and texted: charged purchases, vends, SMS rows, SMS.
+
+    Charged: the purchases whose money MoMo took; vends and SMS rows per purchase; token SMS
+    per phone as Africa's Talking accepted them.
+    """
+    async with asyncio.timeout(90):
+        while True:
+            vends, references, texts = await ledger_view(schema)
+            charged = {references.get(c.reference) for c in momo.money.charges}
+            texted = Counter(sms.to for sms in at.sent if TOKEN_TEXT.search(sms.text))
+            if charged and charged <= set(vends) and len(texted) >= len(charged):
+                return charged, vends, texts, texted
+            await asyncio.sleep(0.5)
+
+
 async def test_two_workers_share_one_port_and_survive_a_kill(schema: str, tmp_path: Path) -> None:
     """Both workers answer on one port; SIGKILL one mid-purchases: restarted, exactly once holds."""
     await require_redis()
@@ -210,25 +238,10 @@ async def test_two_workers_share_one_port_and_survive_a_kill(schema: str, tmp_pa
         replies = await asyncio.gather(*(one(i) for i in range(purchases)))
         assert replies.count("FAILED") <= purchases // 4, replies
 
-        # The parent replaced the victim: two workers answer again, the victim is not one.
-        async with asyncio.timeout(60):
-            while True:
-                now = set(await answering_workers(base, tries=30))
-                if victim not in now and len(now) == 2:
-                    break
-                await asyncio.sleep(0.5)
+        now = await replaced(base, victim)
         assert parent.returncode is None
         assert now & set(pids)  # the survivor kept serving
-
-        # Every purchase whose money was taken ends vended once, texted once.
-        async with asyncio.timeout(90):
-            while True:
-                vends, references, texts = await ledger_view(schema)
-                charged = {references.get(c.reference) for c in momo.money.charges}
-                texted = Counter(sms.to for sms in at.sent if TOKEN_TEXT.search(sms.text))
-                if charged and charged <= set(vends) and len(texted) >= len(charged):
-                    break
-                await asyncio.sleep(0.5)
+        charged, vends, texts, texted = await settled(schema, momo, at)
 
         parent.send_signal(signal.SIGTERM)  # the parent stops its workers and exits cleanly
         async with asyncio.timeout(40):
