@@ -54,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         " pool, watched by a parent that restarts one that dies. Default: the number of cores"
         " on PostgreSQL, 1 otherwise. PostgreSQL only: SQLite has one writer per file (a"
         " second process would only queue behind the first), and the demo's in-process"
-        " simulators run once, so both refuse N > 1. Background work is shared among workers"
+        " simulators run once, so both refuse N > 1 (as do in-memory USSD sessions)."
+        " Background work is shared among workers"
         " and instances through row claims (docs/operations.md, 'Workers and instances').",
     )
     parser.set_defaults(handler=_serve)
@@ -74,8 +75,10 @@ def resolve_workers(config: Config, asked: int | None) -> int:
         ConfigError: more than one was asked where only one can run (says why).
     """
     on_postgres = is_postgres_url(config.effective_database_url)
+    shared_sessions = config.session_store != "memory"
     if asked is None:
-        return (os.cpu_count() or 1) if on_postgres and not config.uses_simulators else 1
+        several = on_postgres and not config.uses_simulators and shared_sessions
+        return (os.cpu_count() or 1) if several else 1
     if asked > 1 and not on_postgres:
         raise ConfigError(
             "--workers",
@@ -89,6 +92,13 @@ def resolve_workers(config: Config, asked: int | None) -> int:
             f"{asked} asked, but the simulated providers (GATEWAY_PAYMENTS/GATEWAY_SMS = sim)"
             " run inside the gateway process, once: run one worker, or run the simulators"
             " apart (gateway sim) and configure their URLs",
+        )
+    if asked > 1 and not shared_sessions:
+        raise ConfigError(
+            "--workers",
+            f"{asked} asked, but USSD sessions are kept in memory (GATEWAY_SESSION_STORE ="
+            " memory): a session's next hop may reach another worker. Use redis (or sqlite"
+            " on one machine)",
         )
     return asked
 

@@ -10,6 +10,7 @@ exactly one token SMS.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import random
@@ -41,7 +42,7 @@ from tests.e2e.test_multi_instance import (
     serve_on_loopback,
 )
 
-pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+pytestmark = pytest.mark.postgres
 
 WORKERS_LINE = re.compile(r"workers:\s+(\d+) processes .* pids ([\d ]+)")
 
@@ -200,6 +201,8 @@ async def settled(
             await asyncio.sleep(0.5)
 
 
+@pytest.mark.slow
+@pytest.mark.redis
 async def test_two_workers_share_one_port_and_survive_a_kill(schema: str, tmp_path: Path) -> None:
     """Both workers answer on one port; SIGKILL one mid-purchases: restarted, exactly once holds."""
     await require_redis()
@@ -254,3 +257,43 @@ async def test_two_workers_share_one_port_and_survive_a_kill(schema: str, tmp_pa
     assert set(texts) == charged
     assert set(texted.values()) == {1}  # one token SMS per phone reached the provider
     assert len(charged) >= purchases // 2
+
+
+async def test_a_worker_that_cannot_listen_fails_the_start_clearly(
+    schema: str, tmp_path: Path
+) -> None:
+    """The port is taken (without SO_REUSEPORT): the parent stops the others and exits 1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env |= {
+        "GATEWAY_MODE": "production",
+        "GATEWAY_DATABASE_URL": f"{URL}?search_path={schema}",
+        "GATEWAY_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "GATEWAY_ADMIN_TOKEN": "admin-" + uuid.uuid4().hex,
+        "GATEWAY_CALLBACK_SECRET": "cb-" + uuid.uuid4().hex,
+        "GATEWAY_PAYMENTS": "momo",
+        "GATEWAY_MOMO_BASE_URL": "http://127.0.0.1:9",
+        "GATEWAY_MOMO_USERNAME": "user",
+        "GATEWAY_MOMO_KEY": "key",
+        "GATEWAY_MOMO_SUBSCRIPTION_KEY": "sub",
+        "GATEWAY_SMS": "africastalking",
+        "GATEWAY_AFRICASTALKING_BASE_URL": "http://127.0.0.1:9/version1",
+        "GATEWAY_AFRICASTALKING_USERNAME": "sandbox",
+        "GATEWAY_AFRICASTALKING_KEY": "at-key",
+        "GATEWAY_LOG_JSON": "false",
+    }
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "gateway", "serve", "--port", str(port), "--workers", "2"),
+            *("--data-dir", str(tmp_path / "data")),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        async with asyncio.timeout(90):
+            out, err = await process.communicate()
+    assert process.returncode == 1
+    assert "routes:" not in out.decode()  # no banner: it never listened
+    assert f"cannot listen on 127.0.0.1:{port}" in err.decode()
