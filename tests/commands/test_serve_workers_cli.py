@@ -1,11 +1,18 @@
 """``gateway serve --workers``: how many workers each backend runs, and the refusals, explained."""
 
+import itertools
 import os
 from pathlib import Path
 
 import pytest
 
 from gateway.cli import main
+from gateway.commands._workers import (
+    RESTART_BACKOFF_MAX_S,
+    RESTART_BACKOFF_S,
+    STABLE_AFTER_S,
+    _Restarts,
+)
 from gateway.commands.serve import resolve_workers
 from gateway.config import Config, Mode, Secret
 from gateway.errors import ConfigError
@@ -83,3 +90,15 @@ def test_workers_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
         main(["serve", "--workers", "0"])
     assert exited.value.code == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_a_worker_dying_again_and_again_waits_longer_each_time_then_starts_afresh() -> None:
+    """The restart pause doubles while a worker keeps dying quickly, capped; a stable run resets."""
+    restarts = _Restarts()
+    pauses = [restarts.schedule(0, lived_s=0.1, now=100.0) for _ in range(10)]
+    assert pauses[0] == RESTART_BACKOFF_S
+    assert all(b == min(a * 2, RESTART_BACKOFF_MAX_S) for a, b in itertools.pairwise(pauses))
+    assert pauses[-1] == RESTART_BACKOFF_MAX_S
+    assert restarts.due[0] == 100.0 + RESTART_BACKOFF_MAX_S
+    assert restarts.schedule(0, lived_s=STABLE_AFTER_S, now=200.0) == RESTART_BACKOFF_S
+    assert restarts.schedule(1, lived_s=0.1, now=200.0) == RESTART_BACKOFF_S  # per worker
