@@ -179,8 +179,6 @@ def _serve(args: argparse.Namespace) -> int:
     os.umask(0o077)  # every file this process creates is private (ledger, sessions, keys)
     as_json = configure_logging(json=config.log_json, level=config.log_level, stream=sys.stderr)
     if workers == 1:
-        if args.workers is None and not is_postgres_url(config.effective_database_url):
-            log.info("one_worker", reason="SQLite: one process writes the ledger file")
         return run(config, out=sys.stdout, json_errors=as_json)
     config = dataclasses.replace(config, log_json=as_json)  # the workers log as the parent does
     return supervise(
@@ -238,10 +236,25 @@ async def serve(config: Config, out: TextIO) -> None:
             url=runtime.base_url,
             simulated=runtime.simulators is not None,
             mode=str(config.mode),
+            workers=1,
+            **_one_worker_because(config),
         )
         await asyncio.Event().wait()  # until a signal raises GracefulExit
     finally:
         await runner.cleanup()
+
+
+def _one_worker_because(config: Config) -> dict[str, str]:
+    """Why this gateway runs one process, when that is not a choice (the start's log line)."""
+    if not is_postgres_url(config.effective_database_url):
+        return {
+            "one_worker": "SQLite: one process writes the ledger file (--workers needs PostgreSQL)"
+        }
+    if config.uses_simulators:
+        return {"one_worker": "the simulators run inside this process, once"}
+    if config.session_store == "memory":
+        return {"one_worker": "USSD sessions are kept in this process's memory"}
+    return {}
 
 
 def _fail(message: str, *, json_errors: bool) -> int:
