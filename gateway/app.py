@@ -36,6 +36,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 import structlog
@@ -713,7 +714,16 @@ async def build_app(config: Config) -> web.Application:
     return app
 
 
-def routes_summary(runtime: Runtime) -> list[tuple[str, str]]:
+class Addressed(Protocol):
+    """Where a gateway is reached (a ``Runtime``, or ``gateway serve``'s view of its workers)."""
+
+    @property
+    def base_url(self) -> str: ...  # noqa: D102 - as in Runtime
+
+    def callback_url(self, provider: str, tail: str) -> str: ...  # noqa: D102
+
+
+def routes_summary(runtime: Addressed) -> list[tuple[str, str]]:
     """The inbound routes an operator registers with the providers, with what each is for."""
     return [
         (runtime.base_url + USSD_PATH, "Africa's Talking USSD callback"),

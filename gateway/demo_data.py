@@ -70,7 +70,13 @@ def demo_master_key(data_dir: Path) -> bytes:
 
 
 async def seed_demo(ledger: Ledger, master_key: bytes) -> bool:
-    """Make sure the demo tariff, meters and a test vending key exist; True if any was added."""
+    """Make sure the demo tariff, meters and a test vending key exist; True if any was added.
+
+    Safe when several instances (or workers) start on one empty database at once: the key is
+    added only where none exists (``add_vending_key``), so one random key wins and every
+    instance loads that one afterwards; meters and the tariff are the same data whoever
+    writes them.
+    """
     added = False
     have_key = any(
         key.sgc == DEMO_SGC and key.krn == DEMO_KRN for key in await ledger.vending_keys()
@@ -80,8 +86,7 @@ async def seed_demo(ledger: Ledger, master_key: bytes) -> bool:
             sgc=DEMO_SGC, krn=DEMO_KRN, key_type=2, ea=7, dkga=4, base_date=2014,
             key=secrets.token_bytes(20),
         )  # fmt: skip
-        await ledger.put_vending_key(seal_vending_key(material, master_key))
-        added = True
+        added = await ledger.add_vending_key(seal_vending_key(material, master_key))
     await ledger.put_tariff(DEMO_TARIFF)
     for meter in DEMO_METERS:
         if await ledger.lookup_meter(MeterNumber(meter.drn)) is not None:

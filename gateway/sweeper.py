@@ -13,6 +13,12 @@ One sweep, in order:
 hanging query (or a slow provider) holds up no other recovery and no tick waits for its
 slowest check. ``sweep_once`` does all three steps once (start-up, tests, operators).
 
+Steps 1 and 2 are shared among every worker and instance on one ledger: each claims the
+purchases it works on (``claim_paid_not_vended``, ``claim_due_checks``: a lease, taken with
+``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so no two sweepers ask a provider about the same
+purchase or vend it at once, and a purchase whose claimer died comes back when its lease lapses
+(``check_lease_s``). Step 3 claims its messages the same way (``OutboxWorker``).
+
 A sweep never raises: each step logs what failed and the next sweep tries again.
 """
 
@@ -22,17 +28,21 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Final
 
 import structlog
 
 from gateway.errors import GatewayError
-from gateway.ledger import PaymentChecks
+from gateway.ledger import PaymentChecks, Purchase
 from gateway.sms.outbox import OutboxWorker
 from gateway.values.clock import utc_now
 from gateway.vending import Vending
 
 log = structlog.get_logger()
+
+#: A claimed payment check's lease: over a status query's deadline (30 s) with room to spare.
+CHECK_LEASE_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,9 +69,11 @@ class Sweeper:
         check_concurrency: payment status checks in flight at once.
         check_poll_s: how often ``run``'s checker looks for checks that became due while it
             has room for more (at most ``interval_s``).
+        check_lease_s: how long a claimed check is this sweeper's: longer than a check takes
+            (a provider's deadline), short enough that a crashed worker's checks come back soon.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - every knob is keyword-only with a default
         self,
         *,
         vending: Vending,
@@ -72,6 +84,7 @@ class Sweeper:
         batch: int = 100,
         check_concurrency: int = 32,
         check_poll_s: float = 1.0,
+        check_lease_s: float = CHECK_LEASE_S,
     ) -> None:
         self._vending = vending
         self._checks = checks if checks is not None else vending.ledger
@@ -81,6 +94,7 @@ class Sweeper:
         self._batch = batch
         self._check_concurrency = max(1, check_concurrency)
         self._check_poll_s = max(0.01, min(check_poll_s, interval_s))
+        self._check_lease = timedelta(seconds=check_lease_s)
 
     async def sweep_once(self) -> SweepReport:
         """One pass over paid-not-vended, due payment checks and due messages. Never raises."""
@@ -108,7 +122,7 @@ class Sweeper:
             log.warning("sweep_step_failed", step="vend", error=str(exc))
         if checks:
             try:
-                due = await self._checks.due_for_check(self._clock(), limit=self._batch)
+                due = await self._claim_checks(self._batch)
                 gate = asyncio.Semaphore(self._check_concurrency)
 
                 async def check(purchase_id: str) -> None:
@@ -135,9 +149,19 @@ class Sweeper:
             )
         return report
 
+    async def _claim_checks(self, limit: int) -> list[Purchase]:
+        """Claim up to ``limit`` due checks (no other sweeper takes them while leased)."""
+        now = self._clock()
+        return await self._checks.claim_due_checks(
+            now, lease_until=now + self._check_lease, limit=limit
+        )
+
     async def _due_checks(self, room: int, busy: set[str]) -> list[str]:
-        """Up to ``room`` (and more) purchases due for a check that are not ``busy``."""
-        due = await self._checks.due_for_check(self._clock(), limit=room + len(busy))
+        """Claim up to ``room`` purchases due for a check; those not ``busy`` here.
+
+        A purchase still ``busy`` (its check outlived its lease) is left to the check in flight.
+        """
+        due = await self._claim_checks(room)
         return [p.purchase_id for p in due if p.purchase_id not in busy]
 
     async def check_continuously(self, stop: asyncio.Event) -> None:

@@ -320,6 +320,11 @@ class SagaPolicy:
     receipt_check_s: float = 5.0
 
 
+#: How long a recovery claims a paid-not-vended purchase: a vend takes milliseconds, so this
+#: is mostly how soon a failed recovery vend (a blocked meter, an engine outage) is tried again.
+RECOVERY_LEASE_S: Final = 30.0
+
+
 class Vending:
     """The purchase saga (satisfies ``gateway.payments.PaymentEvents``).
 
@@ -1571,10 +1576,20 @@ class Vending:
         """The newest token bought from ``phone`` (for ``meter`` if given), or None."""
         return await self._ledger.last_vend(phone, meter)
 
-    async def finish_paid(self, *, limit: int = 100) -> int:
-        """Vend every paid-but-not-vended purchase (recovery); returns how many were vended."""
+    async def finish_paid(self, *, limit: int = 100, lease_s: float = RECOVERY_LEASE_S) -> int:
+        """Vend every paid-but-not-vended purchase (recovery); returns how many were vended.
+
+        Each is claimed for ``lease_s`` first, so the sweepers of several workers and instances
+        share the recovery instead of all trying the same purchases; one whose vend failed
+        comes back when its lease lapses.
+        """
         done = 0
-        for purchase in await self._ledger.paid_not_vended(limit=limit):
+        now = self._clock()
+        lease_until = now + timedelta(seconds=lease_s)
+        claimed = await self._ledger.claim_paid_not_vended(
+            now, lease_until=lease_until, limit=limit
+        )
+        for purchase in claimed:
             try:
                 await self.vend(purchase.purchase_id)
             except (VendingError, LedgerError, IllegalTransition) as exc:

@@ -720,6 +720,38 @@ class LedgerCore(VendorSteps):
             None, "vending_key_stored", "operator", {"sgc": key.sgc, "krn": key.krn}, now
         )
 
+    async def add_vending_key(self, key: SealedVendingKey) -> bool:
+        """Store a sealed vending key unless one with its (sgc, krn) exists; True if stored.
+
+        Never replaces: two instances seeding one empty database at once both call this, one
+        key wins, and both then read the winner (``vending_keys``).
+        """
+        return await self._write(self._add_vending_key, key)
+
+    def _add_vending_key(self, key: SealedVendingKey) -> Steps[bool]:
+        _, now = self._now()
+        added = yield one(
+            "INSERT INTO vending_keys (sgc, krn, key_type, ea, dkga, base_date, nonce,"
+            " ciphertext, tag, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (sgc, krn) DO NOTHING RETURNING sgc",
+            key.sgc,
+            key.krn,
+            key.key_type,
+            key.ea,
+            key.dkga,
+            key.base_date,
+            key.nonce,
+            key.ciphertext,
+            key.tag,
+            now,
+        )
+        if added is None:
+            return False
+        yield self._event(
+            None, "vending_key_stored", "operator", {"sgc": key.sgc, "krn": key.krn}, now
+        )
+        return True
+
     async def vending_keys(self) -> list[SealedVendingKey]:
         """Every sealed vending key."""
         return await self._read(self._vending_keys)
@@ -1419,12 +1451,13 @@ class LedgerCore(VendorSteps):
         return None if row is None or row["result"] is None else bytes(row["result"])
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
-        """When the sweeper should next ask the provider about this purchase."""
+        """When the sweeper should next ask the provider about this purchase (ends its lease)."""
         await self._write(self._schedule_check, purchase_id, at, attempts, atomic=False)
 
     def _schedule_check(self, purchase_id: str, at: datetime, attempts: int) -> Steps[None]:
         yield run(
-            "UPDATE purchases SET next_check_at = ?, check_attempts = ? WHERE purchase_id = ?",
+            "UPDATE purchases SET next_check_at = ?, check_attempts = ?, lease_until = NULL"
+            " WHERE purchase_id = ?",
             self._stamp(at),
             attempts,
             purchase_id,
@@ -1444,6 +1477,69 @@ class LedgerCore(VendorSteps):
             limit,
         )
         return [purchase_of(row) for row in found]
+
+    async def claim_due_checks(
+        self, now: datetime, *, lease_until: datetime, limit: int = 100
+    ) -> list[Purchase]:
+        """Claim purchases due for a payment check until ``lease_until``, oldest due first.
+
+        Shared background work: the sweepers of every worker and instance claim disjoint
+        purchases (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite's one writer serialises the
+        claims), so a provider is asked about a purchase by one of them at a time. A claimed
+        purchase is due again for nobody until its lease lapses (a crashed claimer's comes back
+        then) or the check schedules the next one (``schedule_check`` ends the lease).
+        """
+        return await self._write(self._claim_due_checks, now, lease_until, limit, atomic=False)
+
+    def _claim_due_checks(
+        self, now: datetime, lease_until: datetime, limit: int
+    ) -> Steps[list[Purchase]]:
+        stamp = self._stamp(now)
+        claimed = yield rows(
+            "UPDATE purchases SET lease_until = ? WHERE purchase_id IN (SELECT purchase_id"
+            " FROM purchases WHERE state IN (?, ?) AND next_check_at IS NOT NULL"
+            " AND next_check_at <= ? AND (lease_until IS NULL OR lease_until <= ?)"
+            " ORDER BY next_check_at LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING *",
+            self._stamp(lease_until),
+            PurchaseState.CREATED.value,
+            PurchaseState.AWAITING_PAYMENT.value,
+            stamp,
+            stamp,
+            limit,
+        )
+        return sorted(
+            (purchase_of(row) for row in claimed),
+            key=lambda p: (p.next_check_at or now, p.purchase_id),
+        )
+
+    async def claim_paid_not_vended(
+        self, now: datetime, *, lease_until: datetime, limit: int = 100
+    ) -> list[Purchase]:
+        """Claim PAID purchases without a vend until ``lease_until``, oldest first.
+
+        The recovery's share of the background work: two sweepers never both try to vend one
+        purchase (a vend is exactly-once through the ledger anyway; this saves the duplicate
+        work). A purchase whose recovery failed comes back when its lease lapses.
+        """
+        return await self._write(self._claim_paid_not_vended, now, lease_until, limit, atomic=False)
+
+    def _claim_paid_not_vended(
+        self, now: datetime, lease_until: datetime, limit: int
+    ) -> Steps[list[Purchase]]:
+        claimed = yield rows(
+            "UPDATE purchases SET lease_until = ? WHERE purchase_id IN (SELECT p.purchase_id"
+            " FROM purchases p LEFT JOIN vends v ON v.purchase_id = p.purchase_id"
+            " WHERE p.state = ? AND v.vend_id IS NULL"
+            " AND (p.lease_until IS NULL OR p.lease_until <= ?)"
+            " ORDER BY p.updated_at LIMIT ? FOR UPDATE OF p SKIP LOCKED) RETURNING *",
+            self._stamp(lease_until),
+            PurchaseState.PAID.value,
+            self._stamp(now),
+            limit,
+        )
+        return sorted(
+            (purchase_of(row) for row in claimed), key=lambda p: (p.updated_at, p.purchase_id)
+        )
 
     async def paid_not_vended(self, *, limit: int = 100) -> list[Purchase]:
         """PAID purchases without a vend, oldest first."""

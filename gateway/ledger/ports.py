@@ -72,6 +72,12 @@ class PaymentChecks(Protocol):
         """CREATED or AWAITING_PAYMENT purchases whose next status check is due."""
         ...
 
+    async def claim_due_checks(
+        self, now: datetime, *, lease_until: datetime, limit: int = 100
+    ) -> list[Purchase]:
+        """Claim purchases due for a check until ``lease_until`` (disjoint among claimers)."""
+        ...
+
 
 class PurchaseReads(Protocol):
     """A purchase and what became of it: its payment, its events, its debt recovery."""
@@ -227,11 +233,17 @@ class SagaLedger(PaymentChecks, PurchaseReads, MessageQueue, Protocol):
         ...
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
-        """When the sweeper should next ask the provider about this purchase."""
+        """When the sweeper should next ask the provider about this purchase (ends its lease)."""
         ...
 
     async def paid_not_vended(self, *, limit: int = 100) -> list[Purchase]:
         """PAID purchases without a vend, oldest first (the sweeper finishes them)."""
+        ...
+
+    async def claim_paid_not_vended(
+        self, now: datetime, *, lease_until: datetime, limit: int = 100
+    ) -> list[Purchase]:
+        """Claim PAID purchases without a vend until ``lease_until`` (disjoint among claimers)."""
         ...
 
     async def vend_context(self, purchase_id: str) -> VendContext:
@@ -458,6 +470,10 @@ class Registry(Protocol):
 
     async def put_vending_key(self, key: SealedVendingKey) -> None:
         """Store a sealed vending key; replaces the one with the same (sgc, krn)."""
+        ...
+
+    async def add_vending_key(self, key: SealedVendingKey) -> bool:
+        """Store a sealed vending key unless its (sgc, krn) exists (never replaces); True if so."""
         ...
 
     async def meters_on_key(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
-from gateway.ledger import Ledger, MeterNumber, MeterRecord, MeterStatus
+from gateway.ledger import DuplicateError, Ledger, MeterNumber, MeterRecord, MeterStatus
 from gateway.ledger.vendor import VendorLedger
 from gateway.sts import MeterProfile, Token, TokenEngine
 from gateway.vendor.service import add_vendor_key, register_vendor
@@ -87,16 +87,19 @@ async def seed_sandbox(
             )
             added = True
     if SANDBOX_VENDOR not in {v.vendor_id for v in await vendors.list_vendors()}:
-        await register_vendor(
-            vendors,
-            SANDBOX_VENDOR,
-            name="Demo shop (sandbox)",
-            currency="KES",
-            commission_bp=200,
-            terminals=(SANDBOX_TERMINAL,),
-            actor="sandbox",
-            master_key=master_key,
-        )
+        try:
+            await register_vendor(
+                vendors,
+                SANDBOX_VENDOR,
+                name="Demo shop (sandbox)",
+                currency="KES",
+                commission_bp=200,
+                terminals=(SANDBOX_TERMINAL,),
+                actor="sandbox",
+                master_key=master_key,
+            )
+        except DuplicateError:  # another instance seeding the same database got there first
+            return added
         await add_vendor_key(
             vendors,
             SANDBOX_VENDOR,

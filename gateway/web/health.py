@@ -8,6 +8,7 @@ every request that arrives meanwhile, and logs when the answer changes.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -62,8 +63,15 @@ def cached(
 
 
 async def healthz(_request: web.Request) -> web.Response:
-    """Liveness: the event loop answers."""
-    return web.json_response({"status": "ok"})
+    """Liveness: the event loop answers; ``worker`` (and ``X-Gateway-Worker``) is its pid.
+
+    With ``gateway serve --workers N`` the workers share one port: the pid tells an operator
+    (and a test) which of them answered.
+    """
+    worker = str(os.getpid())
+    return web.json_response(
+        {"status": "ok", "worker": int(worker)}, headers={"X-Gateway-Worker": worker}
+    )
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -292,6 +292,65 @@ async def test_due_for_check_follows_the_schedule(ledger: Ledger, clock: FakeClo
     assert due[0].check_attempts == 1
 
 
+async def test_due_checks_are_claimed_once_until_the_lease_lapses(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    """Claimed checks are nobody else's until their lease lapses or the next check is set."""
+    purchases = [await ledger.open_purchase(draft(f"c{i}"), actor="test") for i in range(3)]
+    for purchase in purchases:
+        await ledger.schedule_check(purchase.purchase_id, at=clock(), attempts=0)
+    lease = clock() + timedelta(seconds=60)
+    first = await ledger.claim_due_checks(clock(), lease_until=lease, limit=2)
+    second = await ledger.claim_due_checks(clock(), lease_until=lease, limit=2)
+    third = await ledger.claim_due_checks(clock(), lease_until=lease, limit=2)
+    first_ids = {p.purchase_id for p in first}
+    second_ids = {p.purchase_id for p in second}
+    assert (len(first_ids), len(second_ids), third) == (2, 1, [])
+    assert first_ids | second_ids == {p.purchase_id for p in purchases}
+    # The check sets the next one: that ends the lease, and the purchase is due again then.
+    done = purchases[0].purchase_id
+    await ledger.schedule_check(done, at=clock() + timedelta(seconds=30), attempts=1)
+    clock.advance(31)
+    again = await ledger.claim_due_checks(
+        clock(), lease_until=clock() + timedelta(seconds=60), limit=10
+    )
+    assert [p.purchase_id for p in again] == [done]
+    # A claimer that died: its purchases come back once the lease lapses.
+    clock.advance(30)
+    back = await ledger.claim_due_checks(clock(), lease_until=clock() + timedelta(seconds=60))
+    assert {p.purchase_id for p in back} == {p.purchase_id for p in purchases} - {done}
+
+
+async def test_paid_not_vended_is_claimed_once_until_the_lease_lapses(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    """Two recoveries never take the same paid purchase while its lease holds."""
+    first = await paid_purchase(ledger, "a")
+    second = await paid_purchase(ledger, "b")
+    lease = clock() + timedelta(seconds=30)
+    one = await ledger.claim_paid_not_vended(clock(), lease_until=lease, limit=1)
+    other = await ledger.claim_paid_not_vended(clock(), lease_until=lease, limit=5)
+    assert [p.purchase_id for p in one + other] == [first.purchase_id, second.purchase_id]
+    assert await ledger.claim_paid_not_vended(clock(), lease_until=lease) == []
+    await ledger.record_vend(vend_draft(first, tid=5, expected=None), actor="saga")
+    clock.advance(31)  # the recovery of ``second`` failed: it comes back; ``first`` is vended
+    back = await ledger.claim_paid_not_vended(clock(), lease_until=clock() + timedelta(seconds=30))
+    assert [p.purchase_id for p in back] == [second.purchase_id]
+
+
+async def test_concurrent_check_claims_are_disjoint(ledger: Ledger, clock: FakeClock) -> None:
+    """Claimers racing for the same due checks split them: none taken twice, none left."""
+    opened = [await ledger.open_purchase(draft(f"r{i}"), actor="test") for i in range(12)]
+    for purchase in opened:
+        await ledger.schedule_check(purchase.purchase_id, at=clock(), attempts=0)
+    lease = clock() + timedelta(seconds=60)
+    claims = await asyncio.gather(
+        *(ledger.claim_due_checks(clock(), lease_until=lease, limit=3) for _ in range(6))
+    )
+    claimed = [p.purchase_id for claim in claims for p in claim]
+    assert sorted(claimed) == sorted(p.purchase_id for p in opened)
+
+
 async def test_outbox_claim_is_a_lease(ledger: Ledger, clock: FakeClock) -> None:
     """A claimed message is not claimed again until its lease ends, then it comes back."""
     purchase = await paid_purchase(ledger)

@@ -66,3 +66,15 @@ async def test_sealed_keys_round_trip_through_the_ledger(tmp_path: Path) -> None
         await ledger.put_vending_key(seal_vending_key(material(), MASTER))
         (stored,) = await ledger.vending_keys()
     assert open_vending_key(stored, MASTER).key == KEY
+
+
+async def test_adding_a_key_never_replaces_one(tmp_path: Path) -> None:
+    """``add_vending_key`` stores a key only where none has its (sgc, krn): the first one stays."""
+    other = dataclasses.replace(material(), key=bytes.fromhex("cdcdcdcdcdcdcdcd"))
+    async with open_sqlite_ledger(tmp_path / "l.db") as ledger:
+        assert await ledger.add_vending_key(seal_vending_key(material(), MASTER))
+        assert not await ledger.add_vending_key(seal_vending_key(other, MASTER))
+        (stored,) = await ledger.vending_keys()
+        events = await ledger.events(kind="vending_key_stored")
+    assert open_vending_key(stored, MASTER).key == KEY
+    assert len(events) == 1

@@ -20,6 +20,7 @@ from gateway.phone import Msisdn
 from gateway.sms import SentMessage
 from gateway.sms.outbox import OutboxWorker
 from gateway.sweeper import Sweeper
+from gateway.vending import RECOVERY_LEASE_S
 from tests.vending.vending_support import AMOUNT_FOR_TESTS, PHONE, FakeSender, World
 
 
@@ -176,6 +177,9 @@ async def test_full_database_leaves_nothing_half_written_and_the_sweeper_finishe
     report = await sweeper(world).sweep_once()  # still full: nothing, and no exception
     assert report.vended == 0
     await ledger._writer.run_in_thread(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+    report = await sweeper(world).sweep_once()
+    assert report.vended == 0  # the failed recovery's claim holds until its lease lapses
+    world.clock.advance(RECOVERY_LEASE_S + 1)
     report = await sweeper(world).sweep_once()
     assert report.vended == 1
     (message,) = await ledger.outbox_for(purchase.purchase_id)

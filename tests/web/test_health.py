@@ -1,3 +1,4 @@
+import os
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -40,6 +41,8 @@ async def test_healthz_answers(aiohttp_client: ClientFactory) -> None:
     response = await client.get("/healthz")
     assert response.status == 200
     assert response.headers["X-Request-Id"]
+    assert response.headers["X-Gateway-Worker"] == str(os.getpid())
+    assert (await response.json())["worker"] == os.getpid()
 
 
 async def test_readyz_reports_each_dependency(aiohttp_client: ClientFactory) -> None:
