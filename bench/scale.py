@@ -656,13 +656,16 @@ async def serve_on_loopback(stack: contextlib.AsyncExitStack, app: web.Applicati
     return f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
-async def start_gateway(stack: contextlib.AsyncExitStack, env: dict[str, str], data: Path) -> int:
-    """``gateway serve`` on a free port; its port once it answers (SIGINT when ``stack`` closes)."""
+async def start_gateway(
+    stack: contextlib.AsyncExitStack, env: dict[str, str], data: Path, *, workers: int = 1
+) -> int:
+    """``gateway serve --workers N`` on a free port; its port once it answers (SIGINT at exit)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
     process = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "gateway", "serve", "--port", str(port), "--data-dir", str(data)),
+        *("--workers", str(workers)),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         env=env,
@@ -730,7 +733,13 @@ async def ussd_purchase(
 
 
 async def serve_scenario(  # noqa: PLR0915 - one measured run, read top to bottom
-    label: str, url: str, *, instances: int, args: argparse.Namespace, tmp: Path
+    label: str,
+    url: str,
+    *,
+    instances: int,
+    args: argparse.Namespace,
+    tmp: Path,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Purchases over USSD through real ``gateway serve`` processes, until every token SMS."""
     purchases = args.serve_purchases
@@ -791,7 +800,7 @@ async def serve_scenario(  # noqa: PLR0915 - one measured run, read top to botto
             }
             for index in range(instances):
                 data = tmp / f"{label}-{instances}-{index}"
-                balancer.ports.append(await start_gateway(stack, env, data))
+                balancer.ports.append(await start_gateway(stack, env, data, workers=workers))
             gate = asyncio.Semaphore(args.concurrency)
 
             async def buy(index: int) -> None:
@@ -815,8 +824,9 @@ async def serve_scenario(  # noqa: PLR0915 - one measured run, read top to botto
         problems.append("not exactly one SMS per phone")
     latencies = sorted(texted[p] - started[p] for p in phones)
     return {
-        "scenario": f"serve-{label}",
+        "scenario": f"serve-{label}" + (f"-workers{workers}" if workers > 1 else ""),
         "instances": instances,
+        "workers": workers,
         "purchases": purchases,
         "seconds": round(seconds, 3),
         "purchases_per_s": round(purchases / seconds, 1),
@@ -873,19 +883,24 @@ async def main(args: argparse.Namespace) -> int:
                 f"real gateway serve: {args.serve_purchases} USSD purchases, MoMo callbacks"
                 f" {args.deliveries}x to random instances, until every token SMS"
             )
-            serve_plan = [("postgres", args.database_url, 1), ("postgres", args.database_url, 2)]
+            serve_plan = [
+                ("postgres", args.database_url, 1, 1),
+                ("postgres", args.database_url, 2, 1),
+                ("postgres", args.database_url, 1, 2),
+            ]
             if not args.skip_sqlite:
-                serve_plan.append(("sqlite", f"sqlite:///{Path(tmp) / 'serve.db'}", 1))
-            for label, url, instances in serve_plan:
+                serve_plan.append(("sqlite", f"sqlite:///{Path(tmp) / 'serve.db'}", 1, 1))
+            for label, url, instances, workers in serve_plan:
                 served = await serve_scenario(
-                    label, url, instances=instances, args=args, tmp=Path(tmp)
+                    label, url, instances=instances, args=args, tmp=Path(tmp), workers=workers
                 )
                 serve_results.append(served)
                 verdict = (
                     "exactly-once OK" if not served["problems"] else "; ".join(served["problems"])
                 )
+                shape = f"x{instances}" + (f" --workers {workers}" if workers > 1 else "")
                 print(
-                    f"serve {label:8} x{instances}: {served['purchases_per_s']:7.1f} purchases/s"
+                    f"serve {label:8} {shape}: {served['purchases_per_s']:7.1f} purchases/s"
                     f"  USSD dial to token SMS p50 {served['p50_ms']:8.1f} ms"
                     f"  p99 {served['p99_ms']:8.1f} ms  {verdict}"
                 )
@@ -918,6 +933,7 @@ async def main(args: argparse.Namespace) -> int:
         ),
         "serve_postgres_1_purchases_per_s": serve_key.get(("serve-postgres", 1)),
         "serve_postgres_2_purchases_per_s": serve_key.get(("serve-postgres", 2)),
+        "serve_postgres_1_workers_2_purchases_per_s": serve_key.get(("serve-postgres-workers2", 1)),
         "serve_sqlite_1_purchases_per_s": serve_key.get(("serve-sqlite", 1)),
         "exactly_once": all(not r["problems"] for r in [*results, *serve_results]),
         "runs": [*results, *serve_results],
