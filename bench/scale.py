@@ -19,6 +19,15 @@ message per vend, one ``token_vended`` event per vend. A failed audit exits non-
 SQLite runs one instance only: its ledger has one writer per file by design (several instances
 need PostgreSQL).
 
+Each run also reports, over the deliveries only: CPU per vend of the instance processes and of
+the PostgreSQL backends serving their connections (utime + stime from ``/proc``, backends found
+by their ``application_name`` in ``pg_stat_activity``: the figure that stays meaningful when the
+2 cores saturate), the ledger's committed writes per vend (each instance's ``/stats``; on SQLite
+the writer's group commits), and the TID compare-and-sets lost per 1,000 vends. Then (unless
+``--no-kill``) two PostgreSQL instances run again and the first is SIGKILLed once 30 % of the
+confirmations are answered: the balancer sends what it had on to the other, the recovery sweep
+finishes what the dead one left, and the same audit must hold.
+
 Then the whole path through real ``gateway serve`` processes (``--serve-purchases``, 0 skips it):
 production configuration on the same database (Redis sessions with PostgreSQL), MTN MoMo and
 Africa's Talking simulated in this process and shared by the instances, a loopback balancer in
