@@ -596,6 +596,10 @@ class Vending:
                 reference=notice.reference,
                 purchase_id=outcome.purchase_id,
             )
+        if outcome.payment_settled:
+            # A copy of a notice already acted on: the provider's answer settled its payment.
+            log.debug("payment_notice_repeated", provider=notice.provider, settled=True)
+            return
         purchase_id: str | None = outcome.purchase_id
         record: PaymentStatus | None = None
         if purchase_id is None and notice.is_customer_initiated:

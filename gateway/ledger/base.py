@@ -267,12 +267,15 @@ class NoticeOutcome:
     """What recording a notice found: the purchase it belongs to, and whether it was seen before.
 
     ``payload_conflict`` is True when the same reference arrived earlier with another body: a
-    security event.
+    security event. ``payment_settled``: a copy of a kept notice whose payment the provider's
+    own answer has already proven paid (succeeded or mismatched): there is nothing left for it
+    to do (known only where it costs nothing to tell: PostgreSQL; else False).
     """
 
     purchase_id: PurchaseId | None
     is_duplicate: bool
     payload_conflict: bool
+    payment_settled: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -454,7 +454,8 @@ _NOTICE_ONCE: Final = (
     " INSERT INTO events (purchase_id, kind, actor, data, at)"
     " SELECT purchase_id, 'payment_notice', ?,"
     " CASE WHEN duplicate THEN ?::jsonb ELSE ?::jsonb END, ? FROM hit"
-    " RETURNING purchase_id, data = ?::jsonb AS duplicate"
+    " RETURNING purchase_id, data = ?::jsonb AS duplicate,"
+    " (SELECT state FROM payments WHERE provider = ? AND reference = ?) AS payment_state"
 )
 _PURCHASE: Final = "SELECT * FROM purchases WHERE purchase_id = ?"
 _LOCK_PURCHASE: Final = "SELECT * FROM purchases WHERE purchase_id = ? FOR UPDATE"
@@ -484,6 +485,13 @@ _VENDED_OR_LATER: Final = frozenset({PurchaseState.VENDED, PurchaseState.DELIVER
 #: States a proven payment leaves unchanged (VEND_FAILED is reached from PAID only: it is paid).
 _PAID_OR_LATER: Final = frozenset(
     {PurchaseState.PAID, PurchaseState.VENDED, PurchaseState.DELIVERED, PurchaseState.VEND_FAILED}
+)
+
+
+#: Payment rows the provider's answer proved paid: a copy of their notice has nothing to do (a
+#: failed one may still turn out paid: its copies are confirmed again).
+_PROVEN_PAID: Final = frozenset(
+    {PaymentRecordState.SUCCEEDED.value, PaymentRecordState.MISMATCHED.value}
 )
 
 
@@ -1023,14 +1031,19 @@ class LedgerCore(VendorSteps):
             first,
             now,
             repeated,
+            notice.provider,
+            notice.reference,
         )
         if row is None:
             return None
         purchase_id = row["purchase_id"]
+        duplicate = bool(row["duplicate"])
         return NoticeOutcome(
             purchase_id=PurchaseId(purchase_id) if purchase_id else None,
-            is_duplicate=bool(row["duplicate"]),
+            is_duplicate=duplicate,
             payload_conflict=False,
+            # As the statement's snapshot saw it (before this statement's own change).
+            payment_settled=duplicate and row["payment_state"] in _PROVEN_PAID,
         )
 
     def _first_notice(self, notice: NoticeRecord, actor: str) -> Steps[NoticeOutcome]:
