@@ -588,6 +588,12 @@ class SealedVendingKey:
 STATUS_ACCEPTED: Final = "accepted"  # it answers an outstanding query of ours: stored, once
 STATUS_UNMATCHED: Final = "unmatched"  # no outstanding query has these ids (or already answered)
 STATUS_CONTRADICTED: Final = "contradicted"  # our query's ids, another transaction
+STATUS_HELD: Final = "held"  # no query has these ids yet: kept for one recorded soon after
+#: Results held for a query not yet recorded: at most this many at once, each at most this big,
+#: for this long (Daraja answers within moments of acknowledging a query).
+STATUS_EARLY_MAX: Final = 256
+STATUS_EARLY_MAX_BYTES: Final = 16_384
+STATUS_EARLY_KEEP_S: Final = 300.0
 #: Status queries older than this are dropped when a new one is recorded (a result that late is
 #: unmatched: the query gave up after ``status_result_wait_s`` long before).
 STATUS_QUERY_KEEP_S: Final = 3600.0

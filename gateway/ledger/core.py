@@ -42,6 +42,10 @@ from gateway.ledger.base import (
     RECEIPT_ONCE,
     STATUS_ACCEPTED,
     STATUS_CONTRADICTED,
+    STATUS_EARLY_KEEP_S,
+    STATUS_EARLY_MAX,
+    STATUS_EARLY_MAX_BYTES,
+    STATUS_HELD,
     STATUS_QUERY_KEEP_S,
     STATUS_UNMATCHED,
     ConfirmedPayment,
@@ -1145,15 +1149,22 @@ class LedgerCore(VendorSteps):
 
     async def record_status_query(
         self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
-    ) -> None:
-        """Keep a status query the provider acknowledged. Idempotent."""
-        await self._write(
+    ) -> str | None:
+        """Keep a status query the provider acknowledged. Idempotent.
+
+        A result that came before it (held by ``answer_status_query``) is judged now, in the
+        same transaction: its outcome (``STATUS_ACCEPTED`` …) is returned, None if none came.
+        """
+        return await self._write(
             self._record_status_query, provider, conversation_id, originator_id, transaction_id
         )
 
     def _record_status_query(
         self, provider: str, conversation_id: str, originator_id: str, transaction_id: str
-    ) -> Steps[None]:
+    ) -> Steps[str | None]:
+        # The result's write takes the same lock: one of the two sees the other (PostgreSQL's
+        # READ COMMITTED would otherwise let both miss each other's uncommitted row).
+        yield lock(f"status_query:{conversation_id}")
         moment, now = self._now()
         yield batch(
             run(
@@ -1171,6 +1182,33 @@ class LedgerCore(VendorSteps):
                 now,
             ),
         )
+        early = yield one(
+            "SELECT provider, originator_id, transaction_id, result FROM status_results_early"
+            " WHERE conversation_id = ? AND outcome IS NULL",
+            conversation_id,
+        )
+        if early is None:
+            return None
+        if early["provider"] != provider or early["originator_id"] != originator_id:
+            outcome = STATUS_UNMATCHED
+        elif early["transaction_id"] != transaction_id:
+            outcome = STATUS_CONTRADICTED
+        else:
+            answered: int = yield run(
+                "UPDATE status_queries SET result = ?, answered_at = ?"
+                " WHERE conversation_id = ? AND answered_at IS NULL",
+                bytes(early["result"]),
+                now,
+                conversation_id,
+            )
+            outcome = STATUS_ACCEPTED if answered else STATUS_UNMATCHED
+        yield run(
+            "UPDATE status_results_early SET outcome = ?, result = ? WHERE conversation_id = ?",
+            outcome,
+            b"",
+            conversation_id,
+        )
+        return outcome
 
     async def answer_status_query(
         self,
@@ -1181,7 +1219,11 @@ class LedgerCore(VendorSteps):
         transaction_id: str,
         result: bytes,
     ) -> str:
-        """Store a result for the unanswered query it names, once (the row locked)."""
+        """Store a result for the unanswered query it names, once (the row locked).
+
+        A result naming no recorded query is held for one recorded soon after
+        (``STATUS_HELD``), within ``STATUS_EARLY_MAX`` results of ``STATUS_EARLY_MAX_BYTES``.
+        """
         return await self._write(
             self._answer_status_query,
             provider,
@@ -1199,14 +1241,20 @@ class LedgerCore(VendorSteps):
         transaction_id: str,
         result: bytes,
     ) -> Steps[str]:
+        yield lock(f"status_query:{conversation_id}")
         row = yield one(
             "SELECT originator_id, provider, transaction_id, answered_at FROM status_queries"
             " WHERE conversation_id = ? FOR UPDATE",
             conversation_id,
         )
+        if row is None:
+            return (
+                yield from self._hold_status_result(
+                    provider, conversation_id, originator_id, transaction_id, result
+                )
+            )
         if (
-            row is None
-            or row["provider"] != provider
+            row["provider"] != provider
             or row["originator_id"] != originator_id
             or row["answered_at"] is not None
         ):
@@ -1221,6 +1269,44 @@ class LedgerCore(VendorSteps):
         )
         return STATUS_ACCEPTED
 
+    def _hold_status_result(
+        self,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> Steps[str]:
+        """Keep a result whose query is not recorded (yet): ``STATUS_HELD``, or unmatched."""
+        if len(result) > STATUS_EARLY_MAX_BYTES:
+            return STATUS_UNMATCHED
+        moment, now = self._now()
+        held = yield one(
+            "SELECT count(*) AS n FROM status_results_early WHERE outcome IS NULL"
+            " AND received_at >= ?",
+            self._stamp(moment - timedelta(seconds=STATUS_EARLY_KEEP_S)),
+        )
+        if held is not None and int(held["n"]) >= STATUS_EARLY_MAX:
+            return STATUS_UNMATCHED
+        inserted: int = yield batch(
+            run(
+                "DELETE FROM status_results_early WHERE received_at < ?",
+                self._stamp(moment - timedelta(seconds=STATUS_EARLY_KEEP_S)),
+            ),
+            run(
+                "INSERT INTO status_results_early (conversation_id, provider, originator_id,"
+                " transaction_id, result, received_at) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (conversation_id) DO NOTHING",
+                conversation_id,
+                provider,
+                originator_id,
+                transaction_id,
+                result,
+                now,
+            ),
+        )
+        return STATUS_HELD if inserted else STATUS_UNMATCHED
+
     async def status_query_result(self, conversation_id: str) -> bytes | None:
         """The stored result of a query, None while it has none."""
         return await self._read(self._status_query_result, conversation_id)
@@ -1231,6 +1317,17 @@ class LedgerCore(VendorSteps):
             "SELECT result FROM status_queries WHERE conversation_id = ?", conversation_id
         )
         return None if row is None or row["result"] is None else bytes(row["result"])
+
+    async def held_status_outcome(self, conversation_id: str) -> str | None:
+        """What became of a held result: None while its query is not recorded (or it is gone)."""
+        return await self._read(self._held_status_outcome, conversation_id)
+
+    @staticmethod
+    def _held_status_outcome(conversation_id: str) -> Steps[str | None]:
+        row = yield one(
+            "SELECT outcome FROM status_results_early WHERE conversation_id = ?", conversation_id
+        )
+        return None if row is None else row["outcome"]
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase."""

@@ -344,10 +344,12 @@ class StatusQueries(Protocol):
 
     async def record_status_query(
         self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
-    ) -> None:
+    ) -> str | None:
         """Keep a status query the provider acknowledged (Daraja Transaction Status). Idempotent.
 
-        Queries asked more than ``STATUS_QUERY_KEEP_S`` ago are dropped in the same write.
+        Queries asked more than ``STATUS_QUERY_KEEP_S`` ago are dropped in the same write. A
+        result held for these ids (it came first) is judged in the same transaction, as
+        ``answer_status_query`` would have: its outcome is returned (None: none was held).
         """
         ...
 
@@ -364,12 +366,20 @@ class StatusQueries(Protocol):
 
         ``STATUS_ACCEPTED`` when ``conversation_id`` and ``originator_id`` are an unanswered
         query of ``provider`` about ``transaction_id``; ``STATUS_CONTRADICTED`` (nothing stored)
-        when they are, but about another transaction; else ``STATUS_UNMATCHED``.
+        when they are, but about another transaction; ``STATUS_HELD`` when no query has
+        ``conversation_id`` yet (kept, within ``STATUS_EARLY_MAX`` results of at most
+        ``STATUS_EARLY_MAX_BYTES`` for ``STATUS_EARLY_KEEP_S``, for ``record_status_query`` to
+        judge); else ``STATUS_UNMATCHED``. The query's recording and this write take one named
+        lock, so neither misses the other.
         """
         ...
 
     async def status_query_result(self, conversation_id: str) -> bytes | None:
         """The stored result of a query, None while (or if) it has none."""
+        ...
+
+    async def held_status_outcome(self, conversation_id: str) -> str | None:
+        """A held result's outcome once its query was recorded; None until then (or if gone)."""
         ...
 
 

@@ -190,8 +190,12 @@ class StatusQueryStore(Protocol):
 
     async def record_status_query(
         self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
-    ) -> None:
-        """Keep a query the provider acknowledged with these ids. Idempotent."""
+    ) -> str | None:
+        """Keep a query the provider acknowledged with these ids. Idempotent.
+
+        A result that came first (``"held"`` by ``answer_status_query``) is judged now: its
+        outcome (``"accepted"``, ``"unmatched"``, ``"contradicted"``) is returned, else None.
+        """
         ...
 
     async def answer_status_query(
@@ -205,13 +209,18 @@ class StatusQueryStore(Protocol):
     ) -> str:
         """Store ``result`` for the query it names: ``"accepted"`` (stored, once).
 
-        ``"contradicted"`` when the ids are a query's but the transaction is another,
-        ``"unmatched"`` otherwise; nothing is stored for either.
+        ``"contradicted"`` when the ids are a query's but the transaction is another;
+        ``"held"`` when no query has these ids yet (kept, capped, for the query's recording to
+        judge); ``"unmatched"`` otherwise (nothing stored, as for ``"contradicted"``).
         """
         ...
 
     async def status_query_result(self, conversation_id: str) -> bytes | None:
         """The stored result of a query, None while it has none."""
+        ...
+
+    async def held_status_outcome(self, conversation_id: str) -> str | None:
+        """What a held result became once its query was recorded; None until then."""
         ...
 
 

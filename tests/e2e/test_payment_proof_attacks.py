@@ -438,10 +438,9 @@ async def test_an_stk_receipt_replayed_as_c2b_by_its_payer_and_amount_takes_noth
     assert await _post(gateway, "c2b/confirmation", _c2b(sim, receipt, VICTIM_METER, 100)) == 200
     await sim.release_callbacks()  # the genuine STK callback
 
-    # The payer's token carries the receipt once Daraja's record proves it; when that lookup does
-    # not answer within receipt_check_s (seen on PostgreSQL under CI load), our purchase id.
-    vended = await _vended_receipt(gateway, purchase.purchase_id)
-    assert vended in {receipt, purchase.purchase_id}
+    # Daraja's record of the receipt answers in time on both dialects (issue 14: its result is
+    # held in the ledger when it comes before the query is recorded, never dropped).
+    assert await _vended_receipt(gateway, purchase.purchase_id) == receipt
     await _claim_took_nothing(gateway, receipt)
     assert len(sim.ledger()) == 1
 
@@ -531,10 +530,6 @@ async def test_a_push_its_own_query_proves_paid_vends_whatever_became_of_its_rec
     after = await gateway.ledger.get_purchase(purchase.purchase_id)
     assert after.state in {PurchaseState.VENDED, PurchaseState.DELIVERED}
     kinds = [e.kind for e in await gateway.ledger.timeline(purchase.purchase_id)]
-    # The disputed receipt never becomes this payment's: the receipt's lookup either proves it
-    # pays another purchase (``payment_receipt_reused``) or does not answer within
-    # ``receipt_check_s`` (seen on PostgreSQL under CI load), leaving the claim unproven. Either
-    # way one token, with our purchase id as its receipt (asserted above).
-    assert kinds.count("token_vended") == 1
+    assert "payment_receipt_reused" in kinds  # the receipt's lookup answered (issue 14)
     assert len(sim.push_requests) == 1
     assert len(sim.ledger()) == 1
