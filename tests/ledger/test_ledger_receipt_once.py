@@ -169,9 +169,11 @@ async def test_held_results_are_capped_in_size_and_count(ledger: Ledger) -> None
 
 
 async def test_a_result_racing_its_query_is_never_lost(ledger: Ledger) -> None:
-    """The result's write and the query's recording at the same moment (several connections on
-    PostgreSQL): whichever commits first, the query ends answered, once. Before: on PostgreSQL
-    both could miss the other's uncommitted row and the result was dropped as unmatched."""
+    """The result's write and the query's recording at once (several PostgreSQL connections).
+
+    Whichever commits first, the query ends answered, once. Before: on PostgreSQL both could
+    miss the other's uncommitted row and the result was dropped as unmatched.
+    """
 
     async def pair(n: int) -> tuple[str, str | None]:
         conversation = f"AG_race_{n}"
