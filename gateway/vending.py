@@ -64,7 +64,7 @@ import contextlib
 import random
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Final, Protocol
@@ -554,13 +554,25 @@ class Vending:
                     purchase = await self.confirm(purchase_id)
             return purchase
 
-    async def on_payment_notice(self, notice: PaymentNotice) -> None:
+    async def on_payment_notice(
+        self,
+        notice: PaymentNotice,
+        *,
+        background: Callable[[Callable[[], Awaitable[None]]], None] | None = None,
+    ) -> None:
         """Record a callback's claim, then confirm it with the provider before any vend.
 
         Never raises for a bad, forged, unknown or duplicated notice (those are events and log
         lines); raises ``LedgerError`` only when the notice could not be recorded, so the route
         answers 5xx and the provider retries.
+
+        A customer-initiated success (a C2B confirmation) of no purchase yet is recorded with a
+        pending-claim row in the same transaction. With ``background`` (the confirmation route)
+        what follows (the provider's record, the purchase, the vend) is handed to it and this
+        returns once the claim is recorded: the provider gets its answer at once, and a crash
+        loses nothing (``finish_pending_claims``, the sweeper's, carries it through).
         """
+        pending = notice.is_customer_initiated and notice.claimed_state is PaymentState.SUCCEEDED
         outcome = await self._ledger.record_notice(
             NoticeRecord(
                 provider=notice.provider,
@@ -571,6 +583,7 @@ class Vending:
                 receipt=notice.receipt,
                 raw=notice.raw[:MAX_STORED_NOTICE],
                 payload_hash=notice.payload_hash,
+                pending_claim=pending,
             ),
             actor=f"callback:{notice.provider}",
         )
@@ -581,13 +594,60 @@ class Vending:
                 reference=notice.reference,
                 purchase_id=outcome.purchase_id,
             )
-        purchase_id: str | None = outcome.purchase_id
+        pending = pending and outcome.purchase_id is None
+
+        async def carry() -> None:
+            await self._carry_notice(notice, outcome.purchase_id, pending=pending)
+
+        if background is not None and pending:
+            background(carry)
+            return
+        await carry()
+
+    async def finish_pending_claims(self, *, limit: int = 100) -> int:
+        """Carry through C2B claims recorded but left unfinished (a crash); how many were taken.
+
+        Each is read again from its stored payload by its provider's adapter; one no adapter can
+        read is dropped (logged). Instances share the work: a claim taken is leased.
+        """
+        claims = await self._ledger.take_pending_claims(limit=limit)
+        for claim in claims:
+            provider = self._providers.get(claim.provider)
+            notice: PaymentNotice | None = None
+            if provider is not None and claim.payload:
+                with contextlib.suppress(ForgedCallback):
+                    notice = provider.parse_callback(claim.payload, {})
+            if notice is None or notice.reference != claim.reference:
+                log.warning("pending_claim_unreadable", reference=claim.reference)
+                await self._ledger.claim_finished(claim.provider, claim.reference)
+                continue
+            payment = await self._ledger.get_payment(claim.provider, claim.reference)
+            purchase_id = payment.purchase_id if payment is not None else None
+            log.info("pending_claim_resumed", reference=claim.reference, attempts=claim.attempts)
+            try:
+                await self._carry_notice(notice, purchase_id, pending=True)
+            except (GatewayError, StsError) as exc:
+                log.warning("pending_claim_deferred", reference=claim.reference, error=str(exc))
+        return len(claims)
+
+    async def _carry_notice(
+        self, notice: PaymentNotice, purchase_id: str | None, *, pending: bool
+    ) -> None:
+        """Everything after a notice was recorded: its purchase, then the provider's word.
+
+        ``pending``: the claim has a pending-claim row, forgotten once the claim is refused or
+        its purchase opened (then the payment checks carry it).
+        """
         record: PaymentStatus | None = None
         if purchase_id is None and notice.is_customer_initiated:
             record = await self._customer_claim_record(notice)
             if record is not None and await self._claim_refused(notice, record):
+                if pending:
+                    await self._ledger.claim_finished(notice.provider, notice.reference)
                 return  # takes nothing: the reference stays free for the payment's own claim
             purchase_id = await self._open_customer_payment(notice)
+        if pending:
+            await self._ledger.claim_finished(notice.provider, notice.reference)
         if purchase_id is None:
             purchase_id = await self._unknown.adopt_unknown_collection(notice)
         if purchase_id is None:

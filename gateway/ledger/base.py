@@ -260,6 +260,25 @@ class NoticeRecord:
     receipt: str | None
     raw: bytes = field(repr=False)
     payload_hash: str
+    #: A customer-initiated claim (C2B confirmation) that belongs to no purchase yet: kept in
+    #: ``pending_claims`` in the same transaction until ``claim_finished``, so a crash after the
+    #: route answered loses nothing (the sweeper finishes it).
+    pending_claim: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PendingClaim:
+    """A recorded C2B confirmation not yet carried through, and its stored payload."""
+
+    provider: str
+    reference: str
+    payload: bytes | None = field(repr=False)
+    attempts: int
+
+
+#: A pending claim is left to the background task that took it for this long before the
+#: sweeper takes it (and again, per attempt, after a crash).
+PENDING_CLAIM_LEASE_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -39,6 +39,7 @@ from gateway.ledger.base import (
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
+    PENDING_CLAIM_LEASE_S,
     RECEIPT_ONCE,
     STATUS_ACCEPTED,
     STATUS_CONTRADICTED,
@@ -73,6 +74,7 @@ from gateway.ledger.base import (
     OutboxStats,
     PaymentRecord,
     PaymentRecordState,
+    PendingClaim,
     Purchase,
     PurchaseDraft,
     PurchaseId,
@@ -941,6 +943,16 @@ class LedgerCore(VendorSteps):
             else:
                 duplicate = True
                 conflict = row["payload_hash"] != notice.payload_hash
+        if notice.pending_claim and purchase_id is None:
+            moment, _ = self._now()
+            yield run(
+                "INSERT INTO pending_claims (provider, reference, received_at, next_try_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (provider, reference) DO NOTHING",
+                notice.provider,
+                notice.reference,
+                now,
+                self._stamp(moment + timedelta(seconds=PENDING_CLAIM_LEASE_S)),
+            )
         yield self._event(
             purchase_id,
             "notice_payload_conflict" if conflict else "payment_notice",
@@ -959,6 +971,49 @@ class LedgerCore(VendorSteps):
             is_duplicate=duplicate,
             payload_conflict=conflict,
         )
+
+    async def claim_finished(self, provider: str, reference: str) -> None:
+        """A pending claim was carried through (refused, or its purchase opened): forget it."""
+        await self._write(self._claim_finished, provider, reference, atomic=False)
+
+    @staticmethod
+    def _claim_finished(provider: str, reference: str) -> Steps[None]:
+        yield run(
+            "DELETE FROM pending_claims WHERE provider = ? AND reference = ?", provider, reference
+        )
+
+    async def take_pending_claims(self, *, limit: int = 100) -> list[PendingClaim]:
+        """Claims due (their lease passed), each leased for ``PENDING_CLAIM_LEASE_S`` more."""
+        return await self._write(self._take_pending_claims, limit)
+
+    def _take_pending_claims(self, limit: int) -> Steps[list[PendingClaim]]:
+        moment, now = self._now()
+        taken = yield rows(
+            "UPDATE pending_claims SET attempts = attempts + 1, next_try_at = ?"
+            " WHERE (provider, reference) IN (SELECT provider, reference FROM pending_claims"
+            " WHERE next_try_at <= ? ORDER BY next_try_at LIMIT ? FOR UPDATE SKIP LOCKED)"
+            " RETURNING provider, reference, attempts",
+            self._stamp(moment + timedelta(seconds=PENDING_CLAIM_LEASE_S)),
+            now,
+            limit,
+        )
+        claims = []
+        for row in taken:
+            payment = yield one(
+                "SELECT payload FROM payments WHERE provider = ? AND reference = ?",
+                row["provider"],
+                row["reference"],
+            )
+            payload = None if payment is None or payment["payload"] is None else payment["payload"]
+            claims.append(
+                PendingClaim(
+                    provider=row["provider"],
+                    reference=row["reference"],
+                    payload=None if payload is None else bytes(payload),
+                    attempts=int(row["attempts"]),
+                )
+            )
+        return claims
 
     async def get_payment(self, provider: str, reference: str) -> PaymentRecord | None:
         """The payment row for (provider, reference), if any."""

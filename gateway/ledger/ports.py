@@ -48,6 +48,7 @@ from gateway.ledger.base import (
     OutboxMessage,
     OutboxStats,
     PaymentRecord,
+    PendingClaim,
     Purchase,
     PurchaseDraft,
     PurchaseState,
@@ -185,6 +186,17 @@ class SagaLedger(PaymentChecks, PurchaseReads, MessageQueue, Protocol):
         A reference never seen creates a pending payment row with no purchase. Appends a
         ``payment_notice`` event (or ``notice_payload_conflict`` when the body differs from the
         first one seen for that reference).
+        """
+        ...
+
+    async def claim_finished(self, provider: str, reference: str) -> None:
+        """A pending customer claim (``NoticeRecord.pending_claim``) was carried through."""
+        ...
+
+    async def take_pending_claims(self, *, limit: int = 100) -> list[PendingClaim]:
+        """Pending claims whose lease passed (a crash left them), each leased again.
+
+        Instances share them: a claim taken is not due again for ``PENDING_CLAIM_LEASE_S``.
         """
         ...
 

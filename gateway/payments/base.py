@@ -317,12 +317,20 @@ class ReconcilingProvider(PaymentProvider, Protocol):
 class PaymentEvents(Protocol):
     """What the callback routes hand their claims to; implemented by the purchase saga."""
 
-    async def on_payment_notice(self, notice: PaymentNotice) -> None:
+    async def on_payment_notice(
+        self,
+        notice: PaymentNotice,
+        *,
+        background: Callable[[Callable[[], Awaitable[None]]], None] | None = None,
+    ) -> None:
         """Record a claim and confirm it with the provider before anything is vended.
 
         Never raises for a bad, forged, unknown or duplicated notice: those are logged as security
         events and change nothing. Raises only when the notice could not be recorded at all
         (``LedgerError``), so the route can answer 5xx and the provider retries.
+
+        With ``background``, a customer-initiated claim's confirmation (after it is recorded,
+        durably) is handed to it to run after the route has answered.
         """
         ...
 

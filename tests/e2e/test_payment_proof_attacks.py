@@ -100,10 +100,14 @@ async def _eventually(probe: Callable[[], Awaitable[T | None]], deadline_s: floa
 
 
 async def _post(runtime: Runtime, tail: str, body: bytes) -> int:
+    """Post to a Daraja route; a C2B confirmation's background check and vend are waited for."""
     url = runtime.callback_url("daraja", tail)
     async with aiohttp.ClientSession() as session, session.post(url, data=body) as response:
         await response.read()
-        return response.status
+        status = response.status
+    if tail == "c2b/confirmation":
+        await runtime.follow_ups.drain()  # the route answered once the claim was recorded
+    return status
 
 
 async def _security_events(runtime: Runtime) -> dict[str, float]:

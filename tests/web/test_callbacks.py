@@ -93,8 +93,14 @@ class FakeEvents:
     validations: list[tuple[str, str, Money, Msisdn | None]] = field(default_factory=list)
     failure: GatewayError | None = None
 
-    async def on_payment_notice(self, notice: PaymentNotice) -> None:
+    async def on_payment_notice(
+        self,
+        notice: PaymentNotice,
+        *,
+        background: Callable[[Callable[[], Awaitable[None]]], None] | None = None,
+    ) -> None:
         """Record the notice, or fail as a ledger that cannot write would."""
+        del background  # nothing follows here
         if self.failure is not None:
             raise self.failure
         self.notices.append(notice)

@@ -29,3 +29,16 @@ CREATE TABLE c2b_validations (
     PRIMARY KEY (provider, trans_id)
 );
 CREATE INDEX c2b_validations_at ON c2b_validations (validated_at);
+
+-- C2B confirmations recorded but not yet carried through (the route answers Daraja as soon as
+-- the claim is recorded and checks it in the background): the sweeper finishes any a crash
+-- left, once next_try_at has passed (a lease: whoever takes a claim moves it on).
+CREATE TABLE pending_claims (
+    provider     TEXT NOT NULL,
+    reference    TEXT NOT NULL,
+    received_at  TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_try_at  TEXT NOT NULL,
+    PRIMARY KEY (provider, reference)
+);
+CREATE INDEX pending_claims_due ON pending_claims (next_try_at);
