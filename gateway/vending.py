@@ -639,15 +639,13 @@ class Vending:
         its purchase opened (then the payment checks carry it).
         """
         record: PaymentStatus | None = None
+        refused = False
         if purchase_id is None and notice.is_customer_initiated:
-            record = await self._customer_claim_record(notice)
-            if record is not None and await self._claim_refused(notice, record):
-                if pending:
-                    await self._ledger.claim_finished(notice.provider, notice.reference)
-                return  # takes nothing: the reference stays free for the payment's own claim
-            purchase_id = await self._open_customer_payment(notice)
+            refused, record, purchase_id = await self._take_customer_claim(notice)
         if pending:
             await self._ledger.claim_finished(notice.provider, notice.reference)
+        if refused:
+            return  # takes nothing: the reference stays free for the payment's own claim
         if purchase_id is None:
             purchase_id = await self._unknown.adopt_unknown_collection(notice)
         if purchase_id is None:
@@ -679,6 +677,24 @@ class Vending:
                 # Recorded; the sweeper finishes it. A notice is never refused for this.
                 log.warning("payment_notice_confirmation_deferred", error=str(exc))
 
+    async def _take_customer_claim(
+        self, notice: PaymentNotice
+    ) -> tuple[bool, PaymentStatus | None, str | None]:
+        """A C2B claim of no purchase yet: (refused, the provider's record, the purchase opened).
+
+        Refused when it contradicts its payment's validation or the provider's record of the
+        receipt (``payment_claim_contradicted``); else its purchase is opened (None when the
+        meter cannot be sold: an event).
+        """
+        contradiction = await self._validation_contradiction(notice)
+        if contradiction is not None:
+            await self._claim_contradicts(notice, contradiction)
+            return True, None, None
+        record = await self._customer_claim_record(notice)
+        if record is not None and await self._claim_refused(notice, record):
+            return True, record, None
+        return False, record, await self._open_customer_payment(notice)
+
     async def _customer_claim_record(self, notice: PaymentNotice) -> PaymentStatus | None:
         """The provider's record of a C2B confirmation's receipt, asked before it opens a purchase.
 
@@ -706,6 +722,11 @@ class Vending:
         reason = _claim_contradiction(record, notice.amount, notice.payer, customer=True)
         if reason is None:
             return False
+        await self._claim_contradicts(notice, reason)
+        return True
+
+    async def _claim_contradicts(self, notice: PaymentNotice, reason: str) -> None:
+        """The security event ``payment_claim_contradicted`` for a claim that takes nothing."""
         data = {
             "provider": notice.provider,
             "reference": notice.reference,
@@ -716,7 +737,6 @@ class Vending:
         await self._ledger.append_event(
             None, "payment_claim_contradicted", actor=f"callback:{notice.provider}", data=data
         )
-        return True
 
     async def _open_customer_payment(self, notice: PaymentNotice) -> str | None:
         """A customer-initiated payment (C2B paybill): open its purchase from the notice."""
@@ -761,25 +781,52 @@ class Vending:
         account_reference: str,
         amount: Money,
         payer: Msisdn | None,
+        *,
+        reference: str | None = None,
     ) -> CustomerPaymentRefusal | None:
         """Pre-check a customer-initiated payment: None to accept, else why it is refused.
 
         An unknown (or empty) meter number is ``UNKNOWN_ACCOUNT``, an amount the tariff does not
         sell (range or currency) ``AMOUNT_OUT_OF_RANGE``, a blocked meter ``OTHER``: the
         provider's adapter answers its own code for each (Daraja: C2B00012, C2B00013, C2B00016).
+
+        With ``reference`` (Daraja's ``TransID``) an accepted payment's account, amount and
+        payer are recorded first (a ``LedgerError`` then refuses it: no money moves unless we
+        kept what we accepted): its confirmation must name the same account
+        (``_validation_contradiction``).
         """
-        del provider, payer  # any provider and payer may pay for a sellable meter
+        account = account_reference.strip()
+        refusal: CustomerPaymentRefusal | None = None
         try:
-            await self.quote(account_reference.strip(), amount)
+            await self.quote(account, amount)
         except UnknownMeter:
             refusal = CustomerPaymentRefusal.UNKNOWN_ACCOUNT
         except TariffError:
             refusal = CustomerPaymentRefusal.AMOUNT_OUT_OF_RANGE
         except VendingError:
             refusal = CustomerPaymentRefusal.OTHER
-        else:
-            return None
+        if refusal is None and reference is not None:
+            await self._ledger.record_c2b_validation(
+                provider=provider, trans_id=reference, account=account, amount=amount, payer=payer
+            )
         return refusal
+
+    async def _validation_contradiction(self, notice: PaymentNotice) -> str | None:
+        """Why a C2B confirmation contradicts what its payment's validation said, else None.
+
+        The account (meter) and the amount are the customer's, typed before money moved: a
+        confirmation naming another is not this payment's (an exact copy front-running the
+        genuine confirmation, say). No validation recorded (validation not enabled for the
+        shortcode, or an older payment): nothing to compare (``docs/protocols.md`` §2.4).
+        """
+        validated = await self._ledger.c2b_validation(notice.provider, notice.reference)
+        if validated is None:
+            return None
+        if validated.account != (notice.account_reference or "").strip():
+            return "another account than the validated one"
+        if notice.amount is not None and validated.amount != notice.amount:
+            return "another amount than the validated one"
+        return None
 
     def _matches(self, purchase: Purchase, status: PaymentStatus) -> tuple[bool, Money]:
         """Whether the provider's answer is exactly what we asked for, and the amount paid.

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from gateway.ledger.base import (
+    C2B_VALIDATION_KEEP_S,
     EARLY_REPORT_LIMIT,
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
@@ -27,6 +28,7 @@ from gateway.ledger.base import (
     STATUS_QUERY_KEEP_S,
     STATUS_UNMATCHED,
     TRANSITIONS,
+    C2bValidation,
     ConfirmedPayment,
     DebtRecovery,
     DuplicateError,
@@ -144,6 +146,7 @@ async def open_ledger(
 
 
 __all__ = [
+    "C2B_VALIDATION_KEEP_S",
     "EARLY_REPORT_LIMIT",
     "EARLY_REPORT_TTL_S",
     "MAX_SAVED_METERS",
@@ -157,6 +160,7 @@ __all__ = [
     "STATUS_QUERY_KEEP_S",
     "STATUS_UNMATCHED",
     "TRANSITIONS",
+    "C2bValidation",
     "ConfirmedPayment",
     "CustomerLedger",
     "DebtRecovery",

@@ -276,6 +276,23 @@ class PendingClaim:
     attempts: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class C2bValidation:
+    """What a C2B validation request said of a payment before money moved (first one kept)."""
+
+    provider: str
+    trans_id: str
+    account: str
+    amount: Money
+    payer: Msisdn | None
+    validated_at: datetime
+
+
+#: C2B validations are kept this long (a confirmation follows its validation within seconds;
+#: Daraja retries an unanswered confirmation for a while).
+C2B_VALIDATION_KEEP_S: Final = 7 * 24 * 3600.0
+
+
 #: A pending claim is left to the background task that took it for this long before the
 #: sweeper takes it (and again, per attempt, after a crash).
 PENDING_CLAIM_LEASE_S: Final = 60.0

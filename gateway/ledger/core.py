@@ -35,6 +35,7 @@ from typing import Any, Final, NoReturn, Protocol, TypeVar
 import structlog
 
 from gateway.ledger.base import (
+    C2B_VALIDATION_KEEP_S,
     EARLY_REPORT_LIMIT,
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
@@ -49,6 +50,7 @@ from gateway.ledger.base import (
     STATUS_HELD,
     STATUS_QUERY_KEEP_S,
     STATUS_UNMATCHED,
+    C2bValidation,
     ConfirmedPayment,
     DebtRecovery,
     DuplicateError,
@@ -970,6 +972,57 @@ class LedgerCore(VendorSteps):
             purchase_id=PurchaseId(purchase_id) if purchase_id else None,
             is_duplicate=duplicate,
             payload_conflict=conflict,
+        )
+
+    async def record_c2b_validation(
+        self, *, provider: str, trans_id: str, account: str, amount: Money, payer: Msisdn | None
+    ) -> None:
+        """Keep what a C2B validation said of ``trans_id`` (the first one; later ones ignored)."""
+        await self._write(
+            self._record_c2b_validation, provider, trans_id, account, amount, payer, atomic=False
+        )
+
+    def _record_c2b_validation(
+        self, provider: str, trans_id: str, account: str, amount: Money, payer: Msisdn | None
+    ) -> Steps[None]:
+        moment, now = self._now()
+        yield batch(
+            run(
+                "DELETE FROM c2b_validations WHERE validated_at < ?",
+                self._stamp(moment - timedelta(seconds=C2B_VALIDATION_KEEP_S)),
+            ),
+            run(
+                "INSERT INTO c2b_validations (provider, trans_id, account, amount_minor,"
+                " currency, payer, validated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (provider, trans_id) DO NOTHING",
+                provider,
+                trans_id,
+                account,
+                amount.amount_minor,
+                amount.currency,
+                payer,
+                now,
+            ),
+        )
+
+    async def c2b_validation(self, provider: str, trans_id: str) -> C2bValidation | None:
+        """What the C2B validation of ``trans_id`` said, if one was recorded."""
+        return await self._read(self._c2b_validation, provider, trans_id)
+
+    @staticmethod
+    def _c2b_validation(provider: str, trans_id: str) -> Steps[C2bValidation | None]:
+        row = yield one(
+            "SELECT * FROM c2b_validations WHERE provider = ? AND trans_id = ?", provider, trans_id
+        )
+        if row is None:
+            return None
+        return C2bValidation(
+            provider=row["provider"],
+            trans_id=row["trans_id"],
+            account=row["account"],
+            amount=Money(int(row["amount_minor"]), row["currency"]),
+            payer=Msisdn(row["payer"]) if row["payer"] else None,
+            validated_at=when(row["validated_at"]),
         )
 
     async def claim_finished(self, provider: str, reference: str) -> None:

@@ -32,6 +32,7 @@ from datetime import date, datetime
 from typing import Any, Protocol
 
 from gateway.ledger.base import (
+    C2bValidation,
     ConfirmedPayment,
     DebtRecovery,
     Event,
@@ -187,6 +188,19 @@ class SagaLedger(PaymentChecks, PurchaseReads, MessageQueue, Protocol):
         ``payment_notice`` event (or ``notice_payload_conflict`` when the body differs from the
         first one seen for that reference).
         """
+        ...
+
+    async def record_c2b_validation(
+        self, *, provider: str, trans_id: str, account: str, amount: Money, payer: Msisdn | None
+    ) -> None:
+        """Keep what a C2B validation request said of a payment (the first one per ``trans_id``).
+
+        Kept ``C2B_VALIDATION_KEEP_S``; older ones are dropped in the same write.
+        """
+        ...
+
+    async def c2b_validation(self, provider: str, trans_id: str) -> C2bValidation | None:
+        """What the C2B validation of ``trans_id`` said, if one was recorded."""
         ...
 
     async def claim_finished(self, provider: str, reference: str) -> None:

@@ -340,10 +340,14 @@ class PaymentEvents(Protocol):
         account_reference: str,
         amount: Money,
         payer: Msisdn | None,
+        *,
+        reference: str | None = None,
     ) -> str | None:
         """Pre-check a customer-initiated payment (Daraja C2B validation) before money moves.
 
         Returns ``None`` to accept, or the reason to refuse (unknown meter, amount out of range).
+        With ``reference`` (the payment's ``TransID``) what was validated is recorded, so that
+        a confirmation of that payment naming another account is refused.
         """
         ...
 

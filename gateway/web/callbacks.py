@@ -258,7 +258,11 @@ class _PaybillRoutes:
         assert notice.amount is not None  # noqa: S101 - parse_customer_validation always sets it
         try:
             refusal = await self._events.validate_customer_payment(
-                self._provider.name, notice.account_reference or "", notice.amount, notice.payer
+                self._provider.name,
+                notice.account_reference or "",
+                notice.amount,
+                notice.payer,
+                reference=notice.reference,
             )
         except GatewayError as exc:
             # We cannot check the meter now: refusing is safe, no money has moved yet.

@@ -537,3 +537,35 @@ async def test_a_push_its_own_query_proves_paid_vends_whatever_became_of_its_rec
     assert "payment_receipt_reused" in kinds  # the receipt's lookup answered (issue 14)
     assert len(sim.push_requests) == 1
     assert len(sim.ledger()) == 1
+
+
+async def test_an_exact_copy_of_a_paybill_confirmation_naming_another_meter_takes_nothing(
+    gateway: Runtime,
+) -> None:
+    """Issue 14: the C2B front-run, an exact copy (payer, amount, TransID) for another meter.
+
+    Posted before Daraja's genuine confirmation, the copy passes every check Daraja's record of
+    the receipt allows (a paybill payment, that amount, that payer). Only the validation Daraja
+    asked before money moved says which meter the customer typed: the copy is refused
+    (``payment_claim_contradicted``) and takes nothing; the genuine confirmation vends the
+    customer's meter with its receipt. Before: the copy vended the attacker's meter with the
+    customer's money, and the genuine confirmation found the receipt taken.
+    """
+    sim = _daraja(gateway)
+    sim.faults.callbacks.hold = True  # Daraja's genuine confirmation waits behind the copy
+    paid = await sim.pay_bill("254712345678", VICTIM_METER, 100)
+    assert paid.accepted
+    sim.faults.callbacks.hold = False
+    copy = _c2b(sim, paid.trans_id, STK_METER, 100)
+    assert await _post(gateway, "c2b/confirmation", copy) == 200
+    await sim.release_callbacks()  # the genuine confirmation
+    await gateway.follow_ups.drain()
+
+    assert await gateway.ledger.find_purchases(meter=STK_METER, limit=5) == []
+    purchase = await _eventually(lambda: _settled(gateway, VICTIM_METER))
+    assert await _vended_receipt(gateway, purchase.purchase_id) == paid.trans_id
+    [event] = await gateway.ledger.events(kind="payment_claim_contradicted")
+    assert event.data["reference"] == paid.trans_id
+    assert event.data["account"] == STK_METER
+    assert (await _security_events(gateway)).get("payment_claim_contradicted") == 1.0
+    assert len(sim.ledger()) == 1

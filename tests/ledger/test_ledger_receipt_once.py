@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 
 from gateway.ledger import (
+    C2B_VALIDATION_KEEP_S,
     STATUS_ACCEPTED,
     STATUS_CONTRADICTED,
     STATUS_EARLY_MAX,
@@ -26,6 +27,7 @@ from gateway.ledger import (
     PurchaseState,
     ReceiptReused,
 )
+from gateway.money import Money
 from tests.ledger.ledger_support import FakeClock
 from tests.ledger.test_ledger_contract import draft, payment, vend_draft
 
@@ -222,3 +224,24 @@ async def test_a_proven_receipt_replaces_a_claimed_one_and_stays_unique(ledger: 
         await ledger.prove_receipt("fakepay", "ws_CO_2", "QAB1CD2EF3")
     with pytest.raises(NotFound):
         await ledger.prove_receipt("fakepay", "ws_CO_9", "QZZ1CD2EF3")
+
+
+async def test_a_c2b_validation_is_kept_once_per_trans_id(ledger: Ledger, clock: FakeClock) -> None:
+    """Issue 14: what the validation said of a TransID (the first one), until it is too old."""
+    amount = Money.of("100", "KES")
+    assert await ledger.c2b_validation("daraja", "QAB1CD2EF3") is None
+    await ledger.record_c2b_validation(
+        provider="daraja", trans_id="QAB1CD2EF3", account="04000000028", amount=amount, payer=None
+    )
+    await ledger.record_c2b_validation(  # a second validation of the same TransID: ignored
+        provider="daraja", trans_id="QAB1CD2EF3", account="04000000010", amount=amount, payer=None
+    )
+    kept = await ledger.c2b_validation("daraja", "QAB1CD2EF3")
+    assert kept is not None
+    assert (kept.account, kept.amount, kept.payer) == ("04000000028", amount, None)
+    assert await ledger.c2b_validation("other", "QAB1CD2EF3") is None
+    clock.advance(C2B_VALIDATION_KEEP_S + 1)
+    await ledger.record_c2b_validation(
+        provider="daraja", trans_id="QZZ1CD2EF3", account="04000000028", amount=amount, payer=None
+    )
+    assert await ledger.c2b_validation("daraja", "QAB1CD2EF3") is None

@@ -106,9 +106,16 @@ class FakeEvents:
         self.notices.append(notice)
 
     async def validate_customer_payment(
-        self, provider: str, account_reference: str, amount: Money, payer: Msisdn | None
+        self,
+        provider: str,
+        account_reference: str,
+        amount: Money,
+        payer: Msisdn | None,
+        *,
+        reference: str | None = None,
     ) -> str | None:
         """Accept known meters paying KES 10 to 10,000."""
+        del reference  # nothing is recorded here
         if self.failure is not None:
             raise self.failure
         self.validations.append((provider, account_reference, amount, payer))
