@@ -156,6 +156,21 @@ class _ParsedResult:
     raw: bytes = field(repr=False, default=b"")
 
 
+_PULL_REGISTERED: Final = "1000"  # Pull Transactions register: "Shortcode Registered Successfully"
+_PULL_ALREADY_REGISTERED: Final = "1001"  # the shortcode was registered before
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PullRegistration:
+    """Daraja's answer to a Pull Transactions registration."""
+
+    shortcode: str
+    status: str  # ResponseStatus: "1000" registered, "1001" already registered
+    description: str
+    reference: str  # ResponseRefID
+    already_registered: bool
+
+
 @dataclass(frozen=True, slots=True)
 class _PulledMinute:
     """The shortcode's completed payments of one minute as Pull listed them, and when."""
@@ -645,6 +660,45 @@ class DarajaProvider:
 
     # -- Pull Transactions (reconciliation of a push whose reference was lost) -----------------
 
+    async def register_pull(
+        self, *, nominated_number: Msisdn, callback_url: str, shortcode: str | None = None
+    ) -> PullRegistration:
+        """Register the shortcode for Pull Transactions, once (``gateway daraja pull-register``).
+
+        ``POST /pulltransactions/v1/register`` with ``ShortCode``, ``RequestType`` "Pull",
+        ``NominatedNumber`` (the Safaricom number nominated for the shortcode, ``2547…``) and
+        ``CallBackURL``; the answer's ``ResponseStatus`` is "1000" when registered, "1001" when
+        it already was [I: the shapes practitioners quote; ``docs/protocols.md`` §2.4].
+
+        Raises:
+            ProviderUnavailable: Daraja did not answer usefully (retryable on 5xx/timeouts), or
+                refused the registration (``retryable=False``: the message says why).
+        """
+        code = shortcode or self._shortcode
+        payload = {
+            "ShortCode": code,
+            "RequestType": "Pull",
+            "NominatedNumber": international_digits(nominated_number),
+            "CallBackURL": callback_url,
+        }
+        reply = await self._call(
+            "/pulltransactions/v1/register", payload, idempotent=True, reference=None
+        )
+        body = reply.json_object() or {}
+        status = str(body.get("ResponseStatus", ""))
+        if reply.status != 200 or status not in {_PULL_REGISTERED, _PULL_ALREADY_REGISTERED}:
+            error = self._error(reply, None, what="Pull Transactions registration")
+            raise ProviderUnavailable(
+                error.args[0], provider=self.name, retryable=error.retryable
+            ) from error
+        return PullRegistration(
+            shortcode=str(body.get("ShortCode") or code),
+            status=status,
+            description=str(body.get("ResponseDescription", "")),
+            reference=str(body.get("ResponseRefID", "")),
+            already_registered=status == _PULL_ALREADY_REGISTERED,
+        )
+
     async def find_payments(
         self,
         payer: Msisdn,
@@ -1081,6 +1135,7 @@ class DarajaProvider:
 __all__ = [
     "EAT",
     "DarajaProvider",
+    "PullRegistration",
     "fit_account_reference",
     "stk_password",
     "stk_timestamp",
