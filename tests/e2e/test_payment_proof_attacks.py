@@ -569,3 +569,38 @@ async def test_an_exact_copy_of_a_paybill_confirmation_naming_another_meter_take
     assert event.data["account"] == STK_METER
     assert (await _security_events(gateway)).get("payment_claim_contradicted") == 1.0
     assert len(sim.ledger()) == 1
+
+
+async def test_the_c2b_confirmation_is_answered_once_the_claim_is_recorded(
+    gateway: Runtime,
+) -> None:
+    """Issue 14: Daraja gets its answer before the claim is checked; the check and vend follow.
+
+    Daraja's Transaction Status result is held: before, the confirmation's answer waited for it
+    (up to ``status_result_wait_s``, 30 s). Now the route answers at once, the claim pending in
+    the ledger, and the background check vends once the result comes.
+    """
+    sim = _daraja(gateway)
+    sim.faults.callbacks.hold = True  # Daraja's confirmation, then its status result, wait
+    paid = await sim.pay_bill("254712345678", VICTIM_METER, 100)
+    url = gateway.callback_url("daraja", "c2b/confirmation")
+    body = _c2b(sim, paid.trans_id, VICTIM_METER, 100)
+    async with (
+        asyncio.timeout(5),
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body) as response,
+    ):
+        assert response.status == 200
+        assert json.loads(await response.read()) == {"ResultCode": 0, "ResultDesc": "Success"}
+
+    async def queried() -> bool | None:
+        return True if sim.courier.held >= 2 else None  # the confirmation and our query's result
+
+    await _eventually(queried)
+    assert await gateway.ledger.find_purchases(meter=VICTIM_METER, limit=5) == []
+    sim.faults.callbacks.hold = False
+    await sim.release_callbacks()
+    await gateway.follow_ups.drain()
+    purchase = await _eventually(lambda: _settled(gateway, VICTIM_METER))
+    assert await _vended_receipt(gateway, purchase.purchase_id) == paid.trans_id
+    assert len(sim.ledger()) == 1
