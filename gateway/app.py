@@ -685,6 +685,7 @@ async def build_app(config: Config) -> web.Application:
             runtime.vending,
             secret=runtime.callback_secret.reveal(),
             allow_from=list(config.callback_allow_from) or None,
+            background=lambda work: runtime.follow_ups.spawn(work, what="c2b_confirmation"),
         )
     )
     setup_admin(

@@ -2,6 +2,8 @@
 
 One sweep, in order:
 
+0. carry through C2B confirmations recorded but left unfinished (the route answers Daraja once
+   the claim is recorded and confirms it in the background; a crash leaves a pending claim);
 1. vend every paid-but-not-vended purchase (invariant 3: no paid purchase is lost);
 2. ask the provider about purchases awaiting payment past their check time (the first about 20 s
    after the prompt, then every 30 s), expiring them after the payment deadline (a later
@@ -49,6 +51,7 @@ CHECK_LEASE_S: Final = 60.0
 class SweepReport:
     """What one sweep did."""
 
+    claims: int = 0
     vended: int = 0
     checked: int = 0
     sent: int = 0
@@ -113,8 +116,13 @@ class Sweeper:
         return True
 
     async def _sweep(self, *, checks: bool) -> SweepReport:
-        vended = checked = sent = 0
+        claims = vended = checked = sent = 0
         failed: list[str] = []
+        try:
+            claims = await self._vending.finish_pending_claims(limit=self._batch)
+        except GatewayError as exc:
+            failed.append("claims")
+            log.warning("sweep_step_failed", step="claims", error=str(exc))
         try:
             vended = await self._vending.finish_paid(limit=self._batch)
         except GatewayError as exc:
@@ -142,10 +150,17 @@ class Sweeper:
             except GatewayError as exc:
                 failed.append("outbox")
                 log.warning("sweep_step_failed", step="outbox", error=str(exc))
-        report = SweepReport(vended=vended, checked=checked, sent=sent, failed_steps=tuple(failed))
-        if vended or checked or sent or failed:
+        report = SweepReport(
+            claims=claims, vended=vended, checked=checked, sent=sent, failed_steps=tuple(failed)
+        )
+        if claims or vended or checked or sent or failed:
             log.info(
-                "sweep_finished", vended=vended, checked=checked, sent=sent, failed=list(failed)
+                "sweep_finished",
+                claims=claims,
+                vended=vended,
+                checked=checked,
+                sent=sent,
+                failed=list(failed),
             )
         return report
 

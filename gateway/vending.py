@@ -64,7 +64,7 @@ import contextlib
 import random
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Final, Protocol
@@ -569,13 +569,25 @@ class Vending:
                     purchase = await self.confirm(purchase_id)
             return purchase
 
-    async def on_payment_notice(self, notice: PaymentNotice) -> None:
+    async def on_payment_notice(
+        self,
+        notice: PaymentNotice,
+        *,
+        background: Callable[[Callable[[], Awaitable[None]]], None] | None = None,
+    ) -> None:
         """Record a callback's claim, then confirm it with the provider before any vend.
 
         Never raises for a bad, forged, unknown or duplicated notice (those are events and log
         lines); raises ``LedgerError`` only when the notice could not be recorded, so the route
         answers 5xx and the provider retries.
+
+        A customer-initiated success (a C2B confirmation) of no purchase yet is recorded with a
+        pending-claim row in the same transaction. With ``background`` (the confirmation route)
+        what follows (the provider's record, the purchase, the vend) is handed to it and this
+        returns once the claim is recorded: the provider gets its answer at once, and a crash
+        loses nothing (``finish_pending_claims``, the sweeper's, carries it through).
         """
+        pending = notice.is_customer_initiated and notice.claimed_state is PaymentState.SUCCEEDED
         outcome = await self._ledger.record_notice(
             NoticeRecord(
                 provider=notice.provider,
@@ -586,6 +598,7 @@ class Vending:
                 receipt=notice.receipt,
                 raw=notice.raw[:MAX_STORED_NOTICE],
                 payload_hash=notice.payload_hash,
+                pending_claim=pending,
             ),
             actor=f"callback:{notice.provider}",
         )
@@ -600,13 +613,58 @@ class Vending:
             # A copy of a notice already acted on: the provider's answer settled its payment.
             log.debug("payment_notice_repeated", provider=notice.provider, settled=True)
             return
-        purchase_id: str | None = outcome.purchase_id
+        pending = pending and outcome.purchase_id is None
+
+        async def carry() -> None:
+            await self._carry_notice(notice, outcome.purchase_id, pending=pending)
+
+        if background is not None and pending:
+            background(carry)
+            return
+        await carry()
+
+    async def finish_pending_claims(self, *, limit: int = 100) -> int:
+        """Carry through C2B claims recorded but left unfinished (a crash); how many were taken.
+
+        Each is read again from its stored payload by its provider's adapter; one no adapter can
+        read is dropped (logged). Instances share the work: a claim taken is leased.
+        """
+        claims = await self._ledger.take_pending_claims(limit=limit)
+        for claim in claims:
+            provider = self._providers.get(claim.provider)
+            notice: PaymentNotice | None = None
+            if provider is not None and claim.payload:
+                with contextlib.suppress(ForgedCallback):
+                    notice = provider.parse_callback(claim.payload, {})
+            if notice is None or notice.reference != claim.reference:
+                log.warning("pending_claim_unreadable", reference=claim.reference)
+                await self._ledger.claim_finished(claim.provider, claim.reference)
+                continue
+            payment = await self._ledger.get_payment(claim.provider, claim.reference)
+            purchase_id = payment.purchase_id if payment is not None else None
+            log.info("pending_claim_resumed", reference=claim.reference, attempts=claim.attempts)
+            try:
+                await self._carry_notice(notice, purchase_id, pending=True)
+            except (GatewayError, StsError) as exc:
+                log.warning("pending_claim_deferred", reference=claim.reference, error=str(exc))
+        return len(claims)
+
+    async def _carry_notice(
+        self, notice: PaymentNotice, purchase_id: str | None, *, pending: bool
+    ) -> None:
+        """Everything after a notice was recorded: its purchase, then the provider's word.
+
+        ``pending``: the claim has a pending-claim row, forgotten once the claim is refused or
+        its purchase opened (then the payment checks carry it).
+        """
         record: PaymentStatus | None = None
+        refused = False
         if purchase_id is None and notice.is_customer_initiated:
-            record = await self._customer_claim_record(notice)
-            if record is not None and await self._claim_refused(notice, record):
-                return  # takes nothing: the reference stays free for the payment's own claim
-            purchase_id = await self._open_customer_payment(notice)
+            refused, record, purchase_id = await self._take_customer_claim(notice)
+        if pending:
+            await self._ledger.claim_finished(notice.provider, notice.reference)
+        if refused:
+            return  # takes nothing: the reference stays free for the payment's own claim
         if purchase_id is None:
             purchase_id = await self._unknown.adopt_unknown_collection(notice)
         if purchase_id is None:
@@ -638,6 +696,24 @@ class Vending:
                 # Recorded; the sweeper finishes it. A notice is never refused for this.
                 log.warning("payment_notice_confirmation_deferred", error=str(exc))
 
+    async def _take_customer_claim(
+        self, notice: PaymentNotice
+    ) -> tuple[bool, PaymentStatus | None, str | None]:
+        """A C2B claim of no purchase yet: (refused, the provider's record, the purchase opened).
+
+        Refused when it contradicts its payment's validation or the provider's record of the
+        receipt (``payment_claim_contradicted``); else its purchase is opened (None when the
+        meter cannot be sold: an event).
+        """
+        contradiction = await self._validation_contradiction(notice)
+        if contradiction is not None:
+            await self._claim_contradicts(notice, contradiction)
+            return True, None, None
+        record = await self._customer_claim_record(notice)
+        if record is not None and await self._claim_refused(notice, record):
+            return True, record, None
+        return False, record, await self._open_customer_payment(notice)
+
     async def _customer_claim_record(self, notice: PaymentNotice) -> PaymentStatus | None:
         """The provider's record of a C2B confirmation's receipt, asked before it opens a purchase.
 
@@ -665,6 +741,11 @@ class Vending:
         reason = _claim_contradiction(record, notice.amount, notice.payer, customer=True)
         if reason is None:
             return False
+        await self._claim_contradicts(notice, reason)
+        return True
+
+    async def _claim_contradicts(self, notice: PaymentNotice, reason: str) -> None:
+        """The security event ``payment_claim_contradicted`` for a claim that takes nothing."""
         data = {
             "provider": notice.provider,
             "reference": notice.reference,
@@ -675,7 +756,6 @@ class Vending:
         await self._ledger.append_event(
             None, "payment_claim_contradicted", actor=f"callback:{notice.provider}", data=data
         )
-        return True
 
     async def _open_customer_payment(self, notice: PaymentNotice) -> str | None:
         """A customer-initiated payment (C2B paybill): open its purchase from the notice."""
@@ -720,25 +800,52 @@ class Vending:
         account_reference: str,
         amount: Money,
         payer: Msisdn | None,
+        *,
+        reference: str | None = None,
     ) -> CustomerPaymentRefusal | None:
         """Pre-check a customer-initiated payment: None to accept, else why it is refused.
 
         An unknown (or empty) meter number is ``UNKNOWN_ACCOUNT``, an amount the tariff does not
         sell (range or currency) ``AMOUNT_OUT_OF_RANGE``, a blocked meter ``OTHER``: the
         provider's adapter answers its own code for each (Daraja: C2B00012, C2B00013, C2B00016).
+
+        With ``reference`` (Daraja's ``TransID``) an accepted payment's account, amount and
+        payer are recorded first (a ``LedgerError`` then refuses it: no money moves unless we
+        kept what we accepted): its confirmation must name the same account
+        (``_validation_contradiction``).
         """
-        del provider, payer  # any provider and payer may pay for a sellable meter
+        account = account_reference.strip()
+        refusal: CustomerPaymentRefusal | None = None
         try:
-            await self.quote(account_reference.strip(), amount)
+            await self.quote(account, amount)
         except UnknownMeter:
             refusal = CustomerPaymentRefusal.UNKNOWN_ACCOUNT
         except TariffError:
             refusal = CustomerPaymentRefusal.AMOUNT_OUT_OF_RANGE
         except VendingError:
             refusal = CustomerPaymentRefusal.OTHER
-        else:
-            return None
+        if refusal is None and reference is not None:
+            await self._ledger.record_c2b_validation(
+                provider=provider, trans_id=reference, account=account, amount=amount, payer=payer
+            )
         return refusal
+
+    async def _validation_contradiction(self, notice: PaymentNotice) -> str | None:
+        """Why a C2B confirmation contradicts what its payment's validation said, else None.
+
+        The account (meter) and the amount are the customer's, typed before money moved: a
+        confirmation naming another is not this payment's (an exact copy front-running the
+        genuine confirmation, say). No validation recorded (validation not enabled for the
+        shortcode, or an older payment): nothing to compare (``docs/protocols.md`` §2.4).
+        """
+        validated = await self._ledger.c2b_validation(notice.provider, notice.reference)
+        if validated is None:
+            return None
+        if validated.account != (notice.account_reference or "").strip():
+            return "another account than the validated one"
+        if notice.amount is not None and validated.amount != notice.amount:
+            return "another amount than the validated one"
+        return None
 
     def _matches(self, purchase: Purchase, status: PaymentStatus) -> tuple[bool, Money]:
         """Whether the provider's answer is exactly what we asked for, and the amount paid.

@@ -260,6 +260,42 @@ class NoticeRecord:
     receipt: str | None
     raw: bytes = field(repr=False)
     payload_hash: str
+    #: A customer-initiated claim (C2B confirmation) that belongs to no purchase yet: kept in
+    #: ``pending_claims`` in the same transaction until ``claim_finished``, so a crash after the
+    #: route answered loses nothing (the sweeper finishes it).
+    pending_claim: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PendingClaim:
+    """A recorded C2B confirmation not yet carried through, and its stored payload."""
+
+    provider: str
+    reference: str
+    payload: bytes | None = field(repr=False)
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class C2bValidation:
+    """What a C2B validation request said of a payment before money moved (first one kept)."""
+
+    provider: str
+    trans_id: str
+    account: str
+    amount: Money
+    payer: Msisdn | None
+    validated_at: datetime
+
+
+#: C2B validations are kept this long (a confirmation follows its validation within seconds;
+#: Daraja retries an unanswered confirmation for a while).
+C2B_VALIDATION_KEEP_S: Final = 7 * 24 * 3600.0
+
+
+#: A pending claim is left to the background task that took it for this long before the
+#: sweeper takes it (and again, per attempt, after a crash).
+PENDING_CLAIM_LEASE_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -611,6 +647,12 @@ class SealedVendingKey:
 STATUS_ACCEPTED: Final = "accepted"  # it answers an outstanding query of ours: stored, once
 STATUS_UNMATCHED: Final = "unmatched"  # no outstanding query has these ids (or already answered)
 STATUS_CONTRADICTED: Final = "contradicted"  # our query's ids, another transaction
+STATUS_HELD: Final = "held"  # no query has these ids yet: kept for one recorded soon after
+#: Results held for a query not yet recorded: at most this many at once, each at most this big,
+#: for this long (Daraja answers within moments of acknowledging a query).
+STATUS_EARLY_MAX: Final = 256
+STATUS_EARLY_MAX_BYTES: Final = 16_384
+STATUS_EARLY_KEEP_S: Final = 300.0
 #: Status queries older than this are dropped when a new one is recorded (a result that late is
 #: unmatched: the query gave up after ``status_result_wait_s`` long before).
 STATUS_QUERY_KEEP_S: Final = 3600.0

@@ -35,15 +35,22 @@ from typing import Any, Final, NoReturn, Protocol, TypeVar
 import structlog
 
 from gateway.ledger.base import (
+    C2B_VALIDATION_KEEP_S,
     EARLY_REPORT_LIMIT,
     EARLY_REPORT_TTL_S,
     MAX_SAVED_METERS,
     ORPHAN_CHECK_AFTER_S,
+    PENDING_CLAIM_LEASE_S,
     RECEIPT_ONCE,
     STATUS_ACCEPTED,
     STATUS_CONTRADICTED,
+    STATUS_EARLY_KEEP_S,
+    STATUS_EARLY_MAX,
+    STATUS_EARLY_MAX_BYTES,
+    STATUS_HELD,
     STATUS_QUERY_KEEP_S,
     STATUS_UNMATCHED,
+    C2bValidation,
     ConfirmedPayment,
     DebtRecovery,
     DuplicateError,
@@ -71,6 +78,7 @@ from gateway.ledger.base import (
     OutboxStats,
     PaymentRecord,
     PaymentRecordState,
+    PendingClaim,
     Purchase,
     PurchaseDraft,
     PurchaseId,
@@ -438,10 +446,11 @@ _LOCK_PURCHASE_AND_METER: Final = (
     " LEFT JOIN vends v ON v.purchase_id = p.purchase_id WHERE p.purchase_id = ?"
     " FOR UPDATE OF p, m"
 )
+#: The first notice of a collection we asked for (attached to its purchase, no payload yet).
 _KEEP_NOTICE: Final = (
     "UPDATE payments SET payload = ?, payload_hash = ?, updated_at = ?,"
     " receipt = COALESCE(receipt, ?) WHERE provider = ? AND reference = ?"
-    " AND payload_hash IS NULL RETURNING purchase_id"
+    " AND payload_hash IS NULL AND purchase_id IS NOT NULL RETURNING purchase_id"
 )
 #: PostgreSQL only (``modifies_in_with``): see ``LedgerCore._notice_once``.
 _NOTICE_ONCE: Final = (
@@ -1065,7 +1074,8 @@ class LedgerCore(VendorSteps):
             run(
                 "INSERT INTO events (purchase_id, kind, actor, data, at)"
                 " SELECT purchase_id, 'payment_notice', ?, ?, ? FROM payments"
-                " WHERE provider = ? AND reference = ? AND payload_hash IS NULL",
+                " WHERE provider = ? AND reference = ? AND payload_hash IS NULL"
+                " AND purchase_id IS NOT NULL",
                 actor,
                 to_json(data),
                 now,
@@ -1168,6 +1178,16 @@ class LedgerCore(VendorSteps):
             else:
                 duplicate = True
                 conflict = row["payload_hash"] != notice.payload_hash
+        if notice.pending_claim and purchase_id is None:
+            moment, _ = self._now()
+            yield run(
+                "INSERT INTO pending_claims (provider, reference, received_at, next_try_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (provider, reference) DO NOTHING",
+                notice.provider,
+                notice.reference,
+                now,
+                self._stamp(moment + timedelta(seconds=PENDING_CLAIM_LEASE_S)),
+            )
         yield self._event(
             purchase_id,
             "notice_payload_conflict" if conflict else "payment_notice",
@@ -1186,6 +1206,100 @@ class LedgerCore(VendorSteps):
             is_duplicate=duplicate,
             payload_conflict=conflict,
         )
+
+    async def record_c2b_validation(
+        self, *, provider: str, trans_id: str, account: str, amount: Money, payer: Msisdn | None
+    ) -> None:
+        """Keep what a C2B validation said of ``trans_id`` (the first one; later ones ignored)."""
+        await self._write(
+            self._record_c2b_validation, provider, trans_id, account, amount, payer, atomic=False
+        )
+
+    def _record_c2b_validation(
+        self, provider: str, trans_id: str, account: str, amount: Money, payer: Msisdn | None
+    ) -> Steps[None]:
+        moment, now = self._now()
+        yield batch(
+            run(
+                "DELETE FROM c2b_validations WHERE validated_at < ?",
+                self._stamp(moment - timedelta(seconds=C2B_VALIDATION_KEEP_S)),
+            ),
+            run(
+                "INSERT INTO c2b_validations (provider, trans_id, account, amount_minor,"
+                " currency, payer, validated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (provider, trans_id) DO NOTHING",
+                provider,
+                trans_id,
+                account,
+                amount.amount_minor,
+                amount.currency,
+                payer,
+                now,
+            ),
+        )
+
+    async def c2b_validation(self, provider: str, trans_id: str) -> C2bValidation | None:
+        """What the C2B validation of ``trans_id`` said, if one was recorded."""
+        return await self._read(self._c2b_validation, provider, trans_id)
+
+    @staticmethod
+    def _c2b_validation(provider: str, trans_id: str) -> Steps[C2bValidation | None]:
+        row = yield one(
+            "SELECT * FROM c2b_validations WHERE provider = ? AND trans_id = ?", provider, trans_id
+        )
+        if row is None:
+            return None
+        return C2bValidation(
+            provider=row["provider"],
+            trans_id=row["trans_id"],
+            account=row["account"],
+            amount=Money(int(row["amount_minor"]), row["currency"]),
+            payer=Msisdn(row["payer"]) if row["payer"] else None,
+            validated_at=when(row["validated_at"]),
+        )
+
+    async def claim_finished(self, provider: str, reference: str) -> None:
+        """A pending claim was carried through (refused, or its purchase opened): forget it."""
+        await self._write(self._claim_finished, provider, reference, atomic=False)
+
+    @staticmethod
+    def _claim_finished(provider: str, reference: str) -> Steps[None]:
+        yield run(
+            "DELETE FROM pending_claims WHERE provider = ? AND reference = ?", provider, reference
+        )
+
+    async def take_pending_claims(self, *, limit: int = 100) -> list[PendingClaim]:
+        """Claims due (their lease passed), each leased for ``PENDING_CLAIM_LEASE_S`` more."""
+        return await self._write(self._take_pending_claims, limit)
+
+    def _take_pending_claims(self, limit: int) -> Steps[list[PendingClaim]]:
+        moment, now = self._now()
+        taken = yield rows(
+            "UPDATE pending_claims SET attempts = attempts + 1, next_try_at = ?"
+            " WHERE (provider, reference) IN (SELECT provider, reference FROM pending_claims"
+            " WHERE next_try_at <= ? ORDER BY next_try_at LIMIT ? FOR UPDATE SKIP LOCKED)"
+            " RETURNING provider, reference, attempts",
+            self._stamp(moment + timedelta(seconds=PENDING_CLAIM_LEASE_S)),
+            now,
+            limit,
+        )
+        claims = []
+        for row in taken:
+            payment = yield one(
+                "SELECT payload FROM payments WHERE provider = ? AND reference = ?",
+                row["provider"],
+                row["reference"],
+            )
+            payload = None if payment is None or payment["payload"] is None else payment["payload"]
+            claims.append(
+                PendingClaim(
+                    provider=row["provider"],
+                    reference=row["reference"],
+                    payload=None if payload is None else bytes(payload),
+                    attempts=int(row["attempts"]),
+                )
+            )
+        return claims
 
     async def get_payment(self, provider: str, reference: str) -> PaymentRecord | None:
         """The payment row for (provider, reference), if any."""
@@ -1376,15 +1490,22 @@ class LedgerCore(VendorSteps):
 
     async def record_status_query(
         self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
-    ) -> None:
-        """Keep a status query the provider acknowledged. Idempotent."""
-        await self._write(
+    ) -> str | None:
+        """Keep a status query the provider acknowledged. Idempotent.
+
+        A result that came before it (held by ``answer_status_query``) is judged now, in the
+        same transaction: its outcome (``STATUS_ACCEPTED`` …) is returned, None if none came.
+        """
+        return await self._write(
             self._record_status_query, provider, conversation_id, originator_id, transaction_id
         )
 
     def _record_status_query(
         self, provider: str, conversation_id: str, originator_id: str, transaction_id: str
-    ) -> Steps[None]:
+    ) -> Steps[str | None]:
+        # The result's write takes the same lock: one of the two sees the other (PostgreSQL's
+        # READ COMMITTED would otherwise let both miss each other's uncommitted row).
+        yield lock(f"status_query:{conversation_id}")
         moment, now = self._now()
         yield batch(
             run(
@@ -1402,6 +1523,33 @@ class LedgerCore(VendorSteps):
                 now,
             ),
         )
+        early = yield one(
+            "SELECT provider, originator_id, transaction_id, result FROM status_results_early"
+            " WHERE conversation_id = ? AND outcome IS NULL",
+            conversation_id,
+        )
+        if early is None:
+            return None
+        if early["provider"] != provider or early["originator_id"] != originator_id:
+            outcome = STATUS_UNMATCHED
+        elif early["transaction_id"] != transaction_id:
+            outcome = STATUS_CONTRADICTED
+        else:
+            answered: int = yield run(
+                "UPDATE status_queries SET result = ?, answered_at = ?"
+                " WHERE conversation_id = ? AND answered_at IS NULL",
+                bytes(early["result"]),
+                now,
+                conversation_id,
+            )
+            outcome = STATUS_ACCEPTED if answered else STATUS_UNMATCHED
+        yield run(
+            "UPDATE status_results_early SET outcome = ?, result = ? WHERE conversation_id = ?",
+            outcome,
+            b"",
+            conversation_id,
+        )
+        return outcome
 
     async def answer_status_query(
         self,
@@ -1412,7 +1560,11 @@ class LedgerCore(VendorSteps):
         transaction_id: str,
         result: bytes,
     ) -> str:
-        """Store a result for the unanswered query it names, once (the row locked)."""
+        """Store a result for the unanswered query it names, once (the row locked).
+
+        A result naming no recorded query is held for one recorded soon after
+        (``STATUS_HELD``), within ``STATUS_EARLY_MAX`` results of ``STATUS_EARLY_MAX_BYTES``.
+        """
         return await self._write(
             self._answer_status_query,
             provider,
@@ -1430,14 +1582,20 @@ class LedgerCore(VendorSteps):
         transaction_id: str,
         result: bytes,
     ) -> Steps[str]:
+        yield lock(f"status_query:{conversation_id}")
         row = yield one(
             "SELECT originator_id, provider, transaction_id, answered_at FROM status_queries"
             " WHERE conversation_id = ? FOR UPDATE",
             conversation_id,
         )
+        if row is None:
+            return (
+                yield from self._hold_status_result(
+                    provider, conversation_id, originator_id, transaction_id, result
+                )
+            )
         if (
-            row is None
-            or row["provider"] != provider
+            row["provider"] != provider
             or row["originator_id"] != originator_id
             or row["answered_at"] is not None
         ):
@@ -1452,6 +1610,44 @@ class LedgerCore(VendorSteps):
         )
         return STATUS_ACCEPTED
 
+    def _hold_status_result(
+        self,
+        provider: str,
+        conversation_id: str,
+        originator_id: str,
+        transaction_id: str,
+        result: bytes,
+    ) -> Steps[str]:
+        """Keep a result whose query is not recorded (yet): ``STATUS_HELD``, or unmatched."""
+        if len(result) > STATUS_EARLY_MAX_BYTES:
+            return STATUS_UNMATCHED
+        moment, now = self._now()
+        held = yield one(
+            "SELECT count(*) AS n FROM status_results_early WHERE outcome IS NULL"
+            " AND received_at >= ?",
+            self._stamp(moment - timedelta(seconds=STATUS_EARLY_KEEP_S)),
+        )
+        if held is not None and int(held["n"]) >= STATUS_EARLY_MAX:
+            return STATUS_UNMATCHED
+        inserted: int = yield batch(
+            run(
+                "DELETE FROM status_results_early WHERE received_at < ?",
+                self._stamp(moment - timedelta(seconds=STATUS_EARLY_KEEP_S)),
+            ),
+            run(
+                "INSERT INTO status_results_early (conversation_id, provider, originator_id,"
+                " transaction_id, result, received_at) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (conversation_id) DO NOTHING",
+                conversation_id,
+                provider,
+                originator_id,
+                transaction_id,
+                result,
+                now,
+            ),
+        )
+        return STATUS_HELD if inserted else STATUS_UNMATCHED
+
     async def status_query_result(self, conversation_id: str) -> bytes | None:
         """The stored result of a query, None while it has none."""
         return await self._read(self._status_query_result, conversation_id)
@@ -1462,6 +1658,17 @@ class LedgerCore(VendorSteps):
             "SELECT result FROM status_queries WHERE conversation_id = ?", conversation_id
         )
         return None if row is None or row["result"] is None else bytes(row["result"])
+
+    async def held_status_outcome(self, conversation_id: str) -> str | None:
+        """What became of a held result: None while its query is not recorded (or it is gone)."""
+        return await self._read(self._held_status_outcome, conversation_id)
+
+    @staticmethod
+    def _held_status_outcome(conversation_id: str) -> Steps[str | None]:
+        row = yield one(
+            "SELECT outcome FROM status_results_early WHERE conversation_id = ?", conversation_id
+        )
+        return None if row is None else row["outcome"]
 
     async def schedule_check(self, purchase_id: str, *, at: datetime, attempts: int) -> None:
         """When the sweeper should next ask the provider about this purchase (ends its lease)."""

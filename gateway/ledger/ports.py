@@ -32,6 +32,7 @@ from datetime import date, datetime
 from typing import Any, Protocol
 
 from gateway.ledger.base import (
+    C2bValidation,
     ConfirmedPayment,
     DebtRecovery,
     Event,
@@ -48,6 +49,7 @@ from gateway.ledger.base import (
     OutboxMessage,
     OutboxStats,
     PaymentRecord,
+    PendingClaim,
     Purchase,
     PurchaseDraft,
     PurchaseState,
@@ -196,6 +198,30 @@ class SagaLedger(PaymentChecks, PurchaseReads, MessageQueue, Protocol):
         A reference never seen creates a pending payment row with no purchase. Appends a
         ``payment_notice`` event (or ``notice_payload_conflict`` when the body differs from the
         first one seen for that reference).
+        """
+        ...
+
+    async def record_c2b_validation(
+        self, *, provider: str, trans_id: str, account: str, amount: Money, payer: Msisdn | None
+    ) -> None:
+        """Keep what a C2B validation request said of a payment (the first one per ``trans_id``).
+
+        Kept ``C2B_VALIDATION_KEEP_S``; older ones are dropped in the same write.
+        """
+        ...
+
+    async def c2b_validation(self, provider: str, trans_id: str) -> C2bValidation | None:
+        """What the C2B validation of ``trans_id`` said, if one was recorded."""
+        ...
+
+    async def claim_finished(self, provider: str, reference: str) -> None:
+        """A pending customer claim (``NoticeRecord.pending_claim``) was carried through."""
+        ...
+
+    async def take_pending_claims(self, *, limit: int = 100) -> list[PendingClaim]:
+        """Pending claims whose lease passed (a crash left them), each leased again.
+
+        Instances share them: a claim taken is not due again for ``PENDING_CLAIM_LEASE_S``.
         """
         ...
 
@@ -361,10 +387,12 @@ class StatusQueries(Protocol):
 
     async def record_status_query(
         self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
-    ) -> None:
+    ) -> str | None:
         """Keep a status query the provider acknowledged (Daraja Transaction Status). Idempotent.
 
-        Queries asked more than ``STATUS_QUERY_KEEP_S`` ago are dropped in the same write.
+        Queries asked more than ``STATUS_QUERY_KEEP_S`` ago are dropped in the same write. A
+        result held for these ids (it came first) is judged in the same transaction, as
+        ``answer_status_query`` would have: its outcome is returned (None: none was held).
         """
         ...
 
@@ -381,12 +409,20 @@ class StatusQueries(Protocol):
 
         ``STATUS_ACCEPTED`` when ``conversation_id`` and ``originator_id`` are an unanswered
         query of ``provider`` about ``transaction_id``; ``STATUS_CONTRADICTED`` (nothing stored)
-        when they are, but about another transaction; else ``STATUS_UNMATCHED``.
+        when they are, but about another transaction; ``STATUS_HELD`` when no query has
+        ``conversation_id`` yet (kept, within ``STATUS_EARLY_MAX`` results of at most
+        ``STATUS_EARLY_MAX_BYTES`` for ``STATUS_EARLY_KEEP_S``, for ``record_status_query`` to
+        judge); else ``STATUS_UNMATCHED``. The query's recording and this write take one named
+        lock, so neither misses the other.
         """
         ...
 
     async def status_query_result(self, conversation_id: str) -> bytes | None:
         """The stored result of a query, None while (or if) it has none."""
+        ...
+
+    async def held_status_outcome(self, conversation_id: str) -> str | None:
+        """A held result's outcome once its query was recorded; None until then (or if gone)."""
         ...
 
 

@@ -190,8 +190,12 @@ class StatusQueryStore(Protocol):
 
     async def record_status_query(
         self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
-    ) -> None:
-        """Keep a query the provider acknowledged with these ids. Idempotent."""
+    ) -> str | None:
+        """Keep a query the provider acknowledged with these ids. Idempotent.
+
+        A result that came first (``"held"`` by ``answer_status_query``) is judged now: its
+        outcome (``"accepted"``, ``"unmatched"``, ``"contradicted"``) is returned, else None.
+        """
         ...
 
     async def answer_status_query(
@@ -205,13 +209,18 @@ class StatusQueryStore(Protocol):
     ) -> str:
         """Store ``result`` for the query it names: ``"accepted"`` (stored, once).
 
-        ``"contradicted"`` when the ids are a query's but the transaction is another,
-        ``"unmatched"`` otherwise; nothing is stored for either.
+        ``"contradicted"`` when the ids are a query's but the transaction is another;
+        ``"held"`` when no query has these ids yet (kept, capped, for the query's recording to
+        judge); ``"unmatched"`` otherwise (nothing stored, as for ``"contradicted"``).
         """
         ...
 
     async def status_query_result(self, conversation_id: str) -> bytes | None:
         """The stored result of a query, None while it has none."""
+        ...
+
+    async def held_status_outcome(self, conversation_id: str) -> str | None:
+        """What a held result became once its query was recorded; None until then."""
         ...
 
 
@@ -308,12 +317,20 @@ class ReconcilingProvider(PaymentProvider, Protocol):
 class PaymentEvents(Protocol):
     """What the callback routes hand their claims to; implemented by the purchase saga."""
 
-    async def on_payment_notice(self, notice: PaymentNotice) -> None:
+    async def on_payment_notice(
+        self,
+        notice: PaymentNotice,
+        *,
+        background: Callable[[Callable[[], Awaitable[None]]], None] | None = None,
+    ) -> None:
         """Record a claim and confirm it with the provider before anything is vended.
 
         Never raises for a bad, forged, unknown or duplicated notice: those are logged as security
         events and change nothing. Raises only when the notice could not be recorded at all
         (``LedgerError``), so the route can answer 5xx and the provider retries.
+
+        With ``background``, a customer-initiated claim's confirmation (after it is recorded,
+        durably) is handed to it to run after the route has answered.
         """
         ...
 
@@ -323,10 +340,14 @@ class PaymentEvents(Protocol):
         account_reference: str,
         amount: Money,
         payer: Msisdn | None,
+        *,
+        reference: str | None = None,
     ) -> str | None:
         """Pre-check a customer-initiated payment (Daraja C2B validation) before money moves.
 
         Returns ``None`` to accept, or the reason to refuse (unknown meter, amount out of range).
+        With ``reference`` (the payment's ``TransID``) what was validated is recorded, so that
+        a confirmation of that payment naming another account is refused.
         """
         ...
 

@@ -27,6 +27,14 @@ Confirmation (``query_status``):
   against the stored query, once, and the waiting instance reads it (a result reaching the
   waiting instance itself wakes it at once; otherwise it looks every ``status_poll_s``).
 
+  Daraja posts the result within moments of acknowledging the query, often before the query is
+  recorded (we learn its ids only from the acknowledgement). Such a result is held in the store
+  (capped in count and size) and judged when the query is recorded; both writes take one named
+  lock, so neither misses the other, whichever instance receives the result. The result's route
+  waits up to ``status_hold_s`` for that judgement to answer ``DELIVERED``, ``UNMATCHED`` or
+  ``CONTRADICTED``; past it the result stays held for the query but the route says
+  ``UNMATCHED`` (forged results with made-up ids end there).
+
 Retrying an STK push: Daraja has no idempotency key, so a push whose outcome is unknown (timeout
 after sending) is reported ``retryable=False``: a blind retry could prompt, and charge, twice.
 A push this process already started for the same purchase is answered from memory.
@@ -120,6 +128,11 @@ _PULL_KEEP_MINUTES: Final = 24 * 60  # pulled minutes kept (the oldest dropped f
 
 
 _HELD_RESULTS: Final = 64  # results kept while a query's acknowledgement is on its way
+# What the status store's refusals mean for the result's route.
+_STORE_ANSWERS: Final[Mapping[str, StatusResultOutcome]] = {
+    "held": StatusResultOutcome.HELD,
+    "contradicted": StatusResultOutcome.CONTRADICTED,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +154,21 @@ class _ParsedResult:
     receipt: str | None
     outcome: PaymentStatus | PaymentError
     raw: bytes = field(repr=False, default=b"")
+
+
+_PULL_REGISTERED: Final = "1000"  # Pull Transactions register: "Shortcode Registered Successfully"
+_PULL_ALREADY_REGISTERED: Final = "1001"  # the shortcode was registered before
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PullRegistration:
+    """Daraja's answer to a Pull Transactions registration."""
+
+    shortcode: str
+    status: str  # ResponseStatus: "1000" registered, "1001" already registered
+    description: str
+    reference: str  # ResponseRefID
+    already_registered: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +282,7 @@ class DarajaProvider:
             without it, results bind to this process's queries only. Assignable after
             construction (the composition root opens the ledger).
         status_poll_s: how often a waiting query looks in ``status_store`` for its result.
+        status_hold_s: how long the result route waits for a held result's query to be recorded.
         timeout_s: the deadline of every HTTP call.
         clock: monotonic seconds, for token expiry. now: the wall clock, for ``Timestamp``.
     """
@@ -282,6 +311,7 @@ class DarajaProvider:
         status_result_wait_s: float = 30.0,
         status_store: StatusQueryStore | None = None,
         status_poll_s: float = 0.25,
+        status_hold_s: float = 1.0,
         timeout_s: float = 10.0,
         name: str = "daraja",
         clock: Callable[[], float] = time.monotonic,
@@ -303,6 +333,7 @@ class DarajaProvider:
         self._status_result_wait_s = status_result_wait_s
         self.status_store = status_store
         self._status_poll_s = status_poll_s
+        self._status_hold_s = status_hold_s
         self._timeout_s = timeout_s
         self._now = now or (lambda: datetime.now(EAT))
         self._clock = clock
@@ -544,8 +575,10 @@ class DarajaProvider:
             "Remarks": "reconciliation",
             "Occasion": "",
         }
-        # Until the query is acknowledged and recorded, a result for ids we do not know yet may
-        # be ours: it is held (deliver_status_result) and claimed below.
+        started = self._clock()
+        # Without a store: until the query is acknowledged, a result for ids we do not know yet
+        # may be ours: it is held in this process (deliver_status_result) and claimed below.
+        # With one, the store holds it and judges it when the query is recorded.
         self._status_unacknowledged += 1
         try:
             conversation, request = await self._ask_status(payload, reference)
@@ -560,7 +593,7 @@ class DarajaProvider:
             self._status_unacknowledged -= 1
         try:
             async with asyncio.timeout(self._status_result_wait_s):
-                return await self._status_answer(conversation, request)
+                status = await self._status_answer(conversation, request)
         except TimeoutError as exc:
             raise ProviderUnavailable(
                 "Transaction Status result did not arrive in time",
@@ -571,6 +604,14 @@ class DarajaProvider:
             self._status_requests.pop(conversation, None)
             if not self._status_unacknowledged:
                 self._held_results.clear()  # no query can claim them any more
+        log.info(
+            "transaction_status_answered",
+            provider=self.name,
+            reference=reference,
+            state=str(status.state),
+            ms=round((self._clock() - started) * 1000, 1),
+        )
+        return status
 
     async def _ask_status(
         self, payload: Mapping[str, object], reference: ProviderReference
@@ -604,7 +645,7 @@ class DarajaProvider:
         self._status_requests[conversation] = request
         if self.status_store is not None:
             try:
-                await self.status_store.record_status_query(
+                early = await self.status_store.record_status_query(
                     provider=self.name,
                     conversation_id=conversation,
                     originator_id=originator,
@@ -613,9 +654,50 @@ class DarajaProvider:
             except BaseException:
                 del self._status_requests[conversation]
                 raise
+            if early is not None:  # its result came first (to any instance) and is now judged
+                log.info("transaction_status_result_came_first", outcome=early, reference=reference)
         return conversation, request
 
     # -- Pull Transactions (reconciliation of a push whose reference was lost) -----------------
+
+    async def register_pull(
+        self, *, nominated_number: Msisdn, callback_url: str, shortcode: str | None = None
+    ) -> PullRegistration:
+        """Register the shortcode for Pull Transactions, once (``gateway daraja pull-register``).
+
+        ``POST /pulltransactions/v1/register`` with ``ShortCode``, ``RequestType`` "Pull",
+        ``NominatedNumber`` (the Safaricom number nominated for the shortcode, ``2547…``) and
+        ``CallBackURL``; the answer's ``ResponseStatus`` is "1000" when registered, "1001" when
+        it already was [I: the shapes practitioners quote; ``docs/protocols.md`` §2.4].
+
+        Raises:
+            ProviderUnavailable: Daraja did not answer usefully (retryable on 5xx/timeouts), or
+                refused the registration (``retryable=False``: the message says why).
+        """
+        code = shortcode or self._shortcode
+        payload = {
+            "ShortCode": code,
+            "RequestType": "Pull",
+            "NominatedNumber": international_digits(nominated_number),
+            "CallBackURL": callback_url,
+        }
+        reply = await self._call(
+            "/pulltransactions/v1/register", payload, idempotent=True, reference=None
+        )
+        body = reply.json_object() or {}
+        status = str(body.get("ResponseStatus", ""))
+        if reply.status != 200 or status not in {_PULL_REGISTERED, _PULL_ALREADY_REGISTERED}:
+            error = self._error(reply, None, what="Pull Transactions registration")
+            raise ProviderUnavailable(
+                error.args[0], provider=self.name, retryable=error.retryable
+            ) from error
+        return PullRegistration(
+            shortcode=str(body.get("ShortCode") or code),
+            status=status,
+            description=str(body.get("ResponseDescription", "")),
+            reference=str(body.get("ResponseRefID", "")),
+            already_registered=status == _PULL_ALREADY_REGISTERED,
+        )
 
     async def find_payments(
         self,
@@ -762,27 +844,33 @@ class DarajaProvider:
         if store is None:
             return await request.result
         while True:
-            # The fast path: the result reached this instance. Else another may have stored it.
-            done, _ = await asyncio.wait({request.result}, timeout=self._status_poll_s)
-            if done:
-                return request.result.result()
+            # The ledger is the truth (the result may have reached any instance, or come first
+            # and been bound as the query was recorded); a result reaching this instance wakes
+            # the wait at once.
             raw = await store.status_query_result(conversation)
             if raw is not None:
                 outcome = self._parse_status_result(raw).outcome
                 if isinstance(outcome, PaymentStatus):
                     return outcome
                 raise outcome
+            done, _ = await asyncio.wait({request.result}, timeout=self._status_poll_s)
+            if done:
+                return request.result.result()
 
     async def deliver_status_result(self, body: bytes) -> StatusResultOutcome:
         """Hand a Transaction Status ``Result`` (posted to ``status_result_url``) to its query.
 
         Accepted (``DELIVERED``) only when its ``ConversationID`` and ``OriginatorConversationID``
-        are those Daraja acknowledged for an outstanding query of this process, and its
-        ``TransactionID`` (and ``ReceiptNo``, when given) is the transaction that query asked
-        about; the query is then answered, once. A result for ids we do not know while a query's
-        acknowledgement is still being read is ``HELD`` for it (a few, briefly). Otherwise
-        ``UNMATCHED`` (late, another instance's, or forged) or ``CONTRADICTED`` (our request's
+        are those Daraja acknowledged for an outstanding query (of this process, or with a
+        ``status_store`` of any instance), and its ``TransactionID`` (and ``ReceiptNo``, when
+        given) is the transaction that query asked about; the query is then answered, once.
+        Otherwise ``UNMATCHED`` (late, another's, or forged) or ``CONTRADICTED`` (our request's
         ids, another transaction): never proof, and the query keeps waiting for the real one.
+
+        A result for ids no query has yet may be for a query whose acknowledgement is still
+        being read and recorded: with a store it is held there (see the module's notes) and
+        this waits up to ``status_hold_s`` for the verdict; without one it is ``HELD`` in this
+        process for the queries outstanding here (a few, briefly).
 
         A result saying our initiator setup is wrong reaches the waiting query as a
         non-retryable ``ProviderUnavailable``.
@@ -792,6 +880,10 @@ class DarajaProvider:
         """
         parsed = self._parse_status_result(body)
         outcome = await self._bind(parsed)
+        if self.status_store is not None:
+            if outcome is StatusResultOutcome.HELD:
+                outcome = await self._held_verdict(parsed)
+            return outcome
         if outcome is StatusResultOutcome.UNMATCHED and self._status_unacknowledged:
             # Perhaps for a query of ours whose acknowledgement is still being read: kept for it.
             self._held_results.pop(parsed.conversation, None)
@@ -799,6 +891,28 @@ class DarajaProvider:
                 self._held_results[parsed.conversation] = parsed
                 return StatusResultOutcome.HELD
         return outcome
+
+    async def _held_verdict(self, parsed: _ParsedResult) -> StatusResultOutcome:
+        """What the store made of a held result once its query was recorded (or UNMATCHED)."""
+        assert self.status_store is not None  # noqa: S101 - only called with a store
+        deadline = self._clock() + self._status_hold_s
+        while True:
+            verdict = await self.status_store.held_status_outcome(parsed.conversation)
+            if verdict is not None or self._clock() >= deadline:
+                break
+            await asyncio.sleep(min(self._status_poll_s, 0.05))
+        if verdict == "accepted":
+            request = self._status_requests.get(parsed.conversation)
+            if request is not None and not request.result.done():  # the waiting query is here
+                if isinstance(parsed.outcome, PaymentStatus):
+                    request.result.set_result(parsed.outcome)
+                else:
+                    request.result.set_exception(parsed.outcome)
+            return StatusResultOutcome.DELIVERED
+        if verdict == "contradicted":
+            return StatusResultOutcome.CONTRADICTED
+        # Still no query with its ids (kept a while for one all the same), or refused.
+        return StatusResultOutcome.UNMATCHED
 
     async def _bind(self, parsed: _ParsedResult) -> StatusResultOutcome:
         """Accept ``parsed`` for the query it names (in the store, if any), once; hand it over."""
@@ -813,10 +927,8 @@ class DarajaProvider:
                 transaction_id=parsed.transaction_id,
                 result=parsed.raw,
             )
-            if answer == "contradicted":
-                return StatusResultOutcome.CONTRADICTED
             if answer != "accepted":
-                return StatusResultOutcome.UNMATCHED
+                return _STORE_ANSWERS.get(answer, StatusResultOutcome.UNMATCHED)
         elif request is None or request.result.done() or parsed.originator != request.originator:
             return StatusResultOutcome.UNMATCHED
         elif parsed.transaction_id != request.transaction_id:
@@ -1023,6 +1135,7 @@ class DarajaProvider:
 __all__ = [
     "EAT",
     "DarajaProvider",
+    "PullRegistration",
     "fit_account_reference",
     "stk_password",
     "stk_timestamp",

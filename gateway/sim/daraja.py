@@ -15,6 +15,8 @@ It speaks Daraja 3.0's wire formats (``docs/protocols.md`` §2, §6.3) on loopba
 - ``POST /mpesa/c2b/v1/registerurl`` (and ``v2``), ``POST /mpesa/c2b/v1/simulate``, and
   ``pay_bill()``: a payment "from the SIM menu" that runs validation (8 s timeout → the registered
   ``ResponseType`` default) then confirmation, the MSISDN masked as Daraja does;
+- ``POST /pulltransactions/v1/register`` (the shortcode's one-time registration: "1000", then
+  "1001" already registered) and ``POST /pulltransactions/v1/query`` (the completed payments);
 - ``POST /mpesa/transactionstatus/v1/query``: acknowledgement, then the ``Result`` posted to
   ``ResultURL``. A receipt it never issued answers ``ResultCode`` 2032 (our choice [I]: the real
   code for an unknown receipt is not documented in the pages we read). Its ``ReasonType`` tells
@@ -213,6 +215,8 @@ class DarajaSimulator(ProviderSimulator):
         # (when, charge) in time order, for Pull's binary search by StartDate/EndDate.
         self._completed: list[tuple[datetime, Charge]] = []
         self.pull_requests = 0  # Pull Transactions queries answered (tests count lookups)
+        # shortcode → the Pull registration's body (NominatedNumber, CallBackURL): one-time
+        self.pull_registrations: dict[str, dict[str, str]] = {}
         self._queries_released = asyncio.Event()
         self.app = self._build_app()
 
@@ -228,6 +232,7 @@ class DarajaSimulator(ProviderSimulator):
         app.router.add_post("/mpesa/c2b/v1/simulate", self._c2b_simulate)
         app.router.add_post("/mpesa/transactionstatus/v1/query", self._transaction_status)
         app.router.add_post("/pulltransactions/v1/query", self._pull_transactions)
+        app.router.add_post("/pulltransactions/v1/register", self._pull_register)
         app.router.add_get("/_sim/ledger", self._ledger)
         app.router.add_post("/_sim/customers", self._set_customer)
         app.router.add_post("/_sim/prompts/answer", self._answer_prompts)
@@ -545,6 +550,45 @@ class DarajaSimulator(ProviderSimulator):
                 "ResponseCode": "1000",
                 "ResponseMessage": "Success",
                 "Response": [found],
+            }
+        )
+
+    async def _pull_register(self, request: web.Request) -> web.Response:
+        """``POST /pulltransactions/v1/register``: the shortcode's one-time Pull registration.
+
+        Body ``{ShortCode, RequestType: "Pull", NominatedNumber, CallBackURL}`` as practitioners
+        quote Safaricom's page [I]; the answer ``{ResponseRefID, ResponseStatus: "1000",
+        ShortCode, ResponseDescription: "Shortcode Registered Successfully"}``, and "1001" for a
+        shortcode registered before (kept as first registered: production registration is
+        one-time).
+        """
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        shortcode = str(body.get("ShortCode", ""))
+        if shortcode != self.shortcode:
+            return _error(400, "400.002.02", "Bad Request - Invalid ShortCode")
+        if body.get("RequestType") != "Pull":
+            return _error(400, "400.002.02", "Bad Request - Invalid RequestType")
+        nominated = str(body.get("NominatedNumber", ""))
+        if not _MSISDN.fullmatch(nominated):
+            return _error(400, "400.002.02", "Bad Request - Invalid NominatedNumber")
+        callback = str(body.get("CallBackURL", ""))
+        if not callback.startswith(("https://", "http://")):
+            return _error(400, "400.002.02", "Bad Request - Invalid CallBackURL")
+        before = shortcode in self.pull_registrations
+        said = "Shortcode already registered" if before else "Shortcode Registered Successfully"
+        if not before:
+            self.pull_registrations[shortcode] = {
+                "NominatedNumber": nominated,
+                "CallBackURL": callback,
+            }
+        return _json(
+            {
+                "ResponseRefID": f"{self._random.getrandbits(64):016x}",
+                "ResponseStatus": "1001" if before else "1000",
+                "ShortCode": shortcode,
+                "ResponseDescription": said,
             }
         )
 

@@ -51,6 +51,8 @@ log = structlog.get_logger()
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Background = Callable[[Callable[[], Awaitable[None]]], None]
+"""Runs work after the route answered (``FollowUps.spawn``: tracked, drained on shutdown)."""
 
 MAX_LOGGED_PAYLOAD: Final = 4096  # bytes of a suspicious body kept in the security log
 
@@ -87,6 +89,7 @@ def payment_routes(
     *,
     secret: str,
     allow_from: Sequence[Network] | None = None,
+    background: Background | None = None,
 ) -> list[web.RouteDef]:
     """Every provider's callback routes under ``/payments/<name>/<secret>/…``.
 
@@ -95,6 +98,8 @@ def payment_routes(
         events: where notices go (the purchase saga).
         secret: the unguessable path segment; compared in constant time.
         allow_from: when given, only these source networks may call back (others get 403).
+        background: where a C2B confirmation's check and vend run once the claim is recorded
+            (the route answers Daraja at once); None: before the route answers.
 
     Raises:
         ValueError: ``secret`` is empty.
@@ -120,7 +125,7 @@ def payment_routes(
     for name, provider in providers.items():
         base = f"/payments/{name}/{{secret}}"
         if isinstance(provider, PaybillProvider):
-            paybill = _PaybillRoutes(name, provider, events)
+            paybill = _PaybillRoutes(name, provider, events, background)
             routes += [
                 web.post(f"{base}/stk", guarded(name, paybill.stk)),
                 web.post(f"{base}/c2b/validation", guarded(name, paybill.validation)),
@@ -145,11 +150,19 @@ def _allowed(remote: str | None, networks: Sequence[Network]) -> bool:
 
 
 async def _hand_over(
-    request: web.Request, name: str, notice: PaymentNotice, events: PaymentEvents, ack: CallbackAck
+    request: web.Request,
+    name: str,
+    notice: PaymentNotice,
+    events: PaymentEvents,
+    ack: CallbackAck,
+    background: Background | None = None,
 ) -> web.Response:
-    """Give ``notice`` to the saga; 503 only when it could not be recorded (provider retries)."""
+    """Give ``notice`` to the saga; 503 only when it could not be recorded (provider retries).
+
+    With ``background`` the saga answers once the claim is recorded and confirms it there.
+    """
     try:
-        await events.on_payment_notice(notice)
+        await events.on_payment_notice(notice, background=background)
     except GatewayError as exc:
         log.exception(
             "payment_notice_not_recorded",
@@ -187,10 +200,17 @@ def _notice_handler(name: str, provider: PaymentProvider, events: PaymentEvents)
 class _PaybillRoutes:
     """Daraja's five callback kinds, each with the answer Daraja expects."""
 
-    def __init__(self, name: str, provider: PaybillProvider, events: PaymentEvents) -> None:
+    def __init__(
+        self,
+        name: str,
+        provider: PaybillProvider,
+        events: PaymentEvents,
+        background: Background | None,
+    ) -> None:
         self._name = name
         self._provider = provider
         self._events = events
+        self._background = background
 
     def _forged(self, request: web.Request, body: bytes, reason: str) -> None:
         _security_event(
@@ -210,7 +230,8 @@ class _PaybillRoutes:
             kind = "a C2B confirmation" if notice.is_customer_initiated else "an STK callback"
             self._forged(request, body, f"{kind} posted to the wrong route")
             return _answer(ack)
-        return await _hand_over(request, self._name, notice, self._events, ack)
+        background = self._background if customer_initiated else None
+        return await _hand_over(request, self._name, notice, self._events, ack, background)
 
     async def stk(self, request: web.Request) -> web.StreamResponse:
         """An STK callback: a claim about a push we sent."""
@@ -218,7 +239,11 @@ class _PaybillRoutes:
         return await self._notice(request, customer_initiated=False, ack=ack)
 
     async def confirmation(self, request: web.Request) -> web.StreamResponse:
-        """A C2B confirmation: money was taken for the account (meter) the customer typed."""
+        """A C2B confirmation: money was taken for the account (meter) the customer typed.
+
+        Answered as soon as the claim is recorded; Daraja's record of it, the purchase and the
+        vend follow in the background (when the app gave one).
+        """
         ack = self._provider.customer_confirmation_answer()
         return await self._notice(request, customer_initiated=True, ack=ack)
 
@@ -233,7 +258,11 @@ class _PaybillRoutes:
         assert notice.amount is not None  # noqa: S101 - parse_customer_validation always sets it
         try:
             refusal = await self._events.validate_customer_payment(
-                self._provider.name, notice.account_reference or "", notice.amount, notice.payer
+                self._provider.name,
+                notice.account_reference or "",
+                notice.amount,
+                notice.payer,
+                reference=notice.reference,
             )
         except GatewayError as exc:
             # We cannot check the meter now: refusing is safe, no money has moved yet.

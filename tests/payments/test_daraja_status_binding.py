@@ -21,15 +21,21 @@ from gateway.ledger import Ledger, open_sqlite_ledger
 from gateway.payments import PaymentState, ProviderReference, StatusResultOutcome
 from gateway.payments.daraja import DarajaProvider
 from gateway.sim.daraja import DarajaSimulator
+from tests.ledger.conftest import postgres_test_ledger
+from tests.ledger.ledger_support import FakeClock
 from tests.payments.payfakes import CallbackReceiver
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 
 
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    """One ledger file both instances use."""
-    async with open_sqlite_ledger(tmp_path / "ledger.db") as opened:
+@pytest.fixture(params=["sqlite", "postgres"])
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
+    """One ledger both instances use: a SQLite file, or a PostgreSQL schema (a pool each side)."""
+    if request.param == "sqlite":
+        async with open_sqlite_ledger(tmp_path / "ledger.db") as opened:
+            yield opened
+        return
+    async with postgres_test_ledger(FakeClock()) as opened:
         yield opened
 
 
@@ -59,6 +65,7 @@ async def _instances(
             status_result_wait_s=5.0,
             status_store=ledger,
             status_poll_s=0.05,
+            status_hold_s=0.3,
         )
 
     asking, other = provider(), provider()
@@ -152,9 +159,9 @@ class _SlowStore:
 
     async def record_status_query(
         self, *, provider: str, conversation_id: str, originator_id: str, transaction_id: str
-    ) -> None:
-        await asyncio.sleep(0.3)
-        await self.ledger.record_status_query(
+    ) -> str | None:
+        await asyncio.sleep(0.2)
+        return await self.ledger.record_status_query(
             provider=provider,
             conversation_id=conversation_id,
             originator_id=originator_id,
@@ -167,22 +174,33 @@ class _SlowStore:
     async def status_query_result(self, conversation_id: str) -> bytes | None:
         return await self.ledger.status_query_result(conversation_id)
 
+    async def held_status_outcome(self, conversation_id: str) -> str | None:
+        return await self.ledger.held_status_outcome(conversation_id)
 
+
+@pytest.mark.parametrize("receiving", ["asking", "other"])
 async def test_a_result_arriving_before_its_query_is_stored_still_answers_it(
-    aiohttp_server: ServerFactory, ledger: Ledger
+    aiohttp_server: ServerFactory, ledger: Ledger, receiving: str
 ) -> None:
-    """Daraja answers while we still write the query: the result is held, then accepted."""
+    """Daraja answers while we still write the query: held in the ledger, bound when recorded.
+
+    Whichever instance receives it (the asking one, or another with no query of its own in
+    flight), the result is held, judged when the query is recorded, and answers the query.
+    """
     async with aiohttp.ClientSession() as session:
-        sim, asking, _, receiver = await _instances(aiohttp_server, session, ledger)
+        sim, asking, other, receiver = await _instances(aiohttp_server, session, ledger)
         asking.status_store = _SlowStore(ledger)
+        receiver_instance = asking if receiving == "asking" else other
         outcomes: list[StatusResultOutcome] = []
 
         async def deliver(body: bytes) -> tuple[int, bytes]:
-            outcomes.append(await asking.deliver_status_result(body))
+            outcomes.append(await receiver_instance.deliver_status_result(body))
             return 200, b"{}"
 
         receiver.hooks["/status/result"] = deliver
         paid = await sim.pay_bill("254712345678", "37012345678", 100)
         status = await asking.query_status(ProviderReference(paid.trans_id))
         assert status.state is PaymentState.SUCCEEDED
-        assert outcomes == [StatusResultOutcome.HELD]
+        assert status.receipt == paid.trans_id
+        await sim.settle()
+        assert outcomes == [StatusResultOutcome.DELIVERED]

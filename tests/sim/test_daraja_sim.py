@@ -441,3 +441,30 @@ async def test_control_routes_follow_a_swapped_courier(env: Env) -> None:
     async with env.http.get(f"{env.base}/_sim/callbacks") as response:
         assert len(await response.json()) == 1
     assert len(env.inbox.bodies["/stk"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "refused"),
+    [
+        ({"ShortCode": "999999"}, "Invalid ShortCode"),
+        ({"RequestType": "Incremental"}, "Invalid RequestType"),
+        ({"NominatedNumber": "0722000000"}, "Invalid NominatedNumber"),
+        ({"CallBackURL": ""}, "Invalid CallBackURL"),
+    ],
+)
+async def test_pull_registration_checks_its_fields(
+    env: Env, change: dict[str, str], refused: str
+) -> None:
+    """``/pulltransactions/v1/register`` refuses a malformed registration, registering nothing."""
+    body = {
+        "ShortCode": env.sim.shortcode,
+        "RequestType": "Pull",
+        "NominatedNumber": "254722000000",
+        "CallBackURL": "https://gateway.example/pull",
+    }
+    status, answer = await env.post("/pulltransactions/v1/register", body | change)
+    assert status == 400
+    assert refused in answer["errorMessage"]
+    assert env.sim.pull_registrations == {}
+    status, answer = await env.post("/pulltransactions/v1/register", body)
+    assert (status, answer["ResponseStatus"]) == (200, "1000")

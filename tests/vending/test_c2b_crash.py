@@ -10,6 +10,7 @@ attaches the reference and vends once, or expires at its deadline.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 
 from gateway.ledger import Purchase, PurchaseState
 from gateway.money import Money
@@ -90,3 +91,47 @@ async def test_the_redelivered_confirmation_vends_it_once(world: World) -> None:
     assert after.provider_reference == TRANS_ID
     assert world.provider.requests == []
     assert len(await world.ledger.outbox_for(purchase.purchase_id)) == 1
+
+
+async def test_a_claim_answered_then_killed_is_carried_through_by_the_sweeper(
+    world: World,
+) -> None:
+    """Issue 14 (3): the route answered once the claim was recorded, then the process died.
+
+    Its background check never ran. The sweeper takes the pending claim once its lease passed
+    and vends it once, never prompting; then the claim is forgotten.
+    """
+    world.provider.settle(TRANS_ID, amount=AMOUNT, receipt=TRANS_ID)
+    claim = world.provider.customer_claim(TRANS_ID, amount=AMOUNT, account=world.drns[0])
+    dropped: list[object] = []
+    await world.vending.on_payment_notice(claim, background=dropped.append)  # never run: killed
+    assert len(dropped) == 1
+    assert await world.ledger.find_purchases(meter=world.drns[0]) == []
+
+    early = await _sweeper(world).sweep_once()  # the lease (the dead task's) has not passed
+    assert early.claims == 0
+    world.clock.advance(61)
+    report = await _sweeper(world).sweep_once()
+    assert report.claims == 1
+    (purchase,) = await world.ledger.find_purchases(meter=world.drns[0])
+    after = await world.ledger.get_purchase(purchase.purchase_id)
+    assert after.state is PurchaseState.VENDED
+    assert after.provider_reference == TRANS_ID
+    assert world.provider.requests == []
+    world.clock.advance(61)
+    assert (await _sweeper(world).sweep_once()).claims == 0  # forgotten once carried through
+    assert len(await world.ledger.outbox_for(purchase.purchase_id)) == 1
+
+
+async def test_a_claim_carried_in_the_background_leaves_nothing_pending(world: World) -> None:
+    """The background work runs: one vend, and no pending claim for the sweeper."""
+    world.provider.settle(TRANS_ID, amount=AMOUNT, receipt=TRANS_ID)
+    claim = world.provider.customer_claim(TRANS_ID, amount=AMOUNT, account=world.drns[0])
+    work: list[Callable[[], Awaitable[None]]] = []
+    await world.vending.on_payment_notice(claim, background=work.append)
+    [carry] = work
+    await carry()
+    (purchase,) = await world.ledger.find_purchases(meter=world.drns[0])
+    assert (await world.ledger.get_purchase(purchase.purchase_id)).state is PurchaseState.VENDED
+    world.clock.advance(61)
+    assert (await _sweeper(world).sweep_once()).claims == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from gateway.payments import (
     CallbackAck,
     CollectionRequest,
     CollectionStarted,
+    ForgedCallback,
     PaymentDeclined,
     PaymentNotice,
     PaymentState,
@@ -135,9 +137,38 @@ class FakeProvider:
             state, amount, payer, receipt or f"RCPT{secrets.token_hex(3).upper()}"
         )
 
-    def parse_callback(self, body: bytes, headers: Mapping[str, str]) -> PaymentNotice:
-        """Not used by these tests."""
-        raise NotImplementedError
+    def parse_callback(self, body: bytes, headers: Mapping[str, str]) -> PaymentNotice:  # noqa: ARG002
+        """A customer's payment claim in this fake's own JSON (``customer_claim``'s body).
+
+        Raises:
+            ForgedCallback: anything else.
+        """
+        try:
+            claim = json.loads(body)
+            return PaymentNotice(
+                provider=self.name,
+                reference=ProviderReference(str(claim["TransID"])),
+                claimed_state=PaymentState.SUCCEEDED,
+                amount=Money(int(claim["amount_minor"]), str(claim["currency"])),
+                payer=Msisdn(str(claim["payer"])),
+                receipt=str(claim["TransID"]),
+                account_reference=str(claim["account"]),
+                is_customer_initiated=True,
+                raw=body,
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ForgedCallback(f"not a fake claim: {exc!r}", provider=self.name) from exc
+
+    def customer_claim(self, trans_id: str, *, amount: Money, account: str) -> PaymentNotice:
+        """A C2B confirmation claim for ``trans_id``, its body readable by ``parse_callback``."""
+        body = {
+            "TransID": trans_id,
+            "amount_minor": amount.amount_minor,
+            "currency": amount.currency,
+            "payer": PHONE,
+            "account": account,
+        }
+        return self.parse_callback(json.dumps(body).encode(), {})
 
     async def query_status(self, reference: ProviderReference) -> PaymentStatus:
         """The settlement decided by the test, PENDING when none."""

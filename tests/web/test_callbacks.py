@@ -93,16 +93,29 @@ class FakeEvents:
     validations: list[tuple[str, str, Money, Msisdn | None]] = field(default_factory=list)
     failure: GatewayError | None = None
 
-    async def on_payment_notice(self, notice: PaymentNotice) -> None:
+    async def on_payment_notice(
+        self,
+        notice: PaymentNotice,
+        *,
+        background: Callable[[Callable[[], Awaitable[None]]], None] | None = None,
+    ) -> None:
         """Record the notice, or fail as a ledger that cannot write would."""
+        del background  # nothing follows here
         if self.failure is not None:
             raise self.failure
         self.notices.append(notice)
 
     async def validate_customer_payment(
-        self, provider: str, account_reference: str, amount: Money, payer: Msisdn | None
+        self,
+        provider: str,
+        account_reference: str,
+        amount: Money,
+        payer: Msisdn | None,
+        *,
+        reference: str | None = None,
     ) -> str | None:
         """Accept known meters paying KES 10 to 10,000."""
+        del reference  # nothing is recorded here
         if self.failure is not None:
             raise self.failure
         self.validations.append((provider, account_reference, amount, payer))
