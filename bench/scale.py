@@ -967,7 +967,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--meters", type=int, default=50)
     parser.add_argument("--deliveries", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--pool", type=int, default=8, help="ledger connections per instance")
+    parser.add_argument("--pool", type=int, default=4, help="ledger connections per instance")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip-sqlite", action="store_true")
     parser.add_argument(

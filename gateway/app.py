@@ -447,7 +447,9 @@ async def _assemble(config: Config, stack: contextlib.AsyncExitStack) -> Runtime
     if ledger_path is not None:
         ledger_path.parent.mkdir(parents=True, exist_ok=True)
         _create_private(ledger_path)
-    ledger = await stack.enter_async_context(open_ledger(config.effective_database_url))
+    ledger = await stack.enter_async_context(
+        open_ledger(config.effective_database_url, pool_size=config.ledger_pool_size)
+    )
     if ledger_path is not None:
         _mark_ledger(config, ledger_path)
     if config.mode is Mode.DEMO and await seed_demo(ledger, master_key):

@@ -100,6 +100,7 @@ class Config:
     payment_expiry_s: int = 3600  # after this an unconfirmed purchase expires
     ambiguous_recheck_s: int = 300  # an ambiguous lost-push lookup is repeated this often
     payment_checks_in_flight: int = 32  # status queries the sweeper keeps in flight at once
+    ledger_pool_size: int = 10  # PostgreSQL connections per worker process at most
     sweep_interval_s: float = 5.0
     log_json: bool | None = None  # None → JSON unless stdout is a terminal
     log_level: str = "info"
@@ -195,6 +196,7 @@ _INT_RANGES: Final[Mapping[str, tuple[int, int]]] = {
     "payment_expiry_s": (1, _WEEK_S),
     "ambiguous_recheck_s": (1, _WEEK_S),
     "payment_checks_in_flight": (1, 1024),
+    "ledger_pool_size": (1, 1000),
 }
 #: Old setting names still accepted (TOML key or ``GATEWAY_*`` variable) → the setting's name.
 ALIASES: Final[Mapping[str, str]] = {"payment_deadline_s": "payment_first_check_s"}

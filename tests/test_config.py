@@ -99,3 +99,11 @@ def test_fbe_timezone_must_be_an_iana_zone() -> None:
     assert Config.load(env={"GATEWAY_FBE_TIMEZONE": "Africa/Lagos"}).fbe_timezone == "Africa/Lagos"
     with pytest.raises(ConfigError, match="GATEWAY_FBE_TIMEZONE"):
         Config.load(env={"GATEWAY_FBE_TIMEZONE": "Mars/Olympus"})
+
+
+def test_ledger_pool_size_defaults_loads_and_is_bounded() -> None:
+    """PostgreSQL connections per worker: 10 unless set, at least 1."""
+    assert Config.load(env={}).ledger_pool_size == 10
+    assert Config.load(env={"GATEWAY_LEDGER_POOL_SIZE": "4"}).ledger_pool_size == 4
+    with pytest.raises(ConfigError):
+        Config.load(env={"GATEWAY_LEDGER_POOL_SIZE": "0"})

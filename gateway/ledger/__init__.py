@@ -124,11 +124,12 @@ def __getattr__(name: str) -> Any:  # noqa: ANN401 - whatever the backend module
 
 @contextlib.asynccontextmanager
 async def open_ledger(
-    url: str, *, clock: Callable[[], datetime] = utc_now
+    url: str, *, clock: Callable[[], datetime] = utc_now, pool_size: int = 10
 ) -> AsyncIterator[Ledger]:
     """Open the ledger named by ``url``, migrated; closed on exit.
 
-    ``sqlite:///var/gateway.db`` (one instance) or ``postgresql://host:5432/db`` (several).
+    ``sqlite:///var/gateway.db`` (one instance) or ``postgresql://host:5432/db`` (several;
+    ``pool_size``: this process's connections at most).
 
     Raises:
         LedgerError: the URL names no supported backend.
@@ -137,7 +138,7 @@ async def open_ledger(
     if urlsplit(url).scheme in _POSTGRES_SCHEMES:  # gateway.ledger.postgres.is_postgres_url
         from gateway.ledger.postgres import open_postgres_ledger  # noqa: PLC0415 - on first use
 
-        async with open_postgres_ledger(url, clock=clock) as ledger:
+        async with open_postgres_ledger(url, clock=clock, max_size=pool_size) as ledger:
             yield ledger
         return
     from gateway.ledger.sqlite import open_sqlite_ledger, sqlite_path  # noqa: PLC0415
