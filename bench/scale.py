@@ -788,6 +788,7 @@ async def serve_scenario(  # noqa: PLR0915 - one measured run, read top to botto
             env |= {
                 "GATEWAY_MODE": "production",
                 "GATEWAY_DATABASE_URL": database,
+                "GATEWAY_LEDGER_POOL_SIZE": str(args.pool),
                 "GATEWAY_SESSION_STORE": "redis" if schema else "sqlite",
                 "GATEWAY_MASTER_KEY": base64.b64encode(master_key).decode(),
                 "GATEWAY_ADMIN_TOKEN": "admin-" + uuid.uuid4().hex,
