@@ -504,10 +504,6 @@ _PROVEN_PAID: Final = frozenset(
 )
 
 
-class _NotFirstNotice(LedgerError):
-    """``_first_notice`` does not apply: roll it back, take the full path (never escapes)."""
-
-
 def _receipt_refusal(exc: DuplicateError, provider: str, receipt: str | None) -> DuplicateError:
     """``ReceiptReused`` when the receipt's index refused the row, else the refusal itself."""
     if exc.constraint == RECEIPT_ONCE and receipt is not None:
@@ -989,22 +985,19 @@ class LedgerCore(VendorSteps):
     async def record_notice(self, notice: NoticeRecord, *, actor: str) -> NoticeOutcome:
         """Keep a callback's claim and say which purchase it concerns.
 
-        A copy of a notice already kept (the same payload, byte for byte: providers send their
-        callbacks again, balancers duplicate them) costs one statement, its audit line: no
-        transaction, no row lock. Anything else takes the full path.
+        On PostgreSQL a copy of a notice already kept (the same payload, byte for byte:
+        providers send their callbacks again, balancers duplicate them) and the first notice of
+        a collection we asked for are one statement each (``_notice_once``): no transaction.
+        Anything else, and every notice on SQLite, takes the full path in one transaction.
         """
         if self.modifies_in_with:  # PostgreSQL: both common cases in one statement
             done = await self._write(self._notice_once, notice, actor, atomic=False)
             if done is not None:
                 return done
-            return await self._write(self._record_notice, notice, actor)
-        repeated = await self._write(self._repeated_notice, notice, actor, atomic=False)
-        if repeated is not None:
-            return repeated
-        try:
-            return await self._write(self._first_notice, notice, actor)
-        except _NotFirstNotice:
-            return await self._write(self._record_notice, notice, actor)
+        # SQLite: one operation in the writer thread (a round trip there is a queue hop, and
+        # the writer's batch commits it with others: two operations would cost more than four
+        # statements in one).
+        return await self._write(self._record_notice, notice, actor)
 
     def _notice_once(self, notice: NoticeRecord, actor: str) -> Steps[NoticeOutcome | None]:
         """PostgreSQL: a repeated or first notice in one statement; None (nothing written) else.
@@ -1053,83 +1046,6 @@ class LedgerCore(VendorSteps):
             payload_conflict=False,
             # As the statement's snapshot saw it (before this statement's own change).
             payment_settled=duplicate and row["payment_state"] in _PROVEN_PAID,
-        )
-
-    def _first_notice(self, notice: NoticeRecord, actor: str) -> Steps[NoticeOutcome]:
-        """The first notice of a collection we asked for (its row attached, no payload yet).
-
-        The payload kept and its audit line, two statements in one transaction (SQLite; the
-        PostgreSQL ledger takes ``_notice_once``). Anything else (no row, a payload there
-        already) raises ``_NotFirstNotice``: nothing stays, and the full path runs.
-        """
-        _, now = self._now()
-        data = {
-            "provider": notice.provider,
-            "reference": notice.reference,
-            "claimed_state": notice.claimed_state,
-            "duplicate": False,
-            "payload_hash": notice.payload_hash,
-        }
-        kept = yield batch(
-            run(
-                "INSERT INTO events (purchase_id, kind, actor, data, at)"
-                " SELECT purchase_id, 'payment_notice', ?, ?, ? FROM payments"
-                " WHERE provider = ? AND reference = ? AND payload_hash IS NULL"
-                " AND purchase_id IS NOT NULL",
-                actor,
-                to_json(data),
-                now,
-                notice.provider,
-                notice.reference,
-            ),
-            # The callback's receipt is kept: a status answer may carry none (Daraja STK).
-            one(
-                _KEEP_NOTICE,
-                notice.raw,
-                notice.payload_hash,
-                now,
-                notice.receipt,
-                notice.provider,
-                notice.reference,
-            ),
-        )
-        if kept is None:
-            raise _NotFirstNotice("not the first notice of an attached collection")
-        purchase_id = kept["purchase_id"]
-        return NoticeOutcome(
-            purchase_id=PurchaseId(purchase_id) if purchase_id else None,
-            is_duplicate=False,
-            payload_conflict=False,
-        )
-
-    def _repeated_notice(self, notice: NoticeRecord, actor: str) -> Steps[NoticeOutcome | None]:
-        """The audit line of a copy of a kept notice; None (nothing written) for anything else."""
-        _, now = self._now()
-        data = {
-            "provider": notice.provider,
-            "reference": notice.reference,
-            "claimed_state": notice.claimed_state,
-            "duplicate": True,
-            "payload_hash": notice.payload_hash,
-        }
-        row = yield one(
-            "INSERT INTO events (purchase_id, kind, actor, data, at)"
-            " SELECT purchase_id, 'payment_notice', ?, ?, ? FROM payments"
-            " WHERE provider = ? AND reference = ? AND payload_hash = ? RETURNING purchase_id",
-            actor,
-            to_json(data),
-            now,
-            notice.provider,
-            notice.reference,
-            notice.payload_hash,
-        )
-        if row is None:
-            return None
-        purchase_id = row["purchase_id"]
-        return NoticeOutcome(
-            purchase_id=PurchaseId(purchase_id) if purchase_id else None,
-            is_duplicate=True,
-            payload_conflict=False,
         )
 
     def _record_notice(self, notice: NoticeRecord, actor: str) -> Steps[NoticeOutcome]:
