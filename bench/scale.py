@@ -239,13 +239,15 @@ async def serve_instance(args: argparse.Namespace) -> None:
 
         async def stats(_request: web.Request) -> web.Response:
             """What this instance counted: lost TID compare-and-sets, commits (or batches)."""
+            # getattr: the same driver measures an older checkout as a baseline (-1: not counted)
             if isinstance(ledger, PostgresLedger):
-                commits = ledger.commits
+                commits = getattr(ledger, "commits", -1)
             elif isinstance(ledger, SqliteLedger):
                 commits = ledger.write_stats[0]
             else:
                 commits = -1
-            return web.json_response({"tid_conflicts": vending.tid_conflicts, "commits": commits})
+            conflicts = getattr(vending, "tid_conflicts", -1)
+            return web.json_response({"tid_conflicts": conflicts, "commits": commits})
 
         app = web.Application()
         app.router.add_post("/notices", notices)
