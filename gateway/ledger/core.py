@@ -504,6 +504,22 @@ _PROVEN_PAID: Final = frozenset(
 )
 
 
+def _key_row(key: SealedVendingKey, now: object) -> tuple[object, ...]:
+    """A sealed key's ``vending_keys`` values, in the column order both inserts name."""
+    return (
+        key.sgc,
+        key.krn,
+        key.key_type,
+        key.ea,
+        key.dkga,
+        key.base_date,
+        key.nonce,
+        key.ciphertext,
+        key.tag,
+        now,
+    )
+
+
 def _receipt_refusal(exc: DuplicateError, provider: str, receipt: str | None) -> DuplicateError:
     """``ReceiptReused`` when the receipt's index refused the row, else the refusal itself."""
     if exc.constraint == RECEIPT_ONCE and receipt is not None:
@@ -718,16 +734,7 @@ class LedgerCore(VendorSteps):
             " ea = excluded.ea, dkga = excluded.dkga, base_date = excluded.base_date,"
             " nonce = excluded.nonce, ciphertext = excluded.ciphertext, tag = excluded.tag,"
             " created_at = excluded.created_at",
-            key.sgc,
-            key.krn,
-            key.key_type,
-            key.ea,
-            key.dkga,
-            key.base_date,
-            key.nonce,
-            key.ciphertext,
-            key.tag,
-            now,
+            *_key_row(key, now),
         )
         yield self._event(
             None, "vending_key_stored", "operator", {"sgc": key.sgc, "krn": key.krn}, now
@@ -747,16 +754,7 @@ class LedgerCore(VendorSteps):
             "INSERT INTO vending_keys (sgc, krn, key_type, ea, dkga, base_date, nonce,"
             " ciphertext, tag, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (sgc, krn) DO NOTHING RETURNING sgc",
-            key.sgc,
-            key.krn,
-            key.key_type,
-            key.ea,
-            key.dkga,
-            key.base_date,
-            key.nonce,
-            key.ciphertext,
-            key.tag,
-            now,
+            *_key_row(key, now),
         )
         if added is None:
             return False

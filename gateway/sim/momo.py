@@ -354,16 +354,19 @@ class MomoSimulator(ProviderSimulator):
             uuid.UUID(reference)
         except ValueError:
             return _error(400, "INVALID_REFERENCE_ID", "X-Reference-Id is not a UUID.")
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            body = None
+        # Checked and taken with no await between: two requests racing with one reference (a
+        # retry sent while the first is still in flight) get one 202 and one 409, as MoMo's
+        # own resource store answers; never two charges.
         if reference in self.requests:
             return _error(
                 409,
                 "RESOURCE_ALREADY_EXIST",
                 "Duplicated reference id. Creation of resource failed.",
             )
-        try:
-            body = json.loads(await request.read())
-        except ValueError:
-            body = None
         callback = request.headers.get("X-Callback-Url")
         refusal = self._refusal(body, callback)
         if refusal is not None:

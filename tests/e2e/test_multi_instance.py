@@ -26,7 +26,6 @@ import socket
 import sys
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import cast
@@ -40,12 +39,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.ledger import (
-    LedgerUnavailable,
     VendingKeyMaterial,
     open_postgres_ledger,
     seal_vending_key,
 )
-from gateway.ledger.postgres import create_schema, drop_schema
 from gateway.ledger.vendor import VendorLedger
 from gateway.sim.africastalking import AtSimulator
 from gateway.sim.momo import MomoSimulator
@@ -74,21 +71,6 @@ def load_harness() -> ModuleType:
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    """A fresh schema, dropped afterwards; skipped (failed under CI) without a server."""
-    name = f"t_{uuid.uuid4().hex}"
-    try:
-        await create_schema(URL, name)
-    except LedgerUnavailable as exc:
-        message = f"PostgreSQL at {URL} does not answer ({exc}); start it: {START}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    yield name
-    await drop_schema(URL, name)
 
 
 async def test_two_instances_vend_each_purchase_exactly_once(schema: str) -> None:

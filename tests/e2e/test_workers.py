@@ -20,19 +20,15 @@ import socket
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
-from gateway.ledger import LedgerUnavailable
-from gateway.ledger.postgres import create_schema, drop_schema
 from gateway.sim.africastalking import AtSimulator
 from gateway.sim.momo import MomoSimulator
 from tests.e2e.test_multi_instance import (
-    START,
     TOKEN_TEXT,
     URL,
     load_harness,
@@ -45,21 +41,6 @@ from tests.e2e.test_multi_instance import (
 pytestmark = pytest.mark.postgres
 
 WORKERS_LINE = re.compile(r"workers:\s+(\d+) processes .* pids ([\d ]+)")
-
-
-@pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    """A fresh schema, dropped afterwards; skipped (failed under CI) without a server."""
-    name = f"t_{uuid.uuid4().hex}"
-    try:
-        await create_schema(URL, name)
-    except LedgerUnavailable as exc:
-        message = f"PostgreSQL at {URL} does not answer ({exc}); start it: {START}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    yield name
-    await drop_schema(URL, name)
 
 
 def free_port() -> int:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
-from collections.abc import AsyncIterator
 from typing import cast
 
 import pytest
@@ -19,32 +17,16 @@ from gateway.app import load_token_engine
 from gateway.demo_data import DEMO_KRN, DEMO_METERS, DEMO_SGC, seed_demo
 from gateway.ledger import (
     Ledger,
-    LedgerUnavailable,
     MeterNumber,
     SealedVendingKey,
     open_postgres_ledger,
     open_vending_key,
 )
-from gateway.ledger.postgres import PostgresLedger, create_schema, drop_schema
+from gateway.ledger.postgres import PostgresLedger
 from gateway.sts import MeterProfile
-from tests.ledger.ledger_support import POSTGRES_START, POSTGRES_URL
+from tests.ledger.ledger_support import POSTGRES_URL
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    """A fresh schema, dropped afterwards; skipped (failed under CI) without a server."""
-    name = f"t_{uuid.uuid4().hex}"
-    try:
-        await create_schema(POSTGRES_URL, name)
-    except LedgerUnavailable as exc:
-        message = f"PostgreSQL at {POSTGRES_URL} does not answer ({exc}); start: {POSTGRES_START}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    yield name
-    await drop_schema(POSTGRES_URL, name)
 
 
 class RacingLedger:

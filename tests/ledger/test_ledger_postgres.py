@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import socket
 import sqlite3
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,8 +37,6 @@ from gateway.ledger import (
 from gateway.ledger.postgres import (
     PostgresLedger,
     RetryPolicy,
-    create_schema,
-    drop_schema,
     migration_scripts,
     open_postgres_ledger,
     translate_error,
@@ -56,21 +52,6 @@ URL = "postgresql://127.0.0.1:5432/test"
 START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 METER = MeterNumber("01234567890")
 PHONE = Msisdn("+254712345678")
-
-
-@pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    """A fresh, empty schema, dropped afterwards; skipped (failed under CI) without a server."""
-    name = f"t_{uuid.uuid4().hex}"
-    try:
-        await create_schema(URL, name)
-    except LedgerUnavailable as exc:
-        message = f"PostgreSQL at {URL} does not answer ({exc}); start it: {START}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    yield name
-    await drop_schema(URL, name)
 
 
 class Sleeps:

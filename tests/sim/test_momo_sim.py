@@ -100,6 +100,52 @@ async def test_reused_reference_is_409(env: Env) -> None:
     assert len(env.sim.requests) == 1
 
 
+async def test_one_reference_racing_itself_is_taken_once(env: Env) -> None:
+    """Two requests with one X-Reference-Id at once: one 202, one 409, one charge.
+
+    The first one's body arrives slowly (a retry sent while the first is still in flight): the
+    simulator must not take the reference twice while it waits for a body.
+    """
+    reference = str(uuid.uuid4())
+    body = {
+        "amount": "5.0",
+        "currency": "EUR",
+        "externalId": "p-1",
+        "payer": {"partyIdType": "MSISDN", "partyId": "256772123456"},
+        "payerMessage": "Electricity",
+        "payeeNote": "37012345678",
+    }
+    raw = json.dumps(body).encode()
+    headers = await env.headers(**{"X-Reference-Id": reference, "Content-Type": "application/json"})
+    second_sent = asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield raw[:10]
+        await second_sent.wait()
+        await asyncio.sleep(0.05)
+        yield raw[10:]
+
+    url = f"{env.base}/collection/v1_0/requesttopay"
+
+    async def first() -> int:
+        async with env.http.post(url, data=slow_body(), headers=headers) as response:
+            return response.status
+
+    async def second() -> int:
+        await asyncio.sleep(0.05)  # the first is waiting for the rest of its body now
+        try:
+            async with env.http.post(url, data=raw, headers=headers) as response:
+                return response.status
+        finally:
+            second_sent.set()
+
+    statuses = sorted(await asyncio.gather(first(), second()))
+    assert statuses == [202, 409]
+    assert list(env.sim.requests) == [reference]
+    await env.sim.settle()
+    assert len(env.sim.money.charges) == 1
+
+
 @pytest.mark.parametrize(
     ("reference", "changes"),
     [

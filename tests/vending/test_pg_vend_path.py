@@ -12,18 +12,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import os
 import random
-import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from gateway.ledger import (
     ConfirmedPayment,
-    LedgerUnavailable,
     MeterRecord,
     Minted,
     NoticeRecord,
@@ -31,7 +27,7 @@ from gateway.ledger import (
     VendDraft,
     VendOutcome,
 )
-from gateway.ledger.postgres import PostgresLedger, create_schema, drop_schema, open_postgres_ledger
+from gateway.ledger.postgres import PostgresLedger, open_postgres_ledger
 from gateway.sts import MeterEmulator, Verdict
 from gateway.vending import Vending
 from tests.vending.vending_support import (
@@ -50,20 +46,6 @@ from tests.vending.vending_support import (
 pytestmark = pytest.mark.postgres
 
 URL = "postgresql://127.0.0.1:5432/test"
-
-
-@pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    """A fresh schema, dropped afterwards; skipped (failed under CI) without a server."""
-    name = f"t_{uuid.uuid4().hex}"
-    try:
-        await create_schema(URL, name)
-    except LedgerUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL at {URL} does not answer: {exc}")
-        pytest.skip(f"PostgreSQL at {URL} does not answer: {exc}")
-    yield name
-    await drop_schema(URL, name)
 
 
 async def _open_paid(

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -20,8 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.ledger import Ledger, LedgerUnavailable, PurchaseState, open_postgres_ledger
-from gateway.ledger.postgres import create_schema, drop_schema
+from gateway.ledger import Ledger, PurchaseState, open_postgres_ledger
 from gateway.money import Money
 from gateway.payments.momo import MomoProvider
 from gateway.phone import Msisdn
@@ -29,28 +26,13 @@ from gateway.sim.momo import MomoSimulator, PayerAction
 from gateway.sts import LocalTokenEngine
 from gateway.sweeper import Sweeper
 from gateway.vending import SagaPolicy, Vending
-from tests.ledger.ledger_support import POSTGRES_START, POSTGRES_URL
+from tests.ledger.ledger_support import POSTGRES_URL
 from tests.vending.vending_support import VENDING_KEY, FakeClock, make_drn, seed
 
 pytestmark = pytest.mark.postgres
 
 PURCHASES = 24
 STATUS_PATH = "/collection/v1_0/requesttopay/"
-
-
-@pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    """A fresh schema, dropped afterwards; skipped (failed under CI) without a server."""
-    name = f"t_{uuid.uuid4().hex}"
-    try:
-        await create_schema(POSTGRES_URL, name)
-    except LedgerUnavailable as exc:
-        message = f"PostgreSQL at {POSTGRES_URL} does not answer ({exc}); start: {POSTGRES_START}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    yield name
-    await drop_schema(POSTGRES_URL, name)
 
 
 class CountingMomo:
